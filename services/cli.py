@@ -1,0 +1,265 @@
+"""lmesh: run and operate a self-hosted LLM mesh.
+
+  lmesh serve SERVICE      run one service (registry, tokenizer, inference, policy, gateway)
+  lmesh dev                a whole mesh on this machine (what `make run` runs)
+  lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE)
+  lmesh models ...         list, register and alias model versions
+  lmesh keys ...           create, list and revoke API keys
+
+Peers are found through Consul at CONSUL_HTTP_ADDR (default 127.0.0.1:8500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.common.config import add_common_arguments, config_from_args, consul_addr, lmesh_cache
+from services.common.errors import LmeshError
+
+SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
+
+
+def _fail(message: str) -> int:
+    print(f"lmesh: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_async(make: Callable[[], Awaitable[int]]) -> int:
+    """Runs an operator command; expected failures become one line on stderr, never a traceback."""
+    try:
+        return asyncio.run(make())  # type: ignore[arg-type]
+    except grpc.aio.AioRpcError as exc:
+        hint = " (is the mesh running? `make run`)" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+        return _fail(f"{exc.code().name}: {exc.details()}{hint}")
+    except LmeshError as exc:
+        hint = " (is the mesh running? `make run`)" if exc.code == grpc.StatusCode.UNAVAILABLE else ""
+        return _fail(f"{exc.code.name}: {exc.message}{hint}")
+    except (OSError, TimeoutError) as exc:
+        return _fail(str(exc) or type(exc).__name__)
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- serve / dev -------------------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.common.server import serve_forever, setup_logging
+
+    module = importlib.import_module(f"services.{args.service}.main")
+    extra = module.extra_config(args) if hasattr(module, "extra_config") else {}
+    config = config_from_args(args.service, args, extra)
+    setup_logging(args.service, args.log_level)
+    try:
+        asyncio.run(serve_forever(config, module.build))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from services.devmesh import run_dev
+
+    return run_dev(Path(args.model_dir))
+
+
+# ---- chat --------------------------------------------------------------------------------------------------
+
+def _api_key(args: argparse.Namespace) -> str:
+    from services.devmesh import dev_key_path
+
+    key = args.key or os.environ.get("LMESH_API_KEY")
+    if not key and dev_key_path().exists():
+        key = dev_key_path().read_text().strip()
+    if not key:
+        raise LmeshError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key")
+    return key
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from services.client import find_gateway, stream_chat_to_terminal
+
+    async def go() -> int:
+        key = _api_key(args)
+        gateway = await find_gateway(args.gateway)
+        history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+        if args.message:
+            history.append(("user", " ".join(args.message)))
+            await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
+                                          temperature=args.temperature)
+            return 0
+        print(f"Chatting with {args.model or 'default'} through {gateway}. Empty line or Ctrl-D ends.")
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                return 0
+            if not line.strip():
+                return 0
+            history.append(("user", line))
+            answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
+                                                   max_tokens=args.max_tokens, temperature=args.temperature)
+            history.append(("assistant", answer))
+
+    return _run_async(go)
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+
+async def _with_registry(action: Callable[[Any], Awaitable[int]]) -> int:
+    from services.common.discovery import Mesh
+
+    mesh = Mesh(consul_addr())
+    try:
+        return await action(mesh.resolver("lmesh-registry"))
+    finally:
+        await mesh.close()
+
+
+def _models(args: argparse.Namespace) -> int:
+    from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+    async def list_models(registry: Any) -> int:
+        response = await registry.call(registry_pb2_grpc.RegistryStub, "ListModels", registry_pb2.ListModelsRequest())
+        print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8}")
+        for m in response.models:
+            fmt = registry_pb2.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower()
+            print(f"{m.name + ':' + m.version:40} {','.join(m.aliases) or '-':20} {m.context_length:>8} {fmt:8}")
+        return 0
+
+    async def register(registry: Any) -> int:
+        from services.registry.client import register_model_dir
+
+        version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()))
+        print(f"registered {version.name}:{version.version}")
+        return 0
+
+    async def alias(registry: Any) -> int:
+        name, _, version = args.target.partition(":")
+        if not version:
+            return _fail("the target must be NAME:VERSION")
+        await registry.call(registry_pb2_grpc.RegistryStub, "SetAlias",
+                            registry_pb2.SetAliasRequest(alias=args.alias, name=name, version=version), attempts=1)
+        print(f"{args.alias} -> {args.target}")
+        return 0
+
+    actions = {"list": list_models, "register": register, "alias": alias}
+    return _run_async(lambda: _with_registry(actions[args.models_command]))
+
+
+# ---- keys --------------------------------------------------------------------------------------------------
+
+def _keys(args: argparse.Namespace) -> int:
+    from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+    from services.common.discovery import Mesh
+    from services.common.rpc import call_options
+
+    admin = args.admin_token or os.environ.get("LMESH_ADMIN_TOKEN") or None
+
+    def options() -> dict[str, Any]:
+        opts = call_options(timeout=15)
+        if admin:
+            opts["metadata"] = [*opts["metadata"], ("authorization", f"Bearer {admin}")]
+        return opts
+
+    async def go() -> int:
+        mesh = Mesh(consul_addr())
+        try:
+            policy = mesh.resolver("lmesh-policy")
+            stub = (await policy.pick()).stub(policy_pb2_grpc.PolicyStub)
+            if args.keys_command == "create":
+                created = await stub.CreateApiKey(policy_pb2.CreateApiKeyRequest(
+                    tenant=args.tenant, allowed_models=args.model or [], display_name=args.name), **options())
+                print(f"created {created.key.key_id} for tenant {created.key.tenant} "
+                      f"(models: {', '.join(created.key.allowed_models) or 'all'}); the key is shown once:")
+                print(created.api_key)
+            elif args.keys_command == "list":
+                listed = await stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant=args.tenant or ""), **options())
+                print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} STATUS")
+                for k in listed.keys:
+                    status = "revoked" if k.revoked else "active"
+                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
+            else:
+                revoked = await stub.RevokeApiKey(policy_pb2.RevokeApiKeyRequest(key_id=args.key_id), **options())
+                print(f"revoked {revoked.key.key_id}")
+            return 0
+        finally:
+            await mesh.close()
+
+    return _run_async(go)
+
+
+# ---- parser ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmesh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name in SERVICES:
+        service_parser = serve_sub.add_parser(name, help=f"run lmesh-{name}")
+        add_common_arguments(service_parser)
+        service_parser.add_argument("--log-level", default=os.environ.get("LMESH_LOG_LEVEL", "INFO"))
+        module = importlib.import_module(f"services.{name}.main")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(service_parser)
+    serve.set_defaults(func=_serve)
+
+    dev = sub.add_parser("dev", help="run a whole mesh here and stream a sample answer (make run)")
+    dev.add_argument("--model-dir", default=str(lmesh_cache() / "models" / "smollm2-135m-instruct"))
+    dev.set_defaults(func=_dev)
+
+    chat = sub.add_parser("chat", help="chat with the running mesh")
+    chat.add_argument("message", nargs="*", help="one message to answer (interactive when omitted)")
+    chat.add_argument("--model", default="", help="model reference (default: the 'default' alias)")
+    chat.add_argument("--system", default="", help="a system prompt")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--key", default=None, help="API key (default: $LMESH_API_KEY, then .lmesh/dev-api-key)")
+    chat.add_argument("--gateway", default=None, help="gateway host:port (default: $LMESH_GATEWAY_ADDR, then Consul)")
+    chat.set_defaults(func=_chat)
+
+    models = sub.add_parser("models", help="list, register and alias model versions")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="list registered model versions")
+    register = models_sub.add_parser("register", help="upload a built model folder and register it")
+    register.add_argument("dir", help="folder holding lmesh_model.json, the ONNX file and tokenizer.json")
+    register.add_argument("--alias", action="append", help="alias to point at it (repeatable)")
+    alias = models_sub.add_parser("alias", help="point an alias at NAME:VERSION")
+    alias.add_argument("alias")
+    alias.add_argument("target")
+    models.set_defaults(func=_models)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key; the key is printed alone on the last line")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--model", action="append", help="model or glob the key may use (repeatable; default all)")
+    create.add_argument("--name", default="", help="display name")
+    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--tenant", default="")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A small Python client of the public gateway API, used by `lmesh chat` and `make run`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.config import consul_addr
+from services.common.discovery import Mesh
+
+
+async def find_gateway(explicit: str | None = None) -> str:
+    """`host:port` of a gateway: the explicit address, LMESH_GATEWAY_ADDR, or a passing one from Consul."""
+    address = explicit or os.environ.get("LMESH_GATEWAY_ADDR")
+    if address:
+        return address
+    mesh = Mesh(consul_addr())
+    try:
+        endpoint = await mesh.resolver("lmesh-gateway").pick()
+        return endpoint.target
+    finally:
+        await mesh.close()
+
+
+async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
+               timeout: float | None = 300) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).Chat(
+            metadata=(("authorization", f"Bearer {api_key}"),), timeout=timeout)
+        await call.write(gateway_pb2.ChatRequest(start=start))
+        await call.done_writing()
+        async for response in call:
+            yield response
+
+
+async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tuple[str, str]], *,
+                                  model: str = "", max_tokens: int = 256, temperature: float = 0.0) -> str:
+    """Prints the answer as it streams; returns it."""
+    start = gateway_pb2.ChatStart(model=model, max_tokens=max_tokens, temperature=temperature,
+                                  messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages])
+    pieces: list[str] = []
+    async for response in chat(gateway, api_key, start):
+        if response.delta:
+            pieces.append(response.delta)
+            sys.stdout.write(response.delta)
+            sys.stdout.flush()
+        if response.finish_reason:
+            usage = response.usage
+            reason = gateway_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
+            sys.stdout.write(f"\n[{response.model} · {reason} · {usage.prompt_tokens} prompt + "
+                             f"{usage.completion_tokens} completion tokens]\n")
+    return "".join(pieces)
+
+

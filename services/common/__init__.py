@@ -1,0 +1,1 @@
+"""Runtime shared by every lmesh service: bootstrap, Consul, telemetry, errors, health, config."""

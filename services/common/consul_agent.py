@@ -1,0 +1,90 @@
+"""Starting a local Consul dev agent (for `lmesh dev` and the tests), on chosen or free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import lmesh_cache
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_consul() -> str:
+    """The consul binary `make consul` installed, or one on PATH."""
+    installed = lmesh_cache() / "bin" / "consul"
+    if installed.exists():
+        return str(installed)
+    on_path = shutil.which("consul")
+    if on_path:
+        return on_path
+    raise FileNotFoundError("no consul binary: run `make consul`")
+
+
+def consul_answers(http_addr: str, timeout: float = 0.5) -> bool:
+    """True when a Consul agent with a leader answers at `host:port`."""
+    try:
+        with urllib.request.urlopen(f"http://{http_addr}/v1/status/leader", timeout=timeout) as resp:
+            return resp.status == 200 and len(resp.read().strip()) > 2
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class ConsulAgent:
+    """A `consul agent -dev` child process; every port is its own, so agents never collide."""
+
+    http_port: int
+    process: subprocess.Popen[bytes]
+    data_dir: str
+
+    @property
+    def http_addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @classmethod
+    def start(cls, http_port: int | None = None, log_path: Path | None = None,
+              timeout: float = 20.0) -> ConsulAgent:
+        http_port = http_port or free_port()
+        data_dir = tempfile.mkdtemp(prefix="lmesh-consul-")
+        args = [
+            find_consul(), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+            "-http-port", str(http_port), "-dns-port", str(free_port()), "-grpc-port", str(free_port()),
+            "-server-port", str(free_port()), "-serf-lan-port", str(free_port()),
+            "-serf-wan-port", str(free_port()), "-node", f"lmesh-dev-{http_port}", "-log-level", "warn",
+        ]
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir,
+                                   env={**os.environ}, start_new_session=True)
+        agent = cls(http_port=http_port, process=process, data_dir=data_dir)
+        deadline = time.monotonic() + timeout
+        while not consul_answers(agent.http_addr):
+            if process.poll() is not None:
+                raise RuntimeError(f"consul exited with {process.returncode}; see {log_path or 'its output'}")
+            if time.monotonic() > deadline:
+                agent.stop()
+                raise TimeoutError("consul did not elect a leader in time")
+            time.sleep(0.1)  # start-up readiness probe of a child process, bounded by the deadline
+        return agent
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.data_dir, ignore_errors=True)

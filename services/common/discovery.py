@@ -1,0 +1,250 @@
+"""Consul: registering this process, and resolving peers by service name without touching Consul per call.
+
+A ServiceResolver holds one blocking query per service name on `/v1/health/service/<name>?passing`, keeps
+the current endpoints with one channel each, and picks an endpoint per call (least outstanding calls, round
+robin among equals). A call that fails with UNAVAILABLE marks its endpoint down for a moment, so traffic
+moves off a dead instance before Consul's health check notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import consul
+import consul.aio
+import grpc
+
+from services.common.errors import Unavailable
+from services.common.rpc import call_options
+
+log = logging.getLogger("lmesh.discovery")
+
+T = TypeVar("T")
+
+# 64 MiB messages: prompts and artifact chunks are far below, but defaults (4 MiB) are easy to hit by users.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Detect a dead peer on an idle stream within seconds rather than the OS's TCP timeout.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+MARK_DOWN_S = 3.0
+WATCH_WAIT = "30s"
+
+
+def consul_client(addr: str) -> consul.aio.Consul:
+    """An asyncio Consul client for a CONSUL_HTTP_ADDR-style address (`host:port` or `scheme://host:port`)."""
+    parts = urlsplit(addr if "//" in addr else f"//{addr}")
+    return consul.aio.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or 8500,
+                             scheme=parts.scheme or "http")
+
+
+class ConsulRegistration:
+    """This process's entry in Consul, with a gRPC health check on its own port."""
+
+    def __init__(self, client: consul.aio.Consul, name: str, address: str, port: int) -> None:
+        self._client = client
+        self.name = name
+        self.address = address
+        self.port = port
+        self.service_id = f"{name}-{address}-{port}"
+        self.meta: dict[str, str] = {}
+
+    async def register(self, meta: dict[str, str] | None = None) -> None:
+        """Registers (or, with the same id, updates) the service; Consul probes grpc.health.v1 every second."""
+        if meta is not None:
+            self.meta = dict(meta)
+        check = consul.Check.grpc(f"{self.address}:{self.port}", interval="1s", timeout="1s",
+                                  deregister="1m")
+        await self._client.agent.service.register(
+            self.name, service_id=self.service_id, address=self.address, port=self.port,
+            tags=["lmesh"], meta=self.meta, check=check,
+        )
+
+    async def deregister(self) -> None:
+        try:
+            await self._client.agent.service.deregister(self.service_id)
+        except Exception as exc:  # Consul gone at shutdown must not stop us from draining
+            log.warning("could not deregister %s from Consul: %s", self.service_id, exc)
+
+
+@dataclass
+class Endpoint:
+    """One passing instance of a service, with its channel and the calls in flight to it."""
+
+    service_id: str
+    address: str
+    port: int
+    meta: dict[str, str]
+    channel: grpc.aio.Channel
+    outstanding: int = 0
+    down_until: float = 0.0
+    _stubs: dict[type, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
+        existing = self._stubs.get(stub_class)  # type: ignore[arg-type]
+        if existing is None:
+            existing = self._stubs[stub_class] = stub_class(self.channel)  # type: ignore[index]
+        return existing  # type: ignore[no-any-return]
+
+
+class ServiceResolver:
+    """The live, passing instances of one Consul service, kept current by a blocking-query watch."""
+
+    def __init__(self, client: consul.aio.Consul, name: str) -> None:
+        self._client = client
+        self.name = name
+        self._endpoints: dict[str, Endpoint] = {}
+        self._loaded = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._round_robin = itertools.count()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch(), name=f"watch-{self.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for endpoint in self._endpoints.values():
+            await endpoint.channel.close()
+        self._endpoints.clear()
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    async def _watch(self) -> None:
+        index: str | None = None
+        backoff = 0.2
+        while True:
+            try:
+                index, nodes = await self._client.health.service(self.name, passing=True, index=index,
+                                                                 wait=WATCH_WAIT)
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("Consul watch on %s failed (%s); retrying in %.1fs", self.name, exc, backoff)
+                index = None
+                await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
+                backoff = min(backoff * 2, 5.0)
+                continue
+            await self._update(nodes)
+
+    async def _update(self, nodes: list[dict[str, Any]]) -> None:
+        seen: dict[str, Endpoint] = {}
+        for node in nodes:
+            svc = node["Service"]
+            address = svc.get("Address") or node["Node"]["Address"]
+            service_id = svc["ID"]
+            meta = dict(svc.get("Meta") or {})
+            current = self._endpoints.get(service_id)
+            if current is not None and current.target == f"{address}:{svc['Port']}":
+                current.meta = meta
+                seen[service_id] = current
+            else:
+                channel = grpc.aio.insecure_channel(f"{address}:{svc['Port']}", options=CHANNEL_OPTIONS)
+                seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
+        gone = [e for sid, e in self._endpoints.items() if sid not in seen]
+        self._endpoints = seen
+        for endpoint in gone:
+            # In-flight streams on a vanished instance fail on their own; closing would cut them early.
+            asyncio.get_running_loop().call_later(30, lambda ch=endpoint.channel: asyncio.ensure_future(ch.close()))
+        self._loaded.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[Endpoint], bool] = lambda e: True,
+                       timeout: float = 30.0) -> Endpoint:
+        """Waits until an endpoint matching `predicate` is passing (start-up ordering, tests)."""
+        async def ready() -> Endpoint:
+            async with self._changed:
+                while True:
+                    for endpoint in self._endpoints.values():
+                        if predicate(endpoint):
+                            return endpoint
+                    await self._changed.wait()
+
+        self.start()
+        return await asyncio.wait_for(ready(), timeout)
+
+    async def pick(self, predicate: Callable[[Endpoint], bool] | None = None,
+                   first_load_timeout: float = 5.0) -> Endpoint:
+        """An endpoint for the next call: up, matching `predicate`, with the fewest calls in flight."""
+        self.start()
+        if not self._loaded.is_set():
+            try:
+                await asyncio.wait_for(self._loaded.wait(), first_load_timeout)
+            except TimeoutError:
+                raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
+        now = time.monotonic()
+        candidates = [e for e in self._endpoints.values() if predicate is None or predicate(e)]
+        if not candidates:
+            raise Unavailable(f"no passing instance of {self.name}")
+        up = [e for e in candidates if e.down_until <= now] or candidates
+        least = min(e.outstanding for e in up)
+        tied = [e for e in up if e.outstanding == least]
+        return tied[next(self._round_robin) % len(tied)]
+
+    def mark_down(self, endpoint: Endpoint) -> None:
+        endpoint.down_until = time.monotonic() + MARK_DOWN_S
+
+    async def call(self, stub_class: Callable[[grpc.aio.Channel], Any], method: str, request: Any, *,
+                   timeout: float | None = 30.0, attempts: int = 2) -> Any:
+        """A unary call on some instance; an UNAVAILABLE instance is marked down and the next one tried.
+
+        Only for idempotent RPCs (reads, resolution, tokenization, authorization).
+        """
+        for attempt in range(attempts):
+            endpoint = await self.pick()
+            rpc: Callable[..., Awaitable[Any]] = getattr(endpoint.stub(stub_class), method)
+            endpoint.outstanding += 1
+            try:
+                return await rpc(request, **call_options(timeout))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.mark_down(endpoint)
+                if attempt == attempts - 1:
+                    raise Unavailable(f"{self.name} is unavailable: {exc.details()}") from exc
+            finally:
+                endpoint.outstanding -= 1
+        raise AssertionError("unreachable")
+
+
+class Mesh:
+    """This process's view of its peers: one resolver per Consul service name, created on first use."""
+
+    def __init__(self, consul_addr: str) -> None:
+        self.consul = consul_client(consul_addr)
+        self._resolvers: dict[str, ServiceResolver] = {}
+
+    def resolver(self, service_name: str) -> ServiceResolver:
+        resolver = self._resolvers.get(service_name)
+        if resolver is None:
+            resolver = self._resolvers[service_name] = ServiceResolver(self.consul, service_name)
+            resolver.start()
+        return resolver
+
+    async def close(self) -> None:
+        for resolver in self._resolvers.values():
+            await resolver.close()
+        self._resolvers.clear()
+        await self.consul.close()

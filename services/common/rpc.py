@@ -1,0 +1,138 @@
+"""The one server interceptor (span per RPC, error mapping, deadline capture) and outgoing-call helpers.
+
+Servicers raise LmeshError subclasses; this module turns them into status codes. Upstream gRPC errors keep
+their code when it is meaningful to our caller; anything else is INTERNAL with a generic message and the
+trace id, and its traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.common.errors import RELAYED_UPSTREAM_CODES, LmeshError
+from services.common.telemetry import current_trace_id, extract_context, inject_metadata
+
+log = logging.getLogger("lmesh.rpc")
+
+# Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
+
+# Methods that are infrastructure, not product: no span, no mapping.
+_UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def remaining_time(default: float | None = None) -> float | None:
+    """Seconds left before the current RPC's deadline, or `default` when there is none."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return default
+    return max(0.0, deadline - time.monotonic())
+
+
+def call_options(timeout: float | None = None) -> dict[str, Any]:
+    """Keyword arguments for an outgoing call: trace context plus the tighter of `timeout` and our deadline."""
+    left = remaining_time()
+    if left is not None:
+        timeout = left if timeout is None else min(timeout, left)
+    return {"metadata": inject_metadata(), "timeout": timeout}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, message and trailing metadata a client sees for `exc`."""
+    if isinstance(exc, LmeshError):
+        return exc.code, exc.message, exc.trailing_metadata()
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RELAYED_UPSTREAM_CODES:
+        return exc.code(), exc.details() or exc.code().name.lower(), ()
+    return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id()})", ()
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace and maps exceptions to status codes."""
+
+    def __init__(self, service: str, tracer: trace.Tracer) -> None:
+        self._service = service
+        self._tracer = tracer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_UNTRACED_PREFIXES):
+            return handler
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
+        rpc_service, _, rpc_name = method.lstrip("/").partition("/")
+        span_name = f"lmesh.{self._service}/{rpc_name}"
+        attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_name}
+        parent = extract_context(metadata)
+
+        def start(context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
+            remaining = context.time_remaining()
+            _deadline.set(None if remaining is None else time.monotonic() + remaining)
+            span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            token = otel_context.attach(trace.set_span_in_context(span))
+            return span, token
+
+        async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: BaseException) -> None:
+            code, message, trailers = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed (trace_id=%s)", method, current_trace_id(), exc_info=exc)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.set_status(Status(StatusCode.ERROR, message))
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            await context.abort(code, message)
+
+        def finish(span: trace.Span, token: object) -> None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+            span.end()
+
+        if handler.unary_unary or handler.stream_unary:
+            is_stream_in = handler.unary_unary is None
+            inner_unary = handler.stream_unary if is_stream_in else handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                span, token = start(context)
+                try:
+                    return await inner_unary(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except BaseException as exc:
+                    await fail(context, span, exc)
+                finally:
+                    finish(span, token)
+
+            factory = grpc.stream_unary_rpc_method_handler if is_stream_in else grpc.unary_unary_rpc_method_handler
+            return factory(unary, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+        is_stream_in = handler.unary_stream is None
+        inner_stream = handler.stream_stream if is_stream_in else handler.unary_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            span, token = start(context)
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except BaseException as exc:
+                await fail(context, span, exc)
+            finally:
+                finish(span, token)
+
+        factory = grpc.stream_stream_rpc_method_handler if is_stream_in else grpc.unary_stream_rpc_method_handler
+        return factory(streaming, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)

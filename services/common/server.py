@@ -1,0 +1,165 @@
+"""Server bootstrap shared by all five services: gRPC server, health, reflection, Consul, signals, drain.
+
+Lifecycle: bind → start → register in Consul (check critical until SERVING) → warm up (e.g. load the model)
+→ SERVING → ... → SIGTERM/SIGINT → NOT_SERVING → deregister → finish in-flight calls within the grace
+period → close peers and flush telemetry → exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from services.common.config import ServiceConfig
+from services.common.discovery import CHANNEL_OPTIONS, ConsulRegistration, Mesh
+from services.common.rpc import ServerInterceptor
+from services.common.telemetry import setup_tracing
+
+log = logging.getLogger("lmesh.server")
+
+
+@dataclass
+class ServiceRuntime:
+    """What a service's wiring gets to build its servicers with."""
+
+    config: ServiceConfig
+    mesh: Mesh
+    tracer_provider: TracerProvider
+    registration: ConsulRegistration | None = None
+
+    @property
+    def tracer(self) -> Any:
+        return self.tracer_provider.get_tracer(f"lmesh.{self.config.service}")
+
+
+@dataclass
+class ServiceParts:
+    """A service's servicers and hooks, built from the runtime by the service's own module."""
+
+    # (add_XServicer_to_server, servicer, full service name from the descriptor)
+    servicers: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]]
+    # Runs after the port is bound and registered, before SERVING (load the model, open stores).
+    warm_up: Callable[[], Awaitable[None]] | None = None
+    # Consul service meta to register with (read after warm-up).
+    meta: Callable[[], dict[str, str]] | None = None
+    # Runs when draining starts (stop admitting work) and after the server stopped (release resources).
+    on_drain: Callable[[], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunningService:
+    """A started service; `stop()` runs the graceful shutdown sequence."""
+
+    def __init__(self, runtime: ServiceRuntime, parts: ServiceParts, server: grpc.aio.Server,
+                 health_servicer: health.aio.HealthServicer, port: int) -> None:
+        self.runtime = runtime
+        self.parts = parts
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+        self._service_names = [name for _, _, name in parts.servicers]
+        self._stopped = asyncio.Event()
+
+    @property
+    def target(self) -> str:
+        return f"{self.runtime.config.address}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        config = self.runtime.config
+        log.info("draining lmesh-%s (grace %.1fs)", config.service, config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        if self.runtime.registration is not None:
+            await self.runtime.registration.deregister()
+        if self.parts.on_drain is not None:
+            await self.parts.on_drain()
+        await self.server.stop(config.grace_s)
+        if self.parts.on_stop is not None:
+            await self.parts.on_stop()
+        await self.runtime.mesh.close()
+        self.runtime.tracer_provider.shutdown()
+        log.info("lmesh-%s stopped", config.service)
+
+
+async def start_service(
+    config: ServiceConfig,
+    build: Callable[[ServiceRuntime], ServiceParts],
+    *,
+    register: bool = True,
+    extra_exporters: Sequence[SpanExporter] = (),
+) -> RunningService:
+    """Starts a service and returns once it is SERVING (warm-up done) and registered in Consul."""
+    runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr),
+                             tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters))
+    parts = build(runtime)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(config.service, runtime.tracer)],
+                             options=CHANNEL_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for add, servicer, _ in parts.servicers:
+        add(servicer, server)
+    names = [name for _, _, name in parts.servicers]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    running = RunningService(runtime, parts, server, health_servicer, port)
+    await running.set_serving(False)
+    log.info("lmesh-%s listening on %s", config.service, running.target)
+    if register:
+        runtime.registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
+                                                  config.address, port)
+        await runtime.registration.register(parts.meta() if parts.meta else {})
+    try:
+        if parts.warm_up is not None:
+            await parts.warm_up()
+        if register and parts.meta is not None and runtime.registration is not None:
+            await runtime.registration.register(parts.meta())
+    except BaseException:
+        await running.stop()
+        raise
+    await running.set_serving(True)
+    log.info("lmesh-%s serving", config.service)
+    return running
+
+
+async def serve_forever(config: ServiceConfig, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
+    """The entry point's whole life: start, wait for SIGTERM or SIGINT, drain, exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(start_service(config, build))
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:
+        # Stopped during warm-up: cancel it; start_service drains what it started.
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return
+    running = starting.result()
+    await stop_wait
+    await running.stop()
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s lmesh-{service} %(name)s: %(message)s")

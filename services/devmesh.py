@@ -1,0 +1,193 @@
+"""`lmesh dev` (what `make run` runs): a whole mesh on this machine, then a streamed sample answer.
+
+Starts a Consul dev agent unless one answers at CONSUL_HTTP_ADDR, the five services as child processes,
+registers the built model, makes sure a development API key exists, and streams an answer. Ctrl-C (or
+SIGTERM) stops every process it started, gracefully, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from services.common.config import consul_addr, lmesh_home
+from services.common.consul_agent import ConsulAgent, consul_answers
+from services.common.discovery import Mesh
+
+SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
+DEFAULT_GATEWAY_PORT = 50051
+SAMPLE_QUESTION = "What is the capital of France?"
+
+
+def dev_key_path() -> Path:
+    return lmesh_home() / "dev-api-key"
+
+
+@dataclass
+class Child:
+    service: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def start_child(service: str, extra_args: list[str], env: dict[str, str], logs: Path) -> Child:
+    log_path = logs / f"{service}.log"
+    out = open(log_path, "ab")  # noqa: SIM115 - handed to the child for its whole life
+    args = [sys.executable, "-m", "services.cli", "serve", service, *extra_args]
+    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return Child(service, process, log_path)
+
+
+def stop_children(children: list[Child], grace_s: float) -> None:
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 5
+    for child in reversed(children):
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+async def wait_all_passing(mesh: Mesh, children: list[Child], timeout: float) -> None:
+    """Waits until every service has a passing instance in Consul; fails fast if a child died."""
+    async def watch(child: Child) -> None:
+        await mesh.resolver(f"lmesh-{child.service}").wait_for(timeout=timeout)
+
+    tasks = {asyncio.create_task(watch(c)): c for c in children}
+    pending = set(tasks)
+    deadline = time.monotonic() + timeout
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in done:
+            task.result()
+        for child in children:
+            if child.process.poll() is not None:
+                for task in pending:
+                    task.cancel()
+                raise RuntimeError(f"lmesh-{child.service} exited with {child.process.returncode}; "
+                                   f"see {child.log_path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the mesh did not become healthy in time")
+
+
+async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
+    from services.registry.client import register_model_dir
+
+    registry = mesh.resolver("lmesh-registry")
+    await registry.wait_for(timeout=60)
+    version = await register_model_dir(registry, model_dir, aliases=("default",))
+    return f"{version.name}:{version.version}"
+
+
+async def ensure_dev_key(mesh: Mesh) -> str:
+    """The development key from .lmesh/dev-api-key if it still works, else a new one saved there."""
+    from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+    from services.policy.client import create_key
+
+    policy = mesh.resolver("lmesh-policy")
+    await policy.wait_for(timeout=60)
+    path = dev_key_path()
+    if path.exists():
+        key = path.read_text().strip()
+        try:
+            await policy.call(policy_pb2_grpc.PolicyStub, "Authenticate", policy_pb2.AuthenticateRequest(api_key=key))
+            return key
+        except Exception:  # revoked or from another data dir: make a new one
+            pass
+    created = await create_key(policy, "dev", display_name="make run development key",
+                               admin_token=os.environ.get("LMESH_ADMIN_TOKEN") or None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(created.api_key + "\n")
+    path.chmod(0o600)
+    return str(created.api_key)
+
+
+async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], logs: Path,
+                   consul_http: str) -> tuple[str, str]:
+    mesh = Mesh(consul_http)
+    try:
+        gateway_port = os.environ.get("LMESH_GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT))
+        for service in SERVICE_ORDER:
+            args = ["--data-dir", str(lmesh_home() / service)]
+            if service == "gateway":
+                args += ["--port", gateway_port]
+            children.append(start_child(service, args, env, logs))
+        print("• services starting (logs in %s)" % logs, flush=True)
+        model_id = await ensure_model(mesh, model_dir)
+        print(f"• model {model_id} registered (alias 'default')", flush=True)
+        key = await ensure_dev_key(mesh)
+        await wait_all_passing(mesh, children, timeout=300)
+        print("• all five services passing in Consul", flush=True)
+        return key, f"127.0.0.1:{gateway_port}"
+    finally:
+        await mesh.close()
+
+
+def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
+    from services.client import stream_chat_to_terminal
+
+    if not (model_dir / "lmesh_model.json").exists():
+        print(f"lmesh: no model build in {model_dir}: run `make model`", file=sys.stderr)
+        return 2
+    home = lmesh_home()
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    addr = consul_addr()
+    agent: ConsulAgent | None = None
+    if consul_answers(addr):
+        print(f"• using the Consul agent at {addr}", flush=True)
+    else:
+        port = urlsplit(addr if "//" in addr else f"//{addr}").port or 8500
+        agent = ConsulAgent.start(http_port=port, log_path=logs / "consul.log")
+        print(f"• started a Consul dev agent at {agent.http_addr}", flush=True)
+        addr = agent.http_addr
+    env = {**os.environ, "CONSUL_HTTP_ADDR": addr, "LMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    children: list[Child] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        key, gateway = asyncio.run(bring_up(model_dir, children, env, logs, addr))
+        print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)
+        print(f"Gateway: {gateway}  (gRPC, metadata 'authorization: Bearer <key>')", flush=True)
+        print(f"\n> {question}", flush=True)
+        asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128))
+        print("\nThe mesh is up. Try `.venv/bin/lmesh chat`. Ctrl-C stops it.", flush=True)
+        _supervise(children, agent)
+    except KeyboardInterrupt:
+        print("\n• stopping", flush=True)
+    except Exception as exc:
+        print(f"lmesh: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_children(children, grace_s=10)
+        if agent is not None:
+            agent.stop()
+        print("• stopped", flush=True)
+    return 0
+
+
+def _supervise(children: list[Child], agent: ConsulAgent | None) -> None:
+    """Blocks until Ctrl-C (KeyboardInterrupt) or until a process of the mesh dies, which is an error."""
+    processes = {c.process.pid: (f"lmesh-{c.service}", c.process, str(c.log_path)) for c in children}
+    if agent is not None:
+        processes[agent.process.pid] = ("consul", agent.process, "its log")
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid in processes:
+            name, process, log = processes[pid]
+            process.returncode = os.waitstatus_to_exitcode(status)
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")

@@ -1,0 +1,234 @@
+"""One chat request through the mesh: authorize, resolve, template, generate, detokenize, stop strings.
+
+The token path is pipelined: one task forwards token ids from inference to the tokenizer's
+DetokenizeStream while the caller reads text deltas from it, so no hop waits on another per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+from lmesh.registry.v1 import registry_pb2
+from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from opentelemetry import trace
+
+from services.common.discovery import Mesh
+from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
+from services.common.rpc import call_options
+from services.gateway.models import ModelDirectory
+from services.gateway.stops import StopMatcher
+
+ROLES = ("system", "user", "assistant")
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+DEFAULT_MODEL = "default"
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    model: str
+    messages: list[tuple[str, str]]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    repetition_penalty: float
+    stop: list[str]
+
+
+@dataclass
+class ChatDelta:
+    text: str
+
+
+@dataclass
+class ChatEnd:
+    finish_reason: int  # inference_pb2.FinishReason value (same numbering as the gateway's)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def validate(params: ChatParams) -> ChatParams:
+    if not params.messages:
+        raise InvalidArgument("messages", "must not be empty")
+    for index, (role, _) in enumerate(params.messages):
+        if role not in ROLES:
+            raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got '{role}'")
+    if params.max_tokens <= 0:
+        raise InvalidArgument("max_tokens", f"must be > 0, got {params.max_tokens}")
+    if not np.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
+        raise InvalidArgument("temperature", f"must be in [0, 2], got {params.temperature}")
+    if not np.isfinite(params.top_p) or not 0.0 <= params.top_p <= 1.0:
+        raise InvalidArgument("top_p", f"must be in (0, 1] (0 means off), got {params.top_p}")
+    if params.top_k < 0:
+        raise InvalidArgument("top_k", f"must be >= 0, got {params.top_k}")
+    if not np.isfinite(params.repetition_penalty) or not 0.0 <= params.repetition_penalty <= 2.0:
+        raise InvalidArgument("repetition_penalty", f"must be in (0, 2] (0 means off), got {params.repetition_penalty}")
+    if len(params.stop) > MAX_STOPS:
+        raise InvalidArgument("stop", f"at most {MAX_STOPS} stop strings, got {len(params.stop)}")
+    for index, stop in enumerate(params.stop):
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+    return params
+
+
+def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
+
+
+def allowed(principal: policy_pb2.Principal, version: registry_pb2.ModelVersion) -> bool:
+    patterns = list(principal.allowed_models)
+    if not patterns:
+        return True
+    names = [version.name, f"{version.name}:{version.version}", *version.aliases]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+class ChatService:
+    """The gateway's domain: every upstream call of a chat, and the flow between them."""
+
+    def __init__(self, mesh: Mesh, tracer: trace.Tracer) -> None:
+        self._policy = mesh.resolver("lmesh-policy")
+        self._tokenizer = mesh.resolver("lmesh-tokenizer")
+        self._inference = mesh.resolver("lmesh-inference")
+        self.models = ModelDirectory(mesh.resolver("lmesh-registry"))
+        self._tracer = tracer
+
+    async def authenticate(self, api_key: str) -> policy_pb2.Principal:
+        response = await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
+                                           policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+        return response.principal
+
+    async def list_models(self, api_key: str) -> list[registry_pb2.ModelVersion]:
+        principal = await self.authenticate(api_key)
+        return [m for m in await self.models.list() if allowed(principal, m)]
+
+    async def prepare(self, api_key: str, params: ChatParams) -> tuple[registry_pb2.ModelVersion, list[int], int]:
+        """Authorizes and resolves (concurrently), then renders the prompt; returns version, ids, max_tokens."""
+        with self._tracer.start_as_current_span("authorize"):
+            authorize = asyncio.ensure_future(self._policy.call(
+                policy_pb2_grpc.PolicyStub, "Authorize",
+                policy_pb2.AuthorizeRequest(api_key=api_key, model=params.model, max_tokens=params.max_tokens),
+                timeout=10))
+            resolve = asyncio.ensure_future(self.models.resolve(params.model))
+            results = await asyncio.gather(authorize, resolve, return_exceptions=True)
+        for result in results:  # authentication errors win over NOT_FOUND: no model probing without a key
+            if isinstance(result, BaseException):
+                raise result
+        version = results[1]
+        assert isinstance(version, registry_pb2.ModelVersion)
+        model_id = f"{version.name}:{version.version}"
+        rendered = await self._tokenizer.call(
+            tokenizer_pb2_grpc.TokenizerStub, "ApplyChatTemplate",
+            tokenizer_pb2.ApplyChatTemplateRequest(
+                model=model_id, add_generation_prompt=True,
+                messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages]),
+            timeout=10)
+        prompt = list(rendered.token_ids)
+        context = version.context_length
+        if len(prompt) >= context:
+            raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
+        return version, prompt, min(params.max_tokens, context - len(prompt))
+
+    async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
+                       params: ChatParams, cancel: asyncio.Event) -> AsyncIterator[ChatDelta | ChatEnd]:
+        model_id = f"{version.name}:{version.version}"
+        endpoint = await self._inference.pick(lambda e: model_id in e.meta.get("models", "").split(","))
+        generate_call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(**call_options())
+        tokenizer = await self._tokenizer.pick()
+        detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
+        stops = StopMatcher(params.stop)
+        finish: list[inference_pb2.GenerateFinish] = []
+        cancel_sent = asyncio.Event()
+
+        async def send_cancel() -> None:
+            if not cancel_sent.is_set():
+                cancel_sent.set()
+                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    await generate_call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
+
+        async def watch_cancel() -> None:
+            await cancel.wait()
+            await send_cancel()
+
+        async def pump() -> None:
+            """inference → tokenizer, as tokens arrive."""
+            async for response in generate_call:
+                if response.HasField("tokens"):
+                    ids = [t.token_id for t in response.tokens.tokens]
+                    await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
+                        tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
+                elif response.HasField("finish"):
+                    finish.append(response.finish)
+            await detokenize_call.done_writing()
+
+        endpoint.outstanding += 1
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await generate_call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+                model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
+                sampling=inference_pb2.SamplingParams(
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                    repetition_penalty=params.repetition_penalty)),
+            ))
+            await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
+                start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
+            tasks = [asyncio.create_task(pump()), asyncio.create_task(watch_cancel())]
+            pump_task = tasks[0]
+            # A failed pump (inference died) cuts the detokenizer stream so the read below ends at once.
+            pump_task.add_done_callback(
+                lambda t: detokenize_call.cancel() if not t.cancelled() and t.exception() else None)
+            try:
+                async for piece in detokenize_call:
+                    text = stops.feed(piece.delta) + (stops.flush() if piece.final else "")
+                    if text:
+                        yield ChatDelta(text)
+                    if stops.stopped:
+                        await send_cancel()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                failure = pump_task.exception() if pump_task.done() and not pump_task.cancelled() else None
+                if failure is None:
+                    raise
+                raise failure from None
+            await pump_task  # re-raises an inference failure (e.g. UNAVAILABLE when the replica died)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._inference.mark_down(endpoint)
+                raise Unavailable(f"inference replica {endpoint.target} became unavailable: {exc.details()}") from exc
+            raise
+        finally:
+            endpoint.outstanding -= 1
+            for task in tasks:
+                task.cancel()
+            generate_call.cancel()
+            detokenize_call.cancel()
+        if not finish:
+            raise Unavailable("the inference stream ended without a finish message")
+        reason = finish[0].reason
+        if stops.stopped:
+            reason = inference_pb2.FINISH_REASON_STOP
+        yield ChatEnd(reason, len(prompt), finish[0].usage.completion_tokens)
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+__all__ = ["ChatDelta", "ChatEnd", "ChatParams", "ChatService", "LmeshError", "bearer_key", "new_completion_id",
+           "validate"]

@@ -1,0 +1,48 @@
+"""Model resolution for the gateway, cached briefly so no registry call sits on every request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.discovery import ServiceResolver
+
+RESOLVE_TTL_S = 5.0  # short enough that an alias move is seen within seconds
+
+
+class ModelDirectory:
+    def __init__(self, registry: ServiceResolver, ttl_s: float = RESOLVE_TTL_S) -> None:
+        self._registry = registry
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
+        self._inflight: dict[str, asyncio.Future[registry_pb2.ModelVersion]] = {}
+
+    async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
+        cached = self._cache.get(reference)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        pending = self._inflight.get(reference)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[registry_pb2.ModelVersion] = asyncio.get_running_loop().create_future()
+        self._inflight[reference] = future
+        try:
+            response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
+                                                 registry_pb2.ResolveModelRequest(reference=reference), timeout=10)
+            self._cache[reference] = (time.monotonic() + self._ttl_s, response.model)
+            future.set_result(response.model)
+            return response.model
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[reference]
+
+    async def list(self) -> list[registry_pb2.ModelVersion]:
+        response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ListModels",
+                                             registry_pb2.ListModelsRequest(), timeout=10)
+        return list(response.models)

@@ -1,0 +1,92 @@
+"""Gateway gRPC servicer: the public Chat and ListModels, converting between the public API and ChatService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from opentelemetry import trace
+
+from services.common.errors import InvalidArgument
+from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, bearer_key, new_completion_id, validate
+
+_REASON_NAMES = {
+    gateway_pb2.FINISH_REASON_STOP: "stop",
+    gateway_pb2.FINISH_REASON_LENGTH: "length",
+    gateway_pb2.FINISH_REASON_CANCELLED: "cancelled",
+}
+
+
+def _params(start: gateway_pb2.ChatStart) -> ChatParams:
+    return validate(ChatParams(
+        model=start.model.strip() or "default",
+        messages=[(m.role, m.content) for m in start.messages],
+        max_tokens=start.max_tokens, temperature=start.temperature, top_p=start.top_p, top_k=start.top_k,
+        seed=start.seed, repetition_penalty=start.repetition_penalty, stop=list(start.stop),
+    ))
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, chat: ChatService) -> None:
+        self._chat = chat
+
+    async def Chat(self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            raise InvalidArgument("start", "the stream ended before a start message") from None
+        if first.WhichOneof("kind") != "start":
+            raise InvalidArgument("start", "the first message must be start (a cancel may only follow it)")
+        params = _params(first.start)
+        api_key = bearer_key(context.invocation_metadata())
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.request.model", params.model)
+        version, prompt, max_tokens = await self._chat.prepare(api_key, params)
+        model_id = f"{version.name}:{version.version}"
+        completion_id = new_completion_id()
+        span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
+                             "gen_ai.usage.input_tokens": len(prompt)})
+
+        cancel = asyncio.Event()
+
+        async def watch_client() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                async for message in request_iterator:
+                    if message.WhichOneof("kind") == "cancel":
+                        cancel.set()
+                        return
+
+        watcher = asyncio.create_task(watch_client())
+        first_message = True
+        try:
+            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel):
+                if isinstance(event, ChatDelta):
+                    response = gateway_pb2.ChatResponse(delta=event.text)
+                    if first_message:
+                        response.model, response.id = model_id, completion_id
+                        first_message = False
+                    yield response
+                elif isinstance(event, ChatEnd):
+                    usage = gateway_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                                              completion_tokens=event.completion_tokens,
+                                              total_tokens=event.prompt_tokens + event.completion_tokens)
+                    span.set_attributes({"gen_ai.usage.output_tokens": event.completion_tokens,
+                                         "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]]})
+                    yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,  # type: ignore[arg-type]
+                                                   model=model_id, id=completion_id)
+        finally:
+            watcher.cancel()
+
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
+        api_key = bearer_key(context.invocation_metadata())
+        versions = await self._chat.list_models(api_key)
+        return gateway_pb2.ListModelsResponse(models=[
+            gateway_pb2.ModelInfo(id=f"{v.name}:{v.version}", name=v.name, version=v.version,
+                                  aliases=list(v.aliases), context_length=v.context_length)
+            for v in versions
+        ])

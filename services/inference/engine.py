@@ -1,0 +1,325 @@
+"""The generation engine: continuous batching over one ONNX decoder.
+
+One asyncio task drives the model. Every step it admits waiting sequences (prefill, one run each), then
+runs ONE decode for all active sequences together. The batch's KV cache stays in batch layout between
+steps while the membership is unchanged (no copying); when a sequence joins or leaves, rows are re-packed
+left-padded to the longest past. A cancelled, finished or expired sequence leaves before the next step
+and its cache is freed with it. The model runs in a worker thread so the event loop keeps streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
+from services.inference.onnx_model import OnnxDecoder
+from services.inference.sampling import Sampled, Sampler, SamplingConfig
+
+log = logging.getLogger("lmesh.inference.engine")
+
+
+class Finish(Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    stop_ids: frozenset[int] = frozenset()
+    top_logprobs: int = 0
+    request_id: str = ""
+    # Absolute time.monotonic() deadline, or None.
+    deadline: float | None = None
+
+
+@dataclass
+class TokenEvent:
+    sampled: Sampled
+
+
+@dataclass
+class FinishEvent:
+    reason: Finish
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    error: LmeshError
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation's state; lives in the engine until finished, cancelled or expired."""
+
+    id: int
+    request: GenerationRequest
+    sampler: Sampler
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    kv: list[np.ndarray] | None = None  # own cache until it joins the batch
+    past_len: int = 0
+    last_token: int = -1
+    generated: int = 0
+    cancelled: bool = False
+    done: bool = False
+    tokens_at_cancel: int | None = None
+    # Timestamps (time.time_ns) for the prefill and decode spans the servicer records.
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    prefill_start_ns: int = 0
+    prefill_end_ns: int = 0
+    finish_ns: int = 0
+
+    @property
+    def tokens_after_cancel(self) -> int:
+        return 0 if self.tokens_at_cancel is None else self.generated - self.tokens_at_cancel
+
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now > self.request.deadline
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_active: int = 16
+    max_queue: int = 64
+
+
+@dataclass
+class _Batch:
+    """The active sequences in the order of the batch's rows, and their packed KV cache."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    kv: list[np.ndarray] = field(default_factory=list)
+    width: int = 0  # past length of the packed cache (the longest row)
+
+
+class Engine:
+    """Continuous-batching generation over one model version."""
+
+    def __init__(self, model: OnnxDecoder, eos_ids: frozenset[int], context_length: int,
+                 limits: EngineLimits = EngineLimits()) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+        self.limits = limits
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self.steps = 0
+
+    # ---- public API -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="engine")
+
+    async def close(self) -> None:
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        """Queues a generation; RESOURCE_EXHAUSTED at once when the queue is full."""
+        if not self._accepting:
+            raise Unavailable("this inference replica is draining; retry on another")
+        if len(self._waiting) >= self.limits.max_queue:
+            raise ResourceExhausted(
+                f"inference queue is full ({self.limits.max_queue} waiting, {len(self._active)} active)",
+                retry_after_s=1.0,
+            )
+        seq = Sequence(id=next(self._ids), request=request,
+                       sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs))
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Marks a sequence cancelled; it leaves before the next step."""
+        if not seq.cancelled and not seq.done:
+            seq.cancelled = True
+            seq.tokens_at_cancel = seq.generated
+            self._wake.set()
+
+    def load(self) -> dict[str, int]:
+        kv_tokens = sum(s.past_len for s in self._active)
+        return {
+            "active": len(self._active),
+            "queued": len(self._waiting),
+            "kv_bytes": kv_tokens * self.model.kv_bytes_per_token(),
+        }
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._retire(time.monotonic())
+            if not self._active and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            admitted = self._admit()
+            decoding = [s for s in self._active if s not in admitted]
+            try:
+                results = await asyncio.to_thread(self._step, admitted, decoding)
+            except Exception:
+                log.exception("engine step failed")
+                for seq in [*admitted, *decoding]:
+                    self._finish_error(seq, Unavailable("the inference step failed; retry"))
+                self._batch = _Batch()
+                continue
+            self.steps += 1
+            for seq, sampled in results:
+                self._emit(seq, sampled)
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        while self._waiting and len(self._active) < self.limits.max_active:
+            seq = self._waiting.popleft()
+            admitted.append(seq)
+            self._active.append(seq)
+        return admitted
+
+    def _retire(self, now: float) -> None:
+        """Ends cancelled and expired sequences, waiting or active, before the next step."""
+        for seq in list(self._waiting):
+            if seq.cancelled:
+                self._waiting.remove(seq)
+                self._finish(seq, Finish.CANCELLED)
+            elif seq.expired(now):
+                self._waiting.remove(seq)
+                self._finish_error(seq, DeadlineExceeded("deadline exceeded while queued"))
+        for seq in list(self._active):
+            if seq.cancelled:
+                self._finish(seq, Finish.CANCELLED)
+            elif seq.expired(now):
+                self._finish_error(seq, DeadlineExceeded("deadline exceeded while generating"))
+
+    def _emit(self, seq: Sequence, sampled: Sampled) -> None:
+        if seq.done:
+            return
+        seq.generated += 1
+        if seq.cancelled:
+            return  # produced by the step in flight when the cancel came; counted, not sent
+        request = seq.request
+        if sampled.token_id in self.eos_ids or sampled.token_id in request.stop_ids:
+            self._finish(seq, Finish.STOP)
+            return
+        seq.events.put_nowait(TokenEvent(sampled))
+        seq.last_token = sampled.token_id
+        if seq.generated >= request.max_tokens or seq.past_len + 1 > self.context_length:
+            self._finish(seq, Finish.LENGTH)
+
+    def _remove(self, seq: Sequence) -> None:
+        seq.done = True
+        seq.finish_ns = time.time_ns()
+        seq.kv = None
+        if seq in self._active:
+            self._active.remove(seq)
+
+    def _finish(self, seq: Sequence, reason: Finish) -> None:
+        if seq.done:
+            return
+        self._remove(seq)
+        completion = seq.generated if reason != Finish.STOP else seq.generated - 1
+        if reason == Finish.CANCELLED:
+            completion = min(seq.generated, seq.tokens_at_cancel or 0)
+        seq.events.put_nowait(FinishEvent(reason, len(seq.request.prompt_ids), completion))
+
+    def _finish_error(self, seq: Sequence, error: LmeshError) -> None:
+        if seq.done:
+            return
+        self._remove(seq)
+        seq.events.put_nowait(ErrorEvent(error))
+
+    # ---- model work (worker thread) ---------------------------------------------------------------------
+
+    def _step(self, admitted: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
+        results: list[tuple[Sequence, Sampled]] = []
+        for seq in admitted:
+            results.append((seq, self._prefill(seq)))
+        decoding = [s for s in decoding if not s.cancelled]
+        if decoding:
+            results.extend(zip(decoding, self._decode(decoding), strict=True))
+        return results
+
+    def _prefill(self, seq: Sequence) -> Sampled:
+        seq.prefill_start_ns = time.time_ns()
+        ids = np.asarray([seq.request.prompt_ids], dtype=np.int64)
+        length = ids.shape[1]
+        out = self.model.run(ids, np.ones((1, length), dtype=np.int64),
+                             np.arange(length, dtype=np.int64)[None, :], self.model.empty_past())
+        seq.kv = out.presents
+        seq.past_len = length
+        seq.prefill_end_ns = time.time_ns()
+        return seq.sampler.sample(out.logits[0])
+
+    def _decode(self, seqs: list[Sequence]) -> list[Sampled]:
+        batch = self._batch
+        if batch.seqs != seqs:
+            batch = self._batch = self._repack(seqs)
+        rows = len(seqs)
+        width = batch.width
+        mask = np.zeros((rows, width + 1), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            mask[row, width - seq.past_len:] = 1
+        input_ids = np.asarray([[s.last_token] for s in seqs], dtype=np.int64)
+        positions = np.asarray([[s.past_len] for s in seqs], dtype=np.int64)
+        out = self.model.run(input_ids, mask, positions, batch.kv)
+        batch.kv = out.presents
+        batch.width = width + 1
+        for seq in seqs:
+            seq.past_len += 1
+        return [seq.sampler.sample(out.logits[row]) for row, seq in enumerate(seqs)]
+
+    def _repack(self, seqs: list[Sequence]) -> _Batch:
+        """Packs the rows' caches left-padded into one batch cache (only when membership changed)."""
+        old = self._batch
+        old_rows = {id(s): row for row, s in enumerate(old.seqs)}
+        caches: list[list[np.ndarray]] = []
+        for seq in seqs:
+            row = old_rows.get(id(seq))
+            if row is not None:
+                start = old.width - seq.past_len
+                caches.append([layer[row:row + 1, :, start:, :] for layer in old.kv])
+            else:
+                assert seq.kv is not None, "a sequence joins the batch right after its prefill"
+                caches.append(seq.kv)
+                seq.kv = None
+        width = max(s.past_len for s in seqs)
+        if len(seqs) == 1:
+            return _Batch(seqs=list(seqs), kv=[np.ascontiguousarray(c) for c in caches[0]], width=width)
+        packed: list[np.ndarray] = []
+        for layer in range(len(caches[0])):
+            template = caches[0][layer]
+            shape = (len(seqs), template.shape[1], width, template.shape[3])
+            buffer = np.zeros(shape, dtype=template.dtype)
+            for row, (seq, cache) in enumerate(zip(seqs, caches, strict=True)):
+                buffer[row, :, width - seq.past_len:, :] = cache[layer][0]
+            packed.append(buffer)
+        return _Batch(seqs=list(seqs), kv=packed, width=width)

@@ -1,0 +1,67 @@
+"""Fetching a model version's artifacts from the registry (digest-verified) and starting its engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.discovery import ServiceResolver
+from services.common.errors import FailedPrecondition, LmeshError
+from services.inference.engine import Engine, EngineLimits
+from services.inference.onnx_model import OnnxDecoder
+from services.inference.servicer import ServedModel
+from services.registry.client import fetch_to_cache
+
+log = logging.getLogger("lmesh.inference.loader")
+
+
+async def resolve_when_registered(registry: ServiceResolver, reference: str) -> registry_pb2.ModelVersion:
+    """Resolves `reference`, waiting while the registry is down or the model not yet registered.
+
+    The replica stays NOT_SERVING meanwhile, so nothing routes to it; `make run` registers the model after
+    starting the registry, and a replica may well come up first.
+    """
+    delay = 0.25
+    while True:
+        try:
+            response = await registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
+                                           registry_pb2.ResolveModelRequest(reference=reference), timeout=10)
+            return response.model
+        except (grpc.aio.AioRpcError, LmeshError) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+            if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                raise
+            log.info("waiting for model '%s' in the registry (%s)", reference, code.name)
+        await asyncio.sleep(delay)  # back-off while a dependency is missing, not a polling loop on the hot path
+        delay = min(delay * 2, 5.0)
+
+
+async def load_models(registry: ServiceResolver, references: list[str], cache_dir: Path, max_active: int,
+                      max_queue: int, threads: int | None) -> list[ServedModel]:
+    served: list[ServedModel] = []
+    for reference in references:
+        version = await resolve_when_registered(registry, reference)
+        weights = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL]
+        if len(weights) != 1:
+            raise FailedPrecondition(f"{version.name}:{version.version} has no model artifact")
+        path = await fetch_to_cache(registry, weights[0].sha256, cache_dir)
+        decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
+        await asyncio.to_thread(_warm, decoder)
+        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length,
+                        EngineLimits(max_active=max_active, max_queue=max_queue))
+        engine.start()
+        vocab = version.architecture.vocab_size or decoder.vocab_size
+        served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length))
+        log.info("serving %s:%s from %s", version.name, version.version, path)
+    return served
+
+
+def _warm(decoder: OnnxDecoder) -> None:
+    """One tiny run so the first real request does not pay ONNX Runtime's lazy initialisation."""
+    ids = np.asarray([[1, 2]], dtype=np.int64)
+    decoder.run(ids, np.ones_like(ids), np.arange(2, dtype=np.int64)[None, :], decoder.empty_past())

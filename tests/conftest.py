@@ -1,0 +1,43 @@
+"""Shared fixtures: a real Consul agent on free ports, and in-process services on port 0."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.config import lmesh_cache
+from services.common.consul_agent import ConsulAgent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def model_dir() -> Path:
+    return Path(os.environ.get("LMESH_MODEL_DIR", lmesh_cache() / "models" / "smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def consul_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    """One real Consul dev agent for the whole session, reached through CONSUL_HTTP_ADDR."""
+    log = tmp_path_factory.mktemp("consul") / "consul.log"
+    agent = ConsulAgent.start(log_path=log)
+    previous = os.environ.get("CONSUL_HTTP_ADDR")
+    os.environ["CONSUL_HTTP_ADDR"] = agent.http_addr
+    yield agent
+    agent.stop()
+    if previous is None:
+        os.environ.pop("CONSUL_HTTP_ADDR", None)
+    else:
+        os.environ["CONSUL_HTTP_ADDR"] = previous
+
+
+@pytest.fixture(scope="session")
+def built_model() -> Path:
+    """The cached real model build (`make model`); tests that need it skip only when it is absent."""
+    path = model_dir()
+    if not (path / "lmesh_model.json").exists():
+        pytest.skip(f"no model build at {path}: run `make model`")
+    return path
+
