@@ -1,0 +1,87 @@
+"""A real mesh for integration tests: each service a separate `lmesh serve` process on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.discovery import Mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServiceProcess:
+    service: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class MeshProcesses:
+    consul_addr: str
+    home: Path
+    otlp_endpoint: str
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CONSUL_HTTP_ADDR": self.consul_addr,
+            "LMESH_HOME": str(self.home),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start(self, service: str, *extra: str) -> ServiceProcess:
+        log_path = self.home / "logs" / f"{service}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        args = [sys.executable, "-m", "services.cli", "serve", service, "--data-dir", str(self.home / service),
+                "--grace", "5", *extra]
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT)
+        self.processes[service] = ServiceProcess(service, process, log_path)
+        return self.processes[service]
+
+    def kill(self, service: str) -> None:
+        proc = self.processes[service].process
+        proc.kill()
+        proc.wait(10)
+
+    def terminate(self, service: str) -> None:
+        self.processes[service].process.send_signal(signal.SIGTERM)
+
+    def stop_all(self) -> None:
+        for entry in self.processes.values():
+            if entry.process.poll() is None:
+                entry.process.send_signal(signal.SIGTERM)
+        for entry in self.processes.values():
+            try:
+                entry.process.wait(15)
+            except subprocess.TimeoutExpired:
+                entry.process.kill()
+                entry.process.wait()
+
+    def log(self, service: str) -> str:
+        return self.processes[service].log_path.read_text(errors="replace")
+
+    async def wait_passing(self, mesh: Mesh, service: str, timeout: float = 120.0,
+                           exclude: frozenset[str] = frozenset()) -> None:
+        """Waits for a passing instance whose process is still alive (fails fast with its log otherwise)."""
+        entry = self.processes[service]
+        waiter = asyncio.ensure_future(mesh.resolver(f"lmesh-{service}").wait_for(
+            lambda e: e.service_id not in exclude, timeout=timeout))
+        while not waiter.done():
+            if entry.process.poll() is not None:
+                waiter.cancel()
+                raise RuntimeError(f"lmesh-{service} exited with {entry.process.returncode}:\n"
+                                   f"{self.log(service)[-4000:]}")
+            await asyncio.wait({waiter}, timeout=0.5)
+        waiter.result()

@@ -1,0 +1,71 @@
+"""An in-test OTLP/gRPC trace receiver: the services (separate processes) export their spans to it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, object]
+
+
+def _value(any_value: object) -> object:
+    kind = any_value.WhichOneof("value")  # type: ignore[attr-defined]
+    if kind == "array_value":
+        return [_value(v) for v in any_value.array_value.values]  # type: ignore[attr-defined]
+    return getattr(any_value, kind) if kind else None
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._arrived = asyncio.Condition()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
+                     context: grpc.aio.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            attrs = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            service = str(attrs.get("service.name", ""))
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(ReceivedSpan(
+                        service=service, name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        attributes={a.key: _value(a.value) for a in span.attributes},
+                    ))
+        async with self._arrived:
+            self._arrived.notify_all()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def start(self) -> str:
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+
+    async def wait_for(self, predicate: object, timeout: float = 15.0) -> list[ReceivedSpan]:
+        """Waits until `predicate(spans)` is true; returns the spans."""
+        async def ready() -> list[ReceivedSpan]:
+            async with self._arrived:
+                while not predicate(self.spans):  # type: ignore[operator]
+                    await self._arrived.wait()
+                return list(self.spans)
+
+        return await asyncio.wait_for(ready(), timeout)

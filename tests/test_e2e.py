@@ -1,0 +1,261 @@
+"""End to end: a real Consul agent, the five services as separate processes, the real model.
+
+Covers the spine: discovery, a streamed answer, cancel, one trace across every service, failure and
+recovery of inference, graceful drain, and bad input at the public API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.consul_agent import ConsulAgent
+from services.common.discovery import Mesh
+from services.policy.client import create_key
+from services.registry.client import register_model_dir
+from tests.harness import MeshProcesses
+from tests.otlp import OtlpReceiver
+
+SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
+FRANCE = "What is the capital of France?"
+LONG_TASK = "Write a very long story about a dragon who learns to cook. Make it at least 500 words."
+
+
+@dataclass
+class LiveMesh:
+    procs: MeshProcesses
+    mesh: Mesh
+    otlp: OtlpReceiver
+    api_key: str
+
+    async def gateway(self) -> gateway_pb2_grpc.GatewayStub:
+        endpoint = await self.mesh.resolver("lmesh-gateway").pick()
+        return endpoint.stub(gateway_pb2_grpc.GatewayStub)
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> AsyncIterator[LiveMesh]:
+    otlp = OtlpReceiver()
+    endpoint = await otlp.start()
+    procs = MeshProcesses(consul_agent.http_addr, tmp_path_factory.mktemp("mesh"), endpoint)
+    mesh = Mesh(consul_agent.http_addr)
+    try:
+        for service in SERVICES:
+            procs.start(service)
+        await procs.wait_passing(mesh, "registry")
+        await register_model_dir(mesh.resolver("lmesh-registry"), built_model, aliases=("default",))
+        await procs.wait_passing(mesh, "policy")
+        created = await create_key(mesh.resolver("lmesh-policy"), "e2e")
+        for service in SERVICES:
+            await procs.wait_passing(mesh, service)
+        yield LiveMesh(procs, mesh, otlp, created.api_key)
+    finally:
+        await mesh.close()
+        procs.stop_all()
+        await otlp.stop()
+
+
+def auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def start(question: str = FRANCE, **fields: object) -> gateway_pb2.ChatRequest:
+    params: dict[str, object] = {"max_tokens": 48, **fields}
+    if "messages" not in params:
+        params["messages"] = [gateway_pb2.Message(role="user", content=question)]
+    return gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(**params))  # type: ignore[arg-type]
+
+
+async def collect(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.ChatRequest, key: str,
+                  timeout: float = 60) -> list[gateway_pb2.ChatResponse]:
+    call = stub.Chat(metadata=auth(key), timeout=timeout)
+    await call.write(request)
+    await call.done_writing()
+    return [r async for r in call]
+
+
+async def expect_error(stub: gateway_pb2_grpc.GatewayStub, requests: list[gateway_pb2.ChatRequest],
+                       metadata: tuple[tuple[str, str], ...]) -> grpc.aio.AioRpcError:
+    call = stub.Chat(metadata=metadata, timeout=30)
+    for request in requests:
+        await call.write(request)
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    error = caught.value
+    assert "Traceback" not in (error.details() or "")
+    assert error.code() != grpc.StatusCode.INTERNAL, error.details()
+    return error
+
+
+async def test_all_five_services_pass_in_consul(live: LiveMesh) -> None:
+    for service in SERVICES:
+        _, nodes = await live.mesh.consul.health.service(f"lmesh-{service}", passing=True)
+        assert nodes, f"lmesh-{service} has no passing instance"
+        checks = [c for n in nodes for c in n["Checks"] if c["ServiceName"] == f"lmesh-{service}"]
+        assert checks and all(c["Status"] == "passing" for c in checks)
+    _, inference = await live.mesh.consul.health.service("lmesh-inference", passing=True)
+    assert "smollm2-135m-instruct:1" in inference[0]["Service"]["Meta"]["models"]
+
+
+async def test_chat_answers_paris_with_finish_and_usage(live: LiveMesh) -> None:
+    responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
+    text = "".join(r.delta for r in responses)
+    assert "Paris" in text, text
+    last = responses[-1]
+    assert last.finish_reason == gateway_pb2.FINISH_REASON_STOP
+    assert all(r.finish_reason == gateway_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    assert last.model == "smollm2-135m-instruct:1" and last.id.startswith("chatcmpl-")
+    usage = last.usage
+    assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens < 64
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_max_tokens_ends_with_length(live: LiveMesh) -> None:
+    responses = await collect(await live.gateway(), start(LONG_TASK, max_tokens=5), live.api_key)
+    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH
+    assert responses[-1].usage.completion_tokens == 5
+
+
+async def test_stop_string_is_honoured_and_not_emitted(live: LiveMesh) -> None:
+    full = "".join(r.delta for r in await collect(await live.gateway(), start(max_tokens=64), live.api_key))
+    assert "Paris" in full
+    responses = await collect(await live.gateway(), start(max_tokens=64, stop=["Paris"]), live.api_key)
+    text = "".join(r.delta for r in responses)
+    assert "Paris" not in text and full.startswith(text)
+    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+
+
+async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(LONG_TASK, max_tokens=400))
+    received: list[gateway_pb2.ChatResponse] = []
+    async for response in call:
+        received.append(response)
+        if len(received) == 5:
+            await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
+        if response.finish_reason:
+            break
+    last = received[-1]
+    assert last.finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+    assert last.usage.completion_tokens < 100
+    # Counted at the engine: tokens produced after the cancel reached it.
+    spans = await live.otlp.wait_for(lambda spans: any(
+        s.service == "lmesh-inference" and s.name == "lmesh.inference/Generate"
+        and s.attributes.get("lmesh.inference.cancelled") for s in spans))
+    generate = [s for s in spans if s.name == "lmesh.inference/Generate" and s.attributes.get("lmesh.inference.cancelled")]
+    assert int(generate[-1].attributes["lmesh.inference.tokens_after_cancel"]) <= 1  # type: ignore[call-overload]
+
+
+async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None:
+    # A reference no other test uses, so the gateway's short resolution cache cannot skip the registry.
+    responses = await collect(await live.gateway(), start(model="smollm2-135m-instruct", max_tokens=8), live.api_key)
+    completion_id = responses[-1].id
+
+    def chat_trace(spans: list) -> set[str]:  # type: ignore[type-arg]
+        roots = [s for s in spans if s.name == "lmesh.gateway/Chat" and s.attributes.get("gen_ai.response.id") == completion_id]
+        if not roots:
+            return set()
+        trace_id = roots[0].trace_id
+        return {f"{s.service}|{s.name}" for s in spans if s.trace_id == trace_id}
+
+    wanted = {"lmesh-gateway|lmesh.gateway/Chat", "lmesh-policy|lmesh.policy/Authorize",
+              "lmesh-registry|lmesh.registry/ResolveModel", "lmesh-tokenizer|lmesh.tokenizer/ApplyChatTemplate",
+              "lmesh-tokenizer|lmesh.tokenizer/DetokenizeStream", "lmesh-inference|lmesh.inference/Generate",
+              "lmesh-inference|prefill", "lmesh-inference|decode"}
+    await live.otlp.wait_for(lambda spans: wanted <= chat_trace(spans), timeout=20)
+    root = next(s for s in live.otlp.spans if s.attributes.get("gen_ai.response.id") == completion_id)
+    assert root.attributes["gen_ai.usage.output_tokens"] == responses[-1].usage.completion_tokens
+    assert root.attributes["gen_ai.response.finish_reasons"] == ["length"]
+
+
+async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    key = auth(live.api_key)
+    cases: list[tuple[list[gateway_pb2.ChatRequest], tuple[tuple[str, str], ...], grpc.StatusCode, str]] = [
+        ([start(model="no-such-model")], key, grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        ([start()], (), grpc.StatusCode.UNAUTHENTICATED, "key"),
+        ([start()], auth("lmk_wrong"), grpc.StatusCode.UNAUTHENTICATED, "key"),
+        ([start(messages=[])], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+        ([start(max_tokens=0)], key, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ([start(max_tokens=-3)], key, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ([start("hello " * 9000)], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+        ([gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel())], key, grpc.StatusCode.INVALID_ARGUMENT, "start"),
+        ([], key, grpc.StatusCode.INVALID_ARGUMENT, "start"),
+        ([start(messages=[gateway_pb2.Message(role="wizard", content="hi")])], key,
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
+        ([start(temperature=3.0)], key, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ([start(top_p=1.5)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ([start(stop=["a", "b", "c", "d", "e"])], key, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    ]
+    for requests, metadata, code, field in cases:
+        error = await expect_error(stub, requests, metadata)
+        assert error.code() == code, (requests, error.details())
+        assert field in (error.details() or ""), (field, error.details())
+
+
+async def test_list_models_needs_a_key(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    listed = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(live.api_key))
+    ids = {m.id: m for m in listed.models}
+    assert "default" in ids["smollm2-135m-instruct:1"].aliases
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListModels(gateway_pb2.ListModelsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(LONG_TASK, max_tokens=40))
+    await call.done_writing()
+    first = await call.read()
+    assert first.delta
+    old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-inference").endpoints())
+    live.procs.terminate("inference")
+    rest = [r async for r in call]
+    assert rest[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH  # finished, not cut
+    assert live.procs.processes["inference"].process.wait(20) == 0
+    _, nodes = await live.mesh.consul.catalog.service("lmesh-inference")
+    assert not {n["ServiceID"] for n in nodes} & old_ids
+    live.procs.start("inference")
+    await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids)
+
+
+async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(LONG_TASK, max_tokens=400))
+    await call.done_writing()
+    assert (await call.read()).delta is not None
+    old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-inference").endpoints())
+    killed_at = time.monotonic()
+    live.procs.kill("inference")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert time.monotonic() - killed_at < 5
+    live.procs.start("inference")
+    await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids)
+    # The gateway moves to the new replica through its own Consul watch; nothing else restarts.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            await asyncio.sleep(0.5)
+    assert "Paris" in "".join(r.delta for r in responses)
