@@ -154,7 +154,8 @@ async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
     spans = await live.otlp.wait_for(lambda spans: any(
         s.service == "lmesh-inference" and s.name == "lmesh.inference/Generate"
         and s.attributes.get("lmesh.inference.cancelled") for s in spans))
-    generate = [s for s in spans if s.name == "lmesh.inference/Generate" and s.attributes.get("lmesh.inference.cancelled")]
+    generate = [s for s in spans
+                if s.name == "lmesh.inference/Generate" and s.attributes.get("lmesh.inference.cancelled")]
     assert int(generate[-1].attributes["lmesh.inference.tokens_after_cancel"]) <= 1  # type: ignore[call-overload]
 
 
@@ -164,7 +165,8 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     completion_id = responses[-1].id
 
     def chat_trace(spans: list) -> set[str]:  # type: ignore[type-arg]
-        roots = [s for s in spans if s.name == "lmesh.gateway/Chat" and s.attributes.get("gen_ai.response.id") == completion_id]
+        roots = [s for s in spans
+                 if s.name == "lmesh.gateway/Chat" and s.attributes.get("gen_ai.response.id") == completion_id]
         if not roots:
             return set()
         trace_id = roots[0].trace_id

@@ -37,7 +37,7 @@ class ServiceConfig:
     data_dir: Path = field(default_factory=lambda: lmesh_home())
     grace_s: float = 10.0
     # Service-specific settings (e.g. the models an inference replica serves).
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secrets (admin token)
 
     @property
     def consul_service_name(self) -> str:

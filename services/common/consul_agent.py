@@ -65,7 +65,7 @@ class ConsulAgent:
             "-server-port", str(free_port()), "-serf-lan-port", str(free_port()),
             "-serf-wan-port", str(free_port()), "-node", f"lmesh-dev-{http_port}", "-log-level", "warn",
         ]
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir,
                                    env={**os.environ}, start_new_session=True)
         agent = cls(http_port=http_port, process=process, data_dir=data_dir)

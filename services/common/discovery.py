@@ -89,17 +89,17 @@ class Endpoint:
     channel: grpc.aio.Channel
     outstanding: int = 0
     down_until: float = 0.0
-    _stubs: dict[type, Any] = field(default_factory=dict)
+    _stubs: dict[object, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
         return f"{self.address}:{self.port}"
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
-        existing = self._stubs.get(stub_class)  # type: ignore[arg-type]
+        existing = self._stubs.get(stub_class)
         if existing is None:
-            existing = self._stubs[stub_class] = stub_class(self.channel)  # type: ignore[index]
-        return existing  # type: ignore[no-any-return]
+            existing = self._stubs[stub_class] = stub_class(self.channel)
+        return existing
 
 
 class ServiceResolver:
@@ -113,6 +113,13 @@ class ServiceResolver:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._round_robin = itertools.count()
+        # Channel-close tasks in flight, referenced so the event loop does not drop them half done.
+        self._closing: set[asyncio.Future[None]] = set()
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.ensure_future(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def start(self) -> None:
         if self._task is None:
@@ -164,21 +171,22 @@ class ServiceResolver:
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
         gone = [e for sid, e in self._endpoints.items() if sid not in seen]
         self._endpoints = seen
+        loop = asyncio.get_running_loop()
         for endpoint in gone:
-            # In-flight streams on a vanished instance fail on their own; closing would cut them early.
-            asyncio.get_running_loop().call_later(30, lambda ch=endpoint.channel: asyncio.ensure_future(ch.close()))
+            # In-flight streams on a vanished instance fail on their own; closing now would cut a drain short.
+            loop.call_later(30, self._close_later, endpoint.channel)
         self._loaded.set()
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for(self, predicate: Callable[[Endpoint], bool] = lambda e: True,
+    async def wait_for(self, predicate: Callable[[Endpoint], bool] | None = None,
                        timeout: float = 30.0) -> Endpoint:
         """Waits until an endpoint matching `predicate` is passing (start-up ordering, tests)."""
         async def ready() -> Endpoint:
             async with self._changed:
                 while True:
                     for endpoint in self._endpoints.values():
-                        if predicate(endpoint):
+                        if predicate is None or predicate(endpoint):
                             return endpoint
                     await self._changed.wait()
 

@@ -69,10 +69,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or method.startswith(_UNTRACED_PREFIXES):
             return handler
-        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
         rpc_service, _, rpc_name = method.lstrip("/").partition("/")
         span_name = f"lmesh.{self._service}/{rpc_name}"
         attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_name}

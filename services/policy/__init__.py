@@ -1,0 +1,1 @@
+"""lmesh-policy: API keys, principals and model authorization."""

@@ -1,0 +1,45 @@
+"""Wiring of lmesh-policy: the admin token from the environment, the key store and the servicer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+from services.common.server import ServiceParts, ServiceRuntime
+from services.policy.keys import AdminGuard, KeyStore
+from services.policy.servicer import PolicyServicer
+
+log = logging.getLogger("lmesh.policy")
+
+ADMIN_TOKEN_ENV = "LMESH_ADMIN_TOKEN"
+ADMIN_TOKEN_EXTRA = "admin_token"
+
+
+def extra_config(args: argparse.Namespace) -> dict[str, str]:
+    # Environment only, never a flag: a token on the command line is visible to every user in `ps`.
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    return {ADMIN_TOKEN_EXTRA: token} if token else {}
+
+
+def build(runtime: ServiceRuntime) -> ServiceParts:
+    config = runtime.config
+    store = KeyStore(config.data_dir)
+    admin = AdminGuard(config.extra.get(ADMIN_TOKEN_EXTRA) or None)
+
+    async def warm_up() -> None:
+        store.open()
+        if not admin.enabled:
+            log.warning("%s is not set: key management RPCs are open to every caller", ADMIN_TOKEN_ENV)
+
+    async def on_stop() -> None:
+        store.close()
+
+    full_name = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+    return ServiceParts(
+        servicers=[(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(store, admin), full_name)],
+        warm_up=warm_up,
+        on_stop=on_stop,
+    )

@@ -1,0 +1,60 @@
+"""lmesh.policy.v1.Policy over the KeyStore: validate, call the domain, convert to proto."""
+
+from __future__ import annotations
+
+import grpc
+from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+
+from services.policy.keys import AdminGuard, ApiKey, KeyStore, Principal
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(self, store: KeyStore, admin: AdminGuard) -> None:
+        self._store = store
+        self._admin = admin
+
+    async def Authenticate(self, request: policy_pb2.AuthenticateRequest,
+                           context: grpc.aio.ServicerContext) -> policy_pb2.AuthenticateResponse:
+        principal = self._store.authenticate(request.api_key)
+        return policy_pb2.AuthenticateResponse(principal=_principal_pb(principal))
+
+    async def Authorize(self, request: policy_pb2.AuthorizeRequest,
+                        context: grpc.aio.ServicerContext) -> policy_pb2.AuthorizeResponse:
+        principal = self._store.authorize(request.api_key, request.model, request.input_tokens,
+                                          request.max_tokens)
+        # Limits are reserved in the contract; zero means no limit.
+        return policy_pb2.AuthorizeResponse(principal=_principal_pb(principal), limits=policy_pb2.Limits())
+
+    async def CreateApiKey(self, request: policy_pb2.CreateApiKeyRequest,
+                           context: grpc.aio.ServicerContext) -> policy_pb2.CreateApiKeyResponse:
+        self._admin.check(_authorization(context))
+        record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name)
+        return policy_pb2.CreateApiKeyResponse(key=_api_key_pb(record), api_key=plaintext)
+
+    async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,
+                          context: grpc.aio.ServicerContext) -> policy_pb2.ListApiKeysResponse:
+        self._admin.check(_authorization(context))
+        return policy_pb2.ListApiKeysResponse(keys=[_api_key_pb(k) for k in self._store.list(request.tenant)])
+
+    async def RevokeApiKey(self, request: policy_pb2.RevokeApiKeyRequest,
+                           context: grpc.aio.ServicerContext) -> policy_pb2.RevokeApiKeyResponse:
+        self._admin.check(_authorization(context))
+        return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(self._store.revoke(request.key_id)))
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+def _principal_pb(principal: Principal) -> policy_pb2.Principal:
+    return policy_pb2.Principal(key_id=principal.key_id, tenant=principal.tenant,
+                                allowed_models=list(principal.allowed_models))
+
+
+def _api_key_pb(record: ApiKey) -> policy_pb2.ApiKey:
+    return policy_pb2.ApiKey(key_id=record.key_id, tenant=record.tenant,
+                             allowed_models=list(record.allowed_models), display_name=record.display_name,
+                             create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked)
