@@ -1,0 +1,1 @@
+"""lmesh-registry: model versions, aliases and their artifacts (SQLite plus content-addressed blobs)."""

@@ -1,0 +1,332 @@
+"""Helpers other services and the CLI use to talk to lmesh-registry.
+
+- `upload_file`: streams a local file as an artifact (1 MiB chunks, digest computed first).
+- `fetch_to_cache`: downloads an artifact into `<cache_dir>/<sha256>`, verified, atomically.
+- `register_model_dir`: uploads a built model directory (`lmesh_model.json`) and registers it, idempotently.
+
+All take a ServiceResolver for `lmesh-registry` (`mesh.resolver("lmesh-registry")`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.discovery import Endpoint, ServiceResolver
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.rpc import call_options
+from services.registry.store import CHUNK_SIZE, HashingWriter, check_sha256
+
+MANIFEST_NAME = "lmesh_model.json"
+T = TypeVar("T")
+
+# Manifest keys that become ModelVersion fields; every other key becomes a label.
+_MANIFEST_FIELDS = frozenset(
+    {
+        "name",
+        "version",
+        "format",
+        "model_file",
+        "tokenizer_file",
+        "chat_template",
+        "context_length",
+        "eos_token_ids",
+        "bos_token_id",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "vocab_size",
+        "dtype",
+    }
+)
+_FORMATS = {"onnx": registry_pb2.MODEL_FORMAT_ONNX}
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+async def file_sha256(path: Path) -> tuple[str, int]:
+    """The file's sha256 hex digest and size, computed in a worker thread."""
+    return await asyncio.to_thread(_hash_file, Path(path))
+
+
+async def _with_endpoint(
+    resolver: ServiceResolver, call: Callable[[Endpoint], Awaitable[T]], attempts: int = 2
+) -> T:
+    """Runs a streaming call on a picked endpoint; an UNAVAILABLE one is marked down and the next tried.
+
+    Only for calls that are safe to repeat (uploads are content-addressed, fetches are reads).
+    """
+    for attempt in range(attempts):
+        endpoint = await resolver.pick()
+        endpoint.outstanding += 1
+        try:
+            return await call(endpoint)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            resolver.mark_down(endpoint)
+            if attempt == attempts - 1:
+                raise Unavailable(f"{resolver.name} is unavailable: {exc.details()}") from exc
+        finally:
+            endpoint.outstanding -= 1
+    raise AssertionError("unreachable")
+
+
+async def _upload_requests(
+    path: Path, sha256: str, size: int
+) -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+    yield registry_pb2.UploadArtifactRequest(
+        header=registry_pb2.UploadArtifactHeader(sha256=sha256, size_bytes=size, file_name=path.name)
+    )
+    file = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
+            yield registry_pb2.UploadArtifactRequest(chunk=chunk)
+    finally:
+        file.close()
+
+
+async def upload_file(
+    resolver: ServiceResolver,
+    path: Path | str,
+    kind: registry_pb2.ArtifactKind.ValueType = registry_pb2.ARTIFACT_KIND_UNSPECIFIED,
+    *,
+    sha256: str | None = None,
+) -> registry_pb2.Artifact:
+    """Uploads `path` and returns its Artifact (`kind`, digest, size, file name).
+
+    `sha256` skips hashing when the caller already knows the digest. A blob the registry already stores is
+    not sent again: the registry answers right after the header.
+    """
+    path = Path(path)
+    if sha256 is None:
+        sha256, size = await file_sha256(path)
+    else:
+        size = path.stat().st_size
+
+    async def upload(endpoint: Endpoint) -> registry_pb2.UploadArtifactResponse:
+        stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
+        response: registry_pb2.UploadArtifactResponse = await stub.UploadArtifact(
+            _upload_requests(path, sha256, size), **call_options(timeout=None)
+        )
+        return response
+
+    response = await _with_endpoint(resolver, upload)
+    return registry_pb2.Artifact(
+        kind=kind,
+        sha256=response.artifact.sha256,
+        size_bytes=response.artifact.size_bytes,
+        file_name=path.name,
+    )
+
+
+async def _fetch_into(endpoint: Endpoint, sha256: str, final: Path) -> Path:
+    stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
+    call = stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=sha256), **call_options(timeout=None))
+    writer = HashingWriter(final.parent, sha256)
+    try:
+        expected_size: int | None = None
+        async for message in call:
+            if expected_size is None:
+                if message.WhichOneof("kind") != "header" or message.header.sha256 != sha256:
+                    raise FailedPrecondition(
+                        f"artifact {sha256}: the registry's answer did not start with its header"
+                    )
+                expected_size = message.header.size_bytes
+                continue
+            await asyncio.to_thread(writer.write, message.chunk)
+        digest = await asyncio.to_thread(writer.finish)
+        if digest != sha256 or writer.size != expected_size:
+            raise FailedPrecondition(
+                f"artifact {sha256} digest mismatch: received {writer.size} bytes hashing "
+                f"to {digest} (expected {expected_size} bytes)"
+            )
+        await asyncio.to_thread(os.replace, writer.tmp_path, final)
+    except BaseException:
+        writer.discard()
+        call.cancel()
+        raise
+    return final
+
+
+async def fetch_to_cache(resolver: ServiceResolver, sha256: str, cache_dir: Path | str) -> Path:
+    """`<cache_dir>/<sha256>`, downloaded from the registry unless already there; the digest is verified.
+
+    Raises Unavailable (no registry), NotFound (no such artifact), FailedPrecondition (corrupt transfer).
+    """
+    check_sha256(sha256, "sha256")
+    cache_dir = Path(cache_dir)
+    final = cache_dir / sha256
+    if final.exists():  # only ever renamed into place after verification
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return await _with_endpoint(resolver, lambda endpoint: _fetch_into(endpoint, sha256, final))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            raise NotFound(f"artifact {sha256} is not stored in the registry") from exc
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise Unavailable(f"fetching artifact {sha256} timed out") from exc
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- model dirs
+
+
+def _manifest_value(manifest: dict[str, Any], key: str, kind: type, where: Path) -> Any:
+    if key not in manifest:
+        raise InvalidArgument(key, f"missing from {where}")
+    value = manifest[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidArgument(key, f"must be an integer in {where}, got {value!r}")
+    if kind is str and not isinstance(value, str | int):
+        raise InvalidArgument(key, f"must be a string in {where}, got {value!r}")
+    return str(value) if kind is str else value
+
+
+def read_model_manifest(model_dir: Path | str) -> tuple[registry_pb2.ModelVersion, Path, Path]:
+    """The ModelVersion a built model directory describes (artifacts not filled in), and its two files."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FailedPrecondition(f"no model manifest at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FailedPrecondition(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise FailedPrecondition(f"{path} must hold a JSON object")
+
+    fmt = _manifest_value(manifest, "format", str, path)
+    if fmt.lower() not in _FORMATS:
+        raise InvalidArgument(
+            "format", f"{fmt!r} in {path} is not a supported format ({', '.join(_FORMATS)})"
+        )
+    eos = manifest.get("eos_token_ids", [])
+    eos = [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+        raise InvalidArgument("eos_token_ids", f"must be a list of integers in {path}, got {eos!r}")
+    bos = manifest.get("bos_token_id")
+    bos = -1 if bos is None else _manifest_value(manifest, "bos_token_id", int, path)
+    labels = {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        for key, value in manifest.items()
+        if key not in _MANIFEST_FIELDS
+    }
+    model = registry_pb2.ModelVersion(
+        name=_manifest_value(manifest, "name", str, path),
+        version=_manifest_value(manifest, "version", str, path),
+        format=_FORMATS[fmt.lower()],
+        chat_template=_manifest_value(manifest, "chat_template", str, path),
+        context_length=_manifest_value(manifest, "context_length", int, path),
+        eos_token_ids=eos,
+        bos_token_id=bos,
+        architecture=registry_pb2.ModelArchitecture(
+            num_layers=_manifest_value(manifest, "num_layers", int, path),
+            num_kv_heads=_manifest_value(manifest, "num_kv_heads", int, path),
+            head_dim=_manifest_value(manifest, "head_dim", int, path),
+            vocab_size=_manifest_value(manifest, "vocab_size", int, path),
+            dtype=_manifest_value(manifest, "dtype", str, path),
+        ),
+        labels=labels,
+    )
+    model_file = model_dir / _manifest_value(manifest, "model_file", str, path)
+    tokenizer_file = model_dir / _manifest_value(manifest, "tokenizer_file", str, path)
+    for key, file in (("model_file", model_file), ("tokenizer_file", tokenizer_file)):
+        if not file.is_file():
+            raise FailedPrecondition(f"{path}: {key} {file} does not exist")
+    return model, model_file, tokenizer_file
+
+
+def _digests(model: registry_pb2.ModelVersion) -> dict[int, str]:
+    return {int(a.kind): a.sha256 for a in model.artifacts}
+
+
+async def _get_model(resolver: ServiceResolver, name: str, version: str) -> registry_pb2.ModelVersion | None:
+    try:
+        response = await resolver.call(
+            registry_pb2_grpc.RegistryStub,
+            "GetModel",
+            registry_pb2.GetModelRequest(name=name, version=version),
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    model: registry_pb2.ModelVersion = response.model
+    return model
+
+
+def _same_or_conflict(
+    existing: registry_pb2.ModelVersion, wanted: dict[int, str]
+) -> registry_pb2.ModelVersion:
+    if _digests(existing) != wanted:
+        raise AlreadyExists(
+            f"model '{existing.name}:{existing.version}' is already registered with other "
+            "artifacts; give the new build another version"
+        )
+    return existing
+
+
+async def register_model_dir(
+    resolver: ServiceResolver, model_dir: Path | str, aliases: Sequence[str] = ("default",)
+) -> registry_pb2.ModelVersion:
+    """Uploads a built model directory's files and registers its version with `aliases`.
+
+    Idempotent: when the version is already registered with the same artifact digests nothing is uploaded
+    or changed (aliases included) and the registered version is returned; with other digests, AlreadyExists.
+    """
+    model, model_file, tokenizer_file = read_model_manifest(model_dir)
+    (model_sha, _), (tokenizer_sha, _) = await asyncio.gather(
+        file_sha256(model_file), file_sha256(tokenizer_file)
+    )
+    wanted = {
+        registry_pb2.ARTIFACT_KIND_MODEL: model_sha,
+        registry_pb2.ARTIFACT_KIND_TOKENIZER: tokenizer_sha,
+    }
+
+    existing = await _get_model(resolver, model.name, model.version)
+    if existing is not None:
+        return _same_or_conflict(existing, wanted)
+
+    model_artifact = await upload_file(
+        resolver, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha
+    )
+    tokenizer_artifact = await upload_file(
+        resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=tokenizer_sha
+    )
+    model.artifacts.extend([model_artifact, tokenizer_artifact])
+    request = registry_pb2.RegisterModelRequest(model=model, aliases=list(aliases))
+    try:
+        # Not retried through resolver.call: a registration is not idempotent on the wire.
+        async def register(endpoint: Endpoint) -> registry_pb2.RegisterModelResponse:
+            response: registry_pb2.RegisterModelResponse = await endpoint.stub(
+                registry_pb2_grpc.RegistryStub
+            ).RegisterModel(request, **call_options(timeout=30.0))
+            return response
+
+        return (await _with_endpoint(resolver, register, attempts=1)).model
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        # Someone registered it between our check and our registration (two `make run`s at once).
+        raced = await _get_model(resolver, model.name, model.version)
+        if raced is None:
+            raise
+        return _same_or_conflict(raced, wanted)

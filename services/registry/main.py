@@ -1,0 +1,48 @@
+"""Wiring of lmesh-registry: the stores live under --data-dir; health is NOT_SERVING until they are open."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.server import ServiceParts, ServiceRuntime
+from services.registry.servicer import RegistryServicer
+from services.registry.store import BlobStore, ModelStore
+
+log = logging.getLogger("lmesh.registry")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No flags of its own: the state directory is the common --data-dir."""
+
+
+def build(runtime: ServiceRuntime) -> ServiceParts:
+    data_dir = runtime.config.data_dir
+    blobs = BlobStore(data_dir)
+    models = ModelStore(data_dir / "registry.sqlite3", blobs)
+
+    async def warm_up() -> None:
+        blobs.open()
+        models.open()
+
+    async def on_stop() -> None:
+        # Cancelled uploads remove their temporary files; let them finish before the process exits.
+        try:
+            async with asyncio.timeout(5.0):
+                await blobs.wait_uploads(lambda writing: not writing)
+        except TimeoutError:
+            log.warning("uploads still in progress at shutdown: %s", blobs.uploads_in_progress())
+        models.close()
+
+    full_name = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+    return ServiceParts(
+        servicers=[
+            (registry_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(blobs, models), full_name)
+        ],
+        warm_up=warm_up,
+        on_stop=on_stop,
+        extra={"blobs": blobs, "models": models},
+    )

@@ -1,0 +1,628 @@
+"""The registry's state: a content-addressed blob store and a SQLite catalogue of model versions and aliases.
+
+Blobs live at `<data_dir>/blobs/sha256/<first two hex digits>/<digest>`. A write goes to a temporary file
+in the same folder, is hashed while written, fsync'd, and renamed into place only when it hashes to the
+announced digest, so a blob path either holds exactly the bytes its name promises or does not exist.
+
+Model versions and aliases live in `<data_dir>/registry.sqlite3` (WAL). A registration, with its aliases,
+is one transaction. Aliases are global, and an alias never equals a model name, so a reference
+(`name:version`, an alias, or a bare name) always means one thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from pathlib import Path
+
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+CHUNK_SIZE = 1024 * 1024
+TEMP_SUFFIX = ".part"
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # versions and aliases
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ArtifactKind(IntEnum):
+    """Mirrors lmesh.registry.v1.ArtifactKind (same numbers)."""
+
+    UNSPECIFIED = 0
+    MODEL = 1
+    TOKENIZER = 2
+
+
+class ModelFormat(IntEnum):
+    """Mirrors lmesh.registry.v1.ModelFormat (same numbers)."""
+
+    UNSPECIFIED = 0
+    ONNX = 1
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: int
+    sha256: str
+    size_bytes: int = 0
+    file_name: str = ""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    vocab_size: int = 0
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered model version; `aliases` and `create_time_unix_ms` are output only."""
+
+    name: str
+    version: str
+    format: int
+    artifacts: tuple[Artifact, ...]
+    chat_template: str = ""
+    context_length: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int = -1
+    architecture: Architecture = field(default_factory=Architecture)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    create_time_unix_ms: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size_bytes: int
+    already_stored: bool
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def check_name(value: str, field_name: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    if not NAME_RE.match(value):
+        raise InvalidArgument(
+            field_name,
+            f"{value!r} is not a model name (lower-case letters, digits, '.', "
+            "'_' and '-', starting with a letter or digit, at most 128)",
+        )
+    return value
+
+
+def check_label(value: str, field_name: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    if not LABEL_RE.match(value):
+        raise InvalidArgument(
+            field_name,
+            f"{value!r} is not a valid {what} (letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit, at most 64)",
+        )
+    return value
+
+
+def check_version(value: str, field_name: str) -> str:
+    return check_label(value, field_name, "version")
+
+
+def check_alias(value: str, field_name: str) -> str:
+    return check_label(value, field_name, "alias")
+
+
+def check_sha256(value: str, field_name: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    if not SHA256_RE.match(value):
+        raise InvalidArgument(field_name, f"{value!r} is not a sha256 digest (64 lower-case hex characters)")
+    return value
+
+
+def _check_model_fields(model: ModelVersion) -> None:
+    """Every field of a version to register, named as in RegisterModelRequest."""
+    check_name(model.name, "model.name")
+    check_version(model.version, "model.version")
+    if model.format not in (ModelFormat.ONNX,):
+        raise InvalidArgument("model.format", f"{model.format} is not a supported model format (ONNX)")
+    if model.context_length <= 0:
+        raise InvalidArgument("model.context_length", f"must be positive, got {model.context_length}")
+    for i, token in enumerate(model.eos_token_ids):
+        if token < 0:
+            raise InvalidArgument(f"model.eos_token_ids[{i}]", f"must be a token id (>= 0), got {token}")
+    if model.bos_token_id < -1:
+        raise InvalidArgument("model.bos_token_id", f"must be a token id or -1, got {model.bos_token_id}")
+    arch = model.architecture
+    for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        if getattr(arch, name) < 0:
+            raise InvalidArgument(
+                f"model.architecture.{name}", f"must not be negative, got {getattr(arch, name)}"
+            )
+    for key in model.labels:
+        if not key:
+            raise InvalidArgument("model.labels", "label keys must not be empty")
+    kinds: dict[int, int] = {}
+    for i, artifact in enumerate(model.artifacts):
+        where = f"model.artifacts[{i}]"
+        if artifact.kind not in (ArtifactKind.MODEL, ArtifactKind.TOKENIZER):
+            raise InvalidArgument(f"{where}.kind", f"{artifact.kind} is not MODEL or TOKENIZER")
+        if artifact.kind in kinds:
+            raise InvalidArgument(
+                f"{where}.kind",
+                f"a second {ArtifactKind(artifact.kind).name} artifact (one of each is allowed)",
+            )
+        kinds[artifact.kind] = i
+        check_sha256(artifact.sha256, f"{where}.sha256")
+        if artifact.size_bytes < 0:
+            raise InvalidArgument(f"{where}.size_bytes", f"must not be negative, got {artifact.size_bytes}")
+    for kind in (ArtifactKind.MODEL, ArtifactKind.TOKENIZER):
+        if kind not in kinds:
+            raise InvalidArgument("model.artifacts", f"exactly one {kind.name} artifact is required")
+
+
+# ---------------------------------------------------------------------------------------------- blob store
+
+
+class HashingWriter:
+    """A temporary file in `folder`, hashed while filled; `discard` waits out a write running in a thread.
+
+    Shared with the client's artifact cache, which needs the same write-verify-rename discipline.
+    """
+
+    def __init__(self, folder: Path, sha256: str) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{sha256[:16]}.", suffix=TEMP_SUFFIX)
+        self.tmp_path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._file.write(chunk)
+            self._hash.update(chunk)
+            self.size += len(chunk)
+
+    def finish(self) -> str:
+        """Flushes the bytes to disk and returns their digest."""
+        with self._lock:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._closed = True
+            return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._file.close()
+                self._closed = True
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Content-addressed artifact bytes under `<data_dir>/blobs/sha256/`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "blobs" / "sha256"
+        # Temporary file name -> bytes written so far, for uploads in progress (observability, tests, drain).
+        self._writing: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def open(self) -> None:
+        """Creates the folders and removes temporary files a killed process left behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(f"*/*{TEMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def size_of(self, sha256: str) -> int | None:
+        """The stored blob's size, or None when it is not stored."""
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def stat(self, sha256: str) -> int:
+        """The size of a stored blob; InvalidArgument for a malformed digest, NotFound when absent."""
+        check_sha256(sha256, "sha256")
+        size = self.size_of(sha256)
+        if size is None:
+            raise NotFound(f"artifact {sha256} not found")
+        return size
+
+    async def read_chunks(self, sha256: str, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """The blob's bytes in order, `chunk_size` at a time (read in a worker thread)."""
+        check_sha256(sha256, "sha256")
+        try:
+            file = await asyncio.to_thread(open, self.path(sha256), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"artifact {sha256} not found") from None
+        try:
+            while chunk := await asyncio.to_thread(file.read, chunk_size):
+                yield chunk
+        finally:
+            file.close()
+
+    def uploads_in_progress(self) -> dict[str, int]:
+        return dict(self._writing)
+
+    async def wait_uploads(self, predicate: Callable[[Mapping[str, int]], bool]) -> None:
+        """Waits until `predicate(temporary file name -> bytes written)` holds (drain, tests)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: predicate(self._writing))
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def put(self, sha256: str, chunks: AsyncIterable[bytes], size_bytes: int = 0) -> StoredBlob:
+        """Stores the bytes `chunks` yields under `sha256`, refusing them unless they hash to it.
+
+        When the digest is already stored the chunks are not read at all (the caller may stop sending).
+        `size_bytes` > 0 also checks the size. On any failure, cancellation included, nothing is left behind.
+        """
+        check_sha256(sha256, "sha256")
+        if size_bytes < 0:
+            raise InvalidArgument("size_bytes", f"must not be negative, got {size_bytes}")
+        existing = self.size_of(sha256)
+        if existing is not None:
+            if size_bytes and size_bytes != existing:
+                raise InvalidArgument(
+                    "size_bytes",
+                    f"blob {sha256} is stored with {existing} bytes, which does not match {size_bytes}",
+                )
+            return StoredBlob(sha256, existing, already_stored=True)
+
+        final = self.path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        writer = HashingWriter(final.parent, sha256)
+        key = writer.tmp_path.name
+        self._writing[key] = 0
+        try:
+            await self._notify()
+            async for chunk in chunks:
+                if size_bytes and writer.size + len(chunk) > size_bytes:
+                    raise InvalidArgument(
+                        "size_bytes",
+                        f"the upload is longer than the announced {size_bytes} bytes, which does not match",
+                    )
+                await asyncio.to_thread(writer.write, chunk)
+                self._writing[key] = writer.size
+                await self._notify()
+            if writer.size == 0:
+                raise InvalidArgument("chunk", "empty upload: no bytes followed the header")
+            digest = await asyncio.to_thread(writer.finish)
+            if size_bytes and writer.size != size_bytes:
+                raise InvalidArgument(
+                    "size_bytes",
+                    f"the upload has {writer.size} bytes, which does not match the announced {size_bytes}",
+                )
+            if digest != sha256:
+                raise InvalidArgument(
+                    "sha256", f"the uploaded bytes hash to {digest}, which does not match {sha256}"
+                )
+            await asyncio.to_thread(self._install, writer.tmp_path, final)
+        except BaseException:
+            writer.discard()
+            raise
+        finally:
+            self._writing.pop(key, None)
+            # Shielded: a cancelled upload must still wake whoever waits for the uploads to settle.
+            await asyncio.shield(self._notify())
+        return StoredBlob(sha256, writer.size, already_stored=False)
+
+    @staticmethod
+    def _install(tmp_path: Path, final: Path) -> None:
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+
+
+# ---------------------------------------------------------------------------------------------- model store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,  -- registration order
+    name                TEXT NOT NULL,
+    version             TEXT NOT NULL,
+    format              INTEGER NOT NULL,
+    chat_template       TEXT NOT NULL,
+    context_length      INTEGER NOT NULL,
+    eos_token_ids       TEXT NOT NULL,                      -- JSON list of ints
+    bos_token_id        INTEGER NOT NULL,
+    num_layers          INTEGER NOT NULL,
+    num_kv_heads        INTEGER NOT NULL,
+    head_dim            INTEGER NOT NULL,
+    vocab_size          INTEGER NOT NULL,
+    dtype               TEXT NOT NULL,
+    labels              TEXT NOT NULL,                      -- JSON object of strings
+    create_time_unix_ms INTEGER NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    version_id INTEGER NOT NULL REFERENCES model_versions(id),
+    position   INTEGER NOT NULL,
+    kind       INTEGER NOT NULL,
+    sha256     TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    file_name  TEXT NOT NULL,
+    PRIMARY KEY (version_id, position)
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_sha256 ON artifacts(sha256);
+CREATE TABLE IF NOT EXISTS aliases (
+    alias      TEXT PRIMARY KEY,
+    version_id INTEGER NOT NULL REFERENCES model_versions(id)
+);
+"""
+_SCHEMA_VERSION = 1
+
+
+class ModelStore:
+    """Model versions and aliases in SQLite; every method is one short transaction."""
+
+    def __init__(self, path: Path, blobs: BlobStore) -> None:
+        self.path = Path(path)
+        self._blobs = blobs
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a registration acknowledged is a registration kept
+        db.execute("PRAGMA foreign_keys=ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            db.close()
+            raise FailedPrecondition(
+                f"{self.path} has schema version {version}; this registry knows {_SCHEMA_VERSION}"
+            )
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise Unavailable("the registry store is not open")
+        return self._db
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- reads
+
+    def _is_model_name(self, db: sqlite3.Connection, name: str) -> bool:
+        return (
+            db.execute("SELECT 1 FROM model_versions WHERE name = ? LIMIT 1", (name,)).fetchone() is not None
+        )
+
+    def _load(self, db: sqlite3.Connection, row: sqlite3.Row) -> ModelVersion:
+        artifacts = tuple(
+            Artifact(kind=a["kind"], sha256=a["sha256"], size_bytes=a["size_bytes"], file_name=a["file_name"])
+            for a in db.execute(
+                "SELECT * FROM artifacts WHERE version_id = ? ORDER BY position", (row["id"],)
+            )
+        )
+        aliases = tuple(
+            r["alias"]
+            for r in db.execute("SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias", (row["id"],))
+        )
+        return ModelVersion(
+            name=row["name"],
+            version=row["version"],
+            format=row["format"],
+            artifacts=artifacts,
+            chat_template=row["chat_template"],
+            context_length=row["context_length"],
+            eos_token_ids=tuple(json.loads(row["eos_token_ids"])),
+            bos_token_id=row["bos_token_id"],
+            architecture=Architecture(
+                num_layers=row["num_layers"],
+                num_kv_heads=row["num_kv_heads"],
+                head_dim=row["head_dim"],
+                vocab_size=row["vocab_size"],
+                dtype=row["dtype"],
+            ),
+            labels=json.loads(row["labels"]),
+            aliases=aliases,
+            create_time_unix_ms=row["create_time_unix_ms"],
+        )
+
+    def _row(self, db: sqlite3.Connection, name: str, version: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        return row
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        check_name(name, "name")
+        check_version(version, "version")
+        db = self.db
+        row = self._row(db, name, version)
+        if row is None:
+            raise NotFound(f"model '{name}:{version}' not found")
+        return self._load(db, row)
+
+    def list(self, name: str = "") -> list[ModelVersion]:
+        """Every version (of `name`, when given): names in order, newest version first within a name."""
+        db = self.db
+        if name:
+            rows = db.execute("SELECT * FROM model_versions WHERE name = ? ORDER BY id DESC", (name,))
+        else:
+            rows = db.execute("SELECT * FROM model_versions ORDER BY name, id DESC")
+        return [self._load(db, row) for row in rows.fetchall()]
+
+    def resolve(self, reference: str) -> ModelVersion:
+        """`name:version`, else an alias, else a bare name's most recently registered version."""
+        if not reference:
+            raise InvalidArgument("reference", "is required")
+        db = self.db
+        if ":" in reference:
+            name, _, version = reference.partition(":")
+            if not NAME_RE.match(name) or not LABEL_RE.match(version):
+                raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
+            row = self._row(db, name, version)
+            if row is None:
+                raise NotFound(f"model '{reference}' not found")
+            return self._load(db, row)
+        if not LABEL_RE.match(reference) and not NAME_RE.match(reference):
+            raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
+        row = db.execute(
+            "SELECT v.* FROM aliases a JOIN model_versions v ON v.id = a.version_id WHERE a.alias = ?",
+            (reference,),
+        ).fetchone()
+        if row is None:
+            row = db.execute(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY id DESC LIMIT 1", (reference,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"model '{reference}' not found")
+        return self._load(db, row)
+
+    # -- writes
+
+    def _check_alias_free(
+        self, db: sqlite3.Connection, alias: str, field_name: str, new_name: str = ""
+    ) -> None:
+        if alias == new_name or self._is_model_name(db, alias):
+            raise InvalidArgument(field_name, f"alias {alias!r} equals a model name")
+
+    def register(self, model: ModelVersion, aliases: Sequence[str] = ()) -> ModelVersion:
+        """Registers a new version whose artifacts are stored, and points `aliases` at it, atomically."""
+        _check_model_fields(model)
+        wanted_aliases = list(dict.fromkeys(aliases))  # ordered, without repeats
+        for i, alias in enumerate(aliases):
+            check_alias(alias, f"aliases[{i}]")
+        artifacts: list[Artifact] = []
+        for i, artifact in enumerate(model.artifacts):
+            stored = self._blobs.size_of(artifact.sha256)
+            if stored is None:
+                raise FailedPrecondition(
+                    f"artifact {artifact.sha256} (model.artifacts[{i}]) is not stored; upload it first"
+                )
+            if artifact.size_bytes and artifact.size_bytes != stored:
+                raise InvalidArgument(
+                    f"model.artifacts[{i}].size_bytes",
+                    f"{artifact.size_bytes} does not match the stored blob's {stored} bytes",
+                )
+            artifacts.append(replace(artifact, size_bytes=stored))
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM aliases WHERE alias = ?", (model.name,)).fetchone() is not None:
+                raise InvalidArgument(
+                    "model.name", f"{model.name!r} is already an alias; a model name must not equal an alias"
+                )
+            for i, alias in enumerate(aliases):
+                self._check_alias_free(db, alias, f"aliases[{i}]", new_name=model.name)
+            if self._row(db, model.name, model.version) is not None:
+                raise AlreadyExists(f"model '{model.ref}' is already registered")
+            arch = model.architecture
+            cursor = db.execute(
+                "INSERT INTO model_versions (name, version, format, chat_template, context_length, "
+                "eos_token_ids, bos_token_id, num_layers, num_kv_heads, head_dim, vocab_size, dtype, labels, "
+                "create_time_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model.name,
+                    model.version,
+                    int(model.format),
+                    model.chat_template,
+                    model.context_length,
+                    json.dumps(list(model.eos_token_ids)),
+                    model.bos_token_id,
+                    arch.num_layers,
+                    arch.num_kv_heads,
+                    arch.head_dim,
+                    arch.vocab_size,
+                    arch.dtype,
+                    json.dumps(dict(model.labels), sort_keys=True),
+                    int(time.time() * 1000),
+                ),
+            )
+            version_id = cursor.lastrowid
+            db.executemany(
+                "INSERT INTO artifacts (version_id, position, kind, sha256, size_bytes, file_name) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (version_id, i, int(a.kind), a.sha256, a.size_bytes, a.file_name)
+                    for i, a in enumerate(artifacts)
+                ],
+            )
+            db.executemany(
+                "INSERT INTO aliases (alias, version_id) VALUES (?, ?) "
+                "ON CONFLICT (alias) DO UPDATE SET version_id = excluded.version_id",
+                [(alias, version_id) for alias in wanted_aliases],
+            )
+            row = db.execute("SELECT * FROM model_versions WHERE id = ?", (version_id,)).fetchone()
+            return self._load(db, row)
+
+    def set_alias(self, alias: str, name: str, version: str) -> ModelVersion:
+        """Creates or moves `alias` to `name:version`."""
+        check_alias(alias, "alias")
+        check_name(name, "name")
+        check_version(version, "version")
+        with self._transaction() as db:
+            self._check_alias_free(db, alias, "alias")
+            row = self._row(db, name, version)
+            if row is None:
+                raise NotFound(f"model '{name}:{version}' not found")
+            db.execute(
+                "INSERT INTO aliases (alias, version_id) VALUES (?, ?) "
+                "ON CONFLICT (alias) DO UPDATE SET version_id = excluded.version_id",
+                (alias, row["id"]),
+            )
+            return self._load(db, row)
