@@ -1,0 +1,1 @@
+"""lmesh-tokenizer: text to token ids and back, for every registered model."""

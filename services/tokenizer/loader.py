@@ -1,0 +1,231 @@
+"""Loading tokenizers from the registry, once per model version, and keeping them.
+
+A request names a model reference; the registry resolves it to a concrete version (cached for a few seconds
+so alias moves are seen), the version's tokenizer.json is fetched once into the content-addressed artifact
+cache and loaded once, however many requests ask for it at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Protocol, TypeVar
+
+import grpc
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.discovery import ServiceResolver
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.rpc import call_options
+from services.tokenizer.text import ModelTokenizer
+
+log = logging.getLogger("lmesh.tokenizer.loader")
+
+T = TypeVar("T")
+
+RESOLVE_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 120.0
+FETCH_ATTEMPTS = 2
+# Distinct references remembered at most; expired ones are dropped first when the map is full.
+MAX_RESOLVED_REFERENCES = 1024
+
+
+class ModelSource(Protocol):
+    """Where model versions and their artifact bytes come from (the registry; a fake in tests)."""
+
+    async def resolve(self, reference: str) -> registry_pb2.ModelVersion: ...
+
+    async def fetch(self, sha256: str, cache_dir: Path) -> Path: ...
+
+
+class RegistrySource:
+    """ModelSource over the `lmesh-registry` service found through Consul."""
+
+    def __init__(self, resolver: ServiceResolver) -> None:
+        self._resolver = resolver
+
+    async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
+        try:
+            response = await self._resolver.call(
+                registry_pb2_grpc.RegistryStub, "ResolveModel",
+                registry_pb2.ResolveModelRequest(reference=reference), timeout=RESOLVE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(details or f"model {reference!r} not found") from None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # The registry names its own field (`reference`); ours is `model`.
+                problem = details.removeprefix("reference: ") or "is not a valid model reference"
+                raise InvalidArgument("model", problem) from None
+            raise
+        model: registry_pb2.ModelVersion = response.model
+        return model
+
+    async def fetch(self, sha256: str, cache_dir: Path) -> Path:
+        """The verified artifact at `<cache_dir>/<sha256>`, fetched from the registry unless already there."""
+        dest = cache_dir / sha256
+        if dest.exists():  # only ever created by rename after verification
+            return dest
+        await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
+        for attempt in range(FETCH_ATTEMPTS):
+            endpoint = await self._resolver.pick()
+            endpoint.outstanding += 1
+            try:
+                await _fetch_into(endpoint.stub(registry_pb2_grpc.RegistryStub), sha256, dest)
+                return dest
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise FailedPrecondition(f"artifact {sha256} is missing from the registry") from None
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._resolver.mark_down(endpoint)
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise Unavailable(f"lmesh-registry is unavailable: {exc.details()}") from exc
+            except Unavailable:
+                # A corrupt transfer: another attempt (maybe another replica) may do better.
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise
+            finally:
+                endpoint.outstanding -= 1
+        raise AssertionError("unreachable")
+
+
+async def _fetch_into(stub: registry_pb2_grpc.RegistryStub, sha256: str, dest: Path) -> None:
+    """Streams one artifact into a temp file beside `dest`, verifies size and digest, then renames."""
+    call = stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=sha256),
+                              **call_options(FETCH_TIMEOUT_S))
+    tmp = dest.with_name(f".{sha256}.{uuid.uuid4().hex}.part")
+    digest = hashlib.sha256()
+    size = 0
+    expected_size: int | None = None
+    try:
+        with tmp.open("wb") as out:
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                if expected_size is None:
+                    if kind != "header":
+                        raise Unavailable(f"artifact {sha256}: the registry sent bytes before the header")
+                    expected_size = message.header.size_bytes
+                    continue
+                if kind != "chunk":
+                    raise Unavailable(f"artifact {sha256}: the registry sent a second header")
+                digest.update(message.chunk)
+                size += len(message.chunk)
+                await asyncio.to_thread(out.write, message.chunk)
+            await asyncio.to_thread(_sync, out)
+        if expected_size is None:
+            raise Unavailable(f"artifact {sha256}: the registry sent nothing")
+        if size != expected_size or digest.hexdigest() != sha256:
+            raise Unavailable(f"artifact {sha256}: received {size} bytes hashing to {digest.hexdigest()}, "
+                              f"expected {expected_size} bytes")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sync(out: IO[bytes]) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+class TokenizerCache:
+    """Model reference -> loaded ModelTokenizer, with one registry resolution per reference per TTL."""
+
+    def __init__(self, source: ModelSource, artifacts_dir: Path, *, resolve_ttl_s: float = 5.0,
+                 max_models: int = 8) -> None:
+        self._source = source
+        self._artifacts_dir = artifacts_dir
+        self._resolve_ttl_s = resolve_ttl_s
+        self._max_models = max_models
+        self._resolved: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
+        self._resolving: dict[str, asyncio.Task[registry_pb2.ModelVersion]] = {}
+        # name:version -> its loading (or loaded) tokenizer, least recently used first.
+        self._models: OrderedDict[str, asyncio.Task[ModelTokenizer]] = OrderedDict()
+
+    async def get(self, reference: str) -> ModelTokenizer:
+        if not reference:
+            raise InvalidArgument("model", "must not be empty")
+        version = await self._resolve(reference)
+        key = f"{version.name}:{version.version}"
+        task = self._models.get(key)
+        if task is None:
+            task = self._single_flight(self._models, key, lambda: self._load(key, version))
+            self._models[key] = task
+            self._evict()
+        else:
+            self._models.move_to_end(key)
+        # Shielded: a caller that gives up must not cancel the load the other callers wait for.
+        return await asyncio.shield(task)
+
+    async def _resolve(self, reference: str) -> registry_pb2.ModelVersion:
+        cached = self._resolved.get(reference)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        task = self._resolving.get(reference)
+        if task is None:
+            task = self._resolving[reference] = self._single_flight(
+                self._resolving, reference, lambda: self._source.resolve(reference))
+            task.add_done_callback(lambda t: self._remember(reference, t))
+        try:
+            return await asyncio.shield(task)
+        except Unavailable:
+            if cached is None:
+                raise
+            # The registry is down: keep serving the last known version rather than fail every request.
+            log.warning("registry unavailable; using the expired resolution of %r", reference)
+            return cached[1]
+
+    def _remember(self, reference: str, task: asyncio.Task[registry_pb2.ModelVersion]) -> None:
+        self._resolving.pop(reference, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        now = time.monotonic()
+        if reference not in self._resolved and len(self._resolved) >= MAX_RESOLVED_REFERENCES:
+            self._resolved = {ref: entry for ref, entry in self._resolved.items() if entry[0] > now}
+            if len(self._resolved) >= MAX_RESOLVED_REFERENCES:
+                self._resolved.clear()
+        self._resolved[reference] = (now + self._resolve_ttl_s, task.result())
+
+    @staticmethod
+    def _single_flight(tasks: dict[str, asyncio.Task[T]], key: str,
+                       start: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """A task every concurrent caller for `key` awaits; forgotten on failure so the next call retries."""
+        async def run() -> T:
+            return await start()
+
+        task = asyncio.create_task(run(), name=f"tokenizer-load-{key}")
+
+        def forget_failure(done: asyncio.Task[T]) -> None:
+            if (done.cancelled() or done.exception() is not None) and tasks.get(key) is done:
+                del tasks[key]
+
+        task.add_done_callback(forget_failure)
+        return task
+
+    def _evict(self) -> None:
+        for key in list(self._models):
+            if len(self._models) <= self._max_models:
+                return
+            if self._models[key].done():
+                del self._models[key]
+
+    async def _load(self, key: str, version: registry_pb2.ModelVersion) -> ModelTokenizer:
+        tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
+        if len(tokenizers) != 1:
+            raise FailedPrecondition(f"{key} has {len(tokenizers)} tokenizer artifacts, expected one")
+        path = await self._source.fetch(tokenizers[0].sha256, self._artifacts_dir)
+        try:
+            tokenizer = await asyncio.to_thread(
+                ModelTokenizer.from_file, path, version.chat_template, name=key,
+                bos_token_id=version.bos_token_id, eos_token_ids=list(version.eos_token_ids))
+        except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
+            raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
+        log.info("loaded the tokenizer of %s (vocabulary %d)", key, tokenizer.vocab_size)
+        return tokenizer

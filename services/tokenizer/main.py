@@ -1,0 +1,42 @@
+"""Wiring of lmesh-tokenizer: flags, the tokenizer cache under the data directory, the servicer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from services.common.server import ServiceParts, ServiceRuntime
+
+REGISTRY_SERVICE = "lmesh-registry"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolve-ttl", type=float,
+                        default=float(os.environ.get("LMESH_RESOLVE_TTL_S", "5")),
+                        help="seconds a model reference's resolution is reused (alias moves show after this)")
+    parser.add_argument("--max-models", type=int,
+                        default=int(os.environ.get("LMESH_TOKENIZER_MAX_MODELS", "8")),
+                        help="model versions whose tokenizers are kept loaded")
+
+
+def extra_config(args: argparse.Namespace) -> dict[str, str]:
+    return {"resolve_ttl_s": str(args.resolve_ttl), "max_models": str(args.max_models)}
+
+
+def build(runtime: ServiceRuntime) -> ServiceParts:
+    # Imported here: the CLI imports every main.py to build its parser; tokenizers and jinja2 are heavy.
+    from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    from services.tokenizer.loader import RegistrySource, TokenizerCache
+    from services.tokenizer.servicer import TokenizerServicer
+
+    extra = runtime.config.extra
+    cache = TokenizerCache(
+        RegistrySource(runtime.mesh.resolver(REGISTRY_SERVICE)),
+        runtime.config.data_dir / "artifacts",
+        resolve_ttl_s=float(extra.get("resolve_ttl_s", "5")),
+        max_models=int(extra.get("max_models", "8")),
+    )
+    name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+    return ServiceParts(servicers=[(tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
+                                    TokenizerServicer(cache), name)])

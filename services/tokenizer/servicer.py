@@ -1,0 +1,80 @@
+"""The Tokenizer gRPC servicer: protos in, domain calls, protos out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from services.common.errors import InvalidArgument
+from services.tokenizer.text import ChatMessage, IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from services.tokenizer.loader import TokenizerCache
+
+T = TypeVar("T")
+
+# Inputs above this size are tokenized in a worker thread so one huge request does not stall every stream.
+OFF_LOOP_CHARS = 64 * 1024
+
+
+async def _run(size: int, fn: Callable[..., T], *args: object) -> T:
+    if size > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, models: TokenizerCache) -> None:
+        self._models = models
+
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest,
+                     context: grpc.aio.ServicerContext) -> tokenizer_pb2.EncodeResponse:
+        tokenizer = await self._models.get(request.model)
+        ids = await _run(len(request.text), tokenizer.encode, request.text, request.add_special_tokens)
+        return tokenizer_pb2.EncodeResponse(token_ids=ids)
+
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest,
+                     context: grpc.aio.ServicerContext) -> tokenizer_pb2.DecodeResponse:
+        tokenizer = await self._models.get(request.model)
+        text = await _run(len(request.token_ids), tokenizer.decode, request.token_ids, request.skip_special_tokens)
+        return tokenizer_pb2.DecodeResponse(text=text)
+
+    async def CountTokens(self, request: tokenizer_pb2.CountTokensRequest,
+                          context: grpc.aio.ServicerContext) -> tokenizer_pb2.CountTokensResponse:
+        tokenizer = await self._models.get(request.model)
+        count = await _run(len(request.text), tokenizer.count, request.text)
+        return tokenizer_pb2.CountTokensResponse(token_count=count)
+
+    async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
+                                context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        tokenizer = await self._models.get(request.model)
+        messages = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        size = sum(len(m.content) for m in messages)
+        text, ids = await _run(size, tokenizer.apply_chat_template, messages, request.add_generation_prompt)
+        return tokenizer_pb2.ApplyChatTemplateResponse(text=text, token_ids=ids)
+
+    async def DetokenizeStream(
+        self, request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tokenizer_pb2.DetokenizeStreamResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidArgument("start", "the first message must carry start")
+        tokenizer = await self._models.get(first.start.model)
+        detokenizer = IncrementalDetokenizer(tokenizer, first.start.skip_special_tokens)
+        index = 0
+        async for message in requests:
+            index += 1
+            kind = message.WhichOneof("kind")
+            if kind == "start":
+                raise InvalidArgument("start", f"message {index} carries start; only the first may")
+            if kind != "tokens":
+                raise InvalidArgument("tokens", f"message {index} carries no tokens")
+            tokenizer.check_ids(message.tokens.token_ids, field="tokens.token_ids")
+            yield tokenizer_pb2.DetokenizeStreamResponse(delta=detokenizer.push(message.tokens.token_ids))
+        yield tokenizer_pb2.DetokenizeStreamResponse(delta=detokenizer.flush(), final=True)

@@ -1,0 +1,225 @@
+"""Text <-> token ids for one model version: encoding, decoding, chat templates, streaming detokenization.
+
+No gRPC here: the servicer converts protos, this module does the work. Errors are LmeshError subclasses so
+the server interceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Self
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+
+CHAT_ROLES = ("system", "user", "assistant")
+REPLACEMENT_CHAR = "\ufffd"
+
+# A pending tail that still decodes to an incomplete character after this many ids is not valid UTF-8 in
+# the making (a character is at most 4 bytes, each id adds at least one): it is emitted as U+FFFD rather
+# than held forever, which would make every later push decode an ever longer window.
+MAX_PENDING_IDS = 16
+# How far back from the end a held-back push looks for a clean split, so complete text before an
+# incomplete trailing character is not delayed (at most 3 bytes of a character can be pending).
+SPLIT_LOOKBACK_IDS = 4
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class _TemplateRejected(jinja2.TemplateError):
+    """Raised by a template's own `raise_exception(...)`: the conversation, not the template, is wrong."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRejected(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # transformers overrides jinja's tojson (which HTML-escapes) with plain json.dumps; templates rely on it.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compiles a Hugging Face `chat_template` the way transformers does (same environment and helpers)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class ModelTokenizer:
+    """One model version's tokenizer.json plus its chat template and special tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str = "", *, name: str = "",
+                 bos_token_id: int = -1, eos_token_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        self.chat_template = chat_template
+        # Ids are dense in [0, vocab_size): the model's vocabulary followed by added tokens.
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token = self._token_text(bos_token_id)
+        self.eos_token = self._token_text(eos_token_ids[0]) if eos_token_ids else ""
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_file(cls, path: Path | str, chat_template: str = "", *, name: str = "", bos_token_id: int = -1,
+                  eos_token_ids: Sequence[int] = ()) -> Self:
+        return cls(Tokenizer.from_file(str(path)), chat_template, name=name, bos_token_id=bos_token_id,
+                   eos_token_ids=eos_token_ids)
+
+    def _token_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def count(self, text: str) -> int:
+        """The number of tokens of `text` alone (no special tokens added around it)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def check_ids(self, ids: Sequence[int], field: str = "token_ids") -> None:
+        for index, token_id in enumerate(ids):
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidArgument(f"{field}[{index}]",
+                                      f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        # The tokenizers library silently drops unknown ids; an id the model cannot emit is a caller bug.
+        self.check_ids(ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """`decode` for ids the caller already passed through `check_ids`."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
+        """The prompt text the chat template makes of `messages`."""
+        if not messages:
+            raise InvalidArgument("messages", "must hold at least one message")
+        for index, message in enumerate(messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidArgument(f"messages[{index}].role",
+                                      f"{message.role!r} is not one of {', '.join(CHAT_ROLES)}")
+        template = self._compiled_template()
+        try:
+            return template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                # Templates test `tools is not none`; left undefined that test would be true.
+                tools=None,
+                documents=None,
+            )
+        except _TemplateRejected as exc:
+            raise InvalidArgument("messages", f"rejected by the chat template: {exc.message}") from None
+        except jinja2.TemplateError as exc:
+            raise FailedPrecondition(
+                f"the chat template of {self.name or 'this model'} failed: {exc}") from None
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage],
+                            add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids, exactly as the model sees it."""
+        text = self.render_chat(messages, add_generation_prompt)
+        # The template already wrote the special tokens (BOS, <|im_start|>): adding them again would double.
+        return text, self.encode(text, add_special_tokens=False)
+
+    def _compiled_template(self) -> jinja2.Template:
+        if self._template is None:
+            if not self.chat_template:
+                raise FailedPrecondition(f"{self.name or 'this model'} has no chat template")
+            try:
+                self._template = compile_chat_template(self.chat_template)
+            except jinja2.TemplateError as exc:
+                raise FailedPrecondition(
+                    f"the chat template of {self.name or 'this model'} does not compile: {exc}") from None
+        return self._template
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated ids into text deltas without re-decoding the whole sequence.
+
+    The prefix/read offset technique (vLLM, TGI): `_ids` holds a short window starting at the prefix
+    offset; `_read` marks where the text already emitted ends. Each push decodes the window with and without
+    the new ids and emits the difference; decoding from a few ids back (not from the read offset) keeps
+    decoders that treat a sequence's first token specially (SentencePiece's leading space) correct. While
+    the decoded tail ends in U+FFFD the last character's bytes are incomplete and the text is held back.
+    For byte-level BPE, the concatenation of every push plus `flush()` equals `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # the window: ids from the prefix offset on
+        self._read = 0  # index in `_ids` up to which text was emitted
+        self._prefix_text = ""  # decode(_ids[:_read]), kept so each push decodes once when nothing is held
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode_unchecked(ids, self._skip)
+
+    def _advance(self, new_read: int) -> None:
+        # The ids emitted last become the next prefix; everything before them is dropped.
+        del self._ids[: self._read]
+        self._read = new_read - self._read
+        self._prefix_text = self._decode(self._ids[: self._read])
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Adds ids and returns the text they completed (possibly empty)."""
+        self._tokenizer.check_ids(ids)
+        if not ids:
+            return ""
+        self._ids.extend(ids)
+        prefix_len = len(self._prefix_text)
+        text = self._decode(self._ids)
+        if len(text) > prefix_len and not text.endswith(REPLACEMENT_CHAR):
+            self._advance(len(self._ids))
+            return text[prefix_len:]
+        end = len(self._ids)
+        if not text.endswith(REPLACEMENT_CHAR):
+            # Nothing new (skipped special tokens): keep the prefix as context, but not without bound.
+            if end - self._read > MAX_PENDING_IDS:
+                self._advance(end)
+            return ""
+        # Held back: emit what precedes an incomplete last character, if a split a few ids back is clean.
+        for split in range(end - 1, max(self._read, end - SPLIT_LOOKBACK_IDS - 1), -1):
+            head = self._decode(self._ids[:split])
+            if len(head) > prefix_len and not head.endswith(REPLACEMENT_CHAR):
+                self._advance(split)
+                return head[prefix_len:]
+        if end - self._read > MAX_PENDING_IDS:
+            # Not UTF-8 in the making but invalid bytes: give them out as U+FFFD instead of holding forever.
+            split = end - SPLIT_LOOKBACK_IDS
+            head = self._decode(self._ids[:split])
+            self._advance(split)
+            return head[prefix_len:]
+        return ""
+
+    def flush(self) -> str:
+        """Returns whatever is held back (an incomplete character comes out as U+FFFD); the stream ends."""
+        prefix_len = len(self._prefix_text)
+        text = self._decode(self._ids)
+        if len(self._ids) > self._read:
+            self._advance(len(self._ids))
+        return text[prefix_len:]

@@ -1,0 +1,721 @@
+"""lmesh-tokenizer: the domain on real BPE tokenizers, the loader, and the service over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from lmesh.tokenizer.v1 import tokenizer_pb2 as tpb
+from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from services.common.config import ServiceConfig
+from services.common.consul_agent import ConsulAgent
+from services.common.discovery import Mesh
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.server import RunningService, start_service
+from services.tokenizer.loader import TokenizerCache, _fetch_into
+from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DEFAULT_SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                  "<|im_end|>\n")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+IM_START, IM_END = 1, 2
+
+TRAINING_TEXT = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Café déjà vu, naïve façade, résumé, Ångström, Øresund.",
+    "你好\uff0c世界\uff01今天天气很好。我们去公园散步吧。",  # with full-width comma and exclamation mark
+    "日本語のテキストです。カタカナとひらがな。",
+    "Emoji time 😀🎉👍🏽 and flags 🇫🇷🇯🇵, hearts ❤️.",
+    "Numbers 12345 67890 3.14159 and 2024-06-01.",
+]
+# Texts the stream tests decode; some contain characters the small tokenizer never saw merged.
+SAMPLE_TEXTS = [
+    *TRAINING_TEXT,
+    "unseen: 🤖 robot, ñandú, 中文字符, 𝄞 clef, Ελληνικά, русский, עברית",
+    "mixed 😀😀😀 repeated emoji, 🏳️‍🌈 zwj sequence, 👨‍👩‍👧‍👦 family",
+    "<|im_start|>user\nSalut ça va ? 👋<|im_end|>\n<|im_start|>assistant\n",
+    "  leading and trailing spaces, tabs\tand\nnewlines  ",
+]
+
+
+def train_small_tokenizer() -> Tokenizer:
+    """A real byte-level BPE (as GPT-2/SmolLM2) with ChatML special tokens at ids 0-2, trained in memory."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("small-tokenizer") / "tokenizer.json"
+    train_small_tokenizer().save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(small_tokenizer_file: Path) -> ModelTokenizer:
+    return ModelTokenizer.from_file(small_tokenizer_file, SMOLLM2_TEMPLATE, name="small:1",
+                                    eos_token_ids=[IM_END])
+
+
+def _smollm2(model_dir: Path) -> ModelTokenizer:
+    manifest = json.loads((model_dir / "lmesh_model.json").read_text())
+    bos = manifest.get("bos_token_id")
+    return ModelTokenizer.from_file(model_dir / manifest.get("tokenizer_file", "tokenizer.json"),
+                                    manifest.get("chat_template") or SMOLLM2_TEMPLATE, name="smollm2:1",
+                                    bos_token_id=-1 if bos is None else int(bos),
+                                    eos_token_ids=manifest.get("eos_token_ids", [IM_END]))
+
+
+@pytest.fixture(params=["small", "smollm2"])
+def any_tokenizer(request: pytest.FixtureRequest, small: ModelTokenizer) -> ModelTokenizer:
+    """Each test twice: on the in-test BPE, and on SmolLM2's tokenizer.json when the model is built."""
+    if request.param == "small":
+        return small
+    return _smollm2(request.getfixturevalue("built_model"))
+
+
+def user(content: str) -> ChatMessage:
+    return ChatMessage(role="user", content=content)
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+
+@pytest.mark.parametrize("text", SAMPLE_TEXTS)
+def test_encode_decode_round_trip(any_tokenizer: ModelTokenizer, text: str) -> None:
+    ids = any_tokenizer.encode(text)
+    assert ids and all(0 <= i < any_tokenizer.vocab_size for i in ids)
+    assert any_tokenizer.decode(ids) == text
+    assert any_tokenizer.count(text) == len(ids)
+
+
+def test_special_tokens_are_single_ids(any_tokenizer: ModelTokenizer) -> None:
+    ids = any_tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == IM_START and ids[-1] == IM_END
+    assert any_tokenizer.decode(ids, skip_special_tokens=True) == "user\nhi"
+    assert any_tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+
+
+def test_empty_text(any_tokenizer: ModelTokenizer) -> None:
+    assert any_tokenizer.encode("") == []
+    assert any_tokenizer.count("") == 0
+    assert any_tokenizer.decode([]) == ""
+
+
+def test_smollm2_splits_digits(built_model: Path) -> None:
+    tokenizer = _smollm2(built_model)
+    assert tokenizer.count("12345") == 5
+    assert tokenizer.encode("<|im_end|>") == [IM_END]
+
+
+@pytest.mark.parametrize("bad", [-1, 420, 10**6, 2**31 - 1])
+def test_decode_rejects_ids_outside_the_vocabulary(small: ModelTokenizer, bad: int) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        small.decode([5, bad, 7])
+    assert err.value.field == "token_ids[1]"
+    assert str(bad) in err.value.message
+
+
+def test_vocab_size_counts_added_tokens(small: ModelTokenizer) -> None:
+    assert small.vocab_size == 420
+    assert small.decode([small.vocab_size - 1]) != ""
+
+
+# ------------------------------------------------------------------------------------------ chat template
+
+
+def test_chat_template_matches_chatml(any_tokenizer: ModelTokenizer) -> None:
+    text, ids = any_tokenizer.apply_chat_template([user("What is 2+2? 🤔")], add_generation_prompt=True)
+    assert text == (DEFAULT_SYSTEM + "<|im_start|>user\nWhat is 2+2? 🤔<|im_end|>\n<|im_start|>assistant\n")
+    # Encoded exactly once, without extra special tokens around the template's own.
+    assert ids == any_tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == IM_START
+    assert ids.count(IM_START) == 3 and ids.count(IM_END) == 2
+    assert any_tokenizer.decode(ids) == text
+
+
+def test_chat_template_with_system_and_history(small: ModelTokenizer) -> None:
+    messages = [ChatMessage("system", "Be brief."), user("Hi"), ChatMessage("assistant", "Hello!"),
+                user("Bye")]
+    text, _ = small.apply_chat_template(messages, add_generation_prompt=False)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n")
+
+
+def test_chat_template_environment_is_transformers(small_tokenizer_file: Path) -> None:
+    # As transformers: trim_blocks + lstrip_blocks, bos/eos variables, loop controls, non-escaping tojson.
+    template = ("{{ bos_token }}{% for m in messages %}\n"
+                "    {% if m.role == 'system' %}{% continue %}{% endif %}\n"
+                "{{ m.content | tojson }}\n"
+                "{% endfor %}\n"
+                "{% if tools is not none %}tools!{% endif %}{{ eos_token }}")
+    tokenizer = ModelTokenizer.from_file(small_tokenizer_file, template, bos_token_id=IM_START,
+                                         eos_token_ids=[IM_END, 0])
+    text, ids = tokenizer.apply_chat_template([ChatMessage("system", "x"), user("a<b> é")], False)
+    assert text == '<|im_start|>"a<b> é"\n<|im_end|>'
+    assert ids[0] == IM_START and ids[-1] == IM_END
+
+
+def test_chat_template_raise_exception_is_invalid_messages(small_tokenizer_file: Path) -> None:
+    template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation must start "
+                "with a user') }}{% endif %}{{ messages[0]['content'] }}")
+    tokenizer = ModelTokenizer.from_file(small_tokenizer_file, template)
+    with pytest.raises(InvalidArgument) as err:
+        tokenizer.apply_chat_template([ChatMessage("assistant", "hi")], True)
+    assert err.value.field == "messages" and "must start with a user" in err.value.message
+    assert tokenizer.apply_chat_template([user("ok")], True)[0] == "ok"
+
+
+@pytest.mark.parametrize("role", ["", "tool", "User", "developer", "system "])
+def test_chat_template_rejects_unknown_roles(small: ModelTokenizer, role: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        small.apply_chat_template([user("hi"), ChatMessage(role, "x")], True)
+    assert err.value.field == "messages[1].role"
+
+
+def test_chat_template_rejects_no_messages(small: ModelTokenizer) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        small.apply_chat_template([], True)
+    assert err.value.field == "messages"
+
+
+@pytest.mark.parametrize("template", ["", "{% for m in messages %}", "{{ messages.append(1) }}",
+                                      "{{ messages[0].content.__class__.__mro__ }}{{ undefined_fn() }}"])
+def test_broken_or_missing_template_is_failed_precondition(small_tokenizer_file: Path, template: str) -> None:
+    tokenizer = ModelTokenizer.from_file(small_tokenizer_file, template, name="broken:1")
+    with pytest.raises(FailedPrecondition) as err:
+        tokenizer.apply_chat_template([user("hi")], True)
+    assert "broken:1" in err.value.message
+
+
+# --------------------------------------------------------------------------------------- detokenization
+
+
+def stream(tokenizer: ModelTokenizer, ids: Sequence[int], chunks: Sequence[int],
+           skip: bool = False) -> list[str]:
+    """Pushes `ids` in chunks of the given sizes (cycled), then flushes; returns every piece."""
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
+    pieces: list[str] = []
+    i = 0
+    n = 0
+    while i < len(ids):
+        size = chunks[n % len(chunks)]
+        pieces.append(detokenizer.push(ids[i:i + size]))
+        i += size
+        n += 1
+    pieces.append(detokenizer.flush())
+    return pieces
+
+
+@pytest.mark.parametrize("text", SAMPLE_TEXTS)
+@pytest.mark.parametrize("chunks", [[1], [2], [3, 1, 4, 1, 5], [1000]], ids=["one", "two", "mixed", "all"])
+def test_detokenizer_is_exact(any_tokenizer: ModelTokenizer, text: str, chunks: list[int]) -> None:
+    ids = any_tokenizer.encode(text)
+    pieces = stream(any_tokenizer, ids, chunks)
+    assert "".join(pieces) == any_tokenizer.decode(ids) == text
+    # Valid UTF-8 is never cut inside a character: no replacement character in any piece.
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_detokenizer_is_exact_for_random_chunks(any_tokenizer: ModelTokenizer, seed: int) -> None:
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(SAMPLE_TEXTS) for _ in range(4))
+    ids = any_tokenizer.encode(text)
+    chunks = [rng.choice([1, 1, 1, 2, 3, 8]) for _ in range(len(ids))]
+    for skip in (False, True):
+        pieces = stream(any_tokenizer, ids, chunks, skip=skip)
+        assert "".join(pieces) == any_tokenizer.decode(ids, skip_special_tokens=skip)
+        assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_detokenizer_holds_back_incomplete_characters(small: ModelTokenizer) -> None:
+    ids = small.encode("a😀")
+    # The small BPE never merged this emoji's bytes: several ids, each alone an incomplete character.
+    emoji_ids = ids[1:]
+    assert len(emoji_ids) >= 2 and all(small.decode([i]) == "\ufffd" for i in emoji_ids)
+    detokenizer = IncrementalDetokenizer(small)
+    assert detokenizer.push(ids[:1]) == "a"
+    for token_id in emoji_ids[:-1]:
+        assert detokenizer.push([token_id]) == ""
+    assert detokenizer.push(emoji_ids[-1:]) == "😀"
+    assert detokenizer.flush() == ""
+
+
+def test_detokenizer_emits_text_before_an_incomplete_tail_in_one_chunk(small: ModelTokenizer) -> None:
+    ids = small.encode("Hello 😀")
+    emoji_len = len(small.encode("😀"))
+    assert emoji_len >= 3
+    detokenizer = IncrementalDetokenizer(small)
+    # All but the emoji's last byte in one push: the text before the emoji is not delayed by it.
+    head = detokenizer.push(ids[:-1])
+    # (" " may share an id with the emoji's first byte: text is cut only between ids.)
+    assert head in ("Hello", "Hello ")
+    assert head + detokenizer.push(ids[-1:]) == "Hello 😀"
+
+
+def test_detokenizer_flush_gives_out_an_incomplete_tail(small: ModelTokenizer) -> None:
+    ids = small.encode("ok😀")[:-1]  # cut inside the emoji
+    pieces = stream(small, ids, [1])
+    assert pieces[-1].endswith("\ufffd")
+    assert "".join(pieces) == small.decode(ids)
+
+
+def test_detokenizer_does_not_hold_invalid_bytes_forever(small: ModelTokenizer) -> None:
+    # A lone UTF-8 continuation byte repeated: no future id can complete it.
+    continuation = small.encode("😀")[-1]
+    detokenizer = IncrementalDetokenizer(small)
+    deltas = [detokenizer.push([continuation]) for _ in range(100)]
+    tail = detokenizer.flush()
+    assert any(deltas), "text held back although it can never become valid"
+    assert "".join(deltas) + tail == small.decode([continuation] * 100)
+
+
+class CountingTokenizer(ModelTokenizer):
+    """Records the longest id sequence the detokenizer asked to decode."""
+
+    longest = 0
+
+    def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        self.longest = max(self.longest, len(ids))
+        return super().decode_unchecked(ids, skip_special_tokens)
+
+
+def test_detokenizer_cost_does_not_grow_with_the_sequence(small_tokenizer_file: Path) -> None:
+    tokenizer = CountingTokenizer.from_file(small_tokenizer_file)
+    ids = tokenizer.encode(" ".join(SAMPLE_TEXTS * 20))
+    assert len(ids) > 3000
+    pieces = stream(tokenizer, ids, [1])
+    assert "".join(pieces) == tokenizer.decode(ids)
+    # One-by-one pushes decode a window of a few ids, however long the sequence gets.
+    assert tokenizer.longest <= 12
+
+
+def test_detokenizer_window_stays_short_over_skipped_special_tokens(small_tokenizer_file: Path) -> None:
+    tokenizer = CountingTokenizer.from_file(small_tokenizer_file)
+    ids = [IM_END] * 500 + tokenizer.encode("done 😀") + [IM_END] * 500
+    pieces = stream(tokenizer, ids, [1], skip=True)
+    assert "".join(pieces) == "done 😀"
+    assert tokenizer.longest <= 40
+
+
+def test_detokenizer_rejects_ids_outside_the_vocabulary(small: ModelTokenizer) -> None:
+    detokenizer = IncrementalDetokenizer(small)
+    with pytest.raises(InvalidArgument) as err:
+        detokenizer.push([3, small.vocab_size])
+    assert err.value.field == "token_ids[1]"
+    assert detokenizer.push([]) == ""
+
+
+# --------------------------------------------------------------------------------------------- loader
+
+
+class FakeSource:
+    """A ModelSource serving tokenizer.json files from memory, counting its calls."""
+
+    def __init__(self, files: dict[str, bytes], versions: dict[str, registry_pb2.ModelVersion]) -> None:
+        self.files = files
+        self.versions = versions
+        self.resolves = 0
+        self.fetches = 0
+        self.fail_fetches = 0
+        self.down = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
+        self.resolves += 1
+        await self.gate.wait()
+        if self.down:
+            raise Unavailable("no passing instance of lmesh-registry")
+        if reference not in self.versions:
+            raise NotFound(f"model {reference!r} does not resolve")
+        return self.versions[reference]
+
+    async def fetch(self, sha256: str, cache_dir: Path) -> Path:
+        self.fetches += 1
+        if self.fail_fetches:
+            self.fail_fetches -= 1
+            raise Unavailable("registry down")
+        return await asyncio.to_thread(self._write, cache_dir / sha256, self.files[sha256])
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+
+def artifact(kind: registry_pb2.ArtifactKind, data: bytes, file_name: str) -> registry_pb2.Artifact:
+    return registry_pb2.Artifact(kind=kind, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+                                 file_name=file_name)
+
+
+def model_version(name: str, version: str, tokenizer_bytes: bytes, template: str = SMOLLM2_TEMPLATE,
+                  model_bytes: bytes = b"not really onnx") -> registry_pb2.ModelVersion:
+    return registry_pb2.ModelVersion(
+        name=name, version=version, format=registry_pb2.MODEL_FORMAT_ONNX, chat_template=template,
+        context_length=2048, eos_token_ids=[IM_END], bos_token_id=-1,
+        artifacts=[artifact(registry_pb2.ARTIFACT_KIND_MODEL, model_bytes, "model.onnx"),
+                   artifact(registry_pb2.ARTIFACT_KIND_TOKENIZER, tokenizer_bytes, "tokenizer.json")],
+    )
+
+
+@pytest.fixture
+def fake_source(small_tokenizer_file: Path) -> FakeSource:
+    data = small_tokenizer_file.read_bytes()
+    v1 = model_version("tiny", "1", data)
+    v2 = model_version("tiny", "2", data, template="{{ messages[0]['content'] }}")
+    return FakeSource({hashlib.sha256(data).hexdigest(): data}, {"tiny": v1, "tiny:1": v1, "tiny:2": v2})
+
+
+async def test_cache_loads_a_model_once_for_concurrent_requests(fake_source: FakeSource,
+                                                                tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts")
+    fake_source.gate.clear()
+    waiting = [asyncio.create_task(cache.get(ref)) for ref in ["tiny"] * 10 + ["tiny:1"] * 5]
+    await asyncio.sleep(0)
+    fake_source.gate.set()
+    loaded = await asyncio.gather(*waiting)
+    assert all(t is loaded[0] for t in loaded)
+    assert fake_source.resolves == 2  # one per distinct reference
+    assert fake_source.fetches == 1  # one per version
+    # Within the TTL no registry call at all.
+    await cache.get("tiny")
+    assert fake_source.resolves == 2
+
+
+async def test_cache_sees_alias_moves_after_the_ttl(fake_source: FakeSource, tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts", resolve_ttl_s=0.0)
+    first = await cache.get("tiny")
+    assert first.name == "tiny:1"
+    fake_source.versions["tiny"] = fake_source.versions["tiny:2"]
+    second = await cache.get("tiny")
+    assert second.name == "tiny:2"
+    assert second.apply_chat_template([user("raw")], False)[0] == "raw"
+    assert await cache.get("tiny:1") is first  # versions stay loaded
+
+
+async def test_cache_serves_the_last_resolution_while_the_registry_is_down(fake_source: FakeSource,
+                                                                          tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts", resolve_ttl_s=0.0)
+    loaded = await cache.get("tiny")
+    fake_source.down = True
+    assert await cache.get("tiny") is loaded
+    with pytest.raises(Unavailable):
+        await cache.get("tiny:2")  # never resolved: nothing to fall back on
+
+
+async def test_cache_retries_a_failed_load(fake_source: FakeSource, tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts")
+    fake_source.fail_fetches = 1
+    with pytest.raises(Unavailable):
+        await cache.get("tiny")
+    assert (await cache.get("tiny")).name == "tiny:1"
+
+
+async def test_cache_errors(fake_source: FakeSource, tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts")
+    with pytest.raises(InvalidArgument) as err:
+        await cache.get("")
+    assert err.value.field == "model"
+    with pytest.raises(NotFound):
+        await cache.get("nope")
+    broken = model_version("broken", "1", b"{not json")
+    fake_source.versions["broken"] = broken
+    fake_source.files[broken.artifacts[1].sha256] = b"{not json"
+    with pytest.raises(FailedPrecondition, match="broken:1"):
+        await cache.get("broken")
+
+
+async def test_cache_evicts_least_recently_used(fake_source: FakeSource, tmp_path: Path) -> None:
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts", max_models=1)
+    first = await cache.get("tiny:1")
+    await cache.get("tiny:2")
+    assert await cache.get("tiny:1") is not first
+
+
+class FakeFetchStub:
+    """Stands in for RegistryStub.FetchArtifact with canned responses."""
+
+    def __init__(self, responses: list[registry_pb2.FetchArtifactResponse]) -> None:
+        self.responses = responses
+
+    def FetchArtifact(self, request: registry_pb2.FetchArtifactRequest, **kwargs: Any) -> AsyncIterator[Any]:
+        async def responses() -> AsyncIterator[registry_pb2.FetchArtifactResponse]:
+            for response in self.responses:
+                yield response
+        return responses()
+
+
+def fetch_responses(data: bytes, sha256: str, size: int) -> list[registry_pb2.FetchArtifactResponse]:
+    header = registry_pb2.FetchArtifactHeader(sha256=sha256, size_bytes=size)
+    chunks = [registry_pb2.FetchArtifactResponse(chunk=data[i:i + 7]) for i in range(0, len(data), 7)]
+    return [registry_pb2.FetchArtifactResponse(header=header), *chunks]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+async def test_fetch_verifies_the_digest(tmp_path: Path) -> None:
+    data = b"tokenizer bytes " * 10
+    sha = hashlib.sha256(data).hexdigest()
+    dest = tmp_path / sha
+    with pytest.raises(Unavailable, match="hashing to"):
+        await _fetch_into(FakeFetchStub(fetch_responses(data[:-1] + b"!", sha, len(data))), sha, dest)
+    with pytest.raises(Unavailable, match="bytes before the header"):
+        await _fetch_into(FakeFetchStub(fetch_responses(data, sha, len(data))[1:]), sha, dest)
+    assert files_in(tmp_path) == {}  # no partial files left
+    await _fetch_into(FakeFetchStub(fetch_responses(data, sha, len(data))), sha, dest)
+    assert files_in(tmp_path) == {sha: data}
+
+
+# ------------------------------------------------------------------------------------------ over gRPC
+
+
+class Mesh2:
+    """The two services and the stubs the gRPC tests call through Consul resolution."""
+
+    def __init__(self, registry: RunningService, tokenizer: RunningService, client: Mesh,
+                 tokenizer_stub: tokenizer_pb2_grpc.TokenizerStub) -> None:
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.client = client
+        self.stub = tokenizer_stub
+
+
+async def upload(stub: registry_pb2_grpc.RegistryStub, data: bytes, file_name: str) -> registry_pb2.Artifact:
+    async def requests() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+        yield registry_pb2.UploadArtifactRequest(header=registry_pb2.UploadArtifactHeader(
+            sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), file_name=file_name))
+        for i in range(0, len(data), 1 << 20):
+            yield registry_pb2.UploadArtifactRequest(chunk=data[i:i + (1 << 20)])
+
+    response = await stub.UploadArtifact(requests(), timeout=30)
+    return response.artifact
+
+
+async def register(stub: registry_pb2_grpc.RegistryStub, version: registry_pb2.ModelVersion,
+                   tokenizer_bytes: bytes, model_bytes: bytes, aliases: Sequence[str] = ()) -> None:
+    await upload(stub, tokenizer_bytes, "tokenizer.json")
+    await upload(stub, model_bytes, "model.onnx")
+    request = registry_pb2.RegisterModelRequest(model=version, aliases=list(aliases))
+    await stub.RegisterModel(request, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer_bytes(small_tokenizer_file: Path) -> bytes:
+    return small_tokenizer_file.read_bytes()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def services(consul_agent: ConsulAgent, small_tokenizer_bytes: bytes,
+                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh2]:
+    """The real registry holding the small tokenizer as `tiny:1` (alias `tiny-default`), and the tokenizer."""
+    from services.registry.main import build as build_registry
+    from services.tokenizer.main import build as build_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer-mesh")
+    registry = await start_service(ServiceConfig(service="registry", consul_addr=consul_agent.http_addr,
+                                                 data_dir=root / "registry", grace_s=1), build_registry)
+    client = Mesh(consul_agent.http_addr)
+    tokenizer: RunningService | None = None
+    try:
+        endpoint = await client.resolver("lmesh-registry").wait_for(lambda e: e.port == registry.port)
+        registry_stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
+        data = small_tokenizer_bytes
+        model_bytes = b"tiny model " + data[:64]
+        version = model_version("tiny", "1", data, model_bytes=model_bytes)
+        await register(registry_stub, version, data, model_bytes, aliases=["tiny-default"])
+        config = ServiceConfig(service="tokenizer", consul_addr=consul_agent.http_addr,
+                               data_dir=root / "tokenizer", grace_s=1)
+        tokenizer = await start_service(config, build_tokenizer)
+        assert tokenizer is not None
+        port = tokenizer.port
+        endpoint = await client.resolver("lmesh-tokenizer").wait_for(lambda e: e.port == port)
+        yield Mesh2(registry, tokenizer, client, endpoint.stub(tokenizer_pb2_grpc.TokenizerStub))
+    finally:
+        if tokenizer is not None:
+            await tokenizer.stop()
+        await registry.stop()
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+def registry_stub_of(services: Mesh2) -> Iterator[registry_pb2_grpc.RegistryStub]:
+    channel_endpoint = next(e for e in services.client.resolver("lmesh-registry").endpoints()
+                            if e.port == services.registry.port)
+    yield channel_endpoint.stub(registry_pb2_grpc.RegistryStub)
+
+
+async def expect_error(call: Any, code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+    details = err.value.details() or ""
+    for word in words:
+        assert word in details, details
+    return details
+
+
+async def test_grpc_encode_decode_count(services: Mesh2, small: ModelTokenizer,
+                                        small_tokenizer_bytes: bytes) -> None:
+    stub = services.stub
+    text = SAMPLE_TEXTS[6]
+    encoded = await stub.Encode(tpb.EncodeRequest(model="tiny", text=text), timeout=10)
+    assert list(encoded.token_ids) == small.encode(text)
+    decoded = await stub.Decode(tpb.DecodeRequest(model="tiny:1", token_ids=encoded.token_ids), timeout=10)
+    assert decoded.text == text
+    counted = await stub.CountTokens(tpb.CountTokensRequest(model="tiny-default", text=text), timeout=10)
+    assert counted.token_count == len(encoded.token_ids)
+    ids = [IM_START, *small.encode("hé"), IM_END]
+    skipped = await stub.Decode(tpb.DecodeRequest(model="tiny", token_ids=ids, skip_special_tokens=True),
+                                timeout=10)
+    assert skipped.text == "hé"
+    # The tokenizer.json came from the registry into the content-addressed cache.
+    artifacts = await asyncio.to_thread(files_in, services.tokenizer.runtime.config.data_dir / "artifacts")
+    assert artifacts == {hashlib.sha256(small_tokenizer_bytes).hexdigest(): small_tokenizer_bytes}
+
+
+async def test_grpc_large_texts(services: Mesh2, small: ModelTokenizer) -> None:
+    text = " ".join(SAMPLE_TEXTS) * 200  # tokenized off the event loop
+    assert len(text) > 64 * 1024
+    encoded = await services.stub.Encode(tpb.EncodeRequest(model="tiny", text=text), timeout=30)
+    assert list(encoded.token_ids) == small.encode(text)
+    decoded = await services.stub.Decode(tpb.DecodeRequest(model="tiny", token_ids=encoded.token_ids), timeout=30)
+    assert decoded.text == text
+
+
+async def test_grpc_apply_chat_template(services: Mesh2, small: ModelTokenizer) -> None:
+    request = tpb.ApplyChatTemplateRequest(
+        model="tiny", add_generation_prompt=True,
+        messages=[tpb.ChatMessage(role="user", content="Bonjour 👋 你好")])
+    response = await services.stub.ApplyChatTemplate(request, timeout=10)
+    text, ids = small.apply_chat_template([user("Bonjour 👋 你好")], True)
+    assert response.text == text
+    assert list(response.token_ids) == ids
+    assert response.text.startswith(DEFAULT_SYSTEM) and response.text.endswith("<|im_start|>assistant\n")
+
+
+async def detokenize(stub: tokenizer_pb2_grpc.TokenizerStub,
+                     messages: Sequence[tpb.DetokenizeStreamRequest]) -> list[tpb.DetokenizeStreamResponse]:
+    async def requests() -> AsyncIterator[tpb.DetokenizeStreamRequest]:
+        for message in messages:
+            yield message
+
+    return [response async for response in stub.DetokenizeStream(requests(), timeout=10)]
+
+
+async def test_grpc_detokenize_stream_round_trip(services: Mesh2, small: ModelTokenizer) -> None:
+    text = " ".join(SAMPLE_TEXTS)
+    ids = small.encode(text)
+    chunks = [ids[i:i + 3] for i in range(0, len(ids), 3)]
+    messages = [tpb.DetokenizeStreamRequest(start=tpb.DetokenizeStart(model="tiny"))]
+    messages += [tpb.DetokenizeStreamRequest(tokens=tpb.TokenIds(token_ids=chunk)) for chunk in chunks]
+    responses = await detokenize(services.stub, messages)
+    assert len(responses) == len(chunks) + 1  # one per tokens message, then the final one
+    assert [r.final for r in responses] == [False] * len(chunks) + [True]
+    decoded = await services.stub.Decode(tpb.DecodeRequest(model="tiny", token_ids=ids), timeout=10)
+    assert "".join(r.delta for r in responses) == decoded.text == text
+
+
+async def test_grpc_detokenize_stream_flushes_held_back_bytes(services: Mesh2, small: ModelTokenizer) -> None:
+    ids = small.encode("x😀")
+    messages = [tpb.DetokenizeStreamRequest(start=tpb.DetokenizeStart(model="tiny"))]
+    messages += [tpb.DetokenizeStreamRequest(tokens=tpb.TokenIds(token_ids=[i]))
+                 for i in ids[:-1]]
+    responses = await detokenize(services.stub, messages)
+    assert [r.delta for r in responses] == ["x"] + [""] * (len(ids) - 2) + ["\ufffd"]
+    assert responses[-1].final
+
+
+async def test_grpc_detokenize_stream_requires_start_first(services: Mesh2) -> None:
+    tokens = tpb.DetokenizeStreamRequest(tokens=tpb.TokenIds(token_ids=[5]))
+    start = tpb.DetokenizeStreamRequest(start=tpb.DetokenizeStart(model="tiny"))
+    await expect_error(detokenize(services.stub, [tokens]), grpc.StatusCode.INVALID_ARGUMENT, "start")
+    await expect_error(detokenize(services.stub, []), grpc.StatusCode.INVALID_ARGUMENT, "start")
+    await expect_error(detokenize(services.stub, [start, tokens, start]), grpc.StatusCode.INVALID_ARGUMENT,
+                       "start")
+    bad_ids = tpb.DetokenizeStreamRequest(tokens=tpb.TokenIds(token_ids=[1, 99999]))
+    await expect_error(detokenize(services.stub, [start, bad_ids]), grpc.StatusCode.INVALID_ARGUMENT,
+                       "tokens.token_ids[1]")
+    empty_model = tpb.DetokenizeStreamRequest(start=tpb.DetokenizeStart(model=""))
+    await expect_error(detokenize(services.stub, [empty_model]), grpc.StatusCode.INVALID_ARGUMENT, "model")
+
+
+async def test_grpc_empty_model_is_invalid_argument(services: Mesh2) -> None:
+    stub = services.stub
+    await expect_error(stub.Encode(tpb.EncodeRequest(model="", text="hi"), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
+    await expect_error(stub.Decode(tpb.DecodeRequest(model="", token_ids=[5]), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
+    await expect_error(stub.CountTokens(tpb.CountTokensRequest(model=""), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
+    await expect_error(stub.ApplyChatTemplate(tpb.ApplyChatTemplateRequest(model=""), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
+    await expect_error(stub.Encode(tpb.EncodeRequest(model="Not a Name!", text="hi"), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
+
+
+async def test_grpc_unknown_model_is_not_found(services: Mesh2) -> None:
+    for reference in ["no-such-model", "tiny:9", "no-such-alias"]:
+        call = services.stub.Encode(tpb.EncodeRequest(model=reference, text="hi"), timeout=10)
+        await expect_error(call, grpc.StatusCode.NOT_FOUND, reference)
+
+
+async def test_grpc_bad_messages_are_invalid_argument(services: Mesh2) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    bad_role = tpb.ApplyChatTemplateRequest(model="tiny", messages=[
+        tpb.ChatMessage(role="user", content="hi"), tpb.ChatMessage(role="wizard", content="x")])
+    await expect_error(services.stub.ApplyChatTemplate(bad_role, timeout=10), invalid,
+                       "messages[1].role", "wizard")
+    no_messages = tpb.ApplyChatTemplateRequest(model="tiny")
+    await expect_error(services.stub.ApplyChatTemplate(no_messages, timeout=10), invalid, "messages")
+
+
+async def test_grpc_out_of_vocabulary_id_is_invalid_argument(services: Mesh2) -> None:
+    for bad in (420, -3):
+        call = services.stub.Decode(tpb.DecodeRequest(model="tiny", token_ids=[5, 6, bad]), timeout=10)
+        await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "token_ids[2]", str(bad))
+
+
+async def test_grpc_real_smollm2_tokenizer(services: Mesh2, built_model: Path,
+                                           registry_stub_of: registry_pb2_grpc.RegistryStub) -> None:
+    """The built model's own tokenizer.json and template through the registry, when the model is built."""
+    expected = _smollm2(built_model)
+    manifest = json.loads((built_model / "lmesh_model.json").read_text())
+    data = (built_model / manifest.get("tokenizer_file", "tokenizer.json")).read_bytes()
+    model_bytes = b"stand-in weights for the tokenizer test"
+    version = model_version("smollm2-tokenizer-test", "1", data, template=expected.chat_template,
+                            model_bytes=model_bytes)
+    await register(registry_stub_of, version, data, model_bytes)
+    request = tpb.ApplyChatTemplateRequest(
+        model="smollm2-tokenizer-test", add_generation_prompt=True,
+        messages=[tpb.ChatMessage(role="user", content="What is the capital of France?")])
+    response = await services.stub.ApplyChatTemplate(request, timeout=30)
+    text, ids = expected.apply_chat_template([user("What is the capital of France?")], True)
+    assert (response.text, list(response.token_ids)) == (text, ids)
