@@ -43,7 +43,7 @@ class MeshProcesses:
     def start(self, service: str, *extra: str) -> ServiceProcess:
         log_path = self.home / "logs" / f"{service}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+        out = open(log_path, "ab")
         args = [sys.executable, "-m", "services.cli", "serve", service, "--data-dir", str(self.home / service),
                 "--grace", "5", *extra]
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT)

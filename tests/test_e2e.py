@@ -83,6 +83,14 @@ async def collect(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.ChatR
     return [r async for r in call]
 
 
+async def read_rest(call: grpc.aio.StreamStreamCall) -> list[gateway_pb2.ChatResponse]:
+    """Reads a stream to its end with read() (a call mixing read() and iteration is refused)."""
+    responses = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        responses.append(response)
+    return responses
+
+
 async def expect_error(stub: gateway_pb2_grpc.GatewayStub, requests: list[gateway_pb2.ChatRequest],
                        metadata: tuple[tuple[str, str], ...]) -> grpc.aio.AioRpcError:
     call = stub.Chat(metadata=metadata, timeout=30)
@@ -179,7 +187,8 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     await live.otlp.wait_for(lambda spans: wanted <= chat_trace(spans), timeout=20)
     root = next(s for s in live.otlp.spans if s.attributes.get("gen_ai.response.id") == completion_id)
     assert root.attributes["gen_ai.usage.output_tokens"] == responses[-1].usage.completion_tokens
-    assert root.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    reason = gateway_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
+    assert root.attributes["gen_ai.response.finish_reasons"] == [reason]
 
 
 async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
@@ -226,7 +235,7 @@ async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) 
     assert first.delta
     old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-inference").endpoints())
     live.procs.terminate("inference")
-    rest = [r async for r in call]
+    rest = await read_rest(call)
     assert rest[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH  # finished, not cut
     assert live.procs.processes["inference"].process.wait(20) == 0
     _, nodes = await live.mesh.consul.catalog.service("lmesh-inference")
@@ -245,8 +254,7 @@ async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None
     killed_at = time.monotonic()
     live.procs.kill("inference")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in call:
-            pass
+        await read_rest(call)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert time.monotonic() - killed_at < 5
     live.procs.start("inference")
