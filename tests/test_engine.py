@@ -173,3 +173,69 @@ def test_sampler_filters_and_penalties() -> None:
     with_top = Sampler(SamplingConfig(), [], top_logprobs=3).sample(logits)
     assert [t for t, _ in with_top.top] == [0, 1, 2]
     assert with_top.logprob == pytest.approx(np.log(0.5), abs=1e-5)
+
+
+SYSTEM = ("You are a meticulous assistant for a logistics company. " * 40).strip()
+
+
+def chat_prompt(tokenizer_dir: Path, system: str, question: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
+        decoder: OnnxDecoder, built_model: Path) -> None:
+    first_q = chat_prompt(built_model, SYSTEM, "Which day comes after Monday?")
+    second_q = chat_prompt(built_model, SYSTEM, "How many wheels does a bicycle have?")
+    assert len(first_q) > 400
+    cold = Engine(decoder, EOS, 8192, EngineLimits(prefix_cache_bytes=0, prefill_chunk=4096))
+    warm = Engine(decoder, EOS, 8192, EngineLimits(prefill_chunk=4096))
+    cold.start()
+    warm.start()
+    try:
+        reference, _ = await drain(cold.submit(request(second_q, max_tokens=10)))
+        await drain(warm.submit(request(first_q, max_tokens=2)))  # fills the cache with the system prompt
+        assert len(warm.prefix_cache) == 1
+        miss = cold.submit(request(second_q, max_tokens=10))
+        miss_tokens, miss_end = await drain(miss)
+        hit = warm.submit(request(second_q, max_tokens=10))
+        hit_tokens, hit_end = await drain(hit)
+        assert hit_tokens == miss_tokens == reference
+        assert isinstance(hit_end, FinishEvent) and hit_end.cached_prompt_tokens > 400
+        assert isinstance(miss_end, FinishEvent) and miss_end.cached_prompt_tokens == 0
+        assert warm.prefix_cache.stats.hits == 1 and warm.prefix_cache.stats.hit_tokens == hit.cached_tokens
+        ttft_miss = miss.first_token_ns - miss.enqueued_ns
+        ttft_hit = hit.first_token_ns - hit.enqueued_ns
+        assert ttft_hit < 0.6 * ttft_miss, (ttft_hit / 1e6, ttft_miss / 1e6)
+    finally:
+        await cold.close()
+        await warm.close()
+
+
+async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]]) -> None:
+    long_prompt = chat_prompt(built_model, SYSTEM, "Summarise your instructions.")
+    whole = Engine(decoder, EOS, 8192, EngineLimits(prefill_chunk=4096, prefix_cache_bytes=0))
+    chunked = Engine(decoder, EOS, 8192, EngineLimits(prefill_chunk=64, prefix_cache_bytes=0))
+    whole.start()
+    chunked.start()
+    try:
+        expected, _ = await drain(whole.submit(request(long_prompt, max_tokens=8)))
+        running = chunked.submit(request(prompts[2], max_tokens=200))
+        assert isinstance(await running.events.get(), TokenEvent)
+        joiner = chunked.submit(request(long_prompt, max_tokens=8))
+        first = await joiner.events.get()
+        # While the joiner's prompt went in 64 tokens a step, the running stream kept getting tokens.
+        assert running.events.qsize() >= len(long_prompt) // 64 - 2
+        assert isinstance(first, TokenEvent)
+        rest, _ = await drain(joiner)
+        assert [first.sampled.token_id, *rest] == expected
+        chunked.cancel(running)
+        await drain(running)
+    finally:
+        await whole.close()
+        await chunked.close()

@@ -22,6 +22,7 @@ import numpy as np
 
 from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
 from services.inference.onnx_model import OnnxDecoder
+from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig
 
 log = logging.getLogger("lmesh.inference.engine")
@@ -55,6 +56,7 @@ class FinishEvent:
     reason: Finish
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
 
 @dataclass
@@ -75,16 +77,23 @@ class Sequence:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     kv: list[np.ndarray] | None = None  # own cache until it joins the batch
     past_len: int = 0
+    prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
+    cached_tokens: int = 0  # of those, reused from the prefix cache
     last_token: int = -1
     generated: int = 0
     cancelled: bool = False
     done: bool = False
     tokens_at_cancel: int | None = None
+    first_token_ns: int = 0
     # Timestamps (time.time_ns) for the prefill and decode spans the servicer records.
     enqueued_ns: int = field(default_factory=time.time_ns)
     prefill_start_ns: int = 0
     prefill_end_ns: int = 0
     finish_ns: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
 
     @property
     def tokens_after_cancel(self) -> int:
@@ -98,6 +107,10 @@ class Sequence:
 class EngineLimits:
     max_active: int = 16
     max_queue: int = 64
+    # Prompt tokens prefilled per step, so a long prompt cannot freeze the streams already decoding.
+    prefill_chunk: int = 256
+    # Bytes of prompt KV kept for prefix reuse (0 turns it off).
+    prefix_cache_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -121,6 +134,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._batch = _Batch()
+        self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self._wake = asyncio.Event()
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -172,6 +186,7 @@ class Engine:
             "active": len(self._active),
             "queued": len(self._waiting),
             "kv_bytes": kv_tokens * self.model.kv_bytes_per_token(),
+            "prefix_cache_bytes": self.prefix_cache.bytes_used,
         }
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -183,13 +198,14 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            admitted = self._admit()
-            decoding = [s for s in self._active if s not in admitted]
+            self._admit()
+            prefilling = [s for s in self._active if s.prefilling]
+            decoding = [s for s in self._active if not s.prefilling]
             try:
-                results = await asyncio.to_thread(self._step, admitted, decoding)
+                results = await asyncio.to_thread(self._step, prefilling, decoding)
             except Exception:
                 log.exception("engine step failed")
-                for seq in [*admitted, *decoding]:
+                for seq in list(self._active):
                     self._finish_error(seq, Unavailable("the inference step failed; retry"))
                 self._batch = _Batch()
                 continue
@@ -197,13 +213,9 @@ class Engine:
             for seq, sampled in results:
                 self._emit(seq, sampled)
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
+    def _admit(self) -> None:
         while self._waiting and len(self._active) < self.limits.max_active:
-            seq = self._waiting.popleft()
-            admitted.append(seq)
-            self._active.append(seq)
-        return admitted
+            self._active.append(self._waiting.popleft())
 
     def _retire(self, now: float) -> None:
         """Ends cancelled and expired sequences, waiting or active, before the next step."""
@@ -230,6 +242,8 @@ class Engine:
         if sampled.token_id in self.eos_ids or sampled.token_id in request.stop_ids:
             self._finish(seq, Finish.STOP)
             return
+        if seq.generated == 1:
+            seq.first_token_ns = time.time_ns()
         seq.events.put_nowait(TokenEvent(sampled))
         seq.last_token = sampled.token_id
         if seq.generated >= request.max_tokens or seq.past_len + 1 > self.context_length:
@@ -249,7 +263,7 @@ class Engine:
         completion = seq.generated if reason != Finish.STOP else seq.generated - 1
         if reason == Finish.CANCELLED:
             completion = min(seq.generated, seq.tokens_at_cancel or 0)
-        seq.events.put_nowait(FinishEvent(reason, len(seq.request.prompt_ids), completion))
+        seq.events.put_nowait(FinishEvent(reason, len(seq.request.prompt_ids), completion, seq.cached_tokens))
 
     def _finish_error(self, seq: Sequence, error: LmeshError) -> None:
         if seq.done:
@@ -259,25 +273,44 @@ class Engine:
 
     # ---- model work (worker thread) ---------------------------------------------------------------------
 
-    def _step(self, admitted: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
+    def _step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
+        """One engine step: prefill chunks within the step's token budget, then one decode for the batch."""
         results: list[tuple[Sequence, Sampled]] = []
-        for seq in admitted:
-            results.append((seq, self._prefill(seq)))
+        budget = self.limits.prefill_chunk
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if seq.cancelled:
+                continue
+            sampled, used = self._prefill_chunk(seq, budget)
+            budget -= used
+            if sampled is not None:
+                results.append((seq, sampled))
         decoding = [s for s in decoding if not s.cancelled]
         if decoding:
             results.extend(zip(decoding, self._decode(decoding), strict=True))
         return results
 
-    def _prefill(self, seq: Sequence) -> Sampled:
-        seq.prefill_start_ns = time.time_ns()
-        ids = np.asarray([seq.request.prompt_ids], dtype=np.int64)
-        length = ids.shape[1]
-        out = self.model.run(ids, np.ones((1, length), dtype=np.int64),
-                             np.arange(length, dtype=np.int64)[None, :], self.model.empty_past())
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> tuple[Sampled | None, int]:
+        """Runs the next chunk of a prompt; returns the first token once the whole prompt is in."""
+        prompt = seq.request.prompt_ids
+        if seq.prefilled == 0:
+            seq.prefill_start_ns = time.time_ns()
+            cached, kv = self.prefix_cache.lookup(prompt)
+            if kv is not None:
+                seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached
+        start = seq.prefilled
+        end = min(len(prompt), start + budget)
+        ids = np.asarray([prompt[start:end]], dtype=np.int64)
+        out = self.model.run(ids, np.ones((1, end), dtype=np.int64), np.arange(start, end, dtype=np.int64)[None, :],
+                             seq.kv if seq.kv is not None else self.model.empty_past())
         seq.kv = out.presents
-        seq.past_len = length
+        seq.prefilled = seq.past_len = end
+        if end < len(prompt):
+            return None, end - start
         seq.prefill_end_ns = time.time_ns()
-        return seq.sampler.sample(out.logits[0])
+        self.prefix_cache.insert(prompt, out.presents)
+        return seq.sampler.sample(out.logits[0]), end - start
 
     def _decode(self, seqs: list[Sequence]) -> list[Sampled]:
         batch = self._batch

@@ -140,7 +140,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 yield inference_pb2.GenerateResponse(finish=inference_pb2.GenerateFinish(
                     reason=_FINISH_REASONS[event.reason],
                     usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                              completion_tokens=event.completion_tokens),
+                                              completion_tokens=event.completion_tokens,
+                                              cached_prompt_tokens=event.cached_prompt_tokens),
                 ))
                 return
 
@@ -148,13 +149,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Prefill and decode spans from the engine's timestamps (the engine itself knows no tracing)."""
         context = trace.set_span_in_context(parent)
         parent.set_attributes({"gen_ai.usage.output_tokens": seq.generated,
+                               "lmesh.inference.prefix_cached_tokens": seq.cached_tokens,
                                "lmesh.inference.tokens_after_cancel": seq.tokens_after_cancel,
                                "lmesh.inference.cancelled": seq.tokens_at_cancel is not None})
         if seq.prefill_start_ns:
             queue = self._tracer.start_span("queue", context=context, start_time=seq.enqueued_ns)
             queue.end(end_time=seq.prefill_start_ns)
             prefill = self._tracer.start_span("prefill", context=context, start_time=seq.prefill_start_ns,
-                                              attributes={"gen_ai.usage.input_tokens": len(seq.request.prompt_ids)})
+                                              attributes={"gen_ai.usage.input_tokens": len(seq.request.prompt_ids),
+                                                          "lmesh.inference.prefix_cached_tokens": seq.cached_tokens,
+                                                          "lmesh.inference.prefix_cache_hit": seq.cached_tokens > 0})
             prefill.end(end_time=seq.prefill_end_ns)
             decode = self._tracer.start_span("decode", context=context, start_time=seq.prefill_end_ns,
                                              attributes={"gen_ai.usage.output_tokens": seq.generated})
