@@ -39,7 +39,7 @@ class Child:
 
 def start_child(service: str, extra_args: list[str], env: dict[str, str], logs: Path) -> Child:
     log_path = logs / f"{service}.log"
-    out = open(log_path, "ab")  # noqa: SIM115 - handed to the child for its whole life
+    out = open(log_path, "ab")
     args = [sys.executable, "-m", "services.cli", "serve", service, *extra_args]
     process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Child(service, process, log_path)
@@ -123,7 +123,7 @@ async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], 
             if service == "gateway":
                 args += ["--port", gateway_port]
             children.append(start_child(service, args, env, logs))
-        print("• services starting (logs in %s)" % logs, flush=True)
+        print(f"• services starting (logs in {logs})", flush=True)
         model_id = await ensure_model(mesh, model_dir)
         print(f"• model {model_id} registered (alias 'default')", flush=True)
         key = await ensure_dev_key(mesh)

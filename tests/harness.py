@@ -37,6 +37,7 @@ class MeshProcesses:
             "OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint,
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -58,13 +59,17 @@ class MeshProcesses:
     def terminate(self, service: str) -> None:
         self.processes[service].process.send_signal(signal.SIGTERM)
 
-    def stop_all(self) -> None:
+    async def wait_exit(self, service: str, timeout: float = 20.0) -> int:
+        """Waits for a child to exit without blocking the event loop (the OTLP receiver runs on it)."""
+        return await asyncio.to_thread(self.processes[service].process.wait, timeout)
+
+    async def stop_all(self) -> None:
         for entry in self.processes.values():
             if entry.process.poll() is None:
                 entry.process.send_signal(signal.SIGTERM)
-        for entry in self.processes.values():
+        for service, entry in self.processes.items():
             try:
-                entry.process.wait(15)
+                await self.wait_exit(service, 15)
             except subprocess.TimeoutExpired:
                 entry.process.kill()
                 entry.process.wait()

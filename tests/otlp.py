@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -26,9 +27,36 @@ def _value(any_value: object) -> object:
     return getattr(any_value, kind) if kind else None
 
 
+class _MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """Keeps the latest value of every sum and gauge data point, by (service, metric name)."""
+
+    def __init__(self, owner: OtlpReceiver) -> None:
+        self._owner = owner
+
+    async def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest,
+                     context: grpc.aio.ServicerContext) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        for resource_metrics in request.resource_metrics:
+            attrs = {a.key: _value(a.value) for a in resource_metrics.resource.attributes}
+            service = str(attrs.get("service.name", ""))
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    kind = metric.WhichOneof("data")
+                    if kind in ("sum", "gauge"):
+                        points = getattr(metric, kind).data_points
+                        total = sum(p.as_int or p.as_double for p in points)
+                        self._owner.metrics[(service, metric.name)] = total
+                    elif kind == "histogram":
+                        count = sum(p.count for p in metric.histogram.data_points)
+                        self._owner.metrics[(service, metric.name)] = count
+        async with self._owner._arrived:
+            self._owner._arrived.notify_all()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.metrics: dict[tuple[str, str], float] = {}
         self._arrived = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -52,6 +80,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     async def start(self) -> str:
         self._server = grpc.aio.server()
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsReceiver(self), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         return f"http://127.0.0.1:{self.port}"
@@ -59,6 +88,16 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(0)
+
+    async def wait_for_metric(self, service: str, name: str, predicate: object, timeout: float = 15.0) -> float:
+        """Waits until the metric's latest exported value satisfies `predicate`; returns it."""
+        async def ready() -> float:
+            async with self._arrived:
+                while not predicate(self.metrics.get((service, name), 0)):  # type: ignore[operator]
+                    await self._arrived.wait()
+                return self.metrics[(service, name)]
+
+        return await asyncio.wait_for(ready(), timeout)
 
     async def wait_for(self, predicate: object, timeout: float = 15.0) -> list[ReceivedSpan]:
         """Waits until `predicate(spans)` is true; returns the spans."""

@@ -60,7 +60,7 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         yield LiveMesh(procs, mesh, otlp, created.api_key)
     finally:
         await mesh.close()
-        procs.stop_all()
+        await procs.stop_all()
         await otlp.stop()
 
 
@@ -237,7 +237,7 @@ async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) 
     live.procs.terminate("inference")
     rest = await read_rest(call)
     assert rest[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH  # finished, not cut
-    assert live.procs.processes["inference"].process.wait(20) == 0
+    assert await live.procs.wait_exit("inference") == 0
     _, nodes = await live.mesh.consul.catalog.service("lmesh-inference")
     assert not {n["ServiceID"] for n in nodes} & old_ids
     live.procs.start("inference")
@@ -269,3 +269,22 @@ async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
             await asyncio.sleep(0.5)
     assert "Paris" in "".join(r.delta for r in responses)
+
+
+async def test_prefix_reuse_is_visible_in_usage_trace_and_metrics(live: LiveMesh) -> None:
+    system = gateway_pb2.Message(role="system", content="You answer in one short sentence. " * 30)
+    for question in ("What is the capital of Italy?", "What is the capital of Spain?"):
+        messages = [system, gateway_pb2.Message(role="user", content=question)]
+        responses = await collect(await live.gateway(), start(messages=messages, max_tokens=12), live.api_key)
+    completion_id = responses[-1].id
+    assert responses[-1].usage.cached_prompt_tokens > 100
+
+    def hit_prefills(spans: list) -> list:  # type: ignore[type-arg]
+        roots = {s.trace_id for s in spans if s.attributes.get("gen_ai.response.id") == completion_id}
+        return [s for s in spans if s.name == "prefill" and s.trace_id in roots
+                and s.attributes.get("lmesh.inference.prefix_cache_hit")]
+
+    spans = await live.otlp.wait_for(lambda spans: bool(hit_prefills(spans)))
+    assert int(hit_prefills(spans)[0].attributes["lmesh.inference.prefix_cached_tokens"]) > 100  # type: ignore[call-overload]
+    hits = await live.otlp.wait_for_metric("lmesh-inference", "lmesh.inference.prefix_cache.hits", lambda v: v >= 1)
+    assert hits >= 1

@@ -1,9 +1,9 @@
 """Consul: registering this process, and resolving peers by service name without touching Consul per call.
 
 A ServiceResolver holds one blocking query per service name on `/v1/health/service/<name>?passing`, keeps
-the current endpoints with one channel each, and picks an endpoint per call (least outstanding calls, round
-robin among equals). A call that fails with UNAVAILABLE marks its endpoint down for a moment, so traffic
-moves off a dead instance before Consul's health check notices.
+the current endpoints with one channel each, and picks an endpoint per call: fewest calls in flight, then
+least load reported in Consul meta, round robin among equals. A call that fails with UNAVAILABLE marks its
+endpoint down for a moment, so traffic moves off a dead instance before Consul's health check notices.
 """
 
 from __future__ import annotations
@@ -94,6 +94,13 @@ class Endpoint:
     @property
     def target(self) -> str:
         return f"{self.address}:{self.port}"
+
+    def load_key(self) -> tuple[int, int]:
+        reported = 0
+        for key in ("load_active", "load_queued"):
+            value = self.meta.get(key, "0")
+            reported += int(value) if value.isdigit() else 0
+        return self.outstanding, reported
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
         existing = self._stubs.get(stub_class)
@@ -207,8 +214,10 @@ class ServiceResolver:
         if not candidates:
             raise Unavailable(f"no passing instance of {self.name}")
         up = [e for e in candidates if e.down_until <= now] or candidates
-        least = min(e.outstanding for e in up)
-        tied = [e for e in up if e.outstanding == least]
+        # Fewest calls in flight from this process first; then the load the instance reports in Consul meta
+        # (inference: active + queued sequences), which also counts other callers' work.
+        least = min(e.load_key() for e in up)
+        tied = [e for e in up if e.load_key() == least]
         return tied[next(self._round_robin) % len(tied)]
 
     def mark_down(self, endpoint: Endpoint) -> None:

@@ -17,13 +17,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common.config import ServiceConfig
 from services.common.discovery import CHANNEL_OPTIONS, ConsulRegistration, Mesh
 from services.common.rpc import ServerInterceptor
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import setup_metrics, setup_tracing
 
 log = logging.getLogger("lmesh.server")
 
@@ -35,11 +37,16 @@ class ServiceRuntime:
     config: ServiceConfig
     mesh: Mesh
     tracer_provider: TracerProvider
+    meter_provider: MeterProvider
     registration: ConsulRegistration | None = None
 
     @property
     def tracer(self) -> Any:
         return self.tracer_provider.get_tracer(f"lmesh.{self.config.service}")
+
+    @property
+    def meter(self) -> Any:
+        return self.meter_provider.get_meter(f"lmesh.{self.config.service}")
 
 
 @dataclass
@@ -96,6 +103,7 @@ class RunningService:
             await self.parts.on_stop()
         await self.runtime.mesh.close()
         self.runtime.tracer_provider.shutdown()
+        self.runtime.meter_provider.shutdown()
         log.info("lmesh-%s stopped", config.service)
 
 
@@ -105,10 +113,12 @@ async def start_service(
     *,
     register: bool = True,
     extra_exporters: Sequence[SpanExporter] = (),
+    metric_readers: Sequence[MetricReader] = (),
 ) -> RunningService:
     """Starts a service and returns once it is SERVING (warm-up done) and registered in Consul."""
     runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr),
-                             tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters))
+                             tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters),
+                             meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
     parts = build(runtime)
     server = grpc.aio.server(interceptors=[ServerInterceptor(config.service, runtime.tracer)],
                              options=CHANNEL_OPTIONS)

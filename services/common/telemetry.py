@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -47,6 +49,21 @@ def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = (
     for exporter in extra_exporters:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider
+
+
+def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = ()) -> MeterProvider:
+    """Metrics exported over OTLP/gRPC when an OTLP endpoint is configured (OTEL_METRICS_EXPORTER allowing)."""
+    name = os.environ.get("OTEL_SERVICE_NAME") or service_name
+    readers: list[MetricReader] = list(extra_readers)
+    wanted = {e.strip() for e in os.environ.get("OTEL_METRICS_EXPORTER", "otlp").split(",")}
+    has_endpoint = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    if "otlp" in wanted and has_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    return MeterProvider(metric_readers=readers, resource=Resource.create({"service.name": name}))
 
 
 def extract_context(metadata: Mapping[str, str]) -> otel_context.Context:

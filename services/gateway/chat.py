@@ -56,6 +56,7 @@ class ChatEnd:
     finish_reason: int  # inference_pb2.FinishReason value (same numbering as the gateway's)
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
 
 
 def validate(params: ChatParams) -> ChatParams:
@@ -223,7 +224,8 @@ class ChatService:
         reason = finish[0].reason
         if stops.stopped:
             reason = inference_pb2.FINISH_REASON_STOP
-        yield ChatEnd(reason, len(prompt), finish[0].usage.completion_tokens)
+        usage = finish[0].usage
+        yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens)
 
 
 def new_completion_id() -> str:

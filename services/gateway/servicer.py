@@ -73,10 +73,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 elif isinstance(event, ChatEnd):
                     usage = gateway_pb2.Usage(prompt_tokens=event.prompt_tokens,
                                               completion_tokens=event.completion_tokens,
-                                              total_tokens=event.prompt_tokens + event.completion_tokens)
+                                              total_tokens=event.prompt_tokens + event.completion_tokens,
+                                              cached_prompt_tokens=event.cached_prompt_tokens)
                     span.set_attributes({"gen_ai.usage.output_tokens": event.completion_tokens,
                                          "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]]})
-                    yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,  # type: ignore[arg-type]
+                    yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
                                                    model=model_id, id=completion_id)
         finally:
             watcher.cancel()

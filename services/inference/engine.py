@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -140,6 +141,8 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
         self.steps = 0
+        # Called when the number of active or queued sequences changes (load reporting).
+        self.on_load_change: Callable[[], None] = lambda: None
 
     # ---- public API -------------------------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class Engine:
                        sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs))
         self._waiting.append(seq)
         self._wake.set()
+        self.on_load_change()
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -255,6 +259,7 @@ class Engine:
         seq.kv = None
         if seq in self._active:
             self._active.remove(seq)
+        self.on_load_change()
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
         if seq.done:

@@ -41,8 +41,8 @@ async def resolve_when_registered(registry: ServiceResolver, reference: str) -> 
         delay = min(delay * 2, 5.0)
 
 
-async def load_models(registry: ServiceResolver, references: list[str], cache_dir: Path, max_active: int,
-                      max_queue: int, threads: int | None) -> list[ServedModel]:
+async def load_models(registry: ServiceResolver, references: list[str], cache_dir: Path, limits: EngineLimits,
+                      threads: int | None) -> list[ServedModel]:
     served: list[ServedModel] = []
     for reference in references:
         version = await resolve_when_registered(registry, reference)
@@ -52,8 +52,7 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
         path = await fetch_to_cache(registry, weights[0].sha256, cache_dir)
         decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
         await asyncio.to_thread(_warm, decoder)
-        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length,
-                        EngineLimits(max_active=max_active, max_queue=max_queue))
+        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
         engine.start()
         vocab = version.architecture.vocab_size or decoder.vocab_size
         served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length))

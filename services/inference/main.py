@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=int(os.environ.get("LMESH_MAX_QUEUE", "64")),
                         help="sequences waiting beyond that before RESOURCE_EXHAUSTED")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--prefill-chunk", type=int, default=int(os.environ.get("LMESH_PREFILL_CHUNK", "256")),
+                        help="prompt tokens prefilled per engine step (bounds the stall of running streams)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=int(os.environ.get("LMESH_PREFIX_CACHE_MB", "256")),
+                        help="memory for reusing the KV cache of shared prompt prefixes (0: off)")
 
 
 def extra_config(args: argparse.Namespace) -> dict[str, str]:
@@ -29,33 +33,65 @@ def extra_config(args: argparse.Namespace) -> dict[str, str]:
         "max_active": str(args.max_active),
         "max_queue": str(args.max_queue),
         "threads": str(args.threads),
+        "prefill_chunk": str(args.prefill_chunk),
+        "prefix_cache_mb": str(args.prefix_cache_mb),
     }
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     from lmesh.inference.v1 import inference_pb2
 
+    from services.inference.engine import EngineLimits
     from services.inference.loader import load_models
+    from services.inference.metrics import InferenceMetrics
     from services.inference.servicer import InferenceServicer, ServedModel
 
     extra = runtime.config.extra
     refs = [r for r in extra.get("models", "default").split(",") if r]
+    limits = EngineLimits(
+        max_active=int(extra.get("max_active", "16")), max_queue=int(extra.get("max_queue", "64")),
+        prefill_chunk=int(extra.get("prefill_chunk", "256")),
+        prefix_cache_bytes=int(extra.get("prefix_cache_mb", "256")) * 1024 * 1024,
+    )
     models: dict[str, ServedModel] = {}
-    servicer = InferenceServicer(models, runtime.tracer)
+    metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in models.items()})
+    servicer = InferenceServicer(models, runtime.tracer, metrics)
     registry = runtime.mesh.resolver("lmesh-registry")
-
-    async def warm_up() -> None:
-        loaded = await load_models(
-            registry, refs, cache_dir=lmesh_cache() / "artifacts",
-            max_active=int(extra.get("max_active", "16")), max_queue=int(extra.get("max_queue", "64")),
-            threads=int(extra.get("threads", "0")) or None,
-        )
-        models.update({m.id: m for m in loaded})
+    reporter: list[asyncio.Task[None]] = []
 
     def meta() -> dict[str, str]:
-        return {"models": ",".join(models)}
+        load = {"active": 0, "queued": 0, "kv_bytes": 0}
+        for model in models.values():
+            for key, value in model.engine.load().items():
+                if key in load:
+                    load[key] += value
+        return {"models": ",".join(models), "max_active": str(limits.max_active),
+                **{f"load_{k}": str(v) for k, v in load.items()}}
+
+    async def report_load() -> None:
+        """Keeps the Consul meta's load current for balancing: at most one write a second, only on change."""
+        changed = asyncio.Event()
+        for model in models.values():
+            model.engine.on_load_change = changed.set
+        while True:
+            await changed.wait()
+            changed.clear()
+            if runtime.registration is not None:
+                try:
+                    await runtime.registration.register(meta())
+                except Exception as exc:
+                    log.warning("could not report load to Consul: %s", exc)
+            await asyncio.sleep(1.0)  # rate limit, not polling: the loop only runs after a change
+
+    async def warm_up() -> None:
+        loaded = await load_models(registry, refs, cache_dir=lmesh_cache() / "artifacts", limits=limits,
+                                   threads=int(extra.get("threads", "0")) or None)
+        models.update({m.id: m for m in loaded})
+        reporter.append(asyncio.create_task(report_load()))
 
     async def on_drain() -> None:
+        for task in reporter:
+            task.cancel()
         for model in models.values():
             model.engine.stop_accepting()
 

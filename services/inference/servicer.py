@@ -22,6 +22,7 @@ from services.inference.engine import (
     Sequence,
     TokenEvent,
 )
+from services.inference.metrics import InferenceMetrics
 from services.inference.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 
 _FINISH_REASONS = {
@@ -76,9 +77,10 @@ def _token_message(event: TokenEvent) -> inference_pb2.GeneratedToken:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, models: dict[str, ServedModel], tracer: trace.Tracer) -> None:
+    def __init__(self, models: dict[str, ServedModel], tracer: trace.Tracer, metrics: InferenceMetrics) -> None:
         self._models = models
         self._tracer = tracer
+        self._metrics = metrics
 
     async def Generate(self, request_iterator: AsyncIterator[inference_pb2.GenerateRequest],
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -109,6 +111,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             watcher.cancel()
             engine.cancel(seq)  # a dropped stream frees the sequence; no-op when it already ended
             self._record_spans(seq, span)
+            self._metrics.record(model.id, seq)
 
     @staticmethod
     async def _watch_cancel(request_iterator: AsyncIterator[inference_pb2.GenerateRequest], engine: Engine,
