@@ -314,7 +314,8 @@ class Engine:
         if end < len(prompt):
             return None, end - start
         seq.prefill_end_ns = time.time_ns()
-        self.prefix_cache.insert(prompt, out.presents)
+        if self.prefix_cache.max_bytes > 0:
+            self.prefix_cache.insert(prompt, [self.model.to_numpy(t) for t in out.presents])
         return seq.sampler.sample(out.logits[0]), end - start
 
     def _decode(self, seqs: list[Sequence]) -> list[Sampled]:
@@ -339,25 +340,27 @@ class Engine:
         """Packs the rows' caches left-padded into one batch cache (only when membership changed)."""
         old = self._batch
         old_rows = {id(s): row for row, s in enumerate(old.seqs)}
+        old_kv = [self.model.to_numpy(t) for t in old.kv] if any(id(s) in old_rows for s in seqs) else []
         caches: list[list[np.ndarray]] = []
         for seq in seqs:
             row = old_rows.get(id(seq))
             if row is not None:
                 start = old.width - seq.past_len
-                caches.append([layer[row:row + 1, :, start:, :] for layer in old.kv])
+                caches.append([layer[row:row + 1, :, start:, :] for layer in old_kv])
             else:
                 assert seq.kv is not None, "a sequence joins the batch right after its prefill"
                 caches.append(seq.kv)
                 seq.kv = None
         width = max(s.past_len for s in seqs)
         if len(seqs) == 1:
-            return _Batch(seqs=list(seqs), kv=[np.ascontiguousarray(c) for c in caches[0]], width=width)
+            only = caches[0]
+            kv = [t if not isinstance(t, np.ndarray) else np.ascontiguousarray(t) for t in only]
+            return _Batch(seqs=list(seqs), kv=kv, width=width)
         packed: list[np.ndarray] = []
+        shape = (len(seqs), self.model.num_kv_heads, width, self.model.head_dim)
         for layer in range(len(caches[0])):
-            template = caches[0][layer]
-            shape = (len(seqs), template.shape[1], width, template.shape[3])
-            buffer = np.zeros(shape, dtype=template.dtype)
+            buffer = np.zeros(shape, dtype=self.model.kv_dtype)
             for row, (seq, cache) in enumerate(zip(seqs, caches, strict=True)):
-                buffer[row, :, width - seq.past_len:, :] = cache[layer][0]
+                buffer[row, :, width - seq.past_len:, :] = self.model.to_numpy(cache[layer])[0]
             packed.append(buffer)
         return _Batch(seqs=list(seqs), kv=packed, width=width)

@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +21,14 @@ log = logging.getLogger("lmesh.inference.model")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+# A KV tensor: a numpy array on the CPU, or an onnxruntime OrtValue that stays on the GPU between steps.
+KV = Any
+
+
 @dataclass(frozen=True)
 class StepOutput:
     logits: np.ndarray  # [B, V] logits of each row's last position
-    presents: list[np.ndarray]  # 2*L arrays [B, H, P+S, D], key then value per layer
+    presents: list[KV]  # 2*L tensors [B, H, P+S, D], key then value per layer
 
 
 class OnnxDecoder:
@@ -40,6 +45,9 @@ class OnnxDecoder:
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         self.providers = self.session.get_providers()
+        # On the GPU the KV cache is bound as device OrtValues so it never crosses to the host per step.
+        self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for name in inputs if name.endswith(".key") and name.startswith("past_key_values."))
         first_past = inputs["past_key_values.0.key"]
@@ -59,7 +67,9 @@ class OnnxDecoder:
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self._past_names]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[np.ndarray]) -> StepOutput:
+            past: list[KV]) -> StepOutput:
+        if self.on_gpu:
+            return self._run_bound(input_ids, attention_mask, position_ids, past)
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids.astype(np.int64, copy=False),
             "attention_mask": attention_mask.astype(np.int64, copy=False),
@@ -69,6 +79,30 @@ class OnnxDecoder:
         outputs = self.session.run(self._output_names, feeds)
         logits = outputs[0][:, -1, :]
         return StepOutput(logits=logits, presents=list(outputs[1:]))
+
+    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                   past: list[KV]) -> StepOutput:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, tensor in zip(self._past_names, past, strict=True):
+            if isinstance(tensor, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(tensor))  # copied to the device once
+            else:
+                binding.bind_ortvalue_input(name, tensor)
+        binding.bind_output("logits", "cpu")
+        for name in self._output_names[1:]:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]
+        return StepOutput(logits=logits, presents=list(outputs[1:]))
+
+    @staticmethod
+    def to_numpy(tensor: KV) -> np.ndarray:
+        """A host copy of a KV tensor (for re-packing a batch or the prefix cache); arrays pass through."""
+        return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize

@@ -54,11 +54,20 @@ ONNX_OPSET = 17
 # ONNX Runtime vs torch, fp32: observed max |diff| is ~5e-5 on logits of magnitude ~30.
 ABS_TOL = 5e-3
 REL_TOL = 1e-3
-# int8 greedy must agree with fp32 on this many leading tokens; later divergence only warns.
-INT8_STRICT_TOKENS = 4
-INT8_CHECK_TOKENS = 16
-
 CHECK_PROMPT = "What is the capital of France?"
+# int8: 8-bit weight blocks of 32 along K. The check teacher-forces fp32 greedy continuations
+# and requires this share of int8 top-1 / top-5 predictions to match (measured: 94% / 100%).
+INT8_BLOCK_SIZE = 32
+INT8_CHECK_TOKENS = 16
+INT8_MIN_TOP1 = 0.85
+INT8_MIN_TOP5 = 0.98
+INT8_CHECK_PROMPTS = (
+    CHECK_PROMPT,
+    "Write a short poem about the sea.",
+    "List three prime numbers.",
+    "Explain gravity to a child.",
+)
+
 MAKE_HINT = "run `make model`"
 
 
@@ -150,11 +159,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _require(*modules: str) -> None:
+    # find_spec, not import: this runs before the progress bar, and importing torch takes seconds.
     for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise ConversionError(f"{module} is not installed: {MAKE_HINT}") from None
+        if importlib.util.find_spec(module) is None:
+            raise ConversionError(f"{module} is not installed: {MAKE_HINT}")
 
 
 def _mib(path: Path) -> float:
@@ -176,26 +184,28 @@ def _load(gguf: Path) -> tuple[Any, Any]:
     transformers.utils.logging.set_verbosity_error()
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    if importlib.util.find_spec("accelerate") is not None:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    else:
-        # from_pretrained(gguf_file=...) insists on `accelerate` only for device placement; on CPU
-        # the same dequantized tensors load via transformers' own GGUF reader (checked identical).
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    # Not AutoModelForCausalLM.from_pretrained(gguf_file=...): in transformers 5 that requires
+    # `accelerate` and marks the model as quantized (GGUF quantizer), which then refuses .float()
+    # and taints save_pretrained. The same reader dequantizes identical tensors here (checked
+    # bit-exact against from_pretrained), into a plain float32 model.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-        result = model.load_state_dict(tensors, strict=False)
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
-        if missing or result.unexpected_keys:
-            raise ConversionError(
-                f"GGUF weights do not fit the model: missing {missing[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}"
-            )
-        model.tie_weights()
-    model = model.float().eval()
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ConversionError(
+            f"GGUF weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    model.tie_weights()
+    # Some transformers releases (5.17) flag a GGUF-configured model as quantized and refuse .float();
+    # the tensors are float32 already, so cast parameter data directly instead.
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32)
+    model = model.eval()
 
     from tokenizers import pre_tokenizers
 
@@ -299,9 +309,7 @@ def _export_wrapper(model: Any) -> Any:
             layers: list[DynamicLayer] = []
             for layer in cache.layers:
                 if not isinstance(layer, DynamicLayer) or layer.is_sliding:
-                    raise ConversionError(
-                        f"unsupported cache layer {type(layer).__name__} (full attention only)"
-                    )
+                    raise ConversionError(f"unsupported cache layer {type(layer).__name__} (full attention only)")
                 layers.append(layer)
             for i, layer in enumerate(layers):
                 # Seed each layer directly: DynamicLayer's lazy init concatenates onto a constant
@@ -489,9 +497,7 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
         diffs.append(_close(f"decode step {step + 1}", ort_logits, ref_logits))
         shape = past["past_key_values.0.key"].shape
         if shape != (1, manifest.num_kv_heads, n, manifest.head_dim):
-            raise ConversionError(
-                f"ONNX verification failed: present.0.key has shape {shape} after {n} tokens"
-            )
+            raise ConversionError(f"ONNX verification failed: present.0.key has shape {shape} after {n} tokens")
 
     # 2. Several tokens at once over a non-empty past (chunked prefill / speculative verify).
     chunk = tokenizer.encode(" Paris is also known as", add_special_tokens=False)
@@ -517,9 +523,7 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
         batch_ids[r, width - len(row) :] = row
         batch_mask[r, width - len(row) :] = 1
         batch_pos[r, width - len(row) :] = np.arange(len(row))
-    batch_logits, batch_past = run_step(
-        session, manifest, batch_ids, batch_mask, batch_pos, empty_past(manifest, 2)
-    )
+    batch_logits, batch_past = run_step(session, manifest, batch_ids, batch_mask, batch_pos, empty_past(manifest, 2))
     next_tokens = batch_logits[:, -1].argmax(-1)
     step_logits, _ = run_step(
         session,
@@ -542,9 +546,7 @@ def _check_io(session: Any, manifest: ModelManifest) -> None:
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
     if got_in != inputs or got_out != outputs:
-        raise ConversionError(
-            f"ONNX verification failed: unexpected I/O names {got_in[:4]}... / {got_out[:3]}..."
-        )
+        raise ConversionError(f"ONNX verification failed: unexpected I/O names {got_in[:4]}... / {got_out[:3]}...")
 
 
 def _chat_ids(tokenizer: Any, user_message: str) -> list[int]:
@@ -583,51 +585,126 @@ def _write_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- int8
 
 
-def _build_int8(out_dir: Path, manifest: ModelManifest) -> ModelManifest:
-    """Dynamic int8 (weights QInt8 per channel, activations quantized at run time) of the fp32 graph."""
+def _build_int8(out_dir: Path, manifest: ModelManifest) -> tuple[ModelManifest, str]:
+    """8-bit weight-only block quantization (MatMulNBits) of every weight MatMul, lm_head included.
+
+    Not quantize_dynamic: its per-tensor uint8 activations wreck this model (down_proj inputs carry
+    outlier channels). Measured on 6 prompts x 32 tokens, teacher-forced against fp32: QInt8
+    per-channel agrees on 66% of top-1 tokens (KL 0.66), while 8-bit blocks of 32 with int8
+    compute (accuracy_level 4, activations quantized per block) agree on 95% (KL 0.006) and
+    decode ~1.5-2x faster than fp32 on CPU.
+    """
     import logging
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from tokenizers import Tokenizer
-    from tqdm import tqdm
+    import onnx
 
-    from services.model.reference import greedy_with_session, render_chat
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    # The module calls logging.basicConfig(level=INFO) on import and logs every node: undo both.
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
 
     final = out_dir / INT8_MODEL_FILE
     tmp = _tmp_path(final)
-    logging.getLogger("root").setLevel(logging.ERROR)  # silence the quantizer's pre-processing advice
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(
-            out_dir / manifest.model_file,
-            tmp,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            # MatMul only: the tied embedding stays exact for both the Gather and the lm_head Gemm.
-            op_types_to_quantize=["MatMul"],
-        )
-    # Greedy agreement with fp32 on the check prompt: the first tokens must match exactly.
-    tok = Tokenizer.from_file(str(manifest.tokenizer_path(out_dir)))
-    text = render_chat(manifest, [{"role": "user", "content": CHECK_PROMPT}])
-    prompt = tok.encode(text, add_special_tokens=False).ids
-    want = greedy_with_session(
-        _ort_session(out_dir / manifest.model_file), manifest, prompt, INT8_CHECK_TOKENS
+    model = onnx.load(str(out_dir / manifest.model_file))
+    _untie_lm_head(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=8, op_types_to_quantize=("MatMul",)
     )
-    got = greedy_with_session(_ort_session(tmp), manifest, prompt, INT8_CHECK_TOKENS)
-    agree = next(
-        (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
-    )
-    if agree < min(INT8_STRICT_TOKENS, len(want)):
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+    del model, quantizer
+
+    try:
+        note = _check_int8(out_dir, manifest, tmp)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise ConversionError(
-            f"int8 verification failed: greedy output diverges from fp32 at token {agree}; use the fp32 model"
-        )
-    if got != want:
-        tqdm.write(f"warning: int8 greedy output diverges from fp32 after {agree} tokens", file=sys.stderr)
+        raise
     os.replace(tmp, final)
-    return dataclasses.replace(
-        manifest, version=f"{MODEL_VERSION}-int8", dtype="int8", model_file=INT8_MODEL_FILE
-    )
+    q8 = dataclasses.replace(manifest, version=f"{MODEL_VERSION}-int8", dtype="int8", model_file=INT8_MODEL_FILE)
+    return q8, note
+
+
+def _untie_lm_head(model: Any) -> None:
+    """Turns the shared-embedding Gemm(transB=1) back into MatMul over its own transposed copy.
+
+    The weight quantizer only handles MatMul; an 8-bit lm_head (28 MB) instead of the fp32
+    embedding (113 MB) read every step is most of the int8 speedup. The Gather keeps fp32 rows.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    for index, node in enumerate(graph.node):
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        if node.op_type != "Gemm" or len(node.input) != 2 or trans_b != 1 or node.input[1] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).T.copy()
+        name = f"{node.input[1]}.T"
+        graph.initializer.append(numpy_helper.from_array(weight, name=name))
+        matmul = helper.make_node("MatMul", [node.input[0], name], list(node.output), name="lm_head/MatMul")
+        graph.node.remove(node)
+        graph.node.insert(index, matmul)
+        return
+
+
+def _check_int8(out_dir: Path, manifest: ModelManifest, int8_path: Path) -> str:
+    """Teacher-forced agreement with fp32 (fails if poor) plus a free-running greedy comparison (info)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from services.model.reference import empty_past, greedy_with_session, render_chat, run_step
+
+    tok = Tokenizer.from_file(str(manifest.tokenizer_path(out_dir)))
+    fp32 = _ort_session(out_dir / manifest.model_file)
+    int8 = _ort_session(int8_path)
+
+    def logits(session: Any, ids: list[int]) -> Any:
+        n = len(ids)
+        out, _ = run_step(
+            session,
+            manifest,
+            np.asarray([ids], np.int64),
+            np.ones((1, n), np.int64),
+            np.arange(n, dtype=np.int64)[None],
+            empty_past(manifest, 1),
+        )
+        return out[0]
+
+    top1 = top5 = total = 0
+    prompts: list[list[int]] = []
+    for question in INT8_CHECK_PROMPTS:
+        text = render_chat(manifest, [{"role": "user", "content": question}])
+        prompt = tok.encode(text, add_special_tokens=False).ids
+        prompts.append(prompt)
+        cont = greedy_with_session(fp32, manifest, prompt, INT8_CHECK_TOKENS, stop_on_eos=False)
+        # Position i of prompt+cont predicts token i+1: score the int8 predictions of cont.
+        predicted = logits(int8, prompt + cont)[len(prompt) - 1 : -1]
+        want = np.asarray(cont)
+        top1 += int((predicted.argmax(-1) == want).sum())
+        top5 += int((np.argsort(predicted, axis=-1)[:, -5:] == want[:, None]).any(-1).sum())
+        total += len(cont)
+    if top1 < INT8_MIN_TOP1 * total or top5 < INT8_MIN_TOP5 * total:
+        raise ConversionError(
+            f"int8 verification failed: agrees with fp32 on {top1}/{total} top-1 and {top5}/{total} "
+            f"top-5 tokens; serve the fp32 model"
+        )
+    # Free-running greedy drifts once a near-tie flips (the fp32 first-token margin on the check
+    # prompt is ~0.08 logits), which is expected of any quantization: report, do not fail.
+    want_ids = greedy_with_session(fp32, manifest, prompts[0], INT8_CHECK_TOKENS)
+    got_ids = greedy_with_session(int8, manifest, prompts[0], INT8_CHECK_TOKENS)
+    same = next((i for i, (a, b) in enumerate(zip(got_ids, want_ids, strict=False)) if a != b), None)
+    note = f"int8 top-1 agreement {top1 / total:.0%}, top-5 {top5 / total:.0%}"
+    if same is not None:
+        note += f"; greedy diverges from fp32 at token {same} on {INT8_CHECK_PROMPTS[0]!r}"
+    return note
 
 
 # --------------------------------------------------------------------------- driver
@@ -680,9 +757,7 @@ def _build(out_dir: Path, gguf: Path, gguf_sha: str, *, rebuild_fp32: bool, int8
 
         def load() -> None:
             model, tokenizer = _load(gguf)
-            state.update(
-                model=model, tokenizer=tokenizer, manifest=_make_manifest(model, tokenizer, gguf, gguf_sha)
-            )
+            state.update(model=model, tokenizer=tokenizer, manifest=_make_manifest(model, tokenizer, gguf, gguf_sha))
 
         def export() -> None:
             state["tmp_onnx"] = _tmp_path(out_dir / MODEL_FILE)
@@ -709,7 +784,8 @@ def _build(out_dir: Path, gguf: Path, gguf_sha: str, *, rebuild_fp32: bool, int8
 
         def quantize() -> None:
             manifest = state.get("manifest") or ModelManifest.load(out_dir)
-            _build_int8(out_dir, manifest).save(out_dir, int8=True)
+            q8, state["int8_note"] = _build_int8(out_dir, manifest)
+            q8.save(out_dir, int8=True)
 
         stages.append(("int8", quantize))
 
@@ -728,6 +804,8 @@ def _build(out_dir: Path, gguf: Path, gguf_sha: str, *, rebuild_fp32: bool, int8
         sizes += f", {INT8_MODEL_FILE} {_mib(out_dir / INT8_MODEL_FILE):.0f} MiB"
     check = f"; max |logits diff| vs torch {max_diff:.2g}" if rebuild_fp32 else ""
     print(f"model built at {out_dir} in {time.perf_counter() - started:.0f}s ({sizes}{check})")
+    if "int8_note" in state:
+        print(state["int8_note"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -736,12 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"model directory (default: {default_model_dir()})"
-    )
-    parser.add_argument(
-        "--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 weights)"
-    )
+    parser.add_argument("--out", type=Path, default=None, help=f"model directory (default: {default_model_dir()})")
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (8-bit weights)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a current build is cached")
     args = parser.parse_args(argv)
     try:
