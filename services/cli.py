@@ -138,7 +138,8 @@ def _models(args: argparse.Namespace) -> int:
     async def register(registry: Any) -> int:
         from services.registry.client import register_model_dir
 
-        version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()))
+        version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()),
+                                           manifest_name=args.manifest)
         print(f"registered {version.name}:{version.version}")
         return 0
 
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     register = models_sub.add_parser("register", help="upload a built model folder and register it")
     register.add_argument("dir", help="folder holding lmesh_model.json, the ONNX file and tokenizer.json")
     register.add_argument("--alias", action="append", help="alias to point at it (repeatable)")
+    register.add_argument("--manifest", default="lmesh_model.json",
+                          help="manifest of the variant to register (lmesh_model.int8.json: the int8 version)")
     alias = models_sub.add_parser("alias", help="point an alias at NAME:VERSION")
     alias.add_argument("alias")
     alias.add_argument("target")

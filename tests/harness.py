@@ -41,15 +41,17 @@ class MeshProcesses:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start(self, service: str, *extra: str) -> ServiceProcess:
-        log_path = self.home / "logs" / f"{service}.log"
+    def start(self, service: str, *extra: str, name: str = "") -> ServiceProcess:
+        """Starts `lmesh serve SERVICE`; `name` keys a second process of the same service."""
+        name = name or service
+        log_path = self.home / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")
-        args = [sys.executable, "-m", "services.cli", "serve", service, "--data-dir", str(self.home / service),
+        out = open(log_path, "ab")  # owned by the child for its whole life
+        args = [sys.executable, "-m", "services.cli", "serve", service, "--data-dir", str(self.home / name),
                 "--grace", "5", *extra]
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT)
-        self.processes[service] = ServiceProcess(service, process, log_path)
-        return self.processes[service]
+        self.processes[name] = ServiceProcess(service, process, log_path)
+        return self.processes[name]
 
     def kill(self, service: str) -> None:
         proc = self.processes[service].process
@@ -78,15 +80,16 @@ class MeshProcesses:
         return self.processes[service].log_path.read_text(errors="replace")
 
     async def wait_passing(self, mesh: Mesh, service: str, timeout: float = 120.0,
-                           exclude: frozenset[str] = frozenset()) -> None:
+                           exclude: frozenset[str] = frozenset(), name: str = "", model: str = "") -> None:
         """Waits for a passing instance whose process is still alive (fails fast with its log otherwise)."""
-        entry = self.processes[service]
+        entry = self.processes[name or service]
         waiter = asyncio.ensure_future(mesh.resolver(f"lmesh-{service}").wait_for(
-            lambda e: e.service_id not in exclude, timeout=timeout))
+            lambda e: e.service_id not in exclude and (not model or model in e.meta.get("models", "").split(",")),
+            timeout=timeout))
         while not waiter.done():
             if entry.process.poll() is not None:
                 waiter.cancel()
                 raise RuntimeError(f"lmesh-{service} exited with {entry.process.returncode}:\n"
-                                   f"{self.log(service)[-4000:]}")
+                                   f"{self.log(name or service)[-4000:]}")
             await asyncio.wait({waiter}, timeout=0.5)
         waiter.result()

@@ -200,10 +200,15 @@ def _manifest_value(manifest: dict[str, Any], key: str, kind: type, where: Path)
     return str(value) if kind is str else value
 
 
-def read_model_manifest(model_dir: Path | str) -> tuple[registry_pb2.ModelVersion, Path, Path]:
-    """The ModelVersion a built model directory describes (artifacts not filled in), and its two files."""
+def read_model_manifest(
+    model_dir: Path | str, manifest_name: str = MANIFEST_NAME
+) -> tuple[registry_pb2.ModelVersion, Path, Path]:
+    """The ModelVersion a built model directory describes (artifacts not filled in), and its two files.
+
+    `manifest_name` picks a variant in the same folder (e.g. `lmesh_model.int8.json`, its own version).
+    """
     model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_NAME
+    path = model_dir / manifest_name
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -285,14 +290,17 @@ def _same_or_conflict(
 
 
 async def register_model_dir(
-    resolver: ServiceResolver, model_dir: Path | str, aliases: Sequence[str] = ("default",)
+    resolver: ServiceResolver,
+    model_dir: Path | str,
+    aliases: Sequence[str] = ("default",),
+    manifest_name: str = MANIFEST_NAME,
 ) -> registry_pb2.ModelVersion:
     """Uploads a built model directory's files and registers its version with `aliases`.
 
     Idempotent: when the version is already registered with the same artifact digests nothing is uploaded
     or changed (aliases included) and the registered version is returned; with other digests, AlreadyExists.
     """
-    model, model_file, tokenizer_file = read_model_manifest(model_dir)
+    model, model_file, tokenizer_file = read_model_manifest(model_dir, manifest_name)
     (model_sha, _), (tokenizer_sha, _) = await asyncio.gather(
         file_sha256(model_file), file_sha256(tokenizer_file)
     )
