@@ -223,18 +223,17 @@ class ServiceResolver:
     def mark_down(self, endpoint: Endpoint) -> None:
         endpoint.down_until = time.monotonic() + MARK_DOWN_S
 
-    async def call(self, stub_class: Callable[[grpc.aio.Channel], Any], method: str, request: Any, *,
-                   timeout: float | None = 30.0, attempts: int = 2) -> Any:
-        """A unary call on some instance; an UNAVAILABLE instance is marked down and the next one tried.
+    async def with_endpoint(self, call: Callable[[Endpoint], Awaitable[T]], attempts: int = 2) -> T:
+        """Runs `call` on a picked endpoint; an UNAVAILABLE one is marked down and the next one tried.
 
-        Only for idempotent RPCs (reads, resolution, tokenization, authorization).
+        Only for calls that are safe to repeat (reads, resolution, tokenization, authorization,
+        content-addressed uploads).
         """
         for attempt in range(attempts):
             endpoint = await self.pick()
-            rpc: Callable[..., Awaitable[Any]] = getattr(endpoint.stub(stub_class), method)
             endpoint.outstanding += 1
             try:
-                return await rpc(request, **call_options(timeout))
+                return await call(endpoint)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -244,6 +243,15 @@ class ServiceResolver:
             finally:
                 endpoint.outstanding -= 1
         raise AssertionError("unreachable")
+
+    async def call(self, stub_class: Callable[[grpc.aio.Channel], Any], method: str, request: Any, *,
+                   timeout: float | None = 30.0, attempts: int = 2) -> Any:
+        """A unary call on some instance, with failover (idempotent RPCs only, see with_endpoint)."""
+        async def invoke(endpoint: Endpoint) -> Any:
+            rpc: Callable[..., Awaitable[Any]] = getattr(endpoint.stub(stub_class), method)
+            return await rpc(request, **call_options(timeout))
+
+        return await self.with_endpoint(invoke, attempts)
 
 
 class Mesh:

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,29 +65,6 @@ async def file_sha256(path: Path) -> tuple[str, int]:
     return await asyncio.to_thread(_hash_file, Path(path))
 
 
-async def _with_endpoint(
-    resolver: ServiceResolver, call: Callable[[Endpoint], Awaitable[T]], attempts: int = 2
-) -> T:
-    """Runs a streaming call on a picked endpoint; an UNAVAILABLE one is marked down and the next tried.
-
-    Only for calls that are safe to repeat (uploads are content-addressed, fetches are reads).
-    """
-    for attempt in range(attempts):
-        endpoint = await resolver.pick()
-        endpoint.outstanding += 1
-        try:
-            return await call(endpoint)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            resolver.mark_down(endpoint)
-            if attempt == attempts - 1:
-                raise Unavailable(f"{resolver.name} is unavailable: {exc.details()}") from exc
-        finally:
-            endpoint.outstanding -= 1
-    raise AssertionError("unreachable")
-
-
 async def _upload_requests(
     path: Path, sha256: str, size: int
 ) -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
@@ -127,7 +104,7 @@ async def upload_file(
         )
         return response
 
-    response = await _with_endpoint(resolver, upload)
+    response = await resolver.with_endpoint(upload)
     return registry_pb2.Artifact(
         kind=kind,
         sha256=response.artifact.sha256,
@@ -177,7 +154,7 @@ async def fetch_to_cache(resolver: ServiceResolver, sha256: str, cache_dir: Path
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return await _with_endpoint(resolver, lambda endpoint: _fetch_into(endpoint, sha256, final))
+        return await resolver.with_endpoint(lambda endpoint: _fetch_into(endpoint, sha256, final))
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             raise NotFound(f"artifact {sha256} is not stored in the registry") from exc
@@ -329,7 +306,7 @@ async def register_model_dir(
             ).RegisterModel(request, **call_options(timeout=30.0))
             return response
 
-        return (await _with_endpoint(resolver, register, attempts=1)).model
+        return (await resolver.with_endpoint(register, attempts=1)).model
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise

@@ -8,22 +8,19 @@ cache and loaded once, however many requests ask for it at the same time.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.discovery import ServiceResolver
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.rpc import call_options
+from services.registry.client import fetch_to_cache
 from services.tokenizer.text import ModelTokenizer
 
 log = logging.getLogger("lmesh.tokenizer.loader")
@@ -31,8 +28,6 @@ log = logging.getLogger("lmesh.tokenizer.loader")
 T = TypeVar("T")
 
 RESOLVE_TIMEOUT_S = 10.0
-FETCH_TIMEOUT_S = 120.0
-FETCH_ATTEMPTS = 2
 # Distinct references remembered at most; expired ones are dropped first when the map is full.
 MAX_RESOLVED_REFERENCES = 1024
 
@@ -70,69 +65,11 @@ class RegistrySource:
 
     async def fetch(self, sha256: str, cache_dir: Path) -> Path:
         """The verified artifact at `<cache_dir>/<sha256>`, fetched from the registry unless already there."""
-        dest = cache_dir / sha256
-        if dest.exists():  # only ever created by rename after verification
-            return dest
-        await asyncio.to_thread(cache_dir.mkdir, parents=True, exist_ok=True)
-        for attempt in range(FETCH_ATTEMPTS):
-            endpoint = await self._resolver.pick()
-            endpoint.outstanding += 1
-            try:
-                await _fetch_into(endpoint.stub(registry_pb2_grpc.RegistryStub), sha256, dest)
-                return dest
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    raise FailedPrecondition(f"artifact {sha256} is missing from the registry") from None
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self._resolver.mark_down(endpoint)
-                if attempt == FETCH_ATTEMPTS - 1:
-                    raise Unavailable(f"lmesh-registry is unavailable: {exc.details()}") from exc
-            except Unavailable:
-                # A corrupt transfer: another attempt (maybe another replica) may do better.
-                if attempt == FETCH_ATTEMPTS - 1:
-                    raise
-            finally:
-                endpoint.outstanding -= 1
-        raise AssertionError("unreachable")
-
-
-async def _fetch_into(stub: registry_pb2_grpc.RegistryStub, sha256: str, dest: Path) -> None:
-    """Streams one artifact into a temp file beside `dest`, verifies size and digest, then renames."""
-    call = stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=sha256),
-                              **call_options(FETCH_TIMEOUT_S))
-    tmp = dest.with_name(f".{sha256}.{uuid.uuid4().hex}.part")
-    digest = hashlib.sha256()
-    size = 0
-    expected_size: int | None = None
-    try:
-        with tmp.open("wb") as out:
-            async for message in call:
-                kind = message.WhichOneof("kind")
-                if expected_size is None:
-                    if kind != "header":
-                        raise Unavailable(f"artifact {sha256}: the registry sent bytes before the header")
-                    expected_size = message.header.size_bytes
-                    continue
-                if kind != "chunk":
-                    raise Unavailable(f"artifact {sha256}: the registry sent a second header")
-                digest.update(message.chunk)
-                size += len(message.chunk)
-                await asyncio.to_thread(out.write, message.chunk)
-            await asyncio.to_thread(_sync, out)
-        if expected_size is None:
-            raise Unavailable(f"artifact {sha256}: the registry sent nothing")
-        if size != expected_size or digest.hexdigest() != sha256:
-            raise Unavailable(f"artifact {sha256}: received {size} bytes hashing to {digest.hexdigest()}, "
-                              f"expected {expected_size} bytes")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sync(out: IO[bytes]) -> None:
-    out.flush()
-    os.fsync(out.fileno())
+        try:
+            return await fetch_to_cache(self._resolver, sha256, cache_dir)
+        except NotFound:
+            # The registry resolved a version whose blob it lacks: its state is inconsistent, not our input.
+            raise FailedPrecondition(f"artifact {sha256} is missing from the registry") from None
 
 
 class TokenizerCache:
