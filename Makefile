@@ -43,6 +43,7 @@ lint: venv
 	$(BIN)/mypy services bench
 
 bench: venv model consul
+	$(BIN)/pip install -q -e '.[bench,model]'
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
 
 clean:

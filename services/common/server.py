@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common.config import ServiceConfig
-from services.common.discovery import CHANNEL_OPTIONS, ConsulRegistration, Mesh
+from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.rpc import ServerInterceptor
 from services.common.telemetry import setup_metrics, setup_tracing
 
@@ -121,7 +121,7 @@ async def start_service(
                              meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
     parts = build(runtime)
     server = grpc.aio.server(interceptors=[ServerInterceptor(config.service, runtime.tracer)],
-                             options=CHANNEL_OPTIONS)
+                             options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add, servicer, _ in parts.servicers:
