@@ -22,9 +22,9 @@ from enum import Enum
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
-from services.inference.onnx_model import OnnxDecoder
+from services.inference.onnx_model import KV, OnnxDecoder
 from services.inference.prefix_cache import PrefixCache
-from services.inference.sampling import Sampled, Sampler, SamplingConfig
+from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
 
 log = logging.getLogger("lmesh.inference.engine")
 
@@ -279,44 +279,79 @@ class Engine:
     # ---- model work (worker thread) ---------------------------------------------------------------------
 
     def _step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
-        """One engine step: prefill chunks within the step's token budget, then one decode for the batch."""
+        """One engine step: prompt chunks within the step's token budget (one run), then one decode run."""
         results: list[tuple[Sequence, Sampled]] = []
+        work: list[tuple[Sequence, int, int]] = []
         budget = self.limits.prefill_chunk
         for seq in prefilling:
             if budget <= 0:
                 break
             if seq.cancelled:
                 continue
-            sampled, used = self._prefill_chunk(seq, budget)
-            budget -= used
-            if sampled is not None:
-                results.append((seq, sampled))
+            if seq.prefilled == 0:
+                self._reuse_prefix(seq)
+            start = seq.prefilled
+            end = min(len(seq.request.prompt_ids), start + budget)
+            work.append((seq, start, end))
+            budget -= end - start
+        if work:
+            for (seq, _, end), (logits, kv) in zip(work, self._prefill(work), strict=True):
+                seq.kv = kv
+                seq.prefilled = seq.past_len = end
+                if not seq.prefilling:
+                    seq.prefill_end_ns = time.time_ns()
+                    if self.prefix_cache.max_bytes > 0:
+                        self.prefix_cache.insert(seq.request.prompt_ids, [self.model.to_numpy(t) for t in kv])
+                    results.append((seq, seq.sampler.sample(logits)))
         decoding = [s for s in decoding if not s.cancelled]
         if decoding:
             results.extend(zip(decoding, self._decode(decoding), strict=True))
         return results
 
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> tuple[Sampled | None, int]:
-        """Runs the next chunk of a prompt; returns the first token once the whole prompt is in."""
-        prompt = seq.request.prompt_ids
-        if seq.prefilled == 0:
-            seq.prefill_start_ns = time.time_ns()
-            cached, kv = self.prefix_cache.lookup(prompt)
-            if kv is not None:
-                seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached
-        start = seq.prefilled
-        end = min(len(prompt), start + budget)
-        ids = np.asarray([prompt[start:end]], dtype=np.int64)
-        out = self.model.run(ids, np.ones((1, end), dtype=np.int64), np.arange(start, end, dtype=np.int64)[None, :],
-                             seq.kv if seq.kv is not None else self.model.empty_past())
-        seq.kv = out.presents
-        seq.prefilled = seq.past_len = end
-        if end < len(prompt):
-            return None, end - start
-        seq.prefill_end_ns = time.time_ns()
-        if self.prefix_cache.max_bytes > 0:
-            self.prefix_cache.insert(prompt, [self.model.to_numpy(t) for t in out.presents])
-        return seq.sampler.sample(out.logits[0]), end - start
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        seq.prefill_start_ns = time.time_ns()
+        cached, kv = self.prefix_cache.lookup(seq.request.prompt_ids)
+        if kv is not None:
+            seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached
+
+    def _prefill(self, work: list[tuple[Sequence, int, int]]) -> list[tuple[np.ndarray, list[KV]]]:
+        """Runs prompt chunks [start, end) of several sequences in one run; returns last logits and KV per row.
+
+        Each row is laid out [past padding | past | chunk padding | chunk]: padding is masked out, positions
+        are per row, and the chunk's last token sits in the last column for every row.
+        """
+        if len(work) == 1:
+            seq, start, end = work[0]
+            ids = np.asarray([seq.request.prompt_ids[start:end]], dtype=np.int64)
+            out = self.model.run(ids, np.ones((1, end), dtype=np.int64),
+                                 np.arange(start, end, dtype=np.int64)[None, :],
+                                 seq.kv if seq.kv is not None else self.model.empty_past())
+            return [(out.logits[0], out.presents)]
+        rows = len(work)
+        past = max(start for _, start, _ in work)
+        width = max(end - start for _, start, end in work)
+        ids = np.zeros((rows, width), dtype=np.int64)
+        positions = np.zeros((rows, width), dtype=np.int64)
+        mask = np.zeros((rows, past + width), dtype=np.int64)
+        shape = (rows, self.model.num_kv_heads, past, self.model.head_dim)
+        packed = [np.zeros(shape, dtype=self.model.kv_dtype) for _ in range(2 * self.model.num_layers)]
+        for row, (seq, start, end) in enumerate(work):
+            length = end - start
+            ids[row, width - length:] = seq.request.prompt_ids[start:end]
+            positions[row, width - length:] = np.arange(start, end)
+            mask[row, past - start:past] = 1
+            mask[row, past + width - length:] = 1
+            if start:
+                assert seq.kv is not None
+                for layer, tensor in enumerate(seq.kv):
+                    packed[layer][row, :, past - start:, :] = self.model.to_numpy(tensor)[0]
+        out = self.model.run(ids, mask, positions, packed)
+        presents = [self.model.to_numpy(t) for t in out.presents]
+        results: list[tuple[np.ndarray, list[KV]]] = []
+        for row in range(rows):
+            keep = np.flatnonzero(mask[row])
+            results.append((out.logits[row], [np.ascontiguousarray(p[row:row + 1, :, keep, :]) for p in presents]))
+        return results
 
     def _decode(self, seqs: list[Sequence]) -> list[Sampled]:
         batch = self._batch
@@ -334,7 +369,15 @@ class Engine:
         batch.width = width + 1
         for seq in seqs:
             seq.past_len += 1
-        return [seq.sampler.sample(out.logits[row]) for row, seq in enumerate(seqs)]
+        fast = [row for row, seq in enumerate(seqs) if seq.sampler.plain_greedy]
+        sampled: list[Sampled | None] = [None] * rows
+        if fast:
+            for row, result in zip(fast, greedy_rows(out.logits[fast]), strict=True):
+                sampled[row] = result
+        for row, seq in enumerate(seqs):
+            if sampled[row] is None:
+                sampled[row] = seq.sampler.sample(out.logits[row])
+        return [s for s in sampled if s is not None]
 
     def _repack(self, seqs: list[Sequence]) -> _Batch:
         """Packs the rows' caches left-padded into one batch cache (only when membership changed)."""

@@ -63,6 +63,11 @@ class Sampler:
         self._rng = np.random.default_rng(config.seed if config.seed else None)
         self._seen = np.unique(np.asarray(prompt_ids, dtype=np.int64)) if config.repetition_penalty != 1.0 else None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing per-sequence to apply: the engine samples such rows together, vectorized."""
+        return self.config.greedy and self._seen is None and not self.top_logprobs
+
     def sample(self, logits: np.ndarray) -> Sampled:
         config = self.config
         scores = logits.astype(np.float32, copy=True)
@@ -103,3 +108,11 @@ class Sampler:
         probs = np.exp(weights - np.max(weights))
         probs /= probs.sum()
         return int(candidates[self._rng.choice(probs.size, p=probs)])
+
+
+def greedy_rows(logits: np.ndarray) -> list[Sampled]:
+    """Argmax and its logprob for every row of [B, V] logits at once (the plain-greedy fast path)."""
+    tokens = np.argmax(logits, axis=1)
+    best = logits[np.arange(logits.shape[0]), tokens]
+    log_norm = np.log(np.sum(np.exp(logits - best[:, None]), axis=1))
+    return [Sampled(token_id=int(t), logprob=float(-z), top=[]) for t, z in zip(tokens, log_norm, strict=True)]
