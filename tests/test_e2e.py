@@ -385,3 +385,10 @@ async def test_client_deadline_reaches_the_engine(live: LiveMesh) -> None:
         await collect(stub, start(LONG_TASK, max_tokens=400), live.api_key, timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3
+
+
+async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
+    """Runs last: after everything above (bad input, cancels, kills, drains), no service logged a bug."""
+    for name in live.procs.processes:
+        log = live.procs.log(name)
+        assert "Traceback" not in log and " ERROR " not in log, f"{name}:\n{log[-3000:]}"

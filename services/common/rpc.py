@@ -7,7 +7,6 @@ trace id, and its traceback goes to the log only.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import time
@@ -78,14 +77,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_name}
         parent = extract_context(metadata)
 
-        def start(context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
+        def start(context: grpc.aio.ServicerContext) -> tuple[trace.Span, otel_context.Context]:
             remaining = context.time_remaining()
             _deadline.set(None if remaining is None else time.monotonic() + remaining)
             span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-            token = otel_context.attach(trace.set_span_in_context(span))
-            return span, token
+            return span, trace.set_span_in_context(span)
 
-        async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: BaseException) -> None:
+        async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
             code, message, trailers = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (trace_id=%s)", method, current_trace_id(), exc_info=exc)
@@ -95,24 +93,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 context.set_trailing_metadata(trailers)
             await context.abort(code, message)
 
-        def finish(span: trace.Span, token: object) -> None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-            span.end()
-
         if handler.unary_unary or handler.stream_unary:
             is_stream_in = handler.unary_unary is None
             inner_unary = handler.stream_unary if is_stream_in else handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                span, token = start(context)
+                span, span_context = start(context)
+                token = otel_context.attach(span_context)
                 try:
                     return await inner_unary(request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
+                except grpc.aio.AbortError:
                     raise
-                except BaseException as exc:
+                except Exception as exc:
                     await fail(context, span, exc)
                 finally:
-                    finish(span, token)
+                    otel_context.detach(token)
+                    span.end()
 
             factory = grpc.stream_unary_rpc_method_handler if is_stream_in else grpc.unary_unary_rpc_method_handler
             return factory(unary, request_deserializer=handler.request_deserializer,
@@ -122,16 +118,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.stream_stream if is_stream_in else handler.unary_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            span, token = start(context)
+            span, span_context = start(context)
+            responses = inner_stream(request, context)
             try:
-                async for response in inner_stream(request, context):
+                while True:
+                    # The span is current only while the servicer runs: between messages this generator may
+                    # be resumed or closed from another task, where a context token could not be detached.
+                    token = otel_context.attach(span_context)
+                    try:
+                        response = await anext(responses)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        otel_context.detach(token)
                     yield response
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+            except grpc.aio.AbortError:
                 raise
-            except BaseException as exc:
+            except Exception as exc:
                 await fail(context, span, exc)
             finally:
-                finish(span, token)
+                await responses.aclose()  # the servicer's own cleanup (cancel upstream calls) runs now
+                span.end()
 
         factory = grpc.stream_stream_rpc_method_handler if is_stream_in else grpc.unary_stream_rpc_method_handler
         return factory(streaming, request_deserializer=handler.request_deserializer,
