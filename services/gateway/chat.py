@@ -22,7 +22,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from opentelemetry import trace
 
 from services.common.discovery import Mesh
-from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, Unauthenticated, Unavailable
 from services.common.rpc import call_options
 from services.gateway.models import ModelDirectory
 from services.gateway.stops import StopMatcher
@@ -231,6 +231,3 @@ class ChatService:
 def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
-
-__all__ = ["ChatDelta", "ChatEnd", "ChatParams", "ChatService", "LmeshError", "bearer_key", "new_completion_id",
-           "validate"]

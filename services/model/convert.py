@@ -737,6 +737,8 @@ def build_model(out_dir: Path, *, int8: bool = False, force: bool = False) -> Pa
         _require("onnxruntime", "onnx", "tokenizers", "tqdm")
         if fp32 is None:
             _require("torch", "transformers", "gguf")
+        if int8:
+            _require("onnx_ir")  # ONNX Runtime's weight-only quantizer imports it without declaring it
         _build(out_dir, gguf, gguf_sha, rebuild_fp32=fp32 is None, int8=int8)
     return out_dir
 
