@@ -7,6 +7,8 @@ recovery of inference, graceful drain, and bad input at the public API.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
-from tests.harness import MeshProcesses
+from tests.harness import ROOT, MeshProcesses
 from tests.otlp import OtlpReceiver
 
 SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
@@ -385,6 +387,35 @@ async def test_client_deadline_reaches_the_engine(live: LiveMesh) -> None:
         await collect(stub, start(LONG_TASK, max_tokens=400), live.api_key, timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3
+
+
+async def run_cli(live: LiveMesh, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**live.procs.env(), "LMESH_HOME": str(live.procs.home / "cli")}
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", *args], env=env,
+                                   capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
+    created = await run_cli(live, "keys", "create", "--tenant", "cli-team")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("lmk_") and " " not in key
+    answer = await run_cli(live, "chat", "--key", key, "--max-tokens", "48", FRANCE)
+    assert answer.returncode == 0, answer.stderr
+    assert "Paris" in answer.stdout
+    listed = await run_cli(live, "models", "list")
+    assert "smollm2-135m-instruct:1" in listed.stdout and "default" in listed.stdout
+    keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
+    assert "cli-team" in keys.stdout and key not in keys.stdout
+
+
+async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:
+    unknown = await run_cli(live, "chat", "--key", live.api_key, "--model", "no-such-model", "hi")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().count("\n") == 0 and "NOT_FOUND" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    no_key = await run_cli(live, "chat", "hi")
+    assert no_key.returncode == 2 and "API key" in no_key.stderr and "Traceback" not in no_key.stderr
 
 
 async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
