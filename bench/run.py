@@ -46,10 +46,16 @@ class Plan:
     rounds: int  # measured runs per concurrency level above 1
     cancel_trials: int
     warm_up_tokens: int = 8
+    # Requests of the mixed-length workload (answers of different lengths, as chat traffic has).
+    mixed_requests: int = 48
 
 
 FULL = Plan(max_tokens=64, single_prompts=16, levels=(1, 4, 16), rounds=3, cancel_trials=5)
-QUICK = Plan(max_tokens=16, single_prompts=2, levels=(1, 4, 16), rounds=1, cancel_trials=2, warm_up_tokens=4)
+QUICK = Plan(max_tokens=16, single_prompts=2, levels=(1, 4, 16), rounds=1, cancel_trials=2, warm_up_tokens=4,
+             mixed_requests=16)
+# Lengths of the mixed workload, cycled and scaled to the plan's max_tokens (mean = max_tokens): a static batch
+# runs until its longest request ends, continuous batching refills a slot as soon as a request ends.
+MIXED_LENGTHS = (16, 128, 32, 96, 48, 64)
 
 
 def _results(reply: dict[str, Any], indices: list[int]) -> list[StreamResult]:
@@ -94,6 +100,8 @@ async def bench(model_dir: Path, plan: Plan, profile: bool) -> dict[str, Any]:
     lmesh = {c: Row(LMESH, c) for c in plan.levels}
     top = max(plan.levels)
     genai_batch = Row(f"{GENAI} (static batch)", top)
+    lmesh_mixed = Row(f"{LMESH}, mixed lengths (continuous)", top)
+    genai_mixed = Row(f"{GENAI}, mixed lengths (static batches)", top)
     cancel: list[dict[str, Any]] = []
     workers: list[WorkerProcess] = []
 
@@ -154,6 +162,9 @@ async def bench(model_dir: Path, plan: Plan, profile: bool) -> dict[str, Any]:
                     if batch_worker:
                         reply = await batch_worker.generate([prompts[i] for i in indices], n)
                         genai_batch.add_run(_results(reply, indices), reply["wall_s"])
+                if c == top and plan.mixed_requests:
+                    log(f"mixed-length workload: {plan.mixed_requests} requests, {c} at a time")
+                    await mixed_workload(mesh, batch_worker, prompts, plan, c, lmesh_mixed, genai_mixed)
                 lmesh[c].peak_rss_mb = inference.peak_rss_mb()
                 if profile and c == top:
                     async with profiling(inference.pid, f"lmesh-{c}", out_dir, profiles):
@@ -172,8 +183,16 @@ async def bench(model_dir: Path, plan: Plan, profile: bool) -> dict[str, Any]:
         if row.streams > 1:
             row.note = (f"{plan.rounds} run(s) of {row.streams} streams at once, each stream its own prompt; "
                         "= ref compares the streams whose prompt the in-process loop also ran")
-    rows = [r for r in (ref, genai1, genai_batch, *lmesh.values()) if r.results]
+    lmesh_mixed.note = (f"{plan.mixed_requests} requests of {sorted(set(mixed_lengths(plan)))} tokens; lmesh keeps "
+                        f"{top} in flight (a slot is refilled when a request ends), genai runs them in arrival "
+                        f"order in static batches of {top}, each until its longest request ends; only each "
+                        "request's own tokens count")
+    rows = [r for r in (ref, genai1, genai_batch, *lmesh.values(), genai_mixed, lmesh_mixed) if r.results]
     checks = make_checks(ref, lmesh[1] if 1 in lmesh else None, lmesh[top], genai_batch, cancel, top)
+    if lmesh_mixed.results and genai_mixed.results:
+        value = lmesh_mixed.tokens_per_s / genai_mixed.tokens_per_s
+        checks.insert(3, Check(f"{LMESH} / {GENAI}, mixed lengths, {top} at a time (tok/s)", value, "≥ 1.5",
+                               value >= 1.5))
     header = {
         "model": f"{mesh.model_id} (fp32 ONNX, {model_dir})",
         "max_tokens": n,
@@ -186,6 +205,35 @@ async def bench(model_dir: Path, plan: Plan, profile: bool) -> dict[str, Any]:
     }
     return {"header": header, "rows": [r.to_json(reference) for r in rows], "checks": [c.to_json() for c in checks],
             "cancel": cancel, "notes": notes, "profiles": profiles}
+
+
+def mixed_lengths(plan: Plan) -> list[int]:
+    return [max(1, MIXED_LENGTHS[j % len(MIXED_LENGTHS)] * plan.max_tokens // 64) for j in range(plan.mixed_requests)]
+
+
+async def mixed_workload(mesh: BenchMesh, genai: WorkerProcess | None, prompts: list[list[int]], plan: Plan,
+                         slots: int, lmesh_row: Row, genai_row: Row) -> None:
+    """The same requests, of different lengths, through lmesh (continuous) and genai (static batches)."""
+    requests = [(j % len(prompts), prompts[j % len(prompts)], length)
+                for j, length in enumerate(mixed_lengths(plan))]
+    gate = asyncio.Semaphore(slots)
+
+    async def one(index: int, prompt: list[int], length: int) -> StreamResult:
+        async with gate:
+            return await mesh.generate(index, prompt, length)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(*request) for request in requests))
+    lmesh_row.add_run(list(results), time.perf_counter() - started)
+    if genai is None:
+        return
+    for k in range(0, len(requests), slots):
+        batch = requests[k:k + slots]
+        reply = await genai.generate([p for _, p, _ in batch], max(length for _, _, length in batch))
+        genai_row.add_run([StreamResult(i, tokens[:length], ttft, itl[: max(0, length - 1)])
+                           for (i, _, length), tokens, ttft, itl
+                           in zip(batch, reply["tokens"], reply["ttft_s"], reply["itl_s"], strict=True)],
+                          reply["wall_s"])
 
 
 def make_checks(ref: Row, one: Row | None, top_row: Row, genai_batch: Row, cancel: list[dict[str, Any]],

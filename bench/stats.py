@@ -54,7 +54,9 @@ class Row:
     def greedy_match(self, reference: dict[int, list[int]]) -> tuple[int, int]:
         """(streams whose tokens equal the in-process loop's for the same prompt, streams compared)."""
         compared = [r for r in self.results if r.prompt_index in reference]
-        same = sum(1 for r in compared if r.tokens == reference[r.prompt_index][: len(r.tokens)])
+        # Over the shorter of the two: runs of different lengths share their common beginning.
+        same = sum(1 for r in compared
+                   if r.tokens[: len(reference[r.prompt_index])] == reference[r.prompt_index][: len(r.tokens)])
         return same, len(compared)
 
     def to_json(self, reference: dict[int, list[int]]) -> dict[str, Any]:
