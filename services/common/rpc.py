@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common.errors import RELAYED_UPSTREAM_CODES, LmeshError
+from services.common.errors import RELAYED_UPSTREAM_CODES, InvalidArgument, LmeshError
 from services.common.telemetry import current_trace_id, extract_context, inject_metadata
 
 log = logging.getLogger("lmesh.rpc")
@@ -44,6 +44,19 @@ def call_options(timeout: float | None = None) -> dict[str, Any]:
     if left is not None:
         timeout = left if timeout is None else min(timeout, left)
     return {"metadata": inject_metadata(), "timeout": timeout}
+
+
+async def first_message(requests: AsyncIterator[Any], kind: str = "start") -> Any:
+    """The first message of a client stream, which must set the oneof field `kind` (INVALID_ARGUMENT otherwise).
+
+    Returns the message's `kind` field; later messages stay readable from the same iterator.
+    """
+    first = await anext(aiter(requests), None)
+    if first is None:
+        raise InvalidArgument(kind, f"the stream ended before a {kind} message")
+    if first.WhichOneof("kind") != kind:
+        raise InvalidArgument(kind, f"the first message must carry {kind}")
+    return getattr(first, kind)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:

@@ -10,7 +10,7 @@ import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgument
+from services.common.rpc import first_message
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, bearer_key, new_completion_id, validate
 
 _REASON_NAMES = {
@@ -35,13 +35,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Chat(self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.ChatResponse]:
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            raise InvalidArgument("start", "the stream ended before a start message") from None
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgument("start", "the first message must be start (a cancel may only follow it)")
-        params = _params(first.start)
+        params = _params(await first_message(request_iterator, "start"))
         api_key = bearer_key(context.invocation_metadata())
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", params.model)
@@ -61,14 +55,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         return
 
         watcher = asyncio.create_task(watch_client())
-        first_message = True
+        first_delta = True
         try:
             async for event in self._chat.generate(version, prompt, max_tokens, params, cancel):
                 if isinstance(event, ChatDelta):
                     response = gateway_pb2.ChatResponse(delta=event.text)
-                    if first_message:
+                    if first_delta:
                         response.model, response.id = model_id, completion_id
-                        first_message = False
+                        first_delta = False
                     yield response
                 elif isinstance(event, ChatEnd):
                     usage = gateway_pb2.Usage(prompt_tokens=event.prompt_tokens,

@@ -13,6 +13,7 @@ from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry import trace
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.rpc import first_message
 from services.inference.engine import (
     Engine,
     ErrorEvent,
@@ -84,13 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request_iterator: AsyncIterator[inference_pb2.GenerateRequest],
                        context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            raise InvalidArgument("start", "the stream ended before a start message") from None
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgument("start", "the first message must be start")
-        start = first.start
+        start = await first_message(request_iterator, "start")
         if not start.model:
             raise InvalidArgument("model", "must not be empty")
         model = self._models.get(start.model)

@@ -10,6 +10,7 @@ import grpc
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.rpc import first_message
 from services.tokenizer.text import ChatMessage, IncrementalDetokenizer
 
 if TYPE_CHECKING:
@@ -62,11 +63,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[tokenizer_pb2.DetokenizeStreamResponse]:
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("kind") != "start":
-            raise InvalidArgument("start", "the first message must carry start")
-        tokenizer = await self._models.get(first.start.model)
-        detokenizer = IncrementalDetokenizer(tokenizer, first.start.skip_special_tokens)
+        start = await first_message(requests, "start")
+        tokenizer = await self._models.get(start.model)
+        detokenizer = IncrementalDetokenizer(tokenizer, start.skip_special_tokens)
         index = 0
         async for message in requests:
             index += 1
