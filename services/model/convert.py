@@ -109,13 +109,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached(out_dir: Path, gguf_sha: str, *, int8: bool) -> ModelManifest | None:
-    """The manifest of a complete, current build in out_dir, or None."""
+def _cached(out_dir: Path, gguf_sha: str | None, *, int8: bool) -> ModelManifest | None:
+    """The manifest of a complete, current build in out_dir, or None.
+
+    `gguf_sha` None (the source package is not installed) trusts the build's own record of its source.
+    """
     try:
         manifest = ModelManifest.load(out_dir, int8=int8)
     except ManifestError:
         return None
-    if manifest.converter_version != CONVERTER_VERSION or manifest.source.sha256 != gguf_sha:
+    if manifest.converter_version != CONVERTER_VERSION:
+        return None
+    if gguf_sha is not None and manifest.source.sha256 != gguf_sha:
         return None
     if not (manifest.model_path(out_dir).is_file() and manifest.tokenizer_path(out_dir).is_file()):
         return None
@@ -713,8 +718,13 @@ def _check_int8(out_dir: Path, manifest: ModelManifest, int8_path: Path) -> str:
 def build_model(out_dir: Path, *, int8: bool = False, force: bool = False) -> Path:
     """Builds (or finds cached) the ONNX model in out_dir and returns out_dir."""
     out_dir = Path(out_dir).expanduser().resolve()
-    gguf = find_gguf()
-    gguf_sha = sha256_file(gguf)
+    try:
+        gguf: Path | None = find_gguf()
+    except ConversionError:
+        # A machine with a cached build needs no source package (make model skips installing it);
+        # only a (re)build does, and that raises below.
+        gguf = None
+    gguf_sha = sha256_file(gguf) if gguf is not None else None
 
     def cached() -> tuple[ModelManifest | None, ModelManifest | None]:
         if force:
@@ -734,6 +744,9 @@ def build_model(out_dir: Path, *, int8: bool = False, force: bool = False) -> Pa
         if fp32 is not None and (q8 is not None or not int8):
             print(f"model cached at {out_dir}")
             return out_dir
+        if gguf is None or gguf_sha is None:
+            find_gguf()  # raises the one-line error that says what to install
+            raise AssertionError("unreachable")
         _require("onnxruntime", "onnx", "tokenizers", "tqdm")
         if fp32 is None:
             _require("torch", "transformers", "gguf")
