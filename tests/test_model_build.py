@@ -143,13 +143,13 @@ def test_left_padded_batch_matches_alone(built_model: Path) -> None:
 
 
 def test_cached_build_returns_without_torch(built_model: Path) -> None:
-    from services.model.convert import ConversionError, _cached, find_gguf, sha256_file
+    from services.model.convert import ConversionError, cached_build, find_gguf, sha256_file
 
     try:
         source_sha: str | None = sha256_file(find_gguf())
     except ConversionError:
         source_sha = None  # the source package is not installed: the cache must still be usable
-    if _cached(built_model, source_sha, int8=False) is None:
+    if cached_build(built_model, source_sha, int8=False) is None:
         pytest.skip("the build is stale for this converter: run `make model`")
     code = (
         "import sys; from pathlib import Path; from services.model.convert import build_model; "

@@ -8,21 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from services.model.manifest import CONVERTER_VERSION, ManifestError, ModelManifest
+from services.model.convert import cached_build
 
 
 def is_cached(model_dir: Path, *, int8: bool = False) -> bool:
     variants = [False, True] if int8 else [False]
-    for variant in variants:
-        try:
-            manifest = ModelManifest.load(model_dir, int8=variant)
-        except ManifestError:
-            return False
-        if manifest.converter_version != CONVERTER_VERSION:
-            return False
-        if not (manifest.model_path(model_dir).is_file() and manifest.tokenizer_path(model_dir).is_file()):
-            return False
-    return True
+    return all(cached_build(model_dir, None, int8=variant) is not None for variant in variants)
 
 
 def main(argv: list[str]) -> int:

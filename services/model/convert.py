@@ -109,7 +109,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached(out_dir: Path, gguf_sha: str | None, *, int8: bool) -> ModelManifest | None:
+def cached_build(out_dir: Path, gguf_sha: str | None, *, int8: bool) -> ModelManifest | None:
     """The manifest of a complete, current build in out_dir, or None.
 
     `gguf_sha` None (the source package is not installed) trusts the build's own record of its source.
@@ -729,8 +729,8 @@ def build_model(out_dir: Path, *, int8: bool = False, force: bool = False) -> Pa
     def cached() -> tuple[ModelManifest | None, ModelManifest | None]:
         if force:
             return None, None
-        fp32 = _cached(out_dir, gguf_sha, int8=False)
-        return fp32, (_cached(out_dir, gguf_sha, int8=True) if fp32 is not None and int8 else None)
+        fp32 = cached_build(out_dir, gguf_sha, int8=False)
+        return fp32, (cached_build(out_dir, gguf_sha, int8=True) if fp32 is not None and int8 else None)
 
     # Fast path, before any heavy import: a complete current build is reused as is.
     fp32, q8 = cached()
