@@ -418,6 +418,17 @@ async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:
     assert no_key.returncode == 2 and "API key" in no_key.stderr and "Traceback" not in no_key.stderr
 
 
+
+async def test_concurrent_chats_are_batched_without_changing_answers(live: LiveMesh) -> None:
+    alone = "".join(r.delta for r in await collect(await live.gateway(), start(max_tokens=32), live.api_key))
+    others = [start("Name three colors.", max_tokens=32), start(LONG_TASK, max_tokens=32)]
+    requests = [start(max_tokens=32) for _ in range(6)] + others
+    stub = await live.gateway()
+    results = await asyncio.gather(*(collect(stub, r, live.api_key) for r in requests))
+    answers = ["".join(r.delta for r in responses) for responses in results]
+    assert answers[:6] == [alone] * 6
+    assert all(responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED for responses in results)
+
 async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
     """Runs last: after everything above (bad input, cancels, kills, drains), no service logged a bug."""
     for name in live.procs.processes:
