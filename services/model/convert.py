@@ -490,7 +490,7 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
     import numpy as np
     import torch
 
-    from services.model.reference import empty_past, run_step
+    from services.model.reference import decode_step, empty_past, prefill, run_step
 
     session = _ort_session(path)
     _check_io(session, manifest)
@@ -502,15 +502,7 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
         return out.logits.numpy(), out.cache
 
     def ort_alone(ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        n = len(ids)
-        return run_step(
-            session,
-            manifest,
-            np.asarray([ids], np.int64),
-            np.ones((1, n), np.int64),
-            np.arange(n, dtype=np.int64)[None],
-            empty_past(manifest, 1),
-        )
+        return prefill(session, manifest, ids)
 
     # 1. Prefill with an empty past, then greedy decode steps (seq=1) over the growing past.
     ids = _chat_ids(tokenizer, CHECK_PROMPT)
@@ -521,14 +513,7 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
         token = int(ref_logits[0, -1].argmax())
         ids.append(token)
         n = len(ids)
-        ort_logits, past = run_step(
-            session,
-            manifest,
-            np.asarray([[token]], np.int64),
-            np.ones((1, n), np.int64),
-            np.asarray([[n - 1]], np.int64),
-            past,
-        )
+        ort_logits, past = decode_step(session, manifest, token, n, past)
         ref_logits, cache = torch_step(np.asarray([[token]], np.int64), cache)
         diffs.append(_close(f"decode step {step + 1}", ort_logits, ref_logits))
         shape = past["past_key_values.0.key"].shape
@@ -696,23 +681,14 @@ def _check_int8(out_dir: Path, manifest: ModelManifest, int8_path: Path) -> str:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from services.model.reference import empty_past, greedy_with_session, render_chat, run_step
+    from services.model.reference import greedy_with_session, prefill, render_chat
 
     tok = Tokenizer.from_file(str(manifest.tokenizer_path(out_dir)))
     fp32 = _ort_session(out_dir / manifest.model_file)
     int8 = _ort_session(int8_path)
 
     def logits(session: Any, ids: list[int]) -> Any:
-        n = len(ids)
-        out, _ = run_step(
-            session,
-            manifest,
-            np.asarray([ids], np.int64),
-            np.ones((1, n), np.int64),
-            np.arange(n, dtype=np.int64)[None],
-            empty_past(manifest, 1),
-        )
-        return out[0]
+        return prefill(session, manifest, ids)[0][0]
 
     top1 = top5 = total = 0
     prompts: list[list[int]] = []

@@ -70,6 +70,20 @@ def run_step(
     return by_name["logits"], new_past
 
 
+def prefill(session: Any, manifest: ModelManifest, ids: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One prompt from an empty past."""
+    n = len(ids)
+    return run_step(session, manifest, np.asarray([list(ids)], np.int64), np.ones((1, n), np.int64),
+                    np.arange(n, dtype=np.int64)[None], empty_past(manifest, 1))
+
+
+def decode_step(session: Any, manifest: ModelManifest, token: int, total: int,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One token at position total - 1 over a past of total - 1 tokens."""
+    return run_step(session, manifest, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
+                    np.asarray([[total - 1]], np.int64), past)
+
+
 def greedy_with_session(
     session: Any,
     manifest: ModelManifest,
@@ -82,16 +96,8 @@ def greedy_with_session(
     if not prompt_ids:
         raise ValueError("prompt_ids must not be empty")
     eos = set(manifest.eos_token_ids)
-    ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-    total = ids.shape[1]
-    logits, past = run_step(
-        session,
-        manifest,
-        ids,
-        np.ones((1, total), np.int64),
-        np.arange(total, dtype=np.int64)[None],
-        empty_past(manifest, 1),
-    )
+    total = len(prompt_ids)
+    logits, past = prefill(session, manifest, prompt_ids)
     out: list[int] = []
     while len(out) < max_new_tokens:
         token = int(np.argmax(logits[0, -1]))
@@ -101,14 +107,7 @@ def greedy_with_session(
         if len(out) == max_new_tokens or total >= manifest.context_length:
             break
         total += 1
-        logits, past = run_step(
-            session,
-            manifest,
-            np.asarray([[token]], np.int64),
-            np.ones((1, total), np.int64),
-            np.asarray([[total - 1]], np.int64),
-            past,
-        )
+        logits, past = decode_step(session, manifest, token, total, past)
     return out
 
 
