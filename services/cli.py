@@ -94,7 +94,7 @@ def _chat(args: argparse.Namespace) -> int:
         if args.message:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
-                                          temperature=args.temperature)
+                                          temperature=args.temperature, logprobs=args.logprobs)
             return 0
         print(f"Chatting with {args.model or 'default'} through {gateway}. Empty line or Ctrl-D ends.")
         while True:
@@ -106,7 +106,8 @@ def _chat(args: argparse.Namespace) -> int:
                 return 0
             history.append(("user", line))
             answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
-                                                   max_tokens=args.max_tokens, temperature=args.temperature)
+                                                   max_tokens=args.max_tokens, temperature=args.temperature,
+                                                   logprobs=args.logprobs)
             history.append(("assistant", answer))
 
     return _run_async(go)
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--logprobs", type=int, default=None, metavar="N",
+                      help="after the answer, list each token's logprob and its N most likely alternatives (0-20)")
     chat.add_argument("--key", default=None, help="API key (default: $LMESH_API_KEY, then .lmesh/dev-api-key)")
     chat.add_argument("--gateway", default=None, help="gateway host:port (default: $LMESH_GATEWAY_ADDR, then Consul)")
     chat.set_defaults(func=_chat)

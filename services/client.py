@@ -38,12 +38,20 @@ async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
 
 
 async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tuple[str, str]], *,
-                                  model: str = "", max_tokens: int = 256, temperature: float = 0.0) -> str:
-    """Prints the answer as it streams; returns it."""
+                                  model: str = "", max_tokens: int = 256, temperature: float = 0.0,
+                                  logprobs: int | None = None) -> str:
+    """Prints the answer as it streams; returns it.
+
+    With `logprobs` (the number of alternatives, 0 to 20) a table follows: one line per token, its logprob
+    and the most likely alternatives.
+    """
     start = gateway_pb2.ChatStart(model=model, max_tokens=max_tokens, temperature=temperature,
-                                  messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages])
+                                  messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages],
+                                  logprobs=logprobs is not None, top_logprobs=logprobs or 0)
     pieces: list[str] = []
+    entries: list[gateway_pb2.TokenLogprob] = []
     async for response in chat(gateway, api_key, start):
+        entries.extend(response.logprobs)
         if response.delta:
             pieces.append(response.delta)
             sys.stdout.write(response.delta)
@@ -53,6 +61,9 @@ async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tup
             reason = gateway_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
             sys.stdout.write(f"\n[{response.model} · {reason} · {usage.prompt_tokens} prompt + "
                              f"{usage.completion_tokens} completion tokens]\n")
+    for entry in entries:
+        alternatives = "  ".join(f"{a.token!r} {a.logprob:.3f}" for a in entry.top_logprobs)
+        sys.stdout.write(f"{entry.token!r:>20} {entry.logprob:8.3f}  {alternatives}".rstrip() + "\n")
     return "".join(pieces)
 
 

@@ -140,6 +140,50 @@ async def test_chat_answers_paris_with_finish_and_usage(live: LiveMesh) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+async def test_chat_returns_each_tokens_logprob_and_top_alternatives(live: LiveMesh) -> None:
+    responses = await collect(await live.gateway(), start(max_tokens=64, logprobs=True, top_logprobs=3),
+                              live.api_key)
+    last = responses[-1]
+    assert last.finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+    entries = [e for r in responses for e in r.logprobs]
+    assert len(entries) == last.usage.completion_tokens  # the end-of-turn token is not among them
+    text = "".join(r.delta for r in responses)
+    assert "Paris" in text
+    assert b"".join(e.bytes for e in entries).decode() == text
+    sent_text = sent_bytes = 0
+    for response in responses:  # an entry never rides on a message before the one completing its text
+        sent_text += len(response.delta.encode())
+        sent_bytes += sum(len(e.bytes) for e in response.logprobs)
+        assert sent_bytes <= sent_text
+    for entry in entries:
+        assert entry.logprob <= 0.0
+        assert entry.token == entry.bytes.decode("utf-8", errors="replace")
+        top = entry.top_logprobs
+        assert len(top) == 3
+        assert [a.logprob for a in top] == sorted((a.logprob for a in top), reverse=True)
+        assert top[0].token_id == entry.token_id and top[0].bytes == entry.bytes  # greedy: the most likely
+        assert abs(top[0].logprob - entry.logprob) < 1e-5
+    # Without logprobs: none, and the same greedy answer.
+    plain = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
+    assert not any(r.logprobs for r in plain)
+    assert "".join(r.delta for r in plain) == text
+    # Logprobs alone: no alternatives.
+    alone = await collect(await live.gateway(), start(max_tokens=8, logprobs=True), live.api_key)
+    assert [len(e.top_logprobs) for r in alone for e in r.logprobs] == [0] * alone[-1].usage.completion_tokens
+
+
+async def test_chat_logprobs_end_with_the_token_that_completed_a_stop_string(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    full = [e for r in await collect(stub, start(max_tokens=64, logprobs=True), live.api_key) for e in r.logprobs]
+    responses = await collect(stub, start(max_tokens=64, stop=["Paris"], logprobs=True), live.api_key)
+    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    entries = [e for r in responses for e in r.logprobs]
+    assert [e.token_id for e in entries] == [e.token_id for e in full[:len(entries)]]
+    spelled = b"".join(e.bytes for e in entries)
+    assert b"Paris" in spelled and b"Paris" not in b"".join(e.bytes for e in entries[:-1])  # the last completed it
+    assert spelled.decode().startswith("".join(r.delta for r in responses))
+
+
 async def test_max_tokens_ends_with_length(live: LiveMesh) -> None:
     responses = await collect(await live.gateway(), start(LONG_TASK, max_tokens=5), live.api_key)
     assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH
@@ -221,6 +265,9 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         ([start(temperature=3.0)], key, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         ([start(top_p=1.5)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ([start(stop=["a", "b", "c", "d", "e"])], key, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        ([start(logprobs=True, top_logprobs=21)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+        ([start(logprobs=True, top_logprobs=-1)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+        ([start(top_logprobs=3)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
     ]
     for requests, metadata, code, field in cases:
         error = await expect_error(stub, requests, metadata)
@@ -403,6 +450,13 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     answer = await run_cli(live, "chat", "--key", key, "--max-tokens", "48", FRANCE)
     assert answer.returncode == 0, answer.stderr
     assert "Paris" in answer.stdout
+    detailed = await run_cli(live, "chat", "--key", key, "--max-tokens", "6", "--logprobs", "2", FRANCE)
+    assert detailed.returncode == 0, detailed.stderr
+    lines = detailed.stdout.splitlines()
+    footer = next(i for i, line in enumerate(lines) if line.startswith("[smollm2-135m-instruct:1 "))
+    assert "6 completion tokens" in lines[footer]
+    table = lines[footer + 1:]  # a token, its logprob, then two alternatives with theirs
+    assert len(table) == 6 and all(float(line.split()[-1]) <= 0 for line in table), table
     listed = await run_cli(live, "models", "list")
     assert "smollm2-135m-instruct:1" in listed.stdout and "default" in listed.stdout
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")

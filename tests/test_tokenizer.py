@@ -24,7 +24,7 @@ from services.common.discovery import Mesh
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.server import RunningService, start_service
 from services.tokenizer.loader import TokenizerCache
-from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer
+from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer, build_vocabulary
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -142,6 +142,52 @@ def test_decode_rejects_ids_outside_the_vocabulary(small: ModelTokenizer, bad: i
 def test_vocab_size_counts_added_tokens(small: ModelTokenizer) -> None:
     assert small.vocab_size == 420
     assert small.decode([small.vocab_size - 1]) != ""
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+
+
+def test_vocabulary_holds_every_token_as_the_tokenizer_decodes_it(any_tokenizer: ModelTokenizer) -> None:
+    vocabulary = any_tokenizer.vocabulary()
+    assert len(vocabulary.token_bytes) == any_tokenizer.vocab_size
+    for token_id, data in enumerate(vocabulary.token_bytes):
+        assert data.decode("utf-8", errors="replace") == any_tokenizer.decode([token_id]), token_id
+    assert {0, IM_START, IM_END} <= set(vocabulary.special_token_ids)
+    assert vocabulary.token_bytes[IM_END] == b"<|im_end|>"
+    assert any_tokenizer.vocabulary() is vocabulary  # built once
+
+
+@pytest.mark.parametrize("text", [*SAMPLE_TEXTS, "Crème brûlée costs 12.50€ 🍮🇫🇷 in 2024, naïvely 😀"])
+def test_vocabulary_bytes_of_an_encoding_are_the_text(any_tokenizer: ModelTokenizer, text: str) -> None:
+    token_bytes = any_tokenizer.vocabulary().token_bytes
+    assert b"".join(token_bytes[i] for i in any_tokenizer.encode(text)).decode() == text
+
+
+def test_vocabulary_token_may_be_part_of_a_character(small: ModelTokenizer) -> None:
+    ids = small.encode("😀")  # never merged by the small BPE: one id per byte or two
+    parts = [small.vocabulary().token_bytes[i] for i in ids]
+    assert len(parts) >= 2 and b"".join(parts) == "😀".encode()
+    assert all("\ufffd" in part.decode("utf-8", errors="replace") for part in parts)
+
+
+def test_vocabulary_of_smollm2_words(built_model: Path) -> None:
+    tokenizer = _smollm2(built_model)
+    token_bytes = tokenizer.vocabulary().token_bytes
+    [paris] = tokenizer.encode(" Paris")
+    assert token_bytes[paris] == b" Paris"
+    assert [token_bytes[i] for i in tokenizer.encode("2024")] == [b"2", b"0", b"2", b"4"]  # digits split
+    assert list(tokenizer.vocabulary().special_token_ids) == list(range(17))
+
+
+def test_vocabulary_of_a_sentencepiece_style_tokenizer() -> None:
+    vocab = {"<unk>": 0, "<s>": 1, "<0xC3>": 2, "<0xA9>": 3, "\u2581Paris": 4, "caf": 5}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<s>"])
+    vocabulary = build_vocabulary(tokenizer)
+    assert vocabulary.token_bytes == [b"<unk>", b"<s>", b"\xc3", b"\xa9", b" Paris", b"caf"]
+    assert vocabulary.special_token_ids == [1]
 
 
 # ------------------------------------------------------------------------------------------ chat template
@@ -688,6 +734,17 @@ async def test_grpc_out_of_vocabulary_id_is_invalid_argument(services: Mesh2) ->
     for bad in (420, -3):
         call = services.stub.Decode(tpb.DecodeRequest(model="tiny", token_ids=[5, 6, bad]), timeout=10)
         await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "token_ids[2]", str(bad))
+
+
+async def test_grpc_get_vocabulary(services: Mesh2, small: ModelTokenizer) -> None:
+    response = await services.stub.GetVocabulary(tpb.GetVocabularyRequest(model="tiny-default"), timeout=10)
+    assert response.model == "tiny:1"
+    assert list(response.token_bytes) == small.vocabulary().token_bytes
+    assert list(response.special_token_ids) == [0, IM_START, IM_END]
+    await expect_error(services.stub.GetVocabulary(tpb.GetVocabularyRequest(model="no-such-model"), timeout=10),
+                       grpc.StatusCode.NOT_FOUND, "no-such-model")
+    await expect_error(services.stub.GetVocabulary(tpb.GetVocabularyRequest(model=""), timeout=10),
+                       grpc.StatusCode.INVALID_ARGUMENT, "model")
 
 
 async def test_grpc_real_smollm2_tokenizer(services: Mesh2, built_model: Path,

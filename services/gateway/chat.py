@@ -2,6 +2,7 @@
 
 The token path is pipelined: one task forwards token ids from inference to the tokenizer's
 DetokenizeStream while the caller reads text deltas from it, so no hop waits on another per token.
+Per-token logprobs ride along: chunk i's entries are matched with the detokenizer's response i.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import fnmatch
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -24,8 +25,8 @@ from opentelemetry import trace
 from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument, Unauthenticated, Unavailable
 from services.common.rpc import call_options
+from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
-from services.gateway.stops import StopMatcher
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
@@ -44,11 +45,14 @@ class ChatParams:
     seed: int
     repetition_penalty: float
     stop: list[str]
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
 class ChatDelta:
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class ChatEnd:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def validate(params: ChatParams) -> ChatParams:
@@ -80,6 +85,10 @@ def validate(params: ChatParams) -> ChatParams:
     for index, stop in enumerate(params.stop):
         if not 1 <= len(stop) <= MAX_STOP_CHARS:
             raise InvalidArgument(f"stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}")
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidArgument("top_logprobs", "needs logprobs set to true")
     return params
 
 
@@ -109,6 +118,7 @@ class ChatService:
         self._tokenizer = mesh.resolver("lmesh-tokenizer")
         self._inference = mesh.resolver("lmesh-inference")
         self.models = ModelDirectory(mesh.resolver("lmesh-registry"))
+        self.vocabularies = VocabularyCache(self._tokenizer)
         self._tracer = tracer
 
     async def authenticate(self, api_key: str) -> policy_pb2.Principal:
@@ -150,11 +160,13 @@ class ChatService:
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event) -> AsyncIterator[ChatDelta | ChatEnd]:
         model_id = f"{version.name}:{version.version}"
+        # Fetched once per model version; later requests find it cached.
+        vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
         endpoint = await self._inference.pick(lambda e: model_id in e.meta.get("models", "").split(","))
         generate_call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(**call_options())
         tokenizer = await self._tokenizer.pick()
         detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
-        stops = StopMatcher(params.stop)
+        answer = AnswerAssembler(params.stop, vocabulary)
         finish: list[inference_pb2.GenerateFinish] = []
         cancel_sent = asyncio.Event()
 
@@ -173,6 +185,7 @@ class ChatService:
             async for response in generate_call:
                 if response.HasField("tokens"):
                     ids = [t.token_id for t in response.tokens.tokens]
+                    answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
                     await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
                         tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
                 elif response.HasField("finish"):
@@ -186,7 +199,8 @@ class ChatService:
                 model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
                 sampling=inference_pb2.SamplingParams(
                     temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                    repetition_penalty=params.repetition_penalty)),
+                    repetition_penalty=params.repetition_penalty),
+                top_logprobs=params.top_logprobs),
             ))
             await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
                 start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
@@ -197,10 +211,10 @@ class ChatService:
                 lambda t: detokenize_call.cancel() if not t.cancelled() and t.exception() else None)
             try:
                 async for piece in detokenize_call:
-                    text = stops.feed(piece.delta) + (stops.flush() if piece.final else "")
+                    text, entries = answer.piece(piece.delta, piece.final)
                     if text:
-                        yield ChatDelta(text)
-                    if stops.stopped:
+                        yield ChatDelta(text, entries)
+                    if answer.stopped:
                         await send_cancel()
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 failure = pump_task.exception() if pump_task.done() and not pump_task.cancelled() else None
@@ -222,10 +236,10 @@ class ChatService:
         if not finish:
             raise Unavailable("the inference stream ended without a finish message")
         reason = finish[0].reason
-        if stops.stopped:
+        if answer.stopped:
             reason = inference_pb2.FINISH_REASON_STOP
         usage = finish[0].usage
-        yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens)
+        yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens, answer.rest())
 
 
 def new_completion_id() -> str:

@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from services.common.rpc import first_message
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, bearer_key, new_completion_id, validate
+from services.gateway.logprobs import TokenLogprob
 
 _REASON_NAMES = {
     gateway_pb2.FINISH_REASON_STOP: "stop",
@@ -26,7 +27,19 @@ def _params(start: gateway_pb2.ChatStart) -> ChatParams:
         messages=[(m.role, m.content) for m in start.messages],
         max_tokens=start.max_tokens, temperature=start.temperature, top_p=start.top_p, top_k=start.top_k,
         seed=start.seed, repetition_penalty=start.repetition_penalty, stop=list(start.stop),
+        logprobs=start.logprobs, top_logprobs=start.top_logprobs,
     ))
+
+
+def _logprobs(entries: list[TokenLogprob]) -> list[gateway_pb2.TokenLogprob]:
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", errors="replace")  # part of a character shows as U+FFFD
+
+    return [gateway_pb2.TokenLogprob(
+        token=text(e.chosen.data), bytes=e.chosen.data, token_id=e.chosen.token_id, logprob=e.chosen.logprob,
+        top_logprobs=[gateway_pb2.TopLogprob(token=text(a.data), bytes=a.data, token_id=a.token_id,
+                                             logprob=a.logprob) for a in e.top],
+    ) for e in entries]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -59,7 +72,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             async for event in self._chat.generate(version, prompt, max_tokens, params, cancel):
                 if isinstance(event, ChatDelta):
-                    response = gateway_pb2.ChatResponse(delta=event.text)
+                    response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
                     if first_delta:
                         response.model, response.id = model_id, completion_id
                         first_delta = False
@@ -72,7 +85,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     span.set_attributes({"gen_ai.usage.output_tokens": event.completion_tokens,
                                          "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]]})
                     yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
-                                                   model=model_id, id=completion_id)
+                                                   model=model_id, id=completion_id,
+                                                   logprobs=_logprobs(event.logprobs))
         finally:
             watcher.cancel()
 

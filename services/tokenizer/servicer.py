@@ -58,6 +58,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         text, ids = await _run(size, tokenizer.apply_chat_template, messages, request.add_generation_prompt)
         return tokenizer_pb2.ApplyChatTemplateResponse(text=text, token_ids=ids)
 
+    async def GetVocabulary(self, request: tokenizer_pb2.GetVocabularyRequest,
+                            context: grpc.aio.ServicerContext) -> tokenizer_pb2.GetVocabularyResponse:
+        tokenizer = await self._models.get(request.model)
+        vocabulary = await asyncio.to_thread(tokenizer.vocabulary)  # built once per version, off the loop
+        return tokenizer_pb2.GetVocabularyResponse(model=tokenizer.name, token_bytes=vocabulary.token_bytes,
+                                                   special_token_ids=vocabulary.special_token_ids)
+
     async def DetokenizeStream(
         self, request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeStreamRequest],
         context: grpc.aio.ServicerContext,

@@ -7,6 +7,7 @@ the server interceptor maps them to status codes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,70 @@ MAX_PENDING_IDS = 16
 # How far back from the end a held-back push looks for a clean split, so complete text before an
 # incomplete trailing character is not delayed (at most 3 bytes of a character can be pending).
 SPLIT_LOOKBACK_IDS = 4
+
+
+# SentencePiece's stand-in for a space, and its byte-fallback tokens (`<0xE2>`), for tokenizers not byte-level.
+SENTENCEPIECE_SPACE = "\u2581"
+BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+BYTE_LEVEL_CHAR_TO_BYTE = {char: byte for byte, char in _gpt2_bytes_to_unicode().items()}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Every token id's exact bytes (index = id), and the ids of special tokens."""
+
+    token_bytes: list[bytes]
+    special_token_ids: list[int]
+
+
+def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
+    """The types of a tokenizer.json `decoder`, looking inside `Sequence` decoders."""
+    if not decoder:
+        return set()
+    return {decoder.get("type", ""), *(t for d in decoder.get("decoders") or () for t in _decoder_types(d))}
+
+
+def build_vocabulary(tokenizer: Tokenizer) -> Vocabulary:
+    """The bytes each token id decodes to, exactly, one token at a time.
+
+    Byte-level BPE (GPT-2, SmolLM2): each character of a vocabulary entry stands for one byte through GPT-2's
+    bytes_to_unicode table, so a token may be part of a multi-byte character. SentencePiece-style
+    vocabularies: `<0xNN>` byte-fallback tokens are that byte and U+2581 is a space. Added and special
+    tokens (`<|im_end|>`) are their literal text. Anything else: the token decoded alone.
+    """
+    added = tokenizer.get_added_tokens_decoder()
+    decoder_types = _decoder_types(json.loads(tokenizer.to_str()).get("decoder"))
+    byte_level = "ByteLevel" in decoder_types
+    token_bytes = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id in added:
+            data = added[token_id].content.encode()
+        elif byte_level:
+            data = b"".join(bytes([BYTE_LEVEL_CHAR_TO_BYTE[c]]) if c in BYTE_LEVEL_CHAR_TO_BYTE else c.encode()
+                            for c in token)
+        elif "ByteFallback" in decoder_types and (byte := BYTE_FALLBACK_TOKEN.fullmatch(token)):
+            data = bytes([int(byte.group(1), 16)])
+        elif decoder_types & {"Metaspace", "Replace"}:
+            data = token.replace(SENTENCEPIECE_SPACE, " ").encode()
+        else:
+            data = tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        if 0 <= token_id < len(token_bytes):
+            token_bytes[token_id] = data
+    return Vocabulary(token_bytes, sorted(i for i, t in added.items() if t.special))
 
 
 @dataclass(frozen=True)
@@ -80,6 +145,7 @@ class ModelTokenizer:
         self.bos_token = self._token_text(bos_token_id)
         self.eos_token = self._token_text(eos_token_ids[0]) if eos_token_ids else ""
         self._template: jinja2.Template | None = None
+        self._vocabulary: Vocabulary | None = None
 
     @classmethod
     def from_file(cls, path: Path | str, chat_template: str = "", *, name: str = "", bos_token_id: int = -1,
@@ -113,6 +179,12 @@ class ModelTokenizer:
     def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         """`decode` for ids the caller already passed through `check_ids`."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def vocabulary(self) -> Vocabulary:
+        """Every id's exact bytes (see `build_vocabulary`), built on first use (a fraction of a second)."""
+        if self._vocabulary is None:
+            self._vocabulary = build_vocabulary(self.tokenizer)
+        return self._vocabulary
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
         """The prompt text the chat template makes of `messages`."""

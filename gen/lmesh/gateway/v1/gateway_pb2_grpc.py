@@ -55,11 +55,16 @@ class GatewayServicer:
         The server sends zero or more messages with text in `delta`, then exactly one last message with
         `finish_reason` set (never FINISH_REASON_UNSPECIFIED) and `usage`. Concatenating every `delta` gives the
         answer. Stop strings are honoured: the text ends before the first stop string and never contains it.
+        With `logprobs` set, concatenating `logprobs` over all messages of the stream gives one entry per
+        generated token, in order, up to and including the token that completed a stop string; the end-of-turn
+        token is never included. An entry rides on the message whose `delta` its text completed or on a later one
+        (at the latest the last message). Without `logprobs` every `logprobs` is empty.
         Errors: UNAUTHENTICATED (no or wrong key), PERMISSION_DENIED (model not allowed for the key),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`; `messages` empty; a role other
-        than system/user/assistant; `max_tokens` <= 0; a sampling field out of range; a prompt that does not fit
-        the model's context — the message names the field), RESOURCE_EXHAUSTED (limits or queue full),
-        DEADLINE_EXCEEDED (the call's deadline passed), UNAVAILABLE (a dependency is down; retry).
+        than system/user/assistant; `max_tokens` <= 0; a sampling field out of range; `top_logprobs` outside
+        0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context — the message names the
+        field), RESOURCE_EXHAUSTED (limits or queue full), DEADLINE_EXCEEDED (the call's deadline passed),
+        UNAVAILABLE (a dependency is down; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -107,3 +107,19 @@ class DetokenizeStreamResponse(_message.Message):
     delta: str
     final: bool
     def __init__(self, delta: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class GetVocabularyRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class GetVocabularyResponse(_message.Message):
+    __slots__ = ("model", "token_bytes", "special_token_ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    token_bytes: _containers.RepeatedScalarFieldContainer[bytes]
+    special_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., token_bytes: _Optional[_Iterable[bytes]] = ..., special_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -63,6 +63,11 @@ class TokenizerStub:
                 request_serializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
                 response_deserializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
                 _registered_method=True)
+        self.GetVocabulary = channel.unary_unary(
+                '/lmesh.tokenizer.v1.Tokenizer/GetVocabulary',
+                request_serializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.SerializeToString,
+                response_deserializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -112,6 +117,16 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVocabulary(self, request, context):
+        """The whole vocabulary as bytes, so a caller can show any token's text without a call per token:
+        `token_bytes[i]` are the exact UTF-8 bytes token id i decodes to (possibly part of a character); added and
+        special tokens (e.g. `<|im_end|>`) are their literal text. A version's answer never changes (versions are
+        immutable), so callers cache it per `name:version`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +154,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.DetokenizeStream,
                     request_deserializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.FromString,
                     response_serializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.SerializeToString,
+            ),
+            'GetVocabulary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVocabulary,
+                    request_deserializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.FromString,
+                    response_serializer=lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +300,33 @@ class Tokenizer:
             '/lmesh.tokenizer.v1.Tokenizer/DetokenizeStream',
             lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
             lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVocabulary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.tokenizer.v1.Tokenizer/GetVocabulary',
+            lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.SerializeToString,
+            lmesh_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.FromString,
             options,
             channel_credentials,
             insecure,
