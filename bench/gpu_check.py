@@ -92,7 +92,7 @@ def main() -> None:
     cuda = OnnxDecoder(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert cuda.on_gpu, cuda.providers
     results["cuda_iobinding"] = asyncio.run(measure(cuda, all_prompts, args.tokens))
-    cuda.on_gpu = False  # same session, plain numpy feeds: the KV cache crosses to the host every step
+    cuda.kv_on_device = False  # same session, KV bound in host memory: it crosses to the GPU and back every step
     results["cuda_plain"] = asyncio.run(measure(cuda, all_prompts, args.tokens))
     cpu_tokens = results["cpu"]["batch_tokens"]
     summary = {}

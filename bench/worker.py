@@ -41,12 +41,12 @@ class InProcess:
         start = time.perf_counter()
         ids = np.asarray(prompts, dtype=np.int64)
         total = ids.shape[1]
-        logits, past = run_step(self.session, self.manifest, ids, np.ones((1, total), np.int64),
-                                np.arange(total, dtype=np.int64)[None], empty_past(self.manifest, 1))
+        logits, past = run_step(self.session, self.manifest, ids, np.asarray([total - 1]), np.asarray([total - 1]),
+                                empty_past(self.manifest, 1))
         out: list[int] = []
         times: list[float] = []
         while len(out) < max_new_tokens:
-            token = int(np.argmax(logits[0, -1]))
+            token = int(np.argmax(logits[-1]))
             if token in eos:
                 break
             out.append(token)
@@ -55,7 +55,7 @@ class InProcess:
                 break
             total += 1
             logits, past = run_step(self.session, self.manifest, np.asarray([[token]], np.int64),
-                                    np.ones((1, total), np.int64), np.asarray([[total - 1]], np.int64), past)
+                                    np.asarray([total - 1]), np.asarray([0]), past)
         wall = time.perf_counter() - start
         ttft = times[0] - start if times else float("nan")
         return {"tokens": [out], "ttft_s": [ttft], "itl_s": [list(np.diff(times))], "wall_s": wall}

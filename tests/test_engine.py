@@ -22,7 +22,7 @@ from services.inference.engine import (
     Sequence,
     TokenEvent,
 )
-from services.inference.onnx_model import OnnxDecoder
+from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache
 from services.inference.sampling import Sampler, SamplingConfig
 
 EOS = frozenset({2})
@@ -84,6 +84,51 @@ async def test_a_request_joining_mid_generation_does_not_change_others(engine: E
     rest, _ = await drain(long_running)
     await drain(joiner)
     assert [first.sampled.token_id, *rest] == alone
+
+
+@pytest.mark.parametrize("kv_on_device", [False, True], ids=["in-place-host", "device-mirror"])
+async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, prompts: list[list[int]],
+                                                          kv_on_device: bool) -> None:
+    """Sequences of different lengths leave (their row refilled from the last) while others join, many times.
+
+    With kv_on_device the decode cache takes the GPU path's route (uploaded once, brought back to the host on
+    every membership change), over CPU memory, so the transfers are checked without a GPU.
+    """
+    plan = [(p, n) for n in (3, 11, 7, 15) for p in prompts]  # 12 requests, lengths interleaved
+    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
+    engine.start()
+    try:
+        alone = [(await drain(engine.submit(request(p, max_tokens=n))))[0] for p, n in plan]
+        decoder.kv_on_device = kv_on_device
+        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n in plan))
+    finally:
+        decoder.kv_on_device = False
+        await engine.close()
+    assert [tokens for tokens, _ in together] == alone
+    assert [len(t) for t in alone] == [n for _, n in plan]
+
+
+def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecoder) -> None:
+    heads, dim = decoder.num_kv_heads, decoder.head_dim
+    slots = SlotCache(decoder, max_rows=8, max_length=1024)
+
+    def row_kv(value: float, length: int) -> list[np.ndarray]:
+        return [np.full((1, heads, length, dim), value + layer, np.float32) for layer in range(2 * decoder.num_layers)]
+
+    slots.reserve(2, 5)
+    slots.put(0, row_kv(1.0, 5), 5)
+    slots.put(1, row_kv(2.0, 3), 3)
+    slots.reserve(3, LENGTH_QUANTUM + 1)  # grows both dimensions
+    assert slots.rows == 2 and slots.length_capacity >= LENGTH_QUANTUM + 1
+    slots.put(2, row_kv(3.0, 4), 4)
+    assert np.array_equal(slots.row(0, 5)[7], row_kv(1.0, 5)[7])
+    slots.move(2, 0, 4)  # row 0 leaves, the last row takes its place
+    slots.pop()
+    assert slots.rows == 2
+    assert np.array_equal(slots.row(0, 4)[3], row_kv(3.0, 4)[3])
+    assert np.array_equal(slots.row(1, 3)[59], row_kv(2.0, 3)[59])
+    with pytest.raises(ValueError):
+        slots.reserve(9, 4)
 
 
 async def test_same_seed_gives_same_tokens_also_batched(engine: Engine, prompts: list[list[int]]) -> None:

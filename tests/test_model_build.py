@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from services.model.manifest import (
@@ -95,16 +96,21 @@ def test_onnx_io_contract(built_model: Path, int8: bool) -> None:
     outputs = {o.name: o for o in session.get_outputs()}
     kv_in = [f"past_key_values.{i}.{kv}" for i in range(NUM_LAYERS) for kv in ("key", "value")]
     kv_out = [f"present.{i}.{kv}" for i in range(NUM_LAYERS) for kv in ("key", "value")]
-    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *kv_in]
+    assert list(inputs) == ["input_ids", "seqlens_k", "total_sequence_length", "logits_positions", *kv_in]
     assert list(outputs) == ["logits", *kv_out]
-    for name in ("input_ids", "attention_mask", "position_ids"):
-        assert inputs[name].type == "tensor(int64)"
+    assert inputs["input_ids"].type == inputs["logits_positions"].type == "tensor(int64)"
+    assert inputs["seqlens_k"].type == inputs["total_sequence_length"].type == "tensor(int32)"
+    for name in ("input_ids", "seqlens_k", "logits_positions"):
         assert all(isinstance(d, str) for d in inputs[name].shape), f"{name} must be fully dynamic"
+    assert inputs["total_sequence_length"].shape == []
     past = inputs["past_key_values.0.key"]
     assert past.type == "tensor(float)"
     assert isinstance(past.shape[0], str) and past.shape[1:2] == [3] and isinstance(past.shape[2], str)
     assert past.shape[3] == 64
-    assert outputs["logits"].type == "tensor(float)" and outputs["logits"].shape[2] == 49152
+    assert outputs["logits"].type == "tensor(float)" and outputs["logits"].shape[1] == 49152
+    graph = onnx.load(str(ModelManifest.load(built_model, int8=int8).model_path(built_model))).graph
+    ops = {node.op_type for node in graph.node}
+    assert "GroupQueryAttention" in ops and "SkipSimplifiedLayerNormalization" in ops
 
 
 def test_reference_greedy_answers_paris(built_model: Path) -> None:
@@ -113,7 +119,8 @@ def test_reference_greedy_answers_paris(built_model: Path) -> None:
     assert "Paris" in answer, answer
 
 
-def test_left_padded_batch_matches_alone(built_model: Path) -> None:
+def test_right_padded_batch_matches_alone(built_model: Path) -> None:
+    """Rows of different lengths share runs: a right-padded prompt batch, then decode steps over unequal caches."""
     manifest = ModelManifest.load(built_model)
     session = load_session(built_model)
     rows = [chat_prompt_ids(built_model, "Hi!"), chat_prompt_ids(built_model, "Write a haiku about autumn leaves.")]
@@ -121,23 +128,19 @@ def test_left_padded_batch_matches_alone(built_model: Path) -> None:
     steps = 8
     width = max(len(r) for r in rows)
     ids = np.zeros((2, width), np.int64)
-    mask = np.zeros((2, width), np.int64)
-    pos = np.zeros((2, width), np.int64)
     for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = row
-        mask[r, width - len(row) :] = 1
-        pos[r, width - len(row) :] = np.arange(len(row))
-    logits, past = run_step(session, manifest, ids, mask, pos, empty_past(manifest, 2))
+        ids[r, : len(row)] = row
+    lengths = np.asarray([len(r) for r in rows])
+    logits, past = run_step(session, manifest, ids, lengths - 1, np.arange(2) * width + lengths - 1,
+                            empty_past(manifest, 2))
     batched: list[list[int]] = [[], []]
     for step in range(steps):
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)
+        nxt = logits.argmax(-1).astype(np.int64)
         for r in range(2):
             batched[r].append(int(nxt[r]))
         if step == steps - 1:
             break
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        positions = np.asarray([[len(row) + step] for row in rows], np.int64)
-        logits, past = run_step(session, manifest, nxt[:, None], mask, positions, past)
+        logits, past = run_step(session, manifest, nxt[:, None], lengths + step, np.arange(2), past)
     for r, row in enumerate(rows):
         assert batched[r] == greedy_generate(built_model, row, steps, stop_on_eos=False), f"row {r}"
 

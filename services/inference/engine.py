@@ -1,10 +1,11 @@
 """The generation engine: continuous batching over one ONNX decoder.
 
-One asyncio task drives the model. Every step it admits waiting sequences (prefill, one run each), then
-runs ONE decode for all active sequences together. The batch's KV cache stays in batch layout between
-steps while the membership is unchanged (no copying); when a sequence joins or leaves, rows are re-packed
-left-padded to the longest past. A cancelled, finished or expired sequence leaves before the next step
-and its cache is freed with it. The model runs in a worker thread so the event loop keeps streaming.
+One asyncio task drives the model. Every step it admits waiting sequences and prefills their prompts within a
+token budget (new prompts together in one run, continued chunks one run each), then runs ONE decode for all
+decoding sequences together. Each decoding sequence owns a row of the decode KV buffers and every step appends
+to them in place (services.inference.onnx_model.SlotCache); a sequence joining copies its prompt cache into a
+row once, one leaving hands its row to the last row. A cancelled, finished or expired sequence leaves before
+the next step. The model runs in a worker thread so the event loop keeps streaming.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from enum import Enum
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
-from services.inference.onnx_model import KV, OnnxDecoder
+from services.inference.onnx_model import OnnxDecoder, SlotCache
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
 
@@ -76,7 +77,7 @@ class Sequence:
     request: GenerationRequest
     sampler: Sampler
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    kv: list[np.ndarray] | None = None  # own cache until it joins the batch
+    kv: list[np.ndarray] | None = None  # its prompt cache until it joins the decode rows
     past_len: int = 0
     prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
     cached_tokens: int = 0  # of those, reused from the prefix cache
@@ -114,15 +115,6 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 1024 * 1024
 
 
-@dataclass
-class _Batch:
-    """The active sequences in the order of the batch's rows, and their packed KV cache."""
-
-    seqs: list[Sequence] = field(default_factory=list)
-    kv: list[np.ndarray] = field(default_factory=list)
-    width: int = 0  # past length of the packed cache (the longest row)
-
-
 class Engine:
     """Continuous-batching generation over one model version."""
 
@@ -134,7 +126,9 @@ class Engine:
         self.limits = limits
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
-        self._batch = _Batch()
+        # Decoding sequences in the order of their rows in the decode KV buffers.
+        self._rows: list[Sequence] = []
+        self._slots = SlotCache(model, limits.max_active, context_length)
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self._wake = asyncio.Event()
         self._ids = itertools.count(1)
@@ -185,11 +179,11 @@ class Engine:
             self._wake.set()
 
     def load(self) -> dict[str, int]:
-        kv_tokens = sum(s.past_len for s in self._active)
+        prompt_kv = sum(s.past_len for s in self._active if s.kv is not None) * self.model.kv_bytes_per_token()
         return {
             "active": len(self._active),
             "queued": len(self._waiting),
-            "kv_bytes": kv_tokens * self.model.kv_bytes_per_token(),
+            "kv_bytes": prompt_kv + self._slots.nbytes,
             "prefix_cache_bytes": self.prefix_cache.bytes_used,
         }
 
@@ -199,6 +193,7 @@ class Engine:
         while True:
             self._retire(time.monotonic())
             if not self._active and not self._waiting:
+                self._release_rows()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -211,11 +206,15 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self._active):
                     self._finish_error(seq, Unavailable("the inference step failed; retry"))
-                self._batch = _Batch()
+                self._release_rows()
                 continue
             self.steps += 1
             for seq, sampled in results:
                 self._emit(seq, sampled)
+
+    def _release_rows(self) -> None:
+        self._rows = []
+        self._slots.clear()
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.limits.max_active:
@@ -279,7 +278,7 @@ class Engine:
     # ---- model work (worker thread) ---------------------------------------------------------------------
 
     def _step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
-        """One engine step: prompt chunks within the step's token budget (one run), then one decode run."""
+        """One engine step: prompt chunks within the step's token budget, then one decode run."""
         results: list[tuple[Sequence, Sampled]] = []
         work: list[tuple[Sequence, int, int]] = []
         budget = self.limits.prefill_chunk
@@ -294,18 +293,17 @@ class Engine:
             end = min(len(seq.request.prompt_ids), start + budget)
             work.append((seq, start, end))
             budget -= end - start
-        if work:
-            for (seq, _, end), (logits, kv) in zip(work, self._prefill(work), strict=True):
-                seq.kv = kv
-                seq.prefilled = seq.past_len = end
-                if not seq.prefilling:
-                    seq.prefill_end_ns = time.time_ns()
-                    if self.prefix_cache.max_bytes > 0:
-                        self.prefix_cache.insert(seq.request.prompt_ids, [self.model.to_numpy(t) for t in kv])
-                    results.append((seq, seq.sampler.sample(logits)))
+        for seq, end, logits, kv in self._prefill(work):
+            seq.kv = kv
+            seq.prefilled = seq.past_len = end
+            if not seq.prefilling:
+                seq.prefill_end_ns = time.time_ns()
+                if self.prefix_cache.max_bytes > 0:
+                    self.prefix_cache.insert(seq.request.prompt_ids, kv)
+                results.append((seq, seq.sampler.sample(logits)))
         decoding = [s for s in decoding if not s.cancelled]
         if decoding:
-            results.extend(zip(decoding, self._decode(decoding), strict=True))
+            results.extend(self._decode(decoding))
         return results
 
     def _reuse_prefix(self, seq: Sequence) -> None:
@@ -314,96 +312,76 @@ class Engine:
         if kv is not None:
             seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached
 
-    def _prefill(self, work: list[tuple[Sequence, int, int]]) -> list[tuple[np.ndarray, list[KV]]]:
-        """Runs prompt chunks [start, end) of several sequences in one run; returns last logits and KV per row.
+    def _prefill(self, work: list[tuple[Sequence, int, int]],
+                 ) -> list[tuple[Sequence, int, np.ndarray, list[np.ndarray]]]:
+        """Runs prompt chunks [start, end); returns (seq, end, last logits, KV [1, H, end, D] per tensor).
 
-        Each row is laid out [past padding | past | chunk padding | chunk]: padding is masked out, positions
-        are per row, and the chunk's last token sits in the last column for every row.
+        Prompts starting from an empty cache share one run, right-padded to the longest (padding sits after
+        each row's tokens, so no real token attends to it). A chunk over an existing cache (a long prompt's
+        next chunk, or the rest after a prefix-cache hit) runs alone: the attention kernel takes several new
+        tokens over a past only for one row at a time.
         """
-        if len(work) == 1:
-            seq, start, end = work[0]
+        fresh = [w for w in work if w[1] == 0]
+        results: list[tuple[Sequence, int, np.ndarray, list[np.ndarray]]] = []
+        if fresh:
+            width = max(end for _, _, end in fresh)
+            ids = np.zeros((len(fresh), width), dtype=np.int64)
+            for row, (seq, _, end) in enumerate(fresh):
+                ids[row, :end] = seq.request.prompt_ids[:end]
+            lengths = np.asarray([end for _, _, end in fresh])
+            out = self.model.run(ids, lengths - 1, np.arange(len(fresh)) * width + lengths - 1,
+                                 self.model.empty_past(len(fresh)))
+            for row, (seq, _, end) in enumerate(fresh):
+                kv = [np.ascontiguousarray(p[row:row + 1, :, :end]) for p in out.presents]
+                results.append((seq, end, out.logits[row], kv))
+        for seq, start, end in work:
+            if start == 0:
+                continue
+            assert seq.kv is not None
             ids = np.asarray([seq.request.prompt_ids[start:end]], dtype=np.int64)
-            out = self.model.run(ids, np.ones((1, end), dtype=np.int64),
-                                 np.arange(start, end, dtype=np.int64)[None, :],
-                                 seq.kv if seq.kv is not None else self.model.empty_past())
-            return [(out.logits[0], out.presents)]
-        rows = len(work)
-        past = max(start for _, start, _ in work)
-        width = max(end - start for _, start, end in work)
-        ids = np.zeros((rows, width), dtype=np.int64)
-        positions = np.zeros((rows, width), dtype=np.int64)
-        mask = np.zeros((rows, past + width), dtype=np.int64)
-        shape = (rows, self.model.num_kv_heads, past, self.model.head_dim)
-        packed = [np.zeros(shape, dtype=self.model.kv_dtype) for _ in range(2 * self.model.num_layers)]
-        for row, (seq, start, end) in enumerate(work):
-            length = end - start
-            ids[row, width - length:] = seq.request.prompt_ids[start:end]
-            positions[row, width - length:] = np.arange(start, end)
-            mask[row, past - start:past] = 1
-            mask[row, past + width - length:] = 1
-            if start:
-                assert seq.kv is not None
-                for layer, tensor in enumerate(seq.kv):
-                    packed[layer][row, :, past - start:, :] = self.model.to_numpy(tensor)[0]
-        out = self.model.run(ids, mask, positions, packed)
-        presents = [self.model.to_numpy(t) for t in out.presents]
-        results: list[tuple[np.ndarray, list[KV]]] = []
-        for row in range(rows):
-            keep = np.flatnonzero(mask[row])
-            results.append((out.logits[row], [np.ascontiguousarray(p[row:row + 1, :, keep, :]) for p in presents]))
+            out = self.model.run(ids, np.asarray([end - 1]), np.asarray([end - start - 1]), seq.kv)
+            results.append((seq, end, out.logits[0], out.presents))
         return results
 
-    def _decode(self, seqs: list[Sequence]) -> list[Sampled]:
-        batch = self._batch
-        if batch.seqs != seqs:
-            batch = self._batch = self._repack(seqs)
-        rows = len(seqs)
-        width = batch.width
-        mask = np.zeros((rows, width + 1), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            mask[row, width - seq.past_len:] = 1
-        input_ids = np.asarray([[s.last_token] for s in seqs], dtype=np.int64)
-        positions = np.asarray([[s.past_len] for s in seqs], dtype=np.int64)
-        out = self.model.run(input_ids, mask, positions, batch.kv)
-        batch.kv = out.presents
-        batch.width = width + 1
-        for seq in seqs:
+    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
+        self._sync_rows(seqs)
+        rows = self._rows
+        lengths = np.asarray([s.past_len for s in rows])
+        self._slots.reserve(len(rows), int(lengths.max()) + 1)
+        input_ids = np.asarray([[s.last_token] for s in rows], dtype=np.int64)
+        logits = self.model.decode(input_ids, lengths, self._slots)
+        for seq in rows:
             seq.past_len += 1
-        fast = [row for row, seq in enumerate(seqs) if seq.sampler.plain_greedy]
-        sampled: list[Sampled | None] = [None] * rows
+        fast = [row for row, seq in enumerate(rows) if seq.sampler.plain_greedy]
+        sampled: list[Sampled | None] = [None] * len(rows)
         if fast:
-            for row, result in zip(fast, greedy_rows(out.logits[fast]), strict=True):
+            for row, result in zip(fast, greedy_rows(logits[fast]), strict=True):
                 sampled[row] = result
-        for row, seq in enumerate(seqs):
+        for row, seq in enumerate(rows):
             if sampled[row] is None:
-                sampled[row] = seq.sampler.sample(out.logits[row])
-        return [s for s in sampled if s is not None]
+                sampled[row] = seq.sampler.sample(logits[row])
+        return [(seq, s) for seq, s in zip(rows, sampled, strict=True) if s is not None]
 
-    def _repack(self, seqs: list[Sequence]) -> _Batch:
-        """Packs the rows' caches left-padded into one batch cache (only when membership changed)."""
-        old = self._batch
-        old_rows = {id(s): row for row, s in enumerate(old.seqs)}
-        old_kv = [self.model.to_numpy(t) for t in old.kv] if any(id(s) in old_rows for s in seqs) else []
-        caches: list[list[np.ndarray]] = []
-        for seq in seqs:
-            row = old_rows.get(id(seq))
-            if row is not None:
-                start = old.width - seq.past_len
-                caches.append([layer[row:row + 1, :, start:, :] for layer in old_kv])
-            else:
-                assert seq.kv is not None, "a sequence joins the batch right after its prefill"
-                caches.append(seq.kv)
+    def _sync_rows(self, seqs: list[Sequence]) -> None:
+        """Makes the decode rows hold exactly `seqs`: leavers' rows are refilled from the end, joiners appended."""
+        wanted = {id(s) for s in seqs}
+        rows, slots = self._rows, self._slots
+        row = 0
+        while row < len(rows):
+            if id(rows[row]) in wanted:
+                row += 1
+                continue
+            last = rows.pop()
+            slots.pop()
+            if row < len(rows) and id(last) in wanted:
+                slots.move(len(rows), row, last.past_len)
+                rows[row] = last
+        present = {id(s) for s in rows}
+        joining = [s for s in seqs if id(s) not in present]
+        if joining:
+            slots.reserve(len(rows) + len(joining), max(s.past_len for s in joining) + 1)
+            for seq in joining:
+                assert seq.kv is not None, "a sequence joins the decode rows right after its prefill"
+                slots.put(len(rows), seq.kv, seq.past_len)
+                rows.append(seq)
                 seq.kv = None
-        width = max(s.past_len for s in seqs)
-        if len(seqs) == 1:
-            only = caches[0]
-            kv = [t if not isinstance(t, np.ndarray) else np.ascontiguousarray(t) for t in only]
-            return _Batch(seqs=list(seqs), kv=kv, width=width)
-        packed: list[np.ndarray] = []
-        shape = (len(seqs), self.model.num_kv_heads, width, self.model.head_dim)
-        for layer in range(len(caches[0])):
-            buffer = np.zeros(shape, dtype=self.model.kv_dtype)
-            for row, (seq, cache) in enumerate(zip(seqs, caches, strict=True)):
-                buffer[row, :, width - seq.past_len:, :] = self.model.to_numpy(cache[layer])[0]
-            packed.append(buffer)
-        return _Batch(seqs=list(seqs), kv=packed, width=width)

@@ -1,9 +1,10 @@
-"""The ONNX decoder with KV cache: one `run` per engine step, for a batch of sequences.
+"""The ONNX decoder (graph and I/O in services.model.graph) and the decode batch's KV cache.
 
-Inputs: input_ids [B,S], attention_mask [B,P+S], position_ids [B,S], past_key_values.N.key/value [B,H,P,D];
-outputs: logits [B,S,V], present.N.key/value [B,H,P+S,D]. Rows are left-padded to a common past length P;
-padded positions carry attention_mask 0, and position ids are per row, so a row's result does not depend on
-the rows it is batched with.
+Prompts run with fresh outputs (`run`): a batch of new prompts right-padded in one run, or one prompt chunk
+over its own past. Decoding runs in place (`decode`): every active sequence owns a row of one set of KV
+buffers, right-padded, and the graph's present outputs are bound to the very buffers fed as past, so each
+step writes one new key/value per row and copies nothing. On CUDA the buffers live on the device between
+steps; they cross to the host only when a sequence joins or leaves the batch.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import numpy as np
 log = logging.getLogger("lmesh.inference.model")
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-# A KV tensor: a numpy array on the CPU, or an onnxruntime OrtValue that stays on the GPU between steps.
-KV = Any
+# Decode buffers grow in steps of this many positions (and at least double), so a growing sequence
+# re-allocates O(log n) times.
+LENGTH_QUANTUM = 128
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: np.ndarray  # [B, V] logits of each row's last position
-    presents: list[KV]  # 2*L tensors [B, H, P+S, D], key then value per layer
+    logits: np.ndarray  # [n, V]: the requested positions' logits
+    presents: list[np.ndarray]  # 2*L tensors [B, H, T, D], key then value per layer
 
 
 class OnnxDecoder:
@@ -45,64 +45,161 @@ class OnnxDecoder:
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         self.providers = self.session.get_providers()
-        # On the GPU the KV cache is bound as device OrtValues so it never crosses to the host per step.
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        # On the GPU the decode KV buffers are device OrtValues that stay there between steps. (A test turns
+        # this on over CPU memory to exercise the same transfers without a GPU.)
+        self.kv_on_device = self.on_gpu
+        self.kv_device = "cuda" if self.on_gpu else "cpu"
         self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
+        if "seqlens_k" not in inputs:
+            raise ValueError(f"{path.name} has an older graph layout (no seqlens_k input): rebuild it with "
+                             f"`make model` and register it again")
         self.num_layers = sum(1 for name in inputs if name.endswith(".key") and name.startswith("past_key_values."))
         first_past = inputs["past_key_values.0.key"]
         self.num_kv_heads = int(first_past.shape[1])
         self.head_dim = int(first_past.shape[3])
         self.kv_dtype = _ORT_TYPES.get(first_past.type, np.float32)
-        vocab_dim = self.session.get_outputs()[0].shape[2]
+        vocab_dim = self.session.get_outputs()[0].shape[1]
         self.vocab_size = vocab_dim if isinstance(vocab_dim, int) else 0
-        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
-        self._output_names = ["logits"] + [
-            f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")
-        ]
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         log.info("loaded %s on %s (%d layers)", path.name, self.providers[0], self.num_layers)
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self._past_names]
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[KV]) -> StepOutput:
-        if self.on_gpu:
-            return self._run_bound(input_ids, attention_mask, position_ids, past)
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": input_ids.astype(np.int64, copy=False),
-            "attention_mask": attention_mask.astype(np.int64, copy=False),
-            "position_ids": position_ids.astype(np.int64, copy=False),
-        }
-        feeds.update(zip(self._past_names, past, strict=True))
-        outputs = self.session.run(self._output_names, feeds)
-        logits = outputs[0][:, -1, :]
-        return StepOutput(logits=logits, presents=list(outputs[1:]))
-
-    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                   past: list[KV]) -> StepOutput:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, tensor in zip(self._past_names, past, strict=True):
-            if isinstance(tensor, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(tensor))  # copied to the device once
-            else:
-                binding.bind_ortvalue_input(name, tensor)
-        binding.bind_output("logits", "cpu")
-        for name in self._output_names[1:]:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]
-        return StepOutput(logits=logits, presents=list(outputs[1:]))
-
-    @staticmethod
-    def to_numpy(tensor: KV) -> np.ndarray:
-        """A host copy of a KV tensor (for re-packing a batch or the prefix cache); arrays pass through."""
-        return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    @staticmethod
+    def _small_inputs(input_ids: np.ndarray, seqlens_k: np.ndarray, logits_positions: np.ndarray,
+                      ) -> dict[str, np.ndarray]:
+        seqlens = np.ascontiguousarray(seqlens_k, dtype=np.int32)
+        total = max(int(seqlens.max()) + 1, int(input_ids.shape[1]))
+        return {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "seqlens_k": seqlens,
+            "total_sequence_length": np.asarray(total, dtype=np.int32),
+            "logits_positions": np.ascontiguousarray(logits_positions, dtype=np.int64),
+        }
+
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, logits_positions: np.ndarray,
+            past: list[np.ndarray]) -> StepOutput:
+        """A prompt run with fresh present outputs (host arrays, also on CUDA: prompts are the rare step)."""
+        feeds = self._small_inputs(input_ids, seqlens_k, logits_positions)
+        feeds.update(zip(self.past_names, past, strict=True))
+        outputs = self.session.run(["logits", *self.present_names], feeds)
+        return StepOutput(logits=outputs[0], presents=list(outputs[1:]))
+
+    def decode(self, input_ids: np.ndarray, seqlens_k: np.ndarray, cache: SlotCache) -> np.ndarray:
+        """One token per row of `cache`, appended in place; returns logits [rows, V]."""
+        binding = cache.binding(self)
+        rows = input_ids.shape[0]
+        for name, value in self._small_inputs(input_ids, seqlens_k, np.arange(rows)).items():
+            binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(binding)
+        logits: np.ndarray = binding.get_outputs()[0].numpy()
+        return logits
+
+
+class SlotCache:
+    """The decode batch's KV cache: row r of every buffer [rows, H, length, D] holds sequence r, right-padded.
+
+    Rows are kept dense (a leaving sequence's row is filled with the last row), so a run feeds the buffers'
+    first `rows` rows, which are contiguous views. Capacity grows geometrically in both dimensions.
+    """
+
+    def __init__(self, model: OnnxDecoder, max_rows: int, max_length: int) -> None:
+        self._model = model
+        self._max_rows = max_rows
+        self._max_length = max_length
+        self.rows = 0
+        self._host: list[np.ndarray] = []
+        self._device: list[Any] = []  # CUDA only: OrtValues of the first `rows` rows, authoritative when set
+        self._binding: Any = None
+
+    @property
+    def length_capacity(self) -> int:
+        return self._host[0].shape[2] if self._host else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._host)
+
+    def clear(self) -> None:
+        self.rows = 0
+        self._host, self._device, self._binding = [], [], None
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Ensures room for `rows` rows of `length` positions, keeping the current rows' contents."""
+        if length > self._max_length or rows > self._max_rows:
+            raise ValueError(f"KV cache request {rows}x{length} exceeds {self._max_rows}x{self._max_length}")
+        cap_rows = self._host[0].shape[0] if self._host else 0
+        cap_len = self.length_capacity
+        if rows <= cap_rows and length <= cap_len:
+            return
+        self._to_host()
+        new_rows = min(self._max_rows, max(rows, 2 * cap_rows))
+        new_len = min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, 2 * cap_len))
+        model = self._model
+        shape = (new_rows, model.num_kv_heads, new_len, model.head_dim)
+        grown = [np.zeros(shape, dtype=model.kv_dtype) for _ in model.past_names]
+        for old, new in zip(self._host, grown, strict=False):
+            new[: self.rows, :, :cap_len] = old[: self.rows]
+        self._host = grown
+        self._binding = None
+
+    def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
+        """Writes a sequence's cache ([1, H, >=length, D] per tensor) into `row` (row <= rows)."""
+        self._to_host()
+        for buffer, tensor in zip(self._host, kv, strict=True):
+            buffer[row, :, :length] = tensor[0, :, :length]
+        if row == self.rows:
+            self.rows += 1
+            self._binding = None
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self._to_host()
+        for buffer in self._host:
+            buffer[dst, :, :length] = buffer[src, :, :length]
+
+    def pop(self) -> None:
+        """Drops the last row."""
+        self._to_host()
+        self.rows -= 1
+        self._binding = None
+
+    def row(self, row: int, length: int) -> list[np.ndarray]:
+        """A copy of one row's first `length` positions ([1, H, length, D] per tensor)."""
+        self._to_host()
+        return [np.ascontiguousarray(b[row:row + 1, :, :length]) for b in self._host]
+
+    def binding(self, model: OnnxDecoder) -> Any:
+        """The I/O binding with past and present bound to the same buffers (rebuilt when rows or capacity change)."""
+        if self._binding is None:
+            ort = model._ort
+            binding = model.session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: decode() reads it as output 0
+            if model.kv_on_device:
+                # Uploaded copies (np.array copies for a CPU "device", so host and device never alias).
+                self._device = [ort.OrtValue.ortvalue_from_numpy(
+                    np.array(b[: self.rows]) if model.kv_device == "cpu" else b[: self.rows], model.kv_device, 0)
+                    for b in self._host]
+                values = self._device
+            else:
+                values = [ort.OrtValue.ortvalue_from_numpy(b[: self.rows]) for b in self._host]
+            for past, present, value in zip(model.past_names, model.present_names, values, strict=True):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._binding = binding
+        return self._binding
+
+    def _to_host(self) -> None:
+        """On CUDA, brings the device rows back before the host buffers change (membership changes only)."""
+        if self._device:
+            for buffer, value in zip(self._host, self._device, strict=True):
+                buffer[: self.rows] = value.numpy()
+            self._device = []
+            self._binding = None

@@ -8,11 +8,10 @@ DIR receives `hf/` (the dequantized transformers folder), `model.onnx` (fp32 dec
 GGUF hash is reused without importing torch. Every artifact is written under a temporary name
 and renamed into place; the manifest comes last, so its presence means the build is complete.
 
-ONNX I/O (all batch/sequence dims dynamic; past_seq may be 0 for a prefill):
-  inputs   input_ids [b, s] int64, attention_mask [b, past+s] int64, position_ids [b, s] int64,
-           past_key_values.{i}.key / .value [b, kv_heads, past, head_dim] float32
-  outputs  logits [b, s, vocab] float32, present.{i}.key / .value [b, kv_heads, past+s, head_dim]
-Rows may be left-padded: attention_mask 0 marks padding, position_ids are given per row.
+The ONNX graph is written node by node from the checkpoint's weights (services.model.graph: fused
+GroupQueryAttention and SkipSimplifiedLayerNormalization, KV rows right-padded, in-place KV append when
+past and present share a buffer); torch only dequantizes the GGUF and serves as the reference the graph
+is verified against.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,6 @@ HF_DIR = "hf"
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-ONNX_OPSET = 17
 
 # ONNX Runtime vs torch, fp32: observed max |diff| is ~5e-5 on logits of magnitude ~30.
 ABS_TOL = 5e-3
@@ -267,197 +264,16 @@ def _save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- export
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+def _export_onnx(model: Any, out_dir: Path, path: Path) -> None:
+    """Writes the fused decoder graph from the loaded model's weights (config read from the saved hf/)."""
+    from services.model.graph import LlamaConfig, build_graph
 
-
-def _export_wrapper(model: Any) -> Any:
-    """An nn.Module over flat tensors: builds the 4D mask and a DynamicCache, returns flat presents."""
-    import torch
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class FlatDecoder(torch.nn.Module):
-        def __init__(self, causal_lm: Any) -> None:
-            super().__init__()
-            self.causal_lm = causal_lm
-
-        def forward(
-            self,
-            input_ids: torch.Tensor,
-            attention_mask: torch.Tensor,
-            position_ids: torch.Tensor,
-            *past: torch.Tensor,
-        ) -> tuple[torch.Tensor | None, ...]:
-            seq = input_ids.shape[1]
-            total = attention_mask.shape[1]
-            # Causality by cache index (query i sits at past+i), not by position_ids: correct for
-            # left-padded rows, where positions and cache indices differ. Built from shapes only,
-            # so the traced graph stays dynamic in batch, seq and past.
-            query_index = torch.arange(seq, device=input_ids.device) + (total - seq)
-            key_index = torch.arange(total, device=input_ids.device)
-            causal = key_index[None, :] <= query_index[:, None]
-            allowed = causal[None, None, :, :] & attention_mask[:, None, None, :].bool()
-            # finfo.min rather than -inf: fully masked rows (padding queries) softmax to uniform
-            # garbage instead of NaN, and NaN would leak into the cache through 0 * NaN.
-            mask = torch.where(
-                allowed,
-                torch.zeros((), dtype=torch.float32),
-                torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32),
-            )
-            cache = DynamicCache(config=self.causal_lm.config)
-            layers: list[DynamicLayer] = []
-            for layer in cache.layers:
-                if not isinstance(layer, DynamicLayer) or layer.is_sliding:
-                    raise ConversionError(f"unsupported cache layer {type(layer).__name__} (full attention only)")
-                layers.append(layer)
-            for i, layer in enumerate(layers):
-                # Seed each layer directly: DynamicLayer's lazy init concatenates onto a constant
-                # 1-D empty tensor, which traces into an ONNX Concat of mismatched ranks.
-                layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-                layer.device = input_ids.device
-                layer.is_initialized = True
-            # A 4D mask is used as-is by transformers (no internal mask building to trace).
-            hidden = self.causal_lm.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
-            # lm_head on a 2D view: the tied-embedding MatMul is then rewritten to a Gemm(transB)
-            # that shares the embedding initializer (see _share_tied_lm_head).
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            logits = torch.nn.functional.linear(flat, self.causal_lm.lm_head.weight)
-            logits = logits.reshape(hidden.shape[0], hidden.shape[1], logits.shape[-1])
-            presents: list[torch.Tensor | None] = []
-            for layer in layers:
-                presents += [layer.keys, layer.values]
-            return (logits, *presents)
-
-    return FlatDecoder(model).eval()
-
-
-GROUPED_ATTENTION = "lmesh_grouped"
-
-
-def _register_grouped_attention() -> str:
-    """Registers (once) an attention that never materialises repeated KV heads; returns its name.
-
-    Eager attention repeats each KV head for its query heads (repeat_kv: an Expand copying the whole cache
-    every layer and step). Folding the query heads of a group onto the query axis instead lets one MatMul
-    per KV head serve them all: about 10% off a decode step at batch 16 on the CPU.
-    """
-    import torch
-    from transformers import AttentionInterface
-
-    def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,
-                          dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-        batch, heads, seq, dim = query.shape
-        kv_heads = key.shape[1]
-        group = heads // kv_heads  # query head h uses KV head h // group, as repeat_kv does
-        scores = torch.matmul(query.reshape(batch, kv_heads, group * seq, dim), key.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            total = key.shape[2]
-            scores = scores.reshape(batch, kv_heads, group, seq, total) + attention_mask[:, :, None, :, :total]
-            scores = scores.reshape(batch, kv_heads, group * seq, total)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value).reshape(batch, heads, seq, dim)
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
-    return GROUPED_ATTENTION
-
-
-def _export_onnx(model: Any, manifest: ModelManifest, path: Path) -> None:
-    import torch
-
-    # Grouped attention exports as plain MatMul/Softmax without repeating the KV heads; the torch
-    # reference in _verify keeps sdpa, so the check also compares two attention implementations.
-    previous_attn = model.config._attn_implementation
-    model.set_attn_implementation(_register_grouped_attention())
     try:
-        wrapper = _export_wrapper(model)
-        # Distinct, non-1 sizes so that the tracer cannot conflate or specialize any dimension.
-        batch, seq, past = 2, 5, 7
-        kv_shape = (batch, manifest.num_kv_heads, past, manifest.head_dim)
-        args = (
-            torch.randint(0, manifest.vocab_size, (batch, seq)),
-            torch.ones(batch, past + seq, dtype=torch.int64),
-            torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-            *[torch.randn(kv_shape) for _ in range(2 * manifest.num_layers)],
-        )
-        inputs, outputs = io_names(manifest.num_layers)
-        dynamic: dict[str, dict[int, str]] = {
-            "input_ids": {0: "batch", 1: "seq"},
-            "attention_mask": {0: "batch", 1: "total_seq"},
-            "position_ids": {0: "batch", 1: "seq"},
-            "logits": {0: "batch", 1: "seq"},
-        }
-        dynamic.update({name: {0: "batch", 2: "past_seq"} for name in inputs[3:]})
-        dynamic.update({name: {0: "batch", 2: "total_seq"} for name in outputs[1:]})
-        with torch.no_grad(), warnings.catch_warnings():
-            # TracerWarnings about DynamicCache internals and the legacy-exporter deprecation notice.
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(
-                    wrapper,
-                    args,
-                    str(path),
-                    input_names=inputs,
-                    output_names=outputs,
-                    dynamic_axes=dynamic,
-                    opset_version=ONNX_OPSET,
-                    do_constant_folding=True,
-                    dynamo=False,  # TorchScript exporter: fast, and handles the dynamic cache shapes
-                )
-            except Exception as exc:
-                first_line = str(exc).splitlines()[0] if str(exc) else ""
-                raise ConversionError(
-                    f"ONNX export failed ({type(exc).__name__}: {first_line}); "
-                    f"the converter is tested with torch 2.13 and transformers 5.24"
-                ) from exc
-    finally:
-        model.set_attn_implementation(previous_attn)
-    _share_tied_lm_head(path)
-
-
-def _share_tied_lm_head(path: Path) -> None:
-    """Replaces the exporter's transposed copy of the tied embedding (113 MB) with Gemm(transB=1)."""
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    embeddings = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        weight = inits[node.input[1]]
-        for emb_name in embeddings:
-            emb = inits[emb_name]
-            if list(weight.dims) != list(reversed(emb.dims)):
-                continue
-            if not np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(emb).T):
-                continue
-            gemm = helper.make_node(
-                "Gemm", [node.input[0], emb_name], list(node.output), name=node.name or "lm_head", transB=1
-            )
-            index = list(graph.node).index(node)
-            graph.node.remove(node)
-            graph.node.insert(index, gemm)
-            graph.initializer.remove(weight)
-            onnx.checker.check_model(model)
-            onnx.save(model, str(path))
-            return
-    # Untied models (or an exporter that already shares the weight) need nothing.
+        config = LlamaConfig.from_hf(out_dir / HF_DIR)
+    except (KeyError, ValueError) as exc:
+        raise ConversionError(f"unsupported model config: {exc}") from exc
+    weights = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
+    build_graph(config, weights, path)
 
 
 # --------------------------------------------------------------------------- verify
@@ -486,7 +302,7 @@ def _close(what: str, got: Any, want: Any) -> float:
 
 
 def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> float:
-    """ONNX Runtime vs torch (prefill, decode, chunked prefill over a past), and left padding."""
+    """ONNX Runtime vs torch (prefill, decode, a chunk over a past), a right-padded batch, the shared KV buffer."""
     import numpy as np
     import torch
 
@@ -501,68 +317,81 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
             out = model(input_ids=torch.from_numpy(ids), cache=cache, use_cache=True)
         return out.logits.numpy(), out.cache
 
-    def ort_alone(ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return prefill(session, manifest, ids)
-
-    # 1. Prefill with an empty past, then greedy decode steps (seq=1) over the growing past.
+    # 1. Prefill with an empty past (logits at every position), then greedy decode steps over the growing past.
     ids = _chat_ids(tokenizer, CHECK_PROMPT)
-    ort_logits, past = ort_alone(ids)
+    ort_logits, past = prefill(session, manifest, ids, all_logits=True)
     ref_logits, cache = torch_step(np.asarray([ids], np.int64), None)
-    diffs.append(_close("prefill", ort_logits, ref_logits))
+    diffs.append(_close("prefill", ort_logits, ref_logits[0]))
     for step in range(3):
         token = int(ref_logits[0, -1].argmax())
         ids.append(token)
         n = len(ids)
         ort_logits, past = decode_step(session, manifest, token, n, past)
         ref_logits, cache = torch_step(np.asarray([[token]], np.int64), cache)
-        diffs.append(_close(f"decode step {step + 1}", ort_logits, ref_logits))
+        diffs.append(_close(f"decode step {step + 1}", ort_logits, ref_logits[0]))
         shape = past["past_key_values.0.key"].shape
         if shape != (1, manifest.num_kv_heads, n, manifest.head_dim):
             raise ConversionError(f"ONNX verification failed: present.0.key has shape {shape} after {n} tokens")
 
-    # 2. Several tokens at once over a non-empty past (chunked prefill / speculative verify).
+    # 2. Several tokens at once over a non-empty past (chunked prefill, prefix reuse).
     chunk = tokenizer.encode(" Paris is also known as", add_special_tokens=False)
     n = len(ids) + len(chunk)
-    ort_logits, _ = run_step(
-        session,
-        manifest,
-        np.asarray([chunk], np.int64),
-        np.ones((1, n), np.int64),
-        np.arange(len(ids), n, dtype=np.int64)[None],
-        past,
-    )
+    ort_logits, _ = run_step(session, manifest, np.asarray([chunk], np.int64), np.asarray([n - 1]),
+                             np.arange(len(chunk)), past)
     ref_logits, _ = torch_step(np.asarray([chunk], np.int64), cache)
-    diffs.append(_close("multi-token step with past", ort_logits, ref_logits))
+    diffs.append(_close("multi-token step with past", ort_logits, ref_logits[0]))
 
-    # 3. A left-padded batch gives each row the logits it gets alone (prefill and one decode step).
+    # 3. A right-padded batch gives each row the logits it gets alone (prefill, then one decode step whose
+    #    rows have different cache lengths).
     rows = [_chat_ids(tokenizer, "Hi!"), _chat_ids(tokenizer, "Write a haiku about the sea, please.")]
     width = max(len(r) for r in rows)
     batch_ids = np.zeros((2, width), np.int64)
-    batch_mask = np.zeros((2, width), np.int64)
-    batch_pos = np.zeros((2, width), np.int64)
     for r, row in enumerate(rows):
-        batch_ids[r, width - len(row) :] = row
-        batch_mask[r, width - len(row) :] = 1
-        batch_pos[r, width - len(row) :] = np.arange(len(row))
-    batch_logits, batch_past = run_step(session, manifest, batch_ids, batch_mask, batch_pos, empty_past(manifest, 2))
-    next_tokens = batch_logits[:, -1].argmax(-1)
-    step_logits, _ = run_step(
-        session,
-        manifest,
-        next_tokens[:, None].astype(np.int64),
-        np.concatenate([batch_mask, np.ones((2, 1), np.int64)], axis=1),
-        np.asarray([[len(r)] for r in rows], np.int64),
-        batch_past,
-    )
+        batch_ids[r, : len(row)] = row
+    lengths = np.asarray([len(r) for r in rows])
+    batch_logits, batch_past = run_step(session, manifest, batch_ids, lengths - 1,
+                                        np.arange(2) * width + lengths - 1, empty_past(manifest, 2))
+    next_tokens = batch_logits.argmax(-1)
+    step_logits, _ = run_step(session, manifest, next_tokens[:, None].astype(np.int64), lengths, np.arange(2),
+                              batch_past)
     for r, row in enumerate(rows):
-        alone, _ = ort_alone(row)
-        diffs.append(_close(f"left-padded row {r} prefill", batch_logits[r, -1], alone[0, -1]))
-        alone, _ = ort_alone([*row, int(next_tokens[r])])
-        diffs.append(_close(f"left-padded row {r} decode", step_logits[r, -1], alone[0, -1]))
+        alone, _ = prefill(session, manifest, row)
+        diffs.append(_close(f"right-padded row {r} prefill", batch_logits[r], alone[0]))
+        alone, _ = prefill(session, manifest, [*row, int(next_tokens[r])])
+        diffs.append(_close(f"right-padded row {r} decode", step_logits[r], alone[0]))
+
+    # 4. A decode step with past and present bound to one buffer (how the engine runs) appends in place.
+    shared = _shared_buffer_step(session, manifest, batch_past, next_tokens, lengths)
+    diffs.append(_close("decode with a shared KV buffer", shared, step_logits))
     return max(diffs)
 
 
+def _shared_buffer_step(session: Any, manifest: ModelManifest, past: dict[str, Any], tokens: Any,
+                        lengths: Any) -> Any:
+    import numpy as np
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", np.asarray(tokens, np.int64)[:, None])
+    binding.bind_cpu_input("seqlens_k", np.asarray(lengths, np.int32))
+    binding.bind_cpu_input("total_sequence_length", np.asarray(int(max(lengths)) + 1, np.int32))
+    binding.bind_cpu_input("logits_positions", np.arange(len(lengths), dtype=np.int64))
+    binding.bind_output("logits")  # first: outputs come back in binding order
+    buffers = []
+    for name, tensor in past.items():
+        grown = np.zeros((*tensor.shape[:2], tensor.shape[2] + 4, tensor.shape[3]), np.float32)
+        grown[:, :, : tensor.shape[2]] = tensor
+        value = ort.OrtValue.ortvalue_from_numpy(grown)
+        buffers.append((grown, value))
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
 def _check_io(session: Any, manifest: ModelManifest) -> None:
+    from services.model.graph import io_names
+
     inputs, outputs = io_names(manifest.num_layers)
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
@@ -688,7 +517,7 @@ def _check_int8(out_dir: Path, manifest: ModelManifest, int8_path: Path) -> str:
     int8 = _ort_session(int8_path)
 
     def logits(session: Any, ids: list[int]) -> Any:
-        return prefill(session, manifest, ids)[0][0]
+        return prefill(session, manifest, ids, all_logits=True)[0]
 
     top1 = top5 = total = 0
     prompts: list[list[int]] = []
@@ -783,7 +612,7 @@ def _build(out_dir: Path, gguf: Path, gguf_sha: str, *, rebuild_fp32: bool, int8
 
         def export() -> None:
             state["tmp_onnx"] = _tmp_path(out_dir / MODEL_FILE)
-            _export_onnx(state["model"], state["manifest"], state["tmp_onnx"])
+            _export_onnx(state["model"], out_dir, state["tmp_onnx"])
 
         def verify() -> None:
             nonlocal max_diff

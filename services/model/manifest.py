@@ -17,7 +17,7 @@ INT8_MANIFEST_FILE = "lmesh_model.int8.json"
 
 # Bump whenever the converter's output changes (graph layout, tokenizer fix, manifest fields):
 # a cached build with another value is rebuilt.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 class ManifestError(ValueError):

@@ -54,12 +54,24 @@ def run_step(
     session: Any,
     manifest: ModelManifest,
     input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray,
+    seqlens_k: np.ndarray,
+    logits_positions: np.ndarray,
     past: dict[str, np.ndarray],
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One decoder call; returns the logits and the presents renamed as the next call's past."""
-    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+    """One decoder call (I/O in services.model.graph); returns logits [n, vocab] and the next call's past.
+
+    seqlens_k[r] is row r's cache length after this call minus one; logits_positions index the flattened
+    [batch * seq] positions whose logits are returned.
+    """
+    seqlens = np.asarray(seqlens_k, dtype=np.int32)
+    total = max(int(seqlens.max()) + 1, int(input_ids.shape[1]))
+    feeds = {
+        "input_ids": np.asarray(input_ids, dtype=np.int64),
+        "seqlens_k": seqlens,
+        "total_sequence_length": np.asarray(total, dtype=np.int32),
+        "logits_positions": np.asarray(logits_positions, dtype=np.int64),
+        **past,
+    }
     outputs = session.run(None, feeds)
     names = [o.name for o in session.get_outputs()]
     by_name = dict(zip(names, outputs, strict=True))
@@ -70,18 +82,20 @@ def run_step(
     return by_name["logits"], new_past
 
 
-def prefill(session: Any, manifest: ModelManifest, ids: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One prompt from an empty past."""
+def prefill(session: Any, manifest: ModelManifest, ids: Sequence[int], *,
+            all_logits: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One prompt from an empty past; logits [1, vocab] of its last token, or [n, vocab] with all_logits."""
     n = len(ids)
-    return run_step(session, manifest, np.asarray([list(ids)], np.int64), np.ones((1, n), np.int64),
-                    np.arange(n, dtype=np.int64)[None], empty_past(manifest, 1))
+    positions = np.arange(n) if all_logits else np.asarray([n - 1])
+    return run_step(session, manifest, np.asarray([list(ids)], np.int64), np.asarray([n - 1]), positions,
+                    empty_past(manifest, 1))
 
 
 def decode_step(session: Any, manifest: ModelManifest, token: int, total: int,
                 past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One token at position total - 1 over a past of total - 1 tokens."""
-    return run_step(session, manifest, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
-                    np.asarray([[total - 1]], np.int64), past)
+    """One token at position total - 1 over a past of total - 1 tokens; logits [1, vocab]."""
+    return run_step(session, manifest, np.asarray([[token]], np.int64), np.asarray([total - 1]), np.asarray([0]),
+                    past)
 
 
 def greedy_with_session(
@@ -100,7 +114,7 @@ def greedy_with_session(
     logits, past = prefill(session, manifest, prompt_ids)
     out: list[int] = []
     while len(out) < max_new_tokens:
-        token = int(np.argmax(logits[0, -1]))
+        token = int(np.argmax(logits[-1]))
         if stop_on_eos and token in eos:
             break
         out.append(token)
