@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from services.common.config import consul_addr, lmesh_home
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
+from services.common.errors import AlreadyExists
 
 SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
 DEFAULT_GATEWAY_PORT = 50051
@@ -85,7 +86,13 @@ async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
 
     registry = mesh.resolver("lmesh-registry")
     await registry.wait_for(timeout=60)
-    version = await register_model_dir(registry, model_dir, aliases=("default",))
+    try:
+        version = await register_model_dir(registry, model_dir, aliases=("default",))
+    except AlreadyExists as exc:
+        # An older build (e.g. from before a converter upgrade) holds this version in the dev registry.
+        raise AlreadyExists(f"the development registry in {lmesh_home()} holds another build under the same "
+                            f"name and version ({exc.message.split(';')[0]}): remove it with `make clean`, then "
+                            f"`make run` again") from None
     return f"{version.name}:{version.version}"
 
 

@@ -22,6 +22,7 @@ from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
+from services.common.errors import AlreadyExists
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
@@ -461,6 +462,20 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert "smollm2-135m-instruct:1" in listed.stdout and "default" in listed.stdout
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
     assert "cli-team" in keys.stdout and key not in keys.stdout
+
+
+async def test_dev_mesh_says_make_clean_when_an_older_build_holds_the_version(live: LiveMesh, built_model: Path,
+                                                                             tmp_path: Path) -> None:
+    from services.devmesh import ensure_model
+
+    other = tmp_path / "other-build"
+    other.mkdir()
+    for name in ("lmesh_model.json", "model.onnx"):
+        (other / name).symlink_to(built_model / name)
+    (other / "tokenizer.json").write_bytes((built_model / "tokenizer.json").read_bytes() + b"\n")
+    with pytest.raises(AlreadyExists, match="make clean"):
+        await ensure_model(live.mesh, other)
+    assert await ensure_model(live.mesh, built_model) == "smollm2-135m-instruct:1"  # the same build is fine
 
 
 async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:

@@ -287,6 +287,8 @@ class Engine:
                 break
             if seq.cancelled:
                 continue
+            if len(seq.request.prompt_ids) - seq.prefilled > budget and budget < self.limits.prefill_chunk:
+                break  # the next step takes it whole (or in full chunks) instead of an extra run for a sliver
             if seq.prefilled == 0:
                 self._reuse_prefix(seq)
             start = seq.prefilled
