@@ -61,7 +61,9 @@ class OnnxDecoder:
         self.head_dim = int(first_past.shape[3])
         self.kv_dtype = _ORT_TYPES.get(first_past.type, np.float32)
         vocab_dim = self.session.get_outputs()[0].shape[1]
-        self.vocab_size = vocab_dim if isinstance(vocab_dim, int) else 0
+        if not isinstance(vocab_dim, int):
+            raise ValueError(f"{path.name}: the logits output needs a static vocabulary dimension")
+        self.vocab_size = vocab_dim
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         log.info("loaded %s on %s (%d layers)", path.name, self.providers[0], self.num_layers)
@@ -94,13 +96,15 @@ class OnnxDecoder:
         return StepOutput(logits=outputs[0], presents=list(outputs[1:]))
 
     def decode(self, input_ids: np.ndarray, seqlens_k: np.ndarray, cache: SlotCache) -> np.ndarray:
-        """One token per row of `cache`, appended in place; returns logits [rows, V]."""
-        binding = cache.binding(self)
+        """One token per row of `cache`, appended in place; returns logits [rows, V].
+
+        The logits array is the cache's output buffer: the next decode overwrites it.
+        """
+        binding, logits = cache.binding(self)
         rows = input_ids.shape[0]
         for name, value in self._small_inputs(input_ids, seqlens_k, np.arange(rows)).items():
             binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(binding)
-        logits: np.ndarray = binding.get_outputs()[0].numpy()
         return logits
 
 
@@ -119,6 +123,7 @@ class SlotCache:
         self._host: list[np.ndarray] = []
         self._device: list[Any] = []  # CUDA only: OrtValues of the first `rows` rows, authoritative when set
         self._binding: Any = None
+        self._logits = np.empty((0, 0), dtype=np.float32)
 
     @property
     def length_capacity(self) -> int:
@@ -176,12 +181,14 @@ class SlotCache:
         self._to_host()
         return [np.ascontiguousarray(b[row:row + 1, :, :length]) for b in self._host]
 
-    def binding(self, model: OnnxDecoder) -> Any:
-        """The I/O binding with past and present bound to the same buffers (rebuilt when rows or capacity change)."""
+    def binding(self, model: OnnxDecoder) -> tuple[Any, np.ndarray]:
+        """The I/O binding with past and present bound to the same buffers (rebuilt when rows or capacity change),
+        and the host array its logits output is written into (no per-step allocation or output wrapping)."""
         if self._binding is None:
             ort = model._ort
             binding = model.session.io_binding()
-            binding.bind_output("logits", "cpu")  # first: decode() reads it as output 0
+            self._logits = np.empty((self.rows, model.vocab_size), dtype=np.float32)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
             if model.kv_on_device:
                 # Uploaded copies (np.array copies for a CPU "device", so host and device never alias).
                 self._device = [ort.OrtValue.ortvalue_from_numpy(
@@ -194,7 +201,7 @@ class SlotCache:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
             self._binding = binding
-        return self._binding
+        return self._binding, self._logits
 
     def _to_host(self) -> None:
         """On CUDA, brings the device rows back before the host buffers change (membership changes only)."""
