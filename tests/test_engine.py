@@ -129,6 +129,10 @@ def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecode
     assert np.array_equal(slots.row(1, 3)[59], row_kv(2.0, 3)[59])
     with pytest.raises(ValueError):
         slots.reserve(9, 4)
+    slots.reserve(2, 8 * LENGTH_QUANTUM)  # a long sequence came and went: the memory goes back
+    slots.shrink(10)
+    assert slots.length_capacity == LENGTH_QUANTUM
+    assert np.array_equal(slots.row(1, 3)[59], row_kv(2.0, 3)[59])
 
 
 async def test_same_seed_gives_same_tokens_also_batched(engine: Engine, prompts: list[list[int]]) -> None:

@@ -380,6 +380,7 @@ class Engine:
                 rows[row] = last
         present = {id(s) for s in rows}
         joining = [s for s in seqs if id(s) not in present]
+        slots.shrink(max(s.past_len for s in seqs) + 1)
         if joining:
             slots.reserve(len(rows) + len(joining), max(s.past_len for s in joining) + 1)
             for seq in joining:

@@ -156,6 +156,16 @@ class SlotCache:
         self._host = grown
         self._binding = None
 
+    def shrink(self, length: int) -> None:
+        """Gives memory back when the longest row needs far less than the capacity (a long sequence left)."""
+        cap_len = self.length_capacity
+        if cap_len <= 4 * LENGTH_QUANTUM or length * 4 > cap_len:
+            return
+        self._to_host()
+        new_len = max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+        self._host = [np.ascontiguousarray(b[:, :, :new_len]) for b in self._host]
+        self._binding = None
+
     def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
         """Writes a sequence's cache ([1, H, >=length, D] per tensor) into `row` (row <= rows)."""
         self._to_host()
