@@ -182,6 +182,24 @@ async def test_queue_full_is_refused_at_once(decoder: OnnxDecoder, prompts: list
     assert caught.value.retry_after_s is not None
 
 
+async def test_deadline_passing_mid_generation_ends_the_stream(decoder: OnnxDecoder,
+                                                                prompts: list[list[int]]) -> None:
+    """The model thread chains decode runs while nothing changes; a deadline still ends the stream within a step."""
+    engine = Engine(decoder, frozenset(), 8192)  # no end-of-turn id: only the deadline can end it early
+    engine.start()
+    try:
+        deadline = time.monotonic() + 0.4
+        seq = engine.submit(GenerationRequest(prompt_ids=prompts[2], max_tokens=500, sampling=SamplingConfig(),
+                                              deadline=deadline))
+        tokens, end = await drain(seq)
+        ended = time.monotonic()
+    finally:
+        await engine.close()
+    assert isinstance(end, ErrorEvent) and isinstance(end.error, DeadlineExceeded)
+    assert 0 < len(tokens) < 500
+    assert ended - deadline < 0.1, f"ended {ended - deadline:.3f}s after the deadline"
+
+
 async def test_expired_request_is_dropped_from_the_queue(decoder: OnnxDecoder, prompts: list[list[int]]) -> None:
     engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=1, max_queue=4))
     engine.start()

@@ -5,7 +5,9 @@ token budget (new prompts together in one run, continued chunks one run each), t
 decoding sequences together. Each decoding sequence owns a row of the decode KV buffers and every step appends
 to them in place (services.inference.onnx_model.SlotCache); a sequence joining copies its prompt cache into a
 row once, one leaving hands its row to the last row. A cancelled, finished or expired sequence leaves before
-the next step. The model runs in a worker thread so the event loop keeps streaming.
+the next step. The model runs in a worker thread so the event loop keeps streaming; while the batch stays the
+same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's round
+trip stays off the path between runs.
 """
 
 from __future__ import annotations
@@ -81,11 +83,13 @@ class Sequence:
     past_len: int = 0
     prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
     cached_tokens: int = 0  # of those, reused from the prefix cache
-    last_token: int = -1
+    last_token: int = -1  # the newest sampled token (set by the model thread: the next decode's input)
+    sampled: int = 0  # tokens sampled by the model thread; `generated` counts those the loop has emitted
     generated: int = 0
     cancelled: bool = False
     done: bool = False
-    tokens_at_cancel: int | None = None
+    tokens_at_cancel: int | None = None  # tokens emitted when the cancel came (what the caller got)
+    sampled_at_cancel: int = 0  # tokens the model thread had sampled by then
     first_token_ns: int = 0
     # Timestamps (time.time_ns) for the prefill and decode spans the servicer records.
     enqueued_ns: int = field(default_factory=time.time_ns)
@@ -99,10 +103,17 @@ class Sequence:
 
     @property
     def tokens_after_cancel(self) -> int:
-        return 0 if self.tokens_at_cancel is None else self.generated - self.tokens_at_cancel
+        """Tokens the model produced after the cancel came (at most the one whose step was in flight)."""
+        return 0 if self.tokens_at_cancel is None else self.sampled - self.sampled_at_cancel
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now > self.request.deadline
+
+
+# A sampled token: its sequence, the token, and the sequence's cache length when it was sampled.
+Produced = tuple["Sequence", Sampled, int]
+# Decode runs the model thread may chain while the batch stays the same, before the loop takes a turn.
+RUN_AHEAD_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,7 @@ class Engine:
         if not seq.cancelled and not seq.done:
             seq.cancelled = True
             seq.tokens_at_cancel = seq.generated
+            seq.sampled_at_cancel = seq.sampled
             self._wake.set()
 
     def load(self) -> dict[str, int]:
@@ -190,6 +202,11 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def deliver(batch: list[Produced]) -> None:  # called from the model thread
+            loop.call_soon_threadsafe(self._deliver, batch)
+
         while True:
             self._retire(time.monotonic())
             if not self._active and not self._waiting:
@@ -201,16 +218,18 @@ class Engine:
             prefilling = [s for s in self._active if s.prefilling]
             decoding = [s for s in self._active if not s.prefilling]
             try:
-                results = await asyncio.to_thread(self._step, prefilling, decoding)
+                results = await asyncio.to_thread(self._step, prefilling, decoding, deliver)
             except Exception:
                 log.exception("engine step failed")
                 for seq in list(self._active):
                     self._finish_error(seq, Unavailable("the inference step failed; retry"))
                 self._release_rows()
                 continue
-            self.steps += 1
-            for seq, sampled in results:
-                self._emit(seq, sampled)
+            self._deliver(results)
+
+    def _deliver(self, results: list[Produced]) -> None:
+        for seq, sampled, past_len in results:
+            self._emit(seq, sampled, past_len)
 
     def _release_rows(self) -> None:
         self._rows = []
@@ -235,7 +254,8 @@ class Engine:
             elif seq.expired(now):
                 self._finish_error(seq, DeadlineExceeded("deadline exceeded while generating"))
 
-    def _emit(self, seq: Sequence, sampled: Sampled) -> None:
+    def _emit(self, seq: Sequence, sampled: Sampled, past_len: int) -> None:
+        """Sends one sampled token (past_len: the sequence's cache length when it was sampled) or finishes."""
         if seq.done:
             return
         seq.generated += 1
@@ -248,8 +268,7 @@ class Engine:
         if seq.generated == 1:
             seq.first_token_ns = time.time_ns()
         seq.events.put_nowait(TokenEvent(sampled))
-        seq.last_token = sampled.token_id
-        if seq.generated >= request.max_tokens or seq.past_len + 1 > self.context_length:
+        if seq.generated >= request.max_tokens or past_len + 1 > self.context_length:
             self._finish(seq, Finish.LENGTH)
 
     def _remove(self, seq: Sequence) -> None:
@@ -277,9 +296,16 @@ class Engine:
 
     # ---- model work (worker thread) ---------------------------------------------------------------------
 
-    def _step(self, prefilling: list[Sequence], decoding: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
-        """One engine step: prompt chunks within the step's token budget, then one decode run."""
-        results: list[tuple[Sequence, Sampled]] = []
+    def _step(self, prefilling: list[Sequence], decoding: list[Sequence],
+              deliver: Callable[[list[Produced]], None]) -> list[Produced]:
+        """One engine step: prompt chunks within the step's token budget, then one decode run.
+
+        While nothing would change the batch (no prompt in progress, nobody waiting, no sequence finishing,
+        cancelled or expired), further decode runs follow at once, up to RUN_AHEAD_STEPS, each one's tokens
+        handed to the event loop through `deliver`: the loop's round trip stays off the path between runs.
+        """
+        self.steps += 1
+        results: list[Produced] = []
         work: list[tuple[Sequence, int, int]] = []
         budget = self.limits.prefill_chunk
         for seq in prefilling:
@@ -302,11 +328,37 @@ class Engine:
                 seq.prefill_end_ns = time.time_ns()
                 if self.prefix_cache.max_bytes > 0:
                     self.prefix_cache.insert(seq.request.prompt_ids, kv)
-                results.append((seq, seq.sampler.sample(logits)))
+                results.append(self._sampled(seq, seq.sampler.sample(logits)))
         decoding = [s for s in decoding if not s.cancelled]
-        if decoding:
-            results.extend(self._decode(decoding))
+        if not decoding:
+            return results
+        results.extend(self._decode(decoding))
+        for _ in range(RUN_AHEAD_STEPS):
+            if prefilling or not self._unchanged(results):
+                break
+            deliver(results)
+            self.steps += 1
+            results = self._decode(decoding)
         return results
+
+    def _unchanged(self, results: list[Produced]) -> bool:
+        """Whether the next decode would run the same sequences (judged in the model thread, ahead of _emit)."""
+        if self._waiting:
+            return False
+        now = time.monotonic()
+        for seq, sampled, past_len in results:
+            request = seq.request
+            if (seq.cancelled or seq.expired(now) or sampled.token_id in self.eos_ids
+                    or sampled.token_id in request.stop_ids or seq.sampled >= request.max_tokens
+                    or past_len + 1 >= self.context_length):
+                return False
+        return True
+
+    @staticmethod
+    def _sampled(seq: Sequence, sampled: Sampled) -> Produced:
+        seq.last_token = sampled.token_id
+        seq.sampled += 1
+        return seq, sampled, seq.past_len
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         seq.prefill_start_ns = time.time_ns()
@@ -345,7 +397,7 @@ class Engine:
             results.append((seq, end, out.logits[0], out.presents))
         return results
 
-    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Sampled]]:
+    def _decode(self, seqs: list[Sequence]) -> list[Produced]:
         self._sync_rows(seqs)
         rows = self._rows
         lengths = np.asarray([s.past_len for s in rows])
@@ -362,7 +414,7 @@ class Engine:
         for row, seq in enumerate(rows):
             if sampled[row] is None:
                 sampled[row] = seq.sampler.sample(logits[row])
-        return [(seq, s) for seq, s in zip(rows, sampled, strict=True) if s is not None]
+        return [self._sampled(seq, s) for seq, s in zip(rows, sampled, strict=True) if s is not None]
 
     def _sync_rows(self, seqs: list[Sequence]) -> None:
         """Makes the decode rows hold exactly `seqs`: leavers' rows are refilled from the end, joiners appended."""
