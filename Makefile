@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 export LMESH_HOME ?= $(CURDIR)/.lmesh
 export LMESH_CACHE ?= $(HOME)/.cache/lmesh
 MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
-# The int8 variant (weight-only int8, registered as version 1-int8) is built alongside fp32; MODEL_FLAGS= skips it.
-MODEL_FLAGS ?= --int8
+# Variants built alongside fp32, each registered as its own version: int8 (1-int8, 8-bit weights) and fp16
+# (1-fp16, for CUDA); MODEL_FLAGS= skips them.
+MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model consul lint typecheck bench clean

@@ -2,7 +2,7 @@
 
 Runs the real engine (continuous batching, one ONNX Runtime run per step) for 1 and 16 streams, forcing the
 same number of tokens per stream, and checks that CUDA's greedy tokens match the CPU's.
-usage: python -m bench.gpu_check --model-dir DIR [--tokens 64]
+usage: python -m bench.gpu_check --model-dir DIR [--tokens 64] [--model-file model.fp16.onnx]
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model-file", default="model.fp16.onnx",
+                        help="model file in the folder (default: the fp16 variant, whose attention has CUDA kernels)")
     args = parser.parse_args()
     all_prompts = prompts(args.model_dir)
-    path = args.model_dir / "model.onnx"
+    path = args.model_dir / args.model_file
     results: dict[str, dict[str, object]] = {}
     cpu = OnnxDecoder(path, providers=["CPUExecutionProvider"])
     results["cpu"] = asyncio.run(measure(cpu, all_prompts, args.tokens))

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("dir", help="folder holding lmesh_model.json, the ONNX file and tokenizer.json")
     register.add_argument("--alias", action="append", help="alias to point at it (repeatable)")
     register.add_argument("--manifest", default="lmesh_model.json",
-                          help="manifest of the variant to register (lmesh_model.int8.json: the int8 version)")
+                          help="manifest of the variant to register (lmesh_model.int8.json: the int8 version, "
+                               "lmesh_model.fp16.json: the fp16 one for CUDA)")
     alias = models_sub.add_parser("alias", help="point an alias at NAME:VERSION")
     alias.add_argument("alias")
     alias.add_argument("target")

@@ -108,6 +108,32 @@ async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, 
     assert [len(t) for t in alone] == [n for _, n in plan]
 
 
+async def test_fp16_variant_batches_like_it_runs_alone(built_model: Path, prompts: list[list[int]]) -> None:
+    """The CUDA variant (float16 weights and KV cache) through the same engine, here on the CPU."""
+    path = built_model / "model.fp16.onnx"
+    if not path.exists():
+        pytest.skip("no fp16 build (python -m services.model.convert --fp16)")
+    half = OnnxDecoder(path)
+    assert half.kv_dtype == np.float16
+    engine = Engine(half, frozenset(), 8192, EngineLimits(max_active=3, prefix_cache_bytes=0))
+    engine.start()
+    try:
+        plan = [(p, n) for n in (9, 4) for p in prompts]
+        alone = [(await drain(engine.submit(request(p, max_tokens=n))))[0] for p, n in plan]
+        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n in plan))
+    finally:
+        await engine.close()
+    assert [tokens for tokens, _ in together] == alone
+    fp32 = OnnxDecoder(built_model / "model.onnx")
+    reference = Engine(fp32, frozenset(), 8192)
+    reference.start()
+    try:
+        first, _ = await drain(reference.submit(request(prompts[0], max_tokens=4)))
+    finally:
+        await reference.close()
+    assert alone[0][:4] == first  # float16 keeps fp32's greedy choice on this prompt
+
+
 def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecoder) -> None:
     heads, dim = decoder.num_kv_heads, decoder.head_dim
     slots = SlotCache(decoder, max_rows=8, max_length=1024)

@@ -17,10 +17,10 @@ import pytest
 
 from services.model.manifest import (
     CONVERTER_VERSION,
-    INT8_MANIFEST_FILE,
     ManifestError,
     ModelManifest,
     ModelSource,
+    manifest_file,
 )
 from services.model.reference import (
     chat_prompt_ids,
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NUM_LAYERS = 30
 
 
-def _manifest_variants(model_dir: Path) -> list[bool]:
-    """[False] plus [True] when the optional int8 build is present."""
-    return [False, True] if (model_dir / INT8_MANIFEST_FILE).exists() else [False]
+def _manifest_variants(model_dir: Path) -> list[str]:
+    """"" (fp32) plus the optional variants (int8, fp16) that `make model` built."""
+    return ["", *(v for v in ("int8", "fp16") if (model_dir / manifest_file(v)).exists())]
 
 
 def test_manifest_fields(built_model: Path) -> None:
@@ -52,11 +52,12 @@ def test_manifest_fields(built_model: Path) -> None:
     assert "<|im_start|>" in m.chat_template and "add_generation_prompt" in m.chat_template
     assert m.source.file.endswith(".gguf") and len(m.source.sha256) == 64
     assert m.converter_version == CONVERTER_VERSION, "stale build: run `make model`"
-    if True in _manifest_variants(built_model):
-        q8 = ModelManifest.load(built_model, int8=True)
-        assert (q8.version, q8.dtype, q8.model_file) == ("1-int8", "int8", "model.int8.onnx")
-        assert q8.model_path(built_model).is_file()
-        assert q8.source == m.source and q8.converter_version == m.converter_version
+    expected = {"int8": ("1-int8", "int8", "model.int8.onnx"), "fp16": ("1-fp16", "float16", "model.fp16.onnx")}
+    for variant in _manifest_variants(built_model)[1:]:
+        other = ModelManifest.load(built_model, variant=variant)
+        assert (other.version, other.dtype, other.model_file) == expected[variant]
+        assert other.model_path(built_model).is_file()
+        assert other.source == m.source and other.converter_version == m.converter_version
 
 
 def test_manifest_roundtrip_and_errors(tmp_path: Path) -> None:
@@ -87,11 +88,11 @@ def test_tokenizer_splits_digits_and_keeps_chatml_ids(built_model: Path) -> None
     assert ids[0] == 1 and ids[-1] == 2
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_onnx_io_contract(built_model: Path, int8: bool) -> None:
-    if int8 not in _manifest_variants(built_model):
-        pytest.skip("no int8 build (python -m services.model.convert --int8)")
-    session = load_session(built_model, int8=int8)
+@pytest.mark.parametrize("variant", ["", "int8", "fp16"], ids=["fp32", "int8", "fp16"])
+def test_onnx_io_contract(built_model: Path, variant: str) -> None:
+    if variant not in _manifest_variants(built_model):
+        pytest.skip(f"no {variant} build (python -m services.model.convert --{variant})")
+    session = load_session(built_model, variant=variant)
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     kv_in = [f"past_key_values.{i}.{kv}" for i in range(NUM_LAYERS) for kv in ("key", "value")]
@@ -104,11 +105,12 @@ def test_onnx_io_contract(built_model: Path, int8: bool) -> None:
         assert all(isinstance(d, str) for d in inputs[name].shape), f"{name} must be fully dynamic"
     assert inputs["total_sequence_length"].shape == []
     past = inputs["past_key_values.0.key"]
-    assert past.type == "tensor(float)"
+    assert past.type == ("tensor(float16)" if variant == "fp16" else "tensor(float)")
+    assert outputs["present.0.key"].type == past.type
     assert isinstance(past.shape[0], str) and past.shape[1:2] == [3] and isinstance(past.shape[2], str)
     assert past.shape[3] == 64
     assert outputs["logits"].type == "tensor(float)" and outputs["logits"].shape[1] == 49152
-    graph = onnx.load(str(ModelManifest.load(built_model, int8=int8).model_path(built_model))).graph
+    graph = onnx.load(str(ModelManifest.load(built_model, variant=variant).model_path(built_model))).graph
     ops = {node.op_type for node in graph.node}
     assert "GroupQueryAttention" in ops and "SkipSimplifiedLayerNormalization" in ops
 
@@ -152,7 +154,7 @@ def test_cached_build_returns_without_torch(built_model: Path) -> None:
         source_sha: str | None = sha256_file(find_gguf())
     except ConversionError:
         source_sha = None  # the source package is not installed: the cache must still be usable
-    if cached_build(built_model, source_sha, int8=False) is None:
+    if cached_build(built_model, source_sha) is None:
         pytest.skip("the build is stale for this converter: run `make model`")
     code = (
         "import sys; from pathlib import Path; from services.model.convert import build_model; "

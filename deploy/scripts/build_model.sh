@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the ONNX model once into MODEL_DIR (cached); installs the conversion tools only when building.
-# usage: build_model.sh VENV_BIN MODEL_DIR [--int8]
+# usage: build_model.sh VENV_BIN MODEL_DIR [--int8] [--fp16]
 set -euo pipefail
 bin=$1
 out=$2

@@ -64,6 +64,10 @@ class OnnxDecoder:
         if not isinstance(vocab_dim, int):
             raise ValueError(f"{path.name}: the logits output needs a static vocabulary dimension")
         self.vocab_size = vocab_dim
+        if self.on_gpu and self.kv_dtype == np.float32:
+            log.warning("%s is a float32 graph: ONNX Runtime's CUDA GroupQueryAttention is float16/bfloat16 only, "
+                        "so attention runs on the CPU and the KV cache crosses to the host every step; serve the "
+                        "fp16 variant (model.fp16.onnx, version <n>-fp16) on GPUs", path.name)
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         log.info("loaded %s on %s (%d layers)", path.name, self.providers[0], self.num_layers)

@@ -9,9 +9,9 @@ per-layer shape plumbing, and its I/O suits continuous batching:
            seqlens_k [b] int32: per row, (tokens in its KV cache after this run) - 1
            total_sequence_length [] int32: max over rows of seqlens_k + 1 (at least s)
            logits_positions [n] int64: rows of the flattened [b*s] positions whose logits are wanted
-           past_key_values.{i}.key / .value [b, kv_heads, past, head_dim] float32
+           past_key_values.{i}.key / .value [b, kv_heads, past, head_dim] float32 (float16 in the fp16 variant)
   outputs  logits [n, vocab] float32
-           present.{i}.key / .value [b, kv_heads, max(past, total), head_dim] float32
+           present.{i}.key / .value [b, kv_heads, max(past, total), head_dim] like the past
 
 KV rows are right-padded: row r's tokens occupy positions [0, seqlens_k[r] + 1). When a present tensor is
 bound to the same buffer as its past (ONNX Runtime detects the shared pointer), new keys and values are written
@@ -86,16 +86,23 @@ def rotary_caches(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def build_graph(config: LlamaConfig, weights: dict[str, np.ndarray], path: Path) -> None:
-    """Writes the decoder to `path` as one self-contained file (the registry stores an artifact as one blob)."""
+def build_graph(config: LlamaConfig, weights: dict[str, np.ndarray], path: Path, *, fp16: bool = False) -> None:
+    """Writes the decoder to `path` as one self-contained file (the registry stores an artifact as one blob).
+
+    fp16: weights, activations and the KV cache in float16 (logits stay float32) — the variant for CUDA, whose
+    GroupQueryAttention kernel exists for float16 and bfloat16 only (an fp32 graph's attention would fall back
+    to the CPU there, moving the KV cache off the device every step).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
+    dtype = np.float16 if fp16 else np.float32
+    onnx_dtype = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
 
     def weight(name: str, array: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
 
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs: Any) -> None:
@@ -151,10 +158,13 @@ def build_graph(config: LlamaConfig, weights: dict[str, np.ndarray], path: Path)
     node("Reshape", ["final_norm", weight_int64(initializers, "flat_shape", [-1, config.hidden_size])],
          ["final_norm_flat"], "flatten")
     node("Gather", ["final_norm_flat", "logits_positions"], ["selected"], "select_positions", axis=0)
+    head_out = "logits_half" if fp16 else "logits"
     if config.tie_word_embeddings:
-        node("Gemm", ["selected", embed], ["logits"], "lm_head", transB=1)  # shares the embedding matrix
+        node("Gemm", ["selected", embed], [head_out], "lm_head", transB=1)  # shares the embedding matrix
     else:
-        linear("selected", "lm_head.weight", "logits", "lm_head")
+        linear("selected", "lm_head.weight", head_out, "lm_head")
+    if fp16:
+        node("Cast", [head_out], ["logits"], "logits_to_float", to=TensorProto.FLOAT)
 
     kv = [config.num_kv_heads, config.head_dim]
     inputs = [
@@ -167,9 +177,9 @@ def build_graph(config: LlamaConfig, weights: dict[str, np.ndarray], path: Path)
     for i in range(config.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", kv[0], "past_seq", kv[1]]))
+                f"past_key_values.{i}.{kind}", onnx_dtype, ["batch", kv[0], "past_seq", kv[1]]))
             outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", kv[0], "present_seq", kv[1]]))
+                f"present.{i}.{kind}", onnx_dtype, ["batch", kv[0], "present_seq", kv[1]]))
     graph = helper.make_graph(nodes, "lmesh_decoder", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
                               producer_name="lmesh")

@@ -14,6 +14,9 @@ from typing import Any
 
 MANIFEST_FILE = "lmesh_model.json"
 INT8_MANIFEST_FILE = "lmesh_model.int8.json"
+FP16_MANIFEST_FILE = "lmesh_model.fp16.json"
+# Build variants beside the fp32 model ("" is fp32 itself), each its own manifest and registry version.
+VARIANTS = ("", "int8", "fp16")
 
 # Bump whenever the converter's output changes (graph layout, tokenizer fix, manifest fields):
 # a cached build with another value is rebuilt.
@@ -22,6 +25,12 @@ CONVERTER_VERSION = 3
 
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable or lacks required fields."""
+
+
+def manifest_file(variant: str = "") -> str:
+    if variant not in VARIANTS:
+        raise ManifestError(f"unknown model variant '{variant}' (known: fp32, {', '.join(VARIANTS[1:])})")
+    return f"lmesh_model.{variant}.json" if variant else MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,9 @@ class ModelManifest:
         return cls(**values)
 
     @classmethod
-    def load(cls, model_dir: Path | str, *, int8: bool = False) -> ModelManifest:
-        """Reads `lmesh_model.json` (or the int8 variant) from a model directory."""
-        path = Path(model_dir) / (INT8_MANIFEST_FILE if int8 else MANIFEST_FILE)
+    def load(cls, model_dir: Path | str, *, variant: str = "") -> ModelManifest:
+        """Reads `lmesh_model.json` (or a variant's, e.g. `lmesh_model.int8.json`) from a model directory."""
+        path = Path(model_dir) / manifest_file(variant)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -87,9 +96,9 @@ class ModelManifest:
             raise ManifestError(f"model manifest {path} is not a JSON object")
         return cls.from_dict(data)
 
-    def save(self, model_dir: Path | str, *, int8: bool = False) -> Path:
+    def save(self, model_dir: Path | str, *, variant: str = "") -> Path:
         """Writes the manifest atomically (temp file + rename): readers never see half a file."""
-        path = Path(model_dir) / (INT8_MANIFEST_FILE if int8 else MANIFEST_FILE)
+        path = Path(model_dir) / manifest_file(variant)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)

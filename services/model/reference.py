@@ -2,7 +2,7 @@
 
 No batching, no scheduling: one prompt, a KV cache carried between calls, argmax each step. The
 inference service must produce the same tokens (greedy) and should beat its tokens/s.
-`python -m services.model.reference [--dir DIR] [--int8] [PROMPT]` prints the answer and tokens/s.
+`python -m services.model.reference [--dir DIR] [--variant int8|fp16] [PROMPT]` prints the answer and tokens/s.
 """
 
 from __future__ import annotations
@@ -34,20 +34,26 @@ def _session(model_path: str, intra_op_threads: int) -> Any:
 
 
 def load_session(
-    model_dir: Path | str, *, int8: bool = False, intra_op_threads: int = INTRA_OP_THREADS
+    model_dir: Path | str, *, variant: str = "", intra_op_threads: int = INTRA_OP_THREADS
 ) -> Any:
-    manifest = ModelManifest.load(model_dir, int8=int8)
+    manifest = ModelManifest.load(model_dir, variant=variant)
     return _session(str(manifest.model_path(model_dir).resolve()), intra_op_threads)
 
 
-def empty_past(manifest: ModelManifest, batch: int) -> dict[str, np.ndarray]:
+def empty_past(manifest: ModelManifest, batch: int, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The past_key_values feeds for a prefill: [batch, kv_heads, 0, head_dim] per layer."""
     shape = (batch, manifest.num_kv_heads, 0, manifest.head_dim)
     feeds: dict[str, np.ndarray] = {}
     for i in range(manifest.num_layers):
-        feeds[f"past_key_values.{i}.key"] = np.zeros(shape, np.float32)
-        feeds[f"past_key_values.{i}.value"] = np.zeros(shape, np.float32)
+        feeds[f"past_key_values.{i}.key"] = np.zeros(shape, dtype)
+        feeds[f"past_key_values.{i}.value"] = np.zeros(shape, dtype)
     return feeds
+
+
+def kv_dtype(session: Any) -> Any:
+    """The KV cache's element type of a session's model (float16 for the fp16 variant)."""
+    past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
+    return np.float16 if past.type == "tensor(float16)" else np.float32
 
 
 def run_step(
@@ -88,7 +94,7 @@ def prefill(session: Any, manifest: ModelManifest, ids: Sequence[int], *,
     n = len(ids)
     positions = np.arange(n) if all_logits else np.asarray([n - 1])
     return run_step(session, manifest, np.asarray([list(ids)], np.int64), np.asarray([n - 1]), positions,
-                    empty_past(manifest, 1))
+                    empty_past(manifest, 1, kv_dtype(session)))
 
 
 def decode_step(session: Any, manifest: ModelManifest, token: int, total: int,
@@ -130,12 +136,12 @@ def greedy_generate(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     *,
-    int8: bool = False,
+    variant: str = "",
     stop_on_eos: bool = True,
 ) -> list[int]:
     """Greedy-decodes up to max_new_tokens after prompt_ids; the eos token itself is not returned."""
-    manifest = ModelManifest.load(model_dir, int8=int8)
-    session = load_session(model_dir, int8=int8)
+    manifest = ModelManifest.load(model_dir, variant=variant)
+    session = load_session(model_dir, variant=variant)
     return greedy_with_session(session, manifest, prompt_ids, max_new_tokens, stop_on_eos=stop_on_eos)
 
 
@@ -178,18 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.model.reference", description=__doc__)
     parser.add_argument("prompt", nargs="?", default="What is the capital of France?")
     parser.add_argument("--dir", type=Path, default=lmesh_cache() / "models" / "smollm2-135m-instruct")
-    parser.add_argument("--int8", action="store_true", help="use model.int8.onnx")
+    parser.add_argument("--variant", default="", choices=["", "int8", "fp16"], help="a variant's model instead of fp32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     try:
         prompt = chat_prompt_ids(args.dir, args.prompt)
         t0 = time.perf_counter()
-        load_session(args.dir, int8=args.int8)
+        load_session(args.dir, variant=args.variant)
         t1 = time.perf_counter()
-        answer = greedy_generate(args.dir, prompt, args.max_new_tokens, int8=args.int8)
+        answer = greedy_generate(args.dir, prompt, args.max_new_tokens, variant=args.variant)
         t2 = time.perf_counter()
         # Throughput over a fixed length, eos ignored, so runs are comparable.
-        forced = greedy_generate(args.dir, prompt, args.max_new_tokens, int8=args.int8, stop_on_eos=False)
+        forced = greedy_generate(args.dir, prompt, args.max_new_tokens, variant=args.variant, stop_on_eos=False)
         t3 = time.perf_counter()
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
