@@ -48,6 +48,8 @@ HF_DIR = "hf"
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
 FP16_MODEL_FILE = "model.fp16.onnx"
+# The model file of each extra variant.
+_VARIANT_FILES = {"int8": INT8_MODEL_FILE, "fp16": FP16_MODEL_FILE}
 TOKENIZER_FILE = "tokenizer.json"
 
 # ONNX Runtime vs torch, fp32: observed max |diff| is ~5e-5 on logits of magnitude ~30.
@@ -466,8 +468,7 @@ def _build_int8(out_dir: Path, manifest: ModelManifest) -> tuple[ModelManifest, 
     root.setLevel(level)
     logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
 
-    final = out_dir / INT8_MODEL_FILE
-    tmp = _tmp_path(final)
+    tmp = _tmp_path(out_dir / INT8_MODEL_FILE)
     model = onnx.load(str(out_dir / manifest.model_file))
     _untie_lm_head(model)
     config = DefaultWeightOnlyQuantConfig(
@@ -478,14 +479,7 @@ def _build_int8(out_dir: Path, manifest: ModelManifest) -> tuple[ModelManifest, 
     quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
     del model, quantizer
 
-    try:
-        note = _check_variant(out_dir, manifest, tmp, "int8", INT8_MIN_TOP1, INT8_MIN_TOP5)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)
-    q8 = dataclasses.replace(manifest, version=f"{MODEL_VERSION}-int8", dtype="int8", model_file=INT8_MODEL_FILE)
-    return q8, note
+    return _accept_variant(out_dir, manifest, tmp, "int8", "int8", INT8_MIN_TOP1, INT8_MIN_TOP5)
 
 
 def _untie_lm_head(model: Any) -> None:
@@ -515,18 +509,24 @@ def _build_fp16(out_dir: Path, manifest: ModelManifest) -> tuple[ModelManifest, 
     """The same graph in float16 (logits stay float32), from the saved hf/ weights: the variant for CUDA."""
     from services.model.graph import LlamaConfig, build_graph, load_safetensors
 
-    final = out_dir / FP16_MODEL_FILE
-    tmp = _tmp_path(final)
+    tmp = _tmp_path(out_dir / FP16_MODEL_FILE)
     hf = out_dir / HF_DIR
     build_graph(LlamaConfig.from_hf(hf), load_safetensors(hf), tmp, fp16=True)
+    return _accept_variant(out_dir, manifest, tmp, "fp16", "float16", FP16_MIN_TOP1, FP16_MIN_TOP5)
+
+
+def _accept_variant(out_dir: Path, manifest: ModelManifest, tmp: Path, variant: str, dtype: str, min_top1: float,
+                    min_top5: float) -> tuple[ModelManifest, str]:
+    """Checks a variant written at `tmp` against fp32, moves it into place, and returns its manifest and a note."""
     try:
-        note = _check_variant(out_dir, manifest, tmp, "fp16", FP16_MIN_TOP1, FP16_MIN_TOP5)
+        note = _check_variant(out_dir, manifest, tmp, variant, min_top1, min_top5)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
-    f16 = dataclasses.replace(manifest, version=f"{MODEL_VERSION}-fp16", dtype="float16", model_file=FP16_MODEL_FILE)
-    return f16, note
+    model_file = _VARIANT_FILES[variant]
+    os.replace(tmp, out_dir / model_file)
+    built = dataclasses.replace(manifest, version=f"{MODEL_VERSION}-{variant}", dtype=dtype, model_file=model_file)
+    return built, note
 
 
 def _check_variant(out_dir: Path, manifest: ModelManifest, variant_path: Path, label: str, min_top1: float,
@@ -574,10 +574,6 @@ def _check_variant(out_dir: Path, manifest: ModelManifest, variant_path: Path, l
 
 
 # --------------------------------------------------------------------------- driver
-
-
-# The model file of each extra variant.
-_VARIANT_FILES = {"int8": INT8_MODEL_FILE, "fp16": FP16_MODEL_FILE}
 
 
 def build_model(out_dir: Path, *, int8: bool = False, fp16: bool = False, force: bool = False) -> Path:
