@@ -5,8 +5,8 @@ token budget (new prompts together in one run, continued chunks one run each), t
 decoding sequences together. Each decoding sequence owns a row of the decode KV buffers and every step appends
 to them in place (services.inference.onnx_model.SlotCache); a sequence joining copies its prompt cache into a
 row once, one leaving hands its row to the last row. A cancelled, finished or expired sequence leaves before
-the next step. The model runs in a worker thread so the event loop keeps streaming; while the batch stays the
-same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's round
+the next step. The model runs in one dedicated thread so the event loop keeps streaming; while the batch stays
+the same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's round
 trip stays off the path between runs.
 """
 
@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -144,6 +145,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
+        # One dedicated thread runs every model step: ONNX Runtime's calling thread stays the same (and is named
+        # in thread dumps) instead of hopping between the loop's default executor threads.
+        self._model_thread: ThreadPoolExecutor | None = None
         self._accepting = True
         self.steps = 0
         # Called when the number of active or queued sequences changes (load reporting).
@@ -153,7 +157,8 @@ class Engine:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="engine")
+            self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmesh-engine")
+            self._task = asyncio.create_task(self._run(self._model_thread), name="engine")
 
     async def close(self) -> None:
         self._accepting = False
@@ -162,6 +167,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=False)  # a step in flight finishes on its own; nothing waits for it
+            self._model_thread = None
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -201,7 +209,7 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, model_thread: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
 
         def deliver(batch: list[Produced]) -> None:  # called from the model thread
@@ -218,7 +226,7 @@ class Engine:
             prefilling = [s for s in self._active if s.prefilling]
             decoding = [s for s in self._active if not s.prefilling]
             try:
-                results = await asyncio.to_thread(self._step, prefilling, decoding, deliver)
+                results = await loop.run_in_executor(model_thread, self._step, prefilling, decoding, deliver)
             except Exception:
                 log.exception("engine step failed")
                 for seq in list(self._active):
