@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from services.model.graph import step_inputs
+
 log = logging.getLogger("lmesh.inference.model")
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -79,22 +81,10 @@ class OnnxDecoder:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
 
-    @staticmethod
-    def _small_inputs(input_ids: np.ndarray, seqlens_k: np.ndarray, logits_positions: np.ndarray,
-                      ) -> dict[str, np.ndarray]:
-        seqlens = np.ascontiguousarray(seqlens_k, dtype=np.int32)
-        total = max(int(seqlens.max()) + 1, int(input_ids.shape[1]))
-        return {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "seqlens_k": seqlens,
-            "total_sequence_length": np.asarray(total, dtype=np.int32),
-            "logits_positions": np.ascontiguousarray(logits_positions, dtype=np.int64),
-        }
-
     def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, logits_positions: np.ndarray,
             past: list[np.ndarray]) -> StepOutput:
         """A prompt run with fresh present outputs (host arrays, also on CUDA: prompts are the rare step)."""
-        feeds = self._small_inputs(input_ids, seqlens_k, logits_positions)
+        feeds = step_inputs(input_ids, seqlens_k, logits_positions)
         feeds.update(zip(self.past_names, past, strict=True))
         outputs = self.session.run(["logits", *self.present_names], feeds)
         return StepOutput(logits=outputs[0], presents=list(outputs[1:]))
@@ -104,9 +94,9 @@ class OnnxDecoder:
 
         The logits array is the cache's output buffer: the next decode overwrites it.
         """
-        binding, logits = cache.binding(self)
+        binding, logits = cache.binding()
         rows = input_ids.shape[0]
-        for name, value in self._small_inputs(input_ids, seqlens_k, np.arange(rows)).items():
+        for name, value in step_inputs(input_ids, seqlens_k, np.arange(rows)).items():
             binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(binding)
         return logits
@@ -195,10 +185,11 @@ class SlotCache:
         self._to_host()
         return [np.ascontiguousarray(b[row:row + 1, :, :length]) for b in self._host]
 
-    def binding(self, model: OnnxDecoder) -> tuple[Any, np.ndarray]:
+    def binding(self) -> tuple[Any, np.ndarray]:
         """The I/O binding with past and present bound to the same buffers (rebuilt when rows or capacity change),
         and the host array its logits output is written into (no per-step allocation or output wrapping)."""
         if self._binding is None:
+            model = self._model
             ort = model._ort
             binding = model.session.io_binding()
             self._logits = np.empty((self.rows, model.vocab_size), dtype=np.float32)

@@ -379,11 +379,11 @@ def _shared_buffer_step(session: Any, manifest: ModelManifest, past: dict[str, A
     import numpy as np
     import onnxruntime as ort
 
+    from services.model.graph import step_inputs
+
     binding = session.io_binding()
-    binding.bind_cpu_input("input_ids", np.asarray(tokens, np.int64)[:, None])
-    binding.bind_cpu_input("seqlens_k", np.asarray(lengths, np.int32))
-    binding.bind_cpu_input("total_sequence_length", np.asarray(int(max(lengths)) + 1, np.int32))
-    binding.bind_cpu_input("logits_positions", np.arange(len(lengths), dtype=np.int64))
+    for name, value in step_inputs(np.asarray(tokens)[:, None], lengths, np.arange(len(lengths))).items():
+        binding.bind_cpu_input(name, value)
     binding.bind_output("logits")  # first: outputs come back in binding order
     buffers = []
     for name, tensor in past.items():

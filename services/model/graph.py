@@ -77,6 +77,18 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+def step_inputs(input_ids: Any, seqlens_k: Any, logits_positions: Any) -> dict[str, np.ndarray]:
+    """The non-KV inputs of one call, typed as the graph wants; total_sequence_length derived from the rest."""
+    seqlens = np.ascontiguousarray(seqlens_k, dtype=np.int32)
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "seqlens_k": seqlens,
+        "total_sequence_length": np.asarray(max(int(seqlens.max()) + 1, ids.shape[1]), dtype=np.int32),
+        "logits_positions": np.ascontiguousarray(logits_positions, dtype=np.int64),
+    }
+
+
 def rotary_caches(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, head_dim/2] of the default (non-interleaved) rotary embedding, as HF computes it."""
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.int64).astype(np.float32)

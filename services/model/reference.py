@@ -69,15 +69,9 @@ def run_step(
     seqlens_k[r] is row r's cache length after this call minus one; logits_positions index the flattened
     [batch * seq] positions whose logits are returned.
     """
-    seqlens = np.asarray(seqlens_k, dtype=np.int32)
-    total = max(int(seqlens.max()) + 1, int(input_ids.shape[1]))
-    feeds = {
-        "input_ids": np.asarray(input_ids, dtype=np.int64),
-        "seqlens_k": seqlens,
-        "total_sequence_length": np.asarray(total, dtype=np.int32),
-        "logits_positions": np.asarray(logits_positions, dtype=np.int64),
-        **past,
-    }
+    from services.model.graph import step_inputs
+
+    feeds = {**step_inputs(input_ids, seqlens_k, logits_positions), **past}
     outputs = session.run(None, feeds)
     names = [o.name for o in session.get_outputs()]
     by_name = dict(zip(names, outputs, strict=True))
