@@ -7,6 +7,10 @@ recovery of inference, graceful drain, and bad input at the public API.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +24,7 @@ import pytest_asyncio
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from services.common.config import lmesh_cache
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
@@ -284,6 +289,69 @@ async def test_list_models_needs_a_key(live: LiveMesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListModels(gateway_pb2.ListModelsRequest())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def node_client_modules() -> Path:
+    """node_modules for tests/clients/node, installed once per lock file into the cache (npm ci)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are not installed: the Node.js client check needs them")
+    source = ROOT / "tests" / "clients" / "node"
+    lock = (source / "package-lock.json").read_bytes()
+    target = lmesh_cache() / "node-client" / hashlib.sha256(lock).hexdigest()[:16]
+    if not (target / "node_modules" / ".package-lock.json").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(source / name, target / name)
+        installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=target,
+                                   capture_output=True, text=True, timeout=300)
+        if installed.returncode != 0:  # the npm registry is out of reach: nothing of ours to judge
+            pytest.skip(f"npm ci failed: {installed.stderr.strip()[-300:]}")
+    return target / "node_modules"
+
+
+async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(live: LiveMesh) -> None:
+    """Another language, only protos/ and the README: discovery through Consul, bearer key, Chat, errors."""
+    modules = node_client_modules()
+    env = {**os.environ, "NODE_PATH": str(modules), "LMESH_API_KEY": live.api_key,
+           "CONSUL_HTTP_ADDR": live.procs.consul_addr}
+    process = await asyncio.create_subprocess_exec(
+        "node", str(ROOT / "tests" / "clients" / "node" / "chat.js"), str(ROOT / "protos"), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    seen = json.loads(stdout)
+
+    assert {m["id"]: m["aliases"] for m in seen["models"]["models"]}["smollm2-135m-instruct:1"] == ["default"]
+    assert seen["models_without_key"]["error"]["code"] == "UNAUTHENTICATED"
+
+    # The same greedy answer, token for token, as this suite's Python client gets.
+    python = await collect(await live.gateway(), start(max_tokens=32, logprobs=True), live.api_key)
+    greedy = seen["greedy"]
+    assert greedy["text"] == "".join(r.delta for r in python) and "Paris" in greedy["text"]
+    assert [e["token_id"] for e in greedy["logprobs"]] == [e.token_id for r in python for e in r.logprobs]
+    assert bytes.fromhex("".join(e["bytes_hex"] for e in greedy["logprobs"])).decode() == greedy["text"]
+    assert all(len(e["top"]) == 2 and e["top"][0] == e["token_id"] for e in greedy["logprobs"])
+    assert greedy["finish_reason"] == "FINISH_REASON_STOP" and greedy["unfinished_before_last"]
+    assert greedy["model"] == "smollm2-135m-instruct:1" and greedy["id"].startswith("chatcmpl-")
+    usage = greedy["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] == \
+        python[-1].usage.total_tokens
+
+    assert "Paris" not in seen["stopped"]["text"] and greedy["text"].startswith(seen["stopped"]["text"])
+    first, second = seen["seeded"]
+    assert first["text"] == second["text"] and first["finish_reason"] == "FINISH_REASON_LENGTH"
+    cancelled = seen["cancelled"]
+    assert cancelled["finish_reason"] == "FINISH_REASON_CANCELLED" and cancelled["usage"]["completion_tokens"] < 50
+
+    errors = seen["errors"]
+    assert {name: error["code"] for name, error in errors.items()} == {
+        "no_key": "UNAUTHENTICATED", "wrong_key": "UNAUTHENTICATED", "unknown_model": "NOT_FOUND",
+        "max_tokens": "INVALID_ARGUMENT", "temperature": "INVALID_ARGUMENT", "role": "INVALID_ARGUMENT",
+        "cancel_first": "INVALID_ARGUMENT"}
+    for field in ("max_tokens", "temperature", "role", "cancel_first"):
+        named = {"role": "messages[0].role", "cancel_first": "start"}.get(field, field)
+        assert errors[field]["details"].startswith(named), errors[field]
 
 
 async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) -> None:
