@@ -62,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve_forever(config, module.build))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # a taken port, Consul out of reach: one line that says what to do
+        return _fail(str(exc) or type(exc).__name__)
     return 0
 
 

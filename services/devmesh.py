@@ -8,13 +8,16 @@ SIGTERM) stops every process it started, gracefully, in reverse order.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from services.common.config import consul_addr, lmesh_home
@@ -141,6 +144,36 @@ async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], 
         await mesh.close()
 
 
+def hold_home_lock(home: Path) -> TextIO | str:
+    """An exclusive lock on LMESH_HOME for this process's life, or why it cannot be had.
+
+    Two meshes on one LMESH_HOME would share its SQLite files and register twice in Consul.
+    """
+    handle = (home / "dev.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        return (f"a mesh using {home} is already running (pid {holder}); stop it (Ctrl-C where it runs, or "
+                f"`kill {holder}`) or use another LMESH_HOME")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     from services.client import stream_chat_to_terminal
 
@@ -150,6 +183,15 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     home = lmesh_home()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    lock = hold_home_lock(home)
+    if isinstance(lock, str):
+        print(f"lmesh: {lock}", file=sys.stderr)
+        return 2
+    gateway_port = int(os.environ.get("LMESH_GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT)))
+    if not port_is_free(gateway_port):
+        print(f"lmesh: port {gateway_port} is in use; stop what listens there or set LMESH_GATEWAY_PORT",
+              file=sys.stderr)
+        return 2
     addr = consul_addr()
     agent: ConsulAgent | None = None
     if consul_answers(addr):
@@ -166,6 +208,7 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     try:
         key, gateway = asyncio.run(bring_up(model_dir, children, env, logs, addr))
         print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -544,6 +545,44 @@ async def test_dev_mesh_says_make_clean_when_an_older_build_holds_the_version(li
     with pytest.raises(AlreadyExists, match="make clean"):
         await ensure_model(live.mesh, other)
     assert await ensure_model(live.mesh, built_model) == "smollm2-135m-instruct:1"  # the same build is fine
+
+
+def run_dev_cli(built_model: Path, home: Path, gateway_port: int) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LMESH_HOME": str(home), "LMESH_GATEWAY_PORT": str(gateway_port)}
+    return subprocess.run([sys.executable, "-m", "services.cli", "dev", "--model-dir", str(built_model)],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_dev_mesh_refuses_a_second_mesh_on_the_same_home(built_model: Path, tmp_path: Path) -> None:
+    from services.devmesh import hold_home_lock
+
+    (tmp_path / "logs").mkdir()
+    held = hold_home_lock(tmp_path)
+    assert not isinstance(held, str)
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+        result = run_dev_cli(built_model, tmp_path, free_port)
+    finally:
+        held.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"lmesh: a mesh using {tmp_path} is already running (pid {os.getpid()}); "
+                                     f"stop it (Ctrl-C where it runs, or `kill {os.getpid()}`) or use another "
+                                     "LMESH_HOME")
+    again = hold_home_lock(tmp_path)  # free once its holder is gone
+    assert not isinstance(again, str)
+    again.close()
+
+
+def test_dev_mesh_says_when_the_gateway_port_is_taken(built_model: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_dev_cli(built_model, tmp_path, port)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"lmesh: port {port} is in use; stop what listens there or set LMESH_GATEWAY_PORT"
 
 
 async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:

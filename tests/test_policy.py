@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import socket
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,3 +449,32 @@ async def test_restart_keeps_keys(policy_factory: StartPolicy, tmp_path: Path) -
     assert code == grpc.StatusCode.UNAUTHENTICATED
     listed = await client.list_keys(second.resolver, "acme")
     assert [(k.key_id, k.revoked) for k in listed.keys] == [(kept.key.key_id, False), (gone.key.key_id, True)]
+
+
+# -- start-up failures an operator meets: one line that says what to do -------------------------------------
+
+
+async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(policy_factory: StartPolicy,
+                                                                           consul_agent: ConsulAgent,
+                                                                           tmp_path: Path) -> None:
+    first = await policy_factory(tmp_path / "a")
+    # gRPC's default SO_REUSEPORT would let this bind succeed and split the port's traffic between the two.
+    config = ServiceConfig(service="policy", consul_addr=consul_agent.http_addr, data_dir=tmp_path / "b",
+                           port=first.running.port)
+    with pytest.raises(OSError, match=rf"could not listen on .*:{first.running.port}: the port is in use"):
+        await start_service(config, build)
+
+
+def test_serve_without_consul_says_so_in_one_line(tmp_path: Path) -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    nobody = f"127.0.0.1:{free.getsockname()[1]}"
+    free.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "policy", "--port", "0", "--data-dir", str(tmp_path)],
+        env={**os.environ, "CONSUL_HTTP_ADDR": nobody}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lmesh: Consul at {nobody} is out of reach") and "CONSUL_HTTP_ADDR" in last
+    assert "Unclosed" not in result.stderr  # the failed start closed what it opened

@@ -45,6 +45,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default: a second server on a fixed port (a forgotten gateway on 50051) would
+    # silently share its traffic instead of failing to bind.
+    ("grpc.so_reuseport", 0),
 ]
 MARK_DOWN_S = 3.0
 WATCH_WAIT = "30s"

@@ -128,18 +128,30 @@ async def start_service(
         add(servicer, server)
     names = [name for _, _, name in parts.servicers]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        await runtime.mesh.close()
+        runtime.tracer_provider.shutdown()
+        runtime.meter_provider.shutdown()
+        raise OSError(f"could not listen on {config.host}:{config.port}: the port is in use; stop what listens "
+                      "there or pick another with --port")
     await server.start()
     running = RunningService(runtime, parts, server, health_servicer, port)
     await running.set_serving(False)
     log.info("lmesh-%s listening on %s", config.service, running.target)
-    if register:
-        runtime.registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
-                                                  config.address, port)
-        await runtime.registration.register(parts.meta() if parts.meta else {})
     try:
+        if register:
+            registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
+                                              config.address, port)
+            try:
+                await registration.register(parts.meta() if parts.meta else {})
+            except OSError as exc:
+                raise OSError(f"Consul at {config.consul_addr} is out of reach ({exc}); start an agent "
+                              "(`lmesh dev` starts one) or set CONSUL_HTTP_ADDR") from exc
+            runtime.registration = registration
         if parts.warm_up is not None:
             await parts.warm_up()
         if register and parts.meta is not None and runtime.registration is not None:
