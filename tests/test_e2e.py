@@ -68,7 +68,9 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         if int8:
             await register_model_dir(mesh.resolver("lmesh-registry"), built_model, aliases=(),
                                      manifest_name="lmesh_model.int8.json")
-            procs.start("inference", "--model", INT8, name="inference-int8")
+            # Tiny admission bounds, so a test can fill them with three requests.
+            procs.start("inference", "--model", INT8, "--max-active", "1", "--max-queue", "1",
+                        name="inference-int8")
         await procs.wait_passing(mesh, "policy")
         created = await create_key(mesh.resolver("lmesh-policy"), "e2e")
         for service in SERVICES:
@@ -440,6 +442,30 @@ async def generate_stream(live: LiveMesh, start_message: inference_pb2.GenerateS
     await call.write(inference_pb2.GenerateRequest(start=start_message))
     await call.done_writing()
     return await read_rest(call)
+
+
+async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live: LiveMesh) -> None:
+    if "inference-int8" not in live.procs.processes:
+        pytest.skip("no int8 build (make model builds it)")
+    stub = await live.gateway()
+    busy = []
+    for _ in range(2):  # one decoding, one waiting: the int8 replica's bounds (--max-active 1 --max-queue 1)
+        call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+        await call.write(start(LONG_TASK, model=INT8, max_tokens=400))
+        busy.append(call)
+    await busy[0].read()  # admitted and decoding
+    try:
+        began = time.monotonic()
+        error = await expect_error(stub, [start(model=INT8, max_tokens=8)], auth(live.api_key))
+        assert time.monotonic() - began < 5  # refused, not queued
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "queue is full" in (error.details() or "")
+        assert dict(error.trailing_metadata() or ())["retry-after-ms"] == "1000"  # relayed by the gateway
+    finally:
+        for call in busy:
+            await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
+            await call.done_writing()
+            assert (await read_rest(call))[-1].finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
 
 
 async def test_generate_reports_logprobs_and_top_alternatives(live: LiveMesh) -> None:

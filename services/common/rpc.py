@@ -22,6 +22,7 @@ from services.common.errors import RELAYED_UPSTREAM_CODES, InvalidArgument, Lmes
 from services.common.telemetry import current_trace_id, extract_context, inject_metadata
 
 log = logging.getLogger("lmesh.rpc")
+RELAYED_TRAILERS = frozenset({"retry-after-ms"})
 
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
@@ -64,7 +65,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     if isinstance(exc, LmeshError):
         return exc.code, exc.message, exc.trailing_metadata()
     if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RELAYED_UPSTREAM_CODES:
-        return exc.code(), exc.details() or exc.code().name.lower(), ()
+        # A peer's advice to the client (when to retry) travels with its code.
+        trailers = tuple((k, v) for k, v in exc.trailing_metadata() or () if k in RELAYED_TRAILERS)
+        return exc.code(), exc.details() or exc.code().name.lower(), trailers
     return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id()})", ()
 
 
