@@ -7,6 +7,7 @@ recovery of inference, graceful drain, and bad input at the public API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -432,6 +433,23 @@ async def test_int8_version_is_served_by_its_own_replica(live: LiveMesh) -> None
     assert responses[-1].model == INT8
     assert "".join(r.delta for r in responses).strip()
     assert responses[-1].finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+    # Registered after version 1, the variant did not change what the bare name means.
+    plain = await collect(await live.gateway(), start(model="smollm2-135m-instruct", max_tokens=4), live.api_key)
+    assert plain[-1].model == "smollm2-135m-instruct:1"
+
+
+async def test_a_version_no_replica_serves_is_unavailable_saying_how_to_serve_it(live: LiveMesh,
+                                                                                built_model: Path) -> None:
+    if not (built_model / "lmesh_model.fp16.json").exists():
+        pytest.skip("no fp16 build (make model builds it)")
+    fp16 = "smollm2-135m-instruct:1-fp16"
+    with contextlib.suppress(AlreadyExists):
+        await register_model_dir(live.mesh.resolver("lmesh-registry"), built_model, aliases=(),
+                                 manifest_name="lmesh_model.fp16.json")
+    error = await expect_error(await live.gateway(), [start(model=fp16, max_tokens=4)], auth(live.api_key))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == (f"no inference replica serves {fp16}; start one with "
+                               f"`lmesh serve inference --model {fp16}`")
 
 
 async def generate_stream(live: LiveMesh, start_message: inference_pb2.GenerateStart,

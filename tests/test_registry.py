@@ -233,14 +233,19 @@ async def test_models_register_get_resolve_list_alias(stores: tuple[BlobStore, M
     assert models.get("alpha", "1") == first
     assert models.resolve("alpha:1").version == "1"
     assert models.resolve("alpha").version == "2"  # bare name: most recently registered
+    models.register(version("alpha", "2-int8", m, t))  # a variant, registered later, is not "newer"
+    assert models.resolve("alpha").version == "2"
+    assert models.resolve("alpha:2-int8").version == "2-int8"
+    models.register(version("gamma", "1-fp16", m, t))
+    assert models.resolve("gamma").version == "1-fp16"  # only variants: the newest of them
     assert models.resolve("prod").ref == "alpha:1"
     assert models.resolve("canary") == second
 
     moved = models.set_alias("prod", "alpha", "2")
     assert moved.aliases == ("canary", "prod")
     assert models.get("alpha", "1").aliases == ()
-    assert [m.ref for m in models.list()] == ["alpha:2", "alpha:1", "beta:1"]
-    assert [m.ref for m in models.list("alpha")] == ["alpha:2", "alpha:1"]
+    assert [m.ref for m in models.list()] == ["alpha:2-int8", "alpha:2", "alpha:1", "beta:1", "gamma:1-fp16"]
+    assert [m.ref for m in models.list("alpha")] == ["alpha:2-int8", "alpha:2", "alpha:1"]
     assert models.list("nope") == []
 
     # Everything survives closing and reopening the database.

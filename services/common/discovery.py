@@ -212,8 +212,11 @@ class ServiceResolver:
         return await asyncio.wait_for(ready(), timeout)
 
     async def pick(self, predicate: Callable[[Endpoint], bool] | None = None,
-                   first_load_timeout: float = 5.0) -> Endpoint:
-        """An endpoint for the next call: up, matching `predicate`, with the fewest calls in flight."""
+                   first_load_timeout: float = 5.0, none_match: str = "") -> Endpoint:
+        """An endpoint for the next call: up, matching `predicate`, with the fewest calls in flight.
+
+        `none_match` is the UNAVAILABLE message when instances pass but none matches `predicate`.
+        """
         self.start()
         if not self._loaded.is_set():
             try:
@@ -223,7 +226,7 @@ class ServiceResolver:
         now = time.monotonic()
         candidates = [e for e in self._endpoints.values() if predicate is None or predicate(e)]
         if not candidates:
-            raise Unavailable(f"no passing instance of {self.name}")
+            raise Unavailable(none_match if none_match and self._endpoints else f"no passing instance of {self.name}")
         up = [e for e in candidates if e.down_until <= now] or candidates
         # Fewest calls in flight from this process first; then the load the instance reports in Consul meta
         # (inference: active + queued sequences), which also counts other callers' work.

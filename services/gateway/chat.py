@@ -162,7 +162,10 @@ class ChatService:
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
-        endpoint = await self._inference.pick(lambda e: model_id in e.meta.get("models", "").split(","))
+        endpoint = await self._inference.pick(
+            lambda e: model_id in e.meta.get("models", "").split(","),
+            none_match=f"no inference replica serves {model_id}; start one with "
+                       f"`lmesh serve inference --model {model_id}`")
         generate_call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(**call_options())
         tokenizer = await self._tokenizer.pick()
         detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())

@@ -528,8 +528,11 @@ class ModelStore:
             (reference,),
         ).fetchone()
         if row is None:
+            # A variant ("1-int8", "1-fp16") is never newer than its plain version: registering one must not
+            # move what the bare name means for every client. Variants are reached by `name:version` or alias.
             row = db.execute(
-                "SELECT * FROM model_versions WHERE name = ? ORDER BY id DESC LIMIT 1", (reference,)
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY instr(version, '-') > 0, id DESC LIMIT 1",
+                (reference,),
             ).fetchone()
         if row is None:
             raise NotFound(f"model '{reference}' not found")

@@ -111,7 +111,9 @@ class RegistryServicer:
 
     def ResolveModel(self, request, context):
         """Resolves a model reference to one concrete version. A reference is `name:version`, an alias, or a bare
-        `name` (its most recently registered version).
+        `name`: its most recently registered version without a '-' (a variant such as "1-int8" or "1-fp16" is
+        reached by `name:version` or an alias, so registering one does not change what the name means), or the
+        most recently registered variant when the name has no other version.
         Errors: INVALID_ARGUMENT (empty reference), NOT_FOUND (no such name, version or alias).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
