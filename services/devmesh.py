@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from services.common.config import consul_addr, lmesh_home
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
+from services.common.server import port_is_free
 
 SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
 DEFAULT_GATEWAY_PORT = 50051
@@ -163,15 +163,6 @@ def hold_home_lock(home: Path) -> TextIO | str:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,9 @@ async def start_service(
     metric_readers: Sequence[MetricReader] = (),
 ) -> RunningService:
     """Starts a service and returns once it is SERVING (warm-up done) and registered in Consul."""
+    if config.port and not port_is_free(config.port, config.host):
+        # Checked before any gRPC server exists: grpc.aio cannot stop a server that never started.
+        raise OSError(_port_taken(config))
     runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr),
                              tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters),
                              meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
@@ -132,12 +136,13 @@ async def start_service(
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
-    if port == 0:
+    if port == 0:  # taken since the check above
+        if parts.on_stop is not None:
+            await parts.on_stop()
         await runtime.mesh.close()
         runtime.tracer_provider.shutdown()
         runtime.meter_provider.shutdown()
-        raise OSError(f"could not listen on {config.host}:{config.port}: the port is in use; stop what listens "
-                      "there or pick another with --port")
+        raise OSError(_port_taken(config))
     await server.start()
     running = RunningService(runtime, parts, server, health_servicer, port)
     await running.set_serving(False)
@@ -162,6 +167,26 @@ async def start_service(
     await running.set_serving(True)
     log.info("lmesh-%s serving", config.service)
     return running
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind host:port now (address reuse on, as gRPC sets it; port reuse off)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return True  # a bad host: let the bind itself report it
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return False
+    return True
+
+
+def _port_taken(config: ServiceConfig) -> str:
+    return (f"could not listen on {config.host}:{config.port}: the port is in use; stop what listens there or "
+            "pick another with --port")
 
 
 async def serve_forever(config: ServiceConfig, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
