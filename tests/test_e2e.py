@@ -466,24 +466,36 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live:
     if "inference-int8" not in live.procs.processes:
         pytest.skip("no int8 build (make model builds it)")
     stub = await live.gateway()
-    busy = []
-    for _ in range(2):  # one decoding, one waiting: the int8 replica's bounds (--max-active 1 --max-queue 1)
+
+    async def open_chat() -> grpc.aio.StreamStreamCall:
         call = stub.Chat(metadata=auth(live.api_key), timeout=60)
-        await call.write(start(LONG_TASK, model=INT8, max_tokens=400))
-        busy.append(call)
-    await busy[0].read()  # admitted and decoding
+        await call.write(start(LONG_TASK, model=INT8, max_tokens=2000))
+        return call
+
+    decoding = await open_chat()
+    await decoding.read()  # the int8 replica's one active sequence (--max-active 1 --max-queue 1)
+    two = [await open_chat(), await open_chat()]  # one takes the queue's only place, the other is refused
+    reads = {asyncio.ensure_future(call.read()): call for call in two}
     try:
-        began = time.monotonic()
-        error = await expect_error(stub, [start(model=INT8, max_tokens=8)], auth(live.api_key))
-        assert time.monotonic() - began < 5  # refused, not queued
+        done, _ = await asyncio.wait(reads, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "neither request was refused"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            done.pop().result()
+        error = caught.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "queue is full" in (error.details() or "")
         assert dict(error.trailing_metadata() or ())["retry-after-ms"] == "1000"  # relayed by the gateway
     finally:
-        for call in busy:
+        for read, call in reads.items():
+            if read.done():
+                continue
             await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
             await call.done_writing()
-            assert (await read_rest(call))[-1].finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+            first = await read  # queued, then cancelled: its only message is the finish
+            assert first.finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+        await decoding.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
+        await decoding.done_writing()
+        assert (await read_rest(decoding))[-1].finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
 
 
 async def test_generate_reports_logprobs_and_top_alternatives(live: LiveMesh) -> None:
