@@ -262,6 +262,8 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
     key = auth(live.api_key)
     cases: list[tuple[list[gateway_pb2.ChatRequest], tuple[tuple[str, str], ...], grpc.StatusCode, str]] = [
         ([start(model="no-such-model")], key, grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        ([start(model="smollm2-135m-instruct:")], key, grpc.StatusCode.INVALID_ARGUMENT, "model:"),
+        ([start(model=":1")], key, grpc.StatusCode.INVALID_ARGUMENT, "model:"),
         ([start()], (), grpc.StatusCode.UNAUTHENTICATED, "key"),
         ([start()], auth("lmk_wrong"), grpc.StatusCode.UNAUTHENTICATED, "key"),
         ([start(messages=[])], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
@@ -283,6 +285,13 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         error = await expect_error(stub, requests, metadata)
         assert error.code() == code, (requests, error.details())
         assert field in (error.details() or ""), (field, error.details())
+
+
+async def test_any_int64_seed_samples_reproducibly(live: LiveMesh) -> None:
+    answers = {"".join(r.delta for r in await collect(await live.gateway(),
+                                                       start(max_tokens=8, temperature=0.9, seed=-(2**63)),
+                                                       live.api_key)) for _ in range(2)}
+    assert len(answers) == 1 and answers != {""}
 
 
 async def test_list_models_needs_a_key(live: LiveMesh) -> None:

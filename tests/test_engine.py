@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -266,6 +267,19 @@ def test_sampler_filters_and_penalties() -> None:
     with_top = Sampler(SamplingConfig(), [], top_logprobs=3).sample(logits)
     assert [t for t, _ in with_top.top] == [0, 1, 2]
     assert with_top.logprob == pytest.approx(np.log(0.5), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1])
+def test_any_int64_is_a_seed(seed: int) -> None:
+    logits = np.zeros(64, dtype=np.float32)
+    config = SamplingConfig.validated(temperature=1.0, top_p=0.0, top_k=0, seed=seed, repetition_penalty=0.0,
+                                      vocab_size=64)
+    runs = [[sampler.sample(logits).token_id for _ in range(16)] for sampler in (Sampler(config, []),
+                                                                               Sampler(config, []))]
+    assert runs[0] == runs[1]  # reproducible
+    sequence = Sampler(config, [])
+    other = Sampler(dataclasses.replace(config, seed=seed + (1 if seed < 2**63 - 1 else -1)), [])
+    assert [sequence.sample(logits).token_id for _ in range(16)] != [other.sample(logits).token_id for _ in range(16)]
 
 
 SYSTEM = ("You are a meticulous assistant for a logistics company. " * 40).strip()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.discovery import ServiceResolver
+from services.common.errors import InvalidArgument
 
 RESOLVE_TTL_S = 5.0  # short enough that an alias move is seen within seconds
 
@@ -30,8 +32,16 @@ class ModelDirectory:
         future: asyncio.Future[registry_pb2.ModelVersion] = asyncio.get_running_loop().create_future()
         self._inflight[reference] = future
         try:
-            response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
-                                                 registry_pb2.ResolveModelRequest(reference=reference), timeout=10)
+            try:
+                response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
+                                                     registry_pb2.ResolveModelRequest(reference=reference),
+                                                     timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                # The registry names its own field; the caller sent it as `model`.
+                problem = (exc.details() or "").removeprefix("reference: ")
+                raise InvalidArgument("model", problem) from None
             self._cache[reference] = (time.monotonic() + self._ttl_s, response.model)
             future.set_result(response.model)
             return response.model

@@ -59,8 +59,9 @@ class Sampler:
     def __init__(self, config: SamplingConfig, prompt_ids: list[int], top_logprobs: int = 0) -> None:
         self.config = config
         self.top_logprobs = top_logprobs
-        # A fixed seed reproduces; seed 0 draws a fresh one.
-        self._rng = np.random.default_rng(config.seed if config.seed else None)
+        # A fixed seed reproduces; seed 0 draws a fresh one. Any int64 is a seed: negative ones are taken
+        # modulo 2**64 (numpy wants them non-negative), so distinct seeds stay distinct.
+        self._rng = np.random.default_rng(config.seed % 2**64 if config.seed else None)
         self._seen = np.unique(np.asarray(prompt_ids, dtype=np.int64)) if config.repetition_penalty != 1.0 else None
 
     @property

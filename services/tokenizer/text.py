@@ -36,6 +36,8 @@ SPLIT_LOOKBACK_IDS = 4
 # SentencePiece's stand-in for a space, and its byte-fallback tokens (`<0xE2>`), for tokenizers not byte-level.
 SENTENCEPIECE_SPACE = "\u2581"
 BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# Stand-ins for message contents while locating them in a rendered prompt (private-use code points).
+CONTENT_MARK = re.compile("\ue000([0-9]+)\ue001")
 
 
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
@@ -146,6 +148,10 @@ class ModelTokenizer:
         self.eos_token = self._token_text(eos_token_ids[0]) if eos_token_ids else ""
         self._template: jinja2.Template | None = None
         self._vocabulary: Vocabulary | None = None
+        # Texts the tokenizer turns into control tokens wherever they appear (<|im_start|>, <|im_end|>, ...).
+        self._control_texts = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()}, key=len,
+                                     reverse=True)
+        self._literal: Tokenizer | None = None
 
     @classmethod
     def from_file(cls, path: Path | str, chat_template: str = "", *, name: str = "", bos_token_id: int = -1,
@@ -213,10 +219,40 @@ class ModelTokenizer:
 
     def apply_chat_template(self, messages: Sequence[ChatMessage],
                             add_generation_prompt: bool) -> tuple[str, list[int]]:
-        """The rendered prompt and its ids, exactly as the model sees it."""
+        """The rendered prompt and its ids, exactly as the model sees it.
+
+        A control token's text inside a message (a user writing `<|im_end|><|im_start|>system`) stays text: only
+        the template itself can open or close a turn.
+        """
         text = self.render_chat(messages, add_generation_prompt)
-        # The template already wrote the special tokens (BOS, <|im_start|>): adding them again would double.
-        return text, self.encode(text, add_special_tokens=False)
+        if not any(control in m.content for m in messages for control in self._control_texts):
+            # The template already wrote the special tokens (BOS, <|im_start|>): adding them again would double.
+            return text, self.encode(text, add_special_tokens=False)
+        return text, self._encode_with_literal_contents(messages, add_generation_prompt, text)
+
+    def _encode_with_literal_contents(self, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                                      text: str) -> list[int]:
+        """Encodes the template's own text as usual and each message's content with control tokens as text."""
+        marked = self.render_chat([ChatMessage(m.role, f"\ue000{i}\ue001") for i, m in enumerate(messages)],
+                                  add_generation_prompt)
+        pieces = CONTENT_MARK.split(marked)  # template text, content index, template text, ...
+        if "".join(messages[int(p)].content if i % 2 else p for i, p in enumerate(pieces)) != text:
+            # The template rewrites contents (trims them, say), so they cannot be located to be kept literal.
+            index, control = next((i, c) for i, m in enumerate(messages) for c in self._control_texts
+                                  if c in m.content)
+            raise InvalidArgument(f"messages[{index}].content",
+                                  f"contains the control token {control!r}, which this model's chat template "
+                                  "cannot keep apart from the conversation's structure")
+        if self._literal is None:
+            self._literal = Tokenizer.from_str(self.tokenizer.to_str())
+            self._literal.encode_special_tokens = True
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.extend(self._literal.encode(messages[int(piece)].content, add_special_tokens=False).ids)
+            elif piece:
+                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
+        return ids
 
     def _compiled_template(self) -> jinja2.Template:
         if self._template is None:
