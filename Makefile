@@ -19,12 +19,14 @@ run: venv model consul
 test: venv model consul
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes.
+# The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
+# it carries onnxruntime-gpu instead of onnxruntime (LMESH_GPU=0: stay on the CPU build).
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	bash deploy/scripts/gpu_runtime.sh $(BIN)
 	@touch $@
 
 # Regenerates gen/ from protos/ (committed; tests/test_gen_fresh.py fails when stale).

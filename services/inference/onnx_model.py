@@ -45,6 +45,10 @@ class OnnxDecoder:
         options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
+            # The CUDA and cuDNN libraries that `onnxruntime-gpu[cuda,cudnn]` installs from PyPI (see
+            # deploy/scripts/gpu_runtime.sh) are found only once preloaded.
+            ort.preload_dlls()
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
