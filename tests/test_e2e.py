@@ -507,6 +507,51 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live:
         assert (await read_rest(decoding))[-1].finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
 
 
+async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: LiveMesh, built_model: Path) -> None:
+    if "inference-int8" not in live.procs.processes:
+        pytest.skip("no int8 build (make model builds it)")
+    from services.model.reference import chat_prompt_ids
+
+    resolver = live.mesh.resolver("lmesh-inference")
+    full = await resolver.wait_for(lambda e: INT8 in e.meta.get("models", "").split(","), timeout=10)
+    live.procs.start("inference", "--model", INT8, "--max-active", "2", "--max-queue", "1", name="inference-int8b")
+    await live.procs.wait_passing(live.mesh, "inference", name="inference-int8b", model=INT8,
+                                  exclude=frozenset({full.service_id}))
+    direct: list[grpc.aio.StreamStreamCall] = []
+    chats: list[grpc.aio.StreamStreamCall] = []
+    try:
+        # Fill the first replica behind the gateway's back: one sequence decoding, one queued.
+        prompt = chat_prompt_ids(built_model, LONG_TASK)
+        for _ in range(2):
+            call = full.stub(inference_pb2_grpc.InferenceStub).Generate(timeout=60)
+            await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+                model=INT8, prompt_token_ids=prompt, max_tokens=2000)))
+            direct.append(call)
+        await direct[0].read()
+        await resolver.wait_for(lambda e: e.service_id == full.service_id and e.meta.get("load_queued") == "1",
+                                timeout=10)
+        # Two chats at once: the gateway spreads them over both replicas by its own calls in flight, so one
+        # lands on the full replica first. Refused there before any token, it must move to the other one (which
+        # decodes two at a time).
+        stub = await live.gateway()
+        for _ in range(2):
+            call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+            await call.write(start(LONG_TASK, model=INT8, max_tokens=2000))
+            chats.append(call)
+        firsts = await asyncio.gather(*(call.read() for call in chats), return_exceptions=True)
+        assert all(isinstance(f, gateway_pb2.ChatResponse) and f.delta for f in firsts), firsts
+    finally:
+        for call in chats:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
+                await call.done_writing()
+            call.cancel()
+        for call in direct:
+            call.cancel()
+        live.procs.terminate("inference-int8b")
+        await live.procs.wait_exit("inference-int8b")
+
+
 async def test_generate_reports_logprobs_and_top_alternatives(live: LiveMesh) -> None:
     prompt = [1, 4093, 198, 2, 198, 1, 520, 9531, 198]  # a short ChatML-shaped prompt
     responses = await generate_stream(live, inference_pb2.GenerateStart(

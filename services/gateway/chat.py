@@ -22,7 +22,7 @@ from lmesh.registry.v1 import registry_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from opentelemetry import trace
 
-from services.common.discovery import Mesh
+from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, Unauthenticated, Unavailable
 from services.common.rpc import call_options
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
@@ -162,11 +162,21 @@ class ChatService:
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
+        refused: set[str] = set()  # replicas whose queue was full for this request
+
+        def candidate(e: Endpoint) -> bool:
+            return model_id in e.meta.get("models", "").split(",") and e.service_id not in refused
+
         endpoint = await self._inference.pick(
-            lambda e: model_id in e.meta.get("models", "").split(","),
-            none_match=f"no inference replica serves {model_id}; start one with "
-                       f"`lmesh serve inference --model {model_id}`")
+            candidate, none_match=f"no inference replica serves {model_id}; start one with "
+                                  f"`lmesh serve inference --model {model_id}`")
         generate_call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(**call_options())
+        start = inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+            model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
+            sampling=inference_pb2.SamplingParams(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                repetition_penalty=params.repetition_penalty),
+            top_logprobs=params.top_logprobs))
         tokenizer = await self._tokenizer.pick()
         detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
         answer = AnswerAssembler(params.stop, vocabulary)
@@ -185,26 +195,40 @@ class ChatService:
 
         async def pump() -> None:
             """inference → tokenizer, as tokens arrive."""
-            async for response in generate_call:
-                if response.HasField("tokens"):
-                    ids = [t.token_id for t in response.tokens.tokens]
-                    answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
-                    await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
-                        tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
-                elif response.HasField("finish"):
-                    finish.append(response.finish)
+            nonlocal endpoint, generate_call
+            admitted = False
+            while True:
+                try:
+                    async for response in generate_call:
+                        admitted = True
+                        if response.HasField("tokens"):
+                            ids = [t.token_id for t in response.tokens.tokens]
+                            answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
+                            await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
+                                tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
+                        elif response.HasField("finish"):
+                            finish.append(response.finish)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    # A full queue refuses before generating anything: another replica may have room.
+                    if admitted or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or cancel_sent.is_set():
+                        raise
+                    refused.add(endpoint.service_id)
+                    try:
+                        other = await self._inference.pick(candidate)
+                    except Unavailable:
+                        raise exc from None
+                    endpoint.outstanding -= 1
+                    endpoint, generate_call = other, other.stub(inference_pb2_grpc.InferenceStub).Generate(
+                        **call_options())
+                    endpoint.outstanding += 1
+                    await generate_call.write(start)
             await detokenize_call.done_writing()
 
         endpoint.outstanding += 1
         tasks: list[asyncio.Task[None]] = []
         try:
-            await generate_call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
-                model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
-                sampling=inference_pb2.SamplingParams(
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                    repetition_penalty=params.repetition_penalty),
-                top_logprobs=params.top_logprobs),
-            ))
+            await generate_call.write(start)
             await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
                 start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
             tasks = [asyncio.create_task(pump()), asyncio.create_task(watch_cancel())]

@@ -63,7 +63,8 @@ class GatewayServicer:
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`; `messages` empty; a role other
         than system/user/assistant; `max_tokens` <= 0; a sampling field out of range; `top_logprobs` outside
         0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context — the message names the
-        field), RESOURCE_EXHAUSTED (limits or queue full), DEADLINE_EXCEEDED (the call's deadline passed),
+        field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model is full; trailing
+        metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline passed),
         UNAVAILABLE (a dependency is down; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
