@@ -232,6 +232,27 @@ async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
     assert int(generate[-1].attributes["lmesh.inference.tokens_after_cancel"]) <= 1  # type: ignore[call-overload]
 
 
+async def test_a_client_disconnect_stops_the_engine_within_one_step(live: LiveMesh) -> None:
+    def cancelled_generates() -> list:  # type: ignore[type-arg]
+        return [s for s in live.otlp.spans if s.service == "lmesh-inference" and s.name == "lmesh.inference/Generate"
+                and s.attributes.get("lmesh.inference.cancelled")]
+
+    before = len(cancelled_generates())
+    call = (await live.gateway()).Chat(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(LONG_TASK, max_tokens=400))
+    for _ in range(5):
+        assert (await call.read()).delta
+    call.cancel()  # no Cancel message: the stream is dropped, as when a client goes away
+    await live.otlp.wait_for(lambda spans: len(cancelled_generates()) > before, timeout=20)
+    dropped = cancelled_generates()[-1]
+    assert int(dropped.attributes["lmesh.inference.tokens_after_cancel"]) <= 1  # type: ignore[call-overload]
+    assert int(dropped.attributes["gen_ai.usage.output_tokens"]) < 100  # type: ignore[call-overload]
+    # The sequence left the engine: the replica reports no active sequence (its meta updates within a second).
+    await live.mesh.resolver("lmesh-inference").wait_for(
+        lambda e: "smollm2-135m-instruct:1" in e.meta.get("models", "").split(",")
+        and e.meta.get("load_active") == "0", timeout=10)
+
+
 async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None:
     # A reference no other test uses, so the gateway's short resolution cache cannot skip the registry.
     responses = await collect(await live.gateway(), start(model="smollm2-135m-instruct:1", max_tokens=8),

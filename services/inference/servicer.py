@@ -69,6 +69,14 @@ def _validate(start: inference_pb2.GenerateStart, model: ServedModel, deadline: 
                              request_id=start.request_id, deadline=deadline)
 
 
+async def _until_retired(seq: Sequence, timeout_s: float = 5.0) -> None:
+    """Waits (bounded) until the engine has let a cancelled sequence go; its events are no longer read."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while not seq.done:
+                await seq.events.get()
+
+
 def _token_message(event: TokenEvent) -> inference_pb2.GeneratedToken:
     sampled = event.sampled
     return inference_pb2.GeneratedToken(
@@ -105,6 +113,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             watcher.cancel()
             engine.cancel(seq)  # a dropped stream frees the sequence; no-op when it already ended
+            await _until_retired(seq)  # so the spans count the token of the step that was in flight
             self._record_spans(seq, span)
             self._metrics.record(model.id, seq)
 
