@@ -93,10 +93,12 @@ def _chat(args: argparse.Namespace) -> int:
         key = _api_key(args)
         gateway = await find_gateway(args.gateway)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+        sampling = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
         if args.message:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
-                                          temperature=args.temperature, logprobs=args.logprobs)
+                                          temperature=args.temperature, logprobs=args.logprobs, sampling=sampling)
             return 0
         print(f"Chatting with {args.model or 'default'} through {gateway}. Empty line or Ctrl-D ends.")
         while True:
@@ -109,7 +111,7 @@ def _chat(args: argparse.Namespace) -> int:
             history.append(("user", line))
             answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
                                                    max_tokens=args.max_tokens, temperature=args.temperature,
-                                                   logprobs=args.logprobs)
+                                                   logprobs=args.logprobs, sampling=sampling)
             history.append(("assistant", answer))
 
     return _run_async(go)
@@ -229,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model reference (default: the 'default' alias)")
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    chat.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling, (0, 1]; 0 is off")
+    chat.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 is off")
+    chat.add_argument("--seed", type=int, default=0, help="the same seed gives the same answer; 0 is random")
+    chat.add_argument("--repetition-penalty", type=float, default=0.0, help="(0, 2]; 0 is off")
+    chat.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, up to 4)")
     chat.add_argument("--logprobs", type=int, default=None, metavar="N",
                       help="after the answer, list each token's logprob and its N most likely alternatives (0-20)")
     chat.add_argument("--key", default=None, help="API key (default: $LMESH_API_KEY, then .lmesh/dev-api-key)")

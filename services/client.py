@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -39,7 +40,7 @@ async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
 
 async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tuple[str, str]], *,
                                   model: str = "", max_tokens: int = 256, temperature: float = 0.0,
-                                  logprobs: int | None = None) -> str:
+                                  logprobs: int | None = None, sampling: Mapping[str, Any] | None = None) -> str:
     """Prints the answer as it streams; returns it.
 
     With `logprobs` (the number of alternatives, 0 to 20) a table follows: one line per token, its logprob
@@ -47,7 +48,7 @@ async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tup
     """
     start = gateway_pb2.ChatStart(model=model, max_tokens=max_tokens, temperature=temperature,
                                   messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages],
-                                  logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+                                  logprobs=logprobs is not None, top_logprobs=logprobs or 0, **(sampling or {}))
     pieces: list[str] = []
     entries: list[gateway_pb2.TokenLogprob] = []
     async for response in chat(gateway, api_key, start):

@@ -658,6 +658,11 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert "6 completion tokens" in lines[footer]
     table = lines[footer + 1:]  # a token, its logprob, then two alternatives with theirs
     assert len(table) == 6 and all(float(line.split()[-1]) <= 0 for line in table), table
+    sampled = [await run_cli(live, "chat", "--key", key, "--max-tokens", "24", "--temperature", "0.9",
+                             "--top-p", "0.95", "--top-k", "40", "--seed", "-7", "--repetition-penalty", "1.1",
+                             "--stop", "Paris", FRANCE) for _ in range(2)]
+    assert sampled[0].returncode == 0, sampled[0].stderr
+    assert sampled[0].stdout == sampled[1].stdout and "Paris" not in sampled[0].stdout.splitlines()[0]
     listed = await run_cli(live, "models", "list")
     assert "smollm2-135m-instruct:1" in listed.stdout and "default" in listed.stdout
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
