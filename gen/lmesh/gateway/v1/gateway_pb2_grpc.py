@@ -65,7 +65,7 @@ class GatewayServicer:
         0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context — the message names the
         field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model is full; trailing
         metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline passed),
-        UNAVAILABLE (a dependency is down; retry).
+        UNAVAILABLE (a dependency is down, or no inference replica serves the version; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
