@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import descriptor_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -313,6 +314,32 @@ async def test_any_int64_seed_samples_reproducibly(live: LiveMesh) -> None:
                                                        start(max_tokens=8, temperature=0.9, seed=-(2**63)),
                                                        live.api_key)) for _ in range(2)}
     assert len(answers) == 1 and answers != {""}
+
+
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+async def test_reflection_describes_the_public_api_without_proto_files(live: LiveMesh, package: str) -> None:
+    """What grpcurl and buf curl do: list the services, then fetch the file that defines one."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    endpoint = await live.mesh.resolver("lmesh-gateway").pick()
+    info = endpoint.channel.stream_stream(
+        f"/{package}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    call = info(timeout=10)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    listed = await call.read()
+    services = {s.name for s in listed.list_services_response.service}
+    assert {"lmesh.gateway.v1.Gateway", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= services
+    await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="lmesh.gateway.v1.ChatStart"))
+    described = await call.read()
+    await call.done_writing()
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in described.file_descriptor_response.file_descriptor_proto]
+    gateway = next(f for f in files if f.package == "lmesh.gateway.v1")
+    assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels"]
+    start = next(m for m in gateway.message_type if m.name == "ChatStart")
+    assert {"model", "messages", "max_tokens", "logprobs", "top_logprobs"} <= {f.name for f in start.field}
 
 
 async def test_list_models_needs_a_key(live: LiveMesh) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,6 +29,7 @@ from services.common.rpc import ServerInterceptor
 from services.common.telemetry import setup_metrics, setup_tracing
 
 log = logging.getLogger("lmesh.server")
+V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass
@@ -130,8 +131,7 @@ async def start_service(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add, servicer, _ in parts.servicers:
         add(servicer, server)
-    names = [name for _, _, name in parts.servicers]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [name for _, _, name in parts.servicers])
     try:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
@@ -167,6 +167,20 @@ async def start_service(
     await running.set_serving(True)
     log.info("lmesh-%s serving", config.service)
     return running
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Server reflection under both names clients use: grpc.reflection.v1 (the standard, which buf curl and
+    newer tools ask first) and v1alpha (what grpcio ships, and older grpcurl asks). The two protocols are the
+    same messages under two package names, so one servicer answers both."""
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, V1_REFLECTION_SERVICE]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(V1_REFLECTION_SERVICE, {"ServerReflectionInfo": handler}),))
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
