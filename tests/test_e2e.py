@@ -600,6 +600,32 @@ async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: Li
         await live.procs.wait_exit("inference-int8b")
 
 
+async def test_a_chat_sent_to_a_replica_that_just_died_is_answered_by_another(live: LiveMesh) -> None:
+    if "inference-int8" not in live.procs.processes:
+        pytest.skip("no int8 build (make model builds it)")
+    resolver = live.mesh.resolver("lmesh-inference")
+    known = frozenset(e.service_id for e in resolver.endpoints())
+    for name in ("inference-int8-x", "inference-int8-y"):
+        live.procs.start("inference", "--model", INT8, "--max-active", "4", name=name)
+    for name in ("inference-int8-x", "inference-int8-y"):
+        await live.procs.wait_passing(live.mesh, "inference", name=name, model=INT8, exclude=known)
+        known |= {e.service_id for e in resolver.endpoints()}
+    await resolver.wait_for(lambda _: sum(INT8 in e.meta.get("models", "") for e in resolver.endpoints()) == 3,
+                            timeout=10)
+    # Killed outright: Consul still lists it as passing for a second or two, and so does the gateway.
+    live.procs.kill("inference-int8-x")
+    try:
+        stub = await live.gateway()
+        # Three at once over three replicas (the gateway spreads by its own calls in flight): one lands on the
+        # dead one, is refused before any token, and must be answered by another.
+        answers = await asyncio.gather(*(collect(stub, start(model=INT8, max_tokens=8), live.api_key)
+                                         for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(a, list) and a[-1].finish_reason for a in answers), answers
+    finally:
+        live.procs.terminate("inference-int8-y")
+        await live.procs.wait_exit("inference-int8-y")
+
+
 async def test_generate_reports_logprobs_and_top_alternatives(live: LiveMesh) -> None:
     prompt = [1, 4093, 198, 2, 198, 1, 520, 9531, 198]  # a short ChatML-shaped prompt
     responses = await generate_stream(live, inference_pb2.GenerateStart(

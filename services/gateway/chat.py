@@ -13,6 +13,7 @@ import fnmatch
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -32,6 +33,9 @@ ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MODEL = "default"
+
+# Codes with which an inference replica refuses a request before producing anything.
+RETRY_ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True)
@@ -199,21 +203,25 @@ class ChatService:
             admitted = False
             while True:
                 try:
+                    await send(generate_call, start)
                     async for response in generate_call:
                         admitted = True
                         if response.HasField("tokens"):
                             ids = [t.token_id for t in response.tokens.tokens]
                             answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
-                            await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
+                            await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
                                 tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
                         elif response.HasField("finish"):
                             finish.append(response.finish)
                     break
                 except grpc.aio.AioRpcError as exc:
-                    # A full queue refuses before generating anything: another replica may have room.
-                    if admitted or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or cancel_sent.is_set():
+                    # Refused before generating anything (its queue is full, or it is gone or draining, which
+                    # Consul has not told us yet): the request can go to another replica as if new.
+                    if admitted or exc.code() not in RETRY_ELSEWHERE or cancel_sent.is_set():
                         raise
                     refused.add(endpoint.service_id)
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self._inference.mark_down(endpoint)
                     try:
                         other = await self._inference.pick(candidate)
                     except Unavailable:
@@ -222,14 +230,12 @@ class ChatService:
                     endpoint, generate_call = other, other.stub(inference_pb2_grpc.InferenceStub).Generate(
                         **call_options())
                     endpoint.outstanding += 1
-                    await generate_call.write(start)
             await detokenize_call.done_writing()
 
         endpoint.outstanding += 1
         tasks: list[asyncio.Task[None]] = []
         try:
-            await generate_call.write(start)
-            await detokenize_call.write(tokenizer_pb2.DetokenizeStreamRequest(
+            await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
                 start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
             tasks = [asyncio.create_task(pump()), asyncio.create_task(watch_cancel())]
             pump_task = tasks[0]
@@ -267,6 +273,13 @@ class ChatService:
             reason = inference_pb2.FINISH_REASON_STOP
         usage = finish[0].usage
         yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens, answer.rest())
+
+
+async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
+    """Writes to a stream whose peer may already have ended it (a replica that died): the status then comes
+    from reading the call, as an AioRpcError with the real code, not as asyncio's InvalidStateError here."""
+    with contextlib.suppress(asyncio.InvalidStateError):
+        await call.write(message)
 
 
 def new_completion_id() -> str:
