@@ -447,10 +447,38 @@ async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read_rest(call)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert (caught.value.details() or "").startswith("inference replica ")
     assert time.monotonic() - killed_at < 5
     live.procs.start("inference")
     await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids, model="smollm2-135m-instruct:1")
     # The gateway moves to the new replica through its own Consul watch; nothing else restarts.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            await asyncio.sleep(0.5)
+    assert "Paris" in "".join(r.delta for r in responses)
+
+
+async def test_killed_tokenizer_fails_the_chat_naming_it_then_recovers(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    call = stub.Chat(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(LONG_TASK, max_tokens=400))
+    await call.done_writing()
+    assert (await call.read()).delta
+    old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-tokenizer").endpoints())
+    killed_at = time.monotonic()
+    live.procs.kill("tokenizer")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_rest(call)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert (caught.value.details() or "").startswith("tokenizer "), caught.value.details()  # not "inference"
+    assert time.monotonic() - killed_at < 5
+    live.procs.start("tokenizer")
+    await live.procs.wait_passing(live.mesh, "tokenizer", exclude=old_ids)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -249,11 +249,15 @@ class ChatService:
                         yield ChatDelta(text, entries)
                     if answer.stopped:
                         await send_cancel()
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                 failure = pump_task.exception() if pump_task.done() and not pump_task.cancelled() else None
-                if failure is None:
-                    raise
-                raise failure from None
+                if failure is not None:
+                    raise failure from None
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The detokenizer's stream broke, not inference's.
+                    self._tokenizer.mark_down(tokenizer)
+                    raise Unavailable(f"tokenizer {tokenizer.target} became unavailable: {exc.details()}") from exc
+                raise
             await pump_task  # re-raises an inference failure (e.g. UNAVAILABLE when the replica died)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
