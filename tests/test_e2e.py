@@ -434,6 +434,19 @@ async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) 
     await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids, model="smollm2-135m-instruct:1")
 
 
+async def answers_paris_again(live: LiveMesh) -> None:
+    """Chats until the gateway answers again (UNAVAILABLE meanwhile, within 30 s), then checks the answer."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            await asyncio.sleep(0.5)
+    assert "Paris" in "".join(r.delta for r in responses)
+
+
 async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None:
     stub = await live.gateway()
     call = stub.Chat(metadata=auth(live.api_key), timeout=60)
@@ -452,15 +465,7 @@ async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None
     live.procs.start("inference")
     await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids, model="smollm2-135m-instruct:1")
     # The gateway moves to the new replica through its own Consul watch; nothing else restarts.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
-            break
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
-            await asyncio.sleep(0.5)
-    assert "Paris" in "".join(r.delta for r in responses)
+    await answers_paris_again(live)
 
 
 async def test_killed_tokenizer_fails_the_chat_naming_it_then_recovers(live: LiveMesh) -> None:
@@ -479,15 +484,7 @@ async def test_killed_tokenizer_fails_the_chat_naming_it_then_recovers(live: Liv
     assert time.monotonic() - killed_at < 5
     live.procs.start("tokenizer")
     await live.procs.wait_passing(live.mesh, "tokenizer", exclude=old_ids)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            responses = await collect(await live.gateway(), start(max_tokens=64), live.api_key)
-            break
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
-            await asyncio.sleep(0.5)
-    assert "Paris" in "".join(r.delta for r in responses)
+    await answers_paris_again(live)
 
 
 async def test_prefix_reuse_is_visible_in_usage_trace_and_metrics(live: LiveMesh) -> None:
