@@ -487,6 +487,25 @@ async def test_killed_tokenizer_fails_the_chat_naming_it_then_recovers(live: Liv
     await answers_paris_again(live)
 
 
+async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
+    from services.gateway.models import RESOLVE_TTL_S
+
+    assert "Paris" in "".join(r.delta for r in await collect(await live.gateway(), start(), live.api_key))
+    old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-registry").endpoints())
+    live.procs.kill("registry")
+    try:
+        await asyncio.sleep(RESOLVE_TTL_S + 0.5)  # past the gateway's resolution cache: it must ask, and fail
+        responses = await collect(await live.gateway(), start(), live.api_key)
+        assert "Paris" in "".join(r.delta for r in responses)
+        assert responses[-1].model == "smollm2-135m-instruct:1"
+        # A model it never resolved cannot be answered without the registry.
+        error = await expect_error(await live.gateway(), [start(model="never-resolved")], auth(live.api_key))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        live.procs.start("registry")
+        await live.procs.wait_passing(live.mesh, "registry", exclude=old_ids)
+
+
 async def test_prefix_reuse_is_visible_in_usage_trace_and_metrics(live: LiveMesh) -> None:
     system = gateway_pb2.Message(role="system", content="You answer in one short sentence. " * 30)
     for question in ("What is the capital of Italy?", "What is the capital of Spain?"):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.discovery import ServiceResolver
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 
+log = logging.getLogger("lmesh.gateway.models")
 RESOLVE_TTL_S = 5.0  # short enough that an alias move is seen within seconds
 
 
@@ -36,6 +38,13 @@ class ModelDirectory:
                 response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
                                                      registry_pb2.ResolveModelRequest(reference=reference),
                                                      timeout=10)
+            except Unavailable:
+                if cached is None:
+                    raise
+                # The registry is down: the last answer keeps chats going (an alias move waits for its return).
+                log.warning("registry unavailable; serving the last resolution of %r", reference)
+                future.set_result(cached[1])
+                return cached[1]
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
