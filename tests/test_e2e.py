@@ -491,6 +491,7 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
     from services.gateway.models import RESOLVE_TTL_S
 
     assert "Paris" in "".join(r.delta for r in await collect(await live.gateway(), start(), live.api_key))
+    listed = await (await live.gateway()).ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(live.api_key))
     old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-registry").endpoints())
     live.procs.kill("registry")
     try:
@@ -498,6 +499,8 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
         responses = await collect(await live.gateway(), start(), live.api_key)
         assert "Paris" in "".join(r.delta for r in responses)
         assert responses[-1].model == "smollm2-135m-instruct:1"
+        assert await (await live.gateway()).ListModels(gateway_pb2.ListModelsRequest(),
+                                                       metadata=auth(live.api_key)) == listed
         # A model it never resolved cannot be answered without the registry.
         error = await expect_error(await live.gateway(), [start(model="never-resolved")], auth(live.api_key))
         assert error.code() == grpc.StatusCode.UNAVAILABLE

@@ -22,6 +22,7 @@ class ModelDirectory:
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
         self._inflight: dict[str, asyncio.Future[registry_pb2.ModelVersion]] = {}
+        self._last_list: list[registry_pb2.ModelVersion] | None = None
 
     async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
         cached = self._cache.get(reference)
@@ -62,6 +63,13 @@ class ModelDirectory:
             del self._inflight[reference]
 
     async def list(self) -> list[registry_pb2.ModelVersion]:
-        response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ListModels",
-                                             registry_pb2.ListModelsRequest(), timeout=10)
-        return list(response.models)
+        try:
+            response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ListModels",
+                                                 registry_pb2.ListModelsRequest(), timeout=10)
+        except Unavailable:
+            if self._last_list is None:
+                raise
+            log.warning("registry unavailable; listing the models it last listed")
+            return list(self._last_list)
+        self._last_list = list(response.models)
+        return list(self._last_list)
