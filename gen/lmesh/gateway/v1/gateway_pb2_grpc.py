@@ -72,8 +72,9 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models the caller's key may use.
-        Errors: UNAUTHENTICATED (no or wrong key), UNAVAILABLE (the registry is down).
+        """Lists the models the caller's key may use. While the registry is down the gateway answers from the last list
+        it got. Errors: UNAUTHENTICATED (no or wrong key), UNAVAILABLE (the registry is down and this gateway has
+        no list yet, or the policy service is down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
