@@ -287,6 +287,8 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         ([start(model="smollm2-135m-instruct:")], key, grpc.StatusCode.INVALID_ARGUMENT, "model:"),
         ([start(model=":1")], key, grpc.StatusCode.INVALID_ARGUMENT, "model:"),
         ([start()], (), grpc.StatusCode.UNAUTHENTICATED, "key"),
+        ([start(model="no-such-model")], (), grpc.StatusCode.UNAUTHENTICATED, "key"),  # no probing without a key
+        ([start(model="no-such-model")], auth("lmk_wrong"), grpc.StatusCode.UNAUTHENTICATED, "key"),
         ([start()], auth("lmk_wrong"), grpc.StatusCode.UNAUTHENTICATED, "key"),
         ([start(messages=[])], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
         ([start(max_tokens=0)], key, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
@@ -340,6 +342,23 @@ async def test_reflection_describes_the_public_api_without_proto_files(live: Liv
     assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels"]
     start = next(m for m in gateway.message_type if m.name == "ChatStart")
     assert {"model", "messages", "max_tokens", "logprobs", "top_logprobs"} <= {f.name for f in start.field}
+
+
+async def test_a_key_restricted_to_models_is_judged_on_the_model_behind_an_alias(live: LiveMesh) -> None:
+    policy = live.mesh.resolver("lmesh-policy")
+    smollm = await create_key(policy, "restricted", allowed_models=["smollm2-*"])
+    other = await create_key(policy, "restricted", allowed_models=["other-*"])
+    stub = await live.gateway()
+    for reference in ("", "default", "smollm2-135m-instruct", "smollm2-135m-instruct:1"):
+        answer = await collect(stub, start(model=reference, max_tokens=4), smollm.api_key)
+        assert answer[-1].model == "smollm2-135m-instruct:1"
+        error = await expect_error(stub, [start(model=reference, max_tokens=4)], auth(other.api_key))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+    # What ListModels offers a key is exactly what Chat lets it use.
+    listed = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(smollm.api_key))
+    assert "smollm2-135m-instruct:1" in {m.id for m in listed.models}
+    listed = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(other.api_key))
+    assert not listed.models
 
 
 async def test_list_models_needs_a_key(live: LiveMesh) -> None:

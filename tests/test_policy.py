@@ -157,6 +157,41 @@ def test_allowed_models_glob_semantics(store: KeyStore, allowed: tuple[str, ...]
         assert denied.value.message == f"key {record.key_id} may not use model '{model}'"
 
 
+@pytest.mark.parametrize(
+    ("allowed", "reference", "resolved", "aliases", "allowed_to_use"),
+    [
+        (("smollm2-*",), "default", "smollm2-135m:1", ("default",), True),  # the model behind the alias
+        (("smollm2-*",), "", "smollm2-135m:1", ("default",), True),  # no reference: the default
+        (("other-*",), "default", "smollm2-135m:1", ("default",), False),
+        (("other-*",), "other-fast", "smollm2-135m:1", ("other-fast",), True),  # an alias is a grant handle
+        (("default",), "smollm2-135m:1", "smollm2-135m:1", ("default",), True),  # ...however it is referenced
+        (("smollm2-135m",), "smollm2-135m", "smollm2-135m:2", (), True),
+        (("smollm2-135m:1",), "smollm2-135m", "smollm2-135m:2", (), False),  # the name resolved to another
+    ],
+)
+def test_authorization_is_on_the_model_a_reference_resolved_to(
+        store: KeyStore, allowed: tuple[str, ...], reference: str, resolved: str, aliases: tuple[str, ...],
+        allowed_to_use: bool) -> None:
+    record, plaintext = store.create("acme", allowed)
+    model = reference or "default"
+    if allowed_to_use:
+        principal = store.authorize(plaintext, model, resolved_model=resolved, resolved_aliases=aliases)
+        assert principal.key_id == record.key_id
+    else:
+        with pytest.raises(PermissionDenied) as denied:
+            store.authorize(plaintext, model, resolved_model=resolved, resolved_aliases=aliases)
+        behind = "" if model == resolved else f" ({resolved})"
+        assert denied.value.message == f"key {record.key_id} may not use model '{model}'{behind}"
+
+
+@pytest.mark.parametrize("resolved", ["smollm2", " x:1", "a:" + "b" * 300])
+def test_malformed_resolved_model_is_invalid_argument(store: KeyStore, resolved: str) -> None:
+    _, plaintext = store.create("acme")
+    with pytest.raises(InvalidArgument) as bad:
+        store.authorize(plaintext, "smollm2", resolved_model=resolved)
+    assert bad.value.field == "resolved_model"
+
+
 @pytest.mark.parametrize("model", ["", " ", "smollm2 135m", "smollm2\n", "m" * 257])
 def test_malformed_model_is_invalid_argument(store: KeyStore, model: str) -> None:
     _, plaintext = store.create("acme")

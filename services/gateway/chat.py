@@ -24,7 +24,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from opentelemetry import trace
 
 from services.common.discovery import Endpoint, Mesh
-from services.common.errors import InvalidArgument, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
 from services.common.rpc import call_options
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -135,20 +135,21 @@ class ChatService:
         return [m for m in await self.models.list() if allowed(principal, m)]
 
     async def prepare(self, api_key: str, params: ChatParams) -> tuple[registry_pb2.ModelVersion, list[int], int]:
-        """Authorizes and resolves (concurrently), then renders the prompt; returns version, ids, max_tokens."""
+        """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
+        version, ids, max_tokens."""
         with self._tracer.start_as_current_span("authorize"):
-            authorize = asyncio.ensure_future(self._policy.call(
-                policy_pb2_grpc.PolicyStub, "Authorize",
-                policy_pb2.AuthorizeRequest(api_key=api_key, model=params.model, max_tokens=params.max_tokens),
-                timeout=10))
-            resolve = asyncio.ensure_future(self.models.resolve(params.model))
-            results = await asyncio.gather(authorize, resolve, return_exceptions=True)
-        for result in results:  # authentication errors win over NOT_FOUND: no model probing without a key
-            if isinstance(result, BaseException):
-                raise result
-        version = results[1]
-        assert isinstance(version, registry_pb2.ModelVersion)
-        model_id = f"{version.name}:{version.version}"
+            try:
+                version = await self.models.resolve(params.model)  # cached: usually no call
+            except (LmeshError, grpc.aio.AioRpcError):
+                # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
+                await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
+                                        policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+                raise
+            model_id = f"{version.name}:{version.version}"
+            # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
+            await self._policy.call(policy_pb2_grpc.PolicyStub, "Authorize", policy_pb2.AuthorizeRequest(
+                api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
+                resolved_aliases=list(version.aliases)), timeout=10)
         rendered = await self._tokenizer.call(
             tokenizer_pb2_grpc.TokenizerStub, "ApplyChatTemplate",
             tokenizer_pb2.ApplyChatTemplateRequest(

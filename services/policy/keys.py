@@ -131,13 +131,13 @@ def validate_display_name(display_name: str) -> str:
     return display_name
 
 
-def validate_model(model: str) -> str:
+def validate_model(model: str, field: str = "model") -> str:
     if not model:
-        raise InvalidArgument("model", "must not be empty")
+        raise InvalidArgument(field, "must not be empty")
     if len(model) > MAX_MODEL_PATTERN_LEN:
-        raise InvalidArgument("model", f"must be at most {MAX_MODEL_PATTERN_LEN} characters")
+        raise InvalidArgument(field, f"must be at most {MAX_MODEL_PATTERN_LEN} characters")
     if any(ch.isspace() or not ch.isprintable() for ch in model):
-        raise InvalidArgument("model", "must not contain whitespace or control characters")
+        raise InvalidArgument(field, "must not contain whitespace or control characters")
     return model
 
 
@@ -254,10 +254,14 @@ class KeyStore:
             raise Unauthenticated(INVALID_KEY)
         return record.principal
 
-    def authorize(self, api_key: str, model: str, input_tokens: int = 0, max_tokens: int = 0) -> Principal:
+    def authorize(self, api_key: str, model: str, input_tokens: int = 0, max_tokens: int = 0, *,
+                  resolved_model: str = "", resolved_aliases: Sequence[str] = ()) -> Principal:
         """The principal of `api_key` if it may use `model` for a request of the given size.
 
-        Authentication comes first, so a caller without a valid key learns nothing about models.
+        With `resolved_model` (`name:version`, what `model` resolved to) the decision is on that model: its
+        name, `name:version` or one of its aliases must match a pattern, so an alias grants no more and no less
+        than the model behind it. Authentication comes first, so a caller without a valid key learns nothing
+        about models.
         """
         principal = self.authenticate(api_key)
         validate_model(model)
@@ -265,7 +269,14 @@ class KeyStore:
             raise InvalidArgument("input_tokens", "must not be negative")
         if max_tokens < 0:
             raise InvalidArgument("max_tokens", "must not be negative")
-        if not principal.may_use(model):
+        if resolved_model:
+            if ":" not in validate_model(resolved_model, "resolved_model"):
+                raise InvalidArgument("resolved_model", f"must be `name:version`, got {resolved_model!r}")
+            names = [resolved_model, *resolved_aliases]
+            if not any(principal.may_use(name) for name in names):
+                behind = "" if model == resolved_model else f" ({resolved_model})"
+                raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'{behind}")
+        elif not principal.may_use(model):
             raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'")
         return principal
 

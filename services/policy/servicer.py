@@ -21,7 +21,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     async def Authorize(self, request: policy_pb2.AuthorizeRequest,
                         context: grpc.aio.ServicerContext) -> policy_pb2.AuthorizeResponse:
         principal = self._store.authorize(request.api_key, request.model, request.input_tokens,
-                                          request.max_tokens)
+                                          request.max_tokens, resolved_model=request.resolved_model,
+                                          resolved_aliases=request.resolved_aliases)
         # Limits are reserved in the contract; zero means no limit.
         return policy_pb2.AuthorizeResponse(principal=_principal_pb(principal), limits=policy_pb2.Limits())
 

@@ -39,16 +39,20 @@ class AuthenticateResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "model", "input_tokens", "max_tokens")
+    __slots__ = ("api_key", "model", "input_tokens", "max_tokens", "resolved_model", "resolved_aliases")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_ALIASES_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     model: str
     input_tokens: int
     max_tokens: int
-    def __init__(self, api_key: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    resolved_model: str
+    resolved_aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, api_key: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("principal", "limits")

@@ -79,9 +79,11 @@ class PolicyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Authorize(self, request, context):
-        """Decides whether the key's principal may use `model` for a request of the given size.
+        """Decides whether the key's principal may use `model` (or, when given, the version it resolved to) for a
+        request of the given size.
         Errors: UNAUTHENTICATED (empty, unknown or revoked key), PERMISSION_DENIED (model not allowed),
-        INVALID_ARGUMENT (empty model), RESOURCE_EXHAUSTED (a limit of the principal is reached; reserved).
+        INVALID_ARGUMENT (empty or malformed model or resolved_model), RESOURCE_EXHAUSTED (a limit of the principal
+        is reached; reserved).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
