@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from lmesh.gateway.v1 import gateway_pb2
 from lmesh.inference.v1 import inference_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2
 
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.rpc import first_message
 from services.gateway.chat import ChatParams, validate
 from services.gateway.logprobs import AnswerAssembler, TokenLogprob, Vocabulary, VocabularyCache
 from services.gateway.stops import StopMatcher
@@ -244,3 +246,18 @@ async def test_vocabulary_cache_keeps_a_few_versions() -> None:
         await cache.get(model)
     # a:1 stayed (recently used); b:1 was the least recently used when c:1 came, so it is fetched again.
     assert service.calls == ["a:1", "b:1", "c:1", "b:1"]
+
+
+async def test_a_stream_left_idle_before_its_first_message_is_refused_naming_the_field() -> None:
+    async def idle() -> AsyncIterator[gateway_pb2.ChatRequest]:
+        await asyncio.Event().wait()  # a client that opened the stream and never wrote
+        yield gateway_pb2.ChatRequest()
+
+    with pytest.raises(InvalidArgument) as refused:
+        await first_message(idle(), "start", timeout_s=0.05)
+    assert refused.value.message == "start: no start message within 0.05 s of opening the stream"
+
+    async def prompt() -> AsyncIterator[gateway_pb2.ChatRequest]:
+        yield gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(max_tokens=3))
+
+    assert (await first_message(prompt(), "start", timeout_s=0.05)).max_tokens == 3

@@ -7,6 +7,7 @@ trace id, and its traceback goes to the log only.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -23,6 +24,7 @@ from services.common.telemetry import current_trace_id, extract_context, inject_
 
 log = logging.getLogger("lmesh.rpc")
 RELAYED_TRAILERS = frozenset({"retry-after-ms"})
+FIRST_MESSAGE_TIMEOUT_S = 30.0
 
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
@@ -47,12 +49,18 @@ def call_options(timeout: float | None = None) -> dict[str, Any]:
     return {"metadata": inject_metadata(), "timeout": timeout}
 
 
-async def first_message(requests: AsyncIterator[Any], kind: str = "start") -> Any:
-    """The first message of a client stream, which must set the oneof field `kind` (INVALID_ARGUMENT otherwise).
+async def first_message(requests: AsyncIterator[Any], kind: str = "start",
+                        timeout_s: float = FIRST_MESSAGE_TIMEOUT_S) -> Any:
+    """The first message of a client stream, which must set the oneof field `kind` (INVALID_ARGUMENT otherwise)
+    and arrive within `timeout_s` (so streams opened and left idle do not hold the server).
 
     Returns the message's `kind` field; later messages stay readable from the same iterator.
     """
-    first = await anext(aiter(requests), None)
+    try:
+        async with asyncio.timeout(timeout_s):
+            first = await anext(aiter(requests), None)
+    except TimeoutError:
+        raise InvalidArgument(kind, f"no {kind} message within {timeout_s:g} s of opening the stream") from None
     if first is None:
         raise InvalidArgument(kind, f"the stream ended before a {kind} message")
     if first.WhichOneof("kind") != kind:

@@ -60,7 +60,7 @@ class GatewayServicer:
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
         (at the latest the last message). Without `logprobs` every `logprobs` is empty.
         Errors: UNAUTHENTICATED (no or wrong key), PERMISSION_DENIED (model not allowed for the key),
-        NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`; `messages` empty; a role other
+        NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages` empty; a role other
         than system/user/assistant; `max_tokens` <= 0; a sampling field out of range; `top_logprobs` outside
         0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context — the message names the
         field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model is full; trailing
