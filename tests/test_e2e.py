@@ -376,6 +376,9 @@ def node_client_modules() -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         pytest.skip("node and npm are not installed: the Node.js client check needs them")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    if int(version.lstrip("v").split(".")[0] or 0) < 18:
+        pytest.skip(f"node {version} is older than 18 (the client uses the built-in fetch)")
     source = ROOT / "tests" / "clients" / "node"
     lock = (source / "package-lock.json").read_bytes()
     target = lmesh_cache() / "node-client" / hashlib.sha256(lock).hexdigest()[:16]
