@@ -47,8 +47,11 @@ class OnnxDecoder:
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
             # The CUDA and cuDNN libraries that `onnxruntime-gpu[cuda,cudnn]` installs from PyPI (see
-            # deploy/scripts/gpu_runtime.sh) are found only once preloaded.
-            ort.preload_dlls()
+            # deploy/scripts/gpu_runtime.sh) are found only once preloaded; system-wide CUDA needs none of it.
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a failed preload leaves the system libraries to try
+                log.warning("could not preload the CUDA libraries from PyPI packages: %s", exc)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
