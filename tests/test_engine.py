@@ -199,9 +199,10 @@ async def test_cancel_ends_within_one_step(engine: Engine, prompts: list[list[in
 
 
 async def test_queue_full_is_refused_at_once(decoder: OnnxDecoder, prompts: list[list[int]]) -> None:
-    engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=1, max_queue=1))
-    # Not started: nothing leaves the queue, so the second waiting request is over the bound.
-    engine.submit(request(prompts[0]))
+    engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=2, max_queue=1))
+    # Not started, so nothing is admitted yet: a burst still gets the 2 decode slots plus the 1 queue place.
+    for _ in range(3):
+        engine.submit(request(prompts[0]))
     started = time.monotonic()
     with pytest.raises(ResourceExhausted) as caught:
         engine.submit(request(prompts[0]))

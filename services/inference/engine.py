@@ -175,10 +175,15 @@ class Engine:
         self._accepting = False
 
     def submit(self, request: GenerationRequest) -> Sequence:
-        """Queues a generation; RESOURCE_EXHAUSTED at once when the queue is full."""
+        """Queues a generation; RESOURCE_EXHAUSTED at once when the queue is full.
+
+        Free decode slots count as room too: a burst arriving during a step waits for the next step boundary to
+        be admitted, so up to max_active + max_queue sequences are held, as the limits promise.
+        """
         if not self._accepting:
             raise Unavailable("this inference replica is draining; retry on another")
-        if len(self._waiting) >= self.limits.max_queue:
+        free_slots = max(0, self.limits.max_active - len(self._active))
+        if len(self._waiting) >= self.limits.max_queue + free_slots:
             raise ResourceExhausted(
                 f"inference queue is full ({self.limits.max_queue} waiting, {len(self._active)} active)",
                 retry_after_s=1.0,
