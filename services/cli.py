@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from services.common.config import add_common_arguments, config_from_args, consul_addr, lmesh_cache
+from services.common.config import add_common_arguments, config_from_args, lmesh_cache
 from services.common.errors import LmeshError
 
 SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
@@ -120,9 +121,9 @@ def _chat(args: argparse.Namespace) -> int:
 # ---- models ------------------------------------------------------------------------------------------------
 
 async def _with_registry(action: Callable[[Any], Awaitable[int]]) -> int:
-    from services.common.discovery import Mesh
+    from services.client import operator_mesh
 
-    mesh = Mesh(consul_addr())
+    mesh = operator_mesh()
     try:
         return await action(mesh.resolver("lmesh-registry"))
     finally:
@@ -166,7 +167,7 @@ def _models(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
-    from services.common.discovery import Mesh
+    from services.client import operator_mesh
     from services.common.rpc import call_options
 
     admin = args.admin_token or os.environ.get("LMESH_ADMIN_TOKEN") or None
@@ -178,7 +179,7 @@ def _keys(args: argparse.Namespace) -> int:
         return opts
 
     async def go() -> int:
-        mesh = Mesh(consul_addr())
+        mesh = operator_mesh()
         try:
             policy = mesh.resolver("lmesh-policy")
             stub = (await policy.pick()).stub(policy_pb2_grpc.PolicyStub)
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func not in (_serve, _dev):
+        # Operator commands end in one line saying what went wrong; the retries before it are noise here.
+        logging.getLogger("lmesh").setLevel(logging.ERROR)
     return int(args.func(args) or 0)
 
 

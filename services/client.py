@@ -11,7 +11,16 @@ import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.config import consul_addr
+from services.common.consul_agent import consul_answers
 from services.common.discovery import Mesh
+
+
+def operator_mesh() -> Mesh:
+    """The mesh as an operator command sees it; fails at once, in one line, when no Consul agent answers."""
+    addr = consul_addr()
+    if not consul_answers(addr):
+        raise OSError(f"no Consul agent answers at {addr} (CONSUL_HTTP_ADDR): is the mesh running? (`make run`)")
+    return Mesh(addr)
 
 
 async def find_gateway(explicit: str | None = None) -> str:
@@ -19,7 +28,7 @@ async def find_gateway(explicit: str | None = None) -> str:
     address = explicit or os.environ.get("LMESH_GATEWAY_ADDR")
     if address:
         return address
-    mesh = Mesh(consul_addr())
+    mesh = operator_mesh()
     try:
         endpoint = await mesh.resolver("lmesh-gateway").pick()
         return endpoint.target

@@ -833,6 +833,20 @@ def test_dev_mesh_refuses_a_second_mesh_on_the_same_home(built_model: Path, tmp_
     again.close()
 
 
+@pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list")])
+def test_operator_commands_without_consul_fail_at_once_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**os.environ, "CONSUL_HTTP_ADDR": nobody, "LMESH_HOME": str(tmp_path), "LMESH_API_KEY": "lmk_x"}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "services.cli", *command], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - began < 10
+    assert result.stderr == (f"lmesh: no Consul agent answers at {nobody} (CONSUL_HTTP_ADDR): is the mesh running? "
+                             "(`make run`)\n")
+
+
 def test_dev_mesh_says_when_the_gateway_port_is_taken(built_model: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

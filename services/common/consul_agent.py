@@ -34,9 +34,11 @@ def find_consul() -> str:
 
 
 def consul_answers(http_addr: str, timeout: float = 0.5) -> bool:
-    """True when a Consul agent with a leader answers at `host:port`."""
+    """True when a Consul agent with a leader answers at `host:port` (or `scheme://host:port`, as
+    CONSUL_HTTP_ADDR may be written)."""
+    base = http_addr if "://" in http_addr else f"http://{http_addr}"
     try:
-        with urllib.request.urlopen(f"http://{http_addr}/v1/status/leader", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"{base.rstrip('/')}/v1/status/leader", timeout=timeout) as resp:
             return resp.status == 200 and len(resp.read().strip()) > 2
     except (urllib.error.URLError, OSError, ValueError):
         return False
