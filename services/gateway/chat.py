@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from lmesh.registry.v1 import registry_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from opentelemetry import trace
 
+from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
 from services.common.rpc import call_options
@@ -107,11 +107,8 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 
 
 def allowed(principal: policy_pb2.Principal, version: registry_pb2.ModelVersion) -> bool:
-    patterns = list(principal.allowed_models)
-    if not patterns:
-        return True
-    names = [version.name, f"{version.name}:{version.version}", *version.aliases]
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+    """The policy service's rule (services.common.access), so ListModels shows what Authorize allows."""
+    return version_allowed(principal.allowed_models, f"{version.name}:{version.version}", version.aliases)
 
 
 class ChatService:
@@ -167,7 +164,7 @@ class ChatService:
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
-        refused: set[str] = set()  # replicas whose queue was full for this request
+        refused: set[str] = set()  # replicas that refused this request before its first token
 
         def candidate(e: Endpoint) -> bool:
             return model_id in e.meta.get("models", "").split(",") and e.service_id not in refused

@@ -185,7 +185,7 @@ class Engine:
         free_slots = max(0, self.limits.max_active - len(self._active))
         if len(self._waiting) >= self.limits.max_queue + free_slots:
             raise ResourceExhausted(
-                f"inference queue is full ({self.limits.max_queue} waiting, {len(self._active)} active)",
+                f"inference queue is full ({len(self._waiting)} waiting, {len(self._active)} active)",
                 retry_after_s=1.0,
             )
         seq = Sequence(id=next(self._ids), request=request,

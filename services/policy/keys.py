@@ -9,7 +9,6 @@ Nothing is cached: every authentication reads the database, so a revocation appl
 
 from __future__ import annotations
 
-import fnmatch
 import hmac
 import json
 import logging
@@ -24,6 +23,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from services.common.access import reference_allowed, version_allowed
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger("lmesh.policy")
@@ -68,16 +68,8 @@ class Principal:
     allowed_models: tuple[str, ...]
 
     def may_use(self, model: str) -> bool:
-        """Whether `model` (as the client referenced it) matches one of the allowed references or globs.
-
-        A pattern also matches a versioned reference through its name: allowing `smollm2` allows
-        `smollm2:3`, while allowing `smollm2:1` allows only that version.
-        """
-        if not self.allowed_models:
-            return True
-        name = model.split(":", 1)[0]
-        return any(fnmatch.fnmatchcase(model, pattern) or fnmatch.fnmatchcase(name, pattern)
-                   for pattern in self.allowed_models)
+        """Whether `model` (as the client referenced it) matches one of the allowed references or globs."""
+        return reference_allowed(self.allowed_models, model)
 
 
 @dataclass(frozen=True)
@@ -272,8 +264,7 @@ class KeyStore:
         if resolved_model:
             if ":" not in validate_model(resolved_model, "resolved_model"):
                 raise InvalidArgument("resolved_model", f"must be `name:version`, got {resolved_model!r}")
-            names = [resolved_model, *resolved_aliases]
-            if not any(principal.may_use(name) for name in names):
+            if not version_allowed(principal.allowed_models, resolved_model, resolved_aliases):
                 behind = "" if model == resolved_model else f" ({resolved_model})"
                 raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'{behind}")
         elif not principal.may_use(model):
