@@ -6,7 +6,10 @@ import filecmp
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = sorted((ROOT / "protos").rglob("*.proto"))
@@ -57,3 +60,71 @@ def test_enums_start_unspecified_and_every_rpc_documents_its_errors() -> None:
                 service_doc = text[: text.find(line)]
                 assert documented, f"{proto.name}: {line.strip()} is undocumented"
                 assert "Errors" in documented or "Every RPC may return" in service_doc, (proto.name, line.strip())
+
+
+# Field numbers of the descriptor.proto messages, as they appear in SourceCodeInfo.Location.path.
+FILE_MESSAGE, FILE_ENUM, FILE_SERVICE = 4, 5, 6
+MESSAGE_FIELD, MESSAGE_NESTED, MESSAGE_ENUM, MESSAGE_ONEOF = 2, 3, 4, 8
+ENUM_VALUE = 2
+SERVICE_METHOD = 2
+
+SourcePath = tuple[int, ...]
+
+
+def _descriptor_set(out: Path) -> descriptor_pb2.FileDescriptorSet:
+    """protos/ compiled by protoc with source info (comments), one FileDescriptorProto per file."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", "--include_source_info",
+                    f"--descriptor_set_out={out}", *map(str, PROTOS)], check=True, cwd=ROOT)
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+
+
+def _enum_elements(enum: descriptor_pb2.EnumDescriptorProto, scope: str,
+                   path: SourcePath) -> Iterator[tuple[str, SourcePath]]:
+    yield f"{scope}.{enum.name} (enum)", path
+    for i, value in enumerate(enum.value):
+        # Named under their enum for clarity (protobuf itself scopes a value as a sibling of its enum).
+        yield f"{scope}.{enum.name}.{value.name} (enum value)", (*path, ENUM_VALUE, i)
+
+
+def _message_elements(message: descriptor_pb2.DescriptorProto, scope: str,
+                      path: SourcePath) -> Iterator[tuple[str, SourcePath]]:
+    name = f"{scope}.{message.name}"
+    yield f"{name} (message)", path
+    for i, field in enumerate(message.field):
+        yield f"{name}.{field.name} (field)", (*path, MESSAGE_FIELD, i)
+    for i, oneof in enumerate(message.oneof_decl):
+        members = [f for f in message.field if f.HasField("oneof_index") and f.oneof_index == i]
+        if members and all(f.proto3_optional for f in members):
+            continue  # the synthetic oneof of a proto3 `optional` field: not written in the source
+        yield f"{name}.{oneof.name} (oneof)", (*path, MESSAGE_ONEOF, i)
+    for i, nested in enumerate(message.nested_type):
+        if nested.options.map_entry:
+            continue  # the generated entry of a `map<,>` field: not written in the source
+        yield from _message_elements(nested, name, (*path, MESSAGE_NESTED, i))
+    for i, enum in enumerate(message.enum_type):
+        yield from _enum_elements(enum, name, (*path, MESSAGE_ENUM, i))
+
+
+def _elements(file: descriptor_pb2.FileDescriptorProto) -> Iterator[tuple[str, SourcePath]]:
+    """Every service, rpc, message, field, oneof, enum and enum value of a file: its full name and source path."""
+    for i, message in enumerate(file.message_type):
+        yield from _message_elements(message, file.package, (FILE_MESSAGE, i))
+    for i, enum in enumerate(file.enum_type):
+        yield from _enum_elements(enum, file.package, (FILE_ENUM, i))
+    for i, service in enumerate(file.service):
+        yield f"{file.package}.{service.name} (service)", (FILE_SERVICE, i)
+        for j, method in enumerate(service.method):
+            yield f"{file.package}.{service.name}.{method.name} (rpc)", (FILE_SERVICE, i, SERVICE_METHOD, j)
+
+
+def test_every_contract_element_has_a_leading_comment(tmp_path: Path) -> None:
+    """Client authors in other languages see only protos/: every element says what it means, in a leading comment
+    (right above it; a trailing comment or one on the enclosing message does not count)."""
+    files = _descriptor_set(tmp_path / "protos.pb").file
+    assert {f.name for f in files} == {str(p.relative_to(ROOT / "protos")) for p in PROTOS}
+    undocumented: list[str] = []
+    for file in files:
+        documented = {tuple(loc.path) for loc in file.source_code_info.location if loc.leading_comments.strip()}
+        undocumented += [f"{file.name}: {name}" for name, path in _elements(file) if path not in documented]
+    assert not undocumented, (f"{len(undocumented)} contract elements have no leading comment:\n"
+                              + "\n".join(undocumented))

@@ -275,6 +275,10 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     await live.otlp.wait_for(lambda spans: wanted <= chat_trace(spans), timeout=20)
     root = next(s for s in live.otlp.spans if s.attributes.get("gen_ai.response.id") == completion_id)
     assert root.attributes["gen_ai.usage.output_tokens"] == responses[-1].usage.completion_tokens
+    # The gateway hands its completion id to inference, which labels its server span with it.
+    generate = next(s for s in live.otlp.spans
+                    if s.trace_id == root.trace_id and s.name == "lmesh.inference/Generate")
+    assert generate.attributes["lmesh.request_id"] == completion_id
     reason = gateway_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
     assert root.attributes["gen_ai.response.finish_reasons"] == [reason]
 
@@ -728,6 +732,7 @@ async def test_generate_validates_every_field(live: LiveMesh) -> None:
          grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
         ({**good, "sampling": inference_pb2.SamplingParams(repetition_penalty=3.0)},
          grpc.StatusCode.INVALID_ARGUMENT, "sampling.repetition_penalty"),
+        ({**good, "request_id": "r" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
         ({**good, "model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
         ({**good, "model": "other:9"}, grpc.StatusCode.NOT_FOUND, "other:9"),
     ]

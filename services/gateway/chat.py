@@ -160,7 +160,8 @@ class ChatService:
         return version, prompt, min(params.max_tokens, context - len(prompt))
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
-                       params: ChatParams, cancel: asyncio.Event) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       params: ChatParams, cancel: asyncio.Event, request_id: str = "",
+                       ) -> AsyncIterator[ChatDelta | ChatEnd]:
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
@@ -178,7 +179,7 @@ class ChatService:
             sampling=inference_pb2.SamplingParams(
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                 repetition_penalty=params.repetition_penalty),
-            top_logprobs=params.top_logprobs))
+            top_logprobs=params.top_logprobs, request_id=request_id))
         tokenizer = await self._tokenizer.pick()
         detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
         answer = AnswerAssembler(params.stop, vocabulary)

@@ -70,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         watcher = asyncio.create_task(watch_client())
         first_delta = True
         try:
-            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel):
+            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id):
                 if isinstance(event, ChatDelta):
                     response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
                     if first_delta:

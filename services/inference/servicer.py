@@ -26,6 +26,9 @@ from services.inference.engine import (
 from services.inference.metrics import InferenceMetrics
 from services.inference.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 
+# A caller's request id is a label for traces, not a payload.
+MAX_REQUEST_ID = 128
+
 _FINISH_REASONS = {
     Finish.STOP: inference_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -59,6 +62,8 @@ def _validate(start: inference_pb2.GenerateStart, model: ServedModel, deadline: 
         raise InvalidArgument("max_tokens", f"must be > 0, got {start.max_tokens}")
     if any(not 0 <= t < model.vocab_size for t in start.stop_token_ids):
         raise InvalidArgument("stop_token_ids", f"ids must be in [0, {model.vocab_size})")
+    if len(start.request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID} characters, got {len(start.request_id)}")
     if not 0 <= start.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {start.top_logprobs}")
     s = start.sampling
@@ -104,6 +109,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": model.id, "gen_ai.usage.input_tokens": len(request.prompt_ids),
                              "gen_ai.request.max_tokens": request.max_tokens})
+        if request.request_id:
+            span.set_attribute("lmesh.request_id", request.request_id)
         engine = model.engine
         seq = engine.submit(request)
         watcher = asyncio.create_task(self._watch_cancel(request_iterator, engine, seq))

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Gateway is found in Consul as `lmesh-gateway` (its address is also printed by `make run`). Behind it the
+    gateway authorizes through policy, resolves the model through the registry, renders and counts the prompt
+    through the tokenizer, streams from an inference replica, and detokenizes incrementally.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +50,10 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Gateway is found in Consul as `lmesh-gateway` (its address is also printed by `make run`). Behind it the
+    gateway authorizes through policy, resolves the model through the registry, renders and counts the prompt
+    through the tokenizer, streams from an inference replica, and detokenizes incrementally.
+    """
 
     def Chat(self, request_iterator, context):
         """A chat completion, streamed. Send one `start` first; send `cancel` at any time to stop early (the stream
@@ -60,12 +66,12 @@ class GatewayServicer:
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
         (at the latest the last message). Without `logprobs` every `logprobs` is empty.
         Errors: UNAUTHENTICATED (no or wrong key), PERMISSION_DENIED (model not allowed for the key),
-        NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages` empty; a role other
-        than system/user/assistant; `max_tokens` <= 0; a sampling field out of range; `top_logprobs` outside
-        0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context — the message names the
-        field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model is full; trailing
-        metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline passed),
-        UNAVAILABLE (a dependency is down, or no inference replica serves the version; retry).
+        NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
+        empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
+        `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context —
+        the message names the field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model
+        is full; trailing metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline
+        passed), UNAVAILABLE (a dependency is down, or no inference replica serves the version; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +108,10 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Missing associated documentation comment in .proto file."""
+    """Gateway is found in Consul as `lmesh-gateway` (its address is also printed by `make run`). Behind it the
+    gateway authorizes through policy, resolves the model through the registry, renders and counts the prompt
+    through the tokenizer, streams from an inference replica, and detokenizes incrementally.
+    """
 
     @staticmethod
     def Chat(request_iterator,

@@ -51,9 +51,10 @@ class InferenceServicer:
         generation before the engine's next decode step, and the stream then ends with a `finish` whose reason
         is FINISH_REASON_CANCELLED. Half-closing the client side does not cancel; dropping the stream does.
         The server sends `tokens` messages as tokens are generated, then exactly one `finish`.
-        Errors: INVALID_ARGUMENT (first message not `start`, or a malformed field, named in the message),
-        NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (queue full),
-        DEADLINE_EXCEEDED (the deadline passed while queued or generating), UNAVAILABLE (draining).
+        Errors: INVALID_ARGUMENT (first message not `start`, or none within 30 s; a malformed field, named in the
+        message), NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (queue full;
+        trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED (the deadline passed while queued or generating),
+        UNAVAILABLE (draining, or a model step failed; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -91,21 +91,24 @@ class PolicyServicer:
 
     def CreateApiKey(self, request, context):
         """Creates an API key. The plaintext key is returned once and never stored.
-        Errors: INVALID_ARGUMENT (empty or malformed tenant), UNAUTHENTICATED (admin token required and missing).
+        Errors: INVALID_ARGUMENT (a malformed `tenant`, `display_name` or `allowed_models` entry, named),
+        UNAUTHENTICATED (admin token required and missing or wrong).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Lists keys (never their secrets). Errors: UNAUTHENTICATED (admin token required and missing).
+        """Lists keys (never their secrets). Errors: INVALID_ARGUMENT (a malformed `tenant` filter),
+        UNAUTHENTICATED (admin token required and missing or wrong).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes a key by id. Errors: NOT_FOUND (no such key), UNAUTHENTICATED (admin token required and missing).
+        """Revokes a key by id. Errors: INVALID_ARGUMENT (a malformed `key_id`), NOT_FOUND (no such key),
+        UNAUTHENTICATED (admin token required and missing or wrong).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

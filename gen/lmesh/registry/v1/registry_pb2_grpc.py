@@ -79,8 +79,8 @@ class RegistryServicer:
     def UploadArtifact(self, request_iterator, context):
         """Uploads one artifact's bytes. The first message carries `header`, the following ones `chunk` bytes.
         The blob is stored under its sha256 digest; uploading bytes that are already stored is a no-op.
-        Errors: INVALID_ARGUMENT (no header first, empty upload, or the bytes do not hash to header.sha256,
-        naming the field `sha256`).
+        Errors: INVALID_ARGUMENT (no header first, a later message without `chunk`, empty upload, a byte count
+        other than a non-zero `header.size_bytes`, or bytes that do not hash to header.sha256, naming the field).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -29,7 +29,9 @@ class TokenizerStub:
     """Tokenizer is found in Consul as `lmesh-tokenizer`.
 
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
-    model reference does not resolve), UNAVAILABLE (the registry cannot be reached).
+    model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
+    not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
+    registry cannot be reached).
     """
 
     def __init__(self, channel):
@@ -74,7 +76,9 @@ class TokenizerServicer:
     """Tokenizer is found in Consul as `lmesh-tokenizer`.
 
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
-    model reference does not resolve), UNAVAILABLE (the registry cannot be reached).
+    model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
+    not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
+    registry cannot be reached).
     """
 
     def Encode(self, request, context):
@@ -172,7 +176,9 @@ class Tokenizer:
     """Tokenizer is found in Consul as `lmesh-tokenizer`.
 
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
-    model reference does not resolve), UNAVAILABLE (the registry cannot be reached).
+    model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
+    not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
+    registry cannot be reached).
     """
 
     @staticmethod
