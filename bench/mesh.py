@@ -151,17 +151,19 @@ class BenchMesh:
 
     # ---- streams --------------------------------------------------------------------------------------------
 
-    def _start_message(self, prompt: list[int], max_tokens: int) -> inference_pb2.GenerateRequest:
+    def _start_message(self, prompt: list[int], max_tokens: int,
+                       sampling: inference_pb2.SamplingParams | None = None) -> inference_pb2.GenerateRequest:
         return inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
             model=self.model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
-            sampling=inference_pb2.SamplingParams(temperature=0.0), request_id="bench"))
+            sampling=sampling or inference_pb2.SamplingParams(temperature=0.0), request_id="bench"))
 
-    async def generate(self, prompt_index: int, prompt: list[int], max_tokens: int) -> StreamResult:
-        """One Generate stream, timed per message arrival."""
+    async def generate(self, prompt_index: int, prompt: list[int], max_tokens: int,
+                       sampling: inference_pb2.SamplingParams | None = None) -> StreamResult:
+        """One Generate stream (greedy unless `sampling`), timed per message arrival."""
         assert self.stub is not None
         call = self.stub.Generate(**call_options(timeout=STREAM_TIMEOUT_S))
         start = time.perf_counter()
-        await call.write(self._start_message(prompt, max_tokens))
+        await call.write(self._start_message(prompt, max_tokens, sampling))
         await call.done_writing()  # half-close: not a cancel
         tokens: list[int] = []
         arrivals: list[tuple[float, int]] = []
@@ -180,11 +182,12 @@ class BenchMesh:
         return StreamResult(prompt_index, tokens, ttft, gaps, cached_prompt_tokens=finish.usage.cached_prompt_tokens,
                             prompt_tokens=finish.usage.prompt_tokens)
 
-    async def generate_many(self, prompts: list[tuple[int, list[int]]], max_tokens: int
+    async def generate_many(self, prompts: list[tuple[int, list[int]]], max_tokens: int,
+                            sampling: inference_pb2.SamplingParams | None = None,
                             ) -> tuple[list[StreamResult], float]:
         """All streams at once; (results, wall time from the first start to the last finish)."""
         start = time.perf_counter()
-        results = await asyncio.gather(*(self.generate(i, p, max_tokens) for i, p in prompts))
+        results = await asyncio.gather(*(self.generate(i, p, max_tokens, sampling) for i, p in prompts))
         return list(results), time.perf_counter() - start
 
     async def cancel_after(self, prompt: list[int], after: int, max_tokens: int = 512) -> dict[str, Any]:

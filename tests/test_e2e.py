@@ -210,6 +210,26 @@ async def test_stop_string_is_honoured_and_not_emitted(live: LiveMesh) -> None:
     assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
 
 
+async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> None:
+    """A client sending `start` and `cancel` back to back: the gateway's cancel must not race its own start write on
+    the inference stream (grpc refuses a second pending write; the cancel was lost and the chat ended INTERNAL)."""
+    from opentelemetry import trace
+
+    from services.gateway.chat import ChatEnd, ChatParams, ChatService
+
+    chat = ChatService(live.mesh, trace.get_tracer("test"))
+    params = ChatParams(model="smollm2-135m-instruct:1", messages=[("user", LONG_TASK)], max_tokens=300,
+                        temperature=0.0, top_p=0.0, top_k=0, seed=0, repetition_penalty=0.0, stop=[])
+    version, prompt, max_tokens = await chat.prepare(live.api_key, params)
+    for _ in range(5):
+        cancel = asyncio.Event()
+        cancel.set()  # already there when the generation starts: the cancel write races the start write
+        events = [e async for e in chat.generate(version, prompt, max_tokens, params, cancel)]
+        end = events[-1]
+        assert isinstance(end, ChatEnd) and end.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
+        assert end.completion_tokens <= 1
+
+
 async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
     stub = await live.gateway()
     call = stub.Chat(metadata=auth(live.api_key), timeout=60)
@@ -580,6 +600,15 @@ async def test_a_version_no_replica_serves_is_unavailable_saying_how_to_serve_it
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error.details() == (f"no inference replica serves {fp16}; start one with "
                                f"`lmesh serve inference --model {fp16}`")
+    # ListModels tells a client so before it tries (the gateway's model list may lag a registration by seconds).
+    stub = await live.gateway()
+    for _ in range(100):
+        listed = {m.id: m for m in (await stub.ListModels(gateway_pb2.ListModelsRequest(),
+                                                          metadata=auth(live.api_key))).models}
+        if fp16 in listed:
+            break
+        await asyncio.sleep(0.1)
+    assert not listed[fp16].served and listed["smollm2-135m-instruct:1"].served
 
 
 async def generate_stream(live: LiveMesh, start_message: inference_pb2.GenerateStart,

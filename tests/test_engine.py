@@ -24,7 +24,7 @@ from services.inference.engine import (
     TokenEvent,
 )
 from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache
-from services.inference.sampling import Sampler, SamplingConfig
+from services.inference.sampling import Sampler, SamplingConfig, _choice, _nucleus, _top_k
 
 EOS = frozenset({2})
 # ChatML prompts of different lengths, tokenized once with the model's tokenizer (see _prompt).
@@ -246,7 +246,7 @@ async def test_expired_request_is_dropped_from_the_queue(decoder: OnnxDecoder, p
 @pytest.mark.parametrize(("field", "kwargs"), [
     ("temperature", {"temperature": -0.1}), ("temperature", {"temperature": 2.5}),
     ("temperature", {"temperature": float("nan")}), ("top_p", {"top_p": 1.5}), ("top_p", {"top_p": -0.2}),
-    ("top_k", {"top_k": -1}), ("top_k", {"top_k": 10**6}), ("repetition_penalty", {"repetition_penalty": 3.0}),
+    ("top_k", {"top_k": -1}), ("repetition_penalty", {"repetition_penalty": 3.0}),
     ("repetition_penalty", {"repetition_penalty": -1.0}),
 ])
 def test_every_sampling_parameter_is_validated(field: str, kwargs: dict[str, float]) -> None:
@@ -254,6 +254,13 @@ def test_every_sampling_parameter_is_validated(field: str, kwargs: dict[str, flo
     with pytest.raises(InvalidArgument) as caught:
         SamplingConfig.validated(vocab_size=49152, **values)  # type: ignore[arg-type]
     assert field in caught.value.message
+
+
+def test_top_k_beyond_the_vocabulary_is_off() -> None:
+    values = {"temperature": 1.0, "top_p": 0.0, "seed": 0, "repetition_penalty": 0.0}
+    assert SamplingConfig.validated(top_k=10**6, vocab_size=49152, **values).top_k == 0
+    assert SamplingConfig.validated(top_k=49152, vocab_size=49152, **values).top_k == 0
+    assert SamplingConfig.validated(top_k=49151, vocab_size=49152, **values).top_k == 49151
 
 
 def test_sampler_filters_and_penalties() -> None:
@@ -268,6 +275,101 @@ def test_sampler_filters_and_penalties() -> None:
     with_top = Sampler(SamplingConfig(), [], top_logprobs=3).sample(logits)
     assert [t for t, _ in with_top.top] == [0, 1, 2]
     assert with_top.logprob == pytest.approx(np.log(0.5), abs=1e-5)
+
+
+def _reference_sample(config: SamplingConfig, rng: np.random.Generator, seen: set[int],
+                      logits: np.ndarray) -> tuple[int, float]:
+    """The textbook sampler, sorting the whole vocabulary: what Sampler must match token for token."""
+    scores = logits.astype(np.float64)
+    for i in seen:
+        scores[i] = scores[i] / config.repetition_penalty if scores[i] > 0 else scores[i] * config.repetition_penalty
+    if not config.greedy:
+        scores = scores / config.temperature
+    logprobs = scores - scores.max() - np.log(np.sum(np.exp(scores - scores.max())))
+    if config.greedy:
+        return int(np.argmax(scores)), float(logprobs[np.argmax(scores)])
+    if not config.top_k and config.top_p == 1.0:  # no filter: the draw walks the vocabulary by id
+        cdf = np.cumsum(np.exp(logprobs))
+        token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+        return token, float(logprobs[token])
+    order = np.argsort(-logprobs, kind="stable")  # a filter: most likely first, ties by id
+    if config.top_k:
+        order = order[: config.top_k]
+    probs = np.exp(logprobs[order])
+    if config.top_p < 1.0:
+        cumulative = np.cumsum(probs) / probs.sum()
+        order = order[: int(np.searchsorted(cumulative, config.top_p)) + 1]
+        probs = probs[: order.size]
+    cdf = np.cumsum(probs)
+    token = int(order[np.searchsorted(cdf, rng.random() * cdf[-1], side="right")])
+    return token, float(logprobs[token])
+
+
+@pytest.mark.parametrize("config", [
+    SamplingConfig(temperature=0.8, seed=11),
+    SamplingConfig(temperature=0.7, top_p=0.9, seed=12),
+    SamplingConfig(temperature=1.3, top_p=0.995, seed=13),  # a nucleus wider than the first margin
+    SamplingConfig(temperature=1.0, top_k=50, seed=14),
+    SamplingConfig(temperature=1.0, top_k=200, top_p=0.8, seed=15),
+    SamplingConfig(temperature=0.9, top_p=0.95, repetition_penalty=1.3, seed=16),
+    SamplingConfig(repetition_penalty=1.5),
+], ids=str)
+def test_sampler_draws_what_a_full_sort_draws(config: SamplingConfig) -> None:
+    """The fast paths (no full sort, blockwise inverse CDF) draw the textbook's tokens from the same seed."""
+    rng = np.random.default_rng(3)
+    vocab = 49152
+    prompt = [int(t) for t in rng.integers(0, vocab, 30)]
+    sampler = Sampler(config, prompt)
+    reference_rng = np.random.default_rng(config.seed)
+    seen = set(prompt) if config.repetition_penalty != 1.0 else set()
+    for step in range(40):
+        # Logits shaped like a language model's: a few strong candidates over a long, flat tail.
+        logits = rng.standard_normal(vocab).astype(np.float32) * 2.0
+        logits[rng.integers(0, vocab, 8)] += rng.uniform(4, 10, 8).astype(np.float32)
+        logits[prompt[step % len(prompt)]] += 9.0  # a prompt token in contention, for the penalty
+        expected, expected_logprob = _reference_sample(config, reference_rng, seen, logits)
+        got = sampler.sample(logits)
+        assert got.token_id == expected, f"step {step}"
+        assert got.logprob == pytest.approx(expected_logprob, abs=1e-4)
+        if seen:
+            seen.add(expected)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, float(np.float32(0.99999994))])
+def test_nucleus_beyond_every_margin_is_still_a_full_sorts(top_p: float) -> None:
+    # One strong token over a far tail: at the highest top_p the nucleus reaches tokens 25 below the peak,
+    # outside both margins, so the full-vocabulary fallback decides.
+    scores = np.zeros(49152)
+    scores[7], scores[100:140] = 25.0, 1.5
+    weights = np.exp(scores - scores.max())
+    order = np.argsort(-scores, kind="stable")
+    cumulative = np.cumsum(weights[order]) / weights.sum()
+    expected = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+    assert list(_nucleus(scores, scores.max(), weights, top_p)) == list(expected)
+    assert expected.size > 41 if top_p > 0.9999 else expected.size == 1
+
+
+def test_top_k_breaks_ties_by_id() -> None:
+    scores = np.zeros(1000)
+    scores[[900, 5]] = 2.0, 1.0
+    assert list(_top_k(scores, 5)) == [900, 5, 0, 1, 2]
+
+
+@pytest.mark.parametrize("size", [300, 49152, 49152 + 77])  # one cumulative sum; whole blocks; a partial block
+def test_choice_draws_each_index_by_its_weight(size: int) -> None:
+    weights = np.zeros(size, dtype=np.float32)
+    support = np.random.default_rng(size).choice(size, 12, replace=False)  # spread over blocks, zeros between
+    weights[support] = np.arange(1, 13, dtype=np.float32)
+    weights[support[0]] = 1e-30  # possible, if barely
+    rng = np.random.default_rng(9)
+    draws = np.asarray([_choice(rng, weights) for _ in range(20000)])
+    assert set(draws) <= set(support)  # never a zero-weight index
+    expected = weights[support] / weights.sum(dtype=np.float64) * draws.size
+    observed = np.asarray([(draws == i).sum() for i in support])
+    chi2 = float(((observed - expected)[1:] ** 2 / expected[1:]).sum())
+    assert chi2 < 40, (chi2, observed, expected.round())  # 10 degrees of freedom: p < 1e-5 under the null
+    again = np.random.default_rng(9)
+    assert [_choice(again, weights) for _ in range(100)] == list(draws[:100])
 
 
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1])

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
 import grpc
 import pytest
 
 from services.common.discovery import SERVER_OPTIONS
+from services.common.rpc import ServerInterceptor
+from services.common.telemetry import setup_tracing
 
 
 async def test_a_second_grpc_server_cannot_share_a_port() -> None:
@@ -19,3 +25,70 @@ async def test_a_second_grpc_server_cannot_share_a_port() -> None:
             second.add_insecure_port(f"127.0.0.1:{port}")
     finally:
         await first.stop(None)
+
+
+class _Exporter:
+    """The spans a test server ends (opentelemetry-sdk's SpanExporter protocol, in memory)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["unary", "server stream, after a message", "bidirectional stream"])
+async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: str) -> None:
+    exporter = _Exporter()
+    provider = setup_tracing("lmesh-test", extra_exporters=[exporter])
+
+    def bug() -> None:
+        raise KeyError("secret_internal_detail")
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        bug()
+        return b""
+
+    async def server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        bug()
+
+    async def bidi(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            bug()
+        yield b""
+
+    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+    })
+    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
+                             options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                if kind == "unary":
+                    await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x")
+                elif kind.startswith("server stream"):
+                    _ = [m async for m in channel.unary_stream("/lmesh.test.v1.Test/ServerStream")(b"x")]
+                else:
+                    call = channel.stream_stream("/lmesh.test.v1.Test/Bidi")()
+                    await call.write(b"x")
+                    await call.read()
+    finally:
+        await server.stop(None)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INTERNAL
+    match = re.fullmatch(r"internal error \(trace_id=([0-9a-f]{32})\)", error.details() or "")
+    assert match, error.details()  # generic: no exception text, no traceback
+    assert [format(s.context.trace_id, "032x") for s in exporter.spans] == [match.group(1)]

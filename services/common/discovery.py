@@ -155,6 +155,19 @@ class ServiceResolver:
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints.values())
 
+    async def passing(self, first_load_timeout: float = 5.0) -> list[Endpoint]:
+        """The instances Consul reports passing now (possibly none), after the watch's first answer."""
+        await self._loaded_once(first_load_timeout)
+        return self.endpoints()
+
+    async def _loaded_once(self, timeout: float) -> None:
+        self.start()
+        if not self._loaded.is_set():
+            try:
+                await asyncio.wait_for(self._loaded.wait(), timeout)
+            except TimeoutError:
+                raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
+
     async def _watch(self) -> None:
         index: str | None = None
         backoff = 0.2
@@ -217,12 +230,7 @@ class ServiceResolver:
 
         `none_match` is the UNAVAILABLE message when instances pass but none matches `predicate`.
         """
-        self.start()
-        if not self._loaded.is_set():
-            try:
-                await asyncio.wait_for(self._loaded.wait(), first_load_timeout)
-            except TimeoutError:
-                raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
+        await self._loaded_once(first_load_timeout)
         now = time.monotonic()
         candidates = [e for e in self._endpoints.values() if predicate is None or predicate(e)]
         if not candidates:

@@ -68,15 +68,16 @@ async def first_message(requests: AsyncIterator[Any], kind: str = "start",
     return getattr(first, kind)
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """The status code, message and trailing metadata a client sees for `exc`."""
+def status_for(exc: BaseException, span: trace.Span | None = None,
+               ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, message and trailing metadata a client sees for `exc` raised in `span`'s call."""
     if isinstance(exc, LmeshError):
         return exc.code, exc.message, exc.trailing_metadata()
     if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RELAYED_UPSTREAM_CODES:
         # A peer's advice to the client (when to retry) travels with its code.
         trailers = tuple((k, v) for k, v in exc.trailing_metadata() or () if k in RELAYED_TRAILERS)
         return exc.code(), exc.details() or exc.code().name.lower(), trailers
-    return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id()})", ()
+    return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id(span)})", ()
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -108,9 +109,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return span, trace.set_span_in_context(span)
 
         async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
-            code, message, trailers = status_for(exc)
+            # The call's own span: a streaming handler's failure can surface outside the span's context.
+            code, message, trailers = status_for(exc, span)
             if code == grpc.StatusCode.INTERNAL:
-                log.error("%s failed (trace_id=%s)", method, current_trace_id(), exc_info=exc)
+                log.error("%s failed (trace_id=%s)", method, current_trace_id(span), exc_info=exc)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             span.set_status(Status(StatusCode.ERROR, message))
             if trailers:

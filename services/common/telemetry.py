@@ -78,6 +78,7 @@ def inject_metadata() -> list[tuple[str, str]]:
     return list(carrier.items())
 
 
-def current_trace_id() -> str:
-    span_context = trace.get_current_span().get_span_context()
+def current_trace_id(span: trace.Span | None = None) -> str:
+    """The trace id of `span` (default: the current span) as 32 hex digits, or "none"."""
+    span_context = (span or trace.get_current_span()).get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else "none"

@@ -131,6 +131,11 @@ class ChatService:
         principal = await self.authenticate(api_key)
         return [m for m in await self.models.list() if allowed(principal, m)]
 
+    async def served_models(self) -> set[str]:
+        """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
+        return {model for endpoint in await self._inference.passing()
+                for model in endpoint.meta.get("models", "").split(",") if model}
+
     async def prepare(self, api_key: str, params: ChatParams) -> tuple[registry_pb2.ModelVersion, list[int], int]:
         """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
         version, ids, max_tokens."""
@@ -185,12 +190,19 @@ class ChatService:
         answer = AnswerAssembler(params.stop, vocabulary)
         finish: list[inference_pb2.GenerateFinish] = []
         cancel_sent = asyncio.Event()
+        # One write at a time on the inference stream (grpc refuses a second while one is pending), and the cancel
+        # only after a start: a cancel arriving right behind the start must not race it.
+        start_written = asyncio.Event()
+        write_lock = asyncio.Lock()
 
         async def send_cancel() -> None:
             if not cancel_sent.is_set():
                 cancel_sent.set()
-                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    await generate_call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
+                await start_written.wait()
+                async with write_lock:
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                        await send(generate_call, inference_pb2.GenerateRequest(
+                            cancel=inference_pb2.CancelGeneration()))
 
         async def watch_cancel() -> None:
             await cancel.wait()
@@ -202,7 +214,9 @@ class ChatService:
             admitted = False
             while True:
                 try:
-                    await send(generate_call, start)
+                    async with write_lock:
+                        await send(generate_call, start)
+                    start_written.set()
                     async for response in generate_call:
                         admitted = True
                         if response.HasField("tokens"):

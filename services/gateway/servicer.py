@@ -94,8 +94,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
         api_key = bearer_key(context.invocation_metadata())
         versions = await self._chat.list_models(api_key)
+        served = await self._chat.served_models()
         return gateway_pb2.ListModelsResponse(models=[
             gateway_pb2.ModelInfo(id=f"{v.name}:{v.version}", name=v.name, version=v.version,
-                                  aliases=list(v.aliases), context_length=v.context_length)
+                                  aliases=list(v.aliases), context_length=v.context_length,
+                                  served=f"{v.name}:{v.version}" in served)
             for v in versions
         ])
