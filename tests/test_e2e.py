@@ -210,6 +210,23 @@ async def test_stop_string_is_honoured_and_not_emitted(live: LiveMesh) -> None:
     assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
 
 
+async def test_a_conversations_next_turn_reuses_the_whole_first_turn(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    question = gateway_pb2.Message(role="user", content="Name three colors, one per line. Say nothing else.")
+    first = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
+        model="smollm2-135m-instruct:1", messages=[question], max_tokens=64)), live.api_key)
+    assert first[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    answer = "".join(r.delta for r in first)
+    second = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
+        model="smollm2-135m-instruct:1", max_tokens=8, messages=[
+            question, gateway_pb2.Message(role="assistant", content=answer),
+            gateway_pb2.Message(role="user", content="Three more, please.")])), live.api_key)
+    # The first turn's prompt and its answer both came from the prefix cache (the answer re-rendered by the chat
+    # template tokenizes as it was generated).
+    usage = first[-1].usage
+    assert second[-1].usage.cached_prompt_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
 async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> None:
     """A client sending `start` and `cancel` back to back: the gateway's cancel must not race its own start write on
     the inference stream (grpc refuses a second pending write; the cancel was lost and the chat ended INTERNAL)."""

@@ -24,6 +24,7 @@ from services.inference.engine import (
     TokenEvent,
 )
 from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache
+from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampler, SamplingConfig, _choice, _nucleus, _top_k
 
 EOS = frozenset({2})
@@ -397,6 +398,39 @@ def chat_prompt(tokenizer_dir: Path, system: str, question: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def _kv(tokens: list[int]) -> list[np.ndarray]:
+    """A stand-in KV cache whose position t holds token t's id (so a lookup's slice can be checked)."""
+    return [np.asarray(tokens, dtype=np.float32).reshape(1, 1, -1, 1).repeat(2, axis=1) for _ in range(2)]
+
+
+def test_prefix_cache_serves_the_longest_shared_prefix_and_replaces_shorter_entries() -> None:
+    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4)
+    a, b, c = list(range(100, 120)), list(range(200, 230)), list(range(300, 310))
+    for prompt in (a, b, c):
+        cache.insert(prompt, _kv(prompt))
+    longer_b = [*b, 7, 8, 9]
+    cache.insert(longer_b, _kv(longer_b))  # replaces b, which is not the first entry
+    assert len(cache) == 3
+    n, kv = cache.lookup([*b, 7, 8, 5, 5])
+    assert n == len(b) + 2 and kv is not None and list(kv[0][0, 0, :, 0]) == longer_b[:n]
+    assert cache.lookup(a)[0] == len(a) - 1  # the last prompt token always runs
+    assert cache.lookup([100, 101, 102, 0])[0] == 0  # under min_tokens: a miss
+    cache.insert(a[:10], _kv(a[:10]))  # a prefix of an entry: already covered
+    assert len(cache) == 3
+
+
+def test_prefix_cache_evicts_the_least_recently_used_entry_within_its_bound() -> None:
+    prompts = [list(range(k * 100, k * 100 + 50)) for k in range(4)]
+    entry_bytes = sum(layer.nbytes for layer in _kv(prompts[0]))
+    cache = PrefixCache(max_bytes=3 * entry_bytes, min_tokens=4)
+    for prompt in prompts[:3]:
+        cache.insert(prompt, _kv(prompt))
+    assert cache.lookup(prompts[0])[0] > 0  # now the second entry is the least recently used
+    cache.insert(prompts[3], _kv(prompts[3]))
+    assert cache.bytes_used == 3 * entry_bytes and cache.stats.evictions == 1
+    assert cache.lookup(prompts[1])[0] == 0 and cache.lookup(prompts[0])[0] > 0
+
+
 async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
         decoder: OnnxDecoder, built_model: Path) -> None:
     first_q = chat_prompt(built_model, SYSTEM, "Which day comes after Monday?")
@@ -424,6 +458,37 @@ async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
     finally:
         await cold.close()
         await warm.close()
+
+
+@pytest.mark.parametrize("company", [0, 3], ids=["alone", "leaving a batch of 4"])
+async def test_a_finished_turn_is_reused_by_the_conversations_next_turn(
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], company: int) -> None:
+    """Prefix reuse covers earlier turns: the answer's KV too, not only the prompt's."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(built_model / "tokenizer.json"))
+    first = chat_prompt(built_model, "You are a helpful assistant.", "Name three colors.")
+    warm = Engine(decoder, EOS, 8192)
+    cold = Engine(decoder, EOS, 8192, EngineLimits(prefix_cache_bytes=0))
+    warm.start()
+    cold.start()
+    try:
+        others = [warm.submit(request(prompts[i % len(prompts)], max_tokens=40)) for i in range(company)]
+        answer, end = await drain(warm.submit(request(first, max_tokens=96)))
+        assert isinstance(end, FinishEvent) and end.reason == Finish.STOP  # the turn ended: the model said so
+        for other in others:
+            await drain(other)
+        follow_up = [*first, *answer, *tokenizer.encode(
+            "<|im_end|>\n<|im_start|>user\nThree more, please.<|im_end|>\n<|im_start|>assistant\n",
+            add_special_tokens=False).ids]
+        hit_tokens, hit_end = await drain(warm.submit(request(follow_up, max_tokens=12)))
+        miss_tokens, _ = await drain(cold.submit(request(follow_up, max_tokens=12)))
+        assert hit_tokens == miss_tokens
+        # Every token of the first turn, its answer included, came from the cache.
+        assert isinstance(hit_end, FinishEvent) and hit_end.cached_prompt_tokens == len(first) + len(answer)
+    finally:
+        await warm.close()
+        await cold.close()
 
 
 async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(

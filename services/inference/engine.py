@@ -89,6 +89,10 @@ class Sequence:
     generated: int = 0
     cancelled: bool = False
     done: bool = False
+    # Every sampled token, in order (model thread). A turn that ended normally keeps its whole conversation's KV
+    # (prompt and answer) for prefix reuse when it leaves the decode rows: the next turn starts with it.
+    output_ids: list[int] = field(default_factory=list)
+    reusable: bool = False
     tokens_at_cancel: int | None = None  # tokens emitted when the cancel came (what the caller got)
     sampled_at_cancel: int = 0  # tokens the model thread had sampled by then
     first_token_ns: int = 0
@@ -236,7 +240,7 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self._active):
                     self._finish_error(seq, Unavailable("the inference step failed; retry"))
-                self._release_rows()
+                self._release_rows(keep=False)  # the rows' KV may be half-written
                 continue
             self._deliver(results)
 
@@ -244,9 +248,21 @@ class Engine:
         for seq, sampled, past_len in results:
             self._emit(seq, sampled, past_len)
 
-    def _release_rows(self) -> None:
+    def _release_rows(self, keep: bool = True) -> None:
+        """Empties the decode rows (nothing runs: the batch is idle or its step failed)."""
+        for row, seq in enumerate(self._rows if keep else ()):
+            self._keep_for_reuse(seq, row)
         self._rows = []
         self._slots.clear()
+
+    def _keep_for_reuse(self, seq: Sequence, row: int) -> None:
+        """Puts a leaving sequence's KV (its prompt and the answer tokens fed so far) into the prefix cache, when
+        its turn ended normally: a conversation's next turn repeats both. Called before its row is overwritten."""
+        if not seq.reusable or self.prefix_cache.max_bytes <= 0:
+            return
+        prompt = seq.request.prompt_ids
+        tokens = [*prompt, *seq.output_ids[: seq.past_len - len(prompt)]]
+        self.prefix_cache.insert(tokens, self._slots.row(row, seq.past_len))
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.limits.max_active:
@@ -296,6 +312,7 @@ class Engine:
         if seq.done:
             return
         self._remove(seq)
+        seq.reusable = reason == Finish.STOP
         completion = seq.generated if reason != Finish.STOP else seq.generated - 1
         if reason == Finish.CANCELLED:
             completion = min(seq.generated, seq.tokens_at_cancel or 0)
@@ -370,6 +387,7 @@ class Engine:
     @staticmethod
     def _sampled(seq: Sequence, sampled: Sampled) -> Produced:
         seq.last_token = sampled.token_id
+        seq.output_ids.append(sampled.token_id)
         seq.sampled += 1
         return seq, sampled, seq.past_len
 
@@ -438,6 +456,7 @@ class Engine:
             if id(rows[row]) in wanted:
                 row += 1
                 continue
+            self._keep_for_reuse(rows[row], row)
             last = rows.pop()
             slots.pop()
             if row < len(rows) and id(last) in wanted:

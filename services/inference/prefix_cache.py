@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)  # identity: entries hold arrays, and list.remove must not compare those
 class _Entry:
     tokens: np.ndarray
     kv: list[np.ndarray]
