@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 # ---- models ------------------------------------------------------------------------------------------------
 
-async def _with_registry(action: Callable[[Any], Awaitable[int]]) -> int:
+async def _with_registry(action: Callable[[Any, Any], Awaitable[int]]) -> int:
+    """Runs action(registry resolver, mesh) against the mesh Consul knows."""
     from services.client import operator_mesh
 
     mesh = operator_mesh()
     try:
-        return await action(mesh.resolver("lmesh-registry"))
+        return await action(mesh.resolver("lmesh-registry"), mesh)
     finally:
         await mesh.close()
 
@@ -133,15 +135,20 @@ async def _with_registry(action: Callable[[Any], Awaitable[int]]) -> int:
 def _models(args: argparse.Namespace) -> int:
     from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-    async def list_models(registry: Any) -> int:
+    async def list_models(registry: Any, mesh: Any) -> int:
         response = await registry.call(registry_pb2_grpc.RegistryStub, "ListModels", registry_pb2.ListModelsRequest())
-        print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8}")
+        # Passing inference replicas per version (Consul meta `models`): 0 means a chat with it is UNAVAILABLE.
+        replicas = Counter(model for endpoint in await mesh.resolver("lmesh-inference").passing()
+                           for model in endpoint.meta.get("models", "").split(",") if model)
+        print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8} {'REPLICAS':>8}")
         for m in response.models:
             fmt = registry_pb2.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower()
-            print(f"{m.name + ':' + m.version:40} {','.join(m.aliases) or '-':20} {m.context_length:>8} {fmt:8}")
+            model_id = f"{m.name}:{m.version}"
+            print(f"{model_id:40} {','.join(m.aliases) or '-':20} {m.context_length:>8} {fmt:8} "
+                  f"{replicas[model_id]:>8}")
         return 0
 
-    async def register(registry: Any) -> int:
+    async def register(registry: Any, mesh: Any) -> int:
         from services.registry.client import register_model_dir
 
         version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()),
@@ -149,7 +156,7 @@ def _models(args: argparse.Namespace) -> int:
         print(f"registered {version.name}:{version.version}")
         return 0
 
-    async def alias(registry: Any) -> int:
+    async def alias(registry: Any, mesh: Any) -> int:
         name, _, version = args.target.partition(":")
         if not version:
             return _fail("the target must be NAME:VERSION")

@@ -837,7 +837,8 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert sampled[0].returncode == 0, sampled[0].stderr
     assert sampled[0].stdout == sampled[1].stdout and "Paris" not in sampled[0].stdout.splitlines()[0]
     listed = await run_cli(live, "models", "list")
-    assert "smollm2-135m-instruct:1" in listed.stdout and "default" in listed.stdout
+    row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("smollm2-135m-instruct:1 "))
+    assert row[1] == "default" and row[-1] == "1"  # one passing replica serves it
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
     assert "cli-team" in keys.stdout and key not in keys.stdout
 
