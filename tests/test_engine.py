@@ -491,6 +491,37 @@ async def test_a_finished_turn_is_reused_by_the_conversations_next_turn(
         await cold.close()
 
 
+def test_every_finished_turn_leaving_in_one_step_is_kept_for_reuse(decoder: OnnxDecoder) -> None:
+    """Three turns end in the same step, the last row among them, while another sequence decodes on: each one's
+    KV (prompt and fed answer tokens) is kept as it was in its row, before the rows are compacted."""
+    engine = Engine(decoder, EOS, 8192)
+    rng = np.random.default_rng(0)
+    shape = (1, decoder.num_kv_heads, 0, decoder.head_dim)
+
+    def sequence(first_token: int, prompt_len: int, answer: int) -> tuple[Sequence, list[np.ndarray]]:
+        prompt = list(range(first_token, first_token + prompt_len))
+        seq = Sequence(id=first_token, request=request(prompt), sampler=Sampler(SamplingConfig(), prompt))
+        seq.past_len = prompt_len + answer
+        seq.output_ids = list(range(first_token + 500, first_token + 500 + answer + 1))  # the last is EOS
+        kv = [rng.standard_normal((*shape[:2], seq.past_len, shape[3])).astype(decoder.kv_dtype)
+              for _ in decoder.past_names]
+        seq.kv = kv
+        return seq, kv
+
+    staying, _ = sequence(1000, 20, 3)
+    leaving = [sequence(2000 + 100 * i, 18 + i, 2 + i) for i in range(3)]
+    engine._sync_rows([staying, *(s for s, _ in leaving)])
+    for seq, _ in leaving:
+        seq.reusable = True  # each ended its turn
+    engine._sync_rows([staying])
+    assert engine._rows == [staying] and len(engine.prefix_cache) == 3
+    for seq, kv in leaving:
+        tokens = [*seq.request.prompt_ids, *seq.output_ids[:-1], 7]
+        cached, cached_kv = engine.prefix_cache.lookup(tokens)
+        assert cached == seq.past_len and cached_kv is not None
+        assert all(np.array_equal(c, k) for c, k in zip(cached_kv, kv, strict=True))
+
+
 async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
         decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]]) -> None:
     long_prompt = chat_prompt(built_model, SYSTEM, "Summarise your instructions.")

@@ -451,12 +451,14 @@ class Engine:
         """Makes the decode rows hold exactly `seqs`: leavers' rows are refilled from the end, joiners appended."""
         wanted = {id(s) for s in seqs}
         rows, slots = self._rows, self._slots
+        for row, seq in enumerate(rows):  # every leaver's KV first: the moves below overwrite rows
+            if id(seq) not in wanted:
+                self._keep_for_reuse(seq, row)
         row = 0
         while row < len(rows):
             if id(rows[row]) in wanted:
                 row += 1
                 continue
-            self._keep_for_reuse(rows[row], row)
             last = rows.pop()
             slots.pop()
             if row < len(rows) and id(last) in wanted:
