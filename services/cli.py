@@ -30,6 +30,10 @@ from services.common.errors import LmeshError
 SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
 
 
+class CommandError(Exception):
+    """A problem with how a command was run (a missing key, a bad argument): its message alone, no status."""
+
+
 def _fail(message: str) -> int:
     print(f"lmesh: {message}", file=sys.stderr)
     return 2
@@ -45,7 +49,7 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
     except LmeshError as exc:
         hint = " (is the mesh running? `make run`)" if exc.code == grpc.StatusCode.UNAVAILABLE else ""
         return _fail(f"{exc.code.name}: {exc.message}{hint}")
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__)
     except KeyboardInterrupt:
         return 130
@@ -84,7 +88,7 @@ def _api_key(args: argparse.Namespace) -> str:
     if not key and dev_key_path().exists():
         key = dev_key_path().read_text().strip()
     if not key:
-        raise LmeshError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key")
+        raise CommandError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key")
     return key
 
 

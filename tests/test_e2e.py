@@ -210,21 +210,29 @@ async def test_stop_string_is_honoured_and_not_emitted(live: LiveMesh) -> None:
     assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
 
 
-async def test_a_conversations_next_turn_reuses_the_whole_first_turn(live: LiveMesh) -> None:
+@pytest.mark.parametrize(("content", "stop", "max_tokens"), [
+    ("Name three colors, one per line. Say nothing else.", [], 64),  # the model ends its turn
+    (FRANCE, ["."], 64),  # a stop string ends it: the gateway cancels the generation there
+    (LONG_TASK, [], 12),  # max_tokens ends it
+], ids=["end of turn", "stop string", "length"])
+async def test_a_conversations_next_turn_reuses_the_whole_first_turn(live: LiveMesh, content: str, stop: list[str],
+                                                                     max_tokens: int) -> None:
     stub = await live.gateway()
-    question = gateway_pb2.Message(role="user", content="Name three colors, one per line. Say nothing else.")
+    question = gateway_pb2.Message(role="user", content=content)
     first = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
-        model="smollm2-135m-instruct:1", messages=[question], max_tokens=64)), live.api_key)
-    assert first[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+        model="smollm2-135m-instruct:1", messages=[question], max_tokens=max_tokens, stop=stop)), live.api_key)
     answer = "".join(r.delta for r in first)
     second = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
         model="smollm2-135m-instruct:1", max_tokens=8, messages=[
             question, gateway_pb2.Message(role="assistant", content=answer),
             gateway_pb2.Message(role="user", content="Three more, please.")])), live.api_key)
     # The first turn's prompt and its answer both came from the prefix cache (the answer re-rendered by the chat
-    # template tokenizes as it was generated).
+    # template tokenizes as it was generated), all but a last token that was never run (the one max_tokens
+    # stopped at) or is not in the next prompt (the one that completed a stop string).
     usage = first[-1].usage
-    assert second[-1].usage.cached_prompt_tokens == usage.prompt_tokens + usage.completion_tokens
+    ended_by_model = first[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP and not stop
+    expected = usage.prompt_tokens + usage.completion_tokens - (0 if ended_by_model else 1)
+    assert second[-1].usage.cached_prompt_tokens == expected, answer
 
 
 async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> None:
@@ -915,7 +923,8 @@ async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:
     assert unknown.stderr.strip().count("\n") == 0 and "NOT_FOUND" in unknown.stderr
     assert "Traceback" not in unknown.stderr
     no_key = await run_cli(live, "chat", "hi")
-    assert no_key.returncode == 2 and "API key" in no_key.stderr and "Traceback" not in no_key.stderr
+    assert no_key.returncode == 2 and no_key.stderr == (
+        "lmesh: no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key\n")
 
 
 

@@ -89,8 +89,9 @@ class Sequence:
     generated: int = 0
     cancelled: bool = False
     done: bool = False
-    # Every sampled token, in order (model thread). A turn that ended normally keeps its whole conversation's KV
-    # (prompt and answer) for prefix reuse when it leaves the decode rows: the next turn starts with it.
+    # Every sampled token, in order (model thread). A sequence that ended without an error keeps its whole KV
+    # (prompt and answer) for prefix reuse when it leaves the decode rows: a conversation's next turn starts with
+    # it. Cancelled ones too: the gateway ends an answer at a stop string by cancelling it.
     output_ids: list[int] = field(default_factory=list)
     reusable: bool = False
     tokens_at_cancel: int | None = None  # tokens emitted when the cancel came (what the caller got)
@@ -257,7 +258,7 @@ class Engine:
 
     def _keep_for_reuse(self, seq: Sequence, row: int) -> None:
         """Puts a leaving sequence's KV (its prompt and the answer tokens fed so far) into the prefix cache, when
-        its turn ended normally: a conversation's next turn repeats both. Called before its row is overwritten."""
+        it ended without an error: a conversation's next turn repeats both. Called before its row is overwritten."""
         if not seq.reusable or self.prefix_cache.max_bytes <= 0:
             return
         prompt = seq.request.prompt_ids
@@ -312,7 +313,7 @@ class Engine:
         if seq.done:
             return
         self._remove(seq)
-        seq.reusable = reason == Finish.STOP
+        seq.reusable = True
         completion = seq.generated if reason != Finish.STOP else seq.generated - 1
         if reason == Finish.CANCELLED:
             completion = min(seq.generated, seq.tokens_at_cancel or 0)
