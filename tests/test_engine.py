@@ -403,32 +403,48 @@ def _kv(tokens: list[int]) -> list[np.ndarray]:
     return [np.asarray(tokens, dtype=np.float32).reshape(1, 1, -1, 1).repeat(2, axis=1) for _ in range(2)]
 
 
-def test_prefix_cache_serves_the_longest_shared_prefix_and_replaces_shorter_entries() -> None:
-    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4)
-    a, b, c = list(range(100, 120)), list(range(200, 230)), list(range(300, 310))
-    for prompt in (a, b, c):
-        cache.insert(prompt, _kv(prompt))
-    longer_b = [*b, 7, 8, 9]
-    cache.insert(longer_b, _kv(longer_b))  # replaces b, which is not the first entry
-    assert len(cache) == 3
-    n, kv = cache.lookup([*b, 7, 8, 5, 5])
-    assert n == len(b) + 2 and kv is not None and list(kv[0][0, 0, :, 0]) == longer_b[:n]
-    assert cache.lookup(a)[0] == len(a) - 1  # the last prompt token always runs
+def _positions(kv: list[np.ndarray]) -> list[int]:
+    return [int(x) for x in kv[0][0, 0, :, 0]]
+
+
+def test_prefix_cache_stores_a_shared_prefix_once_and_serves_the_longest_match() -> None:
+    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4, block_tokens=8)
+    system = list(range(100, 124))  # three whole blocks
+    first, second = [*system, *range(1, 11)], [*system, *range(50, 61)]
+    cache.insert(first, _kv(first))
+    cache.insert(second, _kv(second))
+    assert cache.tokens_stored == len(system) + 10 + 11  # the system prompt once
+    n, kv = cache.lookup([*system, 1, 2, 3, 99, 98])  # branches inside a block
+    assert n == len(system) + 3 and kv is not None and _positions(kv) == [*system, 1, 2, 3]
+    assert cache.lookup(first)[0] == len(first) - 1  # the last prompt token always runs
+    n, kv = cache.lookup([*second, 5])
+    assert n == len(second) and kv is not None and _positions(kv) == second
     assert cache.lookup([100, 101, 102, 0])[0] == 0  # under min_tokens: a miss
-    cache.insert(a[:10], _kv(a[:10]))  # a prefix of an entry: already covered
-    assert len(cache) == 3
+    cache.insert(first[:30], _kv(first[:30]))  # already held
+    assert cache.tokens_stored == len(system) + 21
+    longer = [*first, 7, 7, 7]  # extends the tail block [9, 10]: the old tail goes
+    cache.insert(longer, _kv(longer))
+    assert cache.tokens_stored == len(system) + 24
+    n, kv = cache.lookup([*longer, 0])
+    assert n == len(longer) and kv is not None and _positions(kv) == longer
 
 
-def test_prefix_cache_evicts_the_least_recently_used_entry_within_its_bound() -> None:
-    prompts = [list(range(k * 100, k * 100 + 50)) for k in range(4)]
-    entry_bytes = sum(layer.nbytes for layer in _kv(prompts[0]))
-    cache = PrefixCache(max_bytes=3 * entry_bytes, min_tokens=4)
-    for prompt in prompts[:3]:
-        cache.insert(prompt, _kv(prompt))
-    assert cache.lookup(prompts[0])[0] > 0  # now the second entry is the least recently used
-    cache.insert(prompts[3], _kv(prompts[3]))
-    assert cache.bytes_used == 3 * entry_bytes and cache.stats.evictions == 1
-    assert cache.lookup(prompts[1])[0] == 0 and cache.lookup(prompts[0])[0] > 0
+def test_prefix_cache_evicts_least_recently_used_leaves_and_keeps_shared_prefixes() -> None:
+    system = list(range(100, 116))
+    branches = [[*system, *range(k * 10, k * 10 + 8)] for k in range(1, 4)]
+    token_bytes = sum(layer.nbytes for layer in _kv([0]))
+    cache = PrefixCache(max_bytes=(16 + 2 * 8) * token_bytes, min_tokens=4, block_tokens=8)
+    cache.insert(branches[0], _kv(branches[0]))
+    cache.insert(branches[1], _kv(branches[1]))
+    assert cache.bytes_used == cache.max_bytes
+    assert cache.lookup([*branches[0], 0])[0] == 24  # now the second branch is the least recently used
+    cache.insert(branches[2], _kv(branches[2]))
+    assert cache.stats.evictions == 1 and cache.bytes_used == cache.max_bytes
+    assert cache.lookup([*branches[1], 0])[0] == 16  # its own block went; the shared system prompt stayed
+    assert cache.lookup([*branches[0], 0])[0] == 24 and cache.lookup([*branches[2], 0])[0] == 24
+    too_big = list(range(500, 600))
+    cache.insert(too_big, _kv(too_big))  # larger than the whole cache: not stored, nothing evicted for it
+    assert cache.stats.evictions == 1 and cache.lookup(too_big)[0] == 0
 
 
 async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
@@ -443,7 +459,7 @@ async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
     try:
         reference, _ = await drain(cold.submit(request(second_q, max_tokens=10)))
         await drain(warm.submit(request(first_q, max_tokens=2)))  # fills the cache with the system prompt
-        assert len(warm.prefix_cache) == 1
+        assert warm.prefix_cache.tokens_stored >= len(first_q)  # and its answer
         miss = cold.submit(request(second_q, max_tokens=10))
         miss_tokens, miss_end = await drain(miss)
         hit = warm.submit(request(second_q, max_tokens=10))
@@ -514,7 +530,7 @@ def test_every_finished_turn_leaving_in_one_step_is_kept_for_reuse(decoder: Onnx
     for seq, _ in leaving:
         seq.reusable = True  # each ended its turn
     engine._sync_rows([staying])
-    assert engine._rows == [staying] and len(engine.prefix_cache) == 3
+    assert engine._rows == [staying]
     for seq, kv in leaving:
         tokens = [*seq.request.prompt_ids, *seq.output_ids[:-1], 7]
         cached, cached_kv = engine.prefix_cache.lookup(tokens)

@@ -188,9 +188,10 @@ class SlotCache:
         self._binding = None
 
     def row(self, row: int, length: int) -> list[np.ndarray]:
-        """A copy of one row's first `length` positions ([1, H, length, D] per tensor)."""
+        """Views of one row's first `length` positions ([1, H, length, D] per tensor), valid until the rows or
+        the buffers change: copy what must outlive that."""
         self._to_host()
-        return [np.ascontiguousarray(b[row:row + 1, :, :length]) for b in self._host]
+        return [b[row:row + 1, :, :length] for b in self._host]
 
     def binding(self) -> tuple[Any, np.ndarray]:
         """The I/O binding with past and present bound to the same buffers (rebuilt when rows or capacity change),
