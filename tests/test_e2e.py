@@ -220,10 +220,10 @@ async def test_a_conversations_next_turn_reuses_the_whole_first_turn(live: LiveM
     stub = await live.gateway()
     question = gateway_pb2.Message(role="user", content=content)
     first = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
-        model="smollm2-135m-instruct:1", messages=[question], max_tokens=max_tokens, stop=stop)), live.api_key)
+        messages=[question], max_tokens=max_tokens, stop=stop)), live.api_key)
     answer = "".join(r.delta for r in first)
     second = await collect(stub, gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
-        model="smollm2-135m-instruct:1", max_tokens=8, messages=[
+        max_tokens=8, messages=[
             question, gateway_pb2.Message(role="assistant", content=answer),
             gateway_pb2.Message(role="user", content="Three more, please.")])), live.api_key)
     # The first turn's prompt and its answer both came from the prefix cache (the answer re-rendered by the chat
