@@ -23,7 +23,7 @@ from services.inference.engine import (
     Sequence,
     TokenEvent,
 )
-from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache
+from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache, kv_buffer
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampler, SamplingConfig, _choice, _nucleus, _top_k
 
@@ -136,6 +136,22 @@ async def test_fp16_variant_batches_like_it_runs_alone(built_model: Path, prompt
     assert alone[0][:4] == first  # float16 keeps fp32's greedy choice on this prompt
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_kv_buffers_commit_memory_only_where_written() -> None:
+    """16 rows of an 8192-position capacity, each holding 10 positions: a few hundred KB of pages, not the 400 MB
+    of the capacity (numpy's huge pages would commit 2 MB per row and head: 96 MB here, 6 GB for a whole batch)."""
+    before = _rss_bytes()
+    buffer = kv_buffer((16, 3, 8192, 64), np.float32)
+    buffer[:, :, :10] = 1.0
+    grown = _rss_bytes() - before
+    assert grown < 16 * 2**20, grown
+    assert buffer[5, 2, 9, 63] == 1.0 and buffer[5, 2, 10, 0] == 0.0 and buffer.flags.writeable
+
+
 def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecoder) -> None:
     heads, dim = decoder.num_kv_heads, decoder.head_dim
     slots = SlotCache(decoder, max_rows=8, max_length=1024)
@@ -184,6 +200,25 @@ async def test_finish_reasons_and_usage(engine: Engine, prompts: list[list[int]]
                                           stop_ids=frozenset({stop_at})))
     cut, end = await drain(seq)
     assert cut == tokens[:1] and isinstance(end, FinishEvent) and end.reason == Finish.STOP
+
+
+@pytest.mark.parametrize("room", [1, 2, 9])
+async def test_prompt_and_answer_fill_the_context_exactly(decoder: OnnxDecoder, prompts: list[list[int]],
+                                                          room: int) -> None:
+    """A generation that runs into the context ends LENGTH with prompt + completion == context, not one more."""
+    prompt = prompts[2]
+    engine = Engine(decoder, frozenset(), context_length=len(prompt) + room, limits=EngineLimits(max_active=4))
+    engine.start()
+    try:
+        alone = engine.submit(request(prompt, max_tokens=100))
+        batched = [engine.submit(request(p, max_tokens=100)) for p in (prompt, prompts[0][:10])]
+        for seq in (alone, *batched):  # no end-of-turn ids: each runs into the context
+            tokens, end = await drain(seq)
+            assert isinstance(end, FinishEvent) and end.reason == Finish.LENGTH
+            assert end.completion_tokens == len(tokens)
+            assert end.prompt_tokens + end.completion_tokens == engine.context_length
+    finally:
+        await engine.close()
 
 
 async def test_cancel_ends_within_one_step(engine: Engine, prompts: list[list[int]]) -> None:

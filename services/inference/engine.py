@@ -209,11 +209,12 @@ class Engine:
             self._wake.set()
 
     def load(self) -> dict[str, int]:
-        prompt_kv = sum(s.past_len for s in self._active if s.kv is not None) * self.model.kv_bytes_per_token()
+        # What the active sequences' KV holds (the decode buffers' memory is committed only where written).
+        held = sum(s.past_len for s in self._active) * self.model.kv_bytes_per_token()
         return {
             "active": len(self._active),
             "queued": len(self._waiting),
-            "kv_bytes": prompt_kv + self._slots.nbytes,
+            "kv_bytes": held,
             "prefix_cache_bytes": self.prefix_cache.bytes_used,
         }
 
@@ -298,7 +299,7 @@ class Engine:
         if seq.generated == 1:
             seq.first_token_ns = time.time_ns()
         seq.events.put_nowait(TokenEvent(sampled))
-        if seq.generated >= request.max_tokens or past_len + 1 > self.context_length:
+        if seq.generated >= request.max_tokens or past_len + 1 >= self.context_length:
             self._finish(seq, Finish.LENGTH)
 
     def _remove(self, seq: Sequence) -> None:

@@ -10,6 +10,7 @@ steps; they cross to the host only when a sequence joins or leaves the batch.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,22 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Decode buffers grow in steps of this many positions (and at least double), so a growing sequence
 # re-allocates O(log n) times.
 LENGTH_QUANTUM = 128
+
+
+def kv_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zeroed host array whose memory is committed only where written, in small pages.
+
+    numpy asks the kernel for transparent huge pages on large arrays. A decode buffer is written sparsely (each
+    row and head holds its first few positions of a long capacity), so 2 MB pages would commit nearly all of it
+    as soon as every row holds a little: gigabytes of RSS, and seconds of page zeroing when a long sequence joins
+    the batch and the buffers grow to its length.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < 2 * mmap.PAGESIZE or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, released when the array (its only owner) goes
+    region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, dtype=dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -130,10 +147,6 @@ class SlotCache:
     def length_capacity(self) -> int:
         return self._host[0].shape[2] if self._host else 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._host)
-
     def clear(self) -> None:
         self.rows = 0
         self._host, self._device, self._binding = [], [], None
@@ -151,7 +164,7 @@ class SlotCache:
         new_len = min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, 2 * cap_len))
         model = self._model
         shape = (new_rows, model.num_kv_heads, new_len, model.head_dim)
-        grown = [np.zeros(shape, dtype=model.kv_dtype) for _ in model.past_names]
+        grown = [kv_buffer(shape, model.kv_dtype) for _ in model.past_names]
         for old, new in zip(self._host, grown, strict=False):
             new[: self.rows, :, :cap_len] = old[: self.rows]
         self._host = grown
@@ -164,7 +177,10 @@ class SlotCache:
             return
         self._to_host()
         new_len = max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
-        self._host = [np.ascontiguousarray(b[:, :, :new_len]) for b in self._host]
+        shrunk = [kv_buffer((*b.shape[:2], new_len, b.shape[3]), b.dtype) for b in self._host]
+        for old, new in zip(self._host, shrunk, strict=True):
+            new[: self.rows] = old[: self.rows, :, :new_len]
+        self._host = shrunk
         self._binding = None
 
     def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
