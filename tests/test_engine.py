@@ -573,6 +573,38 @@ def test_every_finished_turn_leaving_in_one_step_is_kept_for_reuse(decoder: Onnx
         assert all(np.array_equal(c, k) for c, k in zip(cached_kv, kv, strict=True))
 
 
+def test_fresh_prompts_of_very_different_lengths_run_apart() -> None:
+    from services.inference.engine import _padding_groups
+
+    def ends(groups: list[list[tuple[Sequence, int, int]]]) -> list[list[int]]:
+        return [[end for _, _, end in group] for group in groups]
+
+    def chunks(*lengths: int) -> list[tuple[Sequence, int, int]]:
+        return [(None, 0, n) for n in lengths]  # type: ignore[misc]
+
+    assert ends(_padding_groups(chunks(40, 42, 42))) == [[40, 42, 42]]
+    assert ends(_padding_groups(chunks(10, 12, 14, 128))) == [[10, 12, 14], [128]]
+    assert ends(_padding_groups(chunks(5, 100, 110, 120))) == [[5], [100, 110, 120]]
+
+
+async def test_a_short_prompt_is_not_queued_behind_long_prefills(
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]]) -> None:
+    longs = [chat_prompt(built_model, SYSTEM, q) for q in ("Summarise your instructions.", "Who are you?")]
+    limits = EngineLimits(prefill_chunk=64, prefix_cache_bytes=0)
+    engine = Engine(decoder, EOS, 8192, limits)
+    engine.start()
+    try:
+        alone = [(await drain(engine.submit(request(p, max_tokens=4))))[0] for p in (*longs, prompts[0])]
+        waiting = [engine.submit(request(p, max_tokens=4)) for p in longs]  # 2 x ~450 tokens: ~14 steps
+        short = engine.submit(request(prompts[0], max_tokens=4))
+        short_tokens, _ = await drain(short)
+        # The short prompt was prefilled beside the oldest long one, not after both.
+        assert not any(seq.first_token_ns for seq in waiting)
+        assert [short_tokens, *[(await drain(seq))[0] for seq in waiting]] == [alone[2], *alone[:2]]
+    finally:
+        await engine.close()
+
+
 async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
         decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]]) -> None:
     long_prompt = chat_prompt(built_model, SYSTEM, "Summarise your instructions.")

@@ -132,6 +132,19 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 1024 * 1024
 
 
+def _padding_groups(fresh: list[tuple[Sequence, int, int]]) -> list[list[tuple[Sequence, int, int]]]:
+    """Prompt chunks [0, end), sorted by end, cut into runs whose padded size stays within 1.5x their tokens."""
+    groups: list[list[tuple[Sequence, int, int]]] = []
+    for chunk in fresh:
+        if groups:
+            candidate = [*groups[-1], chunk]
+            if chunk[2] * len(candidate) <= 1.5 * sum(end for _, _, end in candidate):
+                groups[-1] = candidate
+                continue
+        groups.append([chunk])
+    return groups
+
+
 class Engine:
     """Continuous-batching generation over one model version."""
 
@@ -338,21 +351,7 @@ class Engine:
         """
         self.steps += 1
         results: list[Produced] = []
-        work: list[tuple[Sequence, int, int]] = []
-        budget = self.limits.prefill_chunk
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            if seq.cancelled:
-                continue
-            if len(seq.request.prompt_ids) - seq.prefilled > budget and budget < self.limits.prefill_chunk:
-                break  # the next step takes it whole (or in full chunks) instead of an extra run for a sliver
-            if seq.prefilled == 0:
-                self._reuse_prefix(seq)
-            start = seq.prefilled
-            end = min(len(seq.request.prompt_ids), start + budget)
-            work.append((seq, start, end))
-            budget -= end - start
+        work = [(seq, seq.prefilled, seq.prefilled + n) for seq, n in self._plan_prefill(prefilling).items()]
         for seq, end, logits, kv in self._prefill(work):
             seq.kv = kv
             seq.prefilled = seq.past_len = end
@@ -372,6 +371,35 @@ class Engine:
             self.steps += 1
             results = self._decode(decoding)
         return results
+
+    def _plan_prefill(self, prefilling: list[Sequence]) -> dict[Sequence, int]:
+        """Prompt tokens to prefill this step, per sequence, within the step's budget (model thread).
+
+        The oldest prompt in progress always gets at least half the budget, so it finishes in bounded time. The
+        rest goes to whole prompts, shortest first, so a short one is not queued behind long prefills (its
+        time to first token is a step, not theirs); what is left continues the oldest.
+        """
+        live = [s for s in prefilling if not s.cancelled]
+        for seq in live:
+            if not seq.prefill_start_ns:
+                self._reuse_prefix(seq)  # first seen here: what the prefix cache holds needs no prefill
+
+        def remaining(seq: Sequence) -> int:
+            return len(seq.request.prompt_ids) - seq.prefilled
+
+        if not live:
+            return {}
+        budget = self.limits.prefill_chunk
+        head = live[0]
+        plan = {head: min(remaining(head), max(1, budget // 2))}
+        budget -= plan[head]
+        for seq in sorted(live[1:], key=remaining):
+            if remaining(seq) > budget:
+                break
+            plan[seq] = remaining(seq)
+            budget -= plan[seq]
+        plan[head] += min(budget, remaining(head) - plan[head])
+        return plan
 
     def _unchanged(self, results: list[Produced]) -> bool:
         """Whether the next decode would run the same sequences (judged in the model thread, ahead of _emit)."""
@@ -403,22 +431,22 @@ class Engine:
                  ) -> list[tuple[Sequence, int, np.ndarray, list[np.ndarray]]]:
         """Runs prompt chunks [start, end); returns (seq, end, last logits, KV [1, H, end, D] per tensor).
 
-        Prompts starting from an empty cache share one run, right-padded to the longest (padding sits after
-        each row's tokens, so no real token attends to it). A chunk over an existing cache (a long prompt's
-        next chunk, or the rest after a prefix-cache hit) runs alone: the attention kernel takes several new
-        tokens over a past only for one row at a time.
+        Prompts starting from an empty cache share runs, right-padded to the longest of each run (padding sits
+        after each row's tokens, so no real token attends to it); prompts of very different lengths go to
+        separate runs, so padding never costs more than half again the real tokens. A chunk over an existing
+        cache (a long prompt's next chunk, or the rest after a prefix-cache hit) runs alone: the attention
+        kernel takes several new tokens over a past only for one row at a time.
         """
-        fresh = [w for w in work if w[1] == 0]
         results: list[tuple[Sequence, int, np.ndarray, list[np.ndarray]]] = []
-        if fresh:
-            width = max(end for _, _, end in fresh)
-            ids = np.zeros((len(fresh), width), dtype=np.int64)
-            for row, (seq, _, end) in enumerate(fresh):
+        for group in _padding_groups(sorted((w for w in work if w[1] == 0), key=lambda w: w[2])):
+            width = group[-1][2]
+            ids = np.zeros((len(group), width), dtype=np.int64)
+            for row, (seq, _, end) in enumerate(group):
                 ids[row, :end] = seq.request.prompt_ids[:end]
-            lengths = np.asarray([end for _, _, end in fresh])
-            out = self.model.run(ids, lengths - 1, np.arange(len(fresh)) * width + lengths - 1,
-                                 self.model.empty_past(len(fresh)))
-            for row, (seq, _, end) in enumerate(fresh):
+            lengths = np.asarray([end for _, _, end in group])
+            out = self.model.run(ids, lengths - 1, np.arange(len(group)) * width + lengths - 1,
+                                 self.model.empty_past(len(group)))
+            for row, (seq, _, end) in enumerate(group):
                 kv = [np.ascontiguousarray(p[row:row + 1, :, :end]) for p in out.presents]
                 results.append((seq, end, out.logits[row], kv))
         for seq, start, end in work:
