@@ -454,7 +454,8 @@ async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(
     assert process.returncode == 0, stderr.decode()
     seen = json.loads(stdout)
 
-    assert {m["id"]: m["aliases"] for m in seen["models"]["models"]}["smollm2-135m-instruct:1"] == ["default"]
+    listed = {m["id"]: m for m in seen["models"]["models"]}["smollm2-135m-instruct:1"]
+    assert listed["aliases"] == ["default"] and listed["served"] is True
     assert seen["models_without_key"]["error"]["code"] == "UNAUTHENTICATED"
 
     # The same greedy answer, token for token, as this suite's Python client gets.
