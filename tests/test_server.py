@@ -92,3 +92,30 @@ async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: 
     match = re.fullmatch(r"internal error \(trace_id=([0-9a-f]{32})\)", error.details() or "")
     assert match, error.details()  # generic: no exception text, no traceback
     assert [format(s.context.trace_id, "032x") for s in exporter.spans] == [match.group(1)]
+
+
+def test_a_write_to_a_stream_its_peer_ended_is_one_info_line_not_a_traceback(caplog: pytest.LogCaptureFixture
+                                                                             ) -> None:
+    import logging
+
+    from grpc._cython import cygrpc
+
+    from services.common.server import LateWriteFilter
+
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    logger.addFilter(LateWriteFilter())
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            try:
+                raise cygrpc.ExecuteBatchError("Failed \"execute_batch\": (SendMessageOperation,)")
+            except cygrpc.ExecuteBatchError:
+                logger.exception("ExecuteBatchError raised in core by servicer method [%s]", "/a.B/C")
+            try:
+                raise KeyError("a real bug")
+            except KeyError:
+                logger.exception("Unexpected error")
+    finally:
+        logger.filters.clear()
+    late, bug = caplog.records
+    assert late.levelname == "INFO" and late.exc_info is None and "/a.B/C" in late.getMessage()
+    assert bug.levelname == "ERROR" and bug.exc_info is not None  # anything else stays an error

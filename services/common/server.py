@@ -222,5 +222,23 @@ async def serve_forever(config: ServiceConfig, build: Callable[[ServiceRuntime],
     await running.stop()
 
 
+class LateWriteFilter(logging.Filter):
+    """grpc logs a failed write at ERROR with a traceback when a stream's peer or deadline ended the call just as
+    the servicer wrote to it (a race inside grpc's aio server: the call is over either way). That is a client
+    going away, not a bug: one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from grpc._cython import cygrpc
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, cygrpc.ExecuteBatchError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a stream ended while a message was being written to it: %s", (
+                record.getMessage(),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(service: str, level: str = "INFO") -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s lmesh-{service} %(name)s: %(message)s")
+    logging.getLogger("grpc._cython.cygrpc").addFilter(LateWriteFilter())
