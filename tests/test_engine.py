@@ -455,6 +455,10 @@ def test_prefix_cache_stores_a_shared_prefix_once_and_serves_the_longest_match()
     n, kv = cache.lookup([*second, 5])
     assert n == len(second) and kv is not None and _positions(kv) == second
     assert cache.lookup([100, 101, 102, 0])[0] == 0  # under min_tokens: a miss
+    stats = dataclasses.replace(cache.stats)
+    for prompt in ([*system, 1, 2, 3, 99], first, [100, 101, 102, 0], [7] * 40):
+        assert cache.usable(prompt) == cache.lookup(prompt)[0]  # what a lookup will serve, without copying
+    assert cache.stats.hits == stats.hits + 2 and cache.stats.misses == stats.misses + 2  # usable counts none
     cache.insert(first[:30], _kv(first[:30]))  # already held
     assert cache.tokens_stored == len(system) + 21
     longer = [*first, 7, 7, 7]  # extends the tail block [9, 10]: the old tail goes

@@ -380,12 +380,12 @@ class Engine:
         time to first token is a step, not theirs); what is left continues the oldest.
         """
         live = [s for s in prefilling if not s.cancelled]
-        for seq in live:
-            if not seq.prefill_start_ns:
-                self._reuse_prefix(seq)  # first seen here: what the prefix cache holds needs no prefill
+        # What the prefix cache would serve a prompt not started yet needs no prefill (counted here, copied
+        # only once the prompt is scheduled: a waiting prompt holds no KV).
+        cached = {seq: self.prefix_cache.usable(seq.request.prompt_ids) for seq in live if not seq.prefill_start_ns}
 
         def remaining(seq: Sequence) -> int:
-            return len(seq.request.prompt_ids) - seq.prefilled
+            return len(seq.request.prompt_ids) - max(seq.prefilled, cached.get(seq, 0))
 
         if not live:
             return {}
@@ -399,6 +399,9 @@ class Engine:
             plan[seq] = remaining(seq)
             budget -= plan[seq]
         plan[head] += min(budget, remaining(head) - plan[head])
+        for seq in plan:
+            if not seq.prefill_start_ns:
+                self._reuse_prefix(seq)  # serves exactly what `usable` counted: nothing changed the cache since
         return plan
 
     def _unchanged(self, results: list[Produced]) -> bool:

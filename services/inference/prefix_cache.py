@@ -86,28 +86,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return self._blocks
 
+    def usable(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens a lookup would serve now (0 or at least min_tokens); copies nothing."""
+        n = sum(used for _, used in self._walk(prompt))
+        return n if n >= self.min_tokens else 0
+
     def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray] | None]:
         """(n, kv) with n cached tokens usable for `prompt` (at most len(prompt) - 1: the last one must run)."""
-        limit = len(prompt) - 1
-        pieces: list[tuple[_Block, int]] = []  # blocks along the prompt, and how many of each one's tokens
-        node, n = self._root, 0
-        if self.max_bytes > 0:
-            while n + self.block_tokens <= limit:
-                child = node.children.get(tuple(prompt[n:n + self.block_tokens]))
-                if child is None:
-                    break
-                pieces.append((child, self.block_tokens))
-                node, n = child, n + self.block_tokens
-            # The rest may share the beginning of a block or tail below (a branch point inside a block).
-            rest = prompt[n:limit]
-            best, best_len = None, 0
-            for candidate in node.candidates():
-                shared = _shared(candidate.tokens, rest)
-                if shared > best_len:
-                    best, best_len = candidate, shared
-            if best is not None:
-                pieces.append((best, best_len))
-                n += best_len
+        pieces = self._walk(prompt)
+        n = sum(used for _, used in pieces)
         if n < self.min_tokens:
             self.stats.misses += 1
             return 0, None
@@ -119,6 +106,31 @@ class PrefixCache:
         layers = len(pieces[0][0].kv)
         return n, [np.concatenate([block.kv[i][:, :, :used] for block, used in pieces], axis=2)
                    for i in range(layers)]
+
+    def _walk(self, prompt: list[int]) -> list[tuple[_Block, int]]:
+        """The blocks along `prompt`'s longest cached prefix (at most len(prompt) - 1 tokens), and how many of each
+        one's tokens it uses."""
+        limit = len(prompt) - 1
+        pieces: list[tuple[_Block, int]] = []
+        if self.max_bytes <= 0:
+            return pieces
+        node, n = self._root, 0
+        while n + self.block_tokens <= limit:
+            child = node.children.get(tuple(prompt[n:n + self.block_tokens]))
+            if child is None:
+                break
+            pieces.append((child, self.block_tokens))
+            node, n = child, n + self.block_tokens
+        # The rest may share the beginning of a block or tail below (a branch point inside a block).
+        rest = prompt[n:limit]
+        best, best_len = None, 0
+        for candidate in node.candidates():
+            shared = _shared(candidate.tokens, rest)
+            if shared > best_len:
+                best, best_len = candidate, shared
+        if best is not None:
+            pieces.append((best, best_len))
+        return pieces
 
     def insert(self, tokens: list[int], kv: list[np.ndarray]) -> None:
         """Remembers the KV of `tokens` ([1, H, >= len(tokens), D] per tensor); stores only blocks not yet held."""
