@@ -111,6 +111,7 @@ def _chat(args: argparse.Namespace) -> int:
             try:
                 line = await asyncio.to_thread(input, "you> ")
             except EOFError:
+                print()  # end the prompt's line
                 return 0
             if not line.strip():
                 return 0

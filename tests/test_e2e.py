@@ -391,6 +391,16 @@ async def test_reflection_describes_the_public_api_without_proto_files(live: Liv
     assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels"]
     start = next(m for m in gateway.message_type if m.name == "ChatStart")
     assert {"model", "messages", "max_tokens", "logprobs", "top_logprobs"} <= {f.name for f in start.field}
+    # Every listed service can be described (`buf curl --list-methods` and `grpcurl describe` ask for each).
+    call = info(timeout=10)
+    for name in sorted(services):
+        await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name))
+        answer = await call.read()
+        assert not answer.HasField("error_response"), (name, answer.error_response.error_message)
+        described_files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                           for raw in answer.file_descriptor_response.file_descriptor_proto]
+        assert any(f"{f.package}.{svc.name}" == name for f in described_files for svc in f.service), name
+    await call.done_writing()
 
 
 async def test_a_key_restricted_to_models_is_judged_on_the_model_behind_an_alias(live: LiveMesh) -> None:

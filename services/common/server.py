@@ -173,6 +173,7 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     """Server reflection under both names clients use: grpc.reflection.v1 (the standard, which buf curl and
     newer tools ask first) and v1alpha (what grpcio ships, and older grpcurl asks). The two protocols are the
     same messages under two package names, so one servicer answers both."""
+    _register_v1_reflection_descriptor()
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, V1_REFLECTION_SERVICE]
     servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
@@ -181,6 +182,33 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(V1_REFLECTION_SERVICE, {"ServerReflectionInfo": handler}),))
+
+
+def _register_v1_reflection_descriptor() -> None:
+    """Puts grpc/reflection/v1/reflection.proto into the default descriptor pool, so reflection can describe the
+    v1 service it lists (grpcio-reflection ships only v1alpha's; v1 is the same file under another package)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(V1_REFLECTION_SERVICE)
+        return
+    except KeyError:
+        pass
+    alpha = reflection_pb2.DESCRIPTOR
+    v1 = descriptor_pb2.FileDescriptorProto()
+    alpha.CopyToProto(v1)
+    v1.name, v1.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    old, new = f".{alpha.package}.", ".grpc.reflection.v1."
+    for message in v1.message_type:
+        for member in message.field:
+            if member.HasField("type_name"):  # message fields only: setting it on a scalar would be an error
+                member.type_name = member.type_name.replace(old, new)
+    for service in v1.service:
+        for method in service.method:
+            method.input_type, method.output_type = (method.input_type.replace(old, new),
+                                                     method.output_type.replace(old, new))
+    pool.AddSerializedFile(v1.SerializeToString())
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
