@@ -949,6 +949,25 @@ async def test_concurrent_chats_are_batched_without_changing_answers(live: LiveM
     assert answers[:6] == [alone] * 6
     assert all(responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED for responses in results)
 
+async def test_a_service_that_logs_serving_is_already_passing_in_consul(live: LiveMesh) -> None:
+    """Operators (and scripts) take "serving" in the log as ready: by then Consul must list it as passing."""
+    import re
+    import urllib.request
+
+    entry = live.procs.start("tokenizer", name="tokenizer-2")  # stateless: a second one changes no answer
+    try:
+        while "lmesh-tokenizer serving" not in live.procs.log("tokenizer-2"):
+            assert entry.process.poll() is None, live.procs.log("tokenizer-2")
+            await asyncio.sleep(0.05)
+        port = re.search(r"listening on [\d.]+:(\d+)", live.procs.log("tokenizer-2")).group(1)  # type: ignore[union-attr]
+        url = f"http://{live.procs.consul_addr}/v1/health/service/lmesh-tokenizer?passing=true"
+        passing = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=5)))
+        assert port in {str(node["Service"]["Port"]) for node in passing}
+    finally:
+        live.procs.terminate("tokenizer-2")
+        await live.procs.wait_exit("tokenizer-2")
+
+
 async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
     """Runs last: after everything above (bad input, cancels, kills, drains), no service logged a bug."""
     for name in live.procs.processes:

@@ -82,6 +82,19 @@ class ConsulRegistration:
             tags=["lmesh"], meta=self.meta, check=check,
         )
 
+    async def wait_passing(self, timeout_s: float = 5.0) -> bool:
+        """Waits until Consul reports this instance passing (blocking queries, not polling); False on timeout."""
+        index = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    index, nodes = await self._client.health.service(self.name, index=index, wait="2s",
+                                                                     passing=True)
+                    if any(node["Service"]["ID"] == self.service_id for node in nodes):
+                        return True
+        except TimeoutError:
+            return False
+
     async def deregister(self) -> None:
         try:
             await self._client.agent.service.deregister(self.service_id)

@@ -165,6 +165,9 @@ async def start_service(
         await running.stop()
         raise
     await running.set_serving(True)
+    # "serving" in the log means callers can find it: Consul probes the health check about once a second.
+    if runtime.registration is not None and not await runtime.registration.wait_passing():
+        log.warning("lmesh-%s is serving, but Consul does not report it passing yet", config.service)
     log.info("lmesh-%s serving", config.service)
     return running
 
