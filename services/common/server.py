@@ -1,7 +1,7 @@
 """Server bootstrap shared by all five services: gRPC server, health, reflection, Consul, signals, drain.
 
 Lifecycle: bind → start → register in Consul (check critical until SERVING) → warm up (e.g. load the model)
-→ SERVING → ... → SIGTERM/SIGINT → NOT_SERVING → deregister → finish in-flight calls within the grace
+→ SERVING → passing in Consul (then it logs "serving") → ... → SIGTERM/SIGINT → NOT_SERVING → deregister → finish in-flight calls within the grace
 period → close peers and flush telemetry → exit.
 """
 
