@@ -1,8 +1,8 @@
 """Server bootstrap shared by all five services: gRPC server, health, reflection, Consul, signals, drain.
 
 Lifecycle: bind → start → register in Consul (check critical until SERVING) → warm up (e.g. load the model)
-→ SERVING → passing in Consul (then it logs "serving") → ... → SIGTERM/SIGINT → NOT_SERVING → deregister → finish in-flight calls within the grace
-period → close peers and flush telemetry → exit.
+→ SERVING → passing in Consul (then it logs "serving") → ... → SIGTERM/SIGINT → NOT_SERVING → deregister
+→ finish in-flight calls within the grace period → close peers and flush telemetry → exit.
 """
 
 from __future__ import annotations
