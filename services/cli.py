@@ -144,7 +144,7 @@ def _models(args: argparse.Namespace) -> int:
         response = await registry.call(registry_pb2_grpc.RegistryStub, "ListModels", registry_pb2.ListModelsRequest())
         # Passing inference replicas per version (Consul meta `models`): 0 means a chat with it is UNAVAILABLE.
         replicas = Counter(model for endpoint in await mesh.resolver("lmesh-inference").passing()
-                           for model in endpoint.meta.get("models", "").split(",") if model)
+                           for model in endpoint.models)
         print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8} {'REPLICAS':>8}")
         for m in response.models:
             fmt = registry_pb2.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower()

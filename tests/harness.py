@@ -84,7 +84,7 @@ class MeshProcesses:
         """Waits for a passing instance whose process is still alive (fails fast with its log otherwise)."""
         entry = self.processes[name or service]
         waiter = asyncio.ensure_future(mesh.resolver(f"lmesh-{service}").wait_for(
-            lambda e: e.service_id not in exclude and (not model or model in e.meta.get("models", "").split(",")),
+            lambda e: e.service_id not in exclude and (not model or model in e.models),
             timeout=timeout))
         while not waiter.done():
             if entry.process.poll() is not None:

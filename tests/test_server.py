@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.discovery import SERVER_OPTIONS
 from services.common.rpc import ServerInterceptor
@@ -27,25 +27,9 @@ async def test_a_second_grpc_server_cannot_share_a_port() -> None:
         await first.stop(None)
 
 
-class _Exporter:
-    """The spans a test server ends (opentelemetry-sdk's SpanExporter protocol, in memory)."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-
-    def export(self, spans: Any) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("kind", ["unary", "server stream, after a message", "bidirectional stream"])
 async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: str) -> None:
-    exporter = _Exporter()
+    exporter = InMemorySpanExporter()
     provider = setup_tracing("lmesh-test", extra_exporters=[exporter])
 
     def bug() -> None:
@@ -91,7 +75,7 @@ async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: 
     assert error.code() == grpc.StatusCode.INTERNAL
     match = re.fullmatch(r"internal error \(trace_id=([0-9a-f]{32})\)", error.details() or "")
     assert match, error.details()  # generic: no exception text, no traceback
-    assert [format(s.context.trace_id, "032x") for s in exporter.spans] == [match.group(1)]
+    assert [format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()] == [match.group(1)]
 
 
 def test_a_write_to_a_stream_its_peer_ended_is_one_info_line_not_a_traceback(caplog: pytest.LogCaptureFixture

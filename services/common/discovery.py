@@ -119,6 +119,11 @@ class Endpoint:
     def target(self) -> str:
         return f"{self.address}:{self.port}"
 
+    @property
+    def models(self) -> list[str]:
+        """The model versions an inference instance serves (its Consul meta `models`, comma-separated)."""
+        return [model for model in self.meta.get("models", "").split(",") if model]
+
     def load_key(self) -> tuple[int, int]:
         reported = 0
         for key in ("load_active", "load_queued"):

@@ -133,8 +133,7 @@ class ChatService:
 
     async def served_models(self) -> set[str]:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
-        return {model for endpoint in await self._inference.passing()
-                for model in endpoint.meta.get("models", "").split(",") if model}
+        return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
     async def prepare(self, api_key: str, params: ChatParams) -> tuple[registry_pb2.ModelVersion, list[int], int]:
         """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
@@ -173,7 +172,7 @@ class ChatService:
         refused: set[str] = set()  # replicas that refused this request before its first token
 
         def candidate(e: Endpoint) -> bool:
-            return model_id in e.meta.get("models", "").split(",") and e.service_id not in refused
+            return model_id in e.models and e.service_id not in refused
 
         endpoint = await self._inference.pick(
             candidate, none_match=f"no inference replica serves {model_id}; start one with "
