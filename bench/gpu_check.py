@@ -1,8 +1,18 @@
-"""GPU check for the inference engine: CUDA with the KV cache bound on the device vs plain CUDA vs CPU.
+"""GPU check for the inference engine: CUDA with the KV cache on the device vs CPU, and what CUDA changes.
 
-Runs the real engine (continuous batching, one ONNX Runtime run per step) for 1 and 16 streams, forcing the
-same number of tokens per stream, and checks that CUDA's greedy tokens match the CPU's.
-usage: python -m bench.gpu_check --model-dir DIR [--tokens 64] [--model-file model.fp16.onnx]
+Runs on a machine with onnxruntime-gpu and an NVIDIA GPU, on the fp16 variant (whose attention has CUDA kernels):
+- kernels: the decoder's three kinds of run on CUDA against the CPU's (a right-padded batch of prompts, a prompt
+  chunk over a past, in-place decode steps on the device cache), where the KV lives, and the bare decode step;
+- reference: a plain ONNX Runtime greedy loop on CUDA (numpy feeds, the past copied in and out every step);
+- engine: the real engine (continuous batching, one ONNX Runtime run per step) for 1 and 16 streams, forcing the
+  same number of tokens per stream; CUDA's greedy tokens against the CPU's, and each of 16 batched streams
+  against the same prompt run alone;
+- invariance: seeded sampling alone against the same request batched with others (a long prompt among them);
+- mixed: 48 requests of 16-128 tokens with 16 in flight (sequences join and leave the device rows all the time);
+- prefix: a prefix-cache hit on CUDA gives the miss's tokens, sooner;
+- fp32: the fp32 graph asked for on CUDA runs on the CPU instead (CUDA has no float32 GroupQueryAttention).
+Each section's result is printed and written to --out as it completes; a failing section records its error.
+usage: python -m bench.gpu_check --model-dir DIR [--tokens 64] [--out FILE] [--dry-run]
 """
 
 from __future__ import annotations
@@ -10,10 +20,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from services.inference.engine import Engine, EngineLimits, FinishEvent, GenerationRequest, TokenEvent
+import numpy as np
+
+from services.inference.engine import (
+    Engine,
+    EngineLimits,
+    FinishEvent,
+    GenerationRequest,
+    Sequence,
+    TokenEvent,
+)
 from services.inference.onnx_model import OnnxDecoder
 from services.inference.sampling import SamplingConfig
 
@@ -24,47 +47,51 @@ QUESTIONS = [
     "Give me three tips for studying.", "What causes rain?", "How does a computer work?",
     "Describe the water cycle.", "What is gravity?", "Write a short letter to a friend.", "How do bees make honey?",
 ]
+SYSTEM = ("You are a careful assistant for an engineering team. Answer in plain English, keep answers short, "
+          "cite the relevant standard when there is one, say when you are unsure, and never invent numbers. ") * 4
+CPU = ["CPUExecutionProvider"]
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def prompts(model_dir: Path) -> list[list[int]]:
+def chat(tokenizer: Any, question: str, system: str = "") -> list[int]:
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    text += f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def prompts(model_dir: Path, system: str = "") -> list[list[int]]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return [tokenizer.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
-                             add_special_tokens=False).ids for q in QUESTIONS]
+    return [chat(tokenizer, q, system) for q in QUESTIONS]
+
+
+async def collect(seq: Sequence) -> list[int]:
+    out: list[int] = []
+    while True:
+        event = await seq.events.get()
+        if isinstance(event, TokenEvent):
+            out.append(event.sampled.token_id)
+        elif isinstance(event, FinishEvent):
+            return out
+        else:
+            raise RuntimeError(str(event))
+
+
+def request(prompt: list[int], tokens: int, sampling: SamplingConfig | None = None) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt, max_tokens=tokens, sampling=sampling or SamplingConfig())
 
 
 async def generate(engine: Engine, batch: list[list[int]], tokens: int) -> tuple[list[list[int]], float]:
     started = time.perf_counter()
-    seqs = [engine.submit(GenerationRequest(prompt_ids=p, max_tokens=tokens, sampling=SamplingConfig()))
-            for p in batch]
-    outputs: list[list[int]] = []
-    for seq in seqs:
-        out: list[int] = []
-        while True:
-            event = await seq.events.get()
-            if isinstance(event, TokenEvent):
-                out.append(event.sampled.token_id)
-            elif isinstance(event, FinishEvent):
-                break
-            else:
-                raise RuntimeError(str(event))
-        outputs.append(out)
+    seqs = [engine.submit(request(p, tokens)) for p in batch]
+    outputs = [await collect(seq) for seq in seqs]
     return outputs, time.perf_counter() - started
 
 
-async def measure(decoder: OnnxDecoder, all_prompts: list[list[int]], tokens: int) -> dict[str, object]:
-    # No end-of-turn ids: every stream generates exactly `tokens`, so runs are comparable.
-    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=16, prefix_cache_bytes=0))
-    engine.start()
-    try:
-        await generate(engine, all_prompts[:2], 8)  # warm-up
-        single, single_s = await generate(engine, all_prompts[:1], tokens)
-        batch, batch_s = await generate(engine, all_prompts, tokens)
-    finally:
-        await engine.close()
-    return {"single_tok_s": round(tokens / single_s, 1), "batch16_tok_s": round(16 * tokens / batch_s, 1),
-            "single_tokens": single, "batch_tokens": batch}
+def new_engine(decoder: OnnxDecoder, prefix_cache_bytes: int = 0) -> Engine:
+    # No end-of-turn ids: every stream generates exactly the tokens asked for, so runs are comparable.
+    return Engine(decoder, frozenset(), 8192, EngineLimits(max_active=16, prefix_cache_bytes=prefix_cache_bytes))
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -75,36 +102,285 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
         while n < min(len(x), len(y)) and x[n] == y[n]:
             n += 1
         shares.append(n / max(1, len(x)))
-    return sum(shares) / len(shares)
+    return round(sum(shares) / len(shares), 4)
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+
+
+def kernels(cpu: OnnxDecoder, cuda: OnnxDecoder, all_prompts: list[list[int]]) -> dict[str, Any]:
+    """CUDA's logits against the CPU's for each kind of run, and the bare decode step's time."""
+    result: dict[str, Any] = {"providers": cuda.providers}
+    batch = all_prompts[:3]
+    width = max(len(p) for p in batch)
+    ids = np.zeros((len(batch), width), dtype=np.int64)
+    for row, p in enumerate(batch):
+        ids[row, : len(p)] = p
+    lengths = np.asarray([len(p) for p in batch])
+    positions = np.arange(len(batch)) * width + lengths - 1
+    outs = {name: d.run(ids, lengths - 1, positions, d.empty_past(len(batch))) for name, d in
+            (("cpu", cpu), ("cuda", cuda))}
+    result["prompt_batch"] = compare(outs["cpu"].logits, outs["cuda"].logits)
+
+    # A second chunk of the first prompt over its own first half.
+    prompt = all_prompts[0]
+    half = len(prompt) // 2
+    chunk_logits = {}
+    for name, d in (("cpu", cpu), ("cuda", cuda)):
+        first = d.run(np.asarray([prompt[:half]]), np.asarray([half - 1]), np.asarray([half - 1]), d.empty_past())
+        second = d.run(np.asarray([prompt[half:]]), np.asarray([len(prompt) - 1]),
+                       np.asarray([len(prompt) - half - 1]), first.presents)
+        chunk_logits[name] = second.logits
+    result["chunk_over_past"] = compare(chunk_logits["cpu"], chunk_logits["cuda"])
+
+    # Decode steps in place: the three prompts' KV in rows of one SlotCache, greedy tokens fed back.
+    decode_logits: dict[str, list[np.ndarray]] = {}
+    for name, d in (("cpu", cpu), ("cuda", cuda)):
+        out = outs[name]
+        cache = d.slot_cache(16, 8192)
+        cache.reserve(len(batch), width + 16)
+        for row, p in enumerate(batch):
+            cache.put(row, [t[row:row + 1] for t in out.presents], len(p))
+        tokens = np.argmax(outs["cpu"].logits, axis=1)  # the same inputs on both
+        past = lengths.copy()
+        steps = []
+        for _ in range(8):
+            logits = d.decode(tokens[:, None], past, cache).copy()
+            steps.append(logits)
+            past = past + 1
+            tokens = np.argmax(steps[-1] if name == "cpu" else decode_logits["cpu"][len(steps) - 1], axis=1)
+        decode_logits[name] = steps
+        if name == "cuda":
+            result["kv_cache"] = f"{type(cache).__name__} on {d.kv_device}"
+    result["decode_in_place"] = compare(np.concatenate(decode_logits["cpu"]), np.concatenate(decode_logits["cuda"]))
+
+    for name, d in (("cpu", cpu), ("cuda", cuda)):
+        for rows in (1, 16):
+            result[f"bare_decode_ms_{name}_{rows}_rows"] = bare_decode_ms(d, rows)
+    return result
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    return {"max_abs_diff": round(float(np.max(np.abs(a32 - b32))), 4),
+            "argmax_equal": f"{int(np.sum(a32.argmax(-1) == b32.argmax(-1)))}/{a32.shape[0]}"}
+
+
+def bare_decode_ms(decoder: OnnxDecoder, rows: int, past: int = 100, steps: int = 40) -> float:
+    """Median time of one decode run over `rows` rows of `past` positions (no engine around it)."""
+    cache = decoder.slot_cache(16, 8192)
+    cache.reserve(rows, past + steps + 1)
+    kv = [np.zeros((1, decoder.num_kv_heads, past, decoder.head_dim), dtype=decoder.kv_dtype)
+          for _ in decoder.past_names]
+    for row in range(rows):
+        cache.put(row, kv, past)
+    ids = np.full((rows, 1), 42, dtype=np.int64)
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        decoder.decode(ids, np.full(rows, past + step), cache)
+        times.append(time.perf_counter() - started)
+    return round(1000 * float(np.median(times[5:])), 3)
+
+
+async def engine_run(decoder: OnnxDecoder, all_prompts: list[list[int]], tokens: int,
+                     each_alone: bool = False) -> dict[str, Any]:
+    engine = new_engine(decoder)
+    engine.start()
+    try:
+        await generate(engine, all_prompts[:2], 8)  # warm-up
+        single, single_s = await generate(engine, all_prompts[:1], tokens)
+        batch, batch_s = await generate(engine, all_prompts, tokens)
+        result: dict[str, Any] = {"single_tok_s": round(tokens / single_s, 1),
+                                  "batch16_tok_s": round(16 * tokens / batch_s, 1), "batch_tokens": batch}
+        if each_alone:
+            alone = [(await generate(engine, [p], tokens))[0][0] for p in all_prompts]
+            result["batched_equals_alone"] = f"{sum(a == b for a, b in zip(alone, batch, strict=True))}/16"
+            result["batched_vs_alone_agreement"] = agreement(batch, alone)
+        else:
+            result["batched_equals_alone"] = "row 0: " + str(batch[0] == single[0])
+    finally:
+        await engine.close()
+    return result
+
+
+def mixed_requests(all_prompts: list[list[int]]) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(7)
+    return [(all_prompts[i % 16], int(rng.integers(16, 129))) for i in range(48)]
+
+
+async def mixed_run(decoder: OnnxDecoder, work: list[tuple[list[int], int]]) -> dict[str, Any]:
+    """48 requests, 16 in flight: each finished one is replaced at once (sequences join and leave every few steps)."""
+    engine = new_engine(decoder)
+    engine.start()
+    try:
+        await generate(engine, [work[0][0]], 4)
+        limit = asyncio.Semaphore(16)
+
+        async def one(prompt: list[int], tokens: int) -> list[int]:
+            async with limit:
+                return await collect(engine.submit(request(prompt, tokens)))
+
+        started = time.perf_counter()
+        outputs = await asyncio.gather(*(one(p, n) for p, n in work))
+        elapsed = time.perf_counter() - started
+    finally:
+        await engine.close()
+    return {"tok_s": round(sum(n for _, n in work) / elapsed, 1), "tokens": list(outputs)}
+
+
+async def prefix(decoder: OnnxDecoder, model_dir: Path, tokens: int) -> dict[str, Any]:
+    """Time to first token of a prompt whose system prompt is cached (hit) against the same prompt uncached."""
+    with_system = prompts(model_dir, SYSTEM)
+    cold, warm = new_engine(decoder), new_engine(decoder, prefix_cache_bytes=256 * 1024 * 1024)
+    cold.start()
+    warm.start()
+    try:
+        ttft: dict[str, float] = {}
+        outs: dict[str, list[int]] = {}
+        cached = 0
+        # The miss runs twice (its first run of this prompt length pays for new allocations); the hit follows a
+        # request that cached the system prompt.
+        for name, engine, prompt in (("first", cold, with_system[1]), ("miss", cold, with_system[1]),
+                                     ("fill", warm, with_system[0]), ("hit", warm, with_system[1])):
+            seq = engine.submit(request(prompt, tokens))
+            outs[name] = await collect(seq)
+            ttft[name] = (seq.first_token_ns - seq.enqueued_ns) / 1e6
+            cached = seq.cached_tokens
+    finally:
+        await cold.close()
+        await warm.close()
+    return {"prompt_tokens": len(with_system[1]), "hit_cached_tokens": cached,
+            "first_miss_ttft_ms": round(ttft["first"], 2), "miss_ttft_ms": round(ttft["miss"], 2),
+            "hit_ttft_ms": round(ttft["hit"], 2), "hit_equals_miss": outs["hit"] == outs["miss"]}
+
+
+async def invariance(decoder: OnnxDecoder, model_dir: Path, all_prompts: list[list[int]],
+                     tokens: int) -> dict[str, Any]:
+    """Seeded sampled streams alone, then the same requests in a batch with greedy company and a long prompt that
+    joins midway (the cache's capacity grows under them): each stream's tokens must not change."""
+    long_prompt = prompts(model_dir, SYSTEM * 3)[0]
+    settings = [SamplingConfig(temperature=0.8, top_p=0.9, seed=s) for s in (1, 2, 3, 4)]
+    engine = new_engine(decoder)
+    engine.start()
+    try:
+        alone = [await collect(engine.submit(request(all_prompts[i], tokens, c))) for i, c in enumerate(settings)]
+        company = [engine.submit(request(p, tokens)) for p in all_prompts[4:10]]
+        seqs = [engine.submit(request(all_prompts[i], tokens, c)) for i, c in enumerate(settings)]
+        first = await seqs[0].events.get()
+        late = engine.submit(request(long_prompt, tokens))
+        batched = [await collect(seq) for seq in seqs]
+        assert isinstance(first, TokenEvent)
+        batched[0] = [first.sampled.token_id, *batched[0]]
+        for seq in (*company, late):
+            await collect(seq)
+    finally:
+        await engine.close()
+    return {"long_prompt_tokens": len(long_prompt),
+            "seeded_batched_equals_alone": f"{sum(a == b for a, b in zip(alone, batched, strict=True))}/4",
+            "agreement": agreement(batched, alone)}
+
+
+def reference_loop(path: Path, providers: list[str], prompt: list[int], tokens: int) -> dict[str, Any]:
+    """A plain greedy loop on one session: numpy feeds, the growing past copied in and out every step."""
+    import onnxruntime as ort
+
+    from services.model.manifest import ModelManifest
+    from services.model.reference import greedy_with_session
+
+    manifest = ModelManifest.load(path.parent, variant="fp16")
+    session = ort.InferenceSession(str(path), providers=providers)
+    greedy_with_session(session, manifest, prompt, 4, stop_on_eos=False)
+    started = time.perf_counter()
+    out = greedy_with_session(session, manifest, prompt, tokens, stop_on_eos=False)
+    return {"providers": session.get_providers(), "single_tok_s": round(tokens / (time.perf_counter() - started), 1),
+            "tokens": out}
+
+
+async def fp32_on_cuda(model_dir: Path, providers: list[str], prompt: list[int], tokens: int,
+                       cpu_tokens: list[int]) -> dict[str, Any]:
+    decoder = OnnxDecoder(model_dir / "model.onnx", providers=providers)
+    engine = new_engine(decoder)
+    engine.start()
+    try:
+        await generate(engine, [prompt], 4)
+        out, seconds = await generate(engine, [prompt], tokens)
+    finally:
+        await engine.close()
+    return {"providers": decoder.providers, "single_tok_s": round(tokens / seconds, 1),
+            "agreement_with_fp16_cpu": agreement(out, [cpu_tokens])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--model-file", default="model.fp16.onnx",
-                        help="model file in the folder (default: the fp16 variant, whose attention has CUDA kernels)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file updated after each section")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: the CPU stands in for CUDA, its KV bound in separate 'device' buffers on the "
+                             "host (checks this script and the binding route, not a GPU)")
     args = parser.parse_args()
-    all_prompts = prompts(args.model_dir)
-    path = args.model_dir / args.model_file
-    results: dict[str, dict[str, object]] = {}
-    cpu = OnnxDecoder(path, providers=["CPUExecutionProvider"])
-    results["cpu"] = asyncio.run(measure(cpu, all_prompts, args.tokens))
-    del cpu
-    cuda = OnnxDecoder(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert cuda.on_gpu, cuda.providers
-    results["cuda_iobinding"] = asyncio.run(measure(cuda, all_prompts, args.tokens))
-    cuda.kv_on_device = False  # same session, KV bound in host memory: it crosses to the GPU and back every step
-    results["cuda_plain"] = asyncio.run(measure(cuda, all_prompts, args.tokens))
-    cpu_tokens = results["cpu"]["batch_tokens"]
-    summary = {}
-    for name, result in results.items():
-        summary[name] = {
-            "single_tok_s": result["single_tok_s"], "batch16_tok_s": result["batch16_tok_s"],
-            "greedy_agreement_with_cpu": round(agreement(result["batch_tokens"], cpu_tokens), 3),  # type: ignore[arg-type]
-            "batched_equals_single_stream": result["batch_tokens"][0] == result["single_tokens"][0],  # type: ignore[index]
-        }
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import onnxruntime as ort
+
+    summary: dict[str, Any] = {"onnxruntime": ort.__version__, "available_providers": ort.get_available_providers()}
+    try:
+        import torch
+
+        summary["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as exc:  # the GPU's name is a nicety
+        summary["gpu"] = f"unknown ({exc})"
+    model_dir: Path = args.model_dir
+    questions = prompts(model_dir)
+    path = model_dir / "model.fp16.onnx"
+
+    def section(name: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            value = {"error": f"{type(exc).__name__}: {exc}"}
+        shown = value
+        if isinstance(value, dict):
+            shown = {k: v for k, v in value.items() if not isinstance(v, list) or k == "providers"}
+        summary[name] = {**shown, "seconds": round(time.perf_counter() - started, 1)} if isinstance(shown, dict) \
+            else shown
+        print(json.dumps({name: summary[name]}), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(summary, indent=2))
+        return value
+
+    gpu_providers = CPU if args.dry_run else CUDA
+    cpu = OnnxDecoder(path, providers=CPU)
+    cuda = OnnxDecoder(path, providers=gpu_providers)
+    if args.dry_run:
+        cuda.kv_on_device = True
+    elif not cuda.on_gpu:
+        raise SystemExit(f"CUDA did not start: the session runs on {cuda.providers}")
+    tokens = args.tokens
+    section("kernels", lambda: kernels(cpu, cuda, questions))
+    section("reference_loop_cuda", lambda: reference_loop(path, gpu_providers, questions[0], tokens))
+    runs: dict[str, Any] = {}
+    runs["cpu"] = section("engine_cpu", lambda: asyncio.run(engine_run(cpu, questions, tokens)))
+    runs["cuda"] = section("engine_cuda", lambda: asyncio.run(engine_run(cuda, questions, tokens, each_alone=True)))
+    cpu_tokens = runs["cpu"].get("batch_tokens")
+    if cpu_tokens and "batch_tokens" in runs["cuda"]:
+        summary["engine_cuda"]["greedy_agreement_with_cpu"] = agreement(runs["cuda"]["batch_tokens"], cpu_tokens)
+    section("invariance_cuda", lambda: asyncio.run(invariance(cuda, model_dir, questions, tokens)))
+    work = mixed_requests(questions)
+    mixed_cpu = section("mixed_cpu", lambda: asyncio.run(mixed_run(cpu, work)))
+    mixed_cuda = section("mixed_cuda", lambda: asyncio.run(mixed_run(cuda, work)))
+    if "tokens" in mixed_cpu and "tokens" in mixed_cuda:
+        summary["mixed_cuda"]["agreement_with_cpu"] = agreement(mixed_cuda["tokens"], mixed_cpu["tokens"])
+        summary["mixed_cuda"]["speedup_over_cpu"] = round(mixed_cuda["tok_s"] / mixed_cpu["tok_s"], 2)
+    section("prefix_cuda", lambda: asyncio.run(prefix(cuda, model_dir, tokens)))
+    if cpu_tokens:
+        section("fp32_asked_on_cuda", lambda: asyncio.run(fp32_on_cuda(model_dir, gpu_providers, questions[0], 16,
+                                                                        cpu_tokens[0][:16])))
     print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from services.inference.engine import (
     Sequence,
     TokenEvent,
 )
-from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache, kv_buffer
+from services.inference.onnx_model import LENGTH_QUANTUM, DeviceSlotCache, OnnxDecoder, SlotCache, kv_buffer
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampler, SamplingConfig, _choice, _nucleus, _top_k
 
@@ -88,23 +88,31 @@ async def test_a_request_joining_mid_generation_does_not_change_others(engine: E
     assert [first.sampled.token_id, *rest] == alone
 
 
-@pytest.mark.parametrize("kv_on_device", [False, True], ids=["in-place-host", "device-mirror"])
+@pytest.mark.parametrize("kv_on_device", [False, True], ids=["in-place-host", "device-rows"])
 async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, prompts: list[list[int]],
                                                           kv_on_device: bool) -> None:
     """Sequences of different lengths leave (their row refilled from the last) while others join, many times.
 
-    With kv_on_device the decode cache takes the GPU path's route (uploaded once, brought back to the host on
-    every membership change), over CPU memory, so the transfers are checked without a GPU.
+    With kv_on_device the decode cache takes the GPU path's route (DeviceSlotCache: rows uploaded, moved and
+    brought back one at a time by address), over CPU memory, so that route is checked without a GPU. Its answers
+    are the host route's, token for token.
     """
     plan = [(p, n) for n in (3, 11, 7, 15) for p in prompts]  # 12 requests, lengths interleaved
-    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
-    engine.start()
+    host = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
+    host.start()
     try:
-        alone = [(await drain(engine.submit(request(p, max_tokens=n))))[0] for p, n in plan]
-        decoder.kv_on_device = kv_on_device
-        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n in plan))
+        alone = [(await drain(host.submit(request(p, max_tokens=n))))[0] for p, n in plan]
+    finally:
+        await host.close()
+    decoder.kv_on_device = kv_on_device
+    try:
+        engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
     finally:
         decoder.kv_on_device = False
+    engine.start()
+    try:
+        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n in plan))
+    finally:
         await engine.close()
     assert [tokens for tokens, _ in together] == alone
     assert [len(t) for t in alone] == [n for _, n in plan]
@@ -152,9 +160,11 @@ def test_kv_buffers_commit_memory_only_where_written() -> None:
     assert buffer[5, 2, 9, 63] == 1.0 and buffer[5, 2, 10, 0] == 0.0 and buffer.flags.writeable
 
 
-def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecoder) -> None:
+@pytest.mark.parametrize("cache_type", [SlotCache, DeviceSlotCache], ids=["host", "device"])
+def test_slot_cache_keeps_rows_through_growth_moves_and_pops(decoder: OnnxDecoder, cache_type: type) -> None:
+    """Both decode caches; the device one (CUDA's) over CPU memory, its rows addressed by pointer."""
     heads, dim = decoder.num_kv_heads, decoder.head_dim
-    slots = SlotCache(decoder, max_rows=8, max_length=1024)
+    slots = cache_type(decoder, max_rows=8, max_length=1024)
 
     def row_kv(value: float, length: int) -> list[np.ndarray]:
         return [np.full((1, heads, length, dim), value + layer, np.float32) for layer in range(2 * decoder.num_layers)]
@@ -632,3 +642,38 @@ async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     finally:
         await whole.close()
         await chunked.close()
+
+
+async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, built_model: Path,
+                                                        prompts: list[list[int]]) -> None:
+    """CUDA's route (DeviceSlotCache), here over CPU memory, under the traffic that moves rows most: long prompts in
+    chunks, a prefix-cache hit, seeded sampling, sequences joining and leaving. Every answer equals the host
+    route's with the same requests sent one at a time."""
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
+    plan = [
+        (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),
+        (prompts[0], 9, seeded),
+        (prompts[1], 3, {}),
+        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, seeded),  # its system prompt: a prefix hit
+        (prompts[2], 12, {}),
+    ]
+    limits = EngineLimits(max_active=3, prefill_chunk=64)
+    host = Engine(decoder, frozenset(), 8192, limits)
+    host.start()
+    try:
+        alone = [(await drain(host.submit(request(p, max_tokens=n, **kw))))[0] for p, n, kw in plan]
+    finally:
+        await host.close()
+    decoder.kv_on_device = True
+    try:
+        device = Engine(decoder, frozenset(), 8192, limits)
+    finally:
+        decoder.kv_on_device = False
+    device.start()
+    try:
+        await drain(device.submit(request(plan[0][0], max_tokens=1)))  # the system prompt, cached for plan[3]
+        together = await asyncio.gather(*(drain(device.submit(request(p, max_tokens=n, **kw))) for p, n, kw in plan))
+        assert device.prefix_cache.stats.hits >= 2
+    finally:
+        await device.close()
+    assert [tokens for tokens, _ in together] == alone

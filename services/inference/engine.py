@@ -1,13 +1,13 @@
 """The generation engine: continuous batching over one ONNX decoder.
 
-One asyncio task drives the model. Every step it admits waiting sequences and prefills their prompts within a
-token budget (new prompts together in one run, continued chunks one run each), then runs ONE decode for all
-decoding sequences together. Each decoding sequence owns a row of the decode KV buffers and every step appends
-to them in place (services.inference.onnx_model.SlotCache); a sequence joining copies its prompt cache into a
-row once, one leaving hands its row to the last row. A cancelled, finished or expired sequence leaves before
-the next step. The model runs in one dedicated thread so the event loop keeps streaming; while the batch stays
-the same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's round
-trip stays off the path between runs.
+One asyncio task drives the model. Every step it admits waiting sequences and prefills their prompts within a token
+budget (new prompts together in one run, continued chunks one run each), then runs ONE decode for all decoding
+sequences together. Each decoding sequence owns a row of the decode KV buffers and every step appends to them in
+place (services.inference.onnx_model: SlotCache, DeviceSlotCache on CUDA); a sequence joining copies its prompt
+cache into a row once, one leaving hands its row to the last row. A cancelled, finished or expired sequence leaves
+before the next step. The model runs in one dedicated thread so the event loop keeps streaming; while the batch
+stays the same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's
+round trip stays off the path between runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from enum import Enum
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
-from services.inference.onnx_model import OnnxDecoder, SlotCache
+from services.inference.onnx_model import OnnxDecoder
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
 
@@ -158,7 +158,7 @@ class Engine:
         self._active: list[Sequence] = []
         # Decoding sequences in the order of their rows in the decode KV buffers.
         self._rows: list[Sequence] = []
-        self._slots = SlotCache(model, limits.max_active, context_length)
+        self._slots = model.slot_cache(limits.max_active, context_length)
         self.prefix_cache = PrefixCache(limits.prefix_cache_bytes)
         self._wake = asyncio.Event()
         self._ids = itertools.count(1)

@@ -13,7 +13,7 @@ from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.discovery import ServiceResolver
 from services.common.errors import FailedPrecondition, LmeshError
 from services.inference.engine import Engine, EngineLimits
-from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder, SlotCache
+from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder
 from services.inference.servicer import ServedModel
 from services.registry.client import fetch_to_cache
 
@@ -63,7 +63,7 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
 def _warm(decoder: OnnxDecoder) -> None:
     """A tiny prompt and decode step so the first real request does not pay ONNX Runtime's lazy initialisation."""
     out = decoder.run(np.asarray([[1, 2]], dtype=np.int64), np.asarray([1]), np.asarray([1]), decoder.empty_past())
-    slots = SlotCache(decoder, max_rows=1, max_length=LENGTH_QUANTUM)
+    slots = decoder.slot_cache(max_rows=1, max_length=LENGTH_QUANTUM)
     slots.reserve(1, 3)
     slots.put(0, out.presents, 2)
     decoder.decode(np.asarray([[3]], dtype=np.int64), np.asarray([2]), slots)

@@ -3,8 +3,8 @@
 Prompts run with fresh outputs (`run`): a batch of new prompts right-padded in one run, or one prompt chunk
 over its own past. Decoding runs in place (`decode`): every active sequence owns a row of one set of KV
 buffers, right-padded, and the graph's present outputs are bound to the very buffers fed as past, so each
-step writes one new key/value per row and copies nothing. On CUDA the buffers live on the device between
-steps; they cross to the host only when a sequence joins or leaves the batch.
+step writes one new key/value per row and copies nothing. On CUDA the buffers live on the device
+(DeviceSlotCache): a joining sequence's KV is uploaded into its own row, and rows are moved on the device.
 """
 
 from __future__ import annotations
@@ -70,10 +70,19 @@ class OnnxDecoder:
             except Exception as exc:  # a failed preload leaves the system libraries to try
                 log.warning("could not preload the CUDA libraries from PyPI packages: %s", exc)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        if self.session.get_providers()[0] == "CUDAExecutionProvider" and past_type == "tensor(float)":
+            # CUDA's GroupQueryAttention is float16/bfloat16 only: a float32 graph's attention would run on the
+            # CPU between CUDA nodes, its KV buffers copied across and no longer shared in place, and
+            # GroupQueryAttention reads a padded past only in place. The whole graph runs on the CPU instead.
+            log.warning("%s is a float32 graph, which runs on the CPU: ONNX Runtime's CUDA GroupQueryAttention is "
+                        "float16/bfloat16 only; serve the fp16 variant (model.fp16.onnx, version <n>-fp16) on "
+                        "GPUs", path.name)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
-        # On the GPU the decode KV buffers are device OrtValues that stay there between steps. (A test turns
-        # this on over CPU memory to exercise the same transfers without a GPU.)
+        # On the GPU the decode KV buffers are device buffers that stay there between steps (DeviceSlotCache).
+        # Tests turn this on over CPU memory to take the same route without a GPU.
         self.kv_on_device = self.on_gpu
         self.kv_device = "cuda" if self.on_gpu else "cpu"
         self._ort = ort
@@ -90,10 +99,6 @@ class OnnxDecoder:
         if not isinstance(vocab_dim, int):
             raise ValueError(f"{path.name}: the logits output needs a static vocabulary dimension")
         self.vocab_size = vocab_dim
-        if self.on_gpu and self.kv_dtype == np.float32:
-            log.warning("%s is a float32 graph: ONNX Runtime's CUDA GroupQueryAttention is float16/bfloat16 only, "
-                        "so attention runs on the CPU and the KV cache crosses to the host every step; serve the "
-                        "fp16 variant (model.fp16.onnx, version <n>-fp16) on GPUs", path.name)
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         log.info("loaded %s on %s (%d layers)", path.name, self.providers[0], self.num_layers)
@@ -113,7 +118,8 @@ class OnnxDecoder:
         outputs = self.session.run(["logits", *self.present_names], feeds)
         return StepOutput(logits=outputs[0], presents=list(outputs[1:]))
 
-    def decode(self, input_ids: np.ndarray, seqlens_k: np.ndarray, cache: SlotCache) -> np.ndarray:
+    def decode(self, input_ids: np.ndarray, seqlens_k: np.ndarray,
+               cache: SlotCache | DeviceSlotCache) -> np.ndarray:
         """One token per row of `cache`, appended in place; returns logits [rows, V].
 
         The logits array is the cache's output buffer: the next decode overwrites it.
@@ -125,9 +131,20 @@ class OnnxDecoder:
         self.session.run_with_iobinding(binding)
         return logits
 
+    def slot_cache(self, max_rows: int, max_length: int) -> SlotCache | DeviceSlotCache:
+        """The decode KV cache for this session: on the device when `kv_on_device` (CUDA), else host buffers."""
+        if self.kv_on_device:
+            return DeviceSlotCache(self, max_rows, max_length)
+        if self.on_gpu:
+            # GroupQueryAttention takes a right-padded past only when present shares its buffer; host buffers
+            # bound to a CUDA session are copied to separate device ones, and its tokens come out wrong.
+            raise ValueError("a CUDA session keeps its decode KV cache on the device (kv_on_device)")
+        return SlotCache(self, max_rows, max_length)
+
 
 class SlotCache:
-    """The decode batch's KV cache: row r of every buffer [rows, H, length, D] holds sequence r, right-padded.
+    """The decode batch's KV cache in host memory: row r of every buffer [rows, H, length, D] holds sequence r,
+    right-padded.
 
     Rows are kept dense (a leaving sequence's row is filled with the last row), so a run feeds the buffers'
     first `rows` rows, which are contiguous views. Capacity grows geometrically in both dimensions.
@@ -139,7 +156,6 @@ class SlotCache:
         self._max_length = max_length
         self.rows = 0
         self._host: list[np.ndarray] = []
-        self._device: list[Any] = []  # CUDA only: OrtValues of the first `rows` rows, authoritative when set
         self._binding: Any = None
         self._logits = np.empty((0, 0), dtype=np.float32)
 
@@ -149,7 +165,7 @@ class SlotCache:
 
     def clear(self) -> None:
         self.rows = 0
-        self._host, self._device, self._binding = [], [], None
+        self._host, self._binding = [], None
 
     def reserve(self, rows: int, length: int) -> None:
         """Ensures room for `rows` rows of `length` positions, keeping the current rows' contents."""
@@ -159,7 +175,6 @@ class SlotCache:
         cap_len = self.length_capacity
         if rows <= cap_rows and length <= cap_len:
             return
-        self._to_host()
         new_rows = min(self._max_rows, max(rows, 2 * cap_rows))
         new_len = min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, 2 * cap_len))
         model = self._model
@@ -175,7 +190,6 @@ class SlotCache:
         cap_len = self.length_capacity
         if cap_len <= 4 * LENGTH_QUANTUM or length * 4 > cap_len:
             return
-        self._to_host()
         new_len = max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         shrunk = [kv_buffer((*b.shape[:2], new_len, b.shape[3]), b.dtype) for b in self._host]
         for old, new in zip(self._host, shrunk, strict=True):
@@ -185,7 +199,6 @@ class SlotCache:
 
     def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
         """Writes a sequence's cache ([1, H, >=length, D] per tensor) into `row` (row <= rows)."""
-        self._to_host()
         for buffer, tensor in zip(self._host, kv, strict=True):
             buffer[row, :, :length] = tensor[0, :, :length]
         if row == self.rows:
@@ -193,20 +206,17 @@ class SlotCache:
             self._binding = None
 
     def move(self, src: int, dst: int, length: int) -> None:
-        self._to_host()
         for buffer in self._host:
             buffer[dst, :, :length] = buffer[src, :, :length]
 
     def pop(self) -> None:
         """Drops the last row."""
-        self._to_host()
         self.rows -= 1
         self._binding = None
 
     def row(self, row: int, length: int) -> list[np.ndarray]:
         """Views of one row's first `length` positions ([1, H, length, D] per tensor), valid until the rows or
         the buffers change: copy what must outlive that."""
-        self._to_host()
         return [b[row:row + 1, :, :length] for b in self._host]
 
     def binding(self) -> tuple[Any, np.ndarray]:
@@ -218,24 +228,166 @@ class SlotCache:
             binding = model.session.io_binding()
             self._logits = np.empty((self.rows, model.vocab_size), dtype=np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
-            if model.kv_on_device:
-                # Uploaded copies (np.array copies for a CPU "device", so host and device never alias).
-                self._device = [ort.OrtValue.ortvalue_from_numpy(
-                    np.array(b[: self.rows]) if model.kv_device == "cpu" else b[: self.rows], model.kv_device, 0)
-                    for b in self._host]
-                values = self._device
-            else:
-                values = [ort.OrtValue.ortvalue_from_numpy(b[: self.rows]) for b in self._host]
+            values = [ort.OrtValue.ortvalue_from_numpy(b[: self.rows]) for b in self._host]
             for past, present, value in zip(model.past_names, model.present_names, values, strict=True):
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
             self._binding = binding
         return self._binding, self._logits
 
-    def _to_host(self) -> None:
-        """On CUDA, brings the device rows back before the host buffers change (membership changes only)."""
-        if self._device:
-            for buffer, value in zip(self._host, self._device, strict=True):
-                buffer[: self.rows] = value.numpy()
-            self._device = []
+
+
+class KvCopier:
+    """Copies every KV tensor's per-head blocks [n, D] between host arrays and device buffers, or within the device,
+    in one ONNX Runtime run: a graph of Identity nodes whose inputs and outputs are bound to raw pointers.
+
+    ONNX Runtime's Python API moves only whole tensors; a row of the device cache is 2*L*H blocks inside larger
+    buffers (a head's positions are contiguous, heads are `capacity` positions apart), which pointer binding
+    addresses without copying anything else.
+    """
+
+    def __init__(self, model: OnnxDecoder, device: str) -> None:
+        import onnx
+        from onnx import helper
+
+        ort = model._ort
+        self.blocks = len(model.past_names) * model.num_kv_heads
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(model.kv_dtype))
+        inputs = [helper.make_tensor_value_info(f"x{k}", elem, [f"n{k}", model.head_dim]) for k in range(self.blocks)]
+        outputs = [helper.make_tensor_value_info(f"y{k}", elem, [f"n{k}", model.head_dim]) for k in range(self.blocks)]
+        nodes = [helper.make_node("Identity", [f"x{k}"], [f"y{k}"]) for k in range(self.blocks)]
+        graph = helper.make_graph(nodes, "lmesh_kv_copy", inputs, outputs)
+        # IR version 10 (opset 21): readable by every onnxruntime this project supports, whatever onnx wrote it.
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every Identity
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=providers)
+        self._dtype = np.dtype(model.kv_dtype)
+        self._dim = model.head_dim
+
+    def copy(self, sources: list[tuple[str, int]], targets: list[tuple[str, int]], n: int) -> None:
+        """Copies `n` positions from each source block to its target; a block is (device, address)."""
+        if n <= 0:
+            return
+        binding = self._session.io_binding()
+        shape = [n, self._dim]
+        for k, ((src_device, src), (dst_device, dst)) in enumerate(zip(sources, targets, strict=True)):
+            binding.bind_input(f"x{k}", src_device, 0, self._dtype, shape, src)
+            binding.bind_output(f"y{k}", dst_device, 0, self._dtype, shape, dst)
+        self._session.run_with_iobinding(binding)
+
+
+class DeviceSlotCache:
+    """The decode batch's KV cache on the device (CUDA): buffers [max_rows, H, capacity, D] that stay there.
+
+    Rows are kept dense like SlotCache's, and a decode run binds the first `rows` rows of each buffer by address. A
+    joining sequence's KV is uploaded into its own row only, a leaving row is refilled from the last one on the
+    device, and a row leaving for the prefix cache is the only one brought back to the host; the whole cache is
+    copied (on the device) only when the capacity grows or shrinks, geometrically, so rarely.
+    """
+
+    def __init__(self, model: OnnxDecoder, max_rows: int, max_length: int) -> None:
+        self._model = model
+        self._max_rows = max_rows
+        self._max_length = max_length
+        self._device = model.kv_device
+        self._copier = KvCopier(model, self._device)
+        self._itemsize = np.dtype(model.kv_dtype).itemsize
+        self.rows = 0
+        self._buffers: list[Any] = []  # OrtValues [max_rows, H, capacity, D] on the device
+        self._capacity = 0
+        self._binding: Any = None
+        self._logits = np.empty((0, 0), dtype=np.float32)
+
+    @property
+    def length_capacity(self) -> int:
+        return self._capacity
+
+    def clear(self) -> None:
+        """Forgets every row; the device memory stays allocated for the next batch (`shrink` returns it)."""
+        self.rows = 0
+        self._binding = None
+
+    def reserve(self, rows: int, length: int) -> None:
+        if length > self._max_length or rows > self._max_rows:
+            raise ValueError(f"KV cache request {rows}x{length} exceeds {self._max_rows}x{self._max_length}")
+        if length <= self._capacity:
+            return
+        self._reallocate(min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM,
+                                                   2 * self._capacity)))
+
+    def shrink(self, length: int) -> None:
+        if self._capacity <= 4 * LENGTH_QUANTUM or length * 4 > self._capacity:
+            return
+        self._reallocate(max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM))
+
+    def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
+        """Uploads a sequence's cache ([1, H, >=length, D] per host tensor) into `row` (row <= rows)."""
+        kv = [np.ascontiguousarray(t, dtype=self._model.kv_dtype) for t in kv]  # addressed byte by byte below
+        sources = [("cpu", t.ctypes.data + h * t.shape[2] * self._row_stride_unit())
+                   for t in kv for h in range(self._model.num_kv_heads)]
+        self._copier.copy(sources, self._blocks(row), length)
+        if row == self.rows:
+            self.rows += 1
             self._binding = None
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self._copier.copy(self._blocks(src), self._blocks(dst), length)
+
+    def pop(self) -> None:
+        self.rows -= 1
+        self._binding = None
+
+    def row(self, row: int, length: int) -> list[np.ndarray]:
+        """A copy of one row's first `length` positions ([1, H, length, D] per tensor), brought to the host."""
+        model = self._model
+        out = [np.empty((1, model.num_kv_heads, length, model.head_dim), dtype=model.kv_dtype)
+               for _ in model.past_names]
+        targets = [("cpu", t.ctypes.data + h * length * self._row_stride_unit())
+                   for t in out for h in range(model.num_kv_heads)]
+        self._copier.copy(self._blocks(row), targets, length)
+        return out
+
+    def binding(self) -> tuple[Any, np.ndarray]:
+        """The I/O binding of the first `rows` rows (contiguous in every buffer), past and present on the same
+        device memory (rebuilt when rows or capacity change), and the host array its logits output is written into."""
+        if self._binding is None:
+            model = self._model
+            binding = model.session.io_binding()
+            self._logits = np.empty((self.rows, model.vocab_size), dtype=np.float32)
+            binding.bind_ortvalue_output("logits", model._ort.OrtValue.ortvalue_from_numpy(self._logits))
+            shape = [self.rows, model.num_kv_heads, self._capacity, model.head_dim]
+            for past, present, buffer in zip(model.past_names, model.present_names, self._buffers, strict=True):
+                binding.bind_input(past, self._device, 0, model.kv_dtype, shape, buffer.data_ptr())
+                binding.bind_output(present, self._device, 0, model.kv_dtype, shape, buffer.data_ptr())
+            self._binding = binding
+        return self._binding, self._logits
+
+    def _row_stride_unit(self) -> int:
+        """Bytes of one position of one head."""
+        return self._model.head_dim * self._itemsize
+
+    def _blocks(self, row: int, buffers: list[Any] | None = None, capacity: int | None = None,
+                ) -> list[tuple[str, int]]:
+        """(device, address) of each tensor's and head's first position of `row`."""
+        heads = self._model.num_kv_heads
+        capacity = self._capacity if capacity is None else capacity
+        unit = self._row_stride_unit()
+        return [(self._device, buffer.data_ptr() + (row * heads + h) * capacity * unit)
+                for buffer in (self._buffers if buffers is None else buffers) for h in range(heads)]
+
+    def _reallocate(self, capacity: int) -> None:
+        """New zeroed buffers of `capacity` positions, the current rows copied over on the device."""
+        model = self._model
+        shape = (self._max_rows, model.num_kv_heads, capacity, model.head_dim)
+        zeros = kv_buffer(shape, model.kv_dtype)  # written over each buffer: positions past a row's length stay finite
+        grown = []
+        for _ in model.past_names:
+            buffer = model._ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, self._device, 0)
+            buffer.update_inplace(zeros)
+            grown.append(buffer)
+        keep = min(capacity, self._capacity)
+        for row in range(self.rows):
+            self._copier.copy(self._blocks(row), self._blocks(row, grown, capacity), keep)
+        self._buffers, self._capacity, self._binding = grown, capacity, None

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -320,10 +321,14 @@ def _verify(model: Any, tokenizer: Any, manifest: ModelManifest, path: Path) -> 
     _check_io(session, manifest)
     diffs: list[float] = []
 
+    # transformers 5.24 (pinned) names the KV cache `cache`; earlier 5.x releases (on some GPU images) say
+    # `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def torch_step(ids: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
         with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(ids), cache=cache, use_cache=True)
-        return out.logits.numpy(), out.cache
+            out = model(input_ids=torch.from_numpy(ids), use_cache=True, **{cache_arg: cache})
+        return out.logits.numpy(), getattr(out, cache_arg)
 
     # 1. Prefill with an empty past (logits at every position), then greedy decode steps over the growing past.
     ids = _chat_ids(tokenizer, CHECK_PROMPT)
