@@ -677,3 +677,57 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
     finally:
         await device.close()
     assert [tokens for tokens, _ in together] == alone
+
+
+async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_model: Path) -> None:
+    """Seeded random traffic on CUDA's route over CPU memory: prompts of 15 to ~750 tokens (the cache's capacity
+    grows to hold them, its rows copied on the device), a shared prefix, seeded and greedy requests arriving at
+    random moments. Every answer equals the host route's for the same request sent alone."""
+    import random
+
+    rng = random.Random(4)
+    words = "the quick brown fox jumps over a lazy dog while engineers debate caches and tokens".split()
+    shared = chat_prompt(built_model, SYSTEM, "Start.")
+
+    def prompt() -> list[int]:
+        if rng.random() < 0.25:
+            return shared + [28] * rng.randint(1, 5)
+        text = " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 600])))
+        return chat_prompt(built_model, "", text)
+
+    plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
+             if rng.random() < 0.4 else {}) for _ in range(14)]
+    delays = [rng.random() * 0.4 for _ in plan]
+    limits = EngineLimits(max_active=5, prefill_chunk=96)
+    host = Engine(decoder, frozenset(), 8192, limits)
+    host.start()
+    try:
+        alone = [(await drain(host.submit(request(p, max_tokens=n, **kw))))[0] for p, n, kw in plan]
+    finally:
+        await host.close()
+    decoder.kv_on_device = True
+    try:
+        device = Engine(decoder, frozenset(), 8192, limits)
+    finally:
+        decoder.kv_on_device = False
+    device.start()
+
+    async def later(delay: float, prompt: list[int], max_tokens: int, kw: dict[str, float]) -> list[int]:
+        await asyncio.sleep(delay)
+        return (await drain(device.submit(request(prompt, max_tokens=max_tokens, **kw))))[0]
+
+    capacities: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            capacities.append(device._slots.length_capacity)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        together = await asyncio.gather(*(later(d, p, n, kw) for d, (p, n, kw) in zip(delays, plan, strict=True)))
+    finally:
+        watcher.cancel()
+        await device.close()
+    assert max(capacities) >= 768 and device.prefix_cache.stats.hits >= 1, (capacities, device.prefix_cache.stats)
+    assert together == alone
