@@ -88,6 +88,30 @@ async def test_a_request_joining_mid_generation_does_not_change_others(engine: E
     assert [first.sampled.token_id, *rest] == alone
 
 
+Plan = list[tuple[list[int], int, dict[str, float]]]
+
+
+async def answers_one_at_a_time(decoder: OnnxDecoder, plan: Plan, limits: EngineLimits) -> list[list[int]]:
+    """Each request's tokens on the host route, sent alone."""
+    host = Engine(decoder, frozenset(), 8192, limits)
+    host.start()
+    try:
+        return [(await drain(host.submit(request(p, max_tokens=n, **kw))))[0] for p, n, kw in plan]
+    finally:
+        await host.close()
+
+
+def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bool) -> Engine:
+    """An engine whose decode cache takes CUDA's route (DeviceSlotCache) over CPU memory when kv_on_device."""
+    decoder.kv_on_device = kv_on_device
+    try:
+        engine = Engine(decoder, frozenset(), 8192, limits)
+    finally:
+        decoder.kv_on_device = False
+    engine.start()
+    return engine
+
+
 @pytest.mark.parametrize("kv_on_device", [False, True], ids=["in-place-host", "device-rows"])
 async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, prompts: list[list[int]],
                                                           kv_on_device: bool) -> None:
@@ -97,25 +121,16 @@ async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, 
     brought back one at a time by address), over CPU memory, so that route is checked without a GPU. Its answers
     are the host route's, token for token.
     """
-    plan = [(p, n) for n in (3, 11, 7, 15) for p in prompts]  # 12 requests, lengths interleaved
-    host = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
-    host.start()
+    plan: Plan = [(p, n, {}) for n in (3, 11, 7, 15) for p in prompts]  # 12 requests, lengths interleaved
+    limits = EngineLimits(max_active=5, prefix_cache_bytes=0)
+    alone = await answers_one_at_a_time(decoder, plan, limits)
+    engine = engine_on_route(decoder, limits, kv_on_device)
     try:
-        alone = [(await drain(host.submit(request(p, max_tokens=n))))[0] for p, n in plan]
-    finally:
-        await host.close()
-    decoder.kv_on_device = kv_on_device
-    try:
-        engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=5, prefix_cache_bytes=0))
-    finally:
-        decoder.kv_on_device = False
-    engine.start()
-    try:
-        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n in plan))
+        together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n, _ in plan))
     finally:
         await engine.close()
     assert [tokens for tokens, _ in together] == alone
-    assert [len(t) for t in alone] == [n for _, n in plan]
+    assert [len(t) for t in alone] == [n for _, n, _ in plan]
 
 
 async def test_fp16_variant_batches_like_it_runs_alone(built_model: Path, prompts: list[list[int]]) -> None:
@@ -650,7 +665,7 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
     chunks, a prefix-cache hit, seeded sampling, sequences joining and leaving. Every answer equals the host
     route's with the same requests sent one at a time."""
     seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
-    plan = [
+    plan: Plan = [
         (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),
         (prompts[0], 9, seeded),
         (prompts[1], 3, {}),
@@ -658,18 +673,8 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
         (prompts[2], 12, {}),
     ]
     limits = EngineLimits(max_active=3, prefill_chunk=64)
-    host = Engine(decoder, frozenset(), 8192, limits)
-    host.start()
-    try:
-        alone = [(await drain(host.submit(request(p, max_tokens=n, **kw))))[0] for p, n, kw in plan]
-    finally:
-        await host.close()
-    decoder.kv_on_device = True
-    try:
-        device = Engine(decoder, frozenset(), 8192, limits)
-    finally:
-        decoder.kv_on_device = False
-    device.start()
+    alone = await answers_one_at_a_time(decoder, plan, limits)
+    device = engine_on_route(decoder, limits, kv_on_device=True)
     try:
         await drain(device.submit(request(plan[0][0], max_tokens=1)))  # the system prompt, cached for plan[3]
         together = await asyncio.gather(*(drain(device.submit(request(p, max_tokens=n, **kw))) for p, n, kw in plan))
@@ -695,22 +700,12 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
         text = " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 600])))
         return chat_prompt(built_model, "", text)
 
-    plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
-             if rng.random() < 0.4 else {}) for _ in range(14)]
+    plan: Plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
+                   if rng.random() < 0.4 else {}) for _ in range(14)]
     delays = [rng.random() * 0.4 for _ in plan]
     limits = EngineLimits(max_active=5, prefill_chunk=96)
-    host = Engine(decoder, frozenset(), 8192, limits)
-    host.start()
-    try:
-        alone = [(await drain(host.submit(request(p, max_tokens=n, **kw))))[0] for p, n, kw in plan]
-    finally:
-        await host.close()
-    decoder.kv_on_device = True
-    try:
-        device = Engine(decoder, frozenset(), 8192, limits)
-    finally:
-        decoder.kv_on_device = False
-    device.start()
+    alone = await answers_one_at_a_time(decoder, plan, limits)
+    device = engine_on_route(decoder, limits, kv_on_device=True)
 
     async def later(delay: float, prompt: list[int], max_tokens: int, kw: dict[str, float]) -> list[int]:
         await asyncio.sleep(delay)
