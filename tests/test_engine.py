@@ -101,11 +101,12 @@ async def answers_one_at_a_time(decoder: OnnxDecoder, plan: Plan, limits: Engine
         await host.close()
 
 
-def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bool) -> Engine:
-    """An engine whose decode cache takes CUDA's route (DeviceSlotCache) over CPU memory when kv_on_device."""
+def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bool,
+                    eos: frozenset[int] = frozenset()) -> Engine:
+    """A started engine whose decode cache takes CUDA's route (DeviceSlotCache) over CPU memory when kv_on_device."""
     decoder.kv_on_device = kv_on_device
     try:
-        engine = Engine(decoder, frozenset(), 8192, limits)
+        engine = Engine(decoder, eos, 8192, limits)
     finally:
         decoder.kv_on_device = False
     engine.start()
@@ -540,17 +541,18 @@ async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
         await warm.close()
 
 
+@pytest.mark.parametrize("kv_on_device", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("company", [0, 3], ids=["alone", "leaving a batch of 4"])
 async def test_a_finished_turn_is_reused_by_the_conversations_next_turn(
-        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], company: int) -> None:
-    """Prefix reuse covers earlier turns: the answer's KV too, not only the prompt's."""
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], company: int, kv_on_device: bool) -> None:
+    """Prefix reuse covers earlier turns: the answer's KV too, not only the prompt's. On the device route (CUDA's,
+    over CPU memory here) the answer's KV is the leaving row brought back from the device."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(built_model / "tokenizer.json"))
     first = chat_prompt(built_model, "You are a helpful assistant.", "Name three colors.")
-    warm = Engine(decoder, EOS, 8192)
+    warm = engine_on_route(decoder, EngineLimits(), kv_on_device, EOS)
     cold = Engine(decoder, EOS, 8192, EngineLimits(prefix_cache_bytes=0))
-    warm.start()
     cold.start()
     try:
         others = [warm.submit(request(prompts[i % len(prompts)], max_tokens=40)) for i in range(company)]
