@@ -28,6 +28,18 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 LENGTH_QUANTUM = 128
 
 
+def grown_length(length: int, capacity: int, max_length: int) -> int:
+    """The new capacity for `length` positions: a multiple of LENGTH_QUANTUM, at least double the old one."""
+    return min(max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, 2 * capacity))
+
+
+def shrunk_length(length: int, capacity: int) -> int | None:
+    """A smaller capacity once the longest row needs under a quarter of it (a long sequence left), else None."""
+    if capacity <= 4 * LENGTH_QUANTUM or length * 4 > capacity:
+        return None
+    return max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
+
+
 def kv_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """A zeroed host array whose memory is committed only where written, in small pages.
 
@@ -180,7 +192,7 @@ class SlotCache:
         if rows <= cap_rows and length <= cap_len:
             return
         new_rows = min(self._max_rows, max(rows, 2 * cap_rows))
-        new_len = min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, 2 * cap_len))
+        new_len = grown_length(length, cap_len, self._max_length)
         model = self._model
         shape = (new_rows, model.num_kv_heads, new_len, model.head_dim)
         grown = [kv_buffer(shape, model.kv_dtype) for _ in model.past_names]
@@ -191,10 +203,9 @@ class SlotCache:
 
     def shrink(self, length: int) -> None:
         """Gives memory back when the longest row needs far less than the capacity (a long sequence left)."""
-        cap_len = self.length_capacity
-        if cap_len <= 4 * LENGTH_QUANTUM or length * 4 > cap_len:
+        new_len = shrunk_length(length, self.length_capacity)
+        if new_len is None:
             return
-        new_len = max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         shrunk = [kv_buffer((*b.shape[:2], new_len, b.shape[3]), b.dtype) for b in self._host]
         for old, new in zip(self._host, shrunk, strict=True):
             new[: self.rows] = old[: self.rows, :, :new_len]
@@ -287,7 +298,7 @@ class DeviceSlotCache:
 
     Rows are kept dense like SlotCache's, and every decode run binds all `max_rows` rows by address, the unused ones
     decoding a dummy token: the run's input shapes change only with the capacity. On CUDA, ONNX Runtime's first
-    run at a new shape costs 70-90 ms (measured on an H100 and an H200; the next one 3 ms), which binding the live
+    run at a new shape costs 70-90 ms (measured on an H100 and an H200; the next one 3-7 ms), which binding the live
     rows alone paid at every new batch size. A joining sequence's KV is uploaded into its own row only, a leaving
     row is refilled from the last one on the device, and a row leaving for the prefix cache is the only one brought
     back to the host; the whole cache is copied (on the device) only when the capacity grows or shrinks,
@@ -318,15 +329,13 @@ class DeviceSlotCache:
     def reserve(self, rows: int, length: int) -> None:
         if length > self._max_length or rows > self._max_rows:
             raise ValueError(f"KV cache request {rows}x{length} exceeds {self._max_rows}x{self._max_length}")
-        if length <= self._capacity:
-            return
-        self._reallocate(min(self._max_length, max(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM,
-                                                   2 * self._capacity)))
+        if length > self._capacity:
+            self._reallocate(grown_length(length, self._capacity, self._max_length))
 
     def shrink(self, length: int) -> None:
-        if self._capacity <= 4 * LENGTH_QUANTUM or length * 4 > self._capacity:
-            return
-        self._reallocate(max(LENGTH_QUANTUM, -(-2 * length // LENGTH_QUANTUM) * LENGTH_QUANTUM))
+        new_len = shrunk_length(length, self._capacity)
+        if new_len is not None:
+            self._reallocate(new_len)
 
     def put(self, row: int, kv: list[np.ndarray], length: int) -> None:
         """Uploads a sequence's cache ([1, H, >=length, D] per host tensor) into `row` (row <= rows)."""
