@@ -496,20 +496,30 @@ def test_prefix_cache_stores_a_shared_prefix_once_and_serves_the_longest_match()
 
 def test_prefix_cache_evicts_least_recently_used_leaves_and_keeps_shared_prefixes() -> None:
     system = list(range(100, 116))
-    branches = [[*system, *range(k * 10, k * 10 + 8)] for k in range(1, 4)]
+    branches = [[*system, *range(k * 10, k * 10 + 8)] for k in range(1, 6)]
     token_bytes = sum(layer.nbytes for layer in _kv([0]))
-    cache = PrefixCache(max_bytes=(16 + 2 * 8) * token_bytes, min_tokens=4, block_tokens=8)
-    cache.insert(branches[0], _kv(branches[0]))
-    cache.insert(branches[1], _kv(branches[1]))
+    cache = PrefixCache(max_bytes=(16 + 4 * 8) * token_bytes, min_tokens=4, block_tokens=8)
+    for branch in branches[:4]:
+        cache.insert(branch, _kv(branch))
     assert cache.bytes_used == cache.max_bytes
     assert cache.lookup([*branches[0], 0])[0] == 24  # now the second branch is the least recently used
-    cache.insert(branches[2], _kv(branches[2]))
+    cache.insert(branches[4], _kv(branches[4]))
     assert cache.stats.evictions == 1 and cache.bytes_used == cache.max_bytes
     assert cache.lookup([*branches[1], 0])[0] == 16  # its own block went; the shared system prompt stayed
-    assert cache.lookup([*branches[0], 0])[0] == 24 and cache.lookup([*branches[2], 0])[0] == 24
-    too_big = list(range(500, 600))
-    cache.insert(too_big, _kv(too_big))  # larger than the whole cache: not stored, nothing evicted for it
-    assert cache.stats.evictions == 1 and cache.lookup(too_big)[0] == 0
+    for kept in (0, 2, 3, 4):
+        assert cache.lookup([*branches[kept], 0])[0] == 24
+    too_big = list(range(500, 600))  # over half the cache: its first whole blocks that fit in half are kept
+    cache.insert(too_big, _kv(too_big))
+    n, kv = cache.lookup([*too_big, 0])
+    assert n == 24 and kv is not None and _positions(kv) == too_big[:24]
+    assert cache.bytes_used == cache.max_bytes and cache.stats.evictions == 4  # the three oldest leaves made room
+    assert cache.lookup([*branches[4], 0])[0] == 24  # the most recently used conversation stayed
+    tiny = PrefixCache(max_bytes=24 * token_bytes, min_tokens=4, block_tokens=8)
+    tiny.insert(too_big, _kv(too_big))  # half the cache holds one block, at least min_tokens: kept
+    assert tiny.tokens_stored == 8
+    tinier = PrefixCache(max_bytes=12 * token_bytes, min_tokens=4, block_tokens=8)
+    tinier.insert(too_big, _kv(too_big))  # half holds no whole block: nothing stored
+    assert tinier.tokens_stored == 0 and tinier.bytes_used == 0
 
 
 async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
