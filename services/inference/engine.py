@@ -258,6 +258,7 @@ class Engine:
                 self._release_rows(keep=False)  # the rows' KV may be half-written
                 continue
             self._deliver(results)
+            self.on_load_change()  # the active sequences' KV grew by this step's tokens
 
     def _deliver(self, results: list[Produced]) -> None:
         for seq, sampled, past_len in results:
