@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.common.discovery import SERVER_OPTIONS
+from services.common.config import ServiceConfig
+from services.common.consul_agent import ConsulAgent
+from services.common.discovery import SERVER_OPTIONS, Mesh
 from services.common.rpc import ServerInterceptor
+from services.common.server import ServiceParts, start_service
 from services.common.telemetry import setup_tracing
 
 
@@ -103,3 +107,26 @@ def test_a_write_to_a_stream_its_peer_ended_is_one_info_line_not_a_traceback(cap
     late, bug = caplog.records
     assert late.levelname == "INFO" and late.exc_info is None and "/a.B/C" in late.getMessage()
     assert bug.levelname == "ERROR" and bug.exc_info is not None  # anything else stays an error
+
+
+async def test_a_service_registers_again_when_consul_forgets_it(tmp_path: Path) -> None:
+    """A dev agent restarted (or any agent that lost its state) no longer lists a running service; the service
+    notices through its blocking query and registers again, so callers find it without a restart."""
+    agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
+    config = ServiceConfig(service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
+    running = await start_service(config, lambda runtime: ServiceParts(servicers=[]))
+    mesh = Mesh(agent.http_addr)
+    try:
+        registration = running.runtime.registration
+        assert registration is not None and registration.reregistrations == 0
+        agent.stop()
+        agent = ConsulAgent.start(http_port=agent.http_port, log_path=tmp_path / "consul.log")  # no state
+        endpoint = await mesh.resolver("lmesh-tokenizer").wait_for(lambda e: e.port == running.port, timeout=60)
+        assert endpoint.service_id == registration.service_id and registration.reregistrations == 1
+        await running.stop()  # deregisters for good: the watch must not bring a drained instance back
+        services = await mesh.consul.agent.services()
+        assert registration.service_id not in services
+    finally:
+        await running.stop()
+        await mesh.close()
+        agent.stop()

@@ -50,7 +50,18 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 MARK_DOWN_S = 3.0
-WATCH_WAIT = "30s"
+# A blocking query's wait: also how long a watch takes to see an agent restarted without its state (its index
+# starts lower than the one the watch holds, so it answers only when the wait ends).
+WATCH_WAIT_S = 10
+
+
+async def watch_health(client: consul.aio.Consul, name: str, index: str | None,
+                       passing: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    """One blocking query on `/v1/health/service/<name>`. Consul answers within the wait plus up to 1/16 of it as
+    jitter; the call is bounded, so a connection that went silent cannot hold a watch for ever."""
+    async with asyncio.timeout(WATCH_WAIT_S * 17 / 16 + 5):
+        index, nodes = await client.health.service(name, passing=passing, index=index, wait=f"{WATCH_WAIT_S}s")
+    return index, nodes
 
 
 def consul_client(addr: str) -> consul.aio.Consul:
@@ -70,17 +81,49 @@ class ConsulRegistration:
         self.port = port
         self.service_id = f"{name}-{address}-{port}"
         self.meta: dict[str, str] = {}
+        self._keeper: asyncio.Task[None] | None = None
+        self.reregistrations = 0
 
     async def register(self, meta: dict[str, str] | None = None) -> None:
-        """Registers (or, with the same id, updates) the service; Consul probes grpc.health.v1 every second."""
+        """Registers (or, with the same id, updates) the service; Consul probes grpc.health.v1 every second.
+        From the first success until `deregister()`, a watch registers it again whenever Consul forgets it."""
         if meta is not None:
             self.meta = dict(meta)
+        await self._register()
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep(), name=f"keep-{self.service_id}")
+
+    async def _register(self) -> None:
         check = consul.Check.grpc(f"{self.address}:{self.port}", interval="1s", timeout="1s",
                                   deregister="1m")
         await self._client.agent.service.register(
             self.name, service_id=self.service_id, address=self.address, port=self.port,
             tags=["lmesh"], meta=self.meta, check=check,
         )
+
+    async def _keep(self) -> None:
+        """Consul forgets this instance when its agent restarts without its state (a dev agent, a wiped data dir)
+        or after its check stayed critical for a minute; a blocking query on the service notices, and the
+        instance registers again instead of staying unreachable while it runs."""
+        index: str | None = None
+        backoff = 0.2
+        while True:
+            try:
+                index, nodes = await watch_health(self._client, self.name, index)
+                if any(node["Service"]["ID"] == self.service_id for node in nodes):
+                    backoff = 0.2
+                    continue
+                log.warning("Consul no longer lists %s; registering it again", self.service_id)
+                await self._register()
+                self.reregistrations += 1
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("registration watch on %s failed (%s); retrying in %.1fs", self.service_id, exc, backoff)
+                index = None
+                await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
+                backoff = min(backoff * 2, 5.0)
 
     async def wait_passing(self, timeout_s: float = 5.0) -> bool:
         """Waits until Consul reports this instance passing (blocking queries, not polling); False on timeout."""
@@ -96,6 +139,10 @@ class ConsulRegistration:
             return False
 
     async def deregister(self) -> None:
+        if self._keeper is not None:  # first, or it would register a draining instance again
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
         try:
             await self._client.agent.service.deregister(self.service_id)
         except Exception as exc:  # Consul gone at shutdown must not stop us from draining
@@ -191,8 +238,7 @@ class ServiceResolver:
         backoff = 0.2
         while True:
             try:
-                index, nodes = await self._client.health.service(self.name, passing=True, index=index,
-                                                                 wait=WATCH_WAIT)
+                index, nodes = await watch_health(self._client, self.name, index, passing=True)
                 backoff = 0.2
             except asyncio.CancelledError:
                 raise
