@@ -797,6 +797,17 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
     (model_dir / "lmesh_model.json").write_text(json.dumps({**manifest, "version": "2"}))
     newer = await client.register_model_dir(registry.resolver, model_dir, aliases=())
     assert newer.version == "2" and list(newer.aliases) == []
+    # Registered again: aliases stay where they are (a restarted `lmesh dev`), unless an operator names them.
+    again = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default",))
+    assert list(again.aliases) == []
+    moved = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default", "tiny-new"),
+                                            move_aliases=True)
+    assert moved.version == "2" and sorted(moved.aliases) == ["tiny-default", "tiny-new"]
+    resolved = await registry.call("ResolveModel", registry_pb2.ResolveModelRequest(reference="tiny-default"))
+    assert resolved.model.version == "2"
+    with pytest.raises(grpc.aio.AioRpcError) as bad:  # the alias is checked as when registering a new version
+        await client.register_model_dir(registry.resolver, model_dir, aliases=("bad alias!",), move_aliases=True)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(

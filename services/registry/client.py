@@ -240,6 +240,12 @@ def _digests(model: registry_pb2.ModelVersion) -> dict[int, str]:
     return {int(a.kind): a.sha256 for a in model.artifacts}
 
 
+async def set_alias(resolver: ServiceResolver, alias: str, name: str, version: str) -> None:
+    """Points `alias` at name:version (moving it from any other version)."""
+    await resolver.call(registry_pb2_grpc.RegistryStub, "SetAlias",
+                        registry_pb2.SetAliasRequest(alias=alias, name=name, version=version), attempts=1)
+
+
 async def _get_model(resolver: ServiceResolver, name: str, version: str) -> registry_pb2.ModelVersion | None:
     try:
         response = await resolver.call(
@@ -271,11 +277,14 @@ async def register_model_dir(
     model_dir: Path | str,
     aliases: Sequence[str] = ("default",),
     manifest_name: str = MANIFEST_NAME,
+    move_aliases: bool = False,
 ) -> registry_pb2.ModelVersion:
     """Uploads a built model directory's files and registers its version with `aliases`.
 
     Idempotent: when the version is already registered with the same artifact digests nothing is uploaded
-    or changed (aliases included) and the registered version is returned; with other digests, AlreadyExists.
+    and the registered version is returned; with other digests, AlreadyExists. Its aliases are left as they
+    are (a restarted `lmesh dev` must not take back `default` from the version an operator moved it to),
+    unless `move_aliases`: an operator who names aliases wants them on this version either way.
     """
     model, model_file, tokenizer_file = read_model_manifest(model_dir, manifest_name)
     (model_sha, _), (tokenizer_sha, _) = await asyncio.gather(
@@ -288,7 +297,12 @@ async def register_model_dir(
 
     existing = await _get_model(resolver, model.name, model.version)
     if existing is not None:
-        return _same_or_conflict(existing, wanted)
+        registered = _same_or_conflict(existing, wanted)
+        if not move_aliases or set(aliases) <= set(registered.aliases):
+            return registered
+        for alias in aliases:
+            await set_alias(resolver, alias, model.name, model.version)
+        return await _get_model(resolver, model.name, model.version) or registered
 
     model_artifact = await upload_file(
         resolver, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha
