@@ -808,6 +808,12 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
     with pytest.raises(grpc.aio.AioRpcError) as bad:  # the alias is checked as when registering a new version
         await client.register_model_dir(registry.resolver, model_dir, aliases=("bad alias!",), move_aliases=True)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Its "model" is random bytes: an inference replica asked to serve it says so in one line, no traceback.
+    from services.inference.engine import EngineLimits
+    from services.inference.loader import load_models
+
+    with pytest.raises(FailedPrecondition, match=r"tiny-chat:2 cannot be served: its model file is not a decoder"):
+        await load_models(registry.resolver, ["tiny-chat:2"], tmp_path / "artifacts", EngineLimits(), threads=1)
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,14 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
         if len(weights) != 1:
             raise FailedPrecondition(f"{version.name}:{version.version} has no model artifact")
         path = await fetch_to_cache(registry, weights[0].sha256, cache_dir)
-        decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
-        await asyncio.to_thread(_warm, decoder)
+        try:
+            decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
+            await asyncio.to_thread(_warm, decoder)
+        except Exception as exc:  # ONNX Runtime's errors carry no common type; its first line says what failed
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FailedPrecondition(
+                f"{version.name}:{version.version} cannot be served: its model file is not a decoder this engine "
+                f"runs ({reason[:300]}); register a folder built by `make model`") from exc
         engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
         engine.start()
         vocab = version.architecture.vocab_size or decoder.vocab_size
