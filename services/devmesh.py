@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
+
+import grpc
 
 from services.common.config import consul_addr, lmesh_home
 from services.common.consul_agent import ConsulAgent, consul_answers
@@ -165,6 +169,23 @@ def hold_home_lock(home: Path) -> TextIO | str:
     return handle
 
 
+def registered_service(addr: str) -> str:
+    """The first lmesh service with a passing instance in the agent at `addr` ("lmesh-gateway at 10.0.0.5:50051"),
+    or "". A second mesh in one agent would share the first one's registry, keys and replicas with its own."""
+    parts = urlsplit(addr if "//" in addr else f"//{addr}")
+    base = f"{parts.scheme or 'http'}://{parts.netloc}"
+    for service in SERVICE_ORDER[::-1]:
+        try:
+            with urllib.request.urlopen(f"{base}/v1/health/service/lmesh-{service}?passing=true", timeout=2) as resp:
+                nodes = json.load(resp)
+        except (OSError, ValueError):
+            return ""
+        if nodes:
+            entry = nodes[0]["Service"]
+            return f"lmesh-{service} at {entry.get('Address') or nodes[0]['Node']['Address']}:{entry['Port']}"
+    return ""
+
+
 def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     from services.client import stream_chat_to_terminal
 
@@ -186,6 +207,11 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     addr = consul_addr()
     agent: ConsulAgent | None = None
     if consul_answers(addr):
+        running = registered_service(addr)
+        if running:
+            print(f"lmesh: a mesh already runs in the Consul agent at {addr} ({running}); use it (`lmesh chat`), "
+                  "stop it, or point CONSUL_HTTP_ADDR at another agent", file=sys.stderr)
+            return 2
         print(f"• using the Consul agent at {addr}", flush=True)
     else:
         port = urlsplit(addr if "//" in addr else f"//{addr}").port or 8500
@@ -210,6 +236,9 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         _supervise(children, agent)
     except KeyboardInterrupt:
         print("\n• stopping", flush=True)
+    except grpc.aio.AioRpcError as exc:  # its str() is a multi-line dump
+        print(f"lmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"lmesh: {exc}", file=sys.stderr)
         return 1

@@ -913,6 +913,25 @@ def test_dev_mesh_refuses_a_second_mesh_on_the_same_home(built_model: Path, tmp_
     again.close()
 
 
+async def test_dev_mesh_refuses_to_start_a_second_mesh_in_an_agent_that_holds_one(
+        live: LiveMesh, consul_agent: ConsulAgent, built_model: Path, tmp_path: Path) -> None:
+    """Another LMESH_HOME, the same Consul: its services would mix with the running mesh's (one registry's models,
+    the other's keys), so it stops before starting anything."""
+    gateway = await live.mesh.resolver("lmesh-gateway").pick()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr}
+    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", "dev", "--model-dir",
+                                                      str(built_model)],
+                                     env={**env, "LMESH_HOME": str(tmp_path), "LMESH_GATEWAY_PORT": str(free_port)},
+                                     capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and not (tmp_path / "dev-api-key").exists()
+    assert result.stderr == (f"lmesh: a mesh already runs in the Consul agent at {consul_agent.http_addr} "
+                             f"(lmesh-gateway at {gateway.target}); use it (`lmesh chat`), stop it, or point "
+                             "CONSUL_HTTP_ADDR at another agent\n")
+
+
 @pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list")])
 def test_operator_commands_without_consul_fail_at_once_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
     with socket.socket() as probe:
