@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from services.common.config import add_common_arguments, config_from_args, lmesh_cache
+from services.common.config import ConfigError, add_common_arguments, config_from_args, lmesh_cache
 from services.common.errors import LmeshError
 
 SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
@@ -39,16 +39,35 @@ def _fail(message: str) -> int:
     return 2
 
 
+MESH_DOWN_HINT = " (is the mesh running? `make run`)"
+# What gRPC itself says when no connection could be made at all (as opposed to a server's own UNAVAILABLE).
+UNREACHABLE_MARKS = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
+                     "connection reset", "name resolution")
+AUTH_HINT = "; pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy runs with)"
+
+
+def _unavailable(details: str) -> str:
+    """An UNAVAILABLE message, with what to do added when it does not say so itself."""
+    if any(mark in details.lower() for mark in UNREACHABLE_MARKS):
+        return details + MESH_DOWN_HINT
+    missing = details.removeprefix("no passing instance of lmesh-")
+    if missing != details and missing in SERVICES:
+        return f"{details}; start one with `lmesh serve {missing}` (or `make run`)"
+    return details
+
+
 def _run_async(make: Callable[[], Awaitable[int]]) -> int:
     """Runs an operator command; expected failures become one line on stderr, never a traceback."""
     try:
         return asyncio.run(make())  # type: ignore[arg-type]
     except grpc.aio.AioRpcError as exc:
-        hint = " (is the mesh running? `make run`)" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
-        return _fail(f"{exc.code().name}: {exc.details()}{hint}")
+        details = exc.details() or ""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            details = _unavailable(details)
+        return _fail(f"{exc.code().name}: {details}")
     except LmeshError as exc:
-        hint = " (is the mesh running? `make run`)" if exc.code == grpc.StatusCode.UNAVAILABLE else ""
-        return _fail(f"{exc.code.name}: {exc.message}{hint}")
+        message = _unavailable(exc.message) if exc.code == grpc.StatusCode.UNAVAILABLE else exc.message
+        return _fail(f"{exc.code.name}: {message}")
     except (OSError, TimeoutError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__)
     except KeyboardInterrupt:
@@ -63,6 +82,11 @@ def _serve(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"services.{args.service}.main")
     extra = module.extra_config(args) if hasattr(module, "extra_config") else {}
     config = config_from_args(args.service, args, extra)
+    try:  # here, before anything starts: the services create it only after registering in Consul
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot use --data-dir {config.data_dir}: {_reason(exc)}; pass a directory this user can "
+                     "create and write")
     setup_logging(args.service, args.log_level)
     try:
         asyncio.run(serve_forever(config, module.build))
@@ -70,7 +94,14 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     except OSError as exc:  # a taken port, Consul out of reach: one line that says what to do
         return _fail(str(exc) or type(exc).__name__)
+    except LmeshError as exc:  # e.g. a registered model this replica cannot load
+        return _fail(str(exc))
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason without the errno and file name (the message names the path itself)."""
+    return (exc.strerror or str(exc)).lower()
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -157,8 +188,9 @@ def _models(args: argparse.Namespace) -> int:
         from services.registry.client import register_model_dir
 
         version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()),
-                                           manifest_name=args.manifest)
-        print(f"registered {version.name}:{version.version}")
+                                           manifest_name=args.manifest, move_aliases=bool(args.alias))
+        aliases = f" (aliases: {', '.join(version.aliases)})" if version.aliases else ""
+        print(f"registered {version.name}:{version.version}{aliases}")
         return 0
 
     async def alias(registry: Any, mesh: Any) -> int:
@@ -170,8 +202,25 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.alias} -> {args.target}")
         return 0
 
+    if args.models_command == "register":
+        problem = _model_dir_problem(Path(args.dir), args.manifest)
+        if problem:
+            return _fail(problem)
     actions = {"list": list_models, "register": register, "alias": alias}
     return _run_async(lambda: _with_registry(actions[args.models_command]))
+
+
+def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
+    """What is wrong with `models register DIR --manifest NAME` before anything is uploaded, or None."""
+    if model_dir.is_file():
+        return (f"{model_dir} is a file; pass the folder that holds it: lmesh models register {model_dir.parent}"
+                + ("" if model_dir.name == "lmesh_model.json" else f" --manifest {model_dir.name}"))
+    if not model_dir.is_dir():
+        return f"no folder {model_dir}; pass a built model's folder (`make model` builds one under $LMESH_CACHE)"
+    if (model_dir / manifest).is_dir():
+        return (f"--manifest {manifest} is a folder in {model_dir}; pass the manifest file's name in the model "
+                "folder (lmesh_model.json, or a variant's such as lmesh_model.int8.json)")
+    return None
 
 
 # ---- keys --------------------------------------------------------------------------------------------------
@@ -211,6 +260,10 @@ def _keys(args: argparse.Namespace) -> int:
                 revoked = await stub.RevokeApiKey(policy_pb2.RevokeApiKeyRequest(key_id=args.key_id), **options())
                 print(f"revoked {revoked.key.key_id}")
             return 0
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise CommandError(f"UNAUTHENTICATED: {exc.details()}{AUTH_HINT}") from None
+            raise
         finally:
             await mesh.close()
 
@@ -229,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SERVICES:
         service_parser = serve_sub.add_parser(name, help=f"run lmesh-{name}")
         add_common_arguments(service_parser)
-        service_parser.add_argument("--log-level", default=os.environ.get("LMESH_LOG_LEVEL", "INFO"))
         module = importlib.import_module(f"services.{name}.main")
         if hasattr(module, "add_arguments"):
             module.add_arguments(service_parser)
@@ -286,11 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.func not in (_serve, _dev):
-        # Operator commands end in one line saying what went wrong; the retries before it are noise here.
-        logging.getLogger("lmesh").setLevel(logging.ERROR)
-    return int(args.func(args) or 0)
+    try:  # a malformed environment default is read while parsing (only when used) or by the command itself
+        args = build_parser().parse_args(argv)
+        if args.func not in (_serve, _dev):
+            # Operator commands end in one line saying what went wrong; the retries before it are noise here.
+            logging.getLogger("lmesh").setLevel(logging.ERROR)
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

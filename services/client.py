@@ -11,15 +11,16 @@ import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.config import consul_addr
-from services.common.consul_agent import consul_answers
+from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import Mesh
 
 
 def operator_mesh() -> Mesh:
     """The mesh as an operator command sees it; fails at once, in one line, when no Consul agent answers."""
     addr = consul_addr()
-    if not consul_answers(addr):
-        raise OSError(f"no Consul agent answers at {addr} (CONSUL_HTTP_ADDR): is the mesh running? (`make run`)")
+    probed = probe_consul(addr)
+    if probed != "leader":
+        raise OSError(f"no Consul agent answers at {addr} (CONSUL_HTTP_ADDR): {consul_advice(probed)}")
     return Mesh(addr)
 
 

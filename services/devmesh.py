@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from services.common.config import consul_addr, lmesh_home
+from services.common.config import consul_addr, env_int, lmesh_home
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
@@ -131,7 +131,7 @@ async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], 
                    consul_http: str) -> tuple[str, str]:
     mesh = Mesh(consul_http)
     try:
-        gateway_port = os.environ.get("LMESH_GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT))
+        gateway_port = str(env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535))
         for service in SERVICE_ORDER:
             args = ["--data-dir", str(lmesh_home() / service)]
             if service == "gateway":
@@ -199,7 +199,7 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     if isinstance(lock, str):
         print(f"lmesh: {lock}", file=sys.stderr)
         return 2
-    gateway_port = int(os.environ.get("LMESH_GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT)))
+    gateway_port = env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535)
     if not port_is_free(gateway_port):
         print(f"lmesh: port {gateway_port} is in use; stop what listens there or set LMESH_GATEWAY_PORT",
               file=sys.stderr)

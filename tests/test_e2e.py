@@ -747,6 +747,34 @@ async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: Li
         await live.procs.wait_exit("inference-int8b")
 
 
+async def test_a_stream_outliving_the_drain_grace_ends_unavailable_with_the_reason(live: LiveMesh,
+                                                                                     built_model: Path) -> None:
+    if "inference-int8" not in live.procs.processes:
+        pytest.skip("no int8 build (make model builds it)")
+    from services.model.reference import chat_prompt_ids
+
+    resolver = live.mesh.resolver("lmesh-inference")
+    known = frozenset(e.service_id for e in resolver.endpoints())
+    live.procs.start("inference", "--model", INT8, "--grace", "1", name="inference-short-grace")
+    await live.procs.wait_passing(live.mesh, "inference", name="inference-short-grace", model=INT8, exclude=known)
+    replica = next(e for e in resolver.endpoints() if e.service_id not in known)
+    call = replica.stub(inference_pb2_grpc.InferenceStub).Generate(timeout=60)
+    try:
+        await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+            model=INT8, prompt_token_ids=chat_prompt_ids(built_model, LONG_TASK), max_tokens=2000)))
+        await call.read()
+        live.procs.terminate("inference-short-grace")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == ("this inference replica shut down before the answer finished (its --grace "
+                                          "of 1 s ran out); retry")
+        assert await live.procs.wait_exit("inference-short-grace") == 0
+    finally:
+        call.cancel()
+
+
 async def test_a_chat_sent_to_a_replica_that_just_died_is_answered_by_another(live: LiveMesh) -> None:
     if "inference-int8" not in live.procs.processes:
         pytest.skip("no int8 build (make model builds it)")
@@ -842,6 +870,18 @@ async def run_cli(live: LiveMesh, *args: str) -> subprocess.CompletedProcess[str
     env = {**live.procs.env(), "LMESH_HOME": str(live.procs.home / "cli")}
     return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", *args], env=env,
                                    capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+async def test_cli_register_points_named_aliases_also_at_a_version_already_registered(live: LiveMesh,
+                                                                                        built_model: Path) -> None:
+    if not (built_model / "lmesh_model.fp16.json").exists():
+        pytest.skip("no fp16 build (make model builds it)")
+    args = ("models", "register", str(built_model), "--manifest", "lmesh_model.fp16.json")
+    for alias in ("e2e-half", "e2e-half-2"):  # the first may register it; the second finds it registered
+        result = await run_cli(live, *args, "--alias", alias)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("registered smollm2-135m-instruct:1-fp16 (aliases: ")
+        assert alias in result.stdout.strip().removesuffix(")").split("aliases: ")[1].split(", ")
 
 
 async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:

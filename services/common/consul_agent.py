@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import lmesh_cache
+from services.common.config import lmesh_cache, split_consul_addr
 
 
 def free_port() -> int:
@@ -33,15 +34,40 @@ def find_consul() -> str:
     raise FileNotFoundError("no consul binary: run `make consul`")
 
 
+def probe_consul(http_addr: str, timeout: float = 0.5) -> str:
+    """What answers at a CONSUL_HTTP_ADDR-style address (`host:port` or `scheme://host:port`): "leader" (a Consul
+    agent with a leader), "no leader" (an agent without one yet), "other" (something that is not Consul's HTTP
+    API, e.g. a gRPC port) or "nothing"."""
+    try:
+        scheme, host, port = split_consul_addr(http_addr)
+    except ValueError:
+        return "nothing"
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"{scheme}://{host}:{port}/v1/status/leader", timeout=timeout) as resp:
+            body = resp.read().strip()
+    except (urllib.error.HTTPError, http.client.HTTPException):  # an HTTP error status or not HTTP/1 at all
+        return "other"
+    except (OSError, ValueError):
+        return "nothing"
+    if resp.status != 200 or not body.startswith(b'"'):
+        return "other"
+    return "leader" if len(body) > 2 else "no leader"
+
+
 def consul_answers(http_addr: str, timeout: float = 0.5) -> bool:
     """True when a Consul agent with a leader answers at `host:port` (or `scheme://host:port`, as
     CONSUL_HTTP_ADDR may be written)."""
-    base = http_addr if "://" in http_addr else f"http://{http_addr}"
-    try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}/v1/status/leader", timeout=timeout) as resp:
-            return resp.status == 200 and len(resp.read().strip()) > 2
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return probe_consul(http_addr, timeout) == "leader"
+
+
+def consul_advice(probed: str) -> str:
+    """What to do about what `probe_consul` found, when it is not an agent with a leader."""
+    if probed == "other":
+        return "something else answers there; point CONSUL_HTTP_ADDR at the agent's HTTP port (8500 by default)"
+    if probed == "no leader":
+        return "the agent has no cluster leader yet; wait for one or see the agent's log"
+    return "is the mesh running? (`make run`)"
 
 
 @dataclass

@@ -8,13 +8,16 @@ Lifecycle: bind → start → register in Consul (check critical until SERVING) 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
+import consul
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -23,7 +26,8 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from services.common.config import ServiceConfig
+from services.common.config import ServiceConfig, split_consul_addr
+from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.rpc import ServerInterceptor
 from services.common.telemetry import setup_metrics, setup_tracing
@@ -118,9 +122,12 @@ async def start_service(
     metric_readers: Sequence[MetricReader] = (),
 ) -> RunningService:
     """Starts a service and returns once it is SERVING (warm-up done) and registered in Consul."""
-    if config.port and not port_is_free(config.port, config.host):
-        # Checked before any gRPC server exists: grpc.aio cannot stop a server that never started.
-        raise OSError(_port_taken(config))
+    if register and config.binds_wildcard and not config.advertise_host:
+        config = replace(config, advertise_host=_route_to_consul(config))
+    # Checked before any gRPC server exists: grpc.aio cannot stop a server that never started.
+    problem = _bind_problem(config)
+    if problem is not None:
+        raise OSError(problem)
     runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr),
                              tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters),
                              meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
@@ -133,29 +140,31 @@ async def start_service(
         add(servicer, server)
     enable_reflection(server, [name for _, _, name in parts.servicers])
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = server.add_insecure_port(_host_port(config.host, config.port))
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
-    if port == 0:  # taken since the check above
+    if port == 0:
         if parts.on_stop is not None:
             await parts.on_stop()
         await runtime.mesh.close()
         runtime.tracer_provider.shutdown()
         runtime.meter_provider.shutdown()
-        raise OSError(_port_taken(config))
+        # Taken since the check above, or refused by gRPC alone (a free port 0 cannot be "in use").
+        raise OSError(_bind_problem(config) or (_port_taken(config) if config.port else
+                                                f"could not listen on {_host_port(config.host, 0)}"))
     await server.start()
     running = RunningService(runtime, parts, server, health_servicer, port)
     await running.set_serving(False)
-    log.info("lmesh-%s listening on %s", config.service, running.target)
+    log.info("lmesh-%s listening on %s, advertised as %s", config.service, _host_port(config.host, port),
+             running.target)
     try:
         if register:
             registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
                                               config.address, port)
             try:
                 await registration.register(parts.meta() if parts.meta else {})
-            except OSError as exc:
-                raise OSError(f"Consul at {config.consul_addr} is out of reach ({exc}); start an agent "
-                              "(`lmesh dev` starts one) or set CONSUL_HTTP_ADDR") from exc
+            except (OSError, aiohttp.ClientError, consul.ConsulException) as exc:
+                raise OSError(await _registration_failed(config, port, exc)) from exc
             runtime.registration = registration
         if parts.warm_up is not None:
             await parts.warm_up()
@@ -214,24 +223,83 @@ def _register_v1_reflection_descriptor() -> None:
     pool.AddSerializedFile(v1.SerializeToString())
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a listener could bind host:port now (address reuse on, as gRPC sets it; port reuse off)."""
+def _host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC takes it: an IPv6 literal in brackets, an empty host (every interface) as 0.0.0.0."""
+    host = host or "0.0.0.0"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why a listener could not bind host:port now (address reuse on, as gRPC sets it; port reuse off)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except OSError:
-        return True  # a bad host: let the bind itself report it
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except OSError as exc:  # socket.gaierror: not a name or address
+        return exc
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind host:port now (a bad host counts as free: binding it reports that)."""
+    error = _bind_error(host, port)
+    return error is None or isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL
+
+
+def _bind_problem(config: ServiceConfig) -> str | None:
+    """The one line that says why the service cannot listen at its --host and --port, or None if it can."""
+    error = _bind_error(config.host, config.port)
+    if error is None:
+        return None
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot bind --host {config.host}: not an address of this machine; pass one of its addresses, "
+                "or 0.0.0.0 for all of them")
+    if error.errno == errno.EADDRINUSE and config.port:
+        return _port_taken(config)
+    if error.errno == errno.EACCES:
+        return (f"could not listen on {_host_port(config.host, config.port)}: ports below 1024 need privileges; "
+                "pick another with --port")
+    return f"could not listen on {_host_port(config.host, config.port)}: {error.strerror or error}"
 
 
 def _port_taken(config: ServiceConfig) -> str:
-    return (f"could not listen on {config.host}:{config.port}: the port is in use; stop what listens there or "
-            "pick another with --port")
+    return (f"could not listen on {_host_port(config.host, config.port)}: the port is in use; stop what listens "
+            "there or pick another with --port")
+
+
+def _route_to_consul(config: ServiceConfig) -> str:
+    """The local address that routes to the Consul agent: what peers (and Consul's health check) can dial when
+    the service binds every interface. A UDP connect only picks the route; nothing is sent."""
+    try:
+        _, host, port = split_consul_addr(config.consul_addr)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(address)
+            local = str(probe.getsockname()[0])
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot tell which address to advertise for --host {config.host or '(all)'}: no route to "
+                      f"Consul at {config.consul_addr} ({exc}); pass --advertise-host or set LMESH_ADVERTISE_HOST"
+                      ) from exc
+    log.info("lmesh-%s binds every interface: advertising %s, the address that routes to Consul "
+             "(--advertise-host overrides)", config.service, local)
+    return local
+
+
+async def _registration_failed(config: ServiceConfig, port: int, exc: Exception) -> str:
+    """One line on why registering in Consul failed, and what to do."""
+    if isinstance(exc, consul.ConsulException):  # Consul answered and refused
+        return (f"Consul at {config.consul_addr} refused to register lmesh-{config.service} at "
+                f"{_host_port(config.address, port)} ({str(exc).strip()}); check --advertise-host")
+    probed = await asyncio.to_thread(probe_consul, config.consul_addr)
+    if probed in ("other", "no leader"):
+        return f"Consul at {config.consul_addr} (CONSUL_HTTP_ADDR) is out of reach: {consul_advice(probed)}"
+    return (f"Consul at {config.consul_addr} is out of reach ({exc}); start an agent (`lmesh dev` starts one) "
+            "or set CONSUL_HTTP_ADDR")
 
 
 async def serve_forever(config: ServiceConfig, build: Callable[[ServiceRuntime], ServiceParts]) -> None:
@@ -271,5 +339,5 @@ class LateWriteFilter(logging.Filter):
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s lmesh-{service} %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s lmesh-{service} %(name)s: %(message)s")
     logging.getLogger("grpc._cython.cygrpc").addFilter(LateWriteFilter())

@@ -170,6 +170,7 @@ class Engine:
         self.steps = 0
         # Called when the number of active or queued sequences changes (load reporting).
         self.on_load_change: Callable[[], None] = lambda: None
+        self._aborted: LmeshError | None = None
 
     # ---- public API -------------------------------------------------------------------------------------
 
@@ -191,6 +192,13 @@ class Engine:
 
     def stop_accepting(self) -> None:
         self._accepting = False
+
+    def abort(self, error: LmeshError) -> None:
+        """Ends every sequence, waiting or active, with `error` at the next step boundary (a drain's grace is
+        running out: the callers learn why, rather than see their calls cut)."""
+        self._accepting = False
+        self._aborted = error
+        self._wake.set()
 
     def submit(self, request: GenerationRequest) -> Sequence:
         """Queues a generation; RESOURCE_EXHAUSTED at once when the queue is full.
@@ -285,7 +293,14 @@ class Engine:
             self._active.append(self._waiting.popleft())
 
     def _retire(self, now: float) -> None:
-        """Ends cancelled and expired sequences, waiting or active, before the next step."""
+        """Ends cancelled and expired sequences, waiting or active, before the next step (all of them once
+        aborted)."""
+        if self._aborted is not None:
+            while self._waiting:
+                self._finish_error(self._waiting.popleft(), self._aborted)
+            for seq in list(self._active):
+                self._finish_error(seq, self._aborted)
+            return
         for seq in list(self._waiting):
             if seq.cancelled:
                 self._waiting.remove(seq)

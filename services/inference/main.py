@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 
-from services.common.config import lmesh_cache
+from services.common.config import add_env_argument, int_type, lmesh_cache
+from services.common.errors import Unavailable
 from services.common.server import ServiceParts, ServiceRuntime
 
 log = logging.getLogger("lmesh.inference")
@@ -16,15 +16,19 @@ log = logging.getLogger("lmesh.inference")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="model reference to serve (name, name:version or alias); repeatable; default 'default'")
-    parser.add_argument("--max-active", type=int, default=int(os.environ.get("LMESH_MAX_ACTIVE", "16")),
-                        help="sequences decoded together per step")
-    parser.add_argument("--max-queue", type=int, default=int(os.environ.get("LMESH_MAX_QUEUE", "64")),
-                        help="sequences waiting beyond that before RESOURCE_EXHAUSTED")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    parser.add_argument("--prefill-chunk", type=int, default=int(os.environ.get("LMESH_PREFILL_CHUNK", "256")),
-                        help="prompt tokens prefilled per engine step (bounds the stall of running streams)")
-    parser.add_argument("--prefix-cache-mb", type=int, default=int(os.environ.get("LMESH_PREFIX_CACHE_MB", "256")),
-                        help="memory for reusing the KV cache of shared prompt prefixes (0: off)")
+    add_env_argument(parser, "--max-active", "LMESH_MAX_ACTIVE", "16", "sequences decoded together per step, ≥ 1",
+                     type=int_type(1))
+    add_env_argument(parser, "--max-queue", "LMESH_MAX_QUEUE", "64",
+                     "sequences waiting beyond that before RESOURCE_EXHAUSTED, ≥ 0", type=int_type(0))
+    # 0 leaves the choice to onnx_model.py (all cores); a set LMESH_ORT_THREADS is checked here, so a bad one
+    # fails at start-up in one line rather than when the model loads.
+    add_env_argument(parser, "--threads", "LMESH_ORT_THREADS", "0", "ONNX Runtime intra-op threads",
+                     type=int_type(0), fallback_help="0: all cores")
+    add_env_argument(parser, "--prefill-chunk", "LMESH_PREFILL_CHUNK", "256",
+                     "prompt tokens prefilled per engine step, ≥ 1 (bounds the stall of running streams)",
+                     type=int_type(1))
+    add_env_argument(parser, "--prefix-cache-mb", "LMESH_PREFIX_CACHE_MB", "256",
+                     "memory for reusing the KV cache of shared prompt prefixes (0: off)", type=int_type(0))
 
 
 def extra_config(args: argparse.Namespace) -> dict[str, str]:
@@ -58,6 +62,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     servicer = InferenceServicer(models, runtime.tracer, metrics)
     registry = runtime.mesh.resolver("lmesh-registry")
     reporter: list[asyncio.Task[None]] = []
+    deadline: list[asyncio.TimerHandle] = []
 
     def meta() -> dict[str, str]:
         load = {"active": 0, "queued": 0, "kv_bytes": 0}
@@ -94,8 +99,21 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             task.cancel()
         for model in models.values():
             model.engine.stop_accepting()
+        # Streams still running when the grace ends would see only gRPC's "Cancelling all calls": end them a
+        # moment before, with the reason.
+        grace = runtime.config.grace_s
+        error = Unavailable(f"this inference replica shut down before the answer finished (its --grace of {grace:g} "
+                            "s ran out); retry")
+
+        def abort() -> None:
+            for model in models.values():
+                model.engine.abort(error)
+
+        deadline.append(asyncio.get_running_loop().call_later(max(grace - min(1.0, grace / 2), 0.0), abort))
 
     async def on_stop() -> None:
+        for handle in deadline:
+            handle.cancel()
         await asyncio.gather(*(m.engine.close() for m in models.values()))
 
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from services.common.config import add_env_argument, float_type, int_type
 from services.common.server import ServiceParts, ServiceRuntime
 
 REGISTRY_SERVICE = "lmesh-registry"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolve-ttl", type=float,
-                        default=float(os.environ.get("LMESH_RESOLVE_TTL_S", "5")),
-                        help="seconds a model reference's resolution is reused (alias moves show after this)")
-    parser.add_argument("--max-models", type=int,
-                        default=int(os.environ.get("LMESH_TOKENIZER_MAX_MODELS", "8")),
-                        help="model versions whose tokenizers are kept loaded")
+    add_env_argument(parser, "--resolve-ttl", "LMESH_RESOLVE_TTL_S", "5",
+                     "seconds a model reference's resolution is reused (alias moves show after this)",
+                     type=float_type(0))
+    add_env_argument(parser, "--max-models", "LMESH_TOKENIZER_MAX_MODELS", "8",
+                     "model versions whose tokenizers are kept loaded, ≥ 1", type=int_type(1))
 
 
 def extra_config(args: argparse.Namespace) -> dict[str, str]:
