@@ -362,7 +362,7 @@ class Engine:
         """One engine step: prompt chunks within the step's token budget, then one decode run.
 
         While nothing would change the batch (no prompt in progress, nobody waiting, no sequence finishing,
-        cancelled or expired), further decode runs follow at once, up to RUN_AHEAD_STEPS, each one's tokens
+        cancelled or expired, no abort), further decode runs follow at once, up to RUN_AHEAD_STEPS, each one's tokens
         handed to the event loop through `deliver`: the loop's round trip stays off the path between runs.
         """
         self.steps += 1
@@ -422,7 +422,7 @@ class Engine:
 
     def _unchanged(self, results: list[Produced]) -> bool:
         """Whether the next decode would run the same sequences (judged in the model thread, ahead of _emit)."""
-        if self._waiting:
+        if self._waiting or self._aborted is not None:
             return False
         now = time.monotonic()
         for seq, sampled, past_len in results:
