@@ -768,9 +768,30 @@ async def test_a_stream_outliving_the_drain_grace_ends_unavailable_with_the_reas
             while True:
                 await call.read()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert caught.value.details() == ("this inference replica shut down before the answer finished (its --grace "
-                                          "of 1 s ran out); retry")
+        assert caught.value.details() == ("lmesh-inference shut down before this stream finished (its --grace of 1 s "
+                                          "ran out); retry")
         assert await live.procs.wait_exit("inference-short-grace") == 0
+    finally:
+        call.cancel()
+
+
+async def test_a_chat_outliving_its_gateways_drain_grace_ends_unavailable_with_the_reason(live: LiveMesh) -> None:
+    resolver = live.mesh.resolver("lmesh-gateway")
+    known = frozenset(e.service_id for e in resolver.endpoints())
+    live.procs.start("gateway", "--grace", "2", name="gateway-short-grace")
+    await live.procs.wait_passing(live.mesh, "gateway", name="gateway-short-grace", exclude=known)
+    gateway = next(e for e in resolver.endpoints() if e.service_id not in known)
+    call = gateway.stub(gateway_pb2_grpc.GatewayStub).Chat(metadata=auth(live.api_key), timeout=60)
+    try:
+        await call.write(start(LONG_TASK, max_tokens=2000))
+        assert (await call.read()).delta is not None
+        live.procs.terminate("gateway-short-grace")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_rest(call)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == ("lmesh-gateway shut down before this stream finished (its --grace of 2 s "
+                                          "ran out); retry")
+        assert await live.procs.wait_exit("gateway-short-grace") == 0
     finally:
         call.cancel()
 

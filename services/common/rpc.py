@@ -86,6 +86,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, tracer: trace.Tracer) -> None:
         self._service = service
         self._tracer = tracer
+        # Set when a drain's grace is about to run out: streams still running end with it at their next
+        # message, instead of being cut with gRPC's bare "Cancelling all calls".
+        self.expired: LmeshError | None = None
 
     async def intercept_service(
         self,
@@ -157,6 +160,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         break
                     finally:
                         otel_context.detach(token)
+                    if self.expired is not None:
+                        raise self.expired
                     yield response
             except grpc.aio.AbortError:
                 raise

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from services.common.config import ServiceConfig, split_consul_addr
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
+from services.common.errors import LmeshError, Unavailable
 from services.common.rpc import ServerInterceptor
 from services.common.telemetry import setup_metrics, setup_tracing
 
@@ -68,6 +69,9 @@ class ServiceParts:
     # Runs when draining starts (stop admitting work) and after the server stopped (release resources).
     on_drain: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
+    # Called a moment before the drain's grace runs out, with the error that still-running streams end with
+    # (inference ends its queued and generating sequences with it).
+    on_grace_expiring: Callable[[LmeshError], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,10 +79,11 @@ class RunningService:
     """A started service; `stop()` runs the graceful shutdown sequence."""
 
     def __init__(self, runtime: ServiceRuntime, parts: ServiceParts, server: grpc.aio.Server,
-                 health_servicer: health.aio.HealthServicer, port: int) -> None:
+                 health_servicer: health.aio.HealthServicer, port: int, interceptor: ServerInterceptor) -> None:
         self.runtime = runtime
         self.parts = parts
         self.server = server
+        self.interceptor = interceptor
         self.health = health_servicer
         self.port = port
         self._service_names = [name for _, _, name in parts.servicers]
@@ -104,13 +109,27 @@ class RunningService:
             await self.runtime.registration.deregister()
         if self.parts.on_drain is not None:
             await self.parts.on_drain()
-        await self.server.stop(config.grace_s)
+        # gRPC cuts what still runs when the grace ends with a bare "Cancelling all calls": end it a moment
+        # before, saying why.
+        grace = config.grace_s
+        expiring = asyncio.get_running_loop().call_later(max(grace - min(1.0, grace / 2), 0.0), self._expire)
+        await self.server.stop(grace)
+        expiring.cancel()
         if self.parts.on_stop is not None:
             await self.parts.on_stop()
         await self.runtime.mesh.close()
         self.runtime.tracer_provider.shutdown()
         self.runtime.meter_provider.shutdown()
         log.info("lmesh-%s stopped", config.service)
+
+
+    def _expire(self) -> None:
+        grace = self.runtime.config.grace_s
+        error = Unavailable(f"lmesh-{self.runtime.config.service} shut down before this stream finished (its "
+                            f"--grace of {grace:g} s ran out); retry")
+        self.interceptor.expired = error
+        if self.parts.on_grace_expiring is not None:
+            self.parts.on_grace_expiring(error)
 
 
 async def start_service(
@@ -132,7 +151,8 @@ async def start_service(
                              tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters),
                              meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
     parts = build(runtime)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(config.service, runtime.tracer)],
+    interceptor = ServerInterceptor(config.service, runtime.tracer)
+    server = grpc.aio.server(interceptors=[interceptor],
                              options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,7 +173,7 @@ async def start_service(
         raise OSError(_bind_problem(config) or (_port_taken(config) if config.port else
                                                 f"could not listen on {_host_port(config.host, 0)}"))
     await server.start()
-    running = RunningService(runtime, parts, server, health_servicer, port)
+    running = RunningService(runtime, parts, server, health_servicer, port, interceptor)
     await running.set_serving(False)
     log.info("lmesh-%s listening on %s, advertised as %s", config.service, _host_port(config.host, port),
              running.target)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from services.common.config import add_env_argument, int_type, lmesh_cache
-from services.common.errors import Unavailable
+from services.common.errors import LmeshError
 from services.common.server import ServiceParts, ServiceRuntime
 
 log = logging.getLogger("lmesh.inference")
@@ -62,7 +62,6 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     servicer = InferenceServicer(models, runtime.tracer, metrics)
     registry = runtime.mesh.resolver("lmesh-registry")
     reporter: list[asyncio.Task[None]] = []
-    deadline: list[asyncio.TimerHandle] = []
 
     def meta() -> dict[str, str]:
         load = {"active": 0, "queued": 0, "kv_bytes": 0}
@@ -99,21 +98,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             task.cancel()
         for model in models.values():
             model.engine.stop_accepting()
-        # Streams still running when the grace ends would see only gRPC's "Cancelling all calls": end them a
-        # moment before, with the reason.
-        grace = runtime.config.grace_s
-        error = Unavailable(f"this inference replica shut down before the answer finished (its --grace of {grace:g} "
-                            "s ran out); retry")
 
-        def abort() -> None:
-            for model in models.values():
-                model.engine.abort(error)
-
-        deadline.append(asyncio.get_running_loop().call_later(max(grace - min(1.0, grace / 2), 0.0), abort))
+    def on_grace_expiring(error: LmeshError) -> None:
+        for model in models.values():  # queued sequences too, which no token would reach
+            model.engine.abort(error)
 
     async def on_stop() -> None:
-        for handle in deadline:
-            handle.cancel()
         await asyncio.gather(*(m.engine.close() for m in models.values()))
 
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -121,5 +111,5 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
 
     return ServiceParts(
         servicers=[(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, name)],
-        warm_up=warm_up, meta=meta, on_drain=on_drain, on_stop=on_stop,
+        warm_up=warm_up, meta=meta, on_drain=on_drain, on_stop=on_stop, on_grace_expiring=on_grace_expiring,
     )

@@ -71,7 +71,8 @@ class GatewayServicer:
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context —
         the message names the field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model
         is full; trailing metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline
-        passed), UNAVAILABLE (a dependency is down, or no inference replica serves the version; retry).
+        passed), UNAVAILABLE (a dependency is down, no inference replica serves the version, or this gateway or
+        the replica shut down before the answer finished: the message says which; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,7 @@ class InferenceServicer:
         Errors: INVALID_ARGUMENT (first message not `start`, or none within 30 s; a malformed field, named in the
         message), NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (queue full;
         trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED (the deadline passed while queued or generating),
-        UNAVAILABLE (draining: a new stream is refused, and one still generating when the replica's shutdown grace
+        UNAVAILABLE (draining: a new stream is refused, and one still running when the replica's shutdown grace
         runs out ends with this code and says so; or a model step failed; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
