@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.config import ServiceConfig
@@ -126,6 +128,29 @@ async def test_a_service_registers_again_when_consul_forgets_it(tmp_path: Path) 
         await running.stop()  # deregisters for good: the watch must not bring a drained instance back
         services = await mesh.consul.agent.services()
         assert registration.service_id not in services
+    finally:
+        await running.stop()
+        await mesh.close()
+        agent.stop()
+
+
+async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tmp_path: Path) -> None:
+    """Consul's check and peers' channels need the IPv6 literal in brackets (`[::1]:port`)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
+    running = await start_service(ServiceConfig(service="tokenizer", host="::1", consul_addr=agent.http_addr,
+                                                data_dir=tmp_path, grace_s=0),
+                                  lambda runtime: ServiceParts(servicers=[]))
+    mesh = Mesh(agent.http_addr)
+    try:
+        endpoint = await mesh.resolver("lmesh-tokenizer").wait_for(lambda e: e.port == running.port, timeout=15)
+        assert endpoint.address == "::1" and endpoint.target == f"[::1]:{running.port}"
+        reply = await health_pb2_grpc.HealthStub(endpoint.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await running.stop()
         await mesh.close()

@@ -191,3 +191,10 @@ def config_from_args(service: str, args: argparse.Namespace, extra: dict[str, st
         grace_s=args.grace,
         extra=extra or {},
     )
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and Consul's checks take it: an IPv6 literal in brackets, an empty host (every
+    interface) as 0.0.0.0."""
+    host = host or "0.0.0.0"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -21,6 +21,7 @@ import consul
 import consul.aio
 import grpc
 
+from services.common.config import host_port
 from services.common.errors import Unavailable
 from services.common.rpc import call_options
 
@@ -77,7 +78,7 @@ class ConsulRegistration:
     def __init__(self, client: consul.aio.Consul, name: str, address: str, port: int) -> None:
         self._client = client
         self.name = name
-        self.address = address
+        self.address = address.strip("[]")  # Consul keeps IPv6 addresses bare
         self.port = port
         self.service_id = f"{name}-{address}-{port}"
         self.meta: dict[str, str] = {}
@@ -94,7 +95,7 @@ class ConsulRegistration:
             self._keeper = asyncio.create_task(self._keep(), name=f"keep-{self.service_id}")
 
     async def _register(self) -> None:
-        check = consul.Check.grpc(f"{self.address}:{self.port}", interval="1s", timeout="1s",
+        check = consul.Check.grpc(host_port(self.address, self.port), interval="1s", timeout="1s",
                                   deregister="1m")
         await self._client.agent.service.register(
             self.name, service_id=self.service_id, address=self.address, port=self.port,
@@ -164,7 +165,7 @@ class Endpoint:
 
     @property
     def target(self) -> str:
-        return f"{self.address}:{self.port}"
+        return host_port(self.address, self.port)
 
     @property
     def models(self) -> list[str]:
@@ -258,11 +259,11 @@ class ServiceResolver:
             service_id = svc["ID"]
             meta = dict(svc.get("Meta") or {})
             current = self._endpoints.get(service_id)
-            if current is not None and current.target == f"{address}:{svc['Port']}":
+            if current is not None and current.target == host_port(address, int(svc["Port"])):
                 current.meta = meta
                 seen[service_id] = current
             else:
-                channel = grpc.aio.insecure_channel(f"{address}:{svc['Port']}", options=CHANNEL_OPTIONS)
+                channel = grpc.aio.insecure_channel(host_port(address, int(svc["Port"])), options=CHANNEL_OPTIONS)
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
         gone = [e for sid, e in self._endpoints.items() if sid not in seen]
         self._endpoints = seen

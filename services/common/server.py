@@ -26,7 +26,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from services.common.config import ServiceConfig, split_consul_addr
+from services.common.config import ServiceConfig, host_port, split_consul_addr
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.errors import LmeshError, Unavailable
@@ -160,7 +160,7 @@ async def start_service(
         add(servicer, server)
     enable_reflection(server, [name for _, _, name in parts.servicers])
     try:
-        port = server.add_insecure_port(_host_port(config.host, config.port))
+        port = server.add_insecure_port(host_port(config.host, config.port))
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
     if port == 0:
@@ -171,11 +171,11 @@ async def start_service(
         runtime.meter_provider.shutdown()
         # Taken since the check above, or refused by gRPC alone (a free port 0 cannot be "in use").
         raise OSError(_bind_problem(config) or (_port_taken(config) if config.port else
-                                                f"could not listen on {_host_port(config.host, 0)}"))
+                                                f"could not listen on {host_port(config.host, 0)}"))
     await server.start()
     running = RunningService(runtime, parts, server, health_servicer, port, interceptor)
     await running.set_serving(False)
-    log.info("lmesh-%s listening on %s, advertised as %s", config.service, _host_port(config.host, port),
+    log.info("lmesh-%s listening on %s, advertised as %s", config.service, host_port(config.host, port),
              running.target)
     try:
         if register:
@@ -243,12 +243,6 @@ def _register_v1_reflection_descriptor() -> None:
     pool.AddSerializedFile(v1.SerializeToString())
 
 
-def _host_port(host: str, port: int) -> str:
-    """`host:port` as gRPC takes it: an IPv6 literal in brackets, an empty host (every interface) as 0.0.0.0."""
-    host = host or "0.0.0.0"
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def _bind_error(host: str, port: int) -> OSError | None:
     """Why a listener could not bind host:port now (address reuse on, as gRPC sets it; port reuse off)."""
     try:
@@ -282,13 +276,13 @@ def _bind_problem(config: ServiceConfig) -> str | None:
     if error.errno == errno.EADDRINUSE and config.port:
         return _port_taken(config)
     if error.errno == errno.EACCES:
-        return (f"could not listen on {_host_port(config.host, config.port)}: ports below 1024 need privileges; "
+        return (f"could not listen on {host_port(config.host, config.port)}: ports below 1024 need privileges; "
                 "pick another with --port")
-    return f"could not listen on {_host_port(config.host, config.port)}: {error.strerror or error}"
+    return f"could not listen on {host_port(config.host, config.port)}: {error.strerror or error}"
 
 
 def _port_taken(config: ServiceConfig) -> str:
-    return (f"could not listen on {_host_port(config.host, config.port)}: the port is in use; stop what listens "
+    return (f"could not listen on {host_port(config.host, config.port)}: the port is in use; stop what listens "
             "there or pick another with --port")
 
 
@@ -314,7 +308,7 @@ async def _registration_failed(config: ServiceConfig, port: int, exc: Exception)
     """One line on why registering in Consul failed, and what to do."""
     if isinstance(exc, consul.ConsulException):  # Consul answered and refused
         return (f"Consul at {config.consul_addr} refused to register lmesh-{config.service} at "
-                f"{_host_port(config.address, port)} ({str(exc).strip()}); check --advertise-host")
+                f"{host_port(config.address, port)} ({str(exc).strip()}); check --advertise-host")
     probed = await asyncio.to_thread(probe_consul, config.consul_addr)
     if probed in ("other", "no leader"):
         return f"Consul at {config.consul_addr} (CONSUL_HTTP_ADDR) is out of reach: {consul_advice(probed)}"
