@@ -49,5 +49,10 @@ bench: venv model consul
 	$(BIN)/pip install -q -e '.[bench,model]'
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
 
+# Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:
+	@if [ -e "$(LMESH_HOME)/dev.lock" ] && ! $(PY) -c 'import fcntl, sys; fcntl.flock(open(sys.argv[1]), \
+		fcntl.LOCK_EX | fcntl.LOCK_NB)' "$(LMESH_HOME)/dev.lock" 2>/dev/null; then \
+		echo "make clean: a mesh using $(LMESH_HOME) is running (pid $$(cat "$(LMESH_HOME)/dev.lock")); stop it first" \
+			"(Ctrl-C where it runs)" >&2; exit 2; fi
 	rm -rf $(LMESH_HOME)

@@ -56,18 +56,19 @@ def _unavailable(details: str) -> str:
     return details
 
 
+def _call_error(exc: grpc.aio.AioRpcError | LmeshError) -> str:
+    """`CODE: message` for a failed call, with what to do added to an UNAVAILABLE that does not say it."""
+    code, details = (exc.code(), exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) else (exc.code,
+                                                                                                       exc.message)
+    return f"{code.name}: {_unavailable(details) if code == grpc.StatusCode.UNAVAILABLE else details}"
+
+
 def _run_async(make: Callable[[], Awaitable[int]]) -> int:
     """Runs an operator command; expected failures become one line on stderr, never a traceback."""
     try:
         return asyncio.run(make())  # type: ignore[arg-type]
-    except grpc.aio.AioRpcError as exc:
-        details = exc.details() or ""
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            details = _unavailable(details)
-        return _fail(f"{exc.code().name}: {details}")
-    except LmeshError as exc:
-        message = _unavailable(exc.message) if exc.code == grpc.StatusCode.UNAVAILABLE else exc.message
-        return _fail(f"{exc.code.name}: {message}")
+    except (grpc.aio.AioRpcError, LmeshError) as exc:
+        return _fail(_call_error(exc))
     except (OSError, TimeoutError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__)
     except KeyboardInterrupt:
@@ -147,9 +148,16 @@ def _chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 return 0
             history.append(("user", line))
-            answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
-                                                   max_tokens=args.max_tokens, temperature=args.temperature,
-                                                   logprobs=args.logprobs, sampling=sampling)
+            try:
+                answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
+                                                       max_tokens=args.max_tokens, temperature=args.temperature,
+                                                       logprobs=args.logprobs, sampling=sampling)
+            except (grpc.aio.AioRpcError, LmeshError) as exc:
+                # One failed turn (too long, a replica restarting) must not end the conversation: say why, and
+                # leave it out of the history so the next turn is sent without it.
+                print(f"\nlmesh: {_call_error(exc)}", file=sys.stderr, flush=True)
+                history.pop()
+                continue
             history.append(("assistant", answer))
 
     return _run_async(go)
@@ -218,8 +226,9 @@ def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
     if not model_dir.is_dir():
         return f"no folder {model_dir}; pass a built model's folder (`make model` builds one under $LMESH_CACHE)"
     if (model_dir / manifest).is_dir():
-        return (f"--manifest {manifest} is a folder in {model_dir}; pass the manifest file's name in the model "
-                "folder (lmesh_model.json, or a variant's such as lmesh_model.int8.json)")
+        where = "" if Path(manifest).is_absolute() else f" in {model_dir}"
+        return (f"--manifest {manifest} is a folder{where}; pass the manifest file's name in the model folder "
+                "(lmesh_model.json, or a variant's such as lmesh_model.int8.json)")
     return None
 
 
@@ -324,14 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+    # Also after the action (`lmesh keys list --admin-token T`); SUPPRESS keeps one given before it.
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--admin-token", default=argparse.SUPPRESS, help="admin token (default: $LMESH_ADMIN_TOKEN)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = keys_sub.add_parser("create", help="create a key; the key is printed alone on the last line")
+    create = keys_sub.add_parser("create", parents=[admin],
+                                 help="create a key; the key is printed alone on the last line")
     create.add_argument("--tenant", required=True)
     create.add_argument("--model", action="append", help="model or glob the key may use (repeatable; default all)")
     create.add_argument("--name", default="", help="display name")
-    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)
     return parser

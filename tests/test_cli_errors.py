@@ -233,6 +233,19 @@ def test_flags_strip_and_keep_the_advertise_host(monkeypatch: pytest.MonkeyPatch
     args = build_parser().parse_args(["serve", "policy", "--host", "0.0.0.0", "--advertise-host", "10.0.0.5"])
     config = config_from_args("policy", args)
     assert config.binds_wildcard and config.address == "10.0.0.5"
+    for good in ("::1", "[::1]", "lmesh-policy.lmesh.svc.cluster.local"):
+        assert build_parser().parse_args(["serve", "policy", "--advertise-host", good]).advertise_host == good
+
+
+@pytest.mark.parametrize("bad", ["bad!host", "a..b", "trail-", "x y"])
+def test_an_advertise_host_nobody_could_dial_is_refused(bad: str) -> None:
+    """Consul would take it and the service would never pass its check."""
+    flag = lmesh("serve", "policy", "--advertise-host", bad)
+    assert flag.returncode == 2
+    assert flag.stderr.splitlines()[-1] == ("lmesh serve policy: error: argument --advertise-host: must be an IP "
+                                            f"address or a host name, got {bad!r}")
+    line = one_line_error(lmesh("serve", "policy", env={"LMESH_ADVERTISE_HOST": bad}))
+    assert line == f"lmesh: LMESH_ADVERTISE_HOST must be an IP address or a host name, got {bad!r}"
 
 
 # ---- 7: wording and paths ----------------------------------------------------------------------------------
@@ -265,6 +278,10 @@ def test_keys_without_the_admin_token_say_how_to_pass_it(consul_agent: ConsulAge
                                                          "LMESH_ADMIN_TOKEN": ""}))
         assert line.startswith("lmesh: UNAUTHENTICATED: admin token required")
         assert line.endswith("pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy runs with)")
+        quiet = {"CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADMIN_TOKEN": ""}
+        for where in (["keys", "--admin-token", "s3cret", "list"], ["keys", "list", "--admin-token", "s3cret"]):
+            listed = lmesh(*where, env=quiet)  # before or after the action, as the hint reads
+            assert listed.returncode == 0, listed.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
@@ -294,6 +311,9 @@ def test_register_a_missing_folder_or_a_folder_as_manifest(model_folder: Path) -
     line = one_line_error(lmesh("models", "register", str(model_folder), "--manifest", "variants",
                                 env={"CONSUL_HTTP_ADDR": unused_addr()}))
     assert line.startswith(f"lmesh: --manifest variants is a folder in {model_folder}; pass the manifest file's name")
+    elsewhere = one_line_error(lmesh("models", "register", str(model_folder), "--manifest", str(model_folder.parent),
+                                     env={"CONSUL_HTTP_ADDR": unused_addr()}))
+    assert elsewhere.startswith(f"lmesh: --manifest {model_folder.parent} is a folder; pass the manifest file's name")
 
 
 def test_serve_with_a_data_dir_that_cannot_be_made(tmp_path: Path) -> None:

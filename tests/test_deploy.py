@@ -82,3 +82,24 @@ def test_a_working_gpu_build_or_lmesh_gpu_0_is_left_alone(tmp_path: Path, settin
     result = run(venv_bin, env)
     assert result.returncode == 0 and result.stdout == ""
     assert calls_of(calls) == ([] if setting == "off" else ["probe 1"])
+
+
+def test_make_clean_refuses_while_a_dev_mesh_holds_the_home(tmp_path: Path) -> None:
+    """A running mesh would go on from deleted databases (a key or a model registered then is lost)."""
+    from services.devmesh import hold_home_lock
+
+    home = tmp_path / "home"
+    home.mkdir()
+    lock = hold_home_lock(home)
+    assert not isinstance(lock, str)
+    try:
+        refused = subprocess.run(["make", "-C", str(ROOT), "clean", f"LMESH_HOME={home}"], capture_output=True,
+                                 text=True, timeout=60)
+    finally:
+        lock.close()
+    assert refused.returncode != 0 and home.exists()
+    assert refused.stderr.splitlines()[0] == (f"make clean: a mesh using {home} is running (pid {os.getpid()}); stop "
+                                              "it first (Ctrl-C where it runs)")
+    cleaned = subprocess.run(["make", "-C", str(ROOT), "clean", f"LMESH_HOME={home}"], capture_output=True, text=True,
+                             timeout=60)
+    assert cleaned.returncode == 0 and not home.exists()

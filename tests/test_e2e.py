@@ -747,6 +747,18 @@ async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: Li
         await live.procs.wait_exit("inference-int8b")
 
 
+async def test_a_version_named_twice_by_a_replica_is_loaded_once(live: LiveMesh, tmp_path: Path) -> None:
+    from services.inference.engine import EngineLimits
+    from services.inference.loader import load_models
+
+    served = await load_models(live.mesh.resolver("lmesh-registry"), ["default", "smollm2-135m-instruct:1"],
+                               lmesh_cache() / "artifacts", EngineLimits(), threads=1)
+    try:
+        assert [m.id for m in served] == ["smollm2-135m-instruct:1"]
+    finally:
+        await asyncio.gather(*(m.engine.close() for m in served))
+
+
 async def test_a_stream_outliving_the_drain_grace_ends_unavailable_with_the_reason(live: LiveMesh,
                                                                                      built_model: Path) -> None:
     if "inference-int8" not in live.procs.processes:
@@ -903,6 +915,19 @@ async def test_cli_register_points_named_aliases_also_at_a_version_already_regis
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("registered smollm2-135m-instruct:1-fp16 (aliases: ")
         assert alias in result.stdout.strip().removesuffix(")").split("aliases: ")[1].split(", ")
+
+
+async def test_interactive_cli_chat_survives_a_failed_turn_and_keeps_the_conversation(live: LiveMesh) -> None:
+    env = {**live.procs.env(), "LMESH_HOME": str(live.procs.home / "cli"), "LMESH_API_KEY": live.api_key}
+    turns = f"{'word ' * 9000}\n{FRANCE}\nAnd of Italy?\n"
+    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", "chat", "--max-tokens",
+                                                      "24"], input=turns, env=env, capture_output=True, text=True,
+                                     timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().startswith("lmesh: INVALID_ARGUMENT: messages: the prompt is ")
+    assert result.stderr.count("\n") == 2  # the blank line closing the prompt, then the error's one line
+    answers = result.stdout.split("you> ")[1:]
+    assert len(answers) == 4 and "Paris" in answers[1] and "Rome" in answers[2]  # the last one met the end
 
 
 async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:

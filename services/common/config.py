@@ -7,8 +7,10 @@ in one variable never breaks an unrelated command, `--help` included; it fails i
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,26 @@ def float_type(minimum: float) -> Callable[[str], float]:
         return number
 
     return _checked(parse, f"a number ≥ {minimum:g}")
+
+
+def _address(text: str) -> str:
+    """An address peers and Consul can dial: an IP literal (IPv6 with or without brackets) or a DNS name."""
+    text = text.strip()
+    if not text:
+        return text
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return text
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if len(text) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+                                  for label in labels):
+        raise ValueError(text)
+    return text
+
+
+ADDRESS_TYPE = _checked(_address, "an IP address or a host name")
 
 
 def _level(text: str) -> str:
@@ -171,6 +193,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add_env_argument(parser, "--port", "LMESH_PORT", "0", "gRPC port, 0-65535 (peers find it through Consul)",
                      type=PORT_TYPE, fallback_help="0: a free one")
     add_env_argument(parser, "--advertise-host", "LMESH_ADVERTISE_HOST", "", "address registered in Consul",
+                     type=ADDRESS_TYPE,
                      fallback_help="the bind address; for a wildcard bind, the local address that routes to Consul")
     parser.add_argument("--data-dir", default=None, help="state directory (default: $LMESH_HOME/<service>)")
     add_env_argument(parser, "--grace", "LMESH_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM",

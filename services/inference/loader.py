@@ -46,6 +46,9 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
     served: list[ServedModel] = []
     for reference in references:
         version = await resolve_when_registered(registry, reference)
+        if any((m.name, m.version) == (version.name, version.version) for m in served):
+            log.info("%s is %s:%s, already loaded", reference, version.name, version.version)
+            continue  # `--model default --model NAME:1` names one version twice: one copy serves both
         weights = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL]
         if len(weights) != 1:
             raise FailedPrecondition(f"{version.name}:{version.version} has no model artifact")
