@@ -245,7 +245,7 @@ async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> 
     chat = ChatService(live.mesh, trace.get_tracer("test"))
     params = ChatParams(model="smollm2-135m-instruct:1", messages=[("user", LONG_TASK)], max_tokens=300,
                         temperature=0.0, top_p=0.0, top_k=0, seed=0, repetition_penalty=0.0, stop=[])
-    version, prompt, max_tokens = await chat.prepare(live.api_key, params)
+    version, prompt, max_tokens, _ = await chat.prepare(live.api_key, params)
     for _ in range(5):
         cancel = asyncio.Event()
         cancel.set()  # already there when the generation starts: the cancel write races the start write
@@ -595,7 +595,18 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
         # A model it never resolved cannot be answered without the registry.
         error = await expect_error(await live.gateway(), [start(model="never-resolved")], auth(live.api_key))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
+        # A tokenizer started now passes but cannot load the model's tokenizer: chats go to the one that can,
+        # for the prompt and for detokenizing the answer alike.
+        tokenizers = frozenset(e.service_id for e in live.mesh.resolver("lmesh-tokenizer").endpoints())
+        live.procs.start("tokenizer", name="tokenizer-cold")
+        await live.procs.wait_passing(live.mesh, "tokenizer", name="tokenizer-cold", exclude=tokenizers)
+        for _ in range(6):
+            responses = await collect(await live.gateway(), start(max_tokens=8), live.api_key)
+            assert responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED  # ended, not failed
     finally:
+        if "tokenizer-cold" in live.procs.processes:
+            live.procs.terminate("tokenizer-cold")
+            await live.procs.wait_exit("tokenizer-cold")
         live.procs.start("registry")
         await live.procs.wait_passing(live.mesh, "registry", exclude=old_ids)
 

@@ -135,9 +135,10 @@ class ChatService:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
         return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
-    async def prepare(self, api_key: str, params: ChatParams) -> tuple[registry_pb2.ModelVersion, list[int], int]:
+    async def prepare(self, api_key: str, params: ChatParams,
+                      ) -> tuple[registry_pb2.ModelVersion, list[int], int, Endpoint]:
         """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
-        version, ids, max_tokens."""
+        version, ids, max_tokens and the tokenizer that rendered it (which has that model's tokenizer loaded)."""
         with self._tracer.start_as_current_span("authorize"):
             try:
                 version = await self.models.resolve(params.model)  # cached: usually no call
@@ -151,21 +152,26 @@ class ChatService:
             await self._policy.call(policy_pb2_grpc.PolicyStub, "Authorize", policy_pb2.AuthorizeRequest(
                 api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
                 resolved_aliases=list(version.aliases)), timeout=10)
-        rendered = await self._tokenizer.call(
-            tokenizer_pb2_grpc.TokenizerStub, "ApplyChatTemplate",
-            tokenizer_pb2.ApplyChatTemplateRequest(
-                model=model_id, add_generation_prompt=True,
-                messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages]),
-            timeout=10)
+        request = tokenizer_pb2.ApplyChatTemplateRequest(
+            model=model_id, add_generation_prompt=True,
+            messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])
+
+        async def render(endpoint: Endpoint) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
+            stub = endpoint.stub(tokenizer_pb2_grpc.TokenizerStub)
+            return await stub.ApplyChatTemplate(request, **call_options(timeout=10)), endpoint
+
+        rendered, tokenizer = await self._tokenizer.with_endpoint(render)
         prompt = list(rendered.token_ids)
         context = version.context_length
         if len(prompt) >= context:
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
-        return version, prompt, min(params.max_tokens, context - len(prompt))
+        return version, prompt, min(params.max_tokens, context - len(prompt)), tokenizer
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",
-                       ) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       tokenizer: Endpoint | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
+        """Streams the answer. `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it
+        holds the model's tokenizer, where another passing one may not (started while the registry was down)."""
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
@@ -184,7 +190,8 @@ class ChatService:
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                 repetition_penalty=params.repetition_penalty),
             top_logprobs=params.top_logprobs, request_id=request_id))
-        tokenizer = await self._tokenizer.pick()
+        if tokenizer is None or tokenizer.service_id not in {e.service_id for e in self._tokenizer.endpoints()}:
+            tokenizer = await self._tokenizer.pick()
         detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
         answer = AnswerAssembler(params.stop, vocabulary)
         finish: list[inference_pb2.GenerateFinish] = []

@@ -52,7 +52,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         api_key = bearer_key(context.invocation_metadata())
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", params.model)
-        version, prompt, max_tokens = await self._chat.prepare(api_key, params)
+        version, prompt, max_tokens, tokenizer = await self._chat.prepare(api_key, params)
         model_id = f"{version.name}:{version.version}"
         completion_id = new_completion_id()
         span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
@@ -70,7 +70,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         watcher = asyncio.create_task(watch_client())
         first_delta = True
         try:
-            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id):
+            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id,
+                                                   tokenizer):
                 if isinstance(event, ChatDelta):
                     response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
                     if first_delta:
