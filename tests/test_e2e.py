@@ -584,6 +584,8 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
     assert "Paris" in "".join(r.delta for r in await collect(await live.gateway(), start(), live.api_key))
     listed = await (await live.gateway()).ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(live.api_key))
     old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-registry").endpoints())
+    stale_line = "registry unavailable; serving the last resolution of 'default'"
+    stale_before = live.procs.log("gateway").count(stale_line)
     live.procs.kill("registry")
     try:
         await asyncio.sleep(RESOLVE_TTL_S + 0.5)  # past the gateway's resolution cache: it must ask, and fail
@@ -603,6 +605,8 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
         for _ in range(6):
             responses = await collect(await live.gateway(), start(max_tokens=8), live.api_key)
             assert responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED  # ended, not failed
+        # Said once for the outage, not once per chat.
+        assert live.procs.log("gateway").count(stale_line) == stale_before + 1
     finally:
         if "tokenizer-cold" in live.procs.processes:
             live.procs.terminate("tokenizer-cold")
@@ -792,7 +796,7 @@ async def test_a_stream_outliving_the_drain_grace_ends_unavailable_with_the_reas
                 await call.read()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert caught.value.details() == ("lmesh-inference shut down before this stream finished (its --grace of 1 s "
-                                          "ran out); retry")
+                                          "was running out); retry")
         assert await live.procs.wait_exit("inference-short-grace") == 0
     finally:
         call.cancel()
@@ -813,7 +817,7 @@ async def test_a_chat_outliving_its_gateways_drain_grace_ends_unavailable_with_t
             await read_rest(call)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert caught.value.details() == ("lmesh-gateway shut down before this stream finished (its --grace of 2 s "
-                                          "ran out); retry")
+                                          "was running out); retry")
         assert await live.procs.wait_exit("gateway-short-grace") == 0
     finally:
         call.cancel()

@@ -72,6 +72,28 @@ def consul_client(addr: str) -> consul.aio.Consul:
                              scheme=parts.scheme or "http")
 
 
+class StaleAnswers:
+    """Logs an answer served stale because a dependency is down once per key and outage, not once per request
+    (a busy gateway would write a line per chat for as long as the registry is away)."""
+
+    def __init__(self, logger: logging.Logger, dependency: str, served: str) -> None:
+        self._log = logger
+        self._dependency = dependency  # "registry"
+        self._served = served  # "serving the last resolution of %r"
+        self._stale: set[str] = set()
+
+    def served_stale(self, key: str) -> None:
+        if key not in self._stale:
+            self._stale.add(key)
+            self._log.warning(f"{self._dependency} unavailable; {self._served} (said once until it answers again)",
+                              key)
+
+    def answered(self, key: str) -> None:
+        if key in self._stale:
+            self._stale.discard(key)
+            self._log.info("%s answers again for %r", self._dependency, key)
+
+
 class ConsulRegistration:
     """This process's entry in Consul, with a gRPC health check on its own port."""
 

@@ -112,7 +112,7 @@ class RunningService:
         # gRPC cuts what still runs when the grace ends with a bare "Cancelling all calls": end it a moment
         # before, saying why.
         grace = config.grace_s
-        expiring = asyncio.get_running_loop().call_later(max(grace - min(1.0, grace / 2), 0.0), self._expire)
+        expiring = asyncio.get_running_loop().call_later(grace - min(0.5, grace / 4), self._expire)
         await self.server.stop(grace)
         expiring.cancel()
         if self.parts.on_stop is not None:
@@ -126,7 +126,7 @@ class RunningService:
     def _expire(self) -> None:
         grace = self.runtime.config.grace_s
         error = Unavailable(f"lmesh-{self.runtime.config.service} shut down before this stream finished (its "
-                            f"--grace of {grace:g} s ran out); retry")
+                            f"--grace of {grace:g} s was running out); retry")
         self.interceptor.expired = error
         if self.parts.on_grace_expiring is not None:
             self.parts.on_grace_expiring(error)

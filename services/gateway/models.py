@@ -9,7 +9,7 @@ import time
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.discovery import ServiceResolver
+from services.common.discovery import ServiceResolver, StaleAnswers
 from services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger("lmesh.gateway.models")
@@ -23,6 +23,7 @@ class ModelDirectory:
         self._cache: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
         self._inflight: dict[str, asyncio.Future[registry_pb2.ModelVersion]] = {}
         self._last_list: list[registry_pb2.ModelVersion] | None = None
+        self._stale = StaleAnswers(log, "registry", "serving the last resolution of %r")
 
     async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
         cached = self._cache.get(reference)
@@ -43,7 +44,7 @@ class ModelDirectory:
                 if cached is None:
                     raise
                 # The registry is down: the last answer keeps chats going (an alias move waits for its return).
-                log.warning("registry unavailable; serving the last resolution of %r", reference)
+                self._stale.served_stale(reference)
                 future.set_result(cached[1])
                 return cached[1]
             except grpc.aio.AioRpcError as exc:
@@ -53,6 +54,7 @@ class ModelDirectory:
                 problem = (exc.details() or "").removeprefix("reference: ")
                 raise InvalidArgument("model", problem) from None
             self._cache[reference] = (time.monotonic() + self._ttl_s, response.model)
+            self._stale.answered(reference)
             future.set_result(response.model)
             return response.model
         except BaseException as exc:

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.discovery import ServiceResolver
+from services.common.discovery import ServiceResolver, StaleAnswers
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.registry.client import fetch_to_cache
 from services.tokenizer.text import ModelTokenizer
@@ -83,6 +83,7 @@ class TokenizerCache:
         self._max_models = max_models
         self._resolved: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
         self._resolving: dict[str, asyncio.Task[registry_pb2.ModelVersion]] = {}
+        self._stale = StaleAnswers(log, "registry", "using the expired resolution of %r")
         # name:version -> its loading (or loaded) tokenizer, least recently used first.
         self._models: OrderedDict[str, asyncio.Task[ModelTokenizer]] = OrderedDict()
 
@@ -116,13 +117,14 @@ class TokenizerCache:
             if cached is None:
                 raise
             # The registry is down: keep serving the last known version rather than fail every request.
-            log.warning("registry unavailable; using the expired resolution of %r", reference)
+            self._stale.served_stale(reference)
             return cached[1]
 
     def _remember(self, reference: str, task: asyncio.Task[registry_pb2.ModelVersion]) -> None:
         self._resolving.pop(reference, None)
         if task.cancelled() or task.exception() is not None:
             return
+        self._stale.answered(reference)
         now = time.monotonic()
         if reference not in self._resolved and len(self._resolved) >= MAX_RESOLVED_REFERENCES:
             self._resolved = {ref: entry for ref, entry in self._resolved.items() if entry[0] > now}
