@@ -782,6 +782,11 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
     }
     second = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default",))
     assert second == first
+    # The same files with a changed manifest: refused, not reported as registered with the old values in force.
+    (model_dir / "lmesh_model.json").write_text(json.dumps({**manifest, "context_length": 256}))
+    with pytest.raises(AlreadyExists, match="already registered with another context_length; give the changed"):
+        await client.register_model_dir(registry.resolver, model_dir)
+    (model_dir / "lmesh_model.json").write_text(json.dumps(manifest))
     resolved = await registry.call("ResolveModel", registry_pb2.ResolveModelRequest(reference="tiny-default"))
     assert resolved.model == first
     path = await client.fetch_to_cache(

@@ -261,13 +261,23 @@ async def _get_model(resolver: ServiceResolver, name: str, version: str) -> regi
     return model
 
 
+# What a manifest says about a version beyond its files: a rebuild that changes one of these is another build.
+MANIFEST_FIELDS = ("format", "chat_template", "context_length", "eos_token_ids", "bos_token_id", "architecture")
+
+
 def _same_or_conflict(
-    existing: registry_pb2.ModelVersion, wanted: dict[int, str]
+    existing: registry_pb2.ModelVersion, wanted: dict[int, str], manifest: registry_pb2.ModelVersion | None = None,
 ) -> registry_pb2.ModelVersion:
     if _digests(existing) != wanted:
         raise AlreadyExists(
             f"model '{existing.name}:{existing.version}' is already registered with other "
             "artifacts; give the new build another version"
+        )
+    changed = [f for f in MANIFEST_FIELDS if manifest is not None and getattr(existing, f) != getattr(manifest, f)]
+    if changed:  # versions are immutable: reporting success would leave the old values in force silently
+        raise AlreadyExists(
+            f"model '{existing.name}:{existing.version}' is already registered with another {', '.join(changed)}; "
+            "give the changed manifest another version"
         )
     return existing
 
@@ -297,7 +307,7 @@ async def register_model_dir(
 
     existing = await _get_model(resolver, model.name, model.version)
     if existing is not None:
-        registered = _same_or_conflict(existing, wanted)
+        registered = _same_or_conflict(existing, wanted, model)
         if not move_aliases or set(aliases) <= set(registered.aliases):
             return registered
         for alias in aliases:
@@ -328,4 +338,4 @@ async def register_model_dir(
         raced = await _get_model(resolver, model.name, model.version)
         if raced is None:
             raise
-        return _same_or_conflict(raced, wanted)
+        return _same_or_conflict(raced, wanted, model)
