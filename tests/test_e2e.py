@@ -584,7 +584,7 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
     assert "Paris" in "".join(r.delta for r in await collect(await live.gateway(), start(), live.api_key))
     listed = await (await live.gateway()).ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(live.api_key))
     old_ids = frozenset(e.service_id for e in live.mesh.resolver("lmesh-registry").endpoints())
-    stale_line = "registry unavailable; serving the last resolution of 'default'"
+    stale_line = "registry unavailable; serving the last answer for 'default'"
     stale_before = live.procs.log("gateway").count(stale_line)
     live.procs.kill("registry")
     try:

@@ -14,6 +14,7 @@ from services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger("lmesh.gateway.models")
 RESOLVE_TTL_S = 5.0  # short enough that an alias move is seen within seconds
+LIST_KEY = "the model list"  # stale answers are logged per reference; the list is one more
 
 
 class ModelDirectory:
@@ -23,7 +24,7 @@ class ModelDirectory:
         self._cache: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
         self._inflight: dict[str, asyncio.Future[registry_pb2.ModelVersion]] = {}
         self._last_list: list[registry_pb2.ModelVersion] | None = None
-        self._stale = StaleAnswers(log, "registry", "serving the last resolution of %r")
+        self._stale = StaleAnswers(log, "registry", "serving the last answer for %r")
 
     async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
         cached = self._cache.get(reference)
@@ -71,7 +72,8 @@ class ModelDirectory:
         except Unavailable:
             if self._last_list is None:
                 raise
-            log.warning("registry unavailable; listing the models it last listed")
+            self._stale.served_stale(LIST_KEY)
             return list(self._last_list)
+        self._stale.answered(LIST_KEY)
         self._last_list = list(response.models)
         return list(self._last_list)
