@@ -69,10 +69,21 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
         return asyncio.run(make())  # type: ignore[arg-type]
     except (grpc.aio.AioRpcError, LmeshError) as exc:
         return _fail(_call_error(exc))
+    except BrokenPipeError:
+        return _reader_went_away()
     except (OSError, TimeoutError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__)
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_went_away() -> int:
+    """`lmesh keys list | head -3`: the reader closed the pipe. Quiet, as Unix tools are; stdout goes to
+    /dev/null so the interpreter's last flush cannot complain about it either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
 
 
 # ---- serve / dev -------------------------------------------------------------------------------------------
@@ -359,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         return _fail(str(exc))
+    except BrokenPipeError:
+        return _reader_went_away()
 
 
 if __name__ == "__main__":

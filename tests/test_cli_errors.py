@@ -282,6 +282,15 @@ def test_keys_without_the_admin_token_say_how_to_pass_it(consul_agent: ConsulAge
         for where in (["keys", "--admin-token", "s3cret", "list"], ["keys", "list", "--admin-token", "s3cret"]):
             listed = lmesh(*where, env=quiet)  # before or after the action, as the hint reads
             assert listed.returncode == 0, listed.stderr
+        # `lmesh keys list | head -1`: a reader gone before the output is ends it quietly, as Unix tools do.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            piped = subprocess.run([*LMESH, "keys", "list", "--admin-token", "s3cret"], stdout=write_end,
+                                   stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT, env={**os.environ, **quiet})
+        finally:
+            os.close(write_end)
+        assert piped.stderr == "" and piped.returncode == 141
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
@@ -332,3 +341,4 @@ def test_parser_namespace_types(monkeypatch: pytest.MonkeyPatch) -> None:
     args = build_parser().parse_args(["serve", "tokenizer"])
     assert isinstance(args, argparse.Namespace)
     assert (args.grace, args.resolve_ttl, args.max_models, args.port) == (2.5, 5.0, 8, 0)
+
