@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -56,13 +56,29 @@ MARK_DOWN_S = 3.0
 WATCH_WAIT_S = 10
 
 
-async def watch_health(client: consul.aio.Consul, name: str, index: str | None,
-                       passing: bool = False) -> tuple[str, list[dict[str, Any]]]:
-    """One blocking query on `/v1/health/service/<name>`. Consul answers within the wait plus up to 1/16 of it as
-    jitter; the call is bounded, so a connection that went silent cannot hold a watch for ever."""
-    async with asyncio.timeout(WATCH_WAIT_S * 17 / 16 + 5):
-        index, nodes = await client.health.service(name, passing=passing, index=index, wait=f"{WATCH_WAIT_S}s")
-    return index, nodes
+async def health_watch(client: consul.aio.Consul, name: str, failure_level: int,
+                       passing: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
+    """The instances of `name` (`passing` ones only, if asked), now and after every change: blocking queries on
+    `/v1/health/service/<name>`, with back-off while Consul fails (logged at `failure_level`). Each query is
+    bounded (Consul answers within the wait plus 1/16 of it as jitter), so a connection that went silent cannot
+    hold a watch for ever."""
+    index: str | None = None
+    backoff = 0.2
+    while True:
+        try:
+            async with asyncio.timeout(WATCH_WAIT_S * 17 / 16 + 5):
+                index, nodes = await client.health.service(name, passing=passing, index=index,
+                                                           wait=f"{WATCH_WAIT_S}s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.log(failure_level, "Consul watch on %s failed (%s); retrying in %.1fs", name, exc, backoff)
+            index = None
+            await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = 0.2
+        yield nodes
 
 
 def consul_client(addr: str) -> consul.aio.Consul:
@@ -128,25 +144,15 @@ class ConsulRegistration:
         """Consul forgets this instance when its agent restarts without its state (a dev agent, a wiped data dir)
         or after its check stayed critical for a minute; a blocking query on the service notices, and the
         instance registers again instead of staying unreachable while it runs."""
-        index: str | None = None
-        backoff = 0.2
-        while True:
+        async for nodes in health_watch(self._client, self.name, logging.DEBUG):
+            if any(node["Service"]["ID"] == self.service_id for node in nodes):
+                continue
+            log.warning("Consul no longer lists %s; registering it again", self.service_id)
             try:
-                index, nodes = await watch_health(self._client, self.name, index)
-                if any(node["Service"]["ID"] == self.service_id for node in nodes):
-                    backoff = 0.2
-                    continue
-                log.warning("Consul no longer lists %s; registering it again", self.service_id)
                 await self._register()
                 self.reregistrations += 1
-                backoff = 0.2
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("registration watch on %s failed (%s); retrying in %.1fs", self.service_id, exc, backoff)
-                index = None
-                await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
-                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:  # the watch's next answer says whether to try again
+                log.warning("could not register %s again: %s", self.service_id, exc)
 
     async def wait_passing(self, timeout_s: float = 5.0) -> bool:
         """Waits until Consul reports this instance passing (blocking queries, not polling); False on timeout."""
@@ -257,20 +263,7 @@ class ServiceResolver:
                 raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
 
     async def _watch(self) -> None:
-        index: str | None = None
-        backoff = 0.2
-        while True:
-            try:
-                index, nodes = await watch_health(self._client, self.name, index, passing=True)
-                backoff = 0.2
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("Consul watch on %s failed (%s); retrying in %.1fs", self.name, exc, backoff)
-                index = None
-                await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
-                backoff = min(backoff * 2, 5.0)
-                continue
+        async for nodes in health_watch(self._client, self.name, logging.WARNING, passing=True):
             await self._update(nodes)
 
     async def _update(self, nodes: list[dict[str, Any]]) -> None:
