@@ -139,7 +139,7 @@ class PrefixCache:
         per_token = sum(layer.nbytes // layer.shape[2] for layer in kv) if kv[0].shape[2] else 0
         if per_token * len(tokens) > self.max_bytes // 2:
             # A long document keeps its first whole blocks, up to half the cache: a resend or a question about it
-            # then skips most of its prefill, and one document cannot flush every conversation.
+            # then skips that part of its prefill, and one document cannot flush every conversation.
             fit = self.max_bytes // 2 // per_token
             tokens = tokens[:fit - fit % self.block_tokens]
             if len(tokens) < self.min_tokens:
