@@ -8,6 +8,7 @@ SIGTERM) stops every process it started, gracefully, in reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -16,9 +17,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -32,6 +34,7 @@ from services.common.server import port_is_free
 SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
 DEFAULT_GATEWAY_PORT = 50051
 SAMPLE_QUESTION = "What is the capital of France?"
+T = TypeVar("T")
 
 
 def dev_key_path() -> Path:
@@ -66,26 +69,43 @@ def stop_children(children: list[Child], grace_s: float) -> None:
             child.process.wait()
 
 
-async def wait_all_passing(mesh: Mesh, children: list[Child], timeout: float) -> None:
-    """Waits until every service has a passing instance in Consul; fails fast if a child died."""
-    async def watch(child: Child) -> None:
-        await mesh.resolver(f"lmesh-{child.service}").wait_for(timeout=timeout)
+def exit_message(name: str, returncode: int | None, log_path: Path | str) -> str:
+    """Why a process of the mesh ended: its exit status and the last line it logged (a service that refuses to
+    start says why in one line), and where the rest is."""
+    last = ""
+    with contextlib.suppress(OSError):
+        lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+        last = lines[-1].removeprefix("lmesh: ") if lines else ""
+    said = f": {last}" if last else ""
+    return f"{name} exited with {returncode}{said} (log: {log_path})"
 
-    tasks = {asyncio.create_task(watch(c)): c for c in children}
-    pending = set(tasks)
-    deadline = time.monotonic() + timeout
-    while pending:
-        done, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in done:
-            task.result()
-        for child in children:
-            if child.process.poll() is not None:
-                for task in pending:
-                    task.cancel()
-                raise RuntimeError(f"lmesh-{child.service} exited with {child.process.returncode}; "
-                                   f"see {child.log_path}")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the mesh did not become healthy in time")
+
+async def while_children_run(children: list[Child], work: Awaitable[T]) -> T:
+    """`work`'s result; fails as soon as a process of the mesh exits first, saying which and why."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            for child in children:
+                if child.process.poll() is not None:
+                    raise RuntimeError(exit_message(f"lmesh-{child.service}", child.process.returncode,
+                                                    child.log_path))
+    finally:
+        task.cancel()
+
+
+async def wait_all_passing(mesh: Mesh, children: list[Child], timeout: float) -> None:
+    """Waits until every service has a passing instance in Consul."""
+    async def watch(child: Child) -> None:
+        try:
+            await mesh.resolver(f"lmesh-{child.service}").wait_for(timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"lmesh-{child.service} did not pass its Consul health check within {timeout:g} s "
+                               f"(log: {child.log_path})") from None
+
+    await while_children_run(children, asyncio.gather(*(watch(c) for c in children)))
 
 
 async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
@@ -138,9 +158,9 @@ async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], 
                 args += ["--port", gateway_port]
             children.append(start_child(service, args, env, logs))
         print(f"• services starting (logs in {logs})", flush=True)
-        model_id = await ensure_model(mesh, model_dir)
+        model_id = await while_children_run(children, ensure_model(mesh, model_dir))
         print(f"• model {model_id} registered (alias 'default')", flush=True)
-        key = await ensure_dev_key(mesh)
+        key = await while_children_run(children, ensure_dev_key(mesh))
         await wait_all_passing(mesh, children, timeout=300)
         print("• all five services passing in Consul", flush=True)
         return key, f"127.0.0.1:{gateway_port}"
@@ -233,14 +253,14 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         print(f"\n> {question}", flush=True)
         asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128))
         print("\nThe mesh is up. Try `.venv/bin/lmesh chat`. Ctrl-C stops it.", flush=True)
-        _supervise(children, agent)
+        _supervise(children, agent, logs)
     except KeyboardInterrupt:
         print("\n• stopping", flush=True)
     except grpc.aio.AioRpcError as exc:  # its str() is a multi-line dump
         print(f"lmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except Exception as exc:
-        print(f"lmesh: {exc}", file=sys.stderr)
+        print(f"lmesh: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     finally:
         stop_children(children, grace_s=10)
@@ -250,14 +270,14 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     return 0
 
 
-def _supervise(children: list[Child], agent: ConsulAgent | None) -> None:
+def _supervise(children: list[Child], agent: ConsulAgent | None, logs: Path) -> None:
     """Blocks until Ctrl-C (KeyboardInterrupt) or until a process of the mesh dies, which is an error."""
     processes = {c.process.pid: (f"lmesh-{c.service}", c.process, str(c.log_path)) for c in children}
     if agent is not None:
-        processes[agent.process.pid] = ("consul", agent.process, "its log")
+        processes[agent.process.pid] = ("consul", agent.process, str(logs / "consul.log"))
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid in processes:
             name, process, log = processes[pid]
             process.returncode = os.waitstatus_to_exitcode(status)
-            raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")
+            raise RuntimeError(exit_message(name, process.returncode, log))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     attributes: dict[str, object]
+    status_code: str = "UNSET"  # UNSET, OK or ERROR
+    status_message: str = ""
+    events: tuple[str, ...] = ()
 
 
 def _value(any_value: object) -> object:
@@ -72,6 +76,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         service=service, name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
                         parent_span_id=span.parent_span_id.hex(),
                         attributes={a.key: _value(a.value) for a in span.attributes},
+                        status_code=trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
+                        status_message=span.status.message, events=tuple(e.name for e in span.events),
                     ))
         async with self._arrived:
             self._arrived.notify_all()

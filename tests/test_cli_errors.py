@@ -75,6 +75,12 @@ def grpc_port() -> Iterator[int]:
      "LMESH_TOKENIZER_MAX_MODELS must be an integer ≥ 1, got '0'"),
     ("LMESH_LOG_LEVEL", "loud", ["serve", "policy"],
      "LMESH_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
+    ("OTEL_TRACES_EXPORTER", "zipkin", ["serve", "policy"],
+     "OTEL_TRACES_EXPORTER='zipkin': lmesh exports traces with otlp, console, none (not zipkin)"),
+    ("OTEL_METRICS_EXPORTER", "prometheus", ["serve", "registry"],
+     "OTEL_METRICS_EXPORTER='prometheus': lmesh exports metrics with otlp, console, none (not prometheus)"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", ["serve", "gateway"],
+     "OTEL_EXPORTER_OTLP_PROTOCOL='http/json': lmesh speaks OTLP as grpc or http/protobuf"),
 ])
 def test_a_bad_environment_default_names_the_variable(var: str, value: str, args: list[str], expected: str,
                                                       monkeypatch: pytest.MonkeyPatch,

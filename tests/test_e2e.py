@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.config import lmesh_cache
-from services.common.consul_agent import ConsulAgent
+from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import AlreadyExists
 from services.policy.client import create_key
@@ -335,6 +336,48 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     assert generate.attributes["lmesh.request_id"] == completion_id
     reason = gateway_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
     assert root.attributes["gen_ai.response.finish_reasons"] == [reason]
+
+
+# An answer ended by the model (its end-of-turn token is not billed) and one ended at a stop string (the gateway
+# cancels generation there; what inference sampled after that is not billed either).
+@pytest.mark.parametrize("stop", [[], ["Paris"]])
+async def test_every_span_bills_what_usage_says(live: LiveMesh, stop: list[str]) -> None:
+    responses = await collect(await live.gateway(), start(max_tokens=64, stop=stop), live.api_key)
+    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    completion_id, billed = responses[-1].id, responses[-1].usage.completion_tokens
+
+    def billing_spans(spans: list) -> dict[str, object]:  # type: ignore[type-arg]
+        return {s.name: s.attributes.get("gen_ai.usage.output_tokens") for s in spans
+                if completion_id in (s.attributes.get("gen_ai.response.id"), s.attributes.get("lmesh.request_id"))}
+
+    await live.otlp.wait_for(lambda spans: len(billing_spans(spans)) == 2, timeout=20)
+    assert billing_spans(live.otlp.spans) == {"lmesh.gateway/Chat": billed, "lmesh.inference/Generate": billed}
+    generate = next(s for s in live.otlp.spans if s.attributes.get("lmesh.request_id") == completion_id)
+    decode = next(s for s in live.otlp.spans if s.name == "decode" and s.parent_span_id == generate.span_id)
+    assert decode.attributes["gen_ai.usage.output_tokens"] == billed
+
+
+@pytest.mark.parametrize(("model", "max_tokens"), [("no-such-model-for-spans", 48), ("default", -7)])
+async def test_a_refused_chat_has_a_clean_error_span_that_says_what_was_asked(live: LiveMesh, model: str,
+                                                                              max_tokens: int) -> None:
+    await expect_error(await live.gateway(), [start(model=model, max_tokens=max_tokens)], auth(live.api_key))
+
+    def refused(spans: list) -> list:  # type: ignore[type-arg]
+        return [s for s in spans if s.name == "lmesh.gateway/Chat" and s.status_code == "ERROR"
+                and s.attributes.get("gen_ai.request.model") == model
+                and s.attributes.get("gen_ai.request.max_tokens") == max_tokens]
+
+    chat = (await live.otlp.wait_for(refused, timeout=20))[-1]
+    assert chat.attributes["gen_ai.operation.name"] == "chat"
+    if model == "default":
+        return
+    # The unknown model failed inside `authorize`: a status naming the code and the message, no repr of the gRPC
+    # error (debug strings) and no exception event with a traceback.
+    authorize = next(s for s in live.otlp.spans if s.name == "authorize" and s.trace_id == chat.trace_id)
+    assert authorize.status_code == "ERROR"
+    assert authorize.status_message == "NOT_FOUND: model 'no-such-model-for-spans' not found"
+    assert authorize.events == ()
+    assert authorize.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
@@ -1031,6 +1074,25 @@ async def test_dev_mesh_refuses_to_start_a_second_mesh_in_an_agent_that_holds_on
     assert result.stderr == (f"lmesh: a mesh already runs in the Consul agent at {consul_agent.http_addr} "
                              f"(lmesh-gateway at {gateway.target}); use it (`lmesh chat`), stop it, or point "
                              "CONSUL_HTTP_ADDR at another agent\n")
+
+
+def test_dev_mesh_names_a_service_that_refuses_to_start_and_why(built_model: Path, tmp_path: Path) -> None:
+    """Every service refuses an unsupported OTEL_TRACES_EXPORTER: `lmesh dev` stops at once (not after waiting for
+    the registry), with the service's own one-line reason, and leaves nothing running."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    env = {**os.environ, "LMESH_HOME": str(tmp_path), "LMESH_GATEWAY_PORT": str(ports[0]),
+           "CONSUL_HTTP_ADDR": f"127.0.0.1:{ports[1]}", "OTEL_TRACES_EXPORTER": "zipkin"}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "services.cli", "dev", "--model-dir", str(built_model)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and time.monotonic() - began < 20
+    assert re.fullmatch(r"lmesh: lmesh-\w+ exited with 2: OTEL_TRACES_EXPORTER='zipkin': lmesh exports traces with "
+                        r"otlp, console, none \(not zipkin\) \(log: .*/logs/\w+\.log\)\n", result.stderr), result.stderr
+    assert not consul_answers(env["CONSUL_HTTP_ADDR"])  # the agent it started is stopped too
 
 
 @pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list")])

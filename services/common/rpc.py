@@ -80,6 +80,26 @@ def status_for(exc: BaseException, span: trace.Span | None = None,
     return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id(span)})", ()
 
 
+def mark_failed(span: trace.Span, exc: BaseException) -> None:
+    """Marks `span` failed with the status `exc` would give a caller (code and message; no repr, no traceback:
+    an unknown model or a bad key is the caller's mistake, not a stack to export)."""
+    code, message, _ = status_for(exc, span)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+
+
+def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
+    """A call gRPC cancelled under the handler: its deadline passed (an error), or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0.001:
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        span.set_status(Status(StatusCode.ERROR, "DEADLINE_EXCEEDED: the call's deadline passed"))
+    else:
+        # The caller's choice, not a failure of ours (OpenTelemetry's gRPC conventions leave it unset too).
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+        span.add_event("cancelled by the client")
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace and maps exceptions to status codes."""
 
@@ -130,8 +150,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span, span_context = start(context)
                 token = otel_context.attach(span_context)
                 try:
-                    return await inner_unary(request, context)
+                    response = await inner_unary(request, context)
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                    return response
                 except grpc.aio.AbortError:
+                    raise
+                except asyncio.CancelledError:
+                    _mark_ended_early(span, context)
                     raise
                 except Exception as exc:
                     await fail(context, span, exc)
@@ -163,7 +188,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     if self.expired is not None:
                         raise self.expired
                     yield response
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
             except grpc.aio.AbortError:
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                _mark_ended_early(span, context)
                 raise
             except Exception as exc:
                 await fail(context, span, exc)

@@ -31,7 +31,7 @@ from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.errors import LmeshError, Unavailable
 from services.common.rpc import ServerInterceptor
-from services.common.telemetry import setup_metrics, setup_tracing
+from services.common.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
 
 log = logging.getLogger("lmesh.server")
 V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"
@@ -118,8 +118,7 @@ class RunningService:
         if self.parts.on_stop is not None:
             await self.parts.on_stop()
         await self.runtime.mesh.close()
-        self.runtime.tracer_provider.shutdown()
-        self.runtime.meter_provider.shutdown()
+        await shutdown_telemetry(self.runtime.tracer_provider, self.runtime.meter_provider)
         log.info("lmesh-%s stopped", config.service)
 
 
@@ -147,9 +146,11 @@ async def start_service(
     problem = _bind_problem(config)
     if problem is not None:
         raise OSError(problem)
-    runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr),
-                             tracer_provider=setup_tracing(f"lmesh-{config.service}", extra_exporters),
-                             meter_provider=setup_metrics(f"lmesh-{config.service}", metric_readers))
+    # Telemetry first: a bad OTEL_* setting fails here, before anything that needs closing exists.
+    tracer_provider = setup_tracing(f"lmesh-{config.service}", extra_exporters)
+    meter_provider = setup_metrics(f"lmesh-{config.service}", metric_readers)
+    runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr), tracer_provider=tracer_provider,
+                             meter_provider=meter_provider)
     parts = build(runtime)
     interceptor = ServerInterceptor(config.service, runtime.tracer)
     server = grpc.aio.server(interceptors=[interceptor],
@@ -167,8 +168,7 @@ async def start_service(
         if parts.on_stop is not None:
             await parts.on_stop()
         await runtime.mesh.close()
-        runtime.tracer_provider.shutdown()
-        runtime.meter_provider.shutdown()
+        await shutdown_telemetry(runtime.tracer_provider, runtime.meter_provider)
         # Taken since the check above, or refused by gRPC alone (a free port 0 cannot be "in use").
         raise OSError(_bind_problem(config) or (_port_taken(config) if config.port else
                                                 f"could not listen on {host_port(config.host, 0)}"))

@@ -6,13 +6,22 @@ process without sharing exporters.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -23,47 +32,143 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from services.common.config import ConfigError
+
 PROPAGATOR = TraceContextTextMapPropagator()
+log = logging.getLogger("lmesh.telemetry")
+
+EXPORTERS = ("otlp", "console", "none")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# Exporting what is left at shutdown waits at most this long: a collector that is down or hung must not turn a
+# drain into a kill (each OTLP export would otherwise wait out its 10 s timeout).
+FLUSH_ON_STOP_S = 2.0
+
+
+def _exporters(signal: str) -> set[str]:
+    """OTEL_<SIGNAL>_EXPORTER as a set of names, each one lmesh supports (ConfigError otherwise)."""
+    variable = f"OTEL_{signal.upper()}_EXPORTER"
+    wanted = {name.strip().lower() for name in os.environ.get(variable, "otlp").split(",") if name.strip()}
+    unknown = sorted(wanted - set(EXPORTERS))
+    if unknown:
+        raise ConfigError(f"{variable}={os.environ[variable]!r}: lmesh exports {signal} with "
+                          f"{', '.join(EXPORTERS)} (not {', '.join(unknown)})")
+    return set() if "none" in wanted else wanted
+
+
+def _otlp_endpoint(signal: str) -> str:
+    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "")
+
+
+def _otlp_protocol(signal: str) -> str:
+    """The OTLP transport for `signal`: the per-signal variable, else OTEL_EXPORTER_OTLP_PROTOCOL, else grpc."""
+    for variable in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = os.environ.get(variable, "").strip().lower()
+        if value:
+            if value not in OTLP_PROTOCOLS:
+                raise ConfigError(f"{variable}={os.environ[variable]!r}: lmesh speaks OTLP as "
+                                  f"{' or '.join(OTLP_PROTOCOLS)}")
+            return value
+    return "grpc"
+
+
+def resource(service_name: str) -> Resource:
+    """service.name is always the service's own (`lmesh-gateway`, ...), which is also its Consul name.
+
+    OTEL_SERVICE_NAME would give all five services one name when it is set for the whole mesh (one environment
+    file serves every systemd unit and Kubernetes container), so lmesh reads it as the mesh's name: it becomes
+    service.namespace, unless OTEL_RESOURCE_ATTRIBUTES sets that. OTEL_RESOURCE_ATTRIBUTES applies as usual.
+    """
+    attributes = {"service.name": service_name}
+    mesh_name = os.environ.get("OTEL_SERVICE_NAME", "").strip()
+    detected = Resource.create({})
+    if mesh_name and "service.namespace" not in detected.attributes:
+        attributes["service.namespace"] = mesh_name
+    return Resource.create(attributes)
 
 
 def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
-    """A provider named `service_name` (OTEL_SERVICE_NAME wins) exporting as OTEL_* variables say.
+    """A provider for `service_name` exporting as the OTEL_* variables say (ConfigError on a value lmesh does not
+    support, rather than silently exporting nothing).
 
-    OTLP over gRPC when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (unless
-    OTEL_TRACES_EXPORTER excludes "otlp"); the console when OTEL_TRACES_EXPORTER contains "console".
-    `extra_exporters` (tests) get every span synchronously.
+    OTLP (gRPC, or HTTP with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf) when OTEL_EXPORTER_OTLP_ENDPOINT or
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set and OTEL_TRACES_EXPORTER includes "otlp" (the default); the console
+    when it includes "console". The sampler follows OTEL_TRACES_SAMPLER. `extra_exporters` (tests) get every span
+    synchronously.
     """
-    name = os.environ.get("OTEL_SERVICE_NAME") or service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
-    wanted = {e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
-    has_endpoint = bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    if "otlp" in wanted and has_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        # The exporter reads endpoint, headers, insecure and timeout from the OTEL_* variables itself.
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=500))
+    wanted = _exporters("traces")
+    protocol = _otlp_protocol("traces")
+    provider = TracerProvider(resource=resource(service_name), shutdown_on_exit=False)
+    endpoint = _otlp_endpoint("traces")
+    if "otlp" in wanted and endpoint:
+        exporter: SpanExporter
+        # The exporters read endpoint, headers, certificates and timeout from the OTEL_* variables themselves.
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            exporter = OTLPSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+            exporter = HttpSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+        log.info("%s exports traces over OTLP/%s to %s", service_name, protocol, endpoint)
     if "console" in wanted:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    for exporter in extra_exporters:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    for extra in extra_exporters:
+        provider.add_span_processor(SimpleSpanProcessor(extra))
     return provider
 
 
 def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = ()) -> MeterProvider:
-    """Metrics exported over OTLP/gRPC when an OTLP endpoint is configured (OTEL_METRICS_EXPORTER allowing)."""
-    name = os.environ.get("OTEL_SERVICE_NAME") or service_name
+    """Metrics exported as OTEL_METRICS_EXPORTER says: OTLP (gRPC or HTTP, as for traces) when an endpoint is set,
+    or the console; every OTEL_METRIC_EXPORT_INTERVAL."""
+    wanted = _exporters("metrics")
+    protocol = _otlp_protocol("metrics")
     readers: list[MetricReader] = list(extra_readers)
-    wanted = {e.strip() for e in os.environ.get("OTEL_METRICS_EXPORTER", "otlp").split(",")}
-    has_endpoint = bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    if "otlp" in wanted and has_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    endpoint = _otlp_endpoint("metrics")
+    if "otlp" in wanted and endpoint:
+        exporter: MetricExporter
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            exporter = OTLPMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpMetricExporter,
+            )
+            exporter = HttpMetricExporter()
+        readers.append(PeriodicExportingMetricReader(exporter))
+    if "console" in wanted:
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    return MeterProvider(metric_readers=readers, resource=resource(service_name), shutdown_on_exit=False)
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    return MeterProvider(metric_readers=readers, resource=Resource.create({"service.name": name}))
+
+async def shutdown_telemetry(tracer_provider: TracerProvider, meter_provider: MeterProvider,
+                             timeout_s: float = FLUSH_ON_STOP_S) -> None:
+    """Flushes and shuts both providers down, waiting at most `timeout_s`.
+
+    The SDK's shutdown blocks until its exporters give up (10 s per signal against a hung collector), so it runs
+    in a daemon thread that the process does not wait for: what a dead collector never took is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def shut_down() -> None:
+        try:
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(finished)
+
+    threading.Thread(target=shut_down, name="lmesh-telemetry-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), timeout_s)
+    except TimeoutError:
+        log.warning("telemetry exporters did not finish within %.0f s (collector down?); unsent spans and "
+                    "metrics are dropped", timeout_s)
 
 
 def extract_context(metadata: Mapping[str, str]) -> otel_context.Context:

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
-from services.common.rpc import call_options
+from services.common.rpc import call_options, mark_failed
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
 
@@ -139,19 +139,24 @@ class ChatService:
                       ) -> tuple[registry_pb2.ModelVersion, list[int], int, Endpoint]:
         """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
         version, ids, max_tokens and the tokenizer that rendered it (which has that model's tokenizer loaded)."""
-        with self._tracer.start_as_current_span("authorize"):
+        with self._tracer.start_as_current_span("authorize", record_exception=False,
+                                                 set_status_on_exception=False) as span:
             try:
-                version = await self.models.resolve(params.model)  # cached: usually no call
-            except (LmeshError, grpc.aio.AioRpcError):
-                # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
-                await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
-                                        policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+                try:
+                    version = await self.models.resolve(params.model)  # cached: usually no call
+                except (LmeshError, grpc.aio.AioRpcError):
+                    # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
+                    await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
+                                            policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+                    raise
+                model_id = f"{version.name}:{version.version}"
+                # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
+                await self._policy.call(policy_pb2_grpc.PolicyStub, "Authorize", policy_pb2.AuthorizeRequest(
+                    api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
+                    resolved_aliases=list(version.aliases)), timeout=10)
+            except Exception as exc:
+                mark_failed(span, exc)
                 raise
-            model_id = f"{version.name}:{version.version}"
-            # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
-            await self._policy.call(policy_pb2_grpc.PolicyStub, "Authorize", policy_pb2.AuthorizeRequest(
-                api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
-                resolved_aliases=list(version.aliases)), timeout=10)
         request = tokenizer_pb2.ApplyChatTemplateRequest(
             model=model_id, add_generation_prompt=True,
             messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])

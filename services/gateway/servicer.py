@@ -48,10 +48,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Chat(self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.ChatResponse]:
-        params = _params(await first_message(request_iterator, "start"))
-        api_key = bearer_key(context.invocation_metadata())
+        start = await first_message(request_iterator, "start")
         span = trace.get_current_span()
-        span.set_attribute("gen_ai.request.model", params.model)
+        # Before validation, so a refused request's span says what was asked.
+        span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": start.model.strip() or "default",
+                             "gen_ai.request.max_tokens": start.max_tokens,
+                             "gen_ai.request.temperature": start.temperature})
+        params = _params(start)
+        api_key = bearer_key(context.invocation_metadata())
         version, prompt, max_tokens, tokenizer = await self._chat.prepare(api_key, params)
         model_id = f"{version.name}:{version.version}"
         completion_id = new_completion_id()
@@ -84,7 +88,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                               total_tokens=event.prompt_tokens + event.completion_tokens,
                                               cached_prompt_tokens=event.cached_prompt_tokens)
                     span.set_attributes({"gen_ai.usage.output_tokens": event.completion_tokens,
-                                         "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]]})
+                                         "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]],
+                                         "lmesh.usage.cached_prompt_tokens": event.cached_prompt_tokens})
                     yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
                                                    model=model_id, id=completion_id,
                                                    logprobs=_logprobs(event.logprobs))

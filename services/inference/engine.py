@@ -87,6 +87,9 @@ class Sequence:
     last_token: int = -1  # the newest sampled token (set by the model thread: the next decode's input)
     sampled: int = 0  # tokens sampled by the model thread; `generated` counts those the loop has emitted
     generated: int = 0
+    # The tokens the caller is billed for, set when the sequence ends: `generated` less the end-of-turn token
+    # and anything emitted after a cancel (what its usage reports, and so its spans).
+    completion_tokens: int = 0
     cancelled: bool = False
     done: bool = False
     # Every sampled token, in order (model thread). A sequence that ended without an error keeps its whole KV
@@ -347,12 +350,14 @@ class Engine:
         completion = seq.generated if reason != Finish.STOP else seq.generated - 1
         if reason == Finish.CANCELLED:
             completion = min(seq.generated, seq.tokens_at_cancel or 0)
+        seq.completion_tokens = completion
         seq.events.put_nowait(FinishEvent(reason, len(seq.request.prompt_ids), completion, seq.cached_tokens))
 
     def _finish_error(self, seq: Sequence, error: LmeshError) -> None:
         if seq.done:
             return
         self._remove(seq)
+        seq.completion_tokens = seq.generated  # what the caller received before the error
         seq.events.put_nowait(ErrorEvent(error))
 
     # ---- model work (worker thread) ---------------------------------------------------------------------

@@ -18,11 +18,18 @@ class InferenceMetrics:
             "lmesh.inference.inter_token_latency", unit="s", description="mean gap between tokens of a request")
         self.cached_prompt_tokens = meter.create_counter(
             "lmesh.inference.prefix_cache.hit_tokens", unit="{token}", description="prompt tokens reused")
-        meter.create_observable_counter("lmesh.inference.prefix_cache.hits", [self._stat("hits")])
-        meter.create_observable_counter("lmesh.inference.prefix_cache.misses", [self._stat("misses")])
-        meter.create_observable_counter("lmesh.inference.prefix_cache.evictions", [self._stat("evictions")])
-        for key in ("active", "queued", "kv_bytes", "prefix_cache_bytes"):
-            meter.create_observable_gauge(f"lmesh.inference.{key}", [self._load(key)])
+        meter.create_observable_counter("lmesh.inference.prefix_cache.hits", [self._stat("hits")], unit="{lookup}",
+                                        description="prompts that found part of their prefix cached")
+        meter.create_observable_counter("lmesh.inference.prefix_cache.misses", [self._stat("misses")],
+                                        unit="{lookup}", description="prompts that found nothing cached")
+        meter.create_observable_counter("lmesh.inference.prefix_cache.evictions", [self._stat("evictions")],
+                                        unit="{block}", description="cached blocks dropped to stay in budget")
+        for key, unit, description in (("active", "{sequence}", "sequences decoding"),
+                                       ("queued", "{sequence}", "sequences waiting for a slot"),
+                                       ("kv_bytes", "By", "KV cache memory of the active sequences"),
+                                       ("prefix_cache_bytes", "By", "memory held by the prefix cache")):
+            meter.create_observable_gauge(f"lmesh.inference.{key}", [self._load(key)], unit=unit,
+                                          description=description)
 
     def _stat(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(_: CallbackOptions) -> Iterable[Observation]:

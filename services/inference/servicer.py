@@ -162,7 +162,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _record_spans(self, seq: Sequence, parent: trace.Span) -> None:
         """Prefill and decode spans from the engine's timestamps (the engine itself knows no tracing)."""
         context = trace.set_span_in_context(parent)
-        parent.set_attributes({"gen_ai.usage.output_tokens": seq.generated,
+        parent.set_attributes({"gen_ai.usage.output_tokens": seq.completion_tokens,
                                "lmesh.inference.prefix_cached_tokens": seq.cached_tokens,
                                "lmesh.inference.tokens_after_cancel": seq.tokens_after_cancel,
                                "lmesh.inference.cancelled": seq.tokens_at_cancel is not None})
@@ -175,5 +175,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                                           "lmesh.inference.prefix_cache_hit": seq.cached_tokens > 0})
             prefill.end(end_time=seq.prefill_end_ns)
             decode = self._tracer.start_span("decode", context=context, start_time=seq.prefill_end_ns,
-                                             attributes={"gen_ai.usage.output_tokens": seq.generated})
+                                             attributes={"gen_ai.usage.output_tokens": seq.completion_tokens})
             decode.end(end_time=max(seq.finish_ns, seq.prefill_end_ns))
