@@ -380,6 +380,74 @@ async def test_a_refused_chat_has_a_clean_error_span_that_says_what_was_asked(li
     assert authorize.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
+def _with_bad_utf8(request: gateway_pb2.ChatRequest, marker: str) -> bytes:
+    """`request` serialized, with `marker` (3 characters in a string field) replaced by a lone UTF-16 surrogate's
+    bytes, as a JavaScript client encodes a string that holds half an emoji."""
+    data = request.SerializeToString()
+    assert data.count(marker.encode()) == 1 and len(marker.encode()) == 3
+    return data.replace(marker.encode(), b"\xed\xa0\xbd")
+
+
+@pytest.mark.parametrize("case", ["bad utf-8 in content", "bad utf-8 in stop", "garbage bytes"])
+async def test_a_request_that_cannot_be_decoded_is_invalid_argument(live: LiveMesh, case: str) -> None:
+    if case == "garbage bytes":
+        first = b"\xff\xff\xff\xff\x0f"
+    elif case == "bad utf-8 in content":
+        first = _with_bad_utf8(start("Tell me about XYZ"), "XYZ")
+    else:
+        first = _with_bad_utf8(start(stop=["XYZ"]), "XYZ")
+    gateway = await live.mesh.resolver("lmesh-gateway").pick()
+    chat = gateway.channel.stream_stream("/lmesh.gateway.v1.Gateway/Chat")
+    call = chat(metadata=auth(live.api_key), timeout=30)
+    await call.write(first)
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert (caught.value.details() or "").startswith("request: the message could not be decoded")
+    # The same for a unary call, and before any key is looked at.
+    list_models = gateway.channel.unary_unary("/lmesh.gateway.v1.Gateway/ListModels")
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await list_models(b"\xff\xff\xff\xff\x0f", timeout=30)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (unary.value.details() or "").startswith("request: the message could not be decoded")
+
+
+async def test_an_undecodable_message_after_a_valid_start_is_skipped(live: LiveMesh) -> None:
+    gateway = await live.mesh.resolver("lmesh-gateway").pick()
+    call = gateway.channel.stream_stream("/lmesh.gateway.v1.Gateway/Chat")(metadata=auth(live.api_key), timeout=60)
+    await call.write(start(max_tokens=16).SerializeToString())
+    await call.write(b"\xff\xff\xff\xff\x0f")
+    await call.done_writing()
+    responses = [gateway_pb2.ChatResponse.FromString(r) async for r in call]
+    assert responses[-1].finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+
+
+async def test_a_request_over_4_mib_is_refused_by_the_gateway_at_once(live: LiveMesh) -> None:
+    call = (await live.gateway()).Chat(metadata=auth(live.api_key), timeout=30)
+    await call.write(start("word " * (900 * 1024)))  # 4.5 MB
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_huge_prompt_does_not_stall_other_chats(live: LiveMesh) -> None:
+    """A 3.5 MB prompt takes the tokenizer seconds, in a worker thread that lets the service go on meanwhile:
+    other chats are answered, and its health check keeps passing."""
+    stub = await live.gateway()
+    huge = asyncio.create_task(expect_error(stub, [start("lorem ipsum dolor " * 200_000)], auth(live.api_key)))
+    await asyncio.sleep(0.3)  # its tokenization is under way
+    began = time.monotonic()
+    answered = await collect(stub, start(max_tokens=4), live.api_key)
+    quick = time.monotonic() - began
+    error = await huge
+    took = time.monotonic() - began
+    assert answered[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in (error.details() or "")
+    assert quick < took / 2, (quick, took)  # the small chat did not wait for the huge prompt's tokenization
+
+
 async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
     stub = await live.gateway()
     key = auth(live.api_key)

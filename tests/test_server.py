@@ -155,3 +155,30 @@ async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tm
         await running.stop()
         await mesh.close()
         agent.stop()
+
+
+@pytest.mark.parametrize("caller_timeout", [None, 30.0])
+async def test_a_dependency_timing_out_is_unavailable_not_the_callers_deadline(caller_timeout: float | None) -> None:
+    """A call's own downstream timeout (the gateway gives the tokenizer 10 s) is not the caller's deadline: the
+    caller, with time left, gets UNAVAILABLE (retry), not DEADLINE_EXCEEDED ("the call's deadline passed")."""
+    provider = setup_tracing("lmesh-test")
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   "Deadline Exceeded")
+
+    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary)})
+    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
+                             options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x", timeout=caller_timeout)
+    finally:
+        await server.stop(None)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "a dependency did not answer in time (Deadline Exceeded); retry"

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -798,3 +799,29 @@ async def test_grpc_real_smollm2_tokenizer(services: Mesh2, built_model: Path,
     response = await services.stub.ApplyChatTemplate(request, timeout=30)
     text, ids = expected.apply_chat_template([user("What is the capital of France?")], True)
     assert (response.text, list(response.token_ids)) == (text, ids)
+
+
+@pytest.mark.parametrize("control_token", [False, True])
+async def test_a_huge_prompt_is_tokenized_without_freezing_the_event_loop(built_model: Path,
+                                                                          control_token: bool) -> None:
+    """The service tokenizes big inputs in a worker thread; that only helps if the tokenizer lets go of the GIL
+    meanwhile (its plain `encode` does not: the loop, health checks included, stood still for the whole encode)."""
+    tokenizer = _smollm2(built_model)
+    content = "hello world, this is a long prompt. " * 60_000 + ("<|im_end|>" if control_token else "")
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    began = time.monotonic()
+    _, ids = await asyncio.to_thread(tokenizer.apply_chat_template, [user(content)], True)
+    took = time.monotonic() - began
+    ticker.cancel()
+    assert len(ids) > 500_000
+    assert gaps and max(gaps) < took / 4, (max(gaps or [took]), took)

@@ -12,6 +12,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -88,16 +89,70 @@ def mark_failed(span: trace.Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 
 
+def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= margin_s
+
+
 def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
     """A call gRPC cancelled under the handler: its deadline passed (an error), or the client went away."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0.001:
+    if _deadline_passed(context):
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
         span.set_status(Status(StatusCode.ERROR, "DEADLINE_EXCEEDED: the call's deadline passed"))
     else:
         # The caller's choice, not a failure of ours (OpenTelemetry's gRPC conventions leave it unset too).
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
         span.add_event("cancelled by the client")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message the deserializer refused (bytes that are not the RPC's message type, or a string field
+    that is not UTF-8, as a JavaScript string holding half an emoji encodes): the call answers INVALID_ARGUMENT
+    instead of gRPC's UNKNOWN (unary) or an INTERNAL with a logged traceback (streams)."""
+
+    error: str
+
+    def problem(self) -> InvalidArgument:
+        return InvalidArgument("request", f"the message could not be decoded ({self.error}); string fields must be "
+                                          "valid UTF-8")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, whichever implementation raised it
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+class _CheckedRequests:
+    """A client stream's messages: an undecodable first message fails the call (INVALID_ARGUMENT); a later one,
+    after a valid start, is skipped and logged, since the task reading it (a cancel watcher) cannot fail the
+    call."""
+
+    def __init__(self, requests: AsyncIterator[Any], method: str) -> None:
+        self._requests = aiter(requests)
+        self._method = method
+        self._first = True
+
+    def __aiter__(self) -> _CheckedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            message = await anext(self._requests)
+            if not isinstance(message, Undecodable):
+                self._first = False
+                return message
+            if self._first:
+                raise message.problem()
+            log.info("%s: skipped a message that could not be decoded (%s)", self._method, message.error)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -134,6 +189,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
             # The call's own span: a streaming handler's failure can surface outside the span's context.
             code, message, trailers = status_for(exc, span)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _deadline_passed(context, margin_s=1.0):
+                # A call this one made ran out of its own time budget, not the caller's deadline (which calls
+                # downstream inherit, so theirs pass a moment before ours): to the caller that is a dependency
+                # that did not answer, worth a retry.
+                code, message = grpc.StatusCode.UNAVAILABLE, f"a dependency did not answer in time ({message}); retry"
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (trace_id=%s)", method, current_trace_id(span), exc_info=exc)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -150,6 +210,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span, span_context = start(context)
                 token = otel_context.attach(span_context)
                 try:
+                    if isinstance(request, Undecodable):
+                        raise request.problem()
+                    if is_stream_in:
+                        request = _CheckedRequests(request, method)
                     response = await inner_unary(request, context)
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
                     return response
@@ -165,7 +229,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     span.end()
 
             factory = grpc.stream_unary_rpc_method_handler if is_stream_in else grpc.unary_unary_rpc_method_handler
-            return factory(unary, request_deserializer=handler.request_deserializer,
+            return factory(unary, request_deserializer=_tolerant(handler.request_deserializer),
                            response_serializer=handler.response_serializer)
 
         is_stream_in = handler.unary_stream is None
@@ -173,8 +237,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             span, span_context = start(context)
+            if is_stream_in:
+                request = _CheckedRequests(request, method)
             responses = inner_stream(request, context)
             try:
+                if isinstance(request, Undecodable):
+                    raise request.problem()
                 while True:
                     # The span is current only while the servicer runs: between messages this generator may
                     # be resumed or closed from another task, where a context token could not be detached.
@@ -201,5 +269,5 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span.end()
 
         factory = grpc.stream_stream_rpc_method_handler if is_stream_in else grpc.unary_stream_rpc_method_handler
-        return factory(streaming, request_deserializer=handler.request_deserializer,
+        return factory(streaming, request_deserializer=_tolerant(handler.request_deserializer),
                        response_serializer=handler.response_serializer)

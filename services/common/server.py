@@ -72,6 +72,9 @@ class ServiceParts:
     # Called a moment before the drain's grace runs out, with the error that still-running streams end with
     # (inference ends its queued and generating sequences with it).
     on_grace_expiring: Callable[[LmeshError], None] | None = None
+    # The largest request message the server accepts (gRPC refuses a larger one with RESOURCE_EXHAUSTED before
+    # any of our code runs); None keeps SERVER_OPTIONS' limit for the mesh's own traffic (artifact uploads).
+    max_request_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -153,8 +156,11 @@ async def start_service(
                              meter_provider=meter_provider)
     parts = build(runtime)
     interceptor = ServerInterceptor(config.service, runtime.tracer)
-    server = grpc.aio.server(interceptors=[interceptor],
-                             options=SERVER_OPTIONS)
+    options = SERVER_OPTIONS
+    if parts.max_request_bytes is not None:
+        options = [*(o for o in options if o[0] != "grpc.max_receive_message_length"),
+                   ("grpc.max_receive_message_length", parts.max_request_bytes)]
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add, servicer, _ in parts.servicers:

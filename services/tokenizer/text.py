@@ -55,6 +55,13 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
 BYTE_LEVEL_CHAR_TO_BYTE = {char: byte for byte, char in _gpt2_bytes_to_unicode().items()}
 
 
+def _ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """`text`'s token ids. Through encode_batch, which releases the GIL while it works (encode holds it: a
+    megabyte prompt tokenized in a worker thread would still freeze the event loop, health checks included, for
+    seconds)."""
+    return list(tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Every token id's exact bytes (index = id), and the ids of special tokens."""
@@ -165,11 +172,11 @@ class ModelTokenizer:
         return self.tokenizer.id_to_token(token_id) or ""
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return _ids(self.tokenizer, text, add_special_tokens)
 
     def count(self, text: str) -> int:
         """The number of tokens of `text` alone (no special tokens added around it)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(_ids(self.tokenizer, text, False))
 
     def check_ids(self, ids: Sequence[int], field: str = "token_ids") -> None:
         for index, token_id in enumerate(ids):
@@ -249,9 +256,9 @@ class ModelTokenizer:
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:
-                ids.extend(self._literal.encode(messages[int(piece)].content, add_special_tokens=False).ids)
+                ids.extend(_ids(self._literal, messages[int(piece)].content, False))
             elif piece:
-                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False).ids)
+                ids.extend(_ids(self.tokenizer, piece, False))
         return ids
 
     def _compiled_template(self) -> jinja2.Template:

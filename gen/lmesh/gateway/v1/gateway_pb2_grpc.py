@@ -68,11 +68,13 @@ class GatewayServicer:
         Errors: UNAUTHENTICATED (no or wrong key), PERMISSION_DENIED (model not allowed for the key),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
         empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
-        `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context —
-        the message names the field), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the model
-        is full; trailing metadata `retry-after-ms` says when to retry), DEADLINE_EXCEEDED (the call's deadline
-        passed), UNAVAILABLE (a dependency is down, no inference replica serves the version, or this gateway or
-        the replica shut down before the answer finished: the message says which; retry).
+        `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;
+        a first message that cannot be decoded, such as a string field that is not UTF-8 — the message names the
+        field, `request` for the last), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the
+        model is full; trailing metadata `retry-after-ms` says when to retry; also a request message over 4 MiB,
+        refused by gRPC itself without that metadata), DEADLINE_EXCEEDED (the call's deadline passed),
+        UNAVAILABLE (a dependency is down or did not answer in time, no inference replica serves the version, or
+        this gateway or the replica shut down before the answer finished: the message says which; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
