@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -549,6 +550,44 @@ async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
     finally:
         await cold.close()
         await warm.close()
+
+
+@pytest.mark.parametrize("kv_on_device", [False, True], ids=["host", "device"])
+async def test_a_prompt_sent_again_joins_the_decode_run_without_a_prompt_run(
+        decoder: OnnxDecoder, built_model: Path, kv_on_device: bool) -> None:
+    """All but its last token come from the prefix cache: that token is the input of the batch's next decode run
+    (no run of its own), and the answer is the same as the first time, alone or beside generating streams."""
+    prompts = [chat_prompt(built_model, SYSTEM, q) for q in QUESTIONS]
+    reference_engine = engine_on_route(decoder, EngineLimits(prefix_cache_bytes=0), kv_on_device)
+    engine = engine_on_route(decoder, EngineLimits(), kv_on_device)
+    prompt_runs = 0
+    real_run = decoder.run
+
+    def counting_run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal prompt_runs
+        prompt_runs += 1
+        return real_run(*args, **kwargs)
+
+    try:
+        expected = [(await drain(reference_engine.submit(request(p, max_tokens=8))))[0] for p in prompts[:2]]
+        for prompt in prompts[:2]:
+            await drain(engine.submit(request(prompt, max_tokens=8)))  # the prompt and its answer are cached now
+        decoder.run = counting_run  # type: ignore[method-assign]
+        alone, end = await drain(engine.submit(request(prompts[0], max_tokens=8)))
+        assert prompt_runs == 0 and alone == expected[0]
+        assert isinstance(end, FinishEvent) and end.cached_prompt_tokens == len(prompts[0]) - 1
+        # Beside a stream that is generating: it joins that stream's decode run.
+        busy = engine.submit(request(prompts[2], max_tokens=40))
+        first = await busy.events.get()
+        assert isinstance(first, TokenEvent)
+        joined, _ = await drain(engine.submit(request(prompts[1], max_tokens=8)))
+        await drain(busy)
+        assert joined == expected[1]
+        assert prompt_runs == 1  # the busy stream's own prompt, not cached
+    finally:
+        decoder.run = real_run  # type: ignore[method-assign]
+        await reference_engine.close()
+        await engine.close()
 
 
 @pytest.mark.parametrize("kv_on_device", [False, True], ids=["host", "device"])

@@ -373,6 +373,18 @@ class Engine:
         self.steps += 1
         results: list[Produced] = []
         work = [(seq, seq.prefilled, seq.prefilled + n) for seq, n in self._plan_prefill(prefilling).items()]
+        # A prompt whose last token alone is left over its cache (a prefix-cache hit on a prompt sent again, or
+        # a long prompt's last chunk of one token) joins this step's decode run with that token as its input,
+        # instead of a run of its own: on a CPU every run streams all the weights, so that run cost about as much
+        # as a whole decode step.
+        joining = [seq for seq, start, end in work if start > 0 and end - start == 1
+                   and end == len(seq.request.prompt_ids) and not seq.cancelled]
+        for seq in joining:
+            seq.past_len = len(seq.request.prompt_ids) - 1  # what its KV (seq.kv) holds
+            seq.prefilled = len(seq.request.prompt_ids)
+            seq.last_token = seq.request.prompt_ids[-1]
+            seq.prefill_end_ns = time.time_ns()
+        work = [w for w in work if w[0] not in joining]
         for seq, end, logits, kv in self._prefill(work):
             seq.kv = kv
             seq.prefilled = seq.past_len = end
@@ -381,7 +393,7 @@ class Engine:
                 if self.prefix_cache.max_bytes > 0:
                     self.prefix_cache.insert(seq.request.prompt_ids, kv)
                 results.append(self._sampled(seq, seq.sampler.sample(logits)))
-        decoding = [s for s in decoding if not s.cancelled]
+        decoding = [s for s in decoding if not s.cancelled] + joining
         if not decoding:
             return results
         results.extend(self._decode(decoding))
