@@ -8,6 +8,7 @@ trace id, and its traceback goes to the log only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -154,6 +155,15 @@ class _CheckedRequests:
                 raise message.problem()
             log.info("%s: skipped a message that could not be decoded (%s)", self._method, message.error)
 
+    async def aclose(self) -> None:
+        """Ends gRPC's message generator when the call ends. Suspended after a message (a call refused on its
+        first one), it holds that message in a reference cycle with its receiver until a full garbage
+        collection. One still reading (a task that watches for a cancel) ends when that task is cancelled."""
+        close = getattr(self._requests, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(RuntimeError):  # "already running": another task awaits it
+                await close()
+
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace and maps exceptions to status codes."""
@@ -186,7 +196,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
             return span, trace.set_span_in_context(span)
 
-        async def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
+        def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
             # The call's own span: a streaming handler's failure can surface outside the span's context.
             code, message, trailers = status_for(exc, span)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _deadline_passed(context, margin_s=1.0):
@@ -200,7 +210,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             span.set_status(Status(StatusCode.ERROR, message))
             if trailers:
                 context.set_trailing_metadata(trailers)
-            await context.abort(code, message)
+            # The status is set and the handler returns, rather than context.abort(): gRPC would keep the abort
+            # error with the call, and through its traceback the call's frames, so the call and its request data
+            # (a refused 4 MB prompt, the last message a stream received) would stay alive in a reference cycle
+            # until the next full garbage collection. For the same reason `exc` drops its own traceback.
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+            context.set_code(code)
+            context.set_details(message)
 
         if handler.unary_unary or handler.stream_unary:
             is_stream_in = handler.unary_unary is None
@@ -223,10 +239,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     _mark_ended_early(span, context)
                     raise
                 except Exception as exc:
-                    await fail(context, span, exc)
+                    fail(context, span, exc)
                 finally:
                     otel_context.detach(token)
                     span.end()
+                    if isinstance(request, _CheckedRequests):
+                        await request.aclose()
 
             factory = grpc.stream_unary_rpc_method_handler if is_stream_in else grpc.unary_unary_rpc_method_handler
             return factory(unary, request_deserializer=_tolerant(handler.request_deserializer),
@@ -263,10 +281,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 _mark_ended_early(span, context)
                 raise
             except Exception as exc:
-                await fail(context, span, exc)
+                fail(context, span, exc)
             finally:
                 await responses.aclose()  # the servicer's own cleanup (cancel upstream calls) runs now
                 span.end()
+                if isinstance(request, _CheckedRequests):
+                    await request.aclose()
 
         factory = grpc.stream_stream_rpc_method_handler if is_stream_in else grpc.unary_stream_rpc_method_handler
         return factory(streaming, request_deserializer=_tolerant(handler.request_deserializer),
