@@ -777,3 +777,23 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
         await device.close()
     assert max(capacities) >= 768 and device.prefix_cache.stats.hits >= 1, (capacities, device.prefix_cache.stats)
     assert together == alone
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(temperature=1e-38, seed=1),
+                                    SamplingConfig(temperature=1.4e-45, top_p=0.5, seed=2),
+                                    SamplingConfig(repetition_penalty=1.4e-45),
+                                    SamplingConfig(temperature=0.7, repetition_penalty=1.4e-45, top_k=5, seed=3)])
+def test_extreme_but_valid_sampling_values_give_finite_logprobs(config: SamplingConfig) -> None:
+    """The smallest temperatures and penalties the contract allows behave like their limits (greedy; a seen token
+    chosen: a penalty below 1 favours repeats), never NaN."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32) * 5
+    seen = list(range(0, 1000, 7))
+    sampler = Sampler(config, seen, top_logprobs=3)
+    sampled = sampler.sample(logits)
+    assert np.isfinite(sampled.logprob) and sampled.logprob <= 0
+    assert all(not np.isnan(logprob) and logprob <= 0 for _, logprob in sampled.top)
+    if config.temperature < 1e-30 and config.repetition_penalty == 1.0:
+        assert sampled.token_id == int(np.argmax(logits))  # the limit of a vanishing temperature is greedy
+    if config.repetition_penalty < 1e-30:
+        assert sampled.token_id in seen

@@ -513,3 +513,21 @@ def test_serve_without_consul_says_so_in_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"lmesh: Consul at {nobody} is out of reach") and "CONSUL_HTTP_ADDR" in last
     assert "Unclosed" not in result.stderr  # the failed start closed what it opened
+
+
+def test_too_many_model_patterns_are_refused_before_comparing_them(store: KeyStore) -> None:
+    from services.policy.keys import MAX_ALLOWED_MODELS
+
+    patterns = [f"model-{i}" for i in range(40_000)]  # deduplicating these pairwise took policy seconds
+    with pytest.raises(InvalidArgument) as bad:
+        store.create("acme", patterns)
+    assert bad.value.field == "allowed_models" and f"at most {MAX_ALLOWED_MODELS}" in bad.value.message
+
+
+def test_too_many_resolved_aliases_are_refused(store: KeyStore) -> None:
+    _, plaintext = store.create("acme", ["smollm2*"])
+    aliases = [f"alias-{i}" for i in range(257)]
+    with pytest.raises(InvalidArgument) as bad:
+        store.authorize(plaintext, "smollm2", resolved_model="smollm2:1", resolved_aliases=aliases)
+    assert bad.value.field == "resolved_aliases"
+    assert store.authorize(plaintext, "smollm2", resolved_model="smollm2:1", resolved_aliases=aliases[:256])

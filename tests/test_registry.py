@@ -847,3 +847,21 @@ def test_read_model_manifest_refusals(tmp_path: Path, change: dict[str, Any], er
         client.read_model_manifest(tmp_path)
     with pytest.raises(FailedPrecondition):
         client.read_model_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"chat_template": "x" * (64 * 1024 + 1)}, "model.chat_template"),
+    ({"eos_token_ids": tuple(range(65))}, "model.eos_token_ids"),
+    ({"labels": {f"k{i}": "v" for i in range(65)}}, "model.labels"),
+    ({"labels": {"k": "v" * 257}}, "model.labels"),
+])
+async def test_a_manifest_too_big_for_a_model_list_is_refused(stores: tuple[BlobStore, ModelStore, Path],
+                                                              changes: dict[str, Any], field: str) -> None:
+    """A few oversized registrations would otherwise make every ListModels answer exceed gRPC's message limit, for
+    good (versions are immutable)."""
+    blob_store, models, _ = stores
+    m, t = await stored_pair(blob_store, 77)
+    with pytest.raises(InvalidArgument) as info:
+        models.register(version("big", "1", m, t, **changes))
+    assert info.value.field == field
+    assert models.list() == []

@@ -243,3 +243,32 @@ async def test_a_refused_call_lets_go_of_its_request_at_once(kind: str) -> None:
     finally:
         gc.enable()
         await server.stop(None)
+
+
+async def test_a_status_message_echoing_a_huge_field_is_cut() -> None:
+    """An error naming what the caller sent (a 64 KB model name or role) would exceed HTTP/2 header limits: grpc-js
+    drops the whole connection, and a gateway's channel refuses a peer's answer."""
+    from services.common.errors import InvalidArgument
+
+    provider = setup_tracing("lmesh-test")
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise InvalidArgument("messages[0].role", f"{request.decode()!r} is not one of system, user, assistant")
+
+    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary)})
+    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
+                             options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x" * 65536)
+    finally:
+        await server.stop(None)
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("messages[0].role: 'xxx") and details.endswith(" more characters)")
+    assert len(details) < 1100

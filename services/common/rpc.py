@@ -82,12 +82,25 @@ def status_for(exc: BaseException, span: trace.Span | None = None,
     return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id(span)})", ()
 
 
+# Status messages echo what the caller sent (a model name, a role): a huge one would exceed the HTTP/2 header
+# limits of the caller's client (grpc-js drops the whole connection) or of a gateway relaying it.
+MAX_STATUS_MESSAGE_CHARS = 1024
+
+
+def bounded(message: str) -> str:
+    """`message`, cut to MAX_STATUS_MESSAGE_CHARS characters (saying how much was cut)."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_STATUS_MESSAGE_CHARS
+    return f"{message[:MAX_STATUS_MESSAGE_CHARS]}… ({cut} more characters)"
+
+
 def mark_failed(span: trace.Span, exc: BaseException) -> None:
     """Marks `span` failed with the status `exc` would give a caller (code and message; no repr, no traceback:
     an unknown model or a bad key is the caller's mistake, not a stack to export)."""
     code, message, _ = status_for(exc, span)
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {bounded(message)}"))
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001) -> bool:
@@ -207,7 +220,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (trace_id=%s)", method, current_trace_id(span), exc_info=exc)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
-            span.set_status(Status(StatusCode.ERROR, message))
+            span.set_status(Status(StatusCode.ERROR, bounded(message)))
             if trailers:
                 context.set_trailing_metadata(trailers)
             # The status is set and the handler returns, rather than context.abort(): gRPC would keep the abort
@@ -216,7 +229,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # until the next full garbage collection. For the same reason `exc` drops its own traceback.
             exc.__traceback__ = exc.__context__ = exc.__cause__ = None
             context.set_code(code)
-            context.set_details(message)
+            context.set_details(bounded(message))
 
         if handler.unary_unary or handler.stream_unary:
             is_stream_in = handler.unary_unary is None

@@ -81,11 +81,17 @@ class Sampler:
         config = self.config
         scores = logits.astype(np.float32, copy=True)
         if self._seen is not None and self._seen.size:
-            picked = scores[self._seen]
-            scores[self._seen] = np.where(picked > 0, picked / config.repetition_penalty,
-                                          picked * config.repetition_penalty)
+            # In float64 and clipped: a tiny penalty (1e-45 is a valid float) would overflow float32 into inf,
+            # and inf - inf below is NaN.
+            picked = scores[self._seen].astype(np.float64)
+            penalized = np.where(picked > 0, picked / config.repetition_penalty, picked * config.repetition_penalty)
+            scores[self._seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
         if not config.greedy:
-            scores /= config.temperature
+            # The peak first: a tiny temperature then sends the others to -inf (probability 0), never the peak to
+            # inf (and inf - inf to NaN).
+            scores -= scores.max()
+            with np.errstate(over="ignore"):
+                scores /= config.temperature
         # log-softmax, kept as (scores - peak) - log_sum: the sampling distribution's logprobs
         peak = scores.max()
         weights = np.exp(scores - peak)  # unnormalized probabilities
@@ -119,6 +125,9 @@ class Sampler:
         probs = weights if candidates is None else weights[candidates]
         index = _choice(self._rng, probs)
         return index if candidates is None else int(candidates[index])
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

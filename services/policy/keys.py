@@ -97,8 +97,15 @@ def validate_tenant(tenant: str, field: str = "tenant") -> str:
     return tenant
 
 
+# A model version's aliases as the registry reports them; each is matched against every pattern of the key.
+MAX_RESOLVED_ALIASES = 256
+
+
 def validate_allowed_models(patterns: Iterable[str]) -> tuple[str, ...]:
     """The patterns in order, without duplicates; each a non-empty reference or glob without whitespace."""
+    patterns = list(patterns)
+    if len(patterns) > MAX_ALLOWED_MODELS:  # before the duplicate check, which compares every pair
+        raise InvalidArgument("allowed_models", f"at most {MAX_ALLOWED_MODELS} entries, got {len(patterns)}")
     result: list[str] = []
     for index, pattern in enumerate(patterns):
         field = f"allowed_models[{index}]"
@@ -261,6 +268,9 @@ class KeyStore:
             raise InvalidArgument("input_tokens", "must not be negative")
         if max_tokens < 0:
             raise InvalidArgument("max_tokens", "must not be negative")
+        if len(resolved_aliases) > MAX_RESOLVED_ALIASES:
+            raise InvalidArgument("resolved_aliases", f"at most {MAX_RESOLVED_ALIASES} entries, got "
+                                                      f"{len(resolved_aliases)}")
         if resolved_model:
             if ":" not in validate_model(resolved_model, "resolved_model"):
                 raise InvalidArgument("resolved_model", f"must be `name:version`, got {resolved_model!r}")

@@ -146,6 +146,13 @@ def check_sha256(value: str, field_name: str) -> str:
     return value
 
 
+# Bounds on what a manifest may carry, so a model list stays a small message (real chat templates are a few KB).
+MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
+MAX_EOS_TOKEN_IDS = 64
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
+
+
 def _check_model_fields(model: ModelVersion) -> None:
     """Every field of a version to register, named as in RegisterModelRequest."""
     check_name(model.name, "model.name")
@@ -154,6 +161,17 @@ def _check_model_fields(model: ModelVersion) -> None:
         raise InvalidArgument("model.format", f"{model.format} is not a supported model format (ONNX)")
     if model.context_length <= 0:
         raise InvalidArgument("model.context_length", f"must be positive, got {model.context_length}")
+    if len(model.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+        raise InvalidArgument("model.chat_template", f"must be at most {MAX_CHAT_TEMPLATE_CHARS} characters, got "
+                                                     f"{len(model.chat_template)}")
+    if len(model.eos_token_ids) > MAX_EOS_TOKEN_IDS:
+        raise InvalidArgument("model.eos_token_ids", f"at most {MAX_EOS_TOKEN_IDS} entries, got "
+                                                     f"{len(model.eos_token_ids)}")
+    if len(model.labels) > MAX_LABELS:
+        raise InvalidArgument("model.labels", f"at most {MAX_LABELS} labels, got {len(model.labels)}")
+    for key, value in model.labels.items():
+        if len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise InvalidArgument("model.labels", f"keys and values must be at most {MAX_LABEL_CHARS} characters")
     for i, token in enumerate(model.eos_token_ids):
         if token < 0:
             raise InvalidArgument(f"model.eos_token_ids[{i}]", f"must be a token id (>= 0), got {token}")
