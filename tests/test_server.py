@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -158,29 +159,33 @@ async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tm
         agent.stop()
 
 
-@pytest.mark.parametrize("caller_timeout", [None, 30.0])
-async def test_a_dependency_timing_out_is_unavailable_not_the_callers_deadline(caller_timeout: float | None) -> None:
-    """A call's own downstream timeout (the gateway gives the tokenizer 10 s) is not the caller's deadline: the
-    caller, with time left, gets UNAVAILABLE (retry), not DEADLINE_EXCEEDED ("the call's deadline passed")."""
+@contextlib.asynccontextmanager
+async def intercepted(methods: dict[str, grpc.RpcMethodHandler]) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server whose `lmesh.test.v1.Test` methods run behind the shared interceptor."""
     provider = setup_tracing("lmesh-test")
-
-    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   "Deadline Exceeded")
-
-    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary)})
     server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
                              options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handlers,))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lmesh.test.v1.Test", methods),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x", timeout=caller_timeout)
+            yield channel
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize("caller_timeout", [None, 30.0])
+async def test_a_dependency_timing_out_is_unavailable_not_the_callers_deadline(caller_timeout: float | None) -> None:
+    """A call's own downstream timeout (the gateway gives the tokenizer 10 s) is not the caller's deadline: the
+    caller, with time left, gets UNAVAILABLE (retry), not DEADLINE_EXCEEDED ("the call's deadline passed")."""
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   "Deadline Exceeded")
+
+    async with intercepted({"Unary": grpc.unary_unary_rpc_method_handler(unary)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x", timeout=caller_timeout)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == "a dependency did not answer in time (Deadline Exceeded); retry"
 
@@ -201,7 +206,6 @@ async def test_a_refused_call_lets_go_of_its_request_at_once(kind: str) -> None:
 
     from services.common.errors import InvalidArgument
 
-    provider = setup_tracing("lmesh-test")
     held: list[weakref.ref[_Payload]] = []
 
     def refuse(request: _Payload) -> None:
@@ -218,18 +222,11 @@ async def test_a_refused_call_lets_go_of_its_request_at_once(kind: str) -> None:
             refuse(request)
         yield b""
 
-    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_Payload),
-        "Bidi": grpc.stream_stream_rpc_method_handler(bidi, request_deserializer=_Payload),
-    })
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
-                             options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handlers,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    methods = {"Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_Payload),
+               "Bidi": grpc.stream_stream_rpc_method_handler(bidi, request_deserializer=_Payload)}
     gc.disable()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with intercepted(methods) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 if kind == "unary":
                     await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x" * 1000)
@@ -242,7 +239,6 @@ async def test_a_refused_call_lets_go_of_its_request_at_once(kind: str) -> None:
         assert len(held) == 2 and [ref() for ref in held] == [None, None]
     finally:
         gc.enable()
-        await server.stop(None)
 
 
 async def test_a_status_message_echoing_a_huge_field_is_cut() -> None:
@@ -250,24 +246,12 @@ async def test_a_status_message_echoing_a_huge_field_is_cut() -> None:
     drops the whole connection, and a gateway's channel refuses a peer's answer."""
     from services.common.errors import InvalidArgument
 
-    provider = setup_tracing("lmesh-test")
-
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise InvalidArgument("messages[0].role", f"{request.decode()!r} is not one of system, user, assistant")
 
-    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary)})
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
-                             options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handlers,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x" * 65536)
-    finally:
-        await server.stop(None)
+    async with intercepted({"Unary": grpc.unary_unary_rpc_method_handler(unary)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x" * 65536)
     details = caught.value.details() or ""
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("messages[0].role: 'xxx") and details.endswith(" more characters)")
