@@ -865,3 +865,20 @@ async def test_a_manifest_too_big_for_a_model_list_is_refused(stores: tuple[Blob
         models.register(version("big", "1", m, t, **changes))
     assert info.value.field == field
     assert models.list() == []
+
+
+async def test_an_upload_whose_client_goes_quiet_ends() -> None:
+    """An idle upload holds a temporary file and its descriptor: it ends after UPLOAD_IDLE_S without a message."""
+    from services.registry.servicer import _chunks
+
+    async def quiet() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
+        yield registry_pb2.UploadArtifactRequest(chunk=b"first")
+        await asyncio.Event().wait()  # never sends again, never ends
+        yield registry_pb2.UploadArtifactRequest(chunk=b"never")
+
+    received = []
+    with pytest.raises(InvalidArgument) as info:
+        async for chunk in _chunks(quiet(), idle_s=0.2):
+            received.append(chunk)
+    assert received == [b"first"]
+    assert info.value.field == "chunk" and "within 0.2 s" in info.value.message

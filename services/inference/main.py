@@ -112,4 +112,5 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     return ServiceParts(
         servicers=[(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, name)],
         warm_up=warm_up, meta=meta, on_drain=on_drain, on_stop=on_stop, on_grace_expiring=on_grace_expiring,
+        max_request_bytes=8 * 1024 * 1024,  # a prompt's ids: a million tokens at most, far beyond any context
     )

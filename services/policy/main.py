@@ -42,4 +42,5 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         servicers=[(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(store, admin), full_name)],
         warm_up=warm_up,
         on_stop=on_stop,
+        max_request_bytes=1024 * 1024,  # keys and model references: the largest (256 patterns) is about 66 KB
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.rpc import first_message
 from services.registry.store import Architecture, Artifact, BlobStore, ModelStore, ModelVersion
 
 
@@ -70,8 +72,20 @@ def model_from_proto(model: registry_pb2.ModelVersion) -> ModelVersion:
     )
 
 
-async def _chunks(requests: AsyncIterator[registry_pb2.UploadArtifactRequest]) -> AsyncIterator[bytes]:
-    async for request in requests:
+# An upload whose client stops sending holds a temporary file and its descriptor: it ends after this long idle.
+UPLOAD_IDLE_S = 60.0
+
+
+async def _chunks(requests: AsyncIterator[registry_pb2.UploadArtifactRequest],
+                  idle_s: float = UPLOAD_IDLE_S) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                request = await anext(requests, None)
+        except TimeoutError:
+            raise InvalidArgument("chunk", f"no chunk and no end of the upload within {idle_s:g} s") from None
+        if request is None:
+            return
         if request.WhichOneof("kind") != "chunk":
             raise InvalidArgument("chunk", "every message after the first must carry a chunk")
         yield request.chunk
@@ -88,10 +102,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         context: grpc.aio.ServicerContext,
     ) -> registry_pb2.UploadArtifactResponse:
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            raise InvalidArgument("header", "the first message must carry the header")
-        header = first.header
+        header = await first_message(requests, "header")
         stored = await self._blobs.put(header.sha256, _chunks(requests), size_bytes=header.size_bytes)
         # An already stored blob is answered at once; the rest of the client's stream is not read.
         return registry_pb2.UploadArtifactResponse(

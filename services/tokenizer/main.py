@@ -37,5 +37,6 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         max_models=int(extra.get("max_models", "8")),
     )
     name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+    # Twice the gateway's 4 MiB chat requests: the rendered conversation plus its framing always fits.
     return ServiceParts(servicers=[(tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
-                                    TokenizerServicer(cache), name)])
+                                    TokenizerServicer(cache), name)], max_request_bytes=8 * 1024 * 1024)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -11,7 +11,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.rpc import first_message
-from services.tokenizer.text import ChatMessage, IncrementalDetokenizer
+from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer
 
 if TYPE_CHECKING:
     from services.tokenizer.loader import TokenizerCache
@@ -20,6 +20,15 @@ T = TypeVar("T")
 
 # Inputs above this size are tokenized in a worker thread so one huge request does not stall every stream.
 OFF_LOOP_CHARS = 64 * 1024
+
+
+# What rendering one chat message costs, counted in characters of content.
+MESSAGE_RENDER_CHARS = 64
+
+
+def _checked_push(tokenizer: ModelTokenizer, detokenizer: IncrementalDetokenizer, ids: Sequence[int]) -> str:
+    tokenizer.check_ids(ids, field="tokens.token_ids")
+    return detokenizer.push(ids)
 
 
 async def _run(size: int, fn: Callable[..., T], *args: object) -> T:
@@ -54,7 +63,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                                 context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
         tokenizer = await self._models.get(request.model)
         messages = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
-        size = sum(len(m.content) for m in messages)
+        # Each message costs the template a render of its own, however short: 400,000 empty turns are a few MB
+        # but seconds of work.
+        size = sum(len(m.content) + MESSAGE_RENDER_CHARS for m in messages)
         text, ids = await _run(size, tokenizer.apply_chat_template, messages, request.add_generation_prompt)
         return tokenizer_pb2.ApplyChatTemplateResponse(text=text, token_ids=ids)
 
@@ -81,6 +92,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 raise InvalidArgument("start", f"message {index} carries start; only the first may")
             if kind != "tokens":
                 raise InvalidArgument("tokens", f"message {index} carries no tokens")
-            tokenizer.check_ids(message.tokens.token_ids, field="tokens.token_ids")
-            yield tokenizer_pb2.DetokenizeStreamResponse(delta=detokenizer.push(message.tokens.token_ids))
+            ids = message.tokens.token_ids
+            delta = await _run(len(ids), _checked_push, tokenizer, detokenizer, ids)
+            yield tokenizer_pb2.DetokenizeStreamResponse(delta=delta)
         yield tokenizer_pb2.DetokenizeStreamResponse(delta=detokenizer.flush(), final=True)

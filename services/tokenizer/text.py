@@ -55,6 +55,16 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
 BYTE_LEVEL_CHAR_TO_BYTE = {char: byte for byte, char in _gpt2_bytes_to_unicode().items()}
 
 
+# Above this many ids a decode goes through decode_batch (which releases the GIL); below, the plain call is cheaper.
+LARGE_DECODE_IDS = 4096
+
+
+def _text(tokenizer: Tokenizer, ids: Sequence[int], skip_special_tokens: bool) -> str:
+    if len(ids) > LARGE_DECODE_IDS:  # decode_batch lets go of the GIL while it works; decode does not
+        return tokenizer.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
 def _ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     """`text`'s token ids. Through encode_batch, which releases the GIL while it works (encode holds it: a
     megabyte prompt tokenized in a worker thread would still freeze the event loop, health checks included, for
@@ -187,11 +197,11 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # The tokenizers library silently drops unknown ids; an id the model cannot emit is a caller bug.
         self.check_ids(ids)
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _text(self.tokenizer, ids, skip_special_tokens)
 
     def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         """`decode` for ids the caller already passed through `check_ids`."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _text(self.tokenizer, ids, skip_special_tokens)
 
     def vocabulary(self) -> Vocabulary:
         """Every id's exact bytes (see `build_vocabulary`), built on first use (a fraction of a second)."""
