@@ -43,7 +43,7 @@ MESH_DOWN_HINT = " (is the mesh running? `make run`)"
 # What gRPC itself says when no connection could be made at all (as opposed to a server's own UNAVAILABLE).
 UNREACHABLE_MARKS = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
                      "connection reset", "name resolution")
-AUTH_HINT = "; pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy runs with)"
+AUTH_HINT = "; pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy and lmesh-registry run with)"
 
 
 def _unavailable(details: str) -> str:
@@ -203,30 +203,43 @@ def _models(args: argparse.Namespace) -> int:
                   f"{replicas[model_id]:>8}")
         return 0
 
+    admin = getattr(args, "admin_token", None)
+
     async def register(registry: Any, mesh: Any) -> int:
         from services.registry.client import register_model_dir
 
         version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()),
-                                           manifest_name=args.manifest, move_aliases=bool(args.alias))
+                                           manifest_name=args.manifest, move_aliases=bool(args.alias),
+                                           admin_token=admin)
         aliases = f" (aliases: {', '.join(version.aliases)})" if version.aliases else ""
         print(f"registered {version.name}:{version.version}{aliases}")
         return 0
 
     async def alias(registry: Any, mesh: Any) -> int:
+        from services.registry.client import set_alias
+
         name, _, version = args.target.partition(":")
         if not version:
             return _fail("the target must be NAME:VERSION")
-        await registry.call(registry_pb2_grpc.RegistryStub, "SetAlias",
-                            registry_pb2.SetAliasRequest(alias=args.alias, name=name, version=version), attempts=1)
+        await set_alias(registry, args.alias, name, version, admin)
         print(f"{args.alias} -> {args.target}")
         return 0
+
+    async def guarded(action: Callable[[Any, Any], Awaitable[int]], registry: Any, mesh: Any) -> int:
+        try:
+            return await action(registry, mesh)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise CommandError(f"UNAUTHENTICATED: {exc.details()}{AUTH_HINT}") from None
+            raise
 
     if args.models_command == "register":
         problem = _model_dir_problem(Path(args.dir), args.manifest)
         if problem:
             return _fail(problem)
     actions = {"list": list_models, "register": register, "alias": alias}
-    return _run_async(lambda: _with_registry(actions[args.models_command]))
+    action = actions[args.models_command]
+    return _run_async(lambda: _with_registry(lambda registry, mesh: guarded(action, registry, mesh)))
 
 
 def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
@@ -249,14 +262,12 @@ def _keys(args: argparse.Namespace) -> int:
     from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
     from services.client import operator_mesh
+    from services.common.admin import admin_metadata
     from services.common.rpc import call_options
-
-    admin = args.admin_token or os.environ.get("LMESH_ADMIN_TOKEN") or None
 
     def options() -> dict[str, Any]:
         opts = call_options(timeout=15)
-        if admin:
-            opts["metadata"] = [*opts["metadata"], ("authorization", f"Bearer {admin}")]
+        opts["metadata"] = [*opts["metadata"], *admin_metadata(args.admin_token)]
         return opts
 
     async def go() -> int:
@@ -328,25 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--gateway", default=None, help="gateway host:port (default: $LMESH_GATEWAY_ADDR, then Consul)")
     chat.set_defaults(func=_chat)
 
+    # The admin token of lmesh-policy and lmesh-registry, also after the action (`lmesh keys list --admin-token T`);
+    # SUPPRESS keeps one given before it.
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--admin-token", default=argparse.SUPPRESS, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+
     models = sub.add_parser("models", help="list, register and alias model versions")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="list registered model versions")
-    register = models_sub.add_parser("register", help="upload a built model folder and register it")
+    register = models_sub.add_parser("register", parents=[admin],
+                                     help="upload a built model folder and register it")
     register.add_argument("dir", help="folder holding lmesh_model.json, the ONNX file and tokenizer.json")
     register.add_argument("--alias", action="append", help="alias to point at it (repeatable)")
     register.add_argument("--manifest", default="lmesh_model.json",
                           help="manifest of the variant to register (lmesh_model.int8.json: the int8 version, "
                                "lmesh_model.fp16.json: the fp16 one for CUDA)")
-    alias = models_sub.add_parser("alias", help="point an alias at NAME:VERSION")
+    alias = models_sub.add_parser("alias", parents=[admin], help="point an alias at NAME:VERSION")
     alias.add_argument("alias")
     alias.add_argument("target")
     models.set_defaults(func=_models)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
-    # Also after the action (`lmesh keys list --admin-token T`); SUPPRESS keeps one given before it.
-    admin = argparse.ArgumentParser(add_help=False)
-    admin.add_argument("--admin-token", default=argparse.SUPPRESS, help="admin token (default: $LMESH_ADMIN_TOKEN)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", parents=[admin],
                                  help="create a key; the key is printed alone on the last line")

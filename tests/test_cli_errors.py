@@ -283,7 +283,8 @@ def test_keys_without_the_admin_token_say_how_to_pass_it(consul_agent: ConsulAge
         line = one_line_error(lmesh("keys", "list", env={"CONSUL_HTTP_ADDR": consul_agent.http_addr,
                                                          "LMESH_ADMIN_TOKEN": ""}))
         assert line.startswith("lmesh: UNAUTHENTICATED: admin token required")
-        assert line.endswith("pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy runs with)")
+        assert line.endswith("pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy and lmesh-registry "
+                             "run with)")
         quiet = {"CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADMIN_TOKEN": ""}
         for where in (["keys", "--admin-token", "s3cret", "list"], ["keys", "list", "--admin-token", "s3cret"]):
             listed = lmesh(*where, env=quiet)  # before or after the action, as the hint reads

@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
+from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard
 from services.common.config import ServiceConfig
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh, ServiceResolver
@@ -26,8 +27,8 @@ from services.common.errors import InvalidArgument, NotFound, PermissionDenied, 
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.policy import client
-from services.policy.keys import DB_NAME, AdminGuard, KeyStore
-from services.policy.main import ADMIN_TOKEN_ENV, ADMIN_TOKEN_EXTRA, build, extra_config
+from services.policy.keys import DB_NAME, KeyStore
+from services.policy.main import ADMIN_TOKEN_EXTRA, build, extra_config
 
 # Anything shaped like a plaintext key; no log line may ever contain one.
 PLAINTEXT_KEY = re.compile(r"lmk_[A-Za-z0-9_-]{43}")

@@ -301,16 +301,18 @@ async def test_models_not_open_is_unavailable(tmp_path: Path) -> None:
 class Registry:
     """One in-process registry under a Consul name of its own, so other tests' registries never answer."""
 
-    def __init__(self, agent: ConsulAgent, data_dir: Path) -> None:
+    def __init__(self, agent: ConsulAgent, data_dir: Path, extra: dict[str, str] | None = None) -> None:
         self.agent = agent
         self.data_dir = data_dir
+        self.extra = extra or {}
         self.service = f"registry-{uuid.uuid4().hex[:8]}"
         self.mesh = Mesh(agent.http_addr)
         self.resolver: ServiceResolver = self.mesh.resolver(f"lmesh-{self.service}")
         self.running: RunningService | None = None
 
     async def start(self) -> None:
-        config = ServiceConfig(service=self.service, consul_addr=self.agent.http_addr, data_dir=self.data_dir)
+        config = ServiceConfig(service=self.service, consul_addr=self.agent.http_addr, data_dir=self.data_dir,
+                               extra=self.extra)
         self.running = await start_service(config, build)
         port = self.running.port
         await self.resolver.wait_for(lambda endpoint: endpoint.port == port)
@@ -882,3 +884,42 @@ async def test_an_upload_whose_client_goes_quiet_ends() -> None:
             received.append(chunk)
     assert received == [b"first"]
     assert info.value.field == "chunk" and "within 0.2 s" in info.value.message
+
+
+async def test_with_an_admin_token_only_its_holders_upload_register_and_move_aliases(
+        consul_agent: ConsulAgent, tmp_path: Path) -> None:
+    """Anyone on the network could otherwise point `default` at a model of their own. Reads stay open: the
+    mesh's services resolve and fetch models without the token."""
+    from services.common.admin import ADMIN_TOKEN_EXTRA
+    from services.registry.client import set_alias, upload_file
+
+    service = Registry(consul_agent, tmp_path / "data", extra={ADMIN_TOKEN_EXTRA: "s3cret"})
+    await service.start()
+    try:
+        blob_file = tmp_path / "model.onnx"
+        blob_file.write_bytes(data(3000, 9))
+        tokenizer_file = tmp_path / "tokenizer.json"
+        tokenizer_file.write_bytes(data(300, 10))
+        for attempt in (lambda: service.upload(data(3000, 9)),
+                        lambda: upload_file(service.resolver, blob_file, admin_token="wrong"),
+                        lambda: set_alias(service.resolver, "default", "m", "1", admin_token="wrong"),
+                        lambda: service.call("RegisterModel", registry_pb2.RegisterModelRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await attempt()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value.details()
+        model = await upload_file(service.resolver, blob_file, registry_pb2.ARTIFACT_KIND_MODEL, admin_token="s3cret")
+        tokenizer = await upload_file(service.resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER,
+                                      admin_token="s3cret")
+        stub = await service.stub()
+        request = registry_pb2.RegisterModelRequest(model=registry_pb2.ModelVersion(
+            name="m", version="1", format=registry_pb2.MODEL_FORMAT_ONNX, context_length=64,
+            artifacts=[model, tokenizer]))
+        await stub.RegisterModel(request, metadata=[("authorization", "Bearer s3cret")], timeout=10)
+        await set_alias(service.resolver, "default", "m", "1", admin_token="s3cret")
+        listed = await service.call("ListModels", registry_pb2.ListModelsRequest())  # no token
+        assert [(m.name, list(m.aliases)) for m in listed.models] == [("m", ["default"])]
+        _, fetched = await service.fetch(model.sha256)
+        assert fetched == blob_file.read_bytes()
+    finally:
+        await service.stop()
+        await service.mesh.close()

@@ -319,28 +319,6 @@ class KeyStore:
         return self.get(key_id)
 
 
-class AdminGuard:
-    """The admin token check for key management: open when no token is configured."""
-
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode("utf-8") if token else None
-
-    @property
-    def enabled(self) -> bool:
-        return self._token is not None
-
-    def check(self, authorization: str | None) -> None:
-        """Raises Unauthenticated unless `authorization` is `Bearer <admin token>` (or no token is set)."""
-        if self._token is None:
-            return
-        if not authorization:
-            raise Unauthenticated("admin token required: send metadata 'authorization: Bearer <token>'")
-        scheme, _, presented = authorization.strip().partition(" ")
-        presented_bytes = presented.strip().encode("utf-8")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented_bytes, self._token):
-            raise Unauthenticated("invalid admin token")
-
-
 def _record(row: Sequence[Any]) -> ApiKey:
     key_id, tenant, models_json, display_name, create_ms, revoke_ms = row
     return ApiKey(

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
+from services.common.admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_EXTRA, AdminGuard, admin_extra_config
 from services.common.server import ServiceParts, ServiceRuntime
-from services.policy.keys import AdminGuard, KeyStore
+from services.policy.keys import KeyStore
 from services.policy.servicer import PolicyServicer
 
 log = logging.getLogger("lmesh.policy")
 
-ADMIN_TOKEN_ENV = "LMESH_ADMIN_TOKEN"
-ADMIN_TOKEN_EXTRA = "admin_token"
-
-
 def extra_config(args: argparse.Namespace) -> dict[str, str]:
-    # Environment only, never a flag: a token on the command line is visible to every user in `ps`.
-    token = os.environ.get(ADMIN_TOKEN_ENV, "")
-    return {ADMIN_TOKEN_EXTRA: token} if token else {}
+    return admin_extra_config()
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
-from services.policy.keys import AdminGuard, ApiKey, KeyStore, Principal
+from services.common.admin import AdminGuard
+from services.policy.keys import ApiKey, KeyStore, Principal
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
@@ -28,26 +29,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
     async def CreateApiKey(self, request: policy_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.CreateApiKeyResponse:
-        self._admin.check(_authorization(context))
+        self._admin.check_call(context)
         record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name)
         return policy_pb2.CreateApiKeyResponse(key=_api_key_pb(record), api_key=plaintext)
 
     async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.ListApiKeysResponse:
-        self._admin.check(_authorization(context))
+        self._admin.check_call(context)
         return policy_pb2.ListApiKeysResponse(keys=[_api_key_pb(k) for k in self._store.list(request.tenant)])
 
     async def RevokeApiKey(self, request: policy_pb2.RevokeApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.RevokeApiKeyResponse:
-        self._admin.check(_authorization(context))
+        self._admin.check_call(context)
         return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(self._store.revoke(request.key_id)))
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    return None
 
 
 def _principal_pb(principal: Principal) -> policy_pb2.Principal:

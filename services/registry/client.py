@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from services.common.admin import admin_metadata
 from services.common.discovery import Endpoint, ServiceResolver
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.rpc import call_options
@@ -85,6 +86,7 @@ async def upload_file(
     kind: registry_pb2.ArtifactKind.ValueType = registry_pb2.ARTIFACT_KIND_UNSPECIFIED,
     *,
     sha256: str | None = None,
+    admin_token: str | None = None,
 ) -> registry_pb2.Artifact:
     """Uploads `path` and returns its Artifact (`kind`, digest, size, file name).
 
@@ -100,7 +102,7 @@ async def upload_file(
     async def upload(endpoint: Endpoint) -> registry_pb2.UploadArtifactResponse:
         stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
         response: registry_pb2.UploadArtifactResponse = await stub.UploadArtifact(
-            _upload_requests(path, sha256, size), **call_options(timeout=None)
+            _upload_requests(path, sha256, size), **_admin_call_options(timeout=None, admin_token=admin_token)
         )
         return response
 
@@ -240,10 +242,24 @@ def _digests(model: registry_pb2.ModelVersion) -> dict[int, str]:
     return {int(a.kind): a.sha256 for a in model.artifacts}
 
 
-async def set_alias(resolver: ServiceResolver, alias: str, name: str, version: str) -> None:
+def _admin_call_options(timeout: float | None, admin_token: str | None) -> dict[str, Any]:
+    """call_options plus the admin token a registry write needs when the registry runs with one (`admin_token`,
+    else LMESH_ADMIN_TOKEN)."""
+    options = call_options(timeout=timeout)
+    options["metadata"] = [*options["metadata"], *admin_metadata(admin_token)]
+    return options
+
+
+async def set_alias(resolver: ServiceResolver, alias: str, name: str, version: str,
+                    admin_token: str | None = None) -> None:
     """Points `alias` at name:version (moving it from any other version)."""
-    await resolver.call(registry_pb2_grpc.RegistryStub, "SetAlias",
-                        registry_pb2.SetAliasRequest(alias=alias, name=name, version=version), attempts=1)
+    request = registry_pb2.SetAliasRequest(alias=alias, name=name, version=version)
+
+    async def invoke(endpoint: Endpoint) -> None:
+        await endpoint.stub(registry_pb2_grpc.RegistryStub).SetAlias(
+            request, **_admin_call_options(timeout=30.0, admin_token=admin_token))
+
+    await resolver.with_endpoint(invoke, attempts=1)
 
 
 async def _get_model(resolver: ServiceResolver, name: str, version: str) -> registry_pb2.ModelVersion | None:
@@ -288,6 +304,7 @@ async def register_model_dir(
     aliases: Sequence[str] = ("default",),
     manifest_name: str = MANIFEST_NAME,
     move_aliases: bool = False,
+    admin_token: str | None = None,
 ) -> registry_pb2.ModelVersion:
     """Uploads a built model directory's files and registers its version with `aliases`.
 
@@ -311,14 +328,14 @@ async def register_model_dir(
         if not move_aliases or set(aliases) <= set(registered.aliases):
             return registered
         for alias in aliases:
-            await set_alias(resolver, alias, model.name, model.version)
+            await set_alias(resolver, alias, model.name, model.version, admin_token)
         return await _get_model(resolver, model.name, model.version) or registered
 
     model_artifact = await upload_file(
-        resolver, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha
+        resolver, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha, admin_token=admin_token
     )
     tokenizer_artifact = await upload_file(
-        resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=tokenizer_sha
+        resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=tokenizer_sha, admin_token=admin_token
     )
     model.artifacts.extend([model_artifact, tokenizer_artifact])
     request = registry_pb2.RegisterModelRequest(model=model, aliases=list(aliases))
@@ -327,7 +344,7 @@ async def register_model_dir(
         async def register(endpoint: Endpoint) -> registry_pb2.RegisterModelResponse:
             response: registry_pb2.RegisterModelResponse = await endpoint.stub(
                 registry_pb2_grpc.RegistryStub
-            ).RegisterModel(request, **call_options(timeout=30.0))
+            ).RegisterModel(request, **_admin_call_options(timeout=30.0, admin_token=admin_token))
             return response
 
         return (await resolver.with_endpoint(register, attempts=1)).model

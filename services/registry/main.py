@@ -8,6 +8,7 @@ import logging
 
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from services.common.admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_EXTRA, AdminGuard, admin_extra_config
 from services.common.server import ServiceParts, ServiceRuntime
 from services.registry.servicer import RegistryServicer
 from services.registry.store import BlobStore, ModelStore
@@ -19,14 +20,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """No flags of its own: the state directory is the common --data-dir."""
 
 
+def extra_config(args: argparse.Namespace) -> dict[str, str]:
+    return admin_extra_config()
+
+
 def build(runtime: ServiceRuntime) -> ServiceParts:
     data_dir = runtime.config.data_dir
     blobs = BlobStore(data_dir)
     models = ModelStore(data_dir / "registry.sqlite3", blobs)
+    admin = AdminGuard(runtime.config.extra.get(ADMIN_TOKEN_EXTRA) or None)
 
     async def warm_up() -> None:
         blobs.open()
         models.open()
+        if not admin.enabled:
+            log.warning("%s is not set: model registration RPCs are open to every caller", ADMIN_TOKEN_ENV)
 
     async def on_stop() -> None:
         # Cancelled uploads remove their temporary files; let them finish before the process exits.
@@ -40,7 +48,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     full_name = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
     return ServiceParts(
         servicers=[
-            (registry_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(blobs, models), full_name)
+            (registry_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(blobs, models, admin), full_name)
         ],
         warm_up=warm_up,
         on_stop=on_stop,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from services.common.admin import AdminGuard
 from services.common.errors import InvalidArgument
 from services.common.rpc import first_message
 from services.registry.store import Architecture, Artifact, BlobStore, ModelStore, ModelVersion
@@ -92,15 +93,19 @@ async def _chunks(requests: AsyncIterator[registry_pb2.UploadArtifactRequest],
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, blobs: BlobStore, models: ModelStore) -> None:
+    def __init__(self, blobs: BlobStore, models: ModelStore, admin: AdminGuard | None = None) -> None:
         self._blobs = blobs
         self._models = models
+        # Writes (uploads, registrations, aliases) need the admin token when one is set; reads stay open to the
+        # mesh's services.
+        self._admin = admin or AdminGuard(None)
 
     async def UploadArtifact(
         self,
         request_iterator: AsyncIterable[registry_pb2.UploadArtifactRequest],
         context: grpc.aio.ServicerContext,
     ) -> registry_pb2.UploadArtifactResponse:
+        self._admin.check_call(context)
         requests = aiter(request_iterator)
         header = await first_message(requests, "header")
         stored = await self._blobs.put(header.sha256, _chunks(requests), size_bytes=header.size_bytes)
@@ -115,6 +120,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def RegisterModel(
         self, request: registry_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.RegisterModelResponse:
+        self._admin.check_call(context)
         if not request.HasField("model"):
             raise InvalidArgument("model", "is required")
         model = self._models.register(model_from_proto(request.model), list(request.aliases))
@@ -144,6 +150,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def SetAlias(
         self, request: registry_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.SetAliasResponse:
+        self._admin.check_call(context)
         model = self._models.set_alias(request.alias, request.name, request.version)
         return registry_pb2.SetAliasResponse(model=model_to_proto(model))
 

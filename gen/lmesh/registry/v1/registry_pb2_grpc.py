@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class RegistryStub:
     """Registry is found in Consul as `lmesh-registry`.
+
+    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
+    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
     """
 
     def __init__(self, channel):
@@ -74,13 +77,17 @@ class RegistryStub:
 
 class RegistryServicer:
     """Registry is found in Consul as `lmesh-registry`.
+
+    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
+    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
     """
 
     def UploadArtifact(self, request_iterator, context):
         """Uploads one artifact's bytes. The first message carries `header`, the following ones `chunk` bytes.
         The blob is stored under its sha256 digest; uploading bytes that are already stored is a no-op.
-        Errors: INVALID_ARGUMENT (no header first, a later message without `chunk`, empty upload, a byte count
-        other than a non-zero `header.size_bytes`, or bytes that do not hash to header.sha256, naming the field).
+        Errors: INVALID_ARGUMENT (no header first or within 30 s, a later message without `chunk`, no message for
+        60 s, empty upload, a byte count other than a non-zero `header.size_bytes`, or bytes that do not hash to
+        header.sha256, naming the field), UNAUTHENTICATED (admin token missing or wrong, when one is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,8 +95,10 @@ class RegistryServicer:
 
     def RegisterModel(self, request, context):
         """Registers a new model version whose artifacts were uploaded before.
-        Errors: INVALID_ARGUMENT (a missing or malformed field, named), FAILED_PRECONDITION (an artifact digest
-        that is not stored), ALREADY_EXISTS (name and version already registered).
+        Errors: INVALID_ARGUMENT (a missing or malformed field, named; a chat template over 64 Ki characters,
+        more than 64 eos ids or labels, a label over 256 characters), FAILED_PRECONDITION (an artifact digest
+        that is not stored), ALREADY_EXISTS (name and version already registered), UNAUTHENTICATED (admin token
+        missing or wrong, when one is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +132,7 @@ class RegistryServicer:
     def SetAlias(self, request, context):
         """Points an alias at a model version, creating or moving it.
         Errors: INVALID_ARGUMENT (empty or malformed alias, or an alias equal to a model name), NOT_FOUND (the
-        target version does not exist).
+        target version does not exist), UNAUTHENTICATED (admin token missing or wrong, when one is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +195,9 @@ def add_RegistryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Registry:
     """Registry is found in Consul as `lmesh-registry`.
+
+    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
+    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
     """
 
     @staticmethod

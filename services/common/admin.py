@@ -1,0 +1,66 @@
+"""The admin token that guards the mesh's management RPCs (API keys in lmesh-policy, model registration in
+lmesh-registry): one token, `LMESH_ADMIN_TOKEN`, read from the environment only (a flag would show it to every
+user in `ps`), sent by callers as `authorization: Bearer <token>`."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+import grpc
+
+from services.common.errors import Unauthenticated
+
+ADMIN_TOKEN_ENV = "LMESH_ADMIN_TOKEN"
+# The ServiceConfig.extra entry a guarded service's token travels in (from `admin_extra_config`).
+ADMIN_TOKEN_EXTRA = "admin_token"
+
+
+def admin_extra_config() -> dict[str, str]:
+    """`lmesh serve`'s extra config for a guarded service: the token from the environment, never from a flag."""
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    return {ADMIN_TOKEN_EXTRA: token} if token else {}
+
+
+class AdminGuard:
+    """The admin token check: open when no token is configured."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode("utf-8") if token else None
+
+    @classmethod
+    def from_environment(cls) -> AdminGuard:
+        return cls(os.environ.get(ADMIN_TOKEN_ENV) or None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._token is not None
+
+    def check(self, authorization: str | None) -> None:
+        """Raises Unauthenticated unless `authorization` is `Bearer <admin token>` (or no token is set)."""
+        if self._token is None:
+            return
+        if not authorization:
+            raise Unauthenticated("admin token required: send metadata 'authorization: Bearer <token>'")
+        scheme, _, presented = authorization.strip().partition(" ")
+        presented_bytes = presented.strip().encode("utf-8")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented_bytes, self._token):
+            raise Unauthenticated("invalid admin token")
+
+    def check_call(self, context: grpc.aio.ServicerContext) -> None:
+        """`check` on the call's `authorization` metadata."""
+        self.check(authorization(context))
+
+
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's `authorization` metadata, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+def admin_metadata(token: str | None = None) -> list[tuple[str, str]]:
+    """Outgoing metadata carrying the admin token (`token`, else LMESH_ADMIN_TOKEN; none when neither is set)."""
+    token = token or os.environ.get(ADMIN_TOKEN_ENV) or None
+    return [("authorization", f"Bearer {token}")] if token else []
