@@ -282,11 +282,17 @@ def _keys(args: argparse.Namespace) -> int:
                       f"(models: {', '.join(created.key.allowed_models) or 'all'}); the key is shown once:")
                 print(created.api_key)
             elif args.keys_command == "list":
-                listed = await stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant=args.tenant or ""), **options())
                 print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} STATUS")
-                for k in listed.keys:
-                    status = "revoked" if k.revoked else "active"
-                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
+                token = ""
+                while True:
+                    listed = await stub.ListApiKeys(policy_pb2.ListApiKeysRequest(
+                        tenant=args.tenant or "", page_token=token), **options())
+                    for k in listed.keys:
+                        status = "revoked" if k.revoked else "active"
+                        print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
+                    token = listed.next_page_token
+                    if not token:
+                        break
             else:
                 revoked = await stub.RevokeApiKey(policy_pb2.RevokeApiKeyRequest(key_id=args.key_id), **options())
                 print(f"revoked {revoked.key.key_id}")

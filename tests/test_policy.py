@@ -414,6 +414,8 @@ class TestPolicyOverGrpc:
             ("CreateApiKey", policy_pb2.CreateApiKeyRequest(tenant="acme", display_name="a\nb"),
              "display_name"),
             ("ListApiKeys", policy_pb2.ListApiKeysRequest(tenant="-x"), "tenant"),
+            ("ListApiKeys", policy_pb2.ListApiKeysRequest(page_size=-1), "page_size"),
+            ("ListApiKeys", policy_pb2.ListApiKeysRequest(page_token="not-a-token"), "page_token"),
             ("RevokeApiKey", policy_pb2.RevokeApiKeyRequest(key_id=""), "key_id"),
             ("RevokeApiKey", policy_pb2.RevokeApiKeyRequest(key_id="lmk_x"), "key_id"),
         ]
@@ -437,6 +439,33 @@ class TestPolicyOverGrpc:
         code, _ = await _status(policy.stub, "RevokeApiKey",
                                 policy_pb2.RevokeApiKeyRequest(key_id="key_00000000"))
         assert code == grpc.StatusCode.NOT_FOUND
+
+    async def test_keys_are_listed_a_page_at_a_time(self, policy: PolicyInstance) -> None:
+        created = [(await client.create_key(policy.resolver, "pages", [f"m{i}-*"])).key.key_id for i in range(5)]
+        pages, token = [], ""
+        while True:
+            page = await policy.stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant="pages", page_size=2,
+                                                                               page_token=token))
+            pages.append([k.key_id for k in page.keys])
+            token = page.next_page_token
+            if not token:
+                break
+        assert pages == [created[:2], created[2:4], created[4:]]
+        # A token carries its listing: another tenant's is refused, not silently reused.
+        first = await policy.stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant="pages", page_size=2))
+        code, details = await _status(policy.stub, "ListApiKeys", policy_pb2.ListApiKeysRequest(
+            tenant="someone-else", page_token=first.next_page_token))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("page_token: ")
+
+    async def test_a_page_of_big_keys_fits_a_default_grpc_client(self, policy: PolicyInstance) -> None:
+        """Keys at the documented maximum (256 patterns of 256 characters, ~66 KB each): 60 of them would be
+        4 MB, over the 4 MiB a gRPC client accepts by default, so one answer holds fewer and says where to go on."""
+        patterns = [f"{i:03d}" + "x" * 253 for i in range(256)]
+        created = {(await client.create_key(policy.resolver, "big-keys", patterns)).key.key_id for _ in range(60)}
+        first = await policy.stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant="big-keys"))
+        assert first.next_page_token and first.ByteSize() < 3.1 * 1024 * 1024
+        listed = await client.list_keys(policy.resolver, "big-keys")  # follows every page
+        assert {k.key_id for k in listed.keys} == created
 
 
 async def test_admin_token_guards_key_management(policy_factory: StartPolicy, tmp_path: Path) -> None:

@@ -44,10 +44,17 @@ async def create_key(resolver: ServiceResolver, tenant: str, allowed_models: Ite
 
 async def list_keys(resolver: ServiceResolver, tenant: str = "", admin_token: str | None = None,
                     timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.ListApiKeysResponse:
-    """Every key's public record (of `tenant` only, when given)."""
-    response: policy_pb2.ListApiKeysResponse = await _admin_call(
-        resolver, "ListApiKeys", policy_pb2.ListApiKeysRequest(tenant=tenant), admin_token, timeout_s)
-    return response
+    """Every key's public record (of `tenant` only, when given), all pages of them."""
+    everything = policy_pb2.ListApiKeysResponse()
+    token = ""
+    while True:
+        page: policy_pb2.ListApiKeysResponse = await _admin_call(
+            resolver, "ListApiKeys", policy_pb2.ListApiKeysRequest(tenant=tenant, page_token=token), admin_token,
+            timeout_s)
+        everything.keys.extend(page.keys)
+        token = page.next_page_token
+        if not token:
+            return everything
 
 
 async def revoke_key(resolver: ServiceResolver, key_id: str, admin_token: str | None = None,

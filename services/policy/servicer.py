@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+
 import grpc
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import AdminGuard
+from services.common.errors import InvalidArgument
 from services.policy.keys import ApiKey, KeyStore, Principal
 
 
@@ -36,12 +41,50 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.ListApiKeysResponse:
         self._admin.check_call(context)
-        return policy_pb2.ListApiKeysResponse(keys=[_api_key_pb(k) for k in self._store.list(request.tenant)])
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", f"must not be negative, got {request.page_size}")
+        start = _page_start(request.page_token, request.tenant)
+        keys = self._store.list(request.tenant)
+        limit = request.page_size or len(keys)
+        page = policy_pb2.ListApiKeysResponse()
+        size, index = 0, start
+        while index < len(keys) and len(page.keys) < limit:
+            key = _api_key_pb(keys[index])
+            size += key.ByteSize() + 8  # and its field framing
+            if page.keys and size > MAX_PAGE_BYTES:
+                break
+            page.keys.append(key)
+            index += 1
+        if index < len(keys):
+            page.next_page_token = _page_token(index, request.tenant)
+        return page
 
     async def RevokeApiKey(self, request: policy_pb2.RevokeApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.RevokeApiKeyResponse:
         self._admin.check_call(context)
         return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(self._store.revoke(request.key_id)))
+
+
+# A page stays below every gRPC client's default 4 MiB receive limit (a key may hold 256 patterns: ~66 KB).
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+
+
+def _page_token(offset: int, tenant: str) -> str:
+    # Keys are only ever added (revoking keeps them), oldest first: an offset stays a valid position.
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset, "tenant": tenant}).encode()).decode()
+
+
+def _page_start(token: str, tenant: str) -> int:
+    if not token:
+        return 0
+    try:
+        position = json.loads(base64.urlsafe_b64decode(token.encode()))
+        offset, token_tenant = int(position["offset"]), str(position["tenant"])
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        raise InvalidArgument("page_token", "is not a token from ListApiKeys") from None
+    if token_tenant != tenant or offset < 0:
+        raise InvalidArgument("page_token", "belongs to another listing (pass the same tenant)")
+    return offset
 
 
 def _principal_pb(principal: Principal) -> policy_pb2.Principal:

@@ -99,8 +99,10 @@ class PolicyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Lists keys (never their secrets). Errors: INVALID_ARGUMENT (a malformed `tenant` filter),
-        UNAUTHENTICATED (admin token required and missing or wrong).
+        """Lists keys (never their secrets), oldest first, a page at a time: pass `next_page_token` back as
+        `page_token` until it comes back empty. Errors: INVALID_ARGUMENT (a malformed `tenant` filter, a negative
+        `page_size`, a `page_token` not from this listing), UNAUTHENTICATED (admin token required and missing or
+        wrong).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
