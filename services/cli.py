@@ -203,7 +203,7 @@ def _models(args: argparse.Namespace) -> int:
                   f"{replicas[model_id]:>8}")
         return 0
 
-    admin = getattr(args, "admin_token", None)
+    admin = args.admin_token
 
     async def register(registry: Any, mesh: Any) -> int:
         from services.registry.client import register_model_dir
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--admin-token", default=argparse.SUPPRESS, help="admin token (default: $LMESH_ADMIN_TOKEN)")
 
     models = sub.add_parser("models", help="list, register and alias model versions")
+    models.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="list registered model versions")
     register = models_sub.add_parser("register", parents=[admin],

@@ -349,3 +349,13 @@ def test_parser_namespace_types(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(args, argparse.Namespace)
     assert (args.grace, args.resolve_ttl, args.max_models, args.port) == (2.5, 5.0, 8, 0)
 
+
+
+@pytest.mark.parametrize("argv", [["models", "--admin-token", "T", "alias", "x", "m:1"],
+                                  ["models", "alias", "x", "m:1", "--admin-token", "T"],
+                                  ["models", "--admin-token", "T", "register", "/tmp/m"],
+                                  ["keys", "--admin-token", "T", "list"]])
+def test_the_admin_token_goes_before_or_after_the_action(argv: list[str]) -> None:
+    from services.cli import build_parser
+
+    assert build_parser().parse_args(argv).admin_token == "T"

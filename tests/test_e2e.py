@@ -462,6 +462,9 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         ([start(messages=[])], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
         ([start(max_tokens=0)], key, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         ([start(max_tokens=-3)], key, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        # More turns than the context has tokens: refused before anything renders them.
+        ([start(messages=[gateway_pb2.Message(role="user", content="")] * 9000)], key,
+         grpc.StatusCode.INVALID_ARGUMENT, "messages"),
         ([start("hello " * 9000)], key, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
         ([gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel())], key, grpc.StatusCode.INVALID_ARGUMENT, "start"),
         ([], key, grpc.StatusCode.INVALID_ARGUMENT, "start"),

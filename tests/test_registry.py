@@ -856,6 +856,8 @@ def test_read_model_manifest_refusals(tmp_path: Path, change: dict[str, Any], er
     ({"eos_token_ids": tuple(range(65))}, "model.eos_token_ids"),
     ({"labels": {f"k{i}": "v" for i in range(65)}}, "model.labels"),
     ({"labels": {"k": "v" * 257}}, "model.labels"),
+    ({"architecture": Architecture(dtype="f" * 33)}, "model.architecture.dtype"),
+    ({"artifacts": "long file name"}, "model.artifacts[0].file_name"),
 ])
 async def test_a_manifest_too_big_for_a_model_list_is_refused(stores: tuple[BlobStore, ModelStore, Path],
                                                               changes: dict[str, Any], field: str) -> None:
@@ -863,6 +865,9 @@ async def test_a_manifest_too_big_for_a_model_list_is_refused(stores: tuple[Blob
     good (versions are immutable)."""
     blob_store, models, _ = stores
     m, t = await stored_pair(blob_store, 77)
+    if changes.get("artifacts") == "long file name":
+        changes = {"artifacts": (Artifact(kind=ArtifactKind.MODEL, sha256=m, file_name="x" * 256),
+                                 Artifact(kind=ArtifactKind.TOKENIZER, sha256=t, file_name="tokenizer.json"))}
     with pytest.raises(InvalidArgument) as info:
         models.register(version("big", "1", m, t, **changes))
     assert info.value.field == field
@@ -923,3 +928,23 @@ async def test_with_an_admin_token_only_its_holders_upload_register_and_move_ali
     finally:
         await service.stop()
         await service.mesh.close()
+
+
+async def test_a_version_holds_at_most_64_aliases(stores: tuple[BlobStore, ModelStore, Path]) -> None:
+    """The gateway hands a version's aliases to policy with every chat: a version with hundreds would make every
+    chat with it fail."""
+    from services.registry.store import MAX_ALIASES_PER_VERSION
+
+    blob_store, models, _ = stores
+    m, t = await stored_pair(blob_store, 78)
+    with pytest.raises(InvalidArgument) as info:
+        models.register(version("many", "1", m, t), aliases=[f"a{i}" for i in range(MAX_ALIASES_PER_VERSION + 1)])
+    assert info.value.field == "aliases"
+    models.register(version("many", "1", m, t), aliases=[f"a{i}" for i in range(MAX_ALIASES_PER_VERSION)])
+    models.set_alias("a0", "many", "1")  # one it already holds: not a new one
+    with pytest.raises(InvalidArgument) as info:
+        models.set_alias("one-more", "many", "1")
+    assert info.value.field == "alias" and "move one away first" in info.value.message
+    models.register(version("other", "1", m, t))
+    models.set_alias("a0", "other", "1")  # moved away: room for another
+    assert "one-more" in models.set_alias("one-more", "many", "1").aliases

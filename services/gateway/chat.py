@@ -157,6 +157,11 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
+        if len(params.messages) > version.context_length:
+            # Every turn renders to at least one token: this many cannot fit, and rendering them (seconds for
+            # hundreds of thousands of empty turns) would only find that out.
+            raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
+                                              f"{version.context_length} tokens")
         request = tokenizer_pb2.ApplyChatTemplateRequest(
             model=model_id, add_generation_prompt=True,
             messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])

@@ -151,6 +151,10 @@ MAX_CHAT_TEMPLATE_CHARS = 64 * 1024
 MAX_EOS_TOKEN_IDS = 64
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
+MAX_DTYPE_CHARS = 32
+MAX_FILE_NAME_CHARS = 255
+# Aliases one version may hold: the gateway hands them all to policy, which takes at most 256.
+MAX_ALIASES_PER_VERSION = 64
 
 
 def _check_model_fields(model: ModelVersion) -> None:
@@ -178,6 +182,8 @@ def _check_model_fields(model: ModelVersion) -> None:
     if model.bos_token_id < -1:
         raise InvalidArgument("model.bos_token_id", f"must be a token id or -1, got {model.bos_token_id}")
     arch = model.architecture
+    if len(arch.dtype) > MAX_DTYPE_CHARS:
+        raise InvalidArgument("model.architecture.dtype", f"must be at most {MAX_DTYPE_CHARS} characters")
     for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
         if getattr(arch, name) < 0:
             raise InvalidArgument(
@@ -198,6 +204,8 @@ def _check_model_fields(model: ModelVersion) -> None:
             )
         kinds[artifact.kind] = i
         check_sha256(artifact.sha256, f"{where}.sha256")
+        if len(artifact.file_name) > MAX_FILE_NAME_CHARS:
+            raise InvalidArgument(f"{where}.file_name", f"must be at most {MAX_FILE_NAME_CHARS} characters")
         if artifact.size_bytes < 0:
             raise InvalidArgument(f"{where}.size_bytes", f"must not be negative, got {artifact.size_bytes}")
     for kind in (ArtifactKind.MODEL, ArtifactKind.TOKENIZER):
@@ -567,6 +575,8 @@ class ModelStore:
     def register(self, model: ModelVersion, aliases: Sequence[str] = ()) -> ModelVersion:
         """Registers a new version whose artifacts are stored, and points `aliases` at it, atomically."""
         _check_model_fields(model)
+        if len(aliases) > MAX_ALIASES_PER_VERSION:
+            raise InvalidArgument("aliases", f"at most {MAX_ALIASES_PER_VERSION} per version, got {len(aliases)}")
         wanted_aliases = list(dict.fromkeys(aliases))  # ordered, without repeats
         for i, alias in enumerate(aliases):
             check_alias(alias, f"aliases[{i}]")
@@ -641,6 +651,11 @@ class ModelStore:
             row = self._row(db, name, version)
             if row is None:
                 raise NotFound(f"model '{name}:{version}' not found")
+            held = db.execute("SELECT COUNT(*) FROM aliases WHERE version_id = ? AND alias != ?",
+                              (row["id"], alias)).fetchone()[0]
+            if held >= MAX_ALIASES_PER_VERSION:
+                raise InvalidArgument("alias", f"{name}:{version} already holds {held} aliases, the most a version "
+                                               "may have; move one away first")
             db.execute(
                 "INSERT INTO aliases (alias, version_id) VALUES (?, ?) "
                 "ON CONFLICT (alias) DO UPDATE SET version_id = excluded.version_id",

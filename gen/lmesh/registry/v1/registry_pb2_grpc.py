@@ -96,7 +96,8 @@ class RegistryServicer:
     def RegisterModel(self, request, context):
         """Registers a new model version whose artifacts were uploaded before.
         Errors: INVALID_ARGUMENT (a missing or malformed field, named; a chat template over 64 Ki characters,
-        more than 64 eos ids or labels, a label over 256 characters), FAILED_PRECONDITION (an artifact digest
+        more than 64 eos ids, labels or aliases, a label over 256 characters, a dtype over 32, a file name over
+        255), FAILED_PRECONDITION (an artifact digest
         that is not stored), ALREADY_EXISTS (name and version already registered), UNAUTHENTICATED (admin token
         missing or wrong, when one is set).
         """
@@ -131,8 +132,9 @@ class RegistryServicer:
 
     def SetAlias(self, request, context):
         """Points an alias at a model version, creating or moving it.
-        Errors: INVALID_ARGUMENT (empty or malformed alias, or an alias equal to a model name), NOT_FOUND (the
-        target version does not exist), UNAUTHENTICATED (admin token missing or wrong, when one is set).
+        Errors: INVALID_ARGUMENT (empty or malformed alias, an alias equal to a model name, or a version that
+        already holds 64 aliases), NOT_FOUND (the target version does not exist), UNAUTHENTICATED (admin token
+        missing or wrong, when one is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
