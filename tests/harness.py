@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.discovery import Mesh
+import grpc
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from services.common.discovery import SERVER_OPTIONS, Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +98,24 @@ class MeshProcesses:
                                    f"{self.log(name or service)[-4000:]}")
             await asyncio.wait({waiter}, timeout=0.5)
         waiter.result()
+
+
+@contextlib.asynccontextmanager
+async def intercepted(methods: dict[str, grpc.RpcMethodHandler], exporters: Sequence[SpanExporter] = (),
+                      ) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server whose `lmesh.test.v1.Test` methods run behind the shared interceptor; `exporters`
+    get its spans."""
+    from services.common.rpc import ServerInterceptor
+    from services.common.telemetry import setup_tracing
+
+    provider = setup_tracing("lmesh-test", extra_exporters=exporters)
+    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
+                             options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lmesh.test.v1.Test", methods),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)

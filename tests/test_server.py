@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -17,9 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.common.config import ServiceConfig
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import SERVER_OPTIONS, Mesh
-from services.common.rpc import ServerInterceptor
 from services.common.server import ServiceParts, start_service
-from services.common.telemetry import setup_tracing
+from tests.harness import intercepted
 
 
 async def test_a_second_grpc_server_cannot_share_a_port() -> None:
@@ -38,7 +36,6 @@ async def test_a_second_grpc_server_cannot_share_a_port() -> None:
 @pytest.mark.parametrize("kind", ["unary", "server stream, after a message", "bidirectional stream"])
 async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: str) -> None:
     exporter = InMemorySpanExporter()
-    provider = setup_tracing("lmesh-test", extra_exporters=[exporter])
 
     def bug() -> None:
         raise KeyError("secret_internal_detail")
@@ -56,29 +53,19 @@ async def test_a_bug_is_internal_with_the_calls_trace_id_and_no_traceback(kind: 
             bug()
         yield b""
 
-    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
-        "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
-        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
-    })
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
-                             options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handlers,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                if kind == "unary":
-                    await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x")
-                elif kind.startswith("server stream"):
-                    _ = [m async for m in channel.unary_stream("/lmesh.test.v1.Test/ServerStream")(b"x")]
-                else:
-                    call = channel.stream_stream("/lmesh.test.v1.Test/Bidi")()
-                    await call.write(b"x")
-                    await call.read()
-    finally:
-        await server.stop(None)
+    methods = {"Unary": grpc.unary_unary_rpc_method_handler(unary),
+               "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+               "Bidi": grpc.stream_stream_rpc_method_handler(bidi)}
+    async with intercepted(methods, [exporter]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if kind == "unary":
+                await channel.unary_unary("/lmesh.test.v1.Test/Unary")(b"x")
+            elif kind.startswith("server stream"):
+                _ = [m async for m in channel.unary_stream("/lmesh.test.v1.Test/ServerStream")(b"x")]
+            else:
+                call = channel.stream_stream("/lmesh.test.v1.Test/Bidi")()
+                await call.write(b"x")
+                await call.read()
     error = caught.value
     assert error.code() == grpc.StatusCode.INTERNAL
     match = re.fullmatch(r"internal error \(trace_id=([0-9a-f]{32})\)", error.details() or "")
@@ -157,22 +144,6 @@ async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tm
         await running.stop()
         await mesh.close()
         agent.stop()
-
-
-@contextlib.asynccontextmanager
-async def intercepted(methods: dict[str, grpc.RpcMethodHandler]) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a server whose `lmesh.test.v1.Test` methods run behind the shared interceptor."""
-    provider = setup_tracing("lmesh-test")
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
-                             options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lmesh.test.v1.Test", methods),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        await server.stop(None)
 
 
 @pytest.mark.parametrize("caller_timeout", [None, 30.0])

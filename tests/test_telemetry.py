@@ -18,9 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from services.common.config import ConfigError
-from services.common.discovery import SERVER_OPTIONS
-from services.common.rpc import ServerInterceptor
 from services.common.telemetry import resource, setup_metrics, setup_tracing, shutdown_telemetry
+from tests.harness import intercepted
 
 OTEL_VARIABLES = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER",
                   "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -142,9 +141,7 @@ async def test_a_hung_collector_cannot_hold_a_stopping_service(monkeypatch: pyte
 
 # ---- what the interceptor records ---------------------------------------------------------------------------------
 
-async def _serve_slow_calls(provider_exporter: NotifyingExporter) -> tuple[grpc.aio.Server, int]:
-    provider = setup_tracing("lmesh-test", extra_exporters=[provider_exporter])
-
+def _slow_methods() -> dict[str, grpc.RpcMethodHandler]:
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await asyncio.sleep(30)
         return b""
@@ -157,17 +154,9 @@ async def _serve_slow_calls(provider_exporter: NotifyingExporter) -> tuple[grpc.
     async def quick(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return b"ok"
 
-    handlers = grpc.method_handlers_generic_handler("lmesh.test.v1.Test", {
-        "Slow": grpc.unary_unary_rpc_method_handler(unary),
-        "SlowStream": grpc.unary_stream_rpc_method_handler(stream),
-        "Quick": grpc.unary_unary_rpc_method_handler(quick),
-    })
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
-                             options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((handlers,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+    return {"Slow": grpc.unary_unary_rpc_method_handler(unary),
+            "SlowStream": grpc.unary_stream_rpc_method_handler(stream),
+            "Quick": grpc.unary_unary_rpc_method_handler(quick)}
 
 
 class NotifyingExporter(InMemorySpanExporter):
@@ -194,18 +183,14 @@ async def _finished(exporter: NotifyingExporter, count: int) -> list[ReadableSpa
 @pytest.mark.parametrize("method", ["Slow", "SlowStream"])
 async def test_a_call_whose_deadline_passed_is_an_error_on_its_span(method: str) -> None:
     exporter = NotifyingExporter()
-    server, port = await _serve_slow_calls(exporter)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                if method == "Slow":
-                    await channel.unary_unary(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=0.3)
-                else:
-                    _ = [m async for m in channel.unary_stream(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=0.3)]
-            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            [span] = await _finished(exporter, 1)
-    finally:
-        await server.stop(None)
+    async with intercepted(_slow_methods(), [exporter]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if method == "Slow":
+                await channel.unary_unary(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=0.3)
+            else:
+                _ = [m async for m in channel.unary_stream(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=0.3)]
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        [span] = await _finished(exporter, 1)
     assert span.name == f"lmesh.test/{method}"
     assert span.status.status_code == StatusCode.ERROR
     assert span.status.description == "DEADLINE_EXCEEDED: the call's deadline passed"
@@ -215,22 +200,18 @@ async def test_a_call_whose_deadline_passed_is_an_error_on_its_span(method: str)
 @pytest.mark.parametrize("method", ["Slow", "SlowStream"])
 async def test_a_call_the_client_cancelled_is_recorded_as_cancelled_not_failed(method: str) -> None:
     exporter = NotifyingExporter()
-    server, port = await _serve_slow_calls(exporter)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            if method == "Slow":
-                call = channel.unary_unary(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=30)
-                await asyncio.sleep(0.3)
-            else:
-                call = channel.unary_stream(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=30)
-                assert await call.read() == b"first"
-            call.cancel()
-            [span] = await _finished(exporter, 1)
-            ok = await channel.unary_unary("/lmesh.test.v1.Test/Quick")(b"x")
-            assert ok == b"ok"
-            spans = await _finished(exporter, 2)
-    finally:
-        await server.stop(None)
+    async with intercepted(_slow_methods(), [exporter]) as channel:
+        if method == "Slow":
+            call = channel.unary_unary(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=30)
+            await asyncio.sleep(0.3)
+        else:
+            call = channel.unary_stream(f"/lmesh.test.v1.Test/{method}")(b"x", timeout=30)
+            assert await call.read() == b"first"
+        call.cancel()
+        [span] = await _finished(exporter, 1)
+        ok = await channel.unary_unary("/lmesh.test.v1.Test/Quick")(b"x")
+        assert ok == b"ok"
+        spans = await _finished(exporter, 2)
     assert span.status.status_code == StatusCode.UNSET
     assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 1
     assert [e.name for e in span.events] == ["cancelled by the client"]

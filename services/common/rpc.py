@@ -95,12 +95,16 @@ def bounded(message: str) -> str:
     return f"{message[:MAX_STATUS_MESSAGE_CHARS]}… ({cut} more characters)"
 
 
+def _record_failure(span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {bounded(message)}"))
+
+
 def mark_failed(span: trace.Span, exc: BaseException) -> None:
     """Marks `span` failed with the status `exc` would give a caller (code and message; no repr, no traceback:
     an unknown model or a bad key is the caller's mistake, not a stack to export)."""
     code, message, _ = status_for(exc, span)
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {bounded(message)}"))
+    _record_failure(span, code, message)
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001) -> bool:
@@ -111,8 +115,7 @@ def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001)
 def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
     """A call gRPC cancelled under the handler: its deadline passed (an error), or the client went away."""
     if _deadline_passed(context):
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
-        span.set_status(Status(StatusCode.ERROR, "DEADLINE_EXCEEDED: the call's deadline passed"))
+        _record_failure(span, grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
     else:
         # The caller's choice, not a failure of ours (OpenTelemetry's gRPC conventions leave it unset too).
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
@@ -219,15 +222,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code, message = grpc.StatusCode.UNAVAILABLE, f"a dependency did not answer in time ({message}); retry"
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (trace_id=%s)", method, current_trace_id(span), exc_info=exc)
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            span.set_status(Status(StatusCode.ERROR, bounded(message)))
+            _record_failure(span, code, message)
             if trailers:
                 context.set_trailing_metadata(trailers)
             # The status is set and the handler returns, rather than context.abort(): gRPC would keep the abort
             # error with the call, and through its traceback the call's frames, so the call and its request data
             # (a refused 4 MB prompt, the last message a stream received) would stay alive in a reference cycle
-            # until the next full garbage collection. For the same reason `exc` drops its own traceback.
-            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+            # until the next full garbage collection.
             context.set_code(code)
             context.set_details(bounded(message))
 

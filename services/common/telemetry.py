@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
-    MetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -79,12 +76,31 @@ def resource(service_name: str) -> Resource:
     file serves every systemd unit and Kubernetes container), so lmesh reads it as the mesh's name: it becomes
     service.namespace, unless OTEL_RESOURCE_ATTRIBUTES sets that. OTEL_RESOURCE_ATTRIBUTES applies as usual.
     """
-    attributes = {"service.name": service_name}
+    own = Resource.create({"service.name": service_name})
     mesh_name = os.environ.get("OTEL_SERVICE_NAME", "").strip()
-    detected = Resource.create({})
-    if mesh_name and "service.namespace" not in detected.attributes:
-        attributes["service.namespace"] = mesh_name
-    return Resource.create(attributes)
+    if mesh_name and "service.namespace" not in own.attributes:
+        return own.merge(Resource({"service.namespace": mesh_name}))
+    return own
+
+
+# Per signal: the OTLP exporter's module (under opentelemetry.exporter.otlp.proto.<grpc|http>) and class.
+_OTLP_EXPORTERS = {"traces": ("trace_exporter", "OTLPSpanExporter"),
+                   "metrics": ("metric_exporter", "OTLPMetricExporter")}
+
+
+def _otlp_exporter(signal: str, wanted: set[str], service_name: str) -> Any:
+    """The OTLP exporter for `signal` ("traces" or "metrics") over the configured protocol, or None when
+    OTEL_<SIGNAL>_EXPORTER leaves out otlp or no endpoint is set. The exporter itself reads endpoint, headers,
+    certificates and timeout from the OTEL_* variables."""
+    protocol = _otlp_protocol(signal)  # checked even when unused: a typo should not wait for the endpoint
+    endpoint = _otlp_endpoint(signal)
+    if "otlp" not in wanted or not endpoint:
+        return None
+    module_name, class_name = _OTLP_EXPORTERS[signal]
+    transport = "grpc" if protocol == "grpc" else "http"
+    module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module_name}")
+    log.info("%s exports %s over OTLP/%s to %s", service_name, signal, protocol, endpoint)
+    return getattr(module, class_name)()
 
 
 def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
@@ -97,20 +113,10 @@ def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = (
     synchronously.
     """
     wanted = _exporters("traces")
-    protocol = _otlp_protocol("traces")
+    otlp = _otlp_exporter("traces", wanted, service_name)
     provider = TracerProvider(resource=resource(service_name), shutdown_on_exit=False)
-    endpoint = _otlp_endpoint("traces")
-    if "otlp" in wanted and endpoint:
-        exporter: SpanExporter
-        # The exporters read endpoint, headers, certificates and timeout from the OTEL_* variables themselves.
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            exporter = OTLPSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
-            exporter = HttpSpanExporter()
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
-        log.info("%s exports traces over OTLP/%s to %s", service_name, protocol, endpoint)
+    if otlp is not None:
+        provider.add_span_processor(BatchSpanProcessor(otlp, schedule_delay_millis=500))
     if "console" in wanted:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     for extra in extra_exporters:
@@ -122,20 +128,10 @@ def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = ())
     """Metrics exported as OTEL_METRICS_EXPORTER says: OTLP (gRPC or HTTP, as for traces) when an endpoint is set,
     or the console; every OTEL_METRIC_EXPORT_INTERVAL."""
     wanted = _exporters("metrics")
-    protocol = _otlp_protocol("metrics")
+    otlp = _otlp_exporter("metrics", wanted, service_name)
     readers: list[MetricReader] = list(extra_readers)
-    endpoint = _otlp_endpoint("metrics")
-    if "otlp" in wanted and endpoint:
-        exporter: MetricExporter
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-            exporter = OTLPMetricExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter as HttpMetricExporter,
-            )
-            exporter = HttpMetricExporter()
-        readers.append(PeriodicExportingMetricReader(exporter))
+    if otlp is not None:
+        readers.append(PeriodicExportingMetricReader(otlp))
     if "console" in wanted:
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     return MeterProvider(metric_readers=readers, resource=resource(service_name), shutdown_on_exit=False)
