@@ -176,6 +176,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 # ---- models ------------------------------------------------------------------------------------------------
 
+def _admin_refusal(exc: grpc.aio.AioRpcError) -> Exception:
+    """What to raise for a failed management call: an admin-token refusal says how to pass the token."""
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return CommandError(f"UNAUTHENTICATED: {exc.details()}{AUTH_HINT}")
+    return exc
+
+
 async def _with_registry(action: Callable[[Any, Any], Awaitable[int]]) -> int:
     """Runs action(registry resolver, mesh) against the mesh Consul knows."""
     from services.client import operator_mesh
@@ -183,6 +190,8 @@ async def _with_registry(action: Callable[[Any, Any], Awaitable[int]]) -> int:
     mesh = operator_mesh()
     try:
         return await action(mesh.resolver("lmesh-registry"), mesh)
+    except grpc.aio.AioRpcError as exc:
+        raise _admin_refusal(exc) from None
     finally:
         await mesh.close()
 
@@ -225,21 +234,12 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.alias} -> {args.target}")
         return 0
 
-    async def guarded(action: Callable[[Any, Any], Awaitable[int]], registry: Any, mesh: Any) -> int:
-        try:
-            return await action(registry, mesh)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise CommandError(f"UNAUTHENTICATED: {exc.details()}{AUTH_HINT}") from None
-            raise
-
     if args.models_command == "register":
         problem = _model_dir_problem(Path(args.dir), args.manifest)
         if problem:
             return _fail(problem)
     actions = {"list": list_models, "register": register, "alias": alias}
-    action = actions[args.models_command]
-    return _run_async(lambda: _with_registry(lambda registry, mesh: guarded(action, registry, mesh)))
+    return _run_async(lambda: _with_registry(actions[args.models_command]))
 
 
 def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
@@ -298,9 +298,7 @@ def _keys(args: argparse.Namespace) -> int:
                 print(f"revoked {revoked.key.key_id}")
             return 0
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise CommandError(f"UNAUTHENTICATED: {exc.details()}{AUTH_HINT}") from None
-            raise
+            raise _admin_refusal(exc) from None
         finally:
             await mesh.close()
 
