@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -11,7 +11,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.rpc import first_message
-from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer
+from services.tokenizer.text import ChatMessage, IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from services.tokenizer.loader import TokenizerCache
@@ -24,11 +24,6 @@ OFF_LOOP_CHARS = 64 * 1024
 
 # What rendering one chat message costs, counted in characters of content.
 MESSAGE_RENDER_CHARS = 64
-
-
-def _checked_push(tokenizer: ModelTokenizer, detokenizer: IncrementalDetokenizer, ids: Sequence[int]) -> str:
-    tokenizer.check_ids(ids, field="tokens.token_ids")
-    return detokenizer.push(ids)
 
 
 async def _run(size: int, fn: Callable[..., T], *args: object) -> T:
@@ -93,6 +88,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             if kind != "tokens":
                 raise InvalidArgument("tokens", f"message {index} carries no tokens")
             ids = message.tokens.token_ids
-            delta = await _run(len(ids), _checked_push, tokenizer, detokenizer, ids)
+            delta = await _run(len(ids), detokenizer.push, ids, "tokens.token_ids")
             yield tokenizer_pb2.DetokenizeStreamResponse(delta=delta)
         yield tokenizer_pb2.DetokenizeStreamResponse(delta=detokenizer.flush(), final=True)

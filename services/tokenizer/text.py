@@ -310,9 +310,10 @@ class IncrementalDetokenizer:
         self._read = new_read - self._read
         self._prefix_text = self._decode(self._ids[: self._read])
 
-    def push(self, ids: Sequence[int]) -> str:
-        """Adds ids and returns the text they completed (possibly empty)."""
-        self._tokenizer.check_ids(ids)
+    def push(self, ids: Sequence[int], field: str = "token_ids") -> str:
+        """Adds ids and returns the text they completed (possibly empty); an id outside the vocabulary is
+        INVALID_ARGUMENT naming `field`."""
+        self._tokenizer.check_ids(ids, field=field)
         if not ids:
             return ""
         self._ids.extend(ids)
