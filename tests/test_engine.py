@@ -102,14 +102,16 @@ async def answers_one_at_a_time(decoder: OnnxDecoder, plan: Plan, limits: Engine
         await host.close()
 
 
-def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bool,
-                    eos: frozenset[int] = frozenset()) -> Engine:
-    """A started engine whose decode cache takes CUDA's route (DeviceSlotCache) over CPU memory when kv_on_device."""
-    decoder.kv_on_device = kv_on_device
+def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bool, eos: frozenset[int] = frozenset(),
+                    context_length: int = 8192, fixed_length: bool = False) -> Engine:
+    """A started engine whose decode cache takes CUDA's route (DeviceSlotCache) over CPU memory when kv_on_device,
+    its buffers the whole context long from the start (as on a GPU) when fixed_length."""
+    decoder.kv_on_device, decoder.kv_fixed_length = kv_on_device, fixed_length
     try:
-        engine = Engine(decoder, eos, 8192, limits)
+        engine = Engine(decoder, eos, context_length, limits)
     finally:
-        decoder.kv_on_device = False
+        decoder.kv_on_device = decoder.kv_fixed_length = False
+    engine.warm()
     engine.start()
     return engine
 
@@ -214,6 +216,62 @@ async def test_same_seed_gives_same_tokens_also_batched(engine: Engine, prompts:
     assert batched[0][0] == first
     other, _ = await drain(engine.submit(request(prompts[1], max_tokens=16, **{**sampled, "seed": 99})))
     assert other != first
+
+
+async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_company(
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seeded request's prompt runs the same way every time: in pieces at fixed positions (here 32 tokens), never
+    from the prefix cache, even when the cache holds its system prompt or (sent again) all of it, and when other
+    prompts share the step's budget or its first run. ONNX Runtime rounds differently for other chunk bounds (about
+    5e-5 on these logits), so the test compares logprobs bit for bit, not only tokens."""
+    prompt = chat_prompt(built_model, SYSTEM, "Why?")
+    seeded = GenerationRequest(prompt_ids=prompt, max_tokens=10, top_logprobs=3,
+                               sampling=SamplingConfig(temperature=0.9, top_p=0.95, seed=11))
+    runs: list[tuple[int, int, int]] = []  # (rows, start, end) of each prompt run holding the seeded prompt
+    real_run = decoder.run
+
+    def recording_run(ids: np.ndarray, seqlens: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> Any:
+        for row in range(ids.shape[0]):
+            end = int(seqlens[row]) + 1
+            start = end - ids.shape[1] if ids.shape[0] == 1 else 0
+            if end <= len(prompt) and list(ids[row, : end - start]) == prompt[start:end]:
+                runs.append((ids.shape[0], start, end))
+        return real_run(ids, seqlens, positions, past)
+
+    async def answer() -> tuple[list[tuple[int, float, list[tuple[int, float]]]], FinishEvent | ErrorEvent]:
+        seq = engine.submit(seeded)
+        out = []
+        while True:
+            event = await seq.events.get()
+            if not isinstance(event, TokenEvent):
+                return out, event
+            out.append((event.sampled.token_id, event.sampled.logprob, event.sampled.top))
+
+    monkeypatch.setattr(decoder, "run", recording_run)
+    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=6, prefill_chunk=64))
+    engine.start()
+    try:
+        await drain(engine.submit(request(chat_prompt(built_model, SYSTEM, "Hello."), max_tokens=1)))
+        runs.clear()
+        first, first_end = await answer()
+        first_runs, runs[:] = list(runs), []
+        again, again_end = await answer()  # the cache now holds all of its prompt
+        again_runs, runs[:] = list(runs), []
+        company = [engine.submit(request(p, max_tokens=12)) for p in (prompts[0], prompts[1])]
+        company.append(engine.submit(request(chat_prompt(built_model, SYSTEM, "Who?"), max_tokens=12)))
+        batched, batched_end = await answer()
+        for other in company:
+            await drain(other)
+        assert engine.prefix_cache.stats.hits >= 1  # the unseeded requests used the cache
+    finally:
+        await engine.close()
+    assert len(first) == 10 and again == first and batched == first
+    pieces = [(start, min(start + 32, len(prompt))) for start in range(0, len(prompt), 32)
+              if len(prompt) - start > 1 or start == 0]  # a last piece of one token rides in a decode run
+    for recorded in (first_runs, again_runs, runs):
+        assert [(start, end) for _, start, end in recorded] == pieces
+    for end in (first_end, again_end, batched_end):
+        assert isinstance(end, FinishEvent) and end.cached_prompt_tokens == 0
 
 
 async def test_finish_reasons_and_usage(engine: Engine, prompts: list[list[int]]) -> None:
@@ -720,8 +778,9 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
         (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),
         (prompts[0], 9, seeded),
         (prompts[1], 3, {}),
-        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, seeded),  # its system prompt: a prefix hit
+        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, {}),  # its system prompt: a prefix hit
         (prompts[2], 12, {}),
+        (chat_prompt(built_model, SYSTEM, "Why?"), 4, seeded),  # seeded: computed alone, in pieces
     ]
     limits = EngineLimits(max_active=3, prefill_chunk=64)
     alone = await answers_one_at_a_time(decoder, plan, limits)
@@ -733,6 +792,53 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
     finally:
         await device.close()
     assert [tokens for tokens, _ in together] == alone
+
+
+async def test_a_fixed_length_device_cache_keeps_one_shape_and_answers_like_the_host_route(
+        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's device cache holds the whole context from the start: every decode run binds the same shapes (all
+    rows, the full length, total_sequence_length the capacity, so CUDA's attention splits each row the same way
+    whatever the others' lengths), including while long prompts join and leave. Over CPU memory, its answers are the
+    host route's token for token."""
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 5}
+    plan: Plan = [
+        (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),  # ~400 tokens
+        (prompts[0], 9, seeded),
+        (prompts[1], 14, {}),
+        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, seeded),
+        (prompts[2], 12, {}),
+    ]
+    limits = EngineLimits(max_active=3, prefill_chunk=64)
+    alone = await answers_one_at_a_time(decoder, plan, limits)
+    totals: list[int] = []
+    real_decode = decoder.decode
+
+    def recording_decode(input_ids: np.ndarray, seqlens_k: np.ndarray, cache: Any) -> np.ndarray:
+        _, logits = cache.binding()
+        totals.append(cache.total_length)
+        assert logits.shape[0] == 3  # every run binds all rows
+        return real_decode(input_ids, seqlens_k, cache)
+
+    monkeypatch.setattr(decoder, "decode", recording_decode)
+    device = engine_on_route(decoder, limits, kv_on_device=True, context_length=1024, fixed_length=True)
+    try:
+        assert device._slots.length_capacity == 1024
+        together = await asyncio.gather(*(drain(device.submit(request(p, max_tokens=n, **kw))) for p, n, kw in plan))
+        assert device._slots.length_capacity == 1024
+    finally:
+        await device.close()
+    assert [tokens for tokens, _ in together] == alone
+    assert len(totals) > 10 and set(totals) == {1024}
+
+
+def test_a_decode_total_length_below_the_rows_is_refused() -> None:
+    from services.model.graph import step_inputs
+
+    ids, seqlens = np.zeros((2, 1), dtype=np.int64), np.asarray([5, 9])
+    assert int(step_inputs(ids, seqlens, np.arange(2))["total_sequence_length"]) == 10
+    assert int(step_inputs(ids, seqlens, np.arange(2), total_length=128)["total_sequence_length"]) == 128
+    with pytest.raises(ValueError, match="below the rows"):
+        step_inputs(ids, seqlens, np.arange(2), total_length=9)
 
 
 async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_model: Path) -> None:

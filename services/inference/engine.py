@@ -8,6 +8,13 @@ cache into a row once, one leaving hands its row to the last row. A cancelled, f
 before the next step. The model runs in one dedicated thread so the event loop keeps streaming; while the batch
 stays the same that thread chains decode runs and hands each run's tokens to the loop as they come, so the loop's
 round trip stays off the path between runs.
+
+A seeded request's prompt is computed the same way every time, so that the same seed and input give the same
+tokens bit for bit whatever else runs and whatever the prefix cache holds: in pieces at fixed positions, never from
+the prefix cache. ONNX Runtime's kernels round differently for a chunk whose bounds depend on the step's budget, for
+a prefix computed by another request's runs and for a last prompt token run in a decode step (by about 5e-5 on
+SmolLM2's logits), and a seeded draw can follow a difference in the last bit. Sharing a right-padded run with other
+new prompts, and decoding among other rows, change nothing (measured bit for bit, on the CPU and on an H100).
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ class Sequence:
     sampler: Sampler
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     kv: list[np.ndarray] | None = None  # its prompt cache until it joins the decode rows
+    # A seeded request: its prompt in pieces at fixed positions, never from the prefix cache (see the module's
+    # docstring).
+    reproducible: bool = False
     past_len: int = 0
     prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
     cached_tokens: int = 0  # of those, reused from the prefix cache
@@ -174,8 +184,21 @@ class Engine:
         # Called when the number of active or queued sequences changes (load reporting).
         self.on_load_change: Callable[[], None] = lambda: None
         self._aborted: LmeshError | None = None
+        # A seeded request's prompt runs in pieces of this many tokens, at multiples of it (at most half a step's
+        # budget: the oldest prompt in progress always gets a whole piece).
+        self._piece = max(1, limits.prefill_chunk // 2)
 
     # ---- public API -------------------------------------------------------------------------------------
+
+    def warm(self) -> None:
+        """One decode run through the engine's own KV cache (before `start`), so that the first request does not pay
+        ONNX Runtime's first run at that cache's shapes (70-90 ms on CUDA, whose cache has one shape)."""
+        model, slots = self.model, self._slots
+        kv = [np.zeros((1, model.num_kv_heads, 1, model.head_dim), dtype=model.kv_dtype) for _ in model.past_names]
+        slots.reserve(1, 2)
+        slots.put(0, kv, 1)
+        model.decode(np.zeros((1, 1), dtype=np.int64), np.ones(1, dtype=np.int64), slots)
+        slots.clear()
 
     def start(self) -> None:
         if self._task is None:
@@ -218,7 +241,8 @@ class Engine:
                 retry_after_s=1.0,
             )
         seq = Sequence(id=next(self._ids), request=request,
-                       sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs))
+                       sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs),
+                       reproducible=request.sampling.seed != 0)
         self._waiting.append(seq)
         self._wake.set()
         self.on_load_change()
@@ -415,23 +439,30 @@ class Engine:
         live = [s for s in prefilling if not s.cancelled]
         # What the prefix cache would serve a prompt not started yet needs no prefill (counted here, copied
         # only once the prompt is scheduled: a waiting prompt holds no KV).
-        cached = {seq: self.prefix_cache.usable(seq.request.prompt_ids) for seq in live if not seq.prefill_start_ns}
+        cached = {seq: self.prefix_cache.usable(seq.request.prompt_ids) for seq in live
+                  if not seq.prefill_start_ns and not seq.reproducible}
 
         def remaining(seq: Sequence) -> int:
             return len(seq.request.prompt_ids) - max(seq.prefilled, cached.get(seq, 0))
+
+        def allowed(seq: Sequence) -> int:
+            """What one step may prefill: all that remains, or for a reproducible sequence its next piece."""
+            if seq.reproducible:
+                return min(remaining(seq), self._piece - seq.prefilled % self._piece)
+            return remaining(seq)
 
         if not live:
             return {}
         budget = self.limits.prefill_chunk
         head = live[0]
-        plan = {head: min(remaining(head), max(1, budget // 2))}
+        plan = {head: min(allowed(head), max(1, budget // 2))}
         budget -= plan[head]
         for seq in sorted(live[1:], key=remaining):
-            if remaining(seq) > budget:
+            if allowed(seq) > budget:
                 break
-            plan[seq] = remaining(seq)
+            plan[seq] = allowed(seq)
             budget -= plan[seq]
-        plan[head] += min(budget, remaining(head) - plan[head])
+        plan[head] += min(budget, allowed(head) - plan[head])
         for seq in plan:
             if not seq.prefill_start_ns:
                 self._reuse_prefix(seq)  # serves exactly what `usable` counted: nothing changed the cache since
@@ -459,6 +490,8 @@ class Engine:
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         seq.prefill_start_ns = time.time_ns()
+        if seq.reproducible:
+            return
         cached, kv = self.prefix_cache.lookup(seq.request.prompt_ids)
         if kv is not None:
             seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached

@@ -62,6 +62,7 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
                 f"{version.name}:{version.version} cannot be served: its model file is not a decoder this engine "
                 f"runs ({reason[:300]}); register a folder built by `make model`") from exc
         engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
+        await asyncio.to_thread(engine.warm)
         engine.start()
         vocab = version.architecture.vocab_size or decoder.vocab_size
         served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length))

@@ -96,6 +96,10 @@ class OnnxDecoder:
         # On the GPU the decode KV buffers are device buffers that stay there between steps (DeviceSlotCache).
         # Tests turn this on over CPU memory to take the same route without a GPU.
         self.kv_on_device = self.on_gpu
+        # On the GPU the device cache is allocated once at its full length: every decode run then has the same
+        # shapes, so CUDA's kernels (which pick their algorithms and attention splits by shape) treat each row
+        # the same whatever else is in the batch. Tests turn it on over small CPU caches.
+        self.kv_fixed_length = self.on_gpu
         self.kv_device = "cuda" if self.on_gpu else "cpu"
         self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -142,7 +146,7 @@ class OnnxDecoder:
         if bound > rows:  # a device cache binds a fixed number of rows: the unused ones decode a dummy token
             input_ids = np.concatenate([input_ids, np.zeros((bound - rows, 1), dtype=np.int64)])
             seqlens_k = np.concatenate([seqlens_k, np.zeros(bound - rows, dtype=np.int64)])
-        for name, value in step_inputs(input_ids, seqlens_k, np.arange(bound)).items():
+        for name, value in step_inputs(input_ids, seqlens_k, np.arange(bound), cache.total_length).items():
             binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(binding)
         return logits[:rows]
@@ -150,7 +154,7 @@ class OnnxDecoder:
     def slot_cache(self, max_rows: int, max_length: int) -> SlotCache | DeviceSlotCache:
         """The decode KV cache for this session: on the device when `kv_on_device` (CUDA), else host buffers."""
         if self.kv_on_device:
-            return DeviceSlotCache(self, max_rows, max_length)
+            return DeviceSlotCache(self, max_rows, max_length, fixed_length=self.kv_fixed_length)
         if self.on_gpu:
             # GroupQueryAttention takes a right-padded past only when present shares its buffer; host buffers
             # bound to a CUDA session are copied to separate device ones, and its tokens come out wrong.
@@ -178,6 +182,9 @@ class SlotCache:
     @property
     def length_capacity(self) -> int:
         return self._host[0].shape[2] if self._host else 0
+
+    # A decode over host buffers passes the rows' own total length (shapes change with the rows anyway).
+    total_length: int | None = None
 
     def clear(self) -> None:
         self.rows = 0
@@ -302,10 +309,12 @@ class DeviceSlotCache:
     rows alone paid at every new batch size. A joining sequence's KV is uploaded into its own row only, a leaving
     row is refilled from the last one on the device, and a row leaving for the prefix cache is the only one brought
     back to the host; the whole cache is copied (on the device) only when the capacity grows or shrinks,
-    geometrically, so rarely.
+    geometrically, so rarely. With `fixed_length` (the GPU's default) the buffers hold `max_length` positions from
+    the start and never change: every decode run has the same shapes, so a row's logits do not depend on the
+    other rows (see `total_length`), and no run pays a new shape's first-run cost.
     """
 
-    def __init__(self, model: OnnxDecoder, max_rows: int, max_length: int) -> None:
+    def __init__(self, model: OnnxDecoder, max_rows: int, max_length: int, fixed_length: bool = False) -> None:
         self._model = model
         self._max_rows = max_rows
         self._max_length = max_length
@@ -317,10 +326,20 @@ class DeviceSlotCache:
         self._capacity = 0
         self._binding: Any = None
         self._logits = np.empty((0, 0), dtype=np.float32)
+        self._fixed = fixed_length
+        if fixed_length:
+            self._reallocate(max_length)
 
     @property
     def length_capacity(self) -> int:
         return self._capacity
+
+    @property
+    def total_length(self) -> int | None:
+        """What a decode run passes as total_sequence_length: with a fixed length, the capacity, so the attention
+        kernel splits every row's keys the same way whatever the other rows' lengths (CUDA picks its splits from
+        this total); otherwise the rows' own."""
+        return self._capacity if self._fixed else None
 
     def clear(self) -> None:
         """Forgets every row; the device memory stays allocated for the next batch (`shrink` returns it)."""
@@ -333,7 +352,7 @@ class DeviceSlotCache:
             self._reallocate(grown_length(length, self._capacity, self._max_length))
 
     def shrink(self, length: int) -> None:
-        new_len = shrunk_length(length, self._capacity)
+        new_len = None if self._fixed else shrunk_length(length, self._capacity)
         if new_len is not None:
             self._reallocate(new_len)
 

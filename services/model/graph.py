@@ -7,7 +7,8 @@ per-layer shape plumbing, and its I/O suits continuous batching:
 
   inputs   input_ids [b, s] int64
            seqlens_k [b] int32: per row, (tokens in its KV cache after this run) - 1
-           total_sequence_length [] int32: max over rows of seqlens_k + 1 (at least s)
+           total_sequence_length [] int32: max over rows of seqlens_k + 1 (at least s; up to the past's capacity
+                                           when present shares the past's buffer)
            logits_positions [n] int64: rows of the flattened [b*s] positions whose logits are wanted
            past_key_values.{i}.key / .value [b, kv_heads, past, head_dim] float32 (float16 in the fp16 variant)
   outputs  logits [n, vocab] float32
@@ -77,14 +78,21 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def step_inputs(input_ids: Any, seqlens_k: Any, logits_positions: Any) -> dict[str, np.ndarray]:
-    """The non-KV inputs of one call, typed as the graph wants; total_sequence_length derived from the rest."""
+def step_inputs(input_ids: Any, seqlens_k: Any, logits_positions: Any,
+                total_length: int | None = None) -> dict[str, np.ndarray]:
+    """The non-KV inputs of one call, typed as the graph wants; total_sequence_length derived from the rest unless
+    given (at least that; a decode over buffers of fixed capacity passes the capacity)."""
     seqlens = np.ascontiguousarray(seqlens_k, dtype=np.int32)
     ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    total = max(int(seqlens.max()) + 1, ids.shape[1])
+    if total_length is not None:
+        if total_length < total:
+            raise ValueError(f"total_length {total_length} is below the rows' {total}")
+        total = total_length
     return {
         "input_ids": ids,
         "seqlens_k": seqlens,
-        "total_sequence_length": np.asarray(max(int(seqlens.max()) + 1, ids.shape[1]), dtype=np.int32),
+        "total_sequence_length": np.asarray(total, dtype=np.int32),
         "logits_positions": np.ascontiguousarray(logits_positions, dtype=np.int64),
     }
 
