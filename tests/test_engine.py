@@ -903,3 +903,28 @@ def test_extreme_but_valid_sampling_values_give_finite_logprobs(config: Sampling
         assert sampled.token_id == int(np.argmax(logits))  # the limit of a vanishing temperature is greedy
     if config.repetition_penalty < 1e-30:
         assert sampled.token_id in seen
+
+
+def test_a_device_cache_that_does_not_fit_says_what_to_lower(decoder: OnnxDecoder,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the decode cache is allocated whole when the engine starts; when it does not fit, the replica
+    stops with one line naming its size and the flag to lower (ONNX Runtime's own error is a bare RuntimeError)."""
+    from lmesh.registry.v1 import registry_pb2
+
+    from services.common.errors import FailedPrecondition
+    from services.inference.loader import _engine
+
+    def out_of_memory(self: DeviceSlotCache, capacity: int) -> None:
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 3019898880")
+
+    monkeypatch.setattr(DeviceSlotCache, "_reallocate", out_of_memory)
+    version = registry_pb2.ModelVersion(name="smollm2", version="1-fp16", context_length=8192)
+    decoder.kv_on_device, decoder.kv_fixed_length = True, True
+    try:
+        with pytest.raises(FailedPrecondition) as refused:
+            _engine(decoder, version, EngineLimits(max_active=16))
+    finally:
+        decoder.kv_on_device = decoder.kv_fixed_length = False
+    message = str(refused.value)
+    assert "16 rows of 8192 positions" in message and "GiB" in message and "lower --max-active" in message
+    assert "Failed to allocate" in message

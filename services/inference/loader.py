@@ -61,13 +61,31 @@ async def load_models(registry: ServiceResolver, references: list[str], cache_di
             raise FailedPrecondition(
                 f"{version.name}:{version.version} cannot be served: its model file is not a decoder this engine "
                 f"runs ({reason[:300]}); register a folder built by `make model`") from exc
-        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
-        await asyncio.to_thread(engine.warm)
+        engine = await asyncio.to_thread(_engine, decoder, version, limits)
         engine.start()
         vocab = version.architecture.vocab_size or decoder.vocab_size
         served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length))
         log.info("serving %s:%s from %s", version.name, version.version, path)
     return served
+
+
+def _engine(decoder: OnnxDecoder, version: registry_pb2.ModelVersion, limits: EngineLimits) -> Engine:
+    """The version's engine, its decode KV cache allocated and warmed (on a GPU the whole context for every row)."""
+    kv_bytes = limits.max_active * version.context_length * decoder.kv_bytes_per_token()
+    try:
+        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
+        engine.warm()
+    except Exception as exc:  # ONNX Runtime reports a failed allocation as a bare RuntimeError
+        if not decoder.kv_fixed_length:
+            raise
+        raise FailedPrecondition(
+            f"{version.name}:{version.version} cannot be served: its decode KV cache ({limits.max_active} rows of "
+            f"{version.context_length} positions, {kv_bytes / 2**30:.1f} GiB) could not be allocated on the GPU "
+            f"({str(exc).strip()[:200]}); lower --max-active") from exc
+    if decoder.kv_fixed_length:
+        log.info("decode KV cache on %s: %d rows of %d positions, %.1f GiB", decoder.kv_device, limits.max_active,
+                 version.context_length, kv_bytes / 2**30)
+    return engine
 
 
 def _warm(decoder: OnnxDecoder) -> None:
