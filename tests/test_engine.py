@@ -220,14 +220,15 @@ async def test_same_seed_gives_same_tokens_also_batched(engine: Engine, prompts:
 
 async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_company(
         decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A seeded request's prompt runs the same way every time: in pieces at fixed positions (here 32 tokens), never
-    from the prefix cache, even when the cache holds its system prompt or (sent again) all of it, and when other
-    prompts share the step's budget or its first run. ONNX Runtime rounds differently for other chunk bounds (about
-    5e-5 on these logits), so the test compares logprobs bit for bit, not only tokens."""
+    """A seeded request's prompt is computed the same way every time: in pieces at fixed positions (here 32
+    tokens), from the prefix cache only whole pieces that a seeded request computed that way, never KV that other
+    runs computed (here an unseeded request's system prompt), whatever shares the step's budget or its first run.
+    ONNX Runtime rounds differently for other chunk bounds (about 5e-5 on these logits), so the test compares
+    logprobs bit for bit with an engine that has no cache, not only tokens."""
     prompt = chat_prompt(built_model, SYSTEM, "Why?")
     seeded = GenerationRequest(prompt_ids=prompt, max_tokens=10, top_logprobs=3,
                                sampling=SamplingConfig(temperature=0.9, top_p=0.95, seed=11))
-    runs: list[tuple[int, int, int]] = []  # (rows, start, end) of each prompt run holding the seeded prompt
+    runs: list[tuple[int, int]] = []  # (start, end) of each prompt run holding the seeded prompt
     real_run = decoder.run
 
     def recording_run(ids: np.ndarray, seqlens: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> Any:
@@ -235,43 +236,51 @@ async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_compa
             end = int(seqlens[row]) + 1
             start = end - ids.shape[1] if ids.shape[0] == 1 else 0
             if end <= len(prompt) and list(ids[row, : end - start]) == prompt[start:end]:
-                runs.append((ids.shape[0], start, end))
+                runs.append((start, end))
         return real_run(ids, seqlens, positions, past)
 
-    async def answer() -> tuple[list[tuple[int, float, list[tuple[int, float]]]], FinishEvent | ErrorEvent]:
+    async def answer(engine: Engine) -> tuple[list[tuple[int, float, list[tuple[int, float]]]], FinishEvent]:
         seq = engine.submit(seeded)
         out = []
         while True:
             event = await seq.events.get()
             if not isinstance(event, TokenEvent):
+                assert isinstance(event, FinishEvent)
                 return out, event
             out.append((event.sampled.token_id, event.sampled.logprob, event.sampled.top))
 
-    monkeypatch.setattr(decoder, "run", recording_run)
-    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=6, prefill_chunk=64))
+    def pieces(start: int) -> list[tuple[int, int]]:
+        return [(s, min(s + 32, len(prompt))) for s in range(start, len(prompt), 32)
+                if len(prompt) - s > 1 or s == 0]  # a last piece of one token rides in a decode run
+
+    limits = EngineLimits(max_active=6, prefill_chunk=64)
+    uncached = Engine(decoder, frozenset(), 8192, dataclasses.replace(limits, prefix_cache_bytes=0))
+    engine = Engine(decoder, frozenset(), 8192, limits)
+    uncached.start()
     engine.start()
+    monkeypatch.setattr(decoder, "run", recording_run)
     try:
+        reference, _ = await answer(uncached)
         await drain(engine.submit(request(chat_prompt(built_model, SYSTEM, "Hello."), max_tokens=1)))
+        assert engine.prefix_cache.usable(prompt) > 300  # its system prompt, as an unseeded request computed it
         runs.clear()
-        first, first_end = await answer()
+        first, first_end = await answer(engine)
         first_runs, runs[:] = list(runs), []
-        again, again_end = await answer()  # the cache now holds all of its prompt
+        again, again_end = await answer(engine)  # its own whole pieces are cached now
         again_runs, runs[:] = list(runs), []
         company = [engine.submit(request(p, max_tokens=12)) for p in (prompts[0], prompts[1])]
         company.append(engine.submit(request(chat_prompt(built_model, SYSTEM, "Who?"), max_tokens=12)))
-        batched, batched_end = await answer()
+        batched, batched_end = await answer(engine)
         for other in company:
             await drain(other)
-        assert engine.prefix_cache.stats.hits >= 1  # the unseeded requests used the cache
     finally:
         await engine.close()
-    assert len(first) == 10 and again == first and batched == first
-    pieces = [(start, min(start + 32, len(prompt))) for start in range(0, len(prompt), 32)
-              if len(prompt) - start > 1 or start == 0]  # a last piece of one token rides in a decode run
-    for recorded in (first_runs, again_runs, runs):
-        assert [(start, end) for _, start, end in recorded] == pieces
-    for end in (first_end, again_end, batched_end):
-        assert isinstance(end, FinishEvent) and end.cached_prompt_tokens == 0
+        await uncached.close()
+    assert len(reference) == 10 and first == reference and again == reference and batched == reference
+    assert first_end.cached_prompt_tokens == 0 and first_runs == pieces(0)
+    reused = (len(prompt) - 1) // 32 * 32
+    assert again_end.cached_prompt_tokens == batched_end.cached_prompt_tokens == reused
+    assert again_runs == runs == pieces(reused)
 
 
 async def test_finish_reasons_and_usage(engine: Engine, prompts: list[list[int]]) -> None:
@@ -551,6 +560,24 @@ def test_prefix_cache_stores_a_shared_prefix_once_and_serves_the_longest_match()
     assert cache.tokens_stored == len(system) + 24
     n, kv = cache.lookup([*longer, 0])
     assert n == len(longer) and kv is not None and _positions(kv) == longer
+
+
+def test_an_exact_lookup_serves_only_exact_blocks_in_whole_pieces() -> None:
+    """A seeded request's lookup (exact_piece) serves only blocks a seeded request computed, as a multiple of its
+    piece; marking a held block exact gives it the exact computation's KV."""
+    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4, block_tokens=8)
+    prompt = list(range(100, 150))  # 50 tokens
+    cache.insert(prompt, _kv(prompt))  # an unseeded request's computation
+    assert cache.usable(prompt) == 49 and cache.usable(prompt, exact_piece=16) == 0
+    exact = [layer + 0.5 for layer in _kv(prompt)]  # the same tokens' KV, rounded another way
+    cache.insert(prompt, exact, exact_tokens=40)  # its pieces of 16: [0, 48) whole; blocks inside [0, 40): 5
+    n, kv = cache.lookup([*prompt, 1], exact_piece=16)
+    assert n == 32 and kv is not None and np.array_equal(kv[0], exact[0][:, :, :32])  # it replaced the held KV
+    assert cache.lookup([*prompt[:20], 7, 7, 7], exact_piece=16)[0] == 16
+    assert cache.lookup([*prompt[:12], 7], exact_piece=16)[0] == 0  # under one piece
+    assert cache.lookup([*prompt, 1])[0] == 50  # everyone else is served as before
+    cache.insert([5, *prompt], _kv([5, *prompt]), exact_tokens=48)
+    assert cache.lookup([5, *prompt], exact_piece=16)[0] == 48
 
 
 def test_prefix_cache_evicts_least_recently_used_leaves_and_keeps_shared_prefixes() -> None:

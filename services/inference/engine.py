@@ -10,11 +10,12 @@ stays the same that thread chains decode runs and hands each run's tokens to the
 round trip stays off the path between runs.
 
 A seeded request's prompt is computed the same way every time, so that the same seed and input give the same
-tokens bit for bit whatever else runs and whatever the prefix cache holds: in pieces at fixed positions, never from
-the prefix cache. ONNX Runtime's kernels round differently for a chunk whose bounds depend on the step's budget, for
-a prefix computed by another request's runs and for a last prompt token run in a decode step (by about 5e-5 on
-SmolLM2's logits), and a seeded draw can follow a difference in the last bit. Sharing a right-padded run with other
-new prompts, and decoding among other rows, change nothing (measured bit for bit, on the CPU and on an H100).
+tokens bit for bit whatever else runs and whatever the prefix cache holds: in pieces at fixed positions, and from
+the prefix cache only whole pieces that a seeded request computed that way (exact blocks). ONNX Runtime's kernels
+round differently for a chunk whose bounds depend on the step's budget, for a prefix computed by other runs and for
+a last prompt token run in a decode step (by about 5e-5 on SmolLM2's logits), and a seeded draw can follow a
+difference in the last bit. Sharing a right-padded run with other new prompts, and decoding among other rows, change
+nothing (measured bit for bit, on the CPU and on an H100).
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class Sequence:
     sampler: Sampler
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     kv: list[np.ndarray] | None = None  # its prompt cache until it joins the decode rows
-    # A seeded request: its prompt in pieces at fixed positions, never from the prefix cache (see the module's
-    # docstring).
+    # A seeded request: its prompt in pieces at fixed positions, from the prefix cache only exact blocks (see the
+    # module's docstring).
     reproducible: bool = False
     past_len: int = 0
     prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
@@ -405,6 +406,10 @@ class Engine:
                    and end == len(seq.request.prompt_ids) and not seq.cancelled]
         for seq in joining:
             seq.past_len = len(seq.request.prompt_ids) - 1  # what its KV (seq.kv) holds
+            if seq.reproducible and self.prefix_cache.max_bytes > 0 and seq.kv is not None:
+                # Its whole pieces, for the next seeded request with this prefix (the last token runs in decode).
+                self.prefix_cache.insert(seq.request.prompt_ids[:seq.past_len], seq.kv,
+                                         self._exact_tokens(seq, seq.past_len))
             seq.prefilled = len(seq.request.prompt_ids)
             seq.last_token = seq.request.prompt_ids[-1]
             seq.prefill_end_ns = time.time_ns()
@@ -415,7 +420,7 @@ class Engine:
             if not seq.prefilling:
                 seq.prefill_end_ns = time.time_ns()
                 if self.prefix_cache.max_bytes > 0:
-                    self.prefix_cache.insert(seq.request.prompt_ids, kv)
+                    self.prefix_cache.insert(seq.request.prompt_ids, kv, self._exact_tokens(seq, end))
                 results.append(self._sampled(seq, seq.sampler.sample(logits)))
         decoding = [s for s in decoding if not s.cancelled] + joining
         if not decoding:
@@ -439,8 +444,8 @@ class Engine:
         live = [s for s in prefilling if not s.cancelled]
         # What the prefix cache would serve a prompt not started yet needs no prefill (counted here, copied
         # only once the prompt is scheduled: a waiting prompt holds no KV).
-        cached = {seq: self.prefix_cache.usable(seq.request.prompt_ids) for seq in live
-                  if not seq.prefill_start_ns and not seq.reproducible}
+        cached = {seq: self.prefix_cache.usable(seq.request.prompt_ids, self._exact_piece(seq)) for seq in live
+                  if not seq.prefill_start_ns}
 
         def remaining(seq: Sequence) -> int:
             return len(seq.request.prompt_ids) - max(seq.prefilled, cached.get(seq, 0))
@@ -488,11 +493,17 @@ class Engine:
         seq.sampled += 1
         return seq, sampled, seq.past_len
 
+    def _exact_piece(self, seq: Sequence) -> int:
+        """For a reproducible sequence, the piece size the prefix cache serves it in (exact blocks only), else 0."""
+        return self._piece if seq.reproducible else 0
+
+    def _exact_tokens(self, seq: Sequence, computed: int) -> int:
+        """Of a prompt's first `computed` tokens, those a reproducible sequence computed in whole pieces."""
+        return computed - computed % self._piece if seq.reproducible else 0
+
     def _reuse_prefix(self, seq: Sequence) -> None:
         seq.prefill_start_ns = time.time_ns()
-        if seq.reproducible:
-            return
-        cached, kv = self.prefix_cache.lookup(seq.request.prompt_ids)
+        cached, kv = self.prefix_cache.lookup(seq.request.prompt_ids, self._exact_piece(seq))
         if kv is not None:
             seq.kv, seq.prefilled, seq.cached_tokens = kv, cached, cached
 

@@ -7,6 +7,10 @@ requests — a system prompt, a conversation's earlier turns — is stored once,
 A lookup walks the tree along a new prompt and returns the KV of the longest cached prefix (it may end inside a
 block: the KV of a position depends only on the tokens up to it). Memory is bounded in bytes; the least recently
 used leaf blocks go first, so a shared prefix outlives the continuations that used it less recently.
+
+Blocks computed the way a seeded request computes its prompt (in pieces at fixed positions: see the engine) are
+marked exact, and an exact lookup serves only those, whole pieces at a time: a seeded request then starts from KV
+equal bit for bit to what it would compute itself.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class _Block:
     kv: list[np.ndarray]  # [1, H, len(tokens), D] per tensor, owned (copied out of the caller's arrays)
     parent: _Block | None
     last_used: int = 0
+    exact: bool = False  # computed in a seeded request's pieces, as is every block above it
     children: dict[Tokens, _Block] = field(default_factory=dict)  # full blocks, by their tokens
     tails: list[_Block] = field(default_factory=list)
 
@@ -86,14 +91,16 @@ class PrefixCache:
     def __len__(self) -> int:
         return self._blocks
 
-    def usable(self, prompt: list[int]) -> int:
+    def usable(self, prompt: list[int], exact_piece: int = 0) -> int:
         """How many of `prompt`'s tokens a lookup would serve now (0 or at least min_tokens); copies nothing."""
-        n = sum(used for _, used in self._walk(prompt))
+        n = sum(used for _, used in self._walk(prompt, exact_piece))
         return n if n >= self.min_tokens else 0
 
-    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray] | None]:
-        """(n, kv) with n cached tokens usable for `prompt` (at most len(prompt) - 1: the last one must run)."""
-        pieces = self._walk(prompt)
+    def lookup(self, prompt: list[int], exact_piece: int = 0) -> tuple[int, list[np.ndarray] | None]:
+        """(n, kv) with n cached tokens usable for `prompt` (at most len(prompt) - 1: the last one must run).
+
+        exact_piece: serve only exact blocks, a multiple of this many tokens (a seeded request's pieces)."""
+        pieces = self._walk(prompt, exact_piece)
         n = sum(used for _, used in pieces)
         if n < self.min_tokens:
             self.stats.misses += 1
@@ -107,9 +114,9 @@ class PrefixCache:
         return n, [np.concatenate([block.kv[i][:, :, :used] for block, used in pieces], axis=2)
                    for i in range(layers)]
 
-    def _walk(self, prompt: list[int]) -> list[tuple[_Block, int]]:
+    def _walk(self, prompt: list[int], exact_piece: int = 0) -> list[tuple[_Block, int]]:
         """The blocks along `prompt`'s longest cached prefix (at most len(prompt) - 1 tokens), and how many of each
-        one's tokens it uses."""
+        one's tokens it uses; with exact_piece, exact blocks only, cut to a multiple of exact_piece tokens."""
         limit = len(prompt) - 1
         pieces: list[tuple[_Block, int]] = []
         if self.max_bytes <= 0:
@@ -117,10 +124,19 @@ class PrefixCache:
         node, n = self._root, 0
         while n + self.block_tokens <= limit:
             child = node.children.get(tuple(prompt[n:n + self.block_tokens]))
-            if child is None:
+            if child is None or (exact_piece and not child.exact):
                 break
             pieces.append((child, self.block_tokens))
             node, n = child, n + self.block_tokens
+        if exact_piece:
+            keep = n - n % exact_piece
+            cut: list[tuple[_Block, int]] = []
+            for block, used in pieces:
+                if keep <= 0:
+                    break
+                cut.append((block, min(used, keep)))
+                keep -= used
+            return cut
         # The rest may share the beginning of a block or tail below (a branch point inside a block).
         rest = prompt[n:limit]
         best, best_len = None, 0
@@ -132,8 +148,12 @@ class PrefixCache:
             pieces.append((best, best_len))
         return pieces
 
-    def insert(self, tokens: list[int], kv: list[np.ndarray]) -> None:
-        """Remembers the KV of `tokens` ([1, H, >= len(tokens), D] per tensor); stores only blocks not yet held."""
+    def insert(self, tokens: list[int], kv: list[np.ndarray], exact_tokens: int = 0) -> None:
+        """Remembers the KV of `tokens` ([1, H, >= len(tokens), D] per tensor); stores only blocks not yet held.
+
+        exact_tokens: the first this many were computed in a seeded request's pieces; the blocks wholly inside
+        take this KV (a block held from another computation gets it too: its other users are not exact) and are
+        marked exact."""
         if self.max_bytes <= 0 or len(tokens) < self.min_tokens:
             return
         per_token = sum(layer.nbytes // layer.shape[2] for layer in kv) if kv[0].shape[2] else 0
@@ -155,6 +175,10 @@ class PrefixCache:
                 # A tail that this block extends says nothing more: drop it.
                 for tail in [t for t in node.tails if key[:len(t.tokens)] == t.tokens]:
                     self._remove(tail)
+            above_exact = node is self._root or node.exact
+            if n + self.block_tokens <= exact_tokens and above_exact and not child.exact:
+                child.kv = [layer[:, :, n:n + self.block_tokens].copy() for layer in kv]
+                child.exact = True
             child.last_used = now
             node, n = child, n + self.block_tokens
         rest = tuple(tokens[n:])
