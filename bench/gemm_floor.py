@@ -61,6 +61,20 @@ def products_session(shapes: list[tuple[int, int]], threads: int) -> tuple[objec
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), ks
 
 
+def products_seconds(session: object, ks: list[int], rows: list[int], repeats: int = 10) -> dict[int, float]:
+    """Seconds one run of every product takes for each row count (after one untimed run at that shape)."""
+    rng = np.random.default_rng(1)
+    result = {}
+    for m in rows:
+        feeds = {f"x{k}": rng.standard_normal((m, k), dtype=np.float32) for k in ks}
+        session.run(None, feeds)  # type: ignore[attr-defined]
+        began = time.perf_counter()
+        for _ in range(repeats):
+            session.run(None, feeds)  # type: ignore[attr-defined]
+        result[m] = (time.perf_counter() - began) / repeats
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=lmesh_cache() / "models" / "smollm2-135m-instruct")
@@ -74,15 +88,8 @@ def main() -> None:
     print(f"{len(shapes)} matrix products, {flops_per_row / 1e9:.2f} GFLOP per row, {threads} threads (float32)")
     print("| rows | products alone, ms per step | GFLOP/s | tokens/s bound (rows / step) |")
     print("|--:|--:|--:|--:|")
-    rng = np.random.default_rng(1)
     floor_16 = None
-    for rows in args.rows:
-        feeds = {f"x{k}": rng.standard_normal((rows, k), dtype=np.float32) for k in ks}
-        session.run(None, feeds)  # type: ignore[attr-defined]
-        began = time.perf_counter()
-        for _ in range(args.repeats):
-            session.run(None, feeds)  # type: ignore[attr-defined]
-        step = (time.perf_counter() - began) / args.repeats
+    for rows, step in products_seconds(session, ks, args.rows, args.repeats).items():
         if rows == 16:
             floor_16 = step
         print(f"| {rows} | {step * 1e3:.1f} | {rows * flops_per_row / step / 1e9:.0f} | {rows / step:.0f} |")
