@@ -5,14 +5,14 @@ Three measurements, each an upper bound on what scheduling can win:
 1. The graph's own decode run at 16 rows: a bare ONNX Runtime loop over the engine's KV cache (one run and an
    argmax per step), next to genai's C++ loop over the same prompts. No server answers a step faster than the
    graph runs, so 16 x T tokens take at least (T - 1) such steps, even with every prompt already cached.
-2. Speculation, the one way to make more than one token per row per run without changing the weights or their
-   precision: prompt-lookup drafts (the n-gram drafting of vLLM and Hugging Face), replayed over the real greedy
+2. Speculation, the way to make more than one token per row per run and keep the answers exact; its cheapest
+   form, prompt-lookup drafts (the n-gram drafting of vLLM and Hugging Face), replayed over the real greedy
    answers. It pays off only if the tokens it makes per row and run beat what verifying the drafts costs.
 3. That cost: the matrix products of a run with 16 x (k + 1) rows against 16 rows (bench.gemm_floor). Attention
    and norms grow with the rows at least as fast, so the products' ratio flatters speculation. "Needed" is what
    a row would have to make per run for the target even if drafting cost nothing (a draft model costs runs too).
 
-usage: python -m bench.ceiling [--model-dir DIR] [--tokens 64]
+usage: python -m bench.ceiling [--model-dir DIR] [--tokens 64] [--runs 2]
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def main() -> None:
     bare = min(bare_steps)
     ceiling = streams * tokens / ((tokens - 1) * bare / 1e3)
 
-    print(f"{streams} equal streams of {tokens} tokens, {threads} threads, float32, medians of {args.runs} runs")
+    # genai's rate is the median run; both step times are the fastest run, which can only raise the ceiling.
+    print(f"{streams} equal streams of {tokens} tokens, {threads} threads, float32, {args.runs} runs each: "
+          "genai tok/s the median, step times the fastest")
     print("| measured | value |")
     print("|---|--:|")
     print(f"| genai static batch of {streams}: tok/s (prompt run included, as in make bench) | {peer:.0f} |")
