@@ -432,20 +432,33 @@ async def test_a_request_over_4_mib_is_refused_by_the_gateway_at_once(live: Live
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_a_huge_prompt_does_not_stall_other_chats(live: LiveMesh) -> None:
-    """A 3.5 MB prompt takes the tokenizer seconds, in a worker thread that lets the service go on meanwhile:
-    other chats are answered, and its health check keeps passing."""
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def test_a_burst_of_prompts_that_cannot_fit_leaves_the_tokenizer_small_and_other_chats_alone(
+        live: LiveMesh) -> None:
+    """Eight 4 MB emoji prompts at once took the tokenizer to 4 GB (kept afterwards), failed its health check and
+    unrelated chats. Those whose size shows they cannot fit are refused before encoding; those that need encoding
+    to know take turns within a bounded budget, in a worker thread; small chats go on meanwhile."""
     stub = await live.gateway()
-    huge = asyncio.create_task(expect_error(stub, [start("lorem ipsum dolor " * 200_000)], auth(live.api_key)))
-    await asyncio.sleep(0.3)  # its tokenization is under way
-    began = time.monotonic()
-    answered = await collect(stub, start(max_tokens=4), live.api_key)
-    quick = time.monotonic() - began
-    error = await huge
-    took = time.monotonic() - began
-    assert answered[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in (error.details() or "")
-    assert quick < took / 2, (quick, took)  # the small chat did not wait for the huge prompt's tokenization
+    tokenizer_pid = live.procs.processes["tokenizer"].process.pid
+    emoji, words = "😀" * 1_040_000, "hello " * 100_000  # 4.16 MB; 0.6 MB of ~100,000 tokens
+    burst = [asyncio.create_task(expect_error(stub, [start(text)], auth(live.api_key)))
+             for text in (emoji, words) * 4]
+    small_chats: list[list[gateway_pb2.ChatResponse]] = []
+    passing: list[bool] = []
+    while not all(task.done() for task in burst) or len(small_chats) < 3:
+        small_chats.append(await collect(stub, start(max_tokens=2), live.api_key, timeout=30))
+        passing.append(bool(await live.mesh.resolver("lmesh-tokenizer").passing()))
+        await asyncio.sleep(0.3)
+    for error in await asyncio.gather(*burst):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in (error.details() or "")
+        assert "fit the model's context" in (error.details() or "")
+    assert all(chat[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH for chat in small_chats)
+    assert all(passing)
+    assert _rss_bytes(tokenizer_pid) < 1_500_000_000
 
 
 async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
@@ -476,6 +489,13 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         ([start(logprobs=True, top_logprobs=21)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
         ([start(logprobs=True, top_logprobs=-1)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
         ([start(top_logprobs=3)], key, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+        # A malformed request is INVALID_ARGUMENT with or without a key (the form is checked first), a malformed
+        # model reference included.
+        *(([start(model=model)], metadata, grpc.StatusCode.INVALID_ARGUMENT, "model")
+          for model in ("a b", ":", "\x00", "m" * 200_000, "default:", "Up:1") for metadata in (key, ())),
+        ([start(max_tokens=0)], (), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ([start(messages=[gateway_pb2.Message(role="wizard", content="hi")])], auth("lmk_wrong"),
+         grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role"),
     ]
     for requests, metadata, code, field in cases:
         error = await expect_error(stub, requests, metadata)
@@ -1228,6 +1248,99 @@ async def test_a_service_that_logs_serving_is_already_passing_in_consul(live: Li
     finally:
         live.procs.terminate("tokenizer-2")
         await live.procs.wait_exit("tokenizer-2")
+
+
+async def test_every_services_status_message_stays_under_a_c_core_clients_trailer_limit(live: LiveMesh) -> None:
+    """Echoed in a status message and percent-encoded, 2,000 emoji made a trailer over the 8 KiB a C-core client
+    (this one) accepts: it saw RESOURCE_EXHAUSTED instead of the real code. Checked at every service."""
+    from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+    from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+    from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    from services.common.rpc import MAX_STATUS_MESSAGE_BYTES, encoded_message_size
+
+    emoji = "😀" * 2000
+
+    async def stub_of(service: str, stub_class: type) -> object:
+        return (await live.mesh.resolver(f"lmesh-{service}").pick()).stub(stub_class)
+
+    async def generate() -> None:
+        stub = await stub_of("inference", inference_pb2_grpc.InferenceStub)
+        call = stub.Generate(timeout=10)  # type: ignore[attr-defined]
+        await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+            model=emoji, prompt_token_ids=[1], max_tokens=1)))
+        await call.done_writing()
+        async for _ in call:
+            pass
+
+    async def chat(**fields: object) -> None:
+        await collect(await live.gateway(), start(**fields), live.api_key)
+
+    registry = await stub_of("registry", registry_pb2_grpc.RegistryStub)
+    tokenizer = await stub_of("tokenizer", tokenizer_pb2_grpc.TokenizerStub)
+    policy = await stub_of("policy", policy_pb2_grpc.PolicyStub)
+    calls = {
+        "gateway (role)": (chat(messages=[gateway_pb2.Message(role=emoji, content="hi")]),
+                           grpc.StatusCode.INVALID_ARGUMENT),
+        "gateway (model)": (chat(model=emoji), grpc.StatusCode.INVALID_ARGUMENT),
+        "registry": (registry.ResolveModel(registry_pb2.ResolveModelRequest(reference=emoji), timeout=10),
+                     grpc.StatusCode.INVALID_ARGUMENT),
+        "tokenizer": (tokenizer.Encode(tokenizer_pb2.EncodeRequest(model=emoji, text="hi"), timeout=10),
+                      grpc.StatusCode.INVALID_ARGUMENT),
+        "policy": (policy.CreateApiKey(policy_pb2.CreateApiKeyRequest(tenant=emoji), timeout=10),
+                   grpc.StatusCode.INVALID_ARGUMENT),
+        "inference": (generate(), grpc.StatusCode.NOT_FOUND),
+    }
+    for where, (call, code) in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        details = caught.value.details() or ""
+        assert caught.value.code() == code, (where, caught.value.code(), details[:200])
+        assert encoded_message_size(details) <= MAX_STATUS_MESSAGE_BYTES, where
+
+
+async def test_a_huge_model_reference_stays_out_of_the_chats_span(live: LiveMesh) -> None:
+    model = "m" * 200_000
+    error = await expect_error(await live.gateway(), [start(model=model, max_tokens=31)], auth(live.api_key))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def refused(spans: list) -> list:  # type: ignore[type-arg]
+        return [s for s in spans if s.name == "lmesh.gateway/Chat" and s.status_code == "ERROR"
+                and "model:" in s.status_message and "more characters" in s.status_message]
+
+    chat = (await live.otlp.wait_for(refused, timeout=20))[-1]
+    assert "gen_ai.request.model" not in chat.attributes
+    assert all(len(str(value)) <= 1024 for value in chat.attributes.values())
+
+
+async def test_no_chat_fails_while_the_consul_agent_restarts(live: LiveMesh, consul_agent: ConsulAgent) -> None:
+    """A restarted dev agent answers with empty service lists until every service has registered again and
+    passed a check (about two seconds): callers keep the instances they know instead of failing those chats."""
+    stub = await live.gateway()
+    results: list[str] = []
+
+    async def chat_every_half_second(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                answer = await collect(stub, start(max_tokens=2), live.api_key, timeout=30)
+                results.append("ok" if answer[-1].finish_reason else "no finish")
+            except grpc.aio.AioRpcError as exc:
+                results.append(f"{exc.code().name}: {exc.details()}")
+            await asyncio.sleep(0.5)
+
+    stop = asyncio.Event()
+    chats = asyncio.create_task(chat_every_half_second(stop))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(consul_agent.restart)
+    try:
+        for service in SERVICES:  # every service registers again and passes
+            await live.procs.wait_passing(live.mesh, service, timeout=30,
+                                          model="smollm2-135m-instruct:1" if service == "inference" else "")
+        await asyncio.sleep(2)
+    finally:
+        stop.set()
+        await chats
+    assert len(results) >= 6 and results == ["ok"] * len(results), results
 
 
 async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:

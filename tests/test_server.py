@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -123,6 +125,44 @@ async def test_a_service_registers_again_when_consul_forgets_it(tmp_path: Path) 
         agent.stop()
 
 
+async def test_callers_keep_using_instances_across_a_consul_agent_restart(tmp_path: Path) -> None:
+    """A restarted dev agent first lists no instance at all, until the services register again and pass a
+    check: callers keep the instances whose channels work instead of failing every call in that window."""
+    agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
+    config = ServiceConfig(service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
+    running = await start_service(config, lambda runtime: ServiceParts(servicers=[]))
+    mesh = Mesh(agent.http_addr)
+    try:
+        resolver = mesh.resolver("lmesh-tokenizer")
+        endpoint = await resolver.wait_for(lambda e: e.port == running.port, timeout=15)
+        registration = running.runtime.registration
+        assert registration is not None
+        agent.stop()
+        agent = ConsulAgent.start(http_port=agent.http_port, log_path=tmp_path / "consul.log")  # no state
+        failures, calls = 0, 0
+        deadline = asyncio.get_running_loop().time() + 20
+        while registration.reregistrations == 0 or endpoint.unconfirmed_until or calls < 20:
+            assert asyncio.get_running_loop().time() < deadline, "the service never registered again"
+            try:
+                picked = await resolver.pick()
+                await health_pb2_grpc.HealthStub(picked.channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except Exception:
+                failures += 1
+            calls += 1
+            await asyncio.sleep(0.1)
+        assert failures == 0, f"{failures} of {calls} calls failed across the restart"
+        assert resolver.endpoints() == [endpoint]  # the same channel all along, confirmed again
+        # A deregistration the watch sees without a gap is final at once.
+        await running.stop()
+        async with asyncio.timeout(10):
+            while resolver.endpoints():  # noqa: ASYNC110 - a bounded wait on the watch
+                await asyncio.sleep(0.05)
+    finally:
+        await running.stop()
+        await mesh.close()
+        agent.stop()
+
+
 async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tmp_path: Path) -> None:
     """Consul's check and peers' channels need the IPv6 literal in brackets (`[::1]:port`)."""
     try:
@@ -226,4 +266,37 @@ async def test_a_status_message_echoing_a_huge_field_is_cut() -> None:
     details = caught.value.details() or ""
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("messages[0].role: 'xxx") and details.endswith(" more characters)")
-    assert len(details) < 1100
+    assert len(details) < 2100
+
+
+@pytest.mark.parametrize("echoed", ["😀" * 2000, "\x00" * 5000, "%" * 9000, "é" * 3000])
+async def test_a_status_message_echoing_multibyte_text_stays_under_the_clients_trailer_limit(echoed: str) -> None:
+    """gRPC percent-encodes a status message (an emoji takes 12 bytes): bounded by characters, 2,000 emojis made a
+    trailer over the 8 KiB that C-core clients accept, and the caller saw RESOURCE_EXHAUSTED instead."""
+    from services.common.errors import InvalidArgument
+    from services.common.rpc import MAX_STATUS_MESSAGE_BYTES, encoded_message_size
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise InvalidArgument("model", f"'{request.decode()}' is not `name:version`, an alias or a name")
+
+    async with intercepted({"Unary": grpc.unary_unary_rpc_method_handler(unary)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/lmesh.test.v1.Test/Unary")(echoed.encode())
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details[:200]
+    assert details.startswith(f"model: '{echoed[:3]}") and details.endswith(" more characters)")
+    assert encoded_message_size(details) <= MAX_STATUS_MESSAGE_BYTES
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.text(max_size=3000))
+def test_a_bounded_message_is_a_prefix_within_the_encoded_limit(message: str) -> None:
+    from services.common.rpc import MAX_STATUS_MESSAGE_BYTES, bounded, encoded_message_size
+
+    cut = bounded(message)
+    assert encoded_message_size(cut) <= MAX_STATUS_MESSAGE_BYTES
+    if cut != message:
+        kept = cut.rsplit("… (", 1)[0]
+        assert message.startswith(kept) and cut.endswith(f"({len(message) - len(kept)} more characters)")
+    else:
+        assert encoded_message_size(message) <= MAX_STATUS_MESSAGE_BYTES

@@ -24,7 +24,8 @@ from tests.harness import intercepted
 OTEL_VARIABLES = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER",
                   "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-                  "OTEL_EXPORTER_OTLP_TIMEOUT")
+                  "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+                  "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
 
 
 @pytest.fixture(autouse=True)
@@ -217,3 +218,22 @@ async def test_a_call_the_client_cancelled_is_recorded_as_cancelled_not_failed(m
     assert [e.name for e in span.events] == ["cancelled by the client"]
     quick = spans[1]
     assert quick.attributes is not None and quick.attributes["rpc.grpc.status_code"] == 0
+
+
+@pytest.mark.parametrize(("variable", "limit"), [(None, 1024), ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", 100),
+                                                 ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", 50)])
+def test_span_attribute_values_are_bounded_unless_a_variable_sets_the_bound(
+        monkeypatch: pytest.MonkeyPatch, variable: str | None, limit: int) -> None:
+    """A 200,000-character value a caller sent must not travel whole in every span batch."""
+    if variable is not None:
+        monkeypatch.setenv(variable, str(limit))
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing("lmesh-test", extra_exporters=[exporter])
+    with provider.get_tracer("test").start_as_current_span("work") as span:
+        span.set_attribute("gen_ai.request.model", "m" * 200_000)
+        span.add_event("seen", {"what": "e" * 200_000})
+    finished = exporter.get_finished_spans()[0]
+    assert finished.attributes is not None and len(str(finished.attributes["gen_ai.request.model"])) == limit
+    if variable != "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT":  # that one leaves events to the general limit
+        assert finished.events[0].attributes is not None
+        assert len(str(finished.events[0].attributes["what"])) == limit

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import pytest_asyncio
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -854,3 +856,100 @@ async def test_many_empty_turns_are_rendered_off_the_event_loop(small: ModelToke
     response, worst_gap, took = await while_ticking(servicer.ApplyChatTemplate(request, None))  # type: ignore[arg-type]
     assert len(response.token_ids) > 200_000
     assert worst_gap < took / 4, (worst_gap, took)
+
+
+@hypothesis.settings(max_examples=200, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(text=st.text(max_size=400))
+def test_the_size_bound_never_exceeds_the_real_token_count(any_tokenizer: ModelTokenizer, text: str) -> None:
+    assert any_tokenizer.min_tokens(text) <= len(any_tokenizer.encode(text))
+
+
+def test_the_size_bound_is_tight_for_text_of_long_tokens(built_model: Path) -> None:
+    tokenizer = _smollm2(built_model)
+    longest = max(tokenizer.vocabulary().token_bytes, key=len)
+    assert len(longest) == tokenizer.max_token_bytes()
+    text = longest.decode() * 100
+    assert tokenizer.min_tokens(text) <= len(tokenizer.encode(text)) <= tokenizer.min_tokens(text) + 2
+
+
+def test_a_prompt_its_size_shows_cannot_fit_is_refused_without_encoding(built_model: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MB prompt of emoji is ~3 million tokens: encoding it to find that out cost ~500 MB and seconds."""
+    tokenizer = _smollm2(built_model)
+    tokenizer.max_token_bytes()  # the vocabulary is built once per model, not per request
+
+    def never(*args: object, **kwargs: object) -> list[int]:
+        raise AssertionError("encoded a prompt whose size shows it cannot fit")
+
+    monkeypatch.setattr(tokenizer, "encode", never)
+    began = time.monotonic()
+    with pytest.raises(InvalidArgument) as caught:
+        tokenizer.apply_chat_template([user("😀" * 1_040_000)], True, max_tokens=8191)
+    assert time.monotonic() - began < 1.0
+    assert caught.value.field == "messages" and "at least" in caught.value.message and "8191" in caught.value.message
+
+
+def test_a_prompt_is_refused_exactly_when_it_has_more_tokens_than_allowed(built_model: Path) -> None:
+    tokenizer = _smollm2(built_model)
+    messages = [user("What is the capital of France? " * 20)]
+    _, ids = tokenizer.apply_chat_template(messages, True)
+    assert tokenizer.apply_chat_template(messages, True, max_tokens=len(ids))[1] == ids
+    with pytest.raises(InvalidArgument) as caught:
+        tokenizer.apply_chat_template(messages, True, max_tokens=len(ids) - 1)
+    assert caught.value.message == (f"messages: the prompt is {len(ids)} tokens; at most {len(ids) - 1} fit the "
+                                    "model's context")
+    with pytest.raises(InvalidArgument, match="max_prompt_tokens"):
+        tokenizer.apply_chat_template(messages, True, max_tokens=-1)
+
+
+async def test_large_jobs_share_a_bounded_budget() -> None:
+    from services.tokenizer.servicer import WorkBudget
+
+    budget = WorkBudget(100)
+    running: list[int] = []
+    peak = 0
+
+    async def job(size: int) -> None:
+        nonlocal peak
+        async with budget.reserve(size):
+            running.append(min(size, 100))  # a job larger than the budget holds all of it
+            peak = max(peak, sum(running))
+            await asyncio.sleep(0.01)
+            running.remove(min(size, 100))
+
+    await asyncio.gather(*(job(size) for size in (60, 60, 30, 500, 10, 10, 90)))
+    assert peak == 100 and not running
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def test_a_burst_of_prompts_that_cannot_fit_leaves_the_tokenizer_small(built_model: Path) -> None:
+    """Eight 4 MB prompts at once took the tokenizer to 4 GB, which it kept; refused by their size, they cost
+    next to nothing, and a prompt that does fit is still rendered."""
+    from services.tokenizer.servicer import TokenizerServicer
+
+    tokenizer = _smollm2(built_model)
+
+    class OneModel:
+        async def get(self, model: str) -> ModelTokenizer:
+            return tokenizer
+
+    servicer = TokenizerServicer(OneModel())  # type: ignore[arg-type]
+    huge = tpb.ApplyChatTemplateRequest(model="m", add_generation_prompt=True, max_prompt_tokens=8191,
+                                        messages=[tpb.ChatMessage(role="user", content="😀" * 1_040_000)])
+    small_request = tpb.ApplyChatTemplateRequest(model="m", add_generation_prompt=True, max_prompt_tokens=8191,
+                                                 messages=[tpb.ChatMessage(role="user", content="Hi")])
+    await servicer.ApplyChatTemplate(small_request, None)  # type: ignore[arg-type]
+    before = _rss_bytes()
+    began = time.monotonic()
+    results = await asyncio.gather(*(servicer.ApplyChatTemplate(huge, None) for _ in range(8)),  # type: ignore[arg-type]
+                                   servicer.ApplyChatTemplate(small_request, None),  # type: ignore[arg-type]
+                                   return_exceptions=True)
+    assert time.monotonic() - began < 5
+    assert all(isinstance(r, InvalidArgument) and r.field == "messages" for r in results[:8]), results[:8]
+    assert isinstance(results[8], tpb.ApplyChatTemplateResponse) and results[8].token_ids
+    assert _rss_bytes() - before < 200 * 1024 * 1024

@@ -77,6 +77,7 @@ class ConsulAgent:
     http_port: int
     process: subprocess.Popen[bytes]
     data_dir: str
+    log_path: Path | None = None
 
     @property
     def http_addr(self) -> str:
@@ -96,7 +97,7 @@ class ConsulAgent:
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir,
                                    env={**os.environ}, start_new_session=True)
-        agent = cls(http_port=http_port, process=process, data_dir=data_dir)
+        agent = cls(http_port=http_port, process=process, data_dir=data_dir, log_path=log_path)
         deadline = time.monotonic() + timeout
         while not consul_answers(agent.http_addr):
             if process.poll() is not None:
@@ -106,6 +107,13 @@ class ConsulAgent:
                 raise TimeoutError("consul did not elect a leader in time")
             time.sleep(0.1)  # start-up readiness probe of a child process, bounded by the deadline
         return agent
+
+    def restart(self) -> None:
+        """Stops the agent and starts a new one on the same HTTP port: a dev agent keeps no state, so it then knows
+        no service until they register again."""
+        self.stop()
+        fresh = ConsulAgent.start(http_port=self.http_port, log_path=self.log_path)
+        self.process, self.data_dir = fresh.process, fresh.data_dir
 
     def stop(self) -> None:
         if self.process.poll() is None:

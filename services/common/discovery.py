@@ -54,16 +54,30 @@ MARK_DOWN_S = 3.0
 # A blocking query's wait: also how long a watch takes to see an agent restarted without its state (its index
 # starts lower than the one the watch holds, so it answers only when the wait ends).
 WATCH_WAIT_S = 10
+# How long instances that a (possibly restarted) agent stopped listing stay in use while their channels work: a
+# restarted agent knows nothing until the services register again and pass a check, about two seconds.
+UNCONFIRMED_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class WatchAnswer:
+    """One answer of a health watch: the instances, and whether the agent may have restarted since the last
+    answer (the query before it failed, or Consul's index went back), so that it may not know them yet."""
+
+    nodes: list[dict[str, Any]]
+    after_gap: bool
 
 
 async def health_watch(client: consul.aio.Consul, name: str, failure_level: int,
-                       passing: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
+                       passing: bool = False) -> AsyncIterator[WatchAnswer]:
     """The instances of `name` (`passing` ones only, if asked), now and after every change: blocking queries on
     `/v1/health/service/<name>`, with back-off while Consul fails (logged at `failure_level`). Each query is
     bounded (Consul answers within the wait plus 1/16 of it as jitter), so a connection that went silent cannot
     hold a watch for ever."""
     index: str | None = None
+    last_index = 0
     backoff = 0.2
+    failed = False
     while True:
         try:
             async with asyncio.timeout(WATCH_WAIT_S * 17 / 16 + 5):
@@ -74,11 +88,14 @@ async def health_watch(client: consul.aio.Consul, name: str, failure_level: int,
         except Exception as exc:
             log.log(failure_level, "Consul watch on %s failed (%s); retrying in %.1fs", name, exc, backoff)
             index = None
+            failed = True
             await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
             backoff = min(backoff * 2, 5.0)
             continue
         backoff = 0.2
-        yield nodes
+        number = int(index) if index and index.isdigit() else 0
+        yield WatchAnswer(nodes, after_gap=failed or number < last_index)
+        failed, last_index = False, number
 
 
 def consul_client(addr: str) -> consul.aio.Consul:
@@ -144,8 +161,8 @@ class ConsulRegistration:
         """Consul forgets this instance when its agent restarts without its state (a dev agent, a wiped data dir)
         or after its check stayed critical for a minute; a blocking query on the service notices, and the
         instance registers again instead of staying unreachable while it runs."""
-        async for nodes in health_watch(self._client, self.name, logging.DEBUG):
-            if any(node["Service"]["ID"] == self.service_id for node in nodes):
+        async for answer in health_watch(self._client, self.name, logging.DEBUG):
+            if any(node["Service"]["ID"] == self.service_id for node in answer.nodes):
                 continue
             log.warning("Consul no longer lists %s; registering it again", self.service_id)
             try:
@@ -189,6 +206,8 @@ class Endpoint:
     channel: grpc.aio.Channel
     outstanding: int = 0
     down_until: float = 0.0
+    # Set while Consul does not list it after an agent restart: used until then unless a call to it fails.
+    unconfirmed_until: float = 0.0
     _stubs: dict[object, Any] = field(default_factory=dict)
 
     @property
@@ -263,10 +282,13 @@ class ServiceResolver:
                 raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
 
     async def _watch(self) -> None:
-        async for nodes in health_watch(self._client, self.name, logging.WARNING, passing=True):
-            await self._update(nodes)
+        async for answer in health_watch(self._client, self.name, logging.WARNING, passing=True):
+            await self._update(answer.nodes, answer.after_gap)
 
-    async def _update(self, nodes: list[dict[str, Any]]) -> None:
+    async def _update(self, nodes: list[dict[str, Any]], after_gap: bool = False) -> None:
+        """Takes Consul's passing instances. After a gap in the watch (the agent may have restarted and not have
+        heard from its services yet), instances it no longer lists are kept, unconfirmed, for
+        UNCONFIRMED_GRACE_S while their channels work; otherwise they are dropped at once."""
         seen: dict[str, Endpoint] = {}
         for node in nodes:
             svc = node["Service"]
@@ -276,28 +298,55 @@ class ServiceResolver:
             current = self._endpoints.get(service_id)
             if current is not None and current.target == host_port(address, int(svc["Port"])):
                 current.meta = meta
+                current.unconfirmed_until = 0.0
                 seen[service_id] = current
             else:
                 channel = grpc.aio.insecure_channel(host_port(address, int(svc["Port"])), options=CHANNEL_OPTIONS)
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
-        gone = [e for sid, e in self._endpoints.items() if sid not in seen]
+        now = time.monotonic()
+        gone: list[Endpoint] = []
+        for service_id, endpoint in self._endpoints.items():
+            if service_id in seen:
+                continue
+            if after_gap and not endpoint.unconfirmed_until and _channel_works(endpoint.channel):
+                endpoint.unconfirmed_until = now + UNCONFIRMED_GRACE_S
+                asyncio.get_running_loop().call_later(UNCONFIRMED_GRACE_S, self._drop_unconfirmed)
+                log.info("Consul's agent no longer lists %s after a gap in its answers (restarted?); using it "
+                         "until it registers again or fails", service_id)
+            if endpoint.unconfirmed_until > now:
+                seen[service_id] = endpoint
+            else:
+                gone.append(endpoint)
         self._endpoints = seen
-        loop = asyncio.get_running_loop()
-        for endpoint in gone:
-            # In-flight streams on a vanished instance fail on their own; closing now would cut a drain short.
-            loop.call_later(30, self._close_later, endpoint.channel)
+        self._retire(gone)
         self._loaded.set()
         async with self._changed:
             self._changed.notify_all()
 
+    def _retire(self, gone: list[Endpoint]) -> None:
+        loop = asyncio.get_running_loop()
+        for endpoint in gone:
+            # In-flight streams on a vanished instance fail on their own; closing now would cut a drain short.
+            loop.call_later(30, self._close_later, endpoint.channel)
+
+    def _drop_unconfirmed(self, failed: Endpoint | None = None) -> None:
+        """Drops unconfirmed instances whose grace has passed (and `failed`, if it is unconfirmed)."""
+        now = time.monotonic()
+        gone = [e for e in self._endpoints.values()
+                if e.unconfirmed_until and (e.unconfirmed_until <= now or e is failed)]
+        for endpoint in gone:
+            del self._endpoints[endpoint.service_id]
+            log.info("dropped %s: Consul has not listed it again", endpoint.service_id)
+        self._retire(gone)
+
     async def wait_for(self, predicate: Callable[[Endpoint], bool] | None = None,
                        timeout: float = 30.0) -> Endpoint:
-        """Waits until an endpoint matching `predicate` is passing (start-up ordering, tests)."""
+        """Waits until an endpoint matching `predicate` is passing in Consul (start-up ordering, tests)."""
         async def ready() -> Endpoint:
             async with self._changed:
                 while True:
                     for endpoint in self._endpoints.values():
-                        if predicate is None or predicate(endpoint):
+                        if not endpoint.unconfirmed_until and (predicate is None or predicate(endpoint)):
                             return endpoint
                     await self._changed.wait()
 
@@ -324,6 +373,8 @@ class ServiceResolver:
 
     def mark_down(self, endpoint: Endpoint) -> None:
         endpoint.down_until = time.monotonic() + MARK_DOWN_S
+        if endpoint.unconfirmed_until:  # it failed before Consul listed it again: not worth another try
+            self._drop_unconfirmed(failed=endpoint)
 
     async def with_endpoint(self, call: Callable[[Endpoint], Awaitable[T]], attempts: int = 2) -> T:
         """Runs `call` on a picked endpoint; an UNAVAILABLE one is marked down and the next one tried.
@@ -354,6 +405,12 @@ class ServiceResolver:
             return await rpc(request, **call_options(timeout))
 
         return await self.with_endpoint(invoke, attempts)
+
+
+def _channel_works(channel: grpc.aio.Channel) -> bool:
+    """Whether a channel is not known to be broken (connected, idle or connecting)."""
+    return channel.get_state(try_to_connect=False) not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                                                           grpc.ChannelConnectivity.SHUTDOWN)
 
 
 class Mesh:

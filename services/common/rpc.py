@@ -82,17 +82,34 @@ def status_for(exc: BaseException, span: trace.Span | None = None,
     return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id(span)})", ()
 
 
-# Status messages echo what the caller sent (a model name, a role): a huge one would exceed the HTTP/2 header
-# limits of the caller's client (grpc-js drops the whole connection) or of a gateway relaying it.
-MAX_STATUS_MESSAGE_CHARS = 1024
+# Status messages echo what the caller sent (a model name, a role). gRPC percent-encodes the message into the
+# `grpc-message` trailer (every byte outside printable ASCII becomes three), and C-core clients refuse trailers
+# over 8 KiB with RESOURCE_EXHAUSTED (grpc-js drops the whole connection): the bound is on the encoded size.
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def _encoded_size(char: str) -> int:
+    """Bytes `char` takes in a percent-encoded grpc-message."""
+    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in char.encode("utf-8", "surrogatepass"))
+
+
+def encoded_message_size(message: str) -> int:
+    """The size of `message` as gRPC percent-encodes it into the `grpc-message` trailer."""
+    return sum(_encoded_size(char) for char in message)
 
 
 def bounded(message: str) -> str:
-    """`message`, cut to MAX_STATUS_MESSAGE_CHARS characters (saying how much was cut)."""
-    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+    """`message`, cut at a character boundary so that its percent-encoded form stays within
+    MAX_STATUS_MESSAGE_BYTES (saying how many characters were cut)."""
+    if len(message) * 12 <= MAX_STATUS_MESSAGE_BYTES or encoded_message_size(message) <= MAX_STATUS_MESSAGE_BYTES:
         return message
-    cut = len(message) - MAX_STATUS_MESSAGE_CHARS
-    return f"{message[:MAX_STATUS_MESSAGE_CHARS]}… ({cut} more characters)"
+    room = MAX_STATUS_MESSAGE_BYTES - 64  # for the note on what was cut
+    size = kept = 0
+    for kept, char in enumerate(message):  # noqa: B007 - `kept` is read after the loop
+        size += _encoded_size(char)
+        if size > room:
+            break
+    return f"{message[:kept]}… ({len(message) - kept} more characters)"
 
 
 def _record_failure(span: trace.Span, code: grpc.StatusCode, message: str) -> None:

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -36,6 +36,10 @@ log = logging.getLogger("lmesh.telemetry")
 
 EXPORTERS = ("otlp", "console", "none")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# The longest attribute value a span, event or link keeps unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT (or the span-only
+# OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT) says otherwise: a value a caller sent (megabytes, in the worst case)
+# must not make a batch too large for the collector, which would drop the whole batch.
+MAX_ATTRIBUTE_CHARS = 1024
 # Exporting what is left at shutdown waits at most this long: a collector that is down or hung must not turn a
 # drain into a kill (each OTLP export would otherwise wait out its 10 s timeout).
 FLUSH_ON_STOP_S = 2.0
@@ -103,6 +107,15 @@ def _otlp_exporter(signal: str, wanted: set[str], service_name: str) -> Any:
     return getattr(module, class_name)()
 
 
+def span_limits() -> SpanLimits:
+    """The SDK's limits, from the OTEL_* variables, with attribute values cut to MAX_ATTRIBUTE_CHARS unless a
+    variable sets a length."""
+    if any(os.environ.get(v, "").strip() for v in ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+                                                    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")):
+        return SpanLimits()
+    return SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS)
+
+
 def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
     """A provider for `service_name` exporting as the OTEL_* variables say (ConfigError on a value lmesh does not
     support, rather than silently exporting nothing).
@@ -114,7 +127,7 @@ def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = (
     """
     wanted = _exporters("traces")
     otlp = _otlp_exporter("traces", wanted, service_name)
-    provider = TracerProvider(resource=resource(service_name), shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource(service_name), span_limits=span_limits(), shutdown_on_exit=False)
     if otlp is not None:
         provider.add_span_processor(BatchSpanProcessor(otlp, schedule_delay_millis=500))
     if "console" in wanted:

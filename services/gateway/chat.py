@@ -25,6 +25,7 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
+from services.common.references import check_reference
 from services.common.rpc import call_options, mark_failed
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -69,6 +70,7 @@ class ChatEnd:
 
 
 def validate(params: ChatParams) -> ChatParams:
+    check_reference(params.model, "model")
     if not params.messages:
         raise InvalidArgument("messages", "must not be empty")
     for index, (role, _) in enumerate(params.messages):
@@ -162,8 +164,11 @@ class ChatService:
             # hundreds of thousands of empty turns) would only find that out.
             raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
                                               f"{version.context_length} tokens")
+        context = version.context_length
+        # At least one token of the context is left for the answer. A prompt that cannot fit is refused by the
+        # tokenizer, before encoding it when its size alone shows that.
         request = tokenizer_pb2.ApplyChatTemplateRequest(
-            model=model_id, add_generation_prompt=True,
+            model=model_id, add_generation_prompt=True, max_prompt_tokens=context - 1,
             messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])
 
         async def render(endpoint: Endpoint) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
@@ -172,8 +177,7 @@ class ChatService:
 
         rendered, tokenizer = await self._tokenizer.with_endpoint(render)
         prompt = list(rendered.token_ids)
-        context = version.context_length
-        if len(prompt) >= context:
+        if len(prompt) >= context:  # a tokenizer that predates max_prompt_tokens
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
         return version, prompt, min(params.max_tokens, context - len(prompt)), tokenizer
 

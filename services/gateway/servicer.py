@@ -10,8 +10,18 @@ import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
+from services.common.references import check_reference
 from services.common.rpc import first_message
-from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, bearer_key, new_completion_id, validate
+from services.gateway.chat import (
+    DEFAULT_MODEL,
+    ChatDelta,
+    ChatEnd,
+    ChatParams,
+    ChatService,
+    bearer_key,
+    new_completion_id,
+    validate,
+)
 from services.gateway.logprobs import TokenLogprob
 
 _REASON_NAMES = {
@@ -21,9 +31,9 @@ _REASON_NAMES = {
 }
 
 
-def _params(start: gateway_pb2.ChatStart) -> ChatParams:
+def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
     return validate(ChatParams(
-        model=start.model.strip() or "default",
+        model=model,
         messages=[(m.role, m.content) for m in start.messages],
         max_tokens=start.max_tokens, temperature=start.temperature, top_p=start.top_p, top_k=start.top_k,
         seed=start.seed, repetition_penalty=start.repetition_penalty, stop=list(start.stop),
@@ -50,11 +60,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.ChatResponse]:
         start = await first_message(request_iterator, "start")
         span = trace.get_current_span()
-        # Before validation, so a refused request's span says what was asked.
-        span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": start.model.strip() or "default",
-                             "gen_ai.request.max_tokens": start.max_tokens,
+        span.set_attribute("gen_ai.operation.name", "chat")
+        # The model only once its form is checked (a span must not carry whatever a caller sent, megabytes
+        # included); the numbers before theirs, so a request refused for one says what was asked.
+        model = check_reference(start.model.strip() or DEFAULT_MODEL, "model")
+        span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": start.max_tokens,
                              "gen_ai.request.temperature": start.temperature})
-        params = _params(start)
+        params = _params(start, model)
         api_key = bearer_key(context.invocation_metadata())
         version, prompt, max_tokens, tokenizer = await self._chat.prepare(api_key, params)
         model_id = f"{version.name}:{version.version}"

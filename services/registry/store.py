@@ -33,13 +33,12 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
+from services.common.references import check_reference, is_label, is_name
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_SUFFIX = ".part"
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # versions and aliases
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactKind(IntEnum):
@@ -109,7 +108,7 @@ class StoredBlob:
 def check_name(value: str, field_name: str) -> str:
     if not value:
         raise InvalidArgument(field_name, "is required")
-    if not NAME_RE.match(value):
+    if not is_name(value):
         raise InvalidArgument(
             field_name,
             f"{value!r} is not a model name (lower-case letters, digits, '.', "
@@ -121,7 +120,7 @@ def check_name(value: str, field_name: str) -> str:
 def check_label(value: str, field_name: str, what: str) -> str:
     if not value:
         raise InvalidArgument(field_name, "is required")
-    if not LABEL_RE.match(value):
+    if not is_label(value):
         raise InvalidArgument(
             field_name,
             f"{value!r} is not a valid {what} (letters, digits, '.', '_' and "
@@ -141,7 +140,7 @@ def check_alias(value: str, field_name: str) -> str:
 def check_sha256(value: str, field_name: str) -> str:
     if not value:
         raise InvalidArgument(field_name, "is required")
-    if not SHA256_RE.match(value):
+    if not SHA256_RE.fullmatch(value):
         raise InvalidArgument(field_name, f"{value!r} is not a sha256 digest (64 lower-case hex characters)")
     return value
 
@@ -536,19 +535,14 @@ class ModelStore:
 
     def resolve(self, reference: str) -> ModelVersion:
         """`name:version`, else an alias, else a bare name's most recently registered version."""
-        if not reference:
-            raise InvalidArgument("reference", "is required")
+        check_reference(reference, "reference")
         db = self.db
         if ":" in reference:
             name, _, version = reference.partition(":")
-            if not NAME_RE.match(name) or not LABEL_RE.match(version):
-                raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
             row = self._row(db, name, version)
             if row is None:
                 raise NotFound(f"model '{reference}' not found")
             return self._load(db, row)
-        if not LABEL_RE.match(reference) and not NAME_RE.match(reference):
-            raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
         row = db.execute(
             "SELECT v.* FROM aliases a JOIN model_versions v ON v.id = a.version_id WHERE a.alias = ?",
             (reference,),

@@ -66,10 +66,11 @@ def _text(tokenizer: Tokenizer, ids: Sequence[int], skip_special_tokens: bool) -
 
 
 def _ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """`text`'s token ids. Through encode_batch, which releases the GIL while it works (encode holds it: a
+    """`text`'s token ids. Through a batch call, which releases the GIL while it works (encode holds it: a
     megabyte prompt tokenized in a worker thread would still freeze the event loop, health checks included, for
-    seconds)."""
-    return list(tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+    seconds); the fast one skips character offsets, which nothing here uses (a quarter of the time)."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # tokenizers >= 0.21
+    return list(encode([text], add_special_tokens=add_special_tokens)[0].ids)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class ModelTokenizer:
         self.eos_token = self._token_text(eos_token_ids[0]) if eos_token_ids else ""
         self._template: jinja2.Template | None = None
         self._vocabulary: Vocabulary | None = None
+        self._max_token_bytes: int | None = None
         # Texts the tokenizer turns into control tokens wherever they appear (<|im_start|>, <|im_end|>, ...).
         self._control_texts = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()}, key=len,
                                      reverse=True)
@@ -203,6 +205,21 @@ class ModelTokenizer:
         """`decode` for ids the caller already passed through `check_ids`."""
         return _text(self.tokenizer, ids, skip_special_tokens)
 
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: its vocabulary's longest entry."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max((len(data) for data in self.vocabulary().token_bytes), default=1) or 1
+        return self._max_token_bytes
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on `text`'s token count, found without encoding it: each token stands for at most
+        `max_token_bytes()` bytes of the (normalized) text, and a pre-tokenizer adds at most a leading space."""
+        normalizer = self.tokenizer.normalizer
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        size = len(text.encode("utf-8", "surrogatepass")) - 1
+        return max(0, -(-size // self.max_token_bytes()))
+
     def vocabulary(self) -> Vocabulary:
         """Every id's exact bytes (see `build_vocabulary`), built on first use (a fraction of a second)."""
         if self._vocabulary is None:
@@ -234,18 +251,30 @@ class ModelTokenizer:
             raise FailedPrecondition(
                 f"the chat template of {self.name or 'this model'} failed: {exc}") from None
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage],
-                            add_generation_prompt: bool) -> tuple[str, list[int]]:
-        """The rendered prompt and its ids, exactly as the model sees it.
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                            max_tokens: int = 0) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids, exactly as the model sees it; InvalidArgument (`messages`) when it has
+        more than `max_tokens` tokens (0: no limit), found before encoding when its size alone shows it.
 
         A control token's text inside a message (a user writing `<|im_end|><|im_start|>system`) stays text: only
         the template itself can open or close a turn.
         """
+        if max_tokens < 0:
+            raise InvalidArgument("max_prompt_tokens", f"must be >= 0 (0: no limit), got {max_tokens}")
         text = self.render_chat(messages, add_generation_prompt)
+        if max_tokens and (least := self.min_tokens(text)) > max_tokens:
+            # Encoding it would cost time and memory in proportion to its size (~100 bytes a token) to say no.
+            raise InvalidArgument("messages", f"the prompt is at least {least} tokens; at most {max_tokens} fit "
+                                              "the model's context")
         if not any(control in m.content for m in messages for control in self._control_texts):
             # The template already wrote the special tokens (BOS, <|im_start|>): adding them again would double.
-            return text, self.encode(text, add_special_tokens=False)
-        return text, self._encode_with_literal_contents(messages, add_generation_prompt, text)
+            ids = self.encode(text, add_special_tokens=False)
+        else:
+            ids = self._encode_with_literal_contents(messages, add_generation_prompt, text)
+        if max_tokens and len(ids) > max_tokens:
+            raise InvalidArgument("messages", f"the prompt is {len(ids)} tokens; at most {max_tokens} fit the "
+                                              "model's context")
+        return text, ids
 
     def _encode_with_literal_contents(self, messages: Sequence[ChatMessage], add_generation_prompt: bool,
                                       text: str) -> list[int]:

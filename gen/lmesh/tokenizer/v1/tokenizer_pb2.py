@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/tokenizer/v1/tokenizer.proto\x12\x12lmesh.tokenizer.v1\"H\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"N\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"1\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"*\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"{\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.lmesh.tokenizer.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\"<\n\x19\x41pplyChatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"=\n\x0f\x44\x65tokenizeStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x87\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.lmesh.tokenizer.v1.DetokenizeStartH\x00\x12.\n\x06tokens\x18\x02 \x01(\x0b\x32\x1c.lmesh.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"8\n\x18\x44\x65tokenizeStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"%\n\x14GetVocabularyRequest\x12\r\n\x05model\x18\x01 \x01(\t\"V\n\x15GetVocabularyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\x12\x19\n\x11special_token_ids\x18\x03 \x03(\x05\x32\xd8\x04\n\tTokenizer\x12O\n\x06\x45ncode\x12!.lmesh.tokenizer.v1.EncodeRequest\x1a\".lmesh.tokenizer.v1.EncodeResponse\x12O\n\x06\x44\x65\x63ode\x12!.lmesh.tokenizer.v1.DecodeRequest\x1a\".lmesh.tokenizer.v1.DecodeResponse\x12^\n\x0b\x43ountTokens\x12&.lmesh.tokenizer.v1.CountTokensRequest\x1a\'.lmesh.tokenizer.v1.CountTokensResponse\x12p\n\x11\x41pplyChatTemplate\x12,.lmesh.tokenizer.v1.ApplyChatTemplateRequest\x1a-.lmesh.tokenizer.v1.ApplyChatTemplateResponse\x12q\n\x10\x44\x65tokenizeStream\x12+.lmesh.tokenizer.v1.DetokenizeStreamRequest\x1a,.lmesh.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x64\n\rGetVocabulary\x12(.lmesh.tokenizer.v1.GetVocabularyRequest\x1a).lmesh.tokenizer.v1.GetVocabularyResponseBX\n\x16\x64\x65v.lmesh.tokenizer.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/tokenizer/v1;tokenizerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/tokenizer/v1/tokenizer.proto\x12\x12lmesh.tokenizer.v1\"H\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"N\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"1\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"*\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.lmesh.tokenizer.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\"<\n\x19\x41pplyChatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"=\n\x0f\x44\x65tokenizeStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x87\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.lmesh.tokenizer.v1.DetokenizeStartH\x00\x12.\n\x06tokens\x18\x02 \x01(\x0b\x32\x1c.lmesh.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"8\n\x18\x44\x65tokenizeStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"%\n\x14GetVocabularyRequest\x12\r\n\x05model\x18\x01 \x01(\t\"V\n\x15GetVocabularyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\x12\x19\n\x11special_token_ids\x18\x03 \x03(\x05\x32\xd8\x04\n\tTokenizer\x12O\n\x06\x45ncode\x12!.lmesh.tokenizer.v1.EncodeRequest\x1a\".lmesh.tokenizer.v1.EncodeResponse\x12O\n\x06\x44\x65\x63ode\x12!.lmesh.tokenizer.v1.DecodeRequest\x1a\".lmesh.tokenizer.v1.DecodeResponse\x12^\n\x0b\x43ountTokens\x12&.lmesh.tokenizer.v1.CountTokensRequest\x1a\'.lmesh.tokenizer.v1.CountTokensResponse\x12p\n\x11\x41pplyChatTemplate\x12,.lmesh.tokenizer.v1.ApplyChatTemplateRequest\x1a-.lmesh.tokenizer.v1.ApplyChatTemplateResponse\x12q\n\x10\x44\x65tokenizeStream\x12+.lmesh.tokenizer.v1.DetokenizeStreamRequest\x1a,.lmesh.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x64\n\rGetVocabulary\x12(.lmesh.tokenizer.v1.GetVocabularyRequest\x1a).lmesh.tokenizer.v1.GetVocabularyResponseBX\n\x16\x64\x65v.lmesh.tokenizer.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/tokenizer/v1;tokenizerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,22 +46,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COUNTTOKENSRESPONSE']._serialized_end=374
   _globals['_CHATMESSAGE']._serialized_start=376
   _globals['_CHATMESSAGE']._serialized_end=420
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=422
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=545
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=547
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=607
-  _globals['_DETOKENIZESTART']._serialized_start=609
-  _globals['_DETOKENIZESTART']._serialized_end=670
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=673
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=808
-  _globals['_TOKENIDS']._serialized_start=810
-  _globals['_TOKENIDS']._serialized_end=839
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=841
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=897
-  _globals['_GETVOCABULARYREQUEST']._serialized_start=899
-  _globals['_GETVOCABULARYREQUEST']._serialized_end=936
-  _globals['_GETVOCABULARYRESPONSE']._serialized_start=938
-  _globals['_GETVOCABULARYRESPONSE']._serialized_end=1024
-  _globals['_TOKENIZER']._serialized_start=1027
-  _globals['_TOKENIZER']._serialized_end=1627
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=423
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=573
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=575
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=635
+  _globals['_DETOKENIZESTART']._serialized_start=637
+  _globals['_DETOKENIZESTART']._serialized_end=698
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=701
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=836
+  _globals['_TOKENIDS']._serialized_start=838
+  _globals['_TOKENIDS']._serialized_end=867
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=869
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=925
+  _globals['_GETVOCABULARYREQUEST']._serialized_start=927
+  _globals['_GETVOCABULARYREQUEST']._serialized_end=964
+  _globals['_GETVOCABULARYRESPONSE']._serialized_start=966
+  _globals['_GETVOCABULARYRESPONSE']._serialized_end=1052
+  _globals['_TOKENIZER']._serialized_start=1055
+  _globals['_TOKENIZER']._serialized_end=1655
 # @@protoc_insertion_point(module_scope)

@@ -104,7 +104,8 @@ class TokenizerServicer:
 
     def ApplyChatTemplate(self, request, context):
         """Renders a conversation with the model's chat template and encodes it, exactly as the model will see it.
-        Errors also: INVALID_ARGUMENT (`messages` empty, or a role outside system/user/assistant).
+        Errors also: INVALID_ARGUMENT (`messages` empty, a role outside system/user/assistant, or a prompt longer
+        than `max_prompt_tokens`; `max_prompt_tokens` negative).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
