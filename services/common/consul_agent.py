@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import lmesh_cache, split_consul_addr
+from services.common.supervisor import exit_message
 
 
 def free_port() -> int:
@@ -77,6 +78,7 @@ class ConsulAgent:
     http_port: int
     process: subprocess.Popen[bytes]
     data_dir: str
+    log_path: Path | None = None
 
     @property
     def http_addr(self) -> str:
@@ -96,11 +98,11 @@ class ConsulAgent:
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir,
                                    env={**os.environ}, start_new_session=True)
-        agent = cls(http_port=http_port, process=process, data_dir=data_dir)
+        agent = cls(http_port=http_port, process=process, data_dir=data_dir, log_path=log_path)
         deadline = time.monotonic() + timeout
         while not consul_answers(agent.http_addr):
             if process.poll() is not None:
-                raise RuntimeError(f"consul exited with {process.returncode}; see {log_path or 'its output'}")
+                raise RuntimeError(exit_message("the Consul agent", process.returncode, log_path))
             if time.monotonic() > deadline:
                 agent.stop()
                 raise TimeoutError("consul did not elect a leader in time")
