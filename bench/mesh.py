@@ -9,10 +9,7 @@ the resolver's, which may be closed under it when the replica's Consul entry cha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from bench.stats import StreamResult, peak_rss_mb, spread_gaps
 from services.common.consul_agent import ConsulAgent, free_port
 from services.common.discovery import CHANNEL_OPTIONS, Mesh
 from services.common.rpc import call_options
+from services.common.supervisor import ProcessExited, Supervised, Supervisor
 
 GRACE_S = 2.0
 START_TIMEOUT_S = 300.0
@@ -33,10 +31,12 @@ STREAM_TIMEOUT_S = 900.0
 
 @dataclass
 class Child:
-    name: str
-    process: asyncio.subprocess.Process
-    log_path: Path
+    process: Supervised
     port: int
+
+    @property
+    def name(self) -> str:
+        return self.process.name
 
     @property
     def pid(self) -> int:
@@ -46,23 +46,9 @@ class Child:
         return peak_rss_mb(self.pid)
 
 
-async def stop_child(child: Child, grace_s: float = GRACE_S) -> None:
-    """SIGTERM, the service's drain grace plus a margin, then SIGKILL."""
-    if child.process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        child.process.send_signal(signal.SIGTERM)
+def _tail(path: Path | None, lines: int = 20) -> str:
     try:
-        await asyncio.wait_for(child.process.wait(), grace_s + 10)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            child.process.kill()
-        await child.process.wait()
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path else ""
     except OSError:
         return ""
 
@@ -75,23 +61,26 @@ class BenchMesh:
         self.work_dir = work_dir
         self.logs = logs
         self.agent: ConsulAgent | None = None
+        self.supervisor: Supervisor | None = None
         self.mesh: Mesh | None = None
         self.registry: Child | None = None
         self.inference: Child | None = None
         self.model_id = ""
         self._channel: grpc.aio.Channel | None = None
         self.stub: inference_pb2_grpc.InferenceStub | None = None
-        self._env: dict[str, str] = {}
 
     async def start(self) -> None:
         from services.registry.client import register_model_dir
 
         self.agent = await asyncio.to_thread(ConsulAgent.start, None, self.logs / "consul.log")
         # Telemetry export is off in the children: the benchmark measures serving, not an OTLP collector.
-        self._env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        self._env.update(CONSUL_HTTP_ADDR=self.agent.http_addr, LMESH_HOME=str(self.work_dir / "home"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(CONSUL_HTTP_ADDR=self.agent.http_addr, LMESH_HOME=str(self.work_dir / "home"))
+        # A service's drain grace plus a margin before SIGKILL.
+        self.supervisor = Supervisor(self.logs, data_root=self.work_dir, env=env, grace_s=GRACE_S + 10)
+        self.supervisor.watch_consul_agent(self.agent)
         self.mesh = Mesh(self.agent.http_addr)
-        self.registry = await self._start_child("registry", "registry", [])
+        self.registry = self._start_child("registry", "registry")
         await self._wait_passing(self.registry, "lmesh-registry")
         version = await register_model_dir(self.mesh.resolver("lmesh-registry"), self.model_dir, aliases=("default",))
         self.model_id = f"{version.name}:{version.version}"
@@ -99,7 +88,7 @@ class BenchMesh:
     async def start_inference(self, label: str) -> Child:
         """A fresh inference replica (new process, so its peak memory is this run's), passing in Consul."""
         await self.stop_inference()
-        child = await self._start_child("inference", f"inference-{label}", [])
+        child = self._start_child("inference", f"inference-{label}")
         self.inference = child
         endpoint = await self._wait_passing(child, "lmesh-inference")
         self._channel = grpc.aio.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
@@ -111,43 +100,35 @@ class BenchMesh:
             await self._channel.close()
             self._channel = self.stub = None
         if self.inference is not None:
-            await stop_child(self.inference)
+            assert self.supervisor is not None
+            await asyncio.to_thread(self.supervisor.stop, self.inference.name)
             self.inference = None
 
     async def close(self) -> None:
         await self.stop_inference()
-        if self.registry is not None:
-            await stop_child(self.registry)
         if self.mesh is not None:
             await self.mesh.close()
+        if self.supervisor is not None:
+            await asyncio.to_thread(self.supervisor.stop_all)
         if self.agent is not None:
-            await asyncio.to_thread(self.agent.stop)
+            await asyncio.to_thread(self.agent.stop)  # already stopped by the supervisor; removes its scratch dir
 
-    async def _start_child(self, service: str, label: str, extra: list[str]) -> Child:
+    def _start_child(self, service: str, name: str) -> Child:
+        """`lmesh serve SERVICE` on a port chosen here; replicas share SERVICE's data dir (and artifact cache)."""
+        assert self.supervisor is not None
         port = free_port()
-        log_path = self.logs / f"{label}.log"
-        args = [sys.executable, "-m", "services.cli", "serve", service, "--port", str(port),
-                "--data-dir", str(self.work_dir / service), "--grace", str(GRACE_S), *extra]
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(*args, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                                                           env=self._env, start_new_session=True)
-        return Child(service, process, log_path, port)
+        process = self.supervisor.start(service, "--port", str(port), "--grace", str(GRACE_S), name=name,
+                                        data_dir=self.work_dir / service)
+        return Child(process, port)
 
     async def _wait_passing(self, child: Child, name: str) -> Any:
         """Waits until `child` is passing in Consul; fails at once (with its log) if it exits first."""
-        assert self.mesh is not None
-        ready = asyncio.ensure_future(
-            self.mesh.resolver(name).wait_for(lambda e: e.port == child.port, timeout=START_TIMEOUT_S))
-        died = asyncio.ensure_future(child.process.wait())
+        assert self.mesh is not None and self.supervisor is not None
+        ready = self.mesh.resolver(name).wait_for(lambda e: e.port == child.port, timeout=START_TIMEOUT_S)
         try:
-            await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-        if not ready.done():
-            ready.cancel()
-            raise RuntimeError(f"{name} exited with {child.process.returncode}; {child.log_path}:\n"
-                               f"{_tail(child.log_path)}")
-        return ready.result()
+            return await self.supervisor.while_running(ready, [child.name])
+        except ProcessExited as exc:
+            raise RuntimeError(f"{exc}:\n{_tail(child.process.log_path)}") from None
 
     # ---- streams --------------------------------------------------------------------------------------------
 

@@ -8,19 +8,14 @@ SIGTERM) stops every process it started, gracefully, in reverse order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Awaitable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TextIO
 from urllib.parse import urlsplit
 
 import grpc
@@ -30,82 +25,27 @@ from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
 from services.common.server import port_is_free
+from services.common.supervisor import ProcessExited, Supervisor
 
 SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
 DEFAULT_GATEWAY_PORT = 50051
 SAMPLE_QUESTION = "What is the capital of France?"
-T = TypeVar("T")
 
 
 def dev_key_path() -> Path:
     return lmesh_home() / "dev-api-key"
 
 
-@dataclass
-class Child:
-    service: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-
-def start_child(service: str, extra_args: list[str], env: dict[str, str], logs: Path) -> Child:
-    log_path = logs / f"{service}.log"
-    out = open(log_path, "ab")
-    args = [sys.executable, "-m", "services.cli", "serve", service, *extra_args]
-    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Child(service, process, log_path)
-
-
-def stop_children(children: list[Child], grace_s: float) -> None:
-    for child in reversed(children):
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s + 5
-    for child in reversed(children):
+async def wait_all_passing(mesh: Mesh, supervisor: Supervisor, timeout: float) -> None:
+    """Waits until every service has a passing instance in Consul; fails at once if a process of the mesh exits."""
+    async def watch(service: str) -> None:
         try:
-            child.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
-
-
-def exit_message(name: str, returncode: int | None, log_path: Path | str) -> str:
-    """Why a process of the mesh ended: its exit status and the last line it logged (a service that refuses to
-    start says why in one line), and where the rest is."""
-    last = ""
-    with contextlib.suppress(OSError):
-        lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
-        last = lines[-1].removeprefix("lmesh: ") if lines else ""
-    said = f": {last}" if last else ""
-    return f"{name} exited with {returncode}{said} (log: {log_path})"
-
-
-async def while_children_run(children: list[Child], work: Awaitable[T]) -> T:
-    """`work`'s result; fails as soon as a process of the mesh exits first, saying which and why."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            for child in children:
-                if child.process.poll() is not None:
-                    raise RuntimeError(exit_message(f"lmesh-{child.service}", child.process.returncode,
-                                                    child.log_path))
-    finally:
-        task.cancel()
-
-
-async def wait_all_passing(mesh: Mesh, children: list[Child], timeout: float) -> None:
-    """Waits until every service has a passing instance in Consul."""
-    async def watch(child: Child) -> None:
-        try:
-            await mesh.resolver(f"lmesh-{child.service}").wait_for(timeout=timeout)
+            await mesh.resolver(f"lmesh-{service}").wait_for(timeout=timeout)
         except TimeoutError:
-            raise TimeoutError(f"lmesh-{child.service} did not pass its Consul health check within {timeout:g} s "
-                               f"(log: {child.log_path})") from None
+            raise TimeoutError(f"lmesh-{service} did not pass its Consul health check within {timeout:g} s "
+                               f"(log: {supervisor.processes[service].log_path})") from None
 
-    await while_children_run(children, asyncio.gather(*(watch(c) for c in children)))
+    await supervisor.while_running(asyncio.gather(*(watch(s) for s in SERVICE_ORDER)))
 
 
 async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
@@ -147,21 +87,17 @@ async def ensure_dev_key(mesh: Mesh) -> str:
     return str(created.api_key)
 
 
-async def bring_up(model_dir: Path, children: list[Child], env: dict[str, str], logs: Path,
-                   consul_http: str) -> tuple[str, str]:
+async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str) -> tuple[str, str]:
     mesh = Mesh(consul_http)
     try:
         gateway_port = str(env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535))
         for service in SERVICE_ORDER:
-            args = ["--data-dir", str(lmesh_home() / service)]
-            if service == "gateway":
-                args += ["--port", gateway_port]
-            children.append(start_child(service, args, env, logs))
-        print(f"• services starting (logs in {logs})", flush=True)
-        model_id = await while_children_run(children, ensure_model(mesh, model_dir))
+            supervisor.start(service, *(["--port", gateway_port] if service == "gateway" else []))
+        print(f"• services starting (logs in {supervisor.logs})", flush=True)
+        model_id = await supervisor.while_running(ensure_model(mesh, model_dir))
         print(f"• model {model_id} registered (alias 'default')", flush=True)
-        key = await while_children_run(children, ensure_dev_key(mesh))
-        await wait_all_passing(mesh, children, timeout=300)
+        key = await supervisor.while_running(ensure_dev_key(mesh))
+        await wait_all_passing(mesh, supervisor, timeout=300)
         print("• all five services passing in Consul", flush=True)
         return key, f"127.0.0.1:{gateway_port}"
     finally:
@@ -239,7 +175,9 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         print(f"• started a Consul dev agent at {agent.http_addr}", flush=True)
         addr = agent.http_addr
     env = {**os.environ, "CONSUL_HTTP_ADDR": addr, "LMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    children: list[Child] = []
+    supervisor = Supervisor(logs, data_root=home, env=env, grace_s=15)  # their drain grace (10 s) and a margin
+    if agent is not None:
+        supervisor.watch_consul_agent(agent)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -247,13 +185,13 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     try:
-        key, gateway = asyncio.run(bring_up(model_dir, children, env, logs, addr))
+        key, gateway = asyncio.run(bring_up(model_dir, supervisor, addr))
         print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)
         print(f"Gateway: {gateway}  (gRPC, metadata 'authorization: Bearer <key>')", flush=True)
         print(f"\n> {question}", flush=True)
         asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128))
         print("\nThe mesh is up. Try `.venv/bin/lmesh chat`. Ctrl-C stops it.", flush=True)
-        _supervise(children, agent, logs)
+        _supervise(supervisor)
     except KeyboardInterrupt:
         print("\n• stopping", flush=True)
     except grpc.aio.AioRpcError as exc:  # its str() is a multi-line dump
@@ -263,21 +201,13 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         print(f"lmesh: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     finally:
-        stop_children(children, grace_s=10)
+        supervisor.stop_all()
         if agent is not None:
-            agent.stop()
+            agent.stop()  # already stopped by the supervisor; this removes its scratch dir
         print("• stopped", flush=True)
     return 0
 
 
-def _supervise(children: list[Child], agent: ConsulAgent | None, logs: Path) -> None:
-    """Blocks until Ctrl-C (KeyboardInterrupt) or until a process of the mesh dies, which is an error."""
-    processes = {c.process.pid: (f"lmesh-{c.service}", c.process, str(c.log_path)) for c in children}
-    if agent is not None:
-        processes[agent.process.pid] = ("consul", agent.process, str(logs / "consul.log"))
-    while True:
-        pid, status = os.waitpid(-1, 0)
-        if pid in processes:
-            name, process, log = processes[pid]
-            process.returncode = os.waitstatus_to_exitcode(status)
-            raise RuntimeError(exit_message(name, process.returncode, log))
+def _supervise(supervisor: Supervisor) -> None:
+    """Blocks until Ctrl-C (KeyboardInterrupt) or until a process of the mesh exits, which is an error."""
+    raise ProcessExited(supervisor.wait_any_exit())

@@ -5,26 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common.discovery import SERVER_OPTIONS, Mesh
+from services.common.supervisor import ProcessExited, Supervised, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class ServiceProcess:
-    service: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
 
 
 @dataclass
@@ -32,7 +23,14 @@ class MeshProcesses:
     consul_addr: str
     home: Path
     otlp_endpoint: str
-    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.home / "logs", data_root=self.home, env=self.env(), cwd=ROOT, grace_s=15,
+                                     own_sessions=False)
+
+    @property
+    def processes(self) -> dict[str, Supervised]:
+        return self.supervisor.processes
 
     def env(self) -> dict[str, str]:
         return {
@@ -46,58 +44,37 @@ class MeshProcesses:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start(self, service: str, *extra: str, name: str = "") -> ServiceProcess:
+    def start(self, service: str, *extra: str, name: str = "") -> Supervised:
         """Starts `lmesh serve SERVICE`; `name` keys a second process of the same service."""
-        name = name or service
-        log_path = self.home / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")  # owned by the child for its whole life
-        args = [sys.executable, "-m", "services.cli", "serve", service, "--data-dir", str(self.home / name),
-                "--grace", "5", *extra]
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=ROOT)
-        self.processes[name] = ServiceProcess(service, process, log_path)
-        return self.processes[name]
+        # os.environ as it is at this start, not at construction (a test may have changed it since).
+        return self.supervisor.start(service, "--grace", "5", *extra, name=name, env=self.env())
 
-    def kill(self, service: str) -> None:
-        proc = self.processes[service].process
-        proc.kill()
-        proc.wait(10)
+    def kill(self, name: str) -> None:
+        self.supervisor.kill(name)
 
-    def terminate(self, service: str) -> None:
-        self.processes[service].process.send_signal(signal.SIGTERM)
+    def terminate(self, name: str) -> None:
+        self.supervisor.terminate(name)
 
-    async def wait_exit(self, service: str, timeout: float = 20.0) -> int:
+    async def wait_exit(self, name: str, timeout: float = 20.0) -> int:
         """Waits for a child to exit without blocking the event loop (the OTLP receiver runs on it)."""
-        return await asyncio.to_thread(self.processes[service].process.wait, timeout)
+        return await self.supervisor.wait_exit(name, timeout)
 
     async def stop_all(self) -> None:
-        for entry in self.processes.values():
-            if entry.process.poll() is None:
-                entry.process.send_signal(signal.SIGTERM)
-        for service, entry in self.processes.items():
-            try:
-                await self.wait_exit(service, 15)
-            except subprocess.TimeoutExpired:
-                entry.process.kill()
-                entry.process.wait()
+        await asyncio.to_thread(self.supervisor.stop_all)
 
-    def log(self, service: str) -> str:
-        return self.processes[service].log_path.read_text(errors="replace")
+    def log(self, name: str) -> str:
+        return self.supervisor.log(name)
 
     async def wait_passing(self, mesh: Mesh, service: str, timeout: float = 120.0,
                            exclude: frozenset[str] = frozenset(), name: str = "", model: str = "") -> None:
         """Waits for a passing instance whose process is still alive (fails fast with its log otherwise)."""
-        entry = self.processes[name or service]
-        waiter = asyncio.ensure_future(mesh.resolver(f"lmesh-{service}").wait_for(
-            lambda e: e.service_id not in exclude and (not model or model in e.models),
-            timeout=timeout))
-        while not waiter.done():
-            if entry.process.poll() is not None:
-                waiter.cancel()
-                raise RuntimeError(f"lmesh-{service} exited with {entry.process.returncode}:\n"
-                                   f"{self.log(name or service)[-4000:]}")
-            await asyncio.wait({waiter}, timeout=0.5)
-        waiter.result()
+        name = name or service
+        waiter = mesh.resolver(f"lmesh-{service}").wait_for(
+            lambda e: e.service_id not in exclude and (not model or model in e.models), timeout=timeout)
+        try:
+            await self.supervisor.while_running(waiter, [name])
+        except ProcessExited as exc:
+            raise RuntimeError(f"{exc}:\n{self.log(name)[-4000:]}") from None
 
 
 @contextlib.asynccontextmanager

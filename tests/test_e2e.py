@@ -1181,8 +1181,9 @@ def test_dev_mesh_names_a_service_that_refuses_to_start_and_why(built_model: Pat
     result = subprocess.run([sys.executable, "-m", "services.cli", "dev", "--model-dir", str(built_model)],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and time.monotonic() - began < 20
-    assert re.fullmatch(r"lmesh: lmesh-\w+ exited with 2: OTEL_TRACES_EXPORTER='zipkin': lmesh exports traces with "
-                        r"otlp, console, none \(not zipkin\) \(log: .*/logs/\w+\.log\)\n", result.stderr), result.stderr
+    assert re.fullmatch(r"lmesh: lmesh-\w+ exited with status 2: OTEL_TRACES_EXPORTER='zipkin': lmesh exports "
+                        r"traces with otlp, console, none \(not zipkin\) \(log: .*/logs/\w+\.log\)\n",
+                        result.stderr), result.stderr
     assert not consul_answers(env["CONSUL_HTTP_ADDR"])  # the agent it started is stopped too
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import lmesh_cache, split_consul_addr
+from services.common.supervisor import exit_message
 
 
 def free_port() -> int:
@@ -101,7 +102,7 @@ class ConsulAgent:
         deadline = time.monotonic() + timeout
         while not consul_answers(agent.http_addr):
             if process.poll() is not None:
-                raise RuntimeError(f"consul exited with {process.returncode}; see {log_path or 'its output'}")
+                raise RuntimeError(exit_message("the Consul agent", process.returncode, log_path))
             if time.monotonic() > deadline:
                 agent.stop()
                 raise TimeoutError("consul did not elect a leader in time")
