@@ -2,26 +2,27 @@
 and Generate streams timed from the client's side.
 
 The inference process is started on a port chosen here, so a restarted replica is told apart from the one
-before it in Consul. Streams go over the benchmark's own channel to that replica (found through Consul), not
-the resolver's, which may be closed under it when the replica's Consul entry changes.
+before it in Consul. Streams go to that replica through the mesh's client runtime, leased by its port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from lmesh.inference.v1 import inference_pb2
 
 from bench.stats import StreamResult, peak_rss_mb, spread_gaps
 from services.common.consul_agent import ConsulAgent, free_port
-from services.common.discovery import CHANNEL_OPTIONS, Mesh
-from services.common.rpc import call_options
+from services.common.discovery import Mesh
+from services.common.peers import INFERENCE, REGISTRY, PeerService
 from services.common.supervisor import ProcessExited, Supervised, Supervisor
 
 GRACE_S = 2.0
@@ -66,8 +67,6 @@ class BenchMesh:
         self.registry: Child | None = None
         self.inference: Child | None = None
         self.model_id = ""
-        self._channel: grpc.aio.Channel | None = None
-        self.stub: inference_pb2_grpc.InferenceStub | None = None
 
     async def start(self) -> None:
         from services.registry.client import register_model_dir
@@ -81,8 +80,8 @@ class BenchMesh:
         self.supervisor.watch_consul_agent(self.agent)
         self.mesh = Mesh(self.agent.http_addr)
         self.registry = self._start_child("registry", "registry")
-        await self._wait_passing(self.registry, "lmesh-registry")
-        version = await register_model_dir(self.mesh.resolver("lmesh-registry"), self.model_dir, aliases=("default",))
+        await self._wait_passing(self.registry, REGISTRY)
+        version = await register_model_dir(self.mesh.peer(REGISTRY), self.model_dir, aliases=("default",))
         self.model_id = f"{version.name}:{version.version}"
 
     async def start_inference(self, label: str) -> Child:
@@ -90,15 +89,18 @@ class BenchMesh:
         await self.stop_inference()
         child = self._start_child("inference", f"inference-{label}")
         self.inference = child
-        endpoint = await self._wait_passing(child, "lmesh-inference")
-        self._channel = grpc.aio.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
-        self.stub = inference_pb2_grpc.InferenceStub(self._channel)
+        await self._wait_passing(child, INFERENCE)
         return child
 
+    @contextlib.asynccontextmanager
+    async def _generate_call(self) -> AsyncIterator[grpc.aio.StreamStreamCall]:
+        """A Generate call to the current replica (by its port: not a replica it replaced)."""
+        assert self.mesh is not None and self.inference is not None
+        port = self.inference.port
+        async with self.mesh.peer(INFERENCE).lease(lambda e: e.port == port) as lease:
+            yield lease.stub.Generate(**lease.options(timeout=STREAM_TIMEOUT_S))
+
     async def stop_inference(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self.stub = None
         if self.inference is not None:
             assert self.supervisor is not None
             await asyncio.to_thread(self.supervisor.stop, self.inference.name)
@@ -121,10 +123,10 @@ class BenchMesh:
                                         data_dir=self.work_dir / service)
         return Child(process, port)
 
-    async def _wait_passing(self, child: Child, name: str) -> Any:
+    async def _wait_passing(self, child: Child, service: PeerService[Any]) -> Any:
         """Waits until `child` is passing in Consul; fails at once (with its log) if it exits first."""
         assert self.mesh is not None and self.supervisor is not None
-        ready = self.mesh.resolver(name).wait_for(lambda e: e.port == child.port, timeout=START_TIMEOUT_S)
+        ready = self.mesh.peer(service).wait_for(lambda e: e.port == child.port, timeout=START_TIMEOUT_S)
         try:
             return await self.supervisor.while_running(ready, [child.name])
         except ProcessExited as exc:
@@ -141,22 +143,21 @@ class BenchMesh:
     async def generate(self, prompt_index: int, prompt: list[int], max_tokens: int,
                        sampling: inference_pb2.SamplingParams | None = None) -> StreamResult:
         """One Generate stream (greedy unless `sampling`), timed per message arrival."""
-        assert self.stub is not None
-        call = self.stub.Generate(**call_options(timeout=STREAM_TIMEOUT_S))
-        start = time.perf_counter()
-        await call.write(self._start_message(prompt, max_tokens, sampling))
-        await call.done_writing()  # half-close: not a cancel
         tokens: list[int] = []
         arrivals: list[tuple[float, int]] = []
         finish: inference_pb2.GenerateFinish | None = None
-        while (message := await call.read()) is not grpc.aio.EOF:
-            now = time.perf_counter()
-            if message.WhichOneof("kind") == "tokens":
-                chunk = [t.token_id for t in message.tokens.tokens]
-                tokens.extend(chunk)
-                arrivals.append((now, len(chunk)))
-            else:
-                finish = message.finish
+        async with self._generate_call() as call:
+            start = time.perf_counter()
+            await call.write(self._start_message(prompt, max_tokens, sampling))
+            await call.done_writing()  # half-close: not a cancel
+            while (message := await call.read()) is not grpc.aio.EOF:
+                now = time.perf_counter()
+                if message.WhichOneof("kind") == "tokens":
+                    chunk = [t.token_id for t in message.tokens.tokens]
+                    tokens.extend(chunk)
+                    arrivals.append((now, len(chunk)))
+                else:
+                    finish = message.finish
         if finish is None:
             raise RuntimeError("the Generate stream ended without a finish message")
         ttft, gaps = spread_gaps(arrivals, start)
@@ -173,26 +174,25 @@ class BenchMesh:
 
     async def cancel_after(self, prompt: list[int], after: int, max_tokens: int = 512) -> dict[str, Any]:
         """Starts a stream, sends `cancel` once `after` tokens arrived, and reads the finish's usage."""
-        assert self.stub is not None
-        call = self.stub.Generate(**call_options(timeout=STREAM_TIMEOUT_S))
-        await call.write(self._start_message(prompt, max_tokens))
         received = 0
         at_cancel: int | None = None
         after_cancel = 0
         finish: inference_pb2.GenerateFinish | None = None
-        while (message := await call.read()) is not grpc.aio.EOF:
-            if message.WhichOneof("kind") != "tokens":
-                finish = message.finish
-                continue
-            count = len(message.tokens.tokens)
-            if at_cancel is not None:
-                after_cancel += count
-                continue
-            received += count
-            if received >= after:
-                at_cancel = received
-                await call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
-                await call.done_writing()
+        async with self._generate_call() as call:
+            await call.write(self._start_message(prompt, max_tokens))
+            while (message := await call.read()) is not grpc.aio.EOF:
+                if message.WhichOneof("kind") != "tokens":
+                    finish = message.finish
+                    continue
+                count = len(message.tokens.tokens)
+                if at_cancel is not None:
+                    after_cancel += count
+                    continue
+                received += count
+                if received >= after:
+                    at_cancel = received
+                    await call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
+                    await call.done_writing()
         if finish is None or at_cancel is None:
             raise RuntimeError("the cancel test's stream ended before the cancel or without a finish")
         return {

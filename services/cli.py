@@ -20,12 +20,16 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from services.common.config import ConfigError, add_common_arguments, config_from_args, lmesh_cache
 from services.common.errors import LmeshError
+
+if TYPE_CHECKING:
+    from services.common.discovery import Mesh
+    from services.common.peers import Peer
 
 SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
 
@@ -183,13 +187,14 @@ def _admin_refusal(exc: grpc.aio.AioRpcError) -> Exception:
     return exc
 
 
-async def _with_registry(action: Callable[[Any, Any], Awaitable[int]]) -> int:
-    """Runs action(registry resolver, mesh) against the mesh Consul knows."""
+async def _with_registry(action: Callable[[Peer[Any], Mesh], Awaitable[int]], admin_token: str | None) -> int:
+    """Runs action(registry peer, mesh) against the mesh Consul knows."""
     from services.client import operator_mesh
+    from services.common.peers import REGISTRY
 
-    mesh = operator_mesh()
+    mesh = operator_mesh(admin_token)
     try:
-        return await action(mesh.resolver("lmesh-registry"), mesh)
+        return await action(mesh.peer(REGISTRY), mesh)
     except grpc.aio.AioRpcError as exc:
         raise _admin_refusal(exc) from None
     finally:
@@ -197,13 +202,14 @@ async def _with_registry(action: Callable[[Any, Any], Awaitable[int]]) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+    from lmesh.registry.v1 import registry_pb2
 
-    async def list_models(registry: Any, mesh: Any) -> int:
-        response = await registry.call(registry_pb2_grpc.RegistryStub, "ListModels", registry_pb2.ListModelsRequest())
+    from services.common.peers import INFERENCE
+
+    async def list_models(registry: Peer[Any], mesh: Mesh) -> int:
+        response = await registry.call(lambda r: r.ListModels, registry_pb2.ListModelsRequest())
         # Passing inference replicas per version (Consul meta `models`): 0 means a chat with it is UNAVAILABLE.
-        replicas = Counter(model for endpoint in await mesh.resolver("lmesh-inference").passing()
-                           for model in endpoint.models)
+        replicas = Counter(model for endpoint in await mesh.peer(INFERENCE).passing() for model in endpoint.models)
         print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8} {'REPLICAS':>8}")
         for m in response.models:
             fmt = registry_pb2.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower()
@@ -212,25 +218,22 @@ def _models(args: argparse.Namespace) -> int:
                   f"{replicas[model_id]:>8}")
         return 0
 
-    admin = args.admin_token
-
-    async def register(registry: Any, mesh: Any) -> int:
+    async def register(registry: Peer[Any], mesh: Mesh) -> int:
         from services.registry.client import register_model_dir
 
         version = await register_model_dir(registry, Path(args.dir), aliases=tuple(args.alias or ()),
-                                           manifest_name=args.manifest, move_aliases=bool(args.alias),
-                                           admin_token=admin)
+                                           manifest_name=args.manifest, move_aliases=bool(args.alias))
         aliases = f" (aliases: {', '.join(version.aliases)})" if version.aliases else ""
         print(f"registered {version.name}:{version.version}{aliases}")
         return 0
 
-    async def alias(registry: Any, mesh: Any) -> int:
+    async def alias(registry: Peer[Any], mesh: Mesh) -> int:
         from services.registry.client import set_alias
 
         name, _, version = args.target.partition(":")
         if not version:
             return _fail("the target must be NAME:VERSION")
-        await set_alias(registry, args.alias, name, version, admin)
+        await set_alias(registry, args.alias, name, version)
         print(f"{args.alias} -> {args.target}")
         return 0
 
@@ -239,7 +242,7 @@ def _models(args: argparse.Namespace) -> int:
         if problem:
             return _fail(problem)
     actions = {"list": list_models, "register": register, "alias": alias}
-    return _run_async(lambda: _with_registry(actions[args.models_command]))
+    return _run_async(lambda: _with_registry(actions[args.models_command], args.admin_token))
 
 
 def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
@@ -259,42 +262,26 @@ def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
 # ---- keys --------------------------------------------------------------------------------------------------
 
 def _keys(args: argparse.Namespace) -> int:
-    from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
-
     from services.client import operator_mesh
-    from services.common.admin import admin_metadata
-    from services.common.rpc import call_options
-
-    def options() -> dict[str, Any]:
-        opts = call_options(timeout=15)
-        opts["metadata"] = [*opts["metadata"], *admin_metadata(args.admin_token)]
-        return opts
+    from services.common.peers import POLICY
+    from services.policy.client import create_key, list_keys, revoke_key
 
     async def go() -> int:
-        mesh = operator_mesh()
+        mesh = operator_mesh(args.admin_token)
+        policy = mesh.peer(POLICY)
         try:
-            policy = mesh.resolver("lmesh-policy")
-            stub = (await policy.pick()).stub(policy_pb2_grpc.PolicyStub)
             if args.keys_command == "create":
-                created = await stub.CreateApiKey(policy_pb2.CreateApiKeyRequest(
-                    tenant=args.tenant, allowed_models=args.model or [], display_name=args.name), **options())
+                created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15)
                 print(f"created {created.key.key_id} for tenant {created.key.tenant} "
                       f"(models: {', '.join(created.key.allowed_models) or 'all'}); the key is shown once:")
                 print(created.api_key)
             elif args.keys_command == "list":
                 print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} STATUS")
-                token = ""
-                while True:
-                    listed = await stub.ListApiKeys(policy_pb2.ListApiKeysRequest(
-                        tenant=args.tenant or "", page_token=token), **options())
-                    for k in listed.keys:
-                        status = "revoked" if k.revoked else "active"
-                        print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
-                    token = listed.next_page_token
-                    if not token:
-                        break
+                for k in (await list_keys(policy, args.tenant or "", timeout_s=15)).keys:
+                    status = "revoked" if k.revoked else "active"
+                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
             else:
-                revoked = await stub.RevokeApiKey(policy_pb2.RevokeApiKeyRequest(key_id=args.key_id), **options())
+                revoked = await revoke_key(policy, args.key_id, timeout_s=15)
                 print(f"revoked {revoked.key.key_id}")
             return 0
         except grpc.aio.AioRpcError as exc:

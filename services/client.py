@@ -7,21 +7,23 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import grpc
-from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from lmesh.gateway.v1 import gateway_pb2
 
+from services.common.admin import ADMIN_TOKEN_ENV
 from services.common.config import consul_addr
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import Mesh
+from services.common.peers import GATEWAY, public_gateway
 
 
-def operator_mesh() -> Mesh:
-    """The mesh as an operator command sees it; fails at once, in one line, when no Consul agent answers."""
+def operator_mesh(admin_token: str | None = None) -> Mesh:
+    """The mesh as an operator command sees it, its admin calls carrying `admin_token` (else LMESH_ADMIN_TOKEN);
+    fails at once, in one line, when no Consul agent answers."""
     addr = consul_addr()
     probed = probe_consul(addr)
     if probed != "leader":
         raise OSError(f"no Consul agent answers at {addr} (CONSUL_HTTP_ADDR): {consul_advice(probed)}")
-    return Mesh(addr)
+    return Mesh(addr, admin_token=admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None)
 
 
 async def find_gateway(explicit: str | None = None) -> str:
@@ -31,16 +33,15 @@ async def find_gateway(explicit: str | None = None) -> str:
         return address
     mesh = operator_mesh()
     try:
-        endpoint = await mesh.resolver("lmesh-gateway").pick()
-        return endpoint.target
+        return (await mesh.peer(GATEWAY).resolver.pick()).target
     finally:
         await mesh.close()
 
 
 async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
                timeout: float | None = 300) -> AsyncIterator[gateway_pb2.ChatResponse]:
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).Chat(
+    async with public_gateway(gateway) as stub:
+        call = stub.Chat(
             metadata=(("authorization", f"Bearer {api_key}"),), timeout=timeout)
         await call.write(gateway_pb2.ChatRequest(start=start))
         await call.done_writing()

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from services.common.admin import ADMIN_TOKEN_ENV
 from services.common.config import consul_addr, env_int, lmesh_home
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
+from services.common.peers import POLICY, REGISTRY, peer_service
 from services.common.server import port_is_free
 from services.common.supervisor import ProcessExited, Supervisor
 
@@ -40,7 +42,7 @@ async def wait_all_passing(mesh: Mesh, supervisor: Supervisor, timeout: float) -
     """Waits until every service has a passing instance in Consul; fails at once if a process of the mesh exits."""
     async def watch(service: str) -> None:
         try:
-            await mesh.resolver(f"lmesh-{service}").wait_for(timeout=timeout)
+            await mesh.peer(peer_service(service)).wait_for(timeout=timeout)
         except TimeoutError:
             raise TimeoutError(f"lmesh-{service} did not pass its Consul health check within {timeout:g} s "
                                f"(log: {supervisor.processes[service].log_path})") from None
@@ -51,7 +53,7 @@ async def wait_all_passing(mesh: Mesh, supervisor: Supervisor, timeout: float) -
 async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
     from services.registry.client import register_model_dir
 
-    registry = mesh.resolver("lmesh-registry")
+    registry = mesh.peer(REGISTRY)
     await registry.wait_for(timeout=60)
     try:
         version = await register_model_dir(registry, model_dir, aliases=("default",))
@@ -65,22 +67,21 @@ async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
 
 async def ensure_dev_key(mesh: Mesh) -> str:
     """The development key from .lmesh/dev-api-key if it still works, else a new one saved there."""
-    from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+    from lmesh.policy.v1 import policy_pb2
 
     from services.policy.client import create_key
 
-    policy = mesh.resolver("lmesh-policy")
+    policy = mesh.peer(POLICY)
     await policy.wait_for(timeout=60)
     path = dev_key_path()
     if path.exists():
         key = path.read_text().strip()
         try:
-            await policy.call(policy_pb2_grpc.PolicyStub, "Authenticate", policy_pb2.AuthenticateRequest(api_key=key))
+            await policy.call(lambda p: p.Authenticate, policy_pb2.AuthenticateRequest(api_key=key))
             return key
         except Exception:  # revoked or from another data dir: make a new one
             pass
-    created = await create_key(policy, "dev", display_name="make run development key",
-                               admin_token=os.environ.get("LMESH_ADMIN_TOKEN") or None)
+    created = await create_key(policy, "dev", display_name="make run development key")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(created.api_key + "\n")
     path.chmod(0o600)
@@ -88,7 +89,7 @@ async def ensure_dev_key(mesh: Mesh) -> str:
 
 
 async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str) -> tuple[str, str]:
-    mesh = Mesh(consul_http)
+    mesh = Mesh(consul_http, admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     try:
         gateway_port = str(env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535))
         for service in SERVICE_ORDER:

@@ -32,6 +32,7 @@ from services.common.config import lmesh_cache
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import AlreadyExists
+from services.common.peers import POLICY, REGISTRY
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
@@ -66,16 +67,16 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         for service in SERVICES:
             procs.start(service)
         await procs.wait_passing(mesh, "registry")
-        await register_model_dir(mesh.resolver("lmesh-registry"), built_model, aliases=("default",))
+        await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=("default",))
         int8 = (built_model / "lmesh_model.int8.json").exists()
         if int8:
-            await register_model_dir(mesh.resolver("lmesh-registry"), built_model, aliases=(),
+            await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=(),
                                      manifest_name="lmesh_model.int8.json")
             # Tiny admission bounds, so a test can fill them with three requests.
             procs.start("inference", "--model", INT8, "--max-active", "1", "--max-queue", "1",
                         name="inference-int8")
         await procs.wait_passing(mesh, "policy")
-        created = await create_key(mesh.resolver("lmesh-policy"), "e2e")
+        created = await create_key(mesh.peer(POLICY), "e2e")
         for service in SERVICES:
             await procs.wait_passing(mesh, service, model="smollm2-135m-instruct:1" if service == "inference" else "")
         if int8:
@@ -547,7 +548,7 @@ async def test_reflection_describes_the_public_api_without_proto_files(live: Liv
 
 
 async def test_a_key_restricted_to_models_is_judged_on_the_model_behind_an_alias(live: LiveMesh) -> None:
-    policy = live.mesh.resolver("lmesh-policy")
+    policy = live.mesh.peer(POLICY)
     smollm = await create_key(policy, "restricted", allowed_models=["smollm2-*"])
     other = await create_key(policy, "restricted", allowed_models=["other-*"])
     stub = await live.gateway()
@@ -788,7 +789,7 @@ async def test_a_version_no_replica_serves_is_unavailable_saying_how_to_serve_it
         pytest.skip("no fp16 build (make model builds it)")
     fp16 = "smollm2-135m-instruct:1-fp16"
     with contextlib.suppress(AlreadyExists):
-        await register_model_dir(live.mesh.resolver("lmesh-registry"), built_model, aliases=(),
+        await register_model_dir(live.mesh.peer(REGISTRY), built_model, aliases=(),
                                  manifest_name="lmesh_model.fp16.json")
     error = await expect_error(await live.gateway(), [start(model=fp16, max_tokens=4)], auth(live.api_key))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -900,7 +901,7 @@ async def test_a_version_named_twice_by_a_replica_is_loaded_once(live: LiveMesh,
     from services.inference.engine import EngineLimits
     from services.inference.loader import load_models
 
-    served = await load_models(live.mesh.resolver("lmesh-registry"), ["default", "smollm2-135m-instruct:1"],
+    served = await load_models(live.mesh.peer(REGISTRY), ["default", "smollm2-135m-instruct:1"],
                                lmesh_cache() / "artifacts", EngineLimits(), threads=1)
     try:
         assert [m.id for m in served] == ["smollm2-135m-instruct:1"]

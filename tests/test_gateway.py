@@ -195,16 +195,23 @@ def test_without_a_vocabulary_no_entries_ride(small: ModelTokenizer) -> None:
 # ------------------------------------------------------------------------------------- vocabulary cache
 
 
+class MethodNames:
+    """A stub whose methods are their names, to see which one a peer call selects."""
+
+    def __getattr__(self, name: str) -> str:
+        return name
+
+
 class FakeTokenizerService:
-    """Stands in for the tokenizer's resolver: answers GetVocabulary when `release` is set, counting calls."""
+    """Stands in for the tokenizer's peer: answers GetVocabulary when `release` is set, counting calls."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.release = asyncio.Event()
         self.failures = 0
 
-    async def call(self, stub_class: Any, method: str, request: Any, **_: Any) -> Any:
-        assert method == "GetVocabulary"
+    async def call(self, method: Any, request: Any, **_: Any) -> Any:
+        assert method(MethodNames()) == "GetVocabulary"
         self.calls.append(request.model)
         await self.release.wait()
         if self.failures:

@@ -22,8 +22,9 @@ from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard
 from services.common.config import ServiceConfig
 from services.common.consul_agent import ConsulAgent
-from services.common.discovery import Mesh, ServiceResolver
+from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from services.common.peers import POLICY, Peer
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.policy import client
@@ -294,7 +295,7 @@ def test_admin_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 class PolicyInstance:
     running: RunningService
     mesh: Mesh
-    resolver: ServiceResolver
+    peer: Peer[policy_pb2_grpc.PolicyStub]
     stub: policy_pb2_grpc.PolicyStub
     stopped: bool = False
 
@@ -312,10 +313,10 @@ async def start_policy(consul_agent: ConsulAgent, data_dir: Path,
                            extra=extra)
     running = await start_service(config, build)
     mesh = Mesh(consul_agent.http_addr)
-    resolver = mesh.resolver("lmesh-policy")
+    peer = mesh.peer(POLICY)
     # This very instance, as Consul lists it once its health check passes.
-    endpoint = await resolver.wait_for(lambda e: e.port == running.port, timeout=15)
-    return PolicyInstance(running, mesh, resolver, endpoint.stub(policy_pb2_grpc.PolicyStub))
+    endpoint = await peer.wait_for(lambda e: e.port == running.port, timeout=15)
+    return PolicyInstance(running, mesh, peer, endpoint.stub(policy_pb2_grpc.PolicyStub))
 
 
 StartPolicy = Callable[..., Awaitable[PolicyInstance]]
@@ -361,14 +362,14 @@ async def policy(consul_agent: ConsulAgent,
 class TestPolicyOverGrpc:
 
     async def test_authorize_happy_path(self, policy: PolicyInstance) -> None:
-        created = await client.create_key(policy.resolver, "acme", ["smollm2-*"], "ci")
+        created = await client.create_key(policy.peer, "acme", ["smollm2-*"], "ci")
         assert PLAINTEXT_KEY.fullmatch(created.api_key)
         assert (created.key.tenant, list(created.key.allowed_models), created.key.display_name) == (
             "acme", ["smollm2-*"], "ci")
         request = policy_pb2.AuthorizeRequest(api_key=created.api_key, model="smollm2-135m",
                                               input_tokens=12, max_tokens=64)
         # Authorize is idempotent, so it goes through the resolver's failover path like the gateway's.
-        response = await policy.resolver.call(policy_pb2_grpc.PolicyStub, "Authorize", request, timeout=5)
+        response = await policy.peer.call(lambda p: p.Authorize, request, timeout=5)
         assert response.principal == policy_pb2.Principal(key_id=created.key.key_id, tenant="acme",
                                                           allowed_models=["smollm2-*"])
         assert response.limits == policy_pb2.Limits()
@@ -377,7 +378,7 @@ class TestPolicyOverGrpc:
         assert authenticated == policy_pb2.AuthenticateResponse(principal=response.principal)
 
     async def test_bad_keys_are_unauthenticated(self, policy: PolicyInstance) -> None:
-        created = await client.create_key(policy.resolver, "acme")
+        created = await client.create_key(policy.peer, "acme")
         for api_key in ("", UNKNOWN_KEY, created.api_key[:-2]):
             for method, request in (
                 ("Authorize", policy_pb2.AuthorizeRequest(api_key=api_key, model="smollm2")),
@@ -385,21 +386,21 @@ class TestPolicyOverGrpc:
             ):
                 assert await _status(policy.stub, method, request) == (grpc.StatusCode.UNAUTHENTICATED,
                                                                        "invalid API key")
-        revoked = await client.revoke_key(policy.resolver, created.key.key_id)
+        revoked = await client.revoke_key(policy.peer, created.key.key_id)
         assert revoked.key.revoked
         code, details = await _status(policy.stub, "Authorize",
                                       policy_pb2.AuthorizeRequest(api_key=created.api_key, model="smollm2"))
         assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
 
     async def test_model_not_allowed_is_permission_denied(self, policy: PolicyInstance) -> None:
-        created = await client.create_key(policy.resolver, "acme", ["smollm2-*"])
+        created = await client.create_key(policy.peer, "acme", ["smollm2-*"])
         code, details = await _status(policy.stub, "Authorize",
                                       policy_pb2.AuthorizeRequest(api_key=created.api_key, model="llama3:1"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert details == f"key {created.key.key_id} may not use model 'llama3:1'"
 
     async def test_malformed_fields_are_invalid_argument(self, policy: PolicyInstance) -> None:
-        created = await client.create_key(policy.resolver, "acme")
+        created = await client.create_key(policy.peer, "acme")
         cases: list[tuple[str, object, str]] = [
             ("Authorize", policy_pb2.AuthorizeRequest(api_key=created.api_key, model=""), "model"),
             ("Authorize", policy_pb2.AuthorizeRequest(api_key=created.api_key, model="a b"), "model"),
@@ -425,23 +426,23 @@ class TestPolicyOverGrpc:
             assert details.startswith(f"{field}: "), (method, field, details)
 
     async def test_list_and_revoke(self, policy: PolicyInstance) -> None:
-        first = await client.create_key(policy.resolver, "listing", display_name="one")
-        second = await client.create_key(policy.resolver, "listing", ["a*"])
-        await client.create_key(policy.resolver, "someone-else")
-        listed = await client.list_keys(policy.resolver, "listing")
+        first = await client.create_key(policy.peer, "listing", display_name="one")
+        second = await client.create_key(policy.peer, "listing", ["a*"])
+        await client.create_key(policy.peer, "someone-else")
+        listed = await client.list_keys(policy.peer, "listing")
         assert [k.key_id for k in listed.keys] == [first.key.key_id, second.key.key_id]
         assert listed.keys[0] == first.key
-        everything = await client.list_keys(policy.resolver)
+        everything = await client.list_keys(policy.peer)
         assert {"listing", "someone-else"} <= {k.tenant for k in everything.keys}
-        await client.revoke_key(policy.resolver, first.key.key_id)
-        listed = await client.list_keys(policy.resolver, "listing")
+        await client.revoke_key(policy.peer, first.key.key_id)
+        listed = await client.list_keys(policy.peer, "listing")
         assert [k.revoked for k in listed.keys] == [True, False]
         code, _ = await _status(policy.stub, "RevokeApiKey",
                                 policy_pb2.RevokeApiKeyRequest(key_id="key_00000000"))
         assert code == grpc.StatusCode.NOT_FOUND
 
     async def test_keys_are_listed_a_page_at_a_time(self, policy: PolicyInstance) -> None:
-        created = [(await client.create_key(policy.resolver, "pages", [f"m{i}-*"])).key.key_id for i in range(5)]
+        created = [(await client.create_key(policy.peer, "pages", [f"m{i}-*"])).key.key_id for i in range(5)]
         pages, token = [], ""
         while True:
             page = await policy.stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant="pages", page_size=2,
@@ -461,10 +462,10 @@ class TestPolicyOverGrpc:
         """Keys at the documented maximum (256 patterns of 256 characters, ~66 KB each): 60 of them would be
         4 MB, over the 4 MiB a gRPC client accepts by default, so one answer holds fewer and says where to go on."""
         patterns = [f"{i:03d}" + "x" * 253 for i in range(256)]
-        created = {(await client.create_key(policy.resolver, "big-keys", patterns)).key.key_id for _ in range(60)}
+        created = {(await client.create_key(policy.peer, "big-keys", patterns)).key.key_id for _ in range(60)}
         first = await policy.stub.ListApiKeys(policy_pb2.ListApiKeysRequest(tenant="big-keys"))
         assert first.next_page_token and first.ByteSize() < 3.1 * 1024 * 1024
-        listed = await client.list_keys(policy.resolver, "big-keys")  # follows every page
+        listed = await client.list_keys(policy.peer, "big-keys")  # follows every page
         assert {k.key_id for k in listed.keys} == created
 
 
@@ -481,27 +482,28 @@ async def test_admin_token_guards_key_management(policy_factory: StartPolicy, tm
             assert code == grpc.StatusCode.UNAUTHENTICATED, (method, metadata)
             assert ADMIN_TOKEN not in details
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await client.create_key(guarded.resolver, "acme", admin_token="wrong")
+        await client.create_key(guarded.peer.with_admin_token("wrong"), "acme")
     assert failed.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    created = await client.create_key(guarded.resolver, "acme", ["smollm2-*"], admin_token=ADMIN_TOKEN)
-    listed = await client.list_keys(guarded.resolver, admin_token=ADMIN_TOKEN)
+    admin = guarded.peer.with_admin_token(ADMIN_TOKEN)
+    created = await client.create_key(admin, "acme", ["smollm2-*"])
+    listed = await client.list_keys(admin)
     assert [k.key_id for k in listed.keys] == [created.key.key_id]
     # Authorize and Authenticate never need the admin token.
     authorized = await _call(guarded.stub, "Authorize",
                              policy_pb2.AuthorizeRequest(api_key=created.api_key, model="smollm2-135m"))
     assert isinstance(authorized, policy_pb2.AuthorizeResponse)
     assert authorized.principal.key_id == created.key.key_id
-    revoked = await client.revoke_key(guarded.resolver, created.key.key_id, admin_token=ADMIN_TOKEN)
+    revoked = await client.revoke_key(admin, created.key.key_id)
     assert revoked.key.revoked
 
 
 async def test_restart_keeps_keys(policy_factory: StartPolicy, tmp_path: Path) -> None:
     data_dir = tmp_path / "policy"
     first = await policy_factory(data_dir)
-    kept = await client.create_key(first.resolver, "acme", ["smollm2-*"], "kept")
-    gone = await client.create_key(first.resolver, "acme")
-    await client.revoke_key(first.resolver, gone.key.key_id)
+    kept = await client.create_key(first.peer, "acme", ["smollm2-*"], "kept")
+    gone = await client.create_key(first.peer, "acme")
+    await client.revoke_key(first.peer, gone.key.key_id)
     await first.stop()
 
     second = await policy_factory(data_dir)
@@ -512,7 +514,7 @@ async def test_restart_keeps_keys(policy_factory: StartPolicy, tmp_path: Path) -
     code, _ = await _status(second.stub, "Authorize",
                             policy_pb2.AuthorizeRequest(api_key=gone.api_key, model="smollm2-135m"))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    listed = await client.list_keys(second.resolver, "acme")
+    listed = await client.list_keys(second.peer, "acme")
     assert [(k.key_id, k.revoked) for k in listed.keys] == [(kept.key.key_id, False), (gone.key.key_id, True)]
 
 

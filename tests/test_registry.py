@@ -27,6 +27,7 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
+from services.common.peers import PeerService
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.registry import client
@@ -307,7 +308,8 @@ class Registry:
         self.extra = extra or {}
         self.service = f"registry-{uuid.uuid4().hex[:8]}"
         self.mesh = Mesh(agent.http_addr)
-        self.resolver: ServiceResolver = self.mesh.resolver(f"lmesh-{self.service}")
+        self.peer = self.mesh.peer(PeerService(f"lmesh-{self.service}", registry_pb2_grpc.RegistryStub))
+        self.resolver: ServiceResolver = self.peer.resolver
         self.running: RunningService | None = None
 
     async def start(self) -> None:
@@ -333,7 +335,7 @@ class Registry:
         return endpoint.stub(registry_pb2_grpc.RegistryStub)
 
     async def call(self, method: str, request: Any) -> Any:
-        return await self.resolver.call(registry_pb2_grpc.RegistryStub, method, request, timeout=10)
+        return await self.peer.call(lambda stub: getattr(stub, method), request, timeout=10)
 
     async def upload(self, blob: bytes, digest: str | None = None, size: int = 0) -> Any:
         async def requests() -> AsyncIterator[registry_pb2.UploadArtifactRequest]:
@@ -444,9 +446,9 @@ async def test_upload_register_resolve_alias_list_fetch(registry: Registry, tmp_
     assert (header.sha256, header.size_bytes, fetched) == (m, len(model_blob), model_blob)
 
     # The client helper: cached, verified, returned at once the second time.
-    path = await client.fetch_to_cache(registry.resolver, t, tmp_path / "cache")
+    path = await client.fetch_to_cache(registry.peer, t, tmp_path / "cache")
     assert path == tmp_path / "cache" / t and path.read_bytes() == tokenizer_blob
-    assert await client.fetch_to_cache(registry.resolver, t, tmp_path / "cache") == path
+    assert await client.fetch_to_cache(registry.peer, t, tmp_path / "cache") == path
     assert files_under(tmp_path / "cache") == [path]
 
 
@@ -705,7 +707,7 @@ async def test_unknown_things_are_not_found(registry: Registry, tmp_path: Path) 
         Code.NOT_FOUND, _drain(stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=missing)))
     )
     with pytest.raises(NotFound):
-        await client.fetch_to_cache(registry.resolver, missing, tmp_path)
+        await client.fetch_to_cache(registry.peer, missing, tmp_path)
     assert files_under(tmp_path) == []
     listed = await registry.call("ListModels", registry_pb2.ListModelsRequest(name="nosuch"))
     assert list(listed.models) == []
@@ -717,7 +719,7 @@ async def test_fetch_to_cache_refuses_corrupt_bytes(registry: Registry, tmp_path
     # Bit rot on the registry's disk: the bytes served no longer hash to their name.
     registry.blobs.path(sha(blob)).write_bytes(b"rotten" + blob[6:])
     with pytest.raises(FailedPrecondition, match="digest mismatch"):
-        await client.fetch_to_cache(registry.resolver, sha(blob), tmp_path)
+        await client.fetch_to_cache(registry.peer, sha(blob), tmp_path)
     assert files_under(tmp_path) == []
 
 
@@ -773,7 +775,7 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
     }
     (model_dir / "lmesh_model.json").write_text(json.dumps(manifest))
 
-    first = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default",))
+    first = await client.register_model_dir(registry.peer, model_dir, aliases=("tiny-default",))
     assert (first.name, first.version, first.bos_token_id) == ("tiny-chat", "1", -1)
     assert list(first.aliases) == ["tiny-default"]
     assert first.labels["converter_version"] == "1"
@@ -782,45 +784,45 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
         MODEL: "model.onnx",
         TOKENIZER: "tokenizer.json",
     }
-    second = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default",))
+    second = await client.register_model_dir(registry.peer, model_dir, aliases=("tiny-default",))
     assert second == first
     # The same files with a changed manifest: refused, not reported as registered with the old values in force.
     (model_dir / "lmesh_model.json").write_text(json.dumps({**manifest, "context_length": 256}))
     with pytest.raises(AlreadyExists, match="already registered with another context_length; give the changed"):
-        await client.register_model_dir(registry.resolver, model_dir)
+        await client.register_model_dir(registry.peer, model_dir)
     (model_dir / "lmesh_model.json").write_text(json.dumps(manifest))
     resolved = await registry.call("ResolveModel", registry_pb2.ResolveModelRequest(reference="tiny-default"))
     assert resolved.model == first
     path = await client.fetch_to_cache(
-        registry.resolver, next(a.sha256 for a in first.artifacts if a.kind == MODEL), tmp_path / "cache"
+        registry.peer, next(a.sha256 for a in first.artifacts if a.kind == MODEL), tmp_path / "cache"
     )
     assert path.read_bytes() == (model_dir / "model.onnx").read_bytes()
 
     # The same version rebuilt with other bytes is a conflict, not a silent overwrite.
     (model_dir / "model.onnx").write_bytes(data(300_000, seed=901))
     with pytest.raises(AlreadyExists):
-        await client.register_model_dir(registry.resolver, model_dir)
+        await client.register_model_dir(registry.peer, model_dir)
     # A new version of it registers, and the upload helper reports the artifact it stored.
     (model_dir / "lmesh_model.json").write_text(json.dumps({**manifest, "version": "2"}))
-    newer = await client.register_model_dir(registry.resolver, model_dir, aliases=())
+    newer = await client.register_model_dir(registry.peer, model_dir, aliases=())
     assert newer.version == "2" and list(newer.aliases) == []
     # Registered again: aliases stay where they are (a restarted `lmesh dev`), unless an operator names them.
-    again = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default",))
+    again = await client.register_model_dir(registry.peer, model_dir, aliases=("tiny-default",))
     assert list(again.aliases) == []
-    moved = await client.register_model_dir(registry.resolver, model_dir, aliases=("tiny-default", "tiny-new"),
+    moved = await client.register_model_dir(registry.peer, model_dir, aliases=("tiny-default", "tiny-new"),
                                             move_aliases=True)
     assert moved.version == "2" and sorted(moved.aliases) == ["tiny-default", "tiny-new"]
     resolved = await registry.call("ResolveModel", registry_pb2.ResolveModelRequest(reference="tiny-default"))
     assert resolved.model.version == "2"
     with pytest.raises(grpc.aio.AioRpcError) as bad:  # the alias is checked as when registering a new version
-        await client.register_model_dir(registry.resolver, model_dir, aliases=("bad alias!",), move_aliases=True)
+        await client.register_model_dir(registry.peer, model_dir, aliases=("bad alias!",), move_aliases=True)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Its "model" is random bytes: an inference replica asked to serve it says so in one line, no traceback.
     from services.inference.engine import EngineLimits
     from services.inference.loader import load_models
 
     with pytest.raises(FailedPrecondition, match=r"tiny-chat:2 cannot be served: its model file is not a decoder"):
-        await load_models(registry.resolver, ["tiny-chat:2"], tmp_path / "artifacts", EngineLimits(), threads=1)
+        await load_models(registry.peer, ["tiny-chat:2"], tmp_path / "artifacts", EngineLimits(), threads=1)
 
 
 @pytest.mark.parametrize(
@@ -900,27 +902,27 @@ async def test_with_an_admin_token_only_its_holders_upload_register_and_move_ali
 
     service = Registry(consul_agent, tmp_path / "data", extra={ADMIN_TOKEN_EXTRA: "s3cret"})
     await service.start()
+    admin = service.peer.with_admin_token("s3cret")
     try:
         blob_file = tmp_path / "model.onnx"
         blob_file.write_bytes(data(3000, 9))
         tokenizer_file = tmp_path / "tokenizer.json"
         tokenizer_file.write_bytes(data(300, 10))
         for attempt in (lambda: service.upload(data(3000, 9)),
-                        lambda: upload_file(service.resolver, blob_file, admin_token="wrong"),
-                        lambda: set_alias(service.resolver, "default", "m", "1", admin_token="wrong"),
+                        lambda: upload_file(service.peer.with_admin_token("wrong"), blob_file),
+                        lambda: set_alias(service.peer.with_admin_token("wrong"), "default", "m", "1"),
                         lambda: service.call("RegisterModel", registry_pb2.RegisterModelRequest())):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await attempt()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value.details()
-        model = await upload_file(service.resolver, blob_file, registry_pb2.ARTIFACT_KIND_MODEL, admin_token="s3cret")
-        tokenizer = await upload_file(service.resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER,
-                                      admin_token="s3cret")
+        model = await upload_file(admin, blob_file, registry_pb2.ARTIFACT_KIND_MODEL)
+        tokenizer = await upload_file(admin, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER)
         stub = await service.stub()
         request = registry_pb2.RegisterModelRequest(model=registry_pb2.ModelVersion(
             name="m", version="1", format=registry_pb2.MODEL_FORMAT_ONNX, context_length=64,
             artifacts=[model, tokenizer]))
         await stub.RegisterModel(request, metadata=[("authorization", "Bearer s3cret")], timeout=10)
-        await set_alias(service.resolver, "default", "m", "1", admin_token="s3cret")
+        await set_alias(admin, "default", "m", "1")
         listed = await service.call("ListModels", registry_pb2.ListModelsRequest())  # no token
         assert [(m.name, list(m.aliases)) for m in listed.models] == [("m", ["default"])]
         _, fetched = await service.fetch(model.sha256)

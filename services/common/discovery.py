@@ -9,12 +9,13 @@ endpoint down for a moment, so traffic moves off a dead instance before Consul's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import consul
@@ -23,11 +24,14 @@ import grpc
 
 from services.common.config import host_port
 from services.common.errors import Unavailable
-from services.common.rpc import call_options
+
+if TYPE_CHECKING:
+    from services.common.peers import Peer, PeerService
 
 log = logging.getLogger("lmesh.discovery")
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 # 64 MiB messages: prompts and artifact chunks are far below, but defaults (4 MiB) are easy to hit by users.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -227,19 +231,43 @@ class Endpoint:
         return self.outstanding, reported
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
+        """A stub on the instance's current channel (cached)."""
+        return self.stub_on(self.channel, stub_class)
+
+    def stub_on(self, channel: grpc.aio.Channel, stub_class: Callable[[grpc.aio.Channel], T]) -> T:
+        if channel is not self.channel:  # a channel renewed since the call took it: rare, not cached
+            return stub_class(channel)
         existing = self._stubs.get(stub_class)
         if existing is None:
             existing = self._stubs[stub_class] = stub_class(self.channel)
         return existing
 
 
+# Makes the channel to one instance: (target, Consul service name) -> channel.
+ChannelFactory = Callable[[str, str], grpc.aio.Channel]
+
+
+def plaintext_channel(target: str, service: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+# A channel retired (its instance gone, or its credentials renewed) is closed once no call runs on it, and not
+# before this many seconds: calls made on it without being counted (a caller's own stub) get that long.
+RETIRED_CHANNEL_MIN_S = 30.0
+
+
 class ServiceResolver:
     """The live, passing instances of one Consul service, kept current by a blocking-query watch."""
 
-    def __init__(self, client: consul.aio.Consul, name: str) -> None:
+    def __init__(self, client: consul.aio.Consul, name: str,
+                 channel_factory: ChannelFactory = plaintext_channel) -> None:
         self._client = client
         self.name = name
+        self._channel_factory = channel_factory
         self._endpoints: dict[str, Endpoint] = {}
+        # Calls in flight per channel, and channels waiting for theirs to end before they are closed.
+        self._in_flight: dict[grpc.aio.Channel, int] = {}
+        self._retired: set[grpc.aio.Channel] = set()
         self._loaded = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -247,10 +275,48 @@ class ServiceResolver:
         # Channel-close tasks in flight, referenced so the event loop does not drop them half done.
         self._closing: set[asyncio.Future[None]] = set()
 
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
+    def _close_now(self, channel: grpc.aio.Channel) -> None:
+        self._retired.discard(channel)
         task = asyncio.ensure_future(channel.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def _retire_channel(self, channel: grpc.aio.Channel) -> None:
+        """Closes `channel` once no counted call runs on it (and RETIRED_CHANNEL_MIN_S have passed)."""
+        def close_when_idle() -> None:
+            if self._in_flight.get(channel, 0):
+                self._retired.add(channel)  # the last call on it closes it
+            else:
+                self._close_now(channel)
+
+        asyncio.get_running_loop().call_later(RETIRED_CHANNEL_MIN_S, close_when_idle)
+
+    @contextlib.contextmanager
+    def in_flight(self, endpoint: Endpoint) -> Iterator[grpc.aio.Channel]:
+        """Counts a call to `endpoint` while the block runs; yields the channel it runs on."""
+        channel = endpoint.channel
+        endpoint.outstanding += 1
+        self._in_flight[channel] = self._in_flight.get(channel, 0) + 1
+        try:
+            yield channel
+        finally:
+            endpoint.outstanding -= 1
+            left = self._in_flight[channel] - 1
+            if left:
+                self._in_flight[channel] = left
+            else:
+                del self._in_flight[channel]
+                if channel in self._retired:
+                    self._close_now(channel)
+
+    def renew_channels(self) -> None:
+        """New channels for every instance (this process's credentials changed); calls running on the old ones
+        finish there."""
+        for endpoint in self._endpoints.values():
+            old = endpoint.channel
+            endpoint.channel = self._channel_factory(endpoint.target, self.name)
+            endpoint._stubs.clear()
+            self._retire_channel(old)
 
     def start(self) -> None:
         if self._task is None:
@@ -301,7 +367,7 @@ class ServiceResolver:
                 current.unconfirmed_until = 0.0
                 seen[service_id] = current
             else:
-                channel = grpc.aio.insecure_channel(host_port(address, int(svc["Port"])), options=CHANNEL_OPTIONS)
+                channel = self._channel_factory(host_port(address, int(svc["Port"])), self.name)
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
         now = time.monotonic()
         gone: list[Endpoint] = []
@@ -324,10 +390,9 @@ class ServiceResolver:
             self._changed.notify_all()
 
     def _retire(self, gone: list[Endpoint]) -> None:
-        loop = asyncio.get_running_loop()
         for endpoint in gone:
-            # In-flight streams on a vanished instance fail on their own; closing now would cut a drain short.
-            loop.call_later(30, self._close_later, endpoint.channel)
+            # In-flight streams on a vanished instance end on their own; closing now would cut a drain short.
+            self._retire_channel(endpoint.channel)
 
     def _drop_unconfirmed(self, failed: Endpoint | None = None) -> None:
         """Drops unconfirmed instances whose grace has passed (and `failed`, if it is unconfirmed)."""
@@ -376,36 +441,6 @@ class ServiceResolver:
         if endpoint.unconfirmed_until:  # it failed before Consul listed it again: not worth another try
             self._drop_unconfirmed(failed=endpoint)
 
-    async def with_endpoint(self, call: Callable[[Endpoint], Awaitable[T]], attempts: int = 2) -> T:
-        """Runs `call` on a picked endpoint; an UNAVAILABLE one is marked down and the next one tried.
-
-        Only for calls that are safe to repeat (reads, resolution, tokenization, authorization,
-        content-addressed uploads).
-        """
-        for attempt in range(attempts):
-            endpoint = await self.pick()
-            endpoint.outstanding += 1
-            try:
-                return await call(endpoint)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self.mark_down(endpoint)
-                if attempt == attempts - 1:
-                    raise Unavailable(f"{self.name} is unavailable: {exc.details()}") from exc
-            finally:
-                endpoint.outstanding -= 1
-        raise AssertionError("unreachable")
-
-    async def call(self, stub_class: Callable[[grpc.aio.Channel], Any], method: str, request: Any, *,
-                   timeout: float | None = 30.0, attempts: int = 2) -> Any:
-        """A unary call on some instance, with failover (idempotent RPCs only, see with_endpoint)."""
-        async def invoke(endpoint: Endpoint) -> Any:
-            rpc: Callable[..., Awaitable[Any]] = getattr(endpoint.stub(stub_class), method)
-            return await rpc(request, **call_options(timeout))
-
-        return await self.with_endpoint(invoke, attempts)
-
 
 def _channel_works(channel: grpc.aio.Channel) -> bool:
     """Whether a channel is not known to be broken (connected, idle or connecting)."""
@@ -414,18 +449,34 @@ def _channel_works(channel: grpc.aio.Channel) -> bool:
 
 
 class Mesh:
-    """This process's view of its peers: one resolver per Consul service name, created on first use."""
+    """This process's view of its peers: one resolver per Consul service name, created on first use, and the
+    credentials its calls carry (see services.common.peers)."""
 
-    def __init__(self, consul_addr: str) -> None:
+    def __init__(self, consul_addr: str, *, channel_factory: ChannelFactory = plaintext_channel,
+                 admin_token: str | None = None) -> None:
         self.consul = consul_client(consul_addr)
+        self.admin_token = admin_token
+        self._channel_factory = channel_factory
         self._resolvers: dict[str, ServiceResolver] = {}
 
     def resolver(self, service_name: str) -> ServiceResolver:
         resolver = self._resolvers.get(service_name)
         if resolver is None:
-            resolver = self._resolvers[service_name] = ServiceResolver(self.consul, service_name)
+            resolver = self._resolvers[service_name] = ServiceResolver(self.consul, service_name,
+                                                                       self._channel_factory)
             resolver.start()
         return resolver
+
+    def peer(self, service: PeerService[S]) -> Peer[S]:
+        """This process's handle on `service` (REGISTRY, POLICY, ... from services.common.peers)."""
+        from services.common.peers import Peer
+
+        return Peer(self.resolver(service.name), service, self.admin_token)
+
+    def renew_channels(self) -> None:
+        """New channels to every peer, for calls from now on (this process's mesh certificate was renewed)."""
+        for resolver in self._resolvers.values():
+            resolver.renew_channels()
 
     async def close(self) -> None:
         for resolver in self._resolvers.values():

@@ -16,17 +16,20 @@ from typing import Any
 
 import grpc
 import numpy as np
-from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+from lmesh.inference.v1 import inference_pb2
+from lmesh.inference.v1.inference_pb2_grpc import InferenceStub
+from lmesh.policy.v1 import policy_pb2
 from lmesh.registry.v1 import registry_pb2
-from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from lmesh.tokenizer.v1 import tokenizer_pb2
+from lmesh.tokenizer.v1.tokenizer_pb2_grpc import TokenizerStub
 from opentelemetry import trace
 
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
+from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer
 from services.common.references import check_reference
-from services.common.rpc import call_options, mark_failed
+from services.common.rpc import mark_failed
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
 
@@ -117,16 +120,16 @@ class ChatService:
     """The gateway's domain: every upstream call of a chat, and the flow between them."""
 
     def __init__(self, mesh: Mesh, tracer: trace.Tracer) -> None:
-        self._policy = mesh.resolver("lmesh-policy")
-        self._tokenizer = mesh.resolver("lmesh-tokenizer")
-        self._inference = mesh.resolver("lmesh-inference")
-        self.models = ModelDirectory(mesh.resolver("lmesh-registry"))
+        self._policy = mesh.peer(POLICY)
+        self._tokenizer = mesh.peer(TOKENIZER)
+        self._inference = mesh.peer(INFERENCE)
+        self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
         self._tracer = tracer
 
     async def authenticate(self, api_key: str) -> policy_pb2.Principal:
-        response = await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
-                                           policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+        response = await self._policy.call(lambda p: p.Authenticate, policy_pb2.AuthenticateRequest(api_key=api_key),
+                                           timeout=10)
         return response.principal
 
     async def list_models(self, api_key: str) -> list[registry_pb2.ModelVersion]:
@@ -148,12 +151,11 @@ class ChatService:
                     version = await self.models.resolve(params.model)  # cached: usually no call
                 except (LmeshError, grpc.aio.AioRpcError):
                     # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
-                    await self._policy.call(policy_pb2_grpc.PolicyStub, "Authenticate",
-                                            policy_pb2.AuthenticateRequest(api_key=api_key), timeout=10)
+                    await self.authenticate(api_key)
                     raise
                 model_id = f"{version.name}:{version.version}"
                 # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
-                await self._policy.call(policy_pb2_grpc.PolicyStub, "Authorize", policy_pb2.AuthorizeRequest(
+                await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
                     api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
                     resolved_aliases=list(version.aliases)), timeout=10)
             except Exception as exc:
@@ -171,11 +173,10 @@ class ChatService:
             model=model_id, add_generation_prompt=True, max_prompt_tokens=context - 1,
             messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])
 
-        async def render(endpoint: Endpoint) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
-            stub = endpoint.stub(tokenizer_pb2_grpc.TokenizerStub)
-            return await stub.ApplyChatTemplate(request, **call_options(timeout=10)), endpoint
+        async def render(lease: Lease[TokenizerStub]) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
+            return await lease.stub.ApplyChatTemplate(request, **lease.options(timeout=10)), lease.endpoint
 
-        rendered, tokenizer = await self._tokenizer.with_endpoint(render)
+        rendered, tokenizer = await self._tokenizer.with_lease(render)
         prompt = list(rendered.token_ids)
         if len(prompt) >= context:  # a tokenizer that predates max_prompt_tokens
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
@@ -184,132 +185,185 @@ class ChatService:
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",
                        tokenizer: Endpoint | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
-        """Streams the answer. `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it
-        holds the model's tokenizer, where another passing one may not (started while the registry was down)."""
+        """Streams the answer: token ids flow from inference to the tokenizer's DetokenizeStream in one task (the
+        pump) while this one reads text deltas from it, applies stop strings and aligns logprobs.
+
+        `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it holds the model's
+        tokenizer, where another passing one may not (started while the registry was down)."""
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
-        vocabulary = await self.vocabularies.get(model_id) if params.logprobs else None
-        refused: set[str] = set()  # replicas that refused this request before its first token
-
-        def candidate(e: Endpoint) -> bool:
-            return model_id in e.models and e.service_id not in refused
-
-        endpoint = await self._inference.pick(
-            candidate, none_match=f"no inference replica serves {model_id}; start one with "
-                                  f"`lmesh serve inference --model {model_id}`")
-        generate_call = endpoint.stub(inference_pb2_grpc.InferenceStub).Generate(**call_options())
-        start = inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
-            model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
-            sampling=inference_pb2.SamplingParams(
-                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                repetition_penalty=params.repetition_penalty),
-            top_logprobs=params.top_logprobs, request_id=request_id))
-        if tokenizer is None or tokenizer.service_id not in {e.service_id for e in self._tokenizer.endpoints()}:
-            tokenizer = await self._tokenizer.pick()
-        detokenize_call = tokenizer.stub(tokenizer_pb2_grpc.TokenizerStub).DetokenizeStream(**call_options())
-        answer = AnswerAssembler(params.stop, vocabulary)
+        answer = AnswerAssembler(params.stop, await self.vocabularies.get(model_id) if params.logprobs else None)
+        inference = InferenceStream(self._inference, model_id, _generate_start(model_id, prompt, max_tokens, params,
+                                                                               request_id))
         finish: list[inference_pb2.GenerateFinish] = []
-        cancel_sent = asyncio.Event()
-        # One write at a time on the inference stream (grpc refuses a second while one is pending), and the cancel
-        # only after a start: a cancel arriving right behind the start must not race it.
-        start_written = asyncio.Event()
-        write_lock = asyncio.Lock()
-
-        async def send_cancel() -> None:
-            if not cancel_sent.is_set():
-                cancel_sent.set()
-                await start_written.wait()
-                async with write_lock:
-                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                        await send(generate_call, inference_pb2.GenerateRequest(
-                            cancel=inference_pb2.CancelGeneration()))
-
-        async def watch_cancel() -> None:
-            await cancel.wait()
-            await send_cancel()
-
-        async def pump() -> None:
-            """inference → tokenizer, as tokens arrive."""
-            nonlocal endpoint, generate_call
-            admitted = False
-            while True:
-                try:
-                    async with write_lock:
-                        await send(generate_call, start)
-                    start_written.set()
-                    async for response in generate_call:
-                        admitted = True
-                        if response.HasField("tokens"):
-                            ids = [t.token_id for t in response.tokens.tokens]
-                            answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
-                            await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
-                                tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
-                        elif response.HasField("finish"):
-                            finish.append(response.finish)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    # Refused before generating anything (its queue is full, or it is gone or draining, which
-                    # Consul has not told us yet): the request can go to another replica as if new.
-                    if admitted or exc.code() not in RETRY_ELSEWHERE or cancel_sent.is_set():
-                        raise
-                    refused.add(endpoint.service_id)
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        self._inference.mark_down(endpoint)
-                    try:
-                        other = await self._inference.pick(candidate)
-                    except Unavailable:
-                        raise exc from None
-                    endpoint.outstanding -= 1
-                    endpoint, generate_call = other, other.stub(inference_pb2_grpc.InferenceStub).Generate(
-                        **call_options())
-                    endpoint.outstanding += 1
-            await detokenize_call.done_writing()
-
-        endpoint.outstanding += 1
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
-                start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
-            tasks = [asyncio.create_task(pump()), asyncio.create_task(watch_cancel())]
-            pump_task = tasks[0]
-            # A failed pump (inference died) cuts the detokenizer stream so the read below ends at once.
-            pump_task.add_done_callback(
-                lambda t: detokenize_call.cancel() if not t.cancelled() and t.exception() else None)
-            try:
-                async for piece in detokenize_call:
-                    text, entries = answer.piece(piece.delta, piece.final)
-                    if text:
-                        yield ChatDelta(text, entries)
-                    if answer.stopped:
-                        await send_cancel()
-            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-                failure = pump_task.exception() if pump_task.done() and not pump_task.cancelled() else None
-                if failure is not None:
-                    raise failure from None
-                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    # The detokenizer's stream broke, not inference's.
-                    self._tokenizer.mark_down(tokenizer)
-                    raise Unavailable(f"tokenizer {tokenizer.target} became unavailable: {exc.details()}") from exc
-                raise
-            await pump_task  # re-raises an inference failure (e.g. UNAVAILABLE when the replica died)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self._inference.mark_down(endpoint)
-                raise Unavailable(f"inference replica {endpoint.target} became unavailable: {exc.details()}") from exc
-            raise
-        finally:
-            endpoint.outstanding -= 1
-            for task in tasks:
-                task.cancel()
-            generate_call.cancel()
-            detokenize_call.cancel()
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(inference)
+            detokenizer = await stack.enter_async_context(self._detokenizer(model_id, tokenizer))
+            pump = asyncio.create_task(_pump(inference, detokenizer.call, answer, finish))
+            watcher = asyncio.create_task(_cancel_when_set(cancel, inference))
+            stack.callback(watcher.cancel)
+            stack.callback(pump.cancel)
+            # A failed pump (inference died) cuts the detokenizer's stream so the read below ends at once.
+            pump.add_done_callback(lambda t: detokenizer.call.cancel() if not t.cancelled() and t.exception() else None)
+            async for piece in detokenizer.texts(pump):
+                text, entries = answer.piece(piece.delta, piece.final)
+                if text:
+                    yield ChatDelta(text, entries)
+                if answer.stopped:
+                    await inference.cancel()
+            await pump  # re-raises an inference failure (UNAVAILABLE when the replica died)
         if not finish:
             raise Unavailable("the inference stream ended without a finish message")
-        reason = finish[0].reason
-        if answer.stopped:
-            reason = inference_pb2.FINISH_REASON_STOP
+        reason = inference_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
         usage = finish[0].usage
         yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens, answer.rest())
+
+    @contextlib.asynccontextmanager
+    async def _detokenizer(self, model_id: str, rendered_by: Endpoint | None) -> AsyncIterator[DetokenizerStream]:
+        """A DetokenizeStream on the instance that rendered the prompt if it still passes, else on any."""
+        same = rendered_by is not None and any(e.service_id == rendered_by.service_id
+                                               for e in self._tokenizer.endpoints())
+        predicate = (lambda e: e.service_id == rendered_by.service_id) if same and rendered_by else None
+        async with self._tokenizer.lease(predicate) as lease:
+            stream = DetokenizerStream(self._tokenizer, lease)
+            try:
+                await send(stream.call, tokenizer_pb2.DetokenizeStreamRequest(
+                    start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
+                yield stream
+            finally:
+                stream.call.cancel()
+
+
+def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: ChatParams,
+                    request_id: str) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+        model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
+        sampling=inference_pb2.SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+            repetition_penalty=params.repetition_penalty),
+        top_logprobs=params.top_logprobs, request_id=request_id))
+
+
+async def _pump(inference: InferenceStream, detokenize_call: grpc.aio.StreamStreamCall, answer: AnswerAssembler,
+                finish: list[inference_pb2.GenerateFinish]) -> None:
+    """inference → tokenizer, one message per decode step, as they arrive."""
+    async for response in inference.responses():
+        if response.HasField("tokens"):
+            answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
+            await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
+                tokens=tokenizer_pb2.TokenIds(token_ids=[t.token_id for t in response.tokens.tokens])))
+        elif response.HasField("finish"):
+            finish.append(response.finish)
+    await detokenize_call.done_writing()
+
+
+async def _cancel_when_set(cancel: asyncio.Event, inference: InferenceStream) -> None:
+    await cancel.wait()
+    await inference.cancel()
+
+
+class InferenceStream:
+    """One generation on a replica serving its model version. A replica that refuses the request before its
+    first token (queue full, draining, or dead before Consul noticed) is left for another one serving the same
+    version; a cancel goes out once, after the start (grpc allows one write at a time)."""
+
+    def __init__(self, peer: Peer[InferenceStub], model_id: str, start: inference_pb2.GenerateRequest) -> None:
+        self._peer = peer
+        self._model_id = model_id
+        self._start = start
+        self._refused: set[str] = set()
+        self._held = contextlib.AsyncExitStack()  # the lease on the current replica
+        self._lease: Lease[InferenceStub] | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._start_written = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._cancelled = False
+
+    def _serves(self, endpoint: Endpoint) -> bool:
+        return self._model_id in endpoint.models and endpoint.service_id not in self._refused
+
+    async def __aenter__(self) -> InferenceStream:
+        await self._open(none_match=f"no inference replica serves {self._model_id}; start one with "
+                                    f"`lmesh serve inference --model {self._model_id}`")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        await self._held.aclose()
+
+    async def _open(self, none_match: str = "") -> None:
+        """Opens the call on a replica that serves the version and has not refused it."""
+        held = contextlib.AsyncExitStack()
+        lease = await held.enter_async_context(self._peer.lease(self._serves, none_match=none_match))
+        await self._held.aclose()  # the replica that refused it no longer counts this call
+        self._held, self._lease, self._call = held, lease, lease.stub.Generate(**lease.options())
+
+    @property
+    def replica(self) -> Endpoint:
+        assert self._lease is not None
+        return self._lease.endpoint
+
+    async def responses(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        admitted = False
+        while True:
+            assert self._call is not None
+            try:
+                async with self._write_lock:
+                    await send(self._call, self._start)
+                self._start_written.set()
+                async for response in self._call:
+                    admitted = True
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._peer.mark_down(self.replica)
+                if not admitted and code in RETRY_ELSEWHERE and not self._cancelled:
+                    self._refused.add(self.replica.service_id)
+                    self._call.cancel()
+                    with contextlib.suppress(Unavailable):  # none left: the refusal itself is the answer
+                        await self._open()
+                        continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise Unavailable(f"inference replica {self.replica.target} became unavailable: "
+                                      f"{exc.details()}") from exc
+                raise
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        await self._start_written.wait()
+        async with self._write_lock:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                assert self._call is not None
+                await send(self._call, inference_pb2.GenerateRequest(cancel=inference_pb2.CancelGeneration()))
+
+
+class DetokenizerStream:
+    """The tokenizer's DetokenizeStream of one answer: ids in (the pump), text deltas out."""
+
+    def __init__(self, peer: Peer[TokenizerStub], lease: Lease[TokenizerStub]) -> None:
+        self._peer = peer
+        self._lease = lease
+        self.call: grpc.aio.StreamStreamCall = lease.stub.DetokenizeStream(**lease.options())
+
+    async def texts(self, pump: asyncio.Task[None]) -> AsyncIterator[tokenizer_pb2.DetokenizeStreamResponse]:
+        """The detokenizer's responses; a failure of the pump (inference's) wins over the cut it causes here."""
+        try:
+            async for piece in self.call:
+                yield piece
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            failure = pump.exception() if pump.done() and not pump.cancelled() else None
+            if failure is not None:
+                raise failure from None
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._peer.mark_down(self._lease.endpoint)
+                raise Unavailable(f"tokenizer {self._lease.endpoint.target} became unavailable: "
+                                  f"{exc.details()}") from exc
+            raise
 
 
 async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
@@ -321,4 +375,3 @@ async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
 
 def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
-

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from lmesh.inference.v1 import inference_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
-from services.common.discovery import ServiceResolver
+from services.common.peers import Peer
 from services.gateway.stops import StopMatcher
 
 MAX_TOP_LOGPROBS = 20  # what inference reports at most
@@ -55,7 +55,7 @@ class VocabularyCache:
     the `max_models` most recently used versions are kept.
     """
 
-    def __init__(self, tokenizer: ServiceResolver, max_models: int = 4) -> None:
+    def __init__(self, tokenizer: Peer[tokenizer_pb2_grpc.TokenizerStub], max_models: int = 4) -> None:
         self._tokenizer = tokenizer
         self._max_models = max_models
         self._entries: OrderedDict[str, asyncio.Task[Vocabulary]] = OrderedDict()
@@ -79,7 +79,7 @@ class VocabularyCache:
             del self._entries[model_id]
 
     async def _fetch(self, model_id: str) -> Vocabulary:
-        response = await self._tokenizer.call(tokenizer_pb2_grpc.TokenizerStub, "GetVocabulary",
+        response = await self._tokenizer.call(lambda t: t.GetVocabulary,
                                               tokenizer_pb2.GetVocabularyRequest(model=model_id),
                                               timeout=VOCABULARY_TIMEOUT_S)
         return Vocabulary(list(response.token_bytes), frozenset(response.special_token_ids))

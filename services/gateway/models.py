@@ -9,8 +9,9 @@ import time
 import grpc
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.discovery import ServiceResolver, StaleAnswers
+from services.common.discovery import StaleAnswers
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.peers import Peer
 
 log = logging.getLogger("lmesh.gateway.models")
 RESOLVE_TTL_S = 5.0  # short enough that an alias move is seen within seconds
@@ -18,7 +19,7 @@ LIST_KEY = "the model list"  # stale answers are logged per reference; the list 
 
 
 class ModelDirectory:
-    def __init__(self, registry: ServiceResolver, ttl_s: float = RESOLVE_TTL_S) -> None:
+    def __init__(self, registry: Peer[registry_pb2_grpc.RegistryStub], ttl_s: float = RESOLVE_TTL_S) -> None:
         self._registry = registry
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, registry_pb2.ModelVersion]] = {}
@@ -38,7 +39,7 @@ class ModelDirectory:
         self._inflight[reference] = future
         try:
             try:
-                response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
+                response = await self._registry.call(lambda r: r.ResolveModel,
                                                      registry_pb2.ResolveModelRequest(reference=reference),
                                                      timeout=10)
             except Unavailable:
@@ -67,8 +68,8 @@ class ModelDirectory:
 
     async def list(self) -> list[registry_pb2.ModelVersion]:
         try:
-            response = await self._registry.call(registry_pb2_grpc.RegistryStub, "ListModels",
-                                                 registry_pb2.ListModelsRequest(), timeout=10)
+            response = await self._registry.call(lambda r: r.ListModels, registry_pb2.ListModelsRequest(),
+                                                 timeout=10)
         except Unavailable:
             if self._last_list is None:
                 raise

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from lmesh.registry.v1 import registry_pb2
+from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
-from services.common.discovery import ServiceResolver
 from services.common.errors import FailedPrecondition, LmeshError
+from services.common.peers import Peer
 from services.inference.engine import Engine, EngineLimits
 from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder
 from services.inference.servicer import ServedModel
@@ -20,7 +21,7 @@ from services.registry.client import fetch_to_cache
 log = logging.getLogger("lmesh.inference.loader")
 
 
-async def resolve_when_registered(registry: ServiceResolver, reference: str) -> registry_pb2.ModelVersion:
+async def resolve_when_registered(registry: Peer[RegistryStub], reference: str) -> registry_pb2.ModelVersion:
     """Resolves `reference`, waiting while the registry is down or the model not yet registered.
 
     The replica stays NOT_SERVING meanwhile, so nothing routes to it; `make run` registers the model after
@@ -29,7 +30,7 @@ async def resolve_when_registered(registry: ServiceResolver, reference: str) -> 
     delay = 0.25
     while True:
         try:
-            response = await registry.call(registry_pb2_grpc.RegistryStub, "ResolveModel",
+            response = await registry.call(lambda r: r.ResolveModel,
                                            registry_pb2.ResolveModelRequest(reference=reference), timeout=10)
             return response.model
         except (grpc.aio.AioRpcError, LmeshError) as exc:
@@ -41,7 +42,7 @@ async def resolve_when_registered(registry: ServiceResolver, reference: str) -> 
         delay = min(delay * 2, 5.0)
 
 
-async def load_models(registry: ServiceResolver, references: list[str], cache_dir: Path, limits: EngineLimits,
+async def load_models(registry: Peer[RegistryStub], references: list[str], cache_dir: Path, limits: EngineLimits,
                       threads: int | None) -> list[ServedModel]:
     served: list[ServedModel] = []
     for reference in references:

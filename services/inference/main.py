@@ -45,6 +45,7 @@ def extra_config(args: argparse.Namespace) -> dict[str, str]:
 def build(runtime: ServiceRuntime) -> ServiceParts:
     from lmesh.inference.v1 import inference_pb2
 
+    from services.common.peers import REGISTRY
     from services.inference.engine import EngineLimits
     from services.inference.loader import load_models
     from services.inference.metrics import InferenceMetrics
@@ -60,7 +61,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     models: dict[str, ServedModel] = {}
     metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in models.items()})
     servicer = InferenceServicer(models, runtime.tracer, metrics)
-    registry = runtime.mesh.resolver("lmesh-registry")
+    registry = runtime.mesh.peer(REGISTRY)
     reporter: list[asyncio.Task[None]] = []
 
     def meta() -> dict[str, str]:

@@ -4,7 +4,7 @@
 - `fetch_to_cache`: downloads an artifact into `<cache_dir>/<sha256>`, verified, atomically.
 - `register_model_dir`: uploads a built model directory (`lmesh_model.json`) and registers it, idempotently.
 
-All take a ServiceResolver for `lmesh-registry` (`mesh.resolver("lmesh-registry")`).
+All take the registry's peer (`mesh.peer(REGISTRY)`); writes carry its admin token.
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from lmesh.registry.v1 import registry_pb2
+from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
-from services.common.admin import admin_metadata
-from services.common.discovery import Endpoint, ServiceResolver
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.rpc import call_options
+from services.common.peers import Lease, Peer
 from services.registry.store import CHUNK_SIZE, HashingWriter, check_sha256
 
 MANIFEST_NAME = "lmesh_model.json"
-T = TypeVar("T")
 
 # Manifest keys that become ModelVersion fields; every other key becomes a label.
 _MANIFEST_FIELDS = frozenset(
@@ -81,17 +79,16 @@ async def _upload_requests(
 
 
 async def upload_file(
-    resolver: ServiceResolver,
+    registry: Peer[RegistryStub],
     path: Path | str,
     kind: registry_pb2.ArtifactKind.ValueType = registry_pb2.ARTIFACT_KIND_UNSPECIFIED,
     *,
     sha256: str | None = None,
-    admin_token: str | None = None,
 ) -> registry_pb2.Artifact:
     """Uploads `path` and returns its Artifact (`kind`, digest, size, file name).
 
     `sha256` skips hashing when the caller already knows the digest. A blob the registry already stores is
-    not sent again: the registry answers right after the header.
+    not sent again: the registry answers right after the header. Content-addressed, so safe to repeat.
     """
     path = Path(path)
     if sha256 is None:
@@ -99,14 +96,12 @@ async def upload_file(
     else:
         size = path.stat().st_size
 
-    async def upload(endpoint: Endpoint) -> registry_pb2.UploadArtifactResponse:
-        stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
-        response: registry_pb2.UploadArtifactResponse = await stub.UploadArtifact(
-            _upload_requests(path, sha256, size), **_admin_call_options(timeout=None, admin_token=admin_token)
-        )
+    async def upload(lease: Lease[RegistryStub]) -> registry_pb2.UploadArtifactResponse:
+        response: registry_pb2.UploadArtifactResponse = await lease.stub.UploadArtifact(
+            _upload_requests(path, sha256, size), **lease.options(timeout=None, admin=True))
         return response
 
-    response = await resolver.with_endpoint(upload)
+    response = await registry.with_lease(upload)
     return registry_pb2.Artifact(
         kind=kind,
         sha256=response.artifact.sha256,
@@ -115,9 +110,8 @@ async def upload_file(
     )
 
 
-async def _fetch_into(endpoint: Endpoint, sha256: str, final: Path) -> Path:
-    stub = endpoint.stub(registry_pb2_grpc.RegistryStub)
-    call = stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=sha256), **call_options(timeout=None))
+async def _fetch_into(lease: Lease[RegistryStub], sha256: str, final: Path) -> Path:
+    call = lease.stub.FetchArtifact(registry_pb2.FetchArtifactRequest(sha256=sha256), **lease.options(timeout=None))
     writer = HashingWriter(final.parent, sha256)
     try:
         expected_size: int | None = None
@@ -144,7 +138,7 @@ async def _fetch_into(endpoint: Endpoint, sha256: str, final: Path) -> Path:
     return final
 
 
-async def fetch_to_cache(resolver: ServiceResolver, sha256: str, cache_dir: Path | str) -> Path:
+async def fetch_to_cache(registry: Peer[RegistryStub], sha256: str, cache_dir: Path | str) -> Path:
     """`<cache_dir>/<sha256>`, downloaded from the registry unless already there; the digest is verified.
 
     Raises Unavailable (no registry), NotFound (no such artifact), FailedPrecondition (corrupt transfer).
@@ -156,7 +150,7 @@ async def fetch_to_cache(resolver: ServiceResolver, sha256: str, cache_dir: Path
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return await resolver.with_endpoint(lambda endpoint: _fetch_into(endpoint, sha256, final))
+        return await registry.with_lease(lambda lease: _fetch_into(lease, sha256, final))
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             raise NotFound(f"artifact {sha256} is not stored in the registry") from exc
@@ -242,33 +236,15 @@ def _digests(model: registry_pb2.ModelVersion) -> dict[int, str]:
     return {int(a.kind): a.sha256 for a in model.artifacts}
 
 
-def _admin_call_options(timeout: float | None, admin_token: str | None) -> dict[str, Any]:
-    """call_options plus the admin token a registry write needs when the registry runs with one (`admin_token`,
-    else LMESH_ADMIN_TOKEN)."""
-    options = call_options(timeout=timeout)
-    options["metadata"] = [*options["metadata"], *admin_metadata(admin_token)]
-    return options
-
-
-async def set_alias(resolver: ServiceResolver, alias: str, name: str, version: str,
-                    admin_token: str | None = None) -> None:
+async def set_alias(registry: Peer[RegistryStub], alias: str, name: str, version: str) -> None:
     """Points `alias` at name:version (moving it from any other version)."""
-    request = registry_pb2.SetAliasRequest(alias=alias, name=name, version=version)
-
-    async def invoke(endpoint: Endpoint) -> None:
-        await endpoint.stub(registry_pb2_grpc.RegistryStub).SetAlias(
-            request, **_admin_call_options(timeout=30.0, admin_token=admin_token))
-
-    await resolver.with_endpoint(invoke, attempts=1)
+    await registry.call(lambda r: r.SetAlias, registry_pb2.SetAliasRequest(alias=alias, name=name, version=version),
+                        admin=True, retry=False)
 
 
-async def _get_model(resolver: ServiceResolver, name: str, version: str) -> registry_pb2.ModelVersion | None:
+async def _get_model(registry: Peer[RegistryStub], name: str, version: str) -> registry_pb2.ModelVersion | None:
     try:
-        response = await resolver.call(
-            registry_pb2_grpc.RegistryStub,
-            "GetModel",
-            registry_pb2.GetModelRequest(name=name, version=version),
-        )
+        response = await registry.call(lambda r: r.GetModel, registry_pb2.GetModelRequest(name=name, version=version))
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return None
@@ -299,12 +275,11 @@ def _same_or_conflict(
 
 
 async def register_model_dir(
-    resolver: ServiceResolver,
+    registry: Peer[RegistryStub],
     model_dir: Path | str,
     aliases: Sequence[str] = ("default",),
     manifest_name: str = MANIFEST_NAME,
     move_aliases: bool = False,
-    admin_token: str | None = None,
 ) -> registry_pb2.ModelVersion:
     """Uploads a built model directory's files and registers its version with `aliases`.
 
@@ -322,37 +297,29 @@ async def register_model_dir(
         registry_pb2.ARTIFACT_KIND_TOKENIZER: tokenizer_sha,
     }
 
-    existing = await _get_model(resolver, model.name, model.version)
+    existing = await _get_model(registry, model.name, model.version)
     if existing is not None:
         registered = _same_or_conflict(existing, wanted, model)
         if not move_aliases or set(aliases) <= set(registered.aliases):
             return registered
         for alias in aliases:
-            await set_alias(resolver, alias, model.name, model.version, admin_token)
-        return await _get_model(resolver, model.name, model.version) or registered
+            await set_alias(registry, alias, model.name, model.version)
+        return await _get_model(registry, model.name, model.version) or registered
 
-    model_artifact = await upload_file(
-        resolver, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha, admin_token=admin_token
-    )
-    tokenizer_artifact = await upload_file(
-        resolver, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=tokenizer_sha, admin_token=admin_token
-    )
+    model_artifact = await upload_file(registry, model_file, registry_pb2.ARTIFACT_KIND_MODEL, sha256=model_sha)
+    tokenizer_artifact = await upload_file(registry, tokenizer_file, registry_pb2.ARTIFACT_KIND_TOKENIZER,
+                                           sha256=tokenizer_sha)
     model.artifacts.extend([model_artifact, tokenizer_artifact])
     request = registry_pb2.RegisterModelRequest(model=model, aliases=list(aliases))
     try:
-        # Not retried through resolver.call: a registration is not idempotent on the wire.
-        async def register(endpoint: Endpoint) -> registry_pb2.RegisterModelResponse:
-            response: registry_pb2.RegisterModelResponse = await endpoint.stub(
-                registry_pb2_grpc.RegistryStub
-            ).RegisterModel(request, **_admin_call_options(timeout=30.0, admin_token=admin_token))
-            return response
-
-        return (await resolver.with_endpoint(register, attempts=1)).model
+        # Not retried: a registration is not idempotent on the wire.
+        response = await registry.call(lambda r: r.RegisterModel, request, admin=True, retry=False)
+        return response.model
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
         # Someone registered it between our check and our registration (two `make run`s at once).
-        raced = await _get_model(resolver, model.name, model.version)
+        raced = await _get_model(registry, model.name, model.version)
         if raced is None:
             raise
         return _same_or_conflict(raced, wanted, model)

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
-from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
+from lmesh.registry.v1 import registry_pb2
+from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
-from services.common.discovery import ServiceResolver, StaleAnswers
+from services.common.discovery import StaleAnswers
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.peers import Peer
 from services.registry.client import fetch_to_cache
 from services.tokenizer.text import ModelTokenizer
 
@@ -43,14 +45,14 @@ class ModelSource(Protocol):
 class RegistrySource:
     """ModelSource over the `lmesh-registry` service found through Consul."""
 
-    def __init__(self, resolver: ServiceResolver) -> None:
-        self._resolver = resolver
+    def __init__(self, registry: Peer[RegistryStub]) -> None:
+        self._registry = registry
 
     async def resolve(self, reference: str) -> registry_pb2.ModelVersion:
         try:
-            response = await self._resolver.call(
-                registry_pb2_grpc.RegistryStub, "ResolveModel",
-                registry_pb2.ResolveModelRequest(reference=reference), timeout=RESOLVE_TIMEOUT_S)
+            response = await self._registry.call(lambda r: r.ResolveModel,
+                                                 registry_pb2.ResolveModelRequest(reference=reference),
+                                                 timeout=RESOLVE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -66,7 +68,7 @@ class RegistrySource:
     async def fetch(self, sha256: str, cache_dir: Path) -> Path:
         """The verified artifact at `<cache_dir>/<sha256>`, fetched from the registry unless already there."""
         try:
-            return await fetch_to_cache(self._resolver, sha256, cache_dir)
+            return await fetch_to_cache(self._registry, sha256, cache_dir)
         except NotFound:
             # The registry resolved a version whose blob it lacks: its state is inconsistent, not our input.
             raise FailedPrecondition(f"artifact {sha256} is missing from the registry") from None

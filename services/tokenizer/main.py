@@ -7,8 +7,6 @@ import argparse
 from services.common.config import add_env_argument, float_type, int_type
 from services.common.server import ServiceParts, ServiceRuntime
 
-REGISTRY_SERVICE = "lmesh-registry"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_env_argument(parser, "--resolve-ttl", "LMESH_RESOLVE_TTL_S", "5",
@@ -26,12 +24,13 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     # Imported here: the CLI imports every main.py to build its parser; tokenizers and jinja2 are heavy.
     from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+    from services.common.peers import REGISTRY
     from services.tokenizer.loader import RegistrySource, TokenizerCache
     from services.tokenizer.servicer import TokenizerServicer
 
     extra = runtime.config.extra
     cache = TokenizerCache(
-        RegistrySource(runtime.mesh.resolver(REGISTRY_SERVICE)),
+        RegistrySource(runtime.mesh.peer(REGISTRY)),
         runtime.config.data_dir / "artifacts",
         resolve_ttl_s=float(extra.get("resolve_ttl_s", "5")),
         max_models=int(extra.get("max_models", "8")),

@@ -1,0 +1,158 @@
+"""Calling the mesh's services: the one client-side runtime every call between them goes through.
+
+A `PeerService` declares a service once, as its callers see it: its Consul name and its gRPC stub class. A
+`Peer` is this process's handle on one of them (`mesh.peer(POLICY)`). Every call through it:
+
+- goes to a passing instance the resolver picks (fewest calls in flight, then reported load), counted in
+  flight while it runs, so load balancing sees this process's own calls;
+- carries the caller's trace context and the tighter of its own timeout and the deadline of the call being
+  served, plus the credentials the call needs (the mesh identity on the channel, the admin token where asked);
+- fails over to another instance on UNAVAILABLE only when the call is safe to repeat (`retry=True`, the default
+  for `call`; writes that are not idempotent pass `retry=False`).
+
+Streams and calls that must choose their instance (a replica serving a model version) take a `lease`: an
+instance and its stub for as long as the block runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+from lmesh.gateway.v1 import gateway_pb2_grpc
+from lmesh.inference.v1 import inference_pb2_grpc
+from lmesh.policy.v1 import policy_pb2_grpc
+from lmesh.registry.v1 import registry_pb2_grpc
+from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
+
+from services.common.discovery import Endpoint, ServiceResolver
+from services.common.errors import Unavailable
+from services.common.rpc import call_options
+
+S = TypeVar("S")
+R = TypeVar("R")
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class PeerService(Generic[S]):
+    """A mesh service as its callers see it: its Consul name and its stub class."""
+
+    name: str
+    stub: Callable[[grpc.aio.Channel], S]
+
+
+REGISTRY = PeerService("lmesh-registry", registry_pb2_grpc.RegistryStub)
+TOKENIZER = PeerService("lmesh-tokenizer", tokenizer_pb2_grpc.TokenizerStub)
+INFERENCE = PeerService("lmesh-inference", inference_pb2_grpc.InferenceStub)
+POLICY = PeerService("lmesh-policy", policy_pb2_grpc.PolicyStub)
+GATEWAY = PeerService("lmesh-gateway", gateway_pb2_grpc.GatewayStub)
+PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY)
+
+
+def peer_service(service: str) -> PeerService[Any]:
+    """The declaration of a service by its short name ("registry")."""
+    return next(p for p in PEER_SERVICES if p.name == f"lmesh-{service}")
+
+
+def admin_metadata(token: str | None) -> list[tuple[str, str]]:
+    """The metadata that carries the admin token (none without one)."""
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+@dataclass
+class Lease(Generic[S]):
+    """One instance of a peer, held for a block of calls (a stream, a call that chose its instance)."""
+
+    endpoint: Endpoint
+    stub: S
+    admin_token: str | None
+
+    def options(self, timeout: float | None = None, *, admin: bool = False) -> dict[str, Any]:
+        """Keyword arguments for a call on `stub`: trace context, deadline, and the admin token if `admin`."""
+        options = call_options(timeout)
+        if admin:
+            options["metadata"] = [*options["metadata"], *admin_metadata(self.admin_token)]
+        return options
+
+
+class Peer(Generic[S]):
+    """Calls to one mesh service (see the module's docstring)."""
+
+    def __init__(self, resolver: ServiceResolver, service: PeerService[S], admin_token: str | None = None) -> None:
+        self.resolver = resolver
+        self.service = service
+        self._admin_token = admin_token
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def with_admin_token(self, token: str | None) -> Peer[S]:
+        """The same peer, its admin calls carrying `token` instead."""
+        return Peer(self.resolver, self.service, token)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, predicate: Callable[[Endpoint], bool] | None = None, *,
+                    none_match: str = "") -> AsyncIterator[Lease[S]]:
+        """An instance (matching `predicate`) for the block's calls, counted in flight until the block ends.
+
+        `none_match` is the UNAVAILABLE message when instances pass but none matches."""
+        endpoint = await self.resolver.pick(predicate, none_match=none_match)
+        with self.resolver.in_flight(endpoint) as channel:
+            yield Lease(endpoint, endpoint.stub_on(channel, self.service.stub), self._admin_token)
+
+    async def call(self, method: Callable[[S], Callable[..., Awaitable[R]]], request: Any, *,
+                   timeout: float | None = DEFAULT_TIMEOUT_S, retry: bool = True, admin: bool = False,
+                   attempts: int = 2) -> R:
+        """A unary call: `await peer.call(lambda s: s.ResolveModel, request)`. With `retry`, an instance that
+        answers UNAVAILABLE is marked down and the call goes to another (only for calls safe to repeat)."""
+        return await self.with_lease(lambda lease: method(lease.stub)(request, **lease.options(timeout, admin=admin)),
+                                     attempts=attempts if retry else 1)
+
+    async def with_lease(self, work: Callable[[Lease[S]], Awaitable[R]], *, attempts: int = 2,
+                         predicate: Callable[[Endpoint], bool] | None = None) -> R:
+        """`work` on a leased instance; one that fails with UNAVAILABLE is marked down and the next one tried, up
+        to `attempts` in all (1: no failover, for work that is not safe to repeat)."""
+        for attempt in range(attempts):
+            async with self.lease(predicate) as lease:
+                try:
+                    return await work(lease)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    self.resolver.mark_down(lease.endpoint)
+                    if attempt == attempts - 1:
+                        raise Unavailable(f"{self.name} is unavailable: {exc.details()}") from exc
+        raise AssertionError("unreachable")
+
+    async def passing(self) -> list[Endpoint]:
+        """The instances Consul reports passing now (possibly none)."""
+        return await self.resolver.passing()
+
+    def endpoints(self) -> list[Endpoint]:
+        return self.resolver.endpoints()
+
+    async def wait_for(self, predicate: Callable[[Endpoint], bool] | None = None,
+                       timeout: float = 30.0) -> Endpoint:
+        """Waits until an instance matching `predicate` passes (start-up ordering)."""
+        return await self.resolver.wait_for(predicate, timeout)
+
+    def mark_down(self, endpoint: Endpoint) -> None:
+        self.resolver.mark_down(endpoint)
+
+
+@contextlib.asynccontextmanager
+async def public_gateway(target: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    """The public API of the gateway at `target` (`lmesh chat --gateway`, `make run`'s sample answer): a client
+    of the mesh, not a member, so no mesh credentials."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield GATEWAY.stub(channel)
+
+
+def stub_classes() -> Sequence[Callable[[grpc.aio.Channel], Any]]:
+    """Every stub class the runtime constructs (what a check for stubs made elsewhere looks for)."""
+    return [service.stub for service in PEER_SERVICES]
