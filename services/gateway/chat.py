@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 from lmesh.registry.v1 import registry_pb2
@@ -61,10 +62,8 @@ class ChatDelta:
 
 @dataclass
 class ChatEnd:
-    finish_reason: int  # inference_pb2.FinishReason value (same numbering as the gateway's)
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0
+    finish_reason: generation_pb2.FinishReason.ValueType
+    usage: generation_pb2.Usage  # inference's, every field set (its prompt is the rendered one)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -301,11 +300,12 @@ class ChatService:
             detokenize_call.cancel()
         if not finish:
             raise Unavailable("the inference stream ended without a finish message")
-        reason = finish[0].reason
-        if answer.stopped:
-            reason = inference_pb2.FINISH_REASON_STOP
-        usage = finish[0].usage
-        yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens, answer.rest())
+        if not finish[0].HasField("usage"):
+            # Its tokens, too, came in a field this gateway no longer reads (inference.proto's reserved numbers).
+            raise Unavailable(f"inference replica {endpoint.target} sent no usage: it runs an lmesh older than this "
+                              "gateway's lmesh.common.v1 types; upgrade it")
+        reason = generation_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
+        yield ChatEnd(reason, finish[0].usage, answer.rest())
 
 
 async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:

@@ -31,6 +31,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     Unavailable,
 )
 
@@ -522,7 +523,8 @@ class ModelStore:
         db = self.db
         row = self._row(db, name, version)
         if row is None:
-            raise NotFound(f"model '{name}:{version}' not found")
+            raise NotFound(f"model '{name}:{version}' not found", reason=Reason.MODEL_NOT_FOUND,
+                           metadata={"model": f"{name}:{version}"})
         return self._load(db, row)
 
     def list(self, name: str = "") -> list[ModelVersion]:
@@ -545,7 +547,8 @@ class ModelStore:
                 raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
             row = self._row(db, name, version)
             if row is None:
-                raise NotFound(f"model '{reference}' not found")
+                raise NotFound(f"model '{reference}' not found", reason=Reason.MODEL_NOT_FOUND,
+                               metadata={"model": reference})
             return self._load(db, row)
         if not LABEL_RE.match(reference) and not NAME_RE.match(reference):
             raise InvalidArgument("reference", f"{reference!r} is not `name:version`, an alias or a name")
@@ -561,7 +564,8 @@ class ModelStore:
                 (reference,),
             ).fetchone()
         if row is None:
-            raise NotFound(f"model '{reference}' not found")
+            raise NotFound(f"model '{reference}' not found", reason=Reason.MODEL_NOT_FOUND,
+                           metadata={"model": reference})
         return self._load(db, row)
 
     # -- writes
@@ -650,7 +654,8 @@ class ModelStore:
             self._check_alias_free(db, alias, "alias")
             row = self._row(db, name, version)
             if row is None:
-                raise NotFound(f"model '{name}:{version}' not found")
+                raise NotFound(f"model '{name}:{version}' not found", reason=Reason.MODEL_NOT_FOUND,
+                               metadata={"model": f"{name}:{version}"})
             held = db.execute("SELECT COUNT(*) FROM aliases WHERE version_id = ? AND alias != ?",
                               (row["id"], alias)).fetchone()[0]
             if held >= MAX_ALIASES_PER_VERSION:
