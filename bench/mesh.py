@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2
 
 from bench.stats import StreamResult, peak_rss_mb, spread_gaps
@@ -199,6 +200,6 @@ class BenchMesh:
             "received_at_cancel": at_cancel,
             "received_after_cancel": after_cancel,
             "completion_tokens": finish.usage.completion_tokens,
-            "reason": inference_pb2.FinishReason.Name(finish.reason),
+            "reason": generation_pb2.FinishReason.Name(finish.reason),
             "tokens_after_cancel": finish.usage.completion_tokens - at_cancel,
         }

@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2
 
 from services.common.admin import ADMIN_TOKEN_ENV
@@ -61,7 +62,7 @@ async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tup
                                   messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages],
                                   logprobs=logprobs is not None, top_logprobs=logprobs or 0, **(sampling or {}))
     pieces: list[str] = []
-    entries: list[gateway_pb2.TokenLogprob] = []
+    entries: list[generation_pb2.TokenLogprob] = []
     async for response in chat(gateway, api_key, start):
         entries.extend(response.logprobs)
         if response.delta:
@@ -70,7 +71,7 @@ async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tup
             sys.stdout.flush()
         if response.finish_reason:
             usage = response.usage
-            reason = gateway_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
+            reason = generation_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
             sys.stdout.write(f"\n[{response.model} · {reason} · {usage.prompt_tokens} prompt + "
                              f"{usage.completion_tokens} completion tokens]\n")
     for entry in entries:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor_pb2
 
@@ -34,7 +35,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
 
 def test_every_proto_is_packaged_per_service_with_language_options() -> None:
-    assert {p.parent.parent.name for p in PROTOS} == {"registry", "tokenizer", "inference", "policy", "gateway"}
+    # One package per service, plus lmesh.common.v1: the types several of them share.
+    assert {p.parent.parent.name for p in PROTOS} == {"registry", "tokenizer", "inference", "policy", "gateway",
+                                                      "common"}
     for proto in PROTOS:
         text = proto.read_text()
         service = proto.parent.parent.name
@@ -128,3 +131,46 @@ def test_every_contract_element_has_a_leading_comment(tmp_path: Path) -> None:
         undocumented += [f"{file.name}: {name}" for name, path in _elements(file) if path not in documented]
     assert not undocumented, (f"{len(undocumented)} contract elements have no leading comment:\n"
                               + "\n".join(undocumented))
+
+
+def _fields(message: Any) -> list[tuple[str, int, str]]:
+    return [(f.name, f.number, f.message_type.full_name if f.message_type else
+             f.enum_type.full_name if f.enum_type else descriptor_pb2.FieldDescriptorProto.Type.Name(f.type))
+            for f in message.DESCRIPTOR.fields]
+
+
+def test_the_shared_types_kept_the_gateways_wire_format() -> None:
+    """Moving FinishReason, Usage and the logprob entries to lmesh.common.v1 changed no number, name or type an
+    existing client (any language) encodes, nor a JSON name or enum value name (the Node client reads those)."""
+    from lmesh.common.v1 import generation_pb2
+    from lmesh.gateway.v1 import gateway_pb2
+
+    assert dict(generation_pb2.FinishReason.items()) == {
+        "FINISH_REASON_UNSPECIFIED": 0, "FINISH_REASON_STOP": 1, "FINISH_REASON_LENGTH": 2,
+        "FINISH_REASON_CANCELLED": 3}
+    assert _fields(gateway_pb2.ChatResponse) == [
+        ("delta", 1, "TYPE_STRING"), ("finish_reason", 2, "lmesh.common.v1.FinishReason"),
+        ("usage", 3, "lmesh.common.v1.Usage"), ("model", 4, "TYPE_STRING"), ("id", 5, "TYPE_STRING"),
+        ("logprobs", 6, "lmesh.common.v1.TokenLogprob")]
+    assert _fields(generation_pb2.Usage) == [
+        ("prompt_tokens", 1, "TYPE_INT32"), ("completion_tokens", 2, "TYPE_INT32"), ("total_tokens", 3, "TYPE_INT32"),
+        ("cached_prompt_tokens", 4, "TYPE_INT32")]
+    assert _fields(generation_pb2.TokenLogprob) == [
+        ("token", 1, "TYPE_STRING"), ("bytes", 2, "TYPE_BYTES"), ("token_id", 3, "TYPE_INT32"),
+        ("logprob", 4, "TYPE_FLOAT"), ("top_logprobs", 5, "lmesh.common.v1.TopLogprob")]
+    assert _fields(generation_pb2.TopLogprob) == [
+        ("token", 1, "TYPE_STRING"), ("bytes", 2, "TYPE_BYTES"), ("token_id", 3, "TYPE_INT32"),
+        ("logprob", 4, "TYPE_FLOAT")]
+
+
+def test_inference_never_reuses_the_numbers_of_its_old_layout() -> None:
+    """Its tokens and usage moved to new field numbers with the shared types; the old ones stay reserved, so a
+    gateway and a replica from either side of the change see a field missing, never one misread."""
+    from lmesh.inference.v1 import inference_pb2
+
+    chunk, finish = inference_pb2.TokenChunk.DESCRIPTOR, inference_pb2.GenerateFinish.DESCRIPTOR
+    assert [(f.name, f.number) for f in chunk.fields] == [("tokens", 2)]
+    assert [(f.name, f.number) for f in finish.fields] == [("reason", 1), ("usage", 3)]
+    text = (ROOT / "protos" / "lmesh" / "inference" / "v1" / "inference.proto").read_text()
+    assert re.search(r"message TokenChunk \{[^}]*reserved 1;", text)
+    assert re.search(r"message GenerateFinish \{[^}]*reserved 2;", text)

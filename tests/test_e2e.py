@@ -20,11 +20,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import descriptor_pb2
+from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -145,8 +147,8 @@ async def test_chat_answers_paris_with_finish_and_usage(live: LiveMesh) -> None:
     text = "".join(r.delta for r in responses)
     assert "Paris" in text, text
     last = responses[-1]
-    assert last.finish_reason == gateway_pb2.FINISH_REASON_STOP
-    assert all(r.finish_reason == gateway_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    assert last.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert all(r.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
     assert last.model == "smollm2-135m-instruct:1" and last.id.startswith("chatcmpl-")
     usage = last.usage
     assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens < 64
@@ -157,7 +159,7 @@ async def test_chat_returns_each_tokens_logprob_and_top_alternatives(live: LiveM
     responses = await collect(await live.gateway(), start(max_tokens=64, logprobs=True, top_logprobs=3),
                               live.api_key)
     last = responses[-1]
-    assert last.finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+    assert last.finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
     entries = [e for r in responses for e in r.logprobs]
     assert len(entries) == last.usage.completion_tokens  # the end-of-turn token is not among them
     text = "".join(r.delta for r in responses)
@@ -189,7 +191,7 @@ async def test_chat_logprobs_end_with_the_token_that_completed_a_stop_string(liv
     stub = await live.gateway()
     full = [e for r in await collect(stub, start(max_tokens=64, logprobs=True), live.api_key) for e in r.logprobs]
     responses = await collect(stub, start(max_tokens=64, stop=["Paris"], logprobs=True), live.api_key)
-    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
     entries = [e for r in responses for e in r.logprobs]
     assert [e.token_id for e in entries] == [e.token_id for e in full[:len(entries)]]
     spelled = b"".join(e.bytes for e in entries)
@@ -199,7 +201,7 @@ async def test_chat_logprobs_end_with_the_token_that_completed_a_stop_string(liv
 
 async def test_max_tokens_ends_with_length(live: LiveMesh) -> None:
     responses = await collect(await live.gateway(), start(LONG_TASK, max_tokens=5), live.api_key)
-    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
     assert responses[-1].usage.completion_tokens == 5
 
 
@@ -209,7 +211,7 @@ async def test_stop_string_is_honoured_and_not_emitted(live: LiveMesh) -> None:
     responses = await collect(await live.gateway(), start(max_tokens=64, stop=["Paris"]), live.api_key)
     text = "".join(r.delta for r in responses)
     assert "Paris" not in text and full.startswith(text)
-    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
 
 
 @pytest.mark.parametrize(("content", "stop", "max_tokens"), [
@@ -232,7 +234,7 @@ async def test_a_conversations_next_turn_reuses_the_whole_first_turn(live: LiveM
     # template tokenizes as it was generated), all but a last token that was never run (the one max_tokens
     # stopped at) or is not in the next prompt (the one that completed a stop string).
     usage = first[-1].usage
-    ended_by_model = first[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP and not stop
+    ended_by_model = first[-1].finish_reason == generation_pb2.FINISH_REASON_STOP and not stop
     expected = usage.prompt_tokens + usage.completion_tokens - (0 if ended_by_model else 1)
     assert second[-1].usage.cached_prompt_tokens == expected, answer
 
@@ -253,8 +255,8 @@ async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> 
         cancel.set()  # already there when the generation starts: the cancel write races the start write
         events = [e async for e in chat.generate(version, prompt, max_tokens, params, cancel)]
         end = events[-1]
-        assert isinstance(end, ChatEnd) and end.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
-        assert end.completion_tokens <= 1
+        assert isinstance(end, ChatEnd) and end.finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+        assert end.usage.completion_tokens <= 1
 
 
 async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
@@ -269,7 +271,7 @@ async def test_cancel_stops_engine_within_one_step(live: LiveMesh) -> None:
         if response.finish_reason:
             break
     last = received[-1]
-    assert last.finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+    assert last.finish_reason == generation_pb2.FINISH_REASON_CANCELLED
     assert last.usage.completion_tokens < 100
     # Counted at the engine: tokens produced after the cancel reached it.
     spans = await live.otlp.wait_for(lambda spans: any(
@@ -335,7 +337,7 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     generate = next(s for s in live.otlp.spans
                     if s.trace_id == root.trace_id and s.name == "lmesh.inference/Generate")
     assert generate.attributes["lmesh.request_id"] == completion_id
-    reason = gateway_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
+    reason = generation_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
     assert root.attributes["gen_ai.response.finish_reasons"] == [reason]
 
 
@@ -344,7 +346,7 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
 @pytest.mark.parametrize("stop", [[], ["Paris"]])
 async def test_every_span_bills_what_usage_says(live: LiveMesh, stop: list[str]) -> None:
     responses = await collect(await live.gateway(), start(max_tokens=64, stop=stop), live.api_key)
-    assert responses[-1].finish_reason == gateway_pb2.FINISH_REASON_STOP
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
     completion_id, billed = responses[-1].id, responses[-1].usage.completion_tokens
 
     def billing_spans(spans: list) -> dict[str, object]:  # type: ignore[type-arg]
@@ -422,7 +424,7 @@ async def test_an_undecodable_message_after_a_valid_start_is_skipped(live: LiveM
     await call.write(b"\xff\xff\xff\xff\x0f")
     await call.done_writing()
     responses = [gateway_pb2.ChatResponse.FromString(r) async for r in call]
-    assert responses[-1].finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+    assert responses[-1].finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
 
 
 async def test_a_request_over_4_mib_is_refused_by_the_gateway_at_once(live: LiveMesh) -> None:
@@ -457,7 +459,7 @@ async def test_a_burst_of_prompts_that_cannot_fit_leaves_the_tokenizer_small_and
     for error in await asyncio.gather(*burst):
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in (error.details() or "")
         assert "fit the model's context" in (error.details() or "")
-    assert all(chat[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH for chat in small_chats)
+    assert all(chat[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH for chat in small_chats)
     assert all(passing)
     assert _rss_bytes(tokenizer_pid) < 1_500_000_000
 
@@ -504,6 +506,52 @@ async def test_bad_input_maps_to_exact_codes(live: LiveMesh) -> None:
         assert field in (error.details() or ""), (field, error.details())
 
 
+def typed_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """The google.rpc details of `error`'s `grpc-status-details-bin` trailer, by type name (what a client in any
+    language reads instead of parsing the message); from_call also checks its code and message are the call's."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no typed details: {error.code()} {error.details()}"
+    found: dict[str, Any] = {}
+    for detail in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+                    error_details_pb2.QuotaFailure):
+            if detail.Is(cls.DESCRIPTOR):
+                found[cls.__name__] = message = cls()
+                detail.Unpack(message)
+    assert found["ErrorInfo"].domain == "lmesh.dev"
+    return found
+
+
+async def test_errors_through_the_gateway_carry_typed_details(live: LiveMesh) -> None:
+    """Its own (a bad field, no key) and relayed ones (the registry's unknown model, policy's wrong key)."""
+    stub = await live.gateway()
+    key = auth(live.api_key)
+    cases: list[tuple[gateway_pb2.ChatRequest, tuple[tuple[str, str], ...], str, str]] = [
+        (start(max_tokens=0), key, "INVALID_FIELD", "max_tokens"),
+        (start(messages=[gateway_pb2.Message(role="wizard", content="hi")]), key, "INVALID_FIELD",
+         "messages[0].role"),
+        (start(model="smollm2-135m-instruct:"), key, "INVALID_FIELD", "model"),  # the registry's, renamed
+        (start(model="no-such-model"), key, "MODEL_NOT_FOUND", ""),
+        (start(), (), "UNAUTHENTICATED", ""),
+        (start(), auth("lmk_wrong"), "UNAUTHENTICATED", ""),
+    ]
+    for request, metadata, reason, field in cases:
+        error = await expect_error(stub, [request], metadata)
+        details = typed_details(error)
+        assert details["ErrorInfo"].reason == reason, (reason, error.details())
+        if field:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in details["BadRequest"].field_violations] == [field]
+            assert details["ErrorInfo"].metadata["field"] == field
+        else:
+            assert "BadRequest" not in details
+    assert typed_details(await expect_error(stub, [start(model="no-such-model")], key))["ErrorInfo"].metadata[
+        "model"] == "no-such-model"
+
+
 async def test_any_int64_seed_samples_reproducibly(live: LiveMesh) -> None:
     answers = {"".join(r.delta for r in await collect(await live.gateway(),
                                                        start(max_tokens=8, temperature=0.9, seed=-(2**63)),
@@ -532,6 +580,10 @@ async def test_reflection_describes_the_public_api_without_proto_files(live: Liv
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
              for raw in described.file_descriptor_response.file_descriptor_proto]
     gateway = next(f for f in files if f.package == "lmesh.gateway.v1")
+    # The shared types' file comes along, so a tool resolves ChatResponse's fields without the proto files.
+    assert "lmesh/common/v1/generation.proto" in {f.name for f in files}
+    response = next(m for m in gateway.message_type if m.name == "ChatResponse")
+    assert {f.name: f.type_name for f in response.field}["finish_reason"] == ".lmesh.common.v1.FinishReason"
     assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels"]
     start = next(m for m in gateway.message_type if m.name == "ChatStart")
     assert {"model", "messages", "max_tokens", "logprobs", "top_logprobs"} <= {f.name for f in start.field}
@@ -639,6 +691,13 @@ async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(
     for field in ("max_tokens", "temperature", "role", "cancel_first"):
         named = {"role": "messages[0].role", "cancel_first": "start"}.get(field, field)
         assert errors[field]["details"].startswith(named), errors[field]
+        # The same field, typed: decoded from `grpc-status-details-bin` with no lmesh code in the client.
+        assert [v["field"] for v in errors[field]["typed"]["BadRequest"]["field_violations"]] == [named]
+    assert {name: error["typed"]["ErrorInfo"]["reason"] for name, error in errors.items()} == {
+        "no_key": "UNAUTHENTICATED", "wrong_key": "UNAUTHENTICATED", "unknown_model": "MODEL_NOT_FOUND",
+        "max_tokens": "INVALID_FIELD", "temperature": "INVALID_FIELD", "role": "INVALID_FIELD",
+        "cancel_first": "INVALID_FIELD"}
+    assert all(error["typed"]["message"] == error["details"] for error in errors.values())
 
 
 async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) -> None:
@@ -652,7 +711,7 @@ async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) 
                         if "smollm2-135m-instruct:1" in e.meta.get("models", "").split(","))
     live.procs.terminate("inference")
     rest = await read_rest(call)
-    assert rest[-1].finish_reason == gateway_pb2.FINISH_REASON_LENGTH  # finished, not cut
+    assert rest[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH  # finished, not cut
     assert await live.procs.wait_exit("inference") == 0
     _, nodes = await live.mesh.consul.catalog.service("lmesh-inference")
     assert not {n["ServiceID"] for n in nodes} & old_ids
@@ -739,7 +798,7 @@ async def test_chats_go_on_while_the_registry_is_down(live: LiveMesh) -> None:
         await live.procs.wait_passing(live.mesh, "tokenizer", name="tokenizer-cold", exclude=tokenizers)
         for _ in range(6):
             responses = await collect(await live.gateway(), start(max_tokens=8), live.api_key)
-            assert responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED  # ended, not failed
+            assert responses[-1].finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED  # ended, not failed
         # Said once for the outage, not once per chat.
         assert live.procs.log("gateway").count(stale_line) == stale_before + 1
     finally:
@@ -777,7 +836,7 @@ async def test_int8_version_is_served_by_its_own_replica(live: LiveMesh) -> None
     responses = await collect(await live.gateway(), start(model=INT8, max_tokens=16), live.api_key)
     assert responses[-1].model == INT8
     assert "".join(r.delta for r in responses).strip()
-    assert responses[-1].finish_reason in (gateway_pb2.FINISH_REASON_STOP, gateway_pb2.FINISH_REASON_LENGTH)
+    assert responses[-1].finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
     # Registered after version 1, the variant did not change what the bare name means.
     plain = await collect(await live.gateway(), start(model="smollm2-135m-instruct", max_tokens=4), live.api_key)
     assert plain[-1].model == "smollm2-135m-instruct:1"
@@ -839,6 +898,13 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "queue is full" in (error.details() or "")
         assert dict(error.trailing_metadata() or ())["retry-after-ms"] == "1000"  # relayed by the gateway
+        # The replica's typed details, relayed too: why (QUEUE_FULL), which limit, and the same retry delay.
+        details = typed_details(error)
+        assert details["ErrorInfo"].reason == "QUEUE_FULL"
+        assert details["RetryInfo"].retry_delay.ToMilliseconds() == 1000
+        [violation] = details["QuotaFailure"].violations
+        assert (violation.quota_id, violation.subject, violation.quota_value) == ("inference.queue",
+                                                                                 f"model:{INT8}", 1)
     finally:
         for read, call in reads.items():
             if read.done():
@@ -846,10 +912,10 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live:
             await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
             await call.done_writing()
             first = await read  # queued, then cancelled: its only message is the finish
-            assert first.finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+            assert first.finish_reason == generation_pb2.FINISH_REASON_CANCELLED
         await decoding.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
         await decoding.done_writing()
-        assert (await read_rest(decoding))[-1].finish_reason == gateway_pb2.FINISH_REASON_CANCELLED
+        assert (await read_rest(decoding))[-1].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
 
 
 async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: LiveMesh, built_model: Path) -> None:
@@ -1231,7 +1297,7 @@ async def test_concurrent_chats_are_batched_without_changing_answers(live: LiveM
     results = await asyncio.gather(*(collect(stub, r, live.api_key) for r in requests))
     answers = ["".join(r.delta for r in responses) for responses in results]
     assert answers[:6] == [alone] * 6
-    assert all(responses[-1].finish_reason != gateway_pb2.FINISH_REASON_UNSPECIFIED for responses in results)
+    assert all(responses[-1].finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED for responses in results)
 
 async def test_a_service_that_logs_serving_is_already_passing_in_consul(live: LiveMesh) -> None:
     """Operators (and scripts) take "serving" in the log as ready: by then Consul must list it as passing."""

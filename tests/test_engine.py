@@ -338,6 +338,9 @@ async def test_queue_full_is_refused_at_once(decoder: OnnxDecoder, prompts: list
         engine.submit(request(prompts[0]))
     assert time.monotonic() - started < 0.1
     assert caught.value.retry_after_s is not None
+    # Typed for clients: which limit (QuotaFailure), not only a message to parse.
+    assert caught.value.reason == "QUEUE_FULL" and caught.value.limit is not None
+    assert caught.value.limit.id == "inference.queue" and caught.value.limit.value == engine.limits.max_queue
 
 
 async def test_deadline_passing_mid_generation_ends_the_stream(decoder: OnnxDecoder,

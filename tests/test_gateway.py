@@ -9,8 +9,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2
-from lmesh.inference.v1 import inference_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2
 
 from services.common.errors import InvalidArgument, Unavailable
@@ -104,7 +104,7 @@ def stream(tokenizer: ModelTokenizer, chunks: list[list[int]], stops: list[str],
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
     messages = []
     for chunk in chunks:
-        answer.add_chunk([inference_pb2.GeneratedToken(token_id=i, logprob=-0.5 - i) for i in chunk])
+        answer.add_chunk([generation_pb2.TokenLogprob(token_id=i, logprob=-0.5 - i) for i in chunk])
         text, entries = answer.piece(detokenizer.push(chunk))
         if text:
             messages.append((text, entries))
@@ -174,9 +174,9 @@ def test_entries_end_with_the_token_that_completed_a_stop_string(small: ModelTok
 def test_top_alternatives_carry_their_bytes(small: ModelTokenizer) -> None:
     hello, world = small.encode("Hello"), small.encode(" world")
     answer = AnswerAssembler([], vocabulary_of(small))
-    answer.add_chunk([inference_pb2.GeneratedToken(
-        token_id=hello[0], logprob=-0.1, top_logprobs=[inference_pb2.TopLogprob(token_id=hello[0], logprob=-0.1),
-                                                       inference_pb2.TopLogprob(token_id=IM_END, logprob=-3.0)])])
+    answer.add_chunk([generation_pb2.TokenLogprob(
+        token_id=hello[0], logprob=-0.1, top_logprobs=[generation_pb2.TopLogprob(token_id=hello[0], logprob=-0.1),
+                                                       generation_pb2.TopLogprob(token_id=IM_END, logprob=-3.0)])])
     text, entries = answer.piece(small.decode(hello[:1]))
     assert text and [e.chosen.data for e in entries] == [small.vocabulary().token_bytes[hello[0]]]
     assert [(a.token_id, a.data, a.logprob) for a in entries[0].top] == [
@@ -186,7 +186,7 @@ def test_top_alternatives_carry_their_bytes(small: ModelTokenizer) -> None:
 
 def test_without_a_vocabulary_no_entries_ride(small: ModelTokenizer) -> None:
     answer = AnswerAssembler(["!"])
-    answer.add_chunk([inference_pb2.GeneratedToken(token_id=5, logprob=-1.0)])
+    answer.add_chunk([generation_pb2.TokenLogprob(token_id=5, logprob=-1.0)])
     assert answer.piece("hi") == ("hi", [])
     assert answer.piece("!x", final=True) == ("", [])
     assert answer.stopped and answer.rest() == []

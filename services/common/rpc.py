@@ -2,7 +2,8 @@
 
 Servicers raise LmeshError subclasses; this module turns them into status codes. Upstream gRPC errors keep
 their code when it is meaningful to our caller; anything else is INTERNAL with a generic message and the
-trace id, and its traceback goes to the log only.
+trace id, and its traceback goes to the log only. Every error status also carries a google.rpc.Status in the
+`grpc-status-details-bin` trailer (same code and message, plus the error's typed details; see `status_details`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common.errors import RELAYED_UPSTREAM_CODES, InvalidArgument, LmeshError
+from services.common.errors import (
+    RELAYED_UPSTREAM_CODES,
+    InvalidArgument,
+    LmeshError,
+    Reason,
+    Unavailable,
+    error_info,
+    retry_info,
+)
 from services.common.telemetry import current_trace_id, extract_context, inject_metadata
 
 log = logging.getLogger("lmesh.rpc")
 RELAYED_TRAILERS = frozenset({"retry-after-ms"})
+# The standard trailer of gRPC's rich error model: a serialized google.rpc.Status (grpc_status.rpc_status reads it).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Upstream details bigger than this are not relayed (its code's generic details are sent instead): the trailer
+# must stay well inside HTTP/2 header limits whatever a peer sent.
+MAX_RELAYED_DETAILS_BYTES = 2048
+# What the status message (percent-encoded, as `grpc-message` carries it) and the details (base64) may take
+# together: gRPC clients refuse trailers over 8 KiB by default (a "soft limit" they enforce at random above it),
+# and the status code, `retry-after-ms` and the header names need the rest. Details that would not fit are left
+# out: the call keeps its code, message and `retry-after-ms`.
+MAX_STATUS_TRAILER_BYTES = 7168
 FIRST_MESSAGE_TIMEOUT_S = 30.0
 
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
@@ -80,6 +102,63 @@ def status_for(exc: BaseException, span: trace.Span | None = None,
         trailers = tuple((k, v) for k, v in exc.trailing_metadata() or () if k in RELAYED_TRAILERS)
         return exc.code(), exc.details() or exc.code().name.lower(), trailers
     return grpc.StatusCode.INTERNAL, f"internal error (trace_id={current_trace_id(span)})", ()
+
+
+def _upstream_details(exc: grpc.aio.AioRpcError) -> list[Message] | None:
+    """The typed details of a peer's google.rpc.Status, when it sent a readable one for this code, of a sane size
+    (its message is not relayed: ours replaces it)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                upstream = status_pb2.Status.FromString(value)
+            except DecodeError:
+                return None
+            if upstream.code != exc.code().value[0]:
+                return None
+            if sum(detail.ByteSize() for detail in upstream.details) > MAX_RELAYED_DETAILS_BYTES:
+                return None
+            return list(upstream.details)
+    return None
+
+
+def details_for(exc: BaseException, code: grpc.StatusCode, span: trace.Span | None = None) -> list[Message]:
+    """The google.rpc detail messages a client gets with `exc`, which status_for maps to `code`: the error's own
+    (LmeshError.details), a relayed peer's (kept as they came; generic ones for its code when it sent none),
+    or, for a bug, ErrorInfo INTERNAL with the trace id that the message names."""
+    if code == grpc.StatusCode.INTERNAL:
+        return [error_info(Reason.INTERNAL, {"trace_id": current_trace_id(span)})]
+    if isinstance(exc, LmeshError):
+        return exc.details()
+    if isinstance(exc, grpc.aio.AioRpcError):
+        relayed = _upstream_details(exc)
+        if relayed is not None:
+            return relayed
+        details: list[Message] = [error_info(code.name)]
+        retry_ms = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
+        if isinstance(retry_ms, str) and retry_ms.isdigit():
+            details.append(retry_info(int(retry_ms) / 1000))
+        return details
+    return [error_info(code.name)]
+
+
+def status_details(code: grpc.StatusCode, message: str, details: list[Message]) -> bytes:
+    """The `grpc-status-details-bin` trailer's value: a google.rpc.Status whose code and message must be the
+    call's own, exactly (clients check that), so `message` is the final, bounded one."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        if isinstance(detail, any_pb2.Any):  # relayed from a peer as it came
+            status.details.append(detail)
+        else:
+            status.details.add().Pack(detail)
+    return status.SerializeToString()
+
+
+def _fits(message: str, details: bytes) -> bool:
+    """Whether `grpc-message` (bytes outside printable ASCII, and '%', take 3) and `grpc-status-details-bin`
+    (base64) stay within MAX_STATUS_TRAILER_BYTES together."""
+    return encoded_message_size(message) + (len(details) * 4 + 2) // 3 <= MAX_STATUS_TRAILER_BYTES
+
+
 
 
 # Status messages echo what the caller sent (a model name, a role). gRPC percent-encodes the message into the
@@ -232,22 +311,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
             # The call's own span: a streaming handler's failure can surface outside the span's context.
             code, message, trailers = status_for(exc, span)
+            shown: BaseException = exc
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and not _deadline_passed(context, margin_s=1.0):
                 # A call this one made ran out of its own time budget, not the caller's deadline (which calls
                 # downstream inherit, so theirs pass a moment before ours): to the caller that is a dependency
                 # that did not answer, worth a retry.
-                code, message = grpc.StatusCode.UNAVAILABLE, f"a dependency did not answer in time ({message}); retry"
+                shown = Unavailable(f"a dependency did not answer in time ({message}); retry",
+                                    reason=Reason.DEPENDENCY_TIMEOUT)
+                code, message, trailers = status_for(shown, span)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed (trace_id=%s)", method, current_trace_id(span), exc_info=exc)
             _record_failure(span, code, message)
-            if trailers:
-                context.set_trailing_metadata(trailers)
+            final = bounded(message)
+            # The typed details go with the message the client gets, after bounding: their Status must match it.
+            details = status_details(code, final, details_for(shown, code, span))
+            sent: tuple[tuple[str, str | bytes], ...] = trailers
+            if _fits(final, details):
+                sent = (*sent, (STATUS_DETAILS_KEY, details))
+            if sent:
+                context.set_trailing_metadata(sent)
             # The status is set and the handler returns, rather than context.abort(): gRPC would keep the abort
             # error with the call, and through its traceback the call's frames, so the call and its request data
             # (a refused 4 MB prompt, the last message a stream received) would stay alive in a reference cycle
             # until the next full garbage collection.
             context.set_code(code)
-            context.set_details(bounded(message))
+            context.set_details(final)
 
         if handler.unary_unary or handler.stream_unary:
             is_stream_in = handler.unary_unary is None

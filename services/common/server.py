@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from services.common.config import ServiceConfig, host_port, split_consul_addr
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
-from services.common.errors import LmeshError, Unavailable
+from services.common.errors import LmeshError, Reason, Unavailable
 from services.common.rpc import ServerInterceptor
 from services.common.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
 
@@ -128,7 +128,7 @@ class RunningService:
     def _expire(self) -> None:
         grace = self.runtime.config.grace_s
         error = Unavailable(f"lmesh-{self.runtime.config.service} shut down before this stream finished (its "
-                            f"--grace of {grace:g} s was running out); retry")
+                            f"--grace of {grace:g} s was running out); retry", reason=Reason.DRAINING)
         self.interceptor.expired = error
         if self.parts.on_grace_expiring is not None:
             self.parts.on_grace_expiring(error)

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2
 from lmesh.inference.v1.inference_pb2_grpc import InferenceStub
 from lmesh.policy.v1 import policy_pb2
@@ -65,10 +66,8 @@ class ChatDelta:
 
 @dataclass
 class ChatEnd:
-    finish_reason: int  # inference_pb2.FinishReason value (same numbering as the gateway's)
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0
+    finish_reason: generation_pb2.FinishReason.ValueType
+    usage: generation_pb2.Usage  # inference's, every field set (its prompt is the rendered one)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -214,9 +213,12 @@ class ChatService:
             await pump  # re-raises an inference failure (UNAVAILABLE when the replica died)
         if not finish:
             raise Unavailable("the inference stream ended without a finish message")
-        reason = inference_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
-        usage = finish[0].usage
-        yield ChatEnd(reason, len(prompt), usage.completion_tokens, usage.cached_prompt_tokens, answer.rest())
+        if not finish[0].HasField("usage"):
+            # Its tokens, too, came in a field this gateway no longer reads (inference.proto's reserved numbers).
+            raise Unavailable(f"inference replica {inference.replica.target} sent no usage: it runs an lmesh older "
+                              "than this gateway's lmesh.common.v1 types; upgrade it")
+        reason = generation_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
+        yield ChatEnd(reason, finish[0].usage, answer.rest())
 
     @contextlib.asynccontextmanager
     async def _detokenizer(self, model_id: str, rendered_by: Endpoint | None) -> AsyncIterator[DetokenizerStream]:

@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmesh.inference.v1 import inference_pb2
+from lmesh.common.v1 import generation_pb2
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.peers import Peer
@@ -105,7 +105,7 @@ class LogprobAligner:
         self._text_end = 0
         self._stopped = False
 
-    def add_chunk(self, tokens: Sequence[inference_pb2.GeneratedToken]) -> None:
+    def add_chunk(self, tokens: Sequence[generation_pb2.TokenLogprob]) -> None:
         candidate = self._candidate
         self._chunks.append([TokenLogprob(candidate(t.token_id, t.logprob),
                                           tuple(candidate(a.token_id, a.logprob) for a in t.top_logprobs))
@@ -167,7 +167,7 @@ class AnswerAssembler:
     def stopped(self) -> bool:
         return self._stops.stopped
 
-    def add_chunk(self, tokens: Sequence[inference_pb2.GeneratedToken]) -> None:
+    def add_chunk(self, tokens: Sequence[generation_pb2.TokenLogprob]) -> None:
         """Inference's next chunk, before its ids go to the detokenizer."""
         if self._aligner is not None:
             self._aligner.add_chunk(tokens)

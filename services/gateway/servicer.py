@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
@@ -24,12 +25,6 @@ from services.gateway.chat import (
 )
 from services.gateway.logprobs import TokenLogprob
 
-_REASON_NAMES = {
-    gateway_pb2.FINISH_REASON_STOP: "stop",
-    gateway_pb2.FINISH_REASON_LENGTH: "length",
-    gateway_pb2.FINISH_REASON_CANCELLED: "cancelled",
-}
-
 
 def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
     return validate(ChatParams(
@@ -41,14 +36,19 @@ def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
     ))
 
 
-def _logprobs(entries: list[TokenLogprob]) -> list[gateway_pb2.TokenLogprob]:
+def _reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
+    """`stop`, `length` or `cancelled`: the OpenTelemetry GenAI spelling of a finish reason."""
+    return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def _logprobs(entries: list[TokenLogprob]) -> list[generation_pb2.TokenLogprob]:
     def text(data: bytes) -> str:
         return data.decode("utf-8", errors="replace")  # part of a character shows as U+FFFD
 
-    return [gateway_pb2.TokenLogprob(
+    return [generation_pb2.TokenLogprob(
         token=text(e.chosen.data), bytes=e.chosen.data, token_id=e.chosen.token_id, logprob=e.chosen.logprob,
-        top_logprobs=[gateway_pb2.TopLogprob(token=text(a.data), bytes=a.data, token_id=a.token_id,
-                                             logprob=a.logprob) for a in e.top],
+        top_logprobs=[generation_pb2.TopLogprob(token=text(a.data), bytes=a.data, token_id=a.token_id,
+                                                logprob=a.logprob) for a in e.top],
     ) for e in entries]
 
 
@@ -95,13 +95,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         first_delta = False
                     yield response
                 elif isinstance(event, ChatEnd):
-                    usage = gateway_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                              completion_tokens=event.completion_tokens,
-                                              total_tokens=event.prompt_tokens + event.completion_tokens,
-                                              cached_prompt_tokens=event.cached_prompt_tokens)
-                    span.set_attributes({"gen_ai.usage.output_tokens": event.completion_tokens,
-                                         "gen_ai.response.finish_reasons": [_REASON_NAMES[event.finish_reason]],
-                                         "lmesh.usage.cached_prompt_tokens": event.cached_prompt_tokens})
+                    usage = event.usage  # inference's, relayed as it came: the same shared type
+                    span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                         "gen_ai.response.finish_reasons": [_reason_name(event.finish_reason)],
+                                         "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
                     yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
                                                    model=model_id, id=completion_id,
                                                    logprobs=_logprobs(event.logprobs))

@@ -33,7 +33,7 @@ from enum import Enum
 
 import numpy as np
 
-from services.common.errors import DeadlineExceeded, LmeshError, ResourceExhausted, Unavailable
+from services.common.errors import DeadlineExceeded, Limit, LmeshError, Reason, ResourceExhausted, Unavailable
 from services.inference.onnx_model import OnnxDecoder
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
@@ -134,6 +134,8 @@ class Sequence:
 Produced = tuple["Sequence", Sampled, int]
 # Decode runs the model thread may chain while the batch stays the same, before the loop takes a turn.
 RUN_AHEAD_STEPS = 16
+# The QuotaFailure `quota_id` of a full queue (stable: clients may match it).
+QUEUE_LIMIT = "inference.queue"
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,9 @@ class Engine:
     """Continuous-batching generation over one model version."""
 
     def __init__(self, model: OnnxDecoder, eos_ids: frozenset[int], context_length: int,
-                 limits: EngineLimits = EngineLimits()) -> None:
+                 limits: EngineLimits = EngineLimits(), model_id: str = "") -> None:
         self.model = model
+        self.model_id = model_id  # `name:version`, for the errors a caller sees
         self.eos_ids = eos_ids
         self.context_length = context_length
         self.limits = limits
@@ -234,12 +237,14 @@ class Engine:
         be admitted, so up to max_active + max_queue sequences are held, as the limits promise.
         """
         if not self._accepting:
-            raise Unavailable("this inference replica is draining; retry on another")
+            raise Unavailable("this inference replica is draining; retry on another", reason=Reason.DRAINING)
         free_slots = max(0, self.limits.max_active - len(self._active))
         if len(self._waiting) >= self.limits.max_queue + free_slots:
             raise ResourceExhausted(
                 f"inference queue is full ({len(self._waiting)} waiting, {len(self._active)} active)",
-                retry_after_s=1.0,
+                retry_after_s=1.0, reason=Reason.QUEUE_FULL,
+                limit=Limit(QUEUE_LIMIT, subject=f"model:{self.model_id}" if self.model_id else "",
+                            value=self.limits.max_queue),
             )
         seq = Sequence(id=next(self._ids), request=request,
                        sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs),

@@ -74,7 +74,8 @@ def _engine(decoder: OnnxDecoder, version: registry_pb2.ModelVersion, limits: En
     """The version's engine, its decode KV cache allocated and warmed (on a GPU the whole context for every row)."""
     kv_bytes = limits.max_active * version.context_length * decoder.kv_bytes_per_token()
     try:
-        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits)
+        engine = Engine(decoder, frozenset(version.eos_token_ids), version.context_length, limits,
+                        model_id=f"{version.name}:{version.version}")
         engine.warm()
     except Exception as exc:  # ONNX Runtime reports a failed allocation as a bare RuntimeError
         if not decoder.kv_fixed_length:

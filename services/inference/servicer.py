@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Reason
 from services.common.rpc import first_message
 from services.inference.engine import (
     Engine,
@@ -30,9 +31,9 @@ from services.inference.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 MAX_REQUEST_ID = 128
 
 _FINISH_REASONS = {
-    Finish.STOP: inference_pb2.FINISH_REASON_STOP,
-    Finish.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
-    Finish.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+    Finish.STOP: generation_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    Finish.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
 }
 
 
@@ -82,11 +83,11 @@ async def _until_retired(seq: Sequence, timeout_s: float = 5.0) -> None:
                 await seq.events.get()
 
 
-def _token_message(event: TokenEvent) -> inference_pb2.GeneratedToken:
+def _token_message(event: TokenEvent) -> generation_pb2.TokenLogprob:
     sampled = event.sampled
-    return inference_pb2.GeneratedToken(
+    return generation_pb2.TokenLogprob(
         token_id=sampled.token_id, logprob=sampled.logprob,
-        top_logprobs=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in sampled.top],
+        top_logprobs=[generation_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in sampled.top],
     )
 
 
@@ -103,7 +104,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument("model", "must not be empty")
         model = self._models.get(start.model)
         if model is None:
-            raise NotFound(f"model '{start.model}' is not served here (serving: {', '.join(self._models)})")
+            raise NotFound(f"model '{start.model}' is not served here (serving: {', '.join(self._models)})",
+                           reason=Reason.MODEL_NOT_SERVED, metadata={"model": start.model})
         remaining = context.time_remaining()
         request = _validate(start, model, None if remaining is None else time.monotonic() + remaining)
         span = trace.get_current_span()
@@ -137,7 +139,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _stream(self, seq: Sequence) -> AsyncIterator[inference_pb2.GenerateResponse]:
         while True:
             event = await seq.events.get()
-            tokens: list[inference_pb2.GeneratedToken] = []
+            tokens: list[generation_pb2.TokenLogprob] = []
             # Coalesce tokens that piled up while the client was slow into one message.
             while isinstance(event, TokenEvent):
                 tokens.append(_token_message(event))
@@ -153,9 +155,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(event, FinishEvent):
                 yield inference_pb2.GenerateResponse(finish=inference_pb2.GenerateFinish(
                     reason=_FINISH_REASONS[event.reason],
-                    usage=inference_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                              completion_tokens=event.completion_tokens,
-                                              cached_prompt_tokens=event.cached_prompt_tokens),
+                    usage=generation_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                                               completion_tokens=event.completion_tokens,
+                                               total_tokens=event.prompt_tokens + event.completion_tokens,
+                                               cached_prompt_tokens=event.cached_prompt_tokens),
                 ))
                 return
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.access import reference_allowed, version_allowed
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Reason, Unauthenticated, Unavailable
 
 log = logging.getLogger("lmesh.policy")
 
@@ -276,9 +276,11 @@ class KeyStore:
                 raise InvalidArgument("resolved_model", f"must be `name:version`, got {resolved_model!r}")
             if not version_allowed(principal.allowed_models, resolved_model, resolved_aliases):
                 behind = "" if model == resolved_model else f" ({resolved_model})"
-                raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'{behind}")
+                raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'{behind}",
+                                       reason=Reason.MODEL_NOT_ALLOWED, metadata={"model": model})
         elif not principal.may_use(model):
-            raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'")
+            raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'",
+                                   reason=Reason.MODEL_NOT_ALLOWED, metadata={"model": model})
         return principal
 
     def list(self, tenant: str = "") -> list[ApiKey]:

@@ -31,6 +31,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     Unavailable,
 )
 from services.common.references import check_reference, is_label, is_name
@@ -521,7 +522,8 @@ class ModelStore:
         db = self.db
         row = self._row(db, name, version)
         if row is None:
-            raise NotFound(f"model '{name}:{version}' not found")
+            raise NotFound(f"model '{name}:{version}' not found", reason=Reason.MODEL_NOT_FOUND,
+                           metadata={"model": f"{name}:{version}"})
         return self._load(db, row)
 
     def list(self, name: str = "") -> list[ModelVersion]:
@@ -541,7 +543,8 @@ class ModelStore:
             name, _, version = reference.partition(":")
             row = self._row(db, name, version)
             if row is None:
-                raise NotFound(f"model '{reference}' not found")
+                raise NotFound(f"model '{reference}' not found", reason=Reason.MODEL_NOT_FOUND,
+                               metadata={"model": reference})
             return self._load(db, row)
         row = db.execute(
             "SELECT v.* FROM aliases a JOIN model_versions v ON v.id = a.version_id WHERE a.alias = ?",
@@ -555,7 +558,8 @@ class ModelStore:
                 (reference,),
             ).fetchone()
         if row is None:
-            raise NotFound(f"model '{reference}' not found")
+            raise NotFound(f"model '{reference}' not found", reason=Reason.MODEL_NOT_FOUND,
+                           metadata={"model": reference})
         return self._load(db, row)
 
     # -- writes
@@ -644,7 +648,8 @@ class ModelStore:
             self._check_alias_free(db, alias, "alias")
             row = self._row(db, name, version)
             if row is None:
-                raise NotFound(f"model '{name}:{version}' not found")
+                raise NotFound(f"model '{name}:{version}' not found", reason=Reason.MODEL_NOT_FOUND,
+                               metadata={"model": f"{name}:{version}"})
             held = db.execute("SELECT COUNT(*) FROM aliases WHERE version_id = ? AND alias != ?",
                               (row["id"], alias)).fetchone()[0]
             if held >= MAX_ALIASES_PER_VERSION:

@@ -20,7 +20,7 @@ from lmesh.registry.v1 import registry_pb2
 from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
 from services.common.discovery import StaleAnswers
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, Unavailable
 from services.common.peers import Peer
 from services.registry.client import fetch_to_cache
 from services.tokenizer.text import ModelTokenizer
@@ -56,7 +56,8 @@ class RegistrySource:
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(details or f"model {reference!r} not found") from None
+                raise NotFound(details or f"model {reference!r} not found", reason=Reason.MODEL_NOT_FOUND,
+                               metadata={"model": reference}) from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The registry names its own field (`reference`); ours is `model`.
                 problem = details.removeprefix("reference: ") or "is not a valid model reference"

@@ -5,6 +5,7 @@
 'use strict';
 const grpc = require('@grpc/grpc-js');
 const loader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
 const path = require('path');
 
 const protoRoot = process.argv[2];
@@ -12,6 +13,42 @@ const definition = loader.loadSync(path.join(protoRoot, 'lmesh/gateway/v1/gatewa
   includeDirs: [protoRoot], keepCase: true, longs: String, enums: String, defaults: true,
 });
 const Gateway = grpc.loadPackageDefinition(definition).lmesh.gateway.v1.Gateway;
+
+// The typed error details every lmesh error carries in the trailer `grpc-status-details-bin`: a google.rpc.Status
+// (google/rpc/status.proto) holding details of google/rpc/error_details.proto. The googleapis protos are not in
+// protos/, so the few messages read here are declared inline for protobufjs (which @grpc/proto-loader brings).
+const str = (id) => ({ type: 'string', id });
+const rpc = protobuf.Root.fromJSON({ nested: { google: { nested: {
+  protobuf: { nested: {
+    Any: { fields: { type_url: str(1), value: { type: 'bytes', id: 2 } } },
+    Duration: { fields: { seconds: { type: 'int64', id: 1 }, nanos: { type: 'int32', id: 2 } } },
+  } },
+  rpc: { nested: {
+    Status: { fields: { code: { type: 'int32', id: 1 }, message: str(2),
+                        details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 } } },
+    ErrorInfo: { fields: { reason: str(1), domain: str(2), metadata: { keyType: 'string', type: 'string', id: 3 } } },
+    BadRequest: { fields: { field_violations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
+                  nested: { FieldViolation: { fields: { field: str(1), description: str(2) } } } },
+    RetryInfo: { fields: { retry_delay: { type: 'google.protobuf.Duration', id: 1 } } },
+    QuotaFailure: { fields: { violations: { rule: 'repeated', type: 'Violation', id: 1 } },
+                    nested: { Violation: { fields: { subject: str(1), description: str(2), quota_id: str(5),
+                                                     quota_value: { type: 'int64', id: 7 } } } } },
+  } },
+} } } });
+
+// The Status's details by type name (`ErrorInfo`, `BadRequest`, ...), or null when the trailer is absent.
+function typedDetails(trailers) {
+  const [raw] = trailers ? trailers.get('grpc-status-details-bin') : [];
+  if (!raw) return null;
+  const status = rpc.lookupType('google.rpc.Status').decode(raw);
+  const details = { code: status.code, message: status.message };
+  for (const any of status.details) {
+    const name = any.type_url.slice(any.type_url.lastIndexOf('/') + 1);  // type.googleapis.com/google.rpc.X
+    const type = rpc.lookup(name);
+    if (type) details[type.name] = type.toObject(type.decode(any.value), { longs: String, defaults: true });
+  }
+  return details;
+}
 const apiKey = process.env.LMESH_API_KEY;
 const FRANCE = [{ role: 'user', content: 'What is the capital of France?' }];
 
@@ -33,7 +70,8 @@ function metadata(key) {
 
 function errorOf(e) {
   const trailers = e.metadata ? e.metadata.getMap() : {};
-  return { code: grpc.status[e.code], details: e.details, retry_after_ms: trailers['retry-after-ms'] || null };
+  return { code: grpc.status[e.code], details: e.details, retry_after_ms: trailers['retry-after-ms'] || null,
+           typed: typedDetails(e.metadata) };
 }
 
 // One Chat stream: `first` is the first request; `cancelAfter` sends Cancel after that many responses.

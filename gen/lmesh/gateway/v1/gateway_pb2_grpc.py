@@ -71,10 +71,12 @@ class GatewayServicer:
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;
         a first message that cannot be decoded, such as a string field that is not UTF-8 — the message names the
         field, `request` for the last), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the
-        model is full; trailing metadata `retry-after-ms` says when to retry; also a request message over 4 MiB,
-        refused by gRPC itself without that metadata), DEADLINE_EXCEEDED (the call's deadline passed),
-        UNAVAILABLE (a dependency is down or did not answer in time, no inference replica serves the version, or
-        this gateway or the replica shut down before the answer finished: the message says which; retry).
+        model is full; trailing metadata `retry-after-ms` and the RetryInfo detail say when to retry, QuotaFailure
+        which limit; also a request message over 4 MiB, refused by gRPC itself without that metadata or details),
+        DEADLINE_EXCEEDED (the call's deadline passed), UNAVAILABLE (a dependency is down or did not answer in
+        time, no inference replica serves the version, or this gateway or the replica shut down before the answer
+        finished: the message says which; retry). Every one of these but gRPC's own carries the error details
+        described at the top of this file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from lmesh.common.v1 import generation_pb2 as lmesh_dot_common_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/inference/v1/inference.proto\x12\x12lmesh.inference.v1\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\"\xc4\x01\n\rGenerateStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".lmesh.inference.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\x12\n\x10\x43\x61ncelGeneration\"\x85\x01\n\x0fGenerateRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.lmesh.inference.v1.GenerateStartH\x00\x12\x36\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32$.lmesh.inference.v1.CancelGenerationH\x00\x42\x06\n\x04kind\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"i\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x34\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1e.lmesh.inference.v1.TopLogprob\"@\n\nTokenChunk\x12\x32\n\x06tokens\x18\x01 \x03(\x0b\x32\".lmesh.inference.v1.GeneratedToken\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"l\n\x0eGenerateFinish\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .lmesh.inference.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.lmesh.inference.v1.Usage\"\x82\x01\n\x10GenerateResponse\x12\x30\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.lmesh.inference.v1.TokenChunkH\x00\x12\x34\n\x06\x66inish\x18\x02 \x01(\x0b\x32\".lmesh.inference.v1.GenerateFinishH\x00\x42\x06\n\x04kind*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x66\n\tInference\x12Y\n\x08Generate\x12#.lmesh.inference.v1.GenerateRequest\x1a$.lmesh.inference.v1.GenerateResponse(\x01\x30\x01\x42X\n\x16\x64\x65v.lmesh.inference.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/inference/v1/inference.proto\x12\x12lmesh.inference.v1\x1a lmesh/common/v1/generation.proto\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\"\xc4\x01\n\rGenerateStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".lmesh.inference.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\x12\n\x10\x43\x61ncelGeneration\"\x85\x01\n\x0fGenerateRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.lmesh.inference.v1.GenerateStartH\x00\x12\x36\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32$.lmesh.inference.v1.CancelGenerationH\x00\x42\x06\n\x04kind\"A\n\nTokenChunk\x12-\n\x06tokens\x18\x02 \x03(\x0b\x32\x1d.lmesh.common.v1.TokenLogprobJ\x04\x08\x01\x10\x02\"l\n\x0eGenerateFinish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.lmesh.common.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.lmesh.common.v1.UsageJ\x04\x08\x02\x10\x03\"\x82\x01\n\x10GenerateResponse\x12\x30\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.lmesh.inference.v1.TokenChunkH\x00\x12\x34\n\x06\x66inish\x18\x02 \x01(\x0b\x32\".lmesh.inference.v1.GenerateFinishH\x00\x42\x06\n\x04kind2f\n\tInference\x12Y\n\x08Generate\x12#.lmesh.inference.v1.GenerateRequest\x1a$.lmesh.inference.v1.GenerateResponse(\x01\x30\x01\x42X\n\x16\x64\x65v.lmesh.inference.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,28 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmesh.inference.v1.inferenc
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.lmesh.inference.v1P\001Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1'
-  _globals['_FINISHREASON']._serialized_start=1078
-  _globals['_FINISHREASON']._serialized_end=1202
-  _globals['_SAMPLINGPARAMS']._serialized_start=58
-  _globals['_SAMPLINGPARAMS']._serialized_end=167
-  _globals['_GENERATESTART']._serialized_start=170
-  _globals['_GENERATESTART']._serialized_end=366
-  _globals['_CANCELGENERATION']._serialized_start=368
-  _globals['_CANCELGENERATION']._serialized_end=386
-  _globals['_GENERATEREQUEST']._serialized_start=389
-  _globals['_GENERATEREQUEST']._serialized_end=522
-  _globals['_TOPLOGPROB']._serialized_start=524
-  _globals['_TOPLOGPROB']._serialized_end=571
-  _globals['_GENERATEDTOKEN']._serialized_start=573
-  _globals['_GENERATEDTOKEN']._serialized_end=678
-  _globals['_TOKENCHUNK']._serialized_start=680
-  _globals['_TOKENCHUNK']._serialized_end=744
-  _globals['_USAGE']._serialized_start=746
-  _globals['_USAGE']._serialized_end=833
-  _globals['_GENERATEFINISH']._serialized_start=835
-  _globals['_GENERATEFINISH']._serialized_end=943
-  _globals['_GENERATERESPONSE']._serialized_start=946
-  _globals['_GENERATERESPONSE']._serialized_end=1076
-  _globals['_INFERENCE']._serialized_start=1204
-  _globals['_INFERENCE']._serialized_end=1306
+  _globals['_SAMPLINGPARAMS']._serialized_start=92
+  _globals['_SAMPLINGPARAMS']._serialized_end=201
+  _globals['_GENERATESTART']._serialized_start=204
+  _globals['_GENERATESTART']._serialized_end=400
+  _globals['_CANCELGENERATION']._serialized_start=402
+  _globals['_CANCELGENERATION']._serialized_end=420
+  _globals['_GENERATEREQUEST']._serialized_start=423
+  _globals['_GENERATEREQUEST']._serialized_end=556
+  _globals['_TOKENCHUNK']._serialized_start=558
+  _globals['_TOKENCHUNK']._serialized_end=623
+  _globals['_GENERATEFINISH']._serialized_start=625
+  _globals['_GENERATEFINISH']._serialized_end=733
+  _globals['_GENERATERESPONSE']._serialized_start=736
+  _globals['_GENERATERESPONSE']._serialized_end=866
+  _globals['_INFERENCE']._serialized_start=868
+  _globals['_INFERENCE']._serialized_end=970
 # @@protoc_insertion_point(module_scope)

@@ -53,9 +53,10 @@ class InferenceServicer:
         The server sends `tokens` messages as tokens are generated, then exactly one `finish`.
         Errors: INVALID_ARGUMENT (first message not `start`, or none within 30 s; a malformed field, named in the
         message), NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (queue full;
-        trailing metadata `retry-after-ms`), DEADLINE_EXCEEDED (the deadline passed while queued or generating),
-        UNAVAILABLE (draining: a new stream is refused, and one still running when the replica's shutdown grace
-        runs out ends with this code and says so; or a model step failed; retry).
+        trailing metadata `retry-after-ms`, the same delay as the RetryInfo detail), DEADLINE_EXCEEDED (the
+        deadline passed while queued or generating), UNAVAILABLE (draining: a new stream is refused, and one still
+        running when the replica's shutdown grace runs out ends with this code and says so; or a model step failed;
+        retry). Each with the error details listed at the top of this file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -31,7 +31,10 @@ class TokenizerStub:
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
     model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
     not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
-    registry cannot be reached).
+    registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
+    `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
+    "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
     """
 
     def __init__(self, channel):
@@ -78,7 +81,10 @@ class TokenizerServicer:
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
     model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
     not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
-    registry cannot be reached).
+    registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
+    `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
+    "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
     """
 
     def Encode(self, request, context):
@@ -179,7 +185,10 @@ class Tokenizer:
     Every RPC may return: INVALID_ARGUMENT (empty `model` or another malformed field, named), NOT_FOUND (the
     model reference does not resolve), FAILED_PRECONDITION (the model's tokenizer artifact is missing or does
     not load; for ApplyChatTemplate also: the model has no chat template, or it fails), UNAVAILABLE (the
-    registry cannot be reached).
+    registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
+    `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
+    "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
     """
 
     @staticmethod
