@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.config import ConfigError, add_common_arguments, config_from_args, lmesh_cache
+from services.common.config import ConfigError, add_serve_arguments, config_from_args, lmesh_cache
 from services.common.errors import LmeshError
 
 if TYPE_CHECKING:
@@ -96,14 +96,13 @@ def _serve(args: argparse.Namespace) -> int:
     from services.common.server import serve_forever, setup_logging
 
     module = importlib.import_module(f"services.{args.service}.main")
-    extra = module.extra_config(args) if hasattr(module, "extra_config") else {}
-    config = config_from_args(args.service, args, extra)
+    config = config_from_args(args.service, args, module.SETTINGS)
     try:  # here, before anything starts: the services create it only after registering in Consul
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot use --data-dir {config.data_dir}: {_reason(exc)}; pass a directory this user can "
                      "create and write")
-    setup_logging(args.service, args.log_level)
+    setup_logging(args.service, config.log_level)
     try:
         asyncio.run(serve_forever(config, module.build))
     except KeyboardInterrupt:
@@ -303,10 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name in SERVICES:
         service_parser = serve_sub.add_parser(name, help=f"run lmesh-{name}")
-        add_common_arguments(service_parser)
-        module = importlib.import_module(f"services.{name}.main")
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(service_parser)
+        add_serve_arguments(service_parser, importlib.import_module(f"services.{name}.main").SETTINGS)
     serve.set_defaults(func=_serve)
 
     dev = sub.add_parser("dev", help="run a whole mesh here and stream a sample answer (make run)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -19,8 +18,9 @@ import pytest
 import pytest_asyncio
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
+from services.cli import build_parser
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard
-from services.common.config import ServiceConfig
+from services.common.config import ServiceConfig, config_from_args
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
@@ -29,7 +29,7 @@ from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.policy import client
 from services.policy.keys import DB_NAME, KeyStore
-from services.policy.main import ADMIN_TOKEN_EXTRA, build, extra_config
+from services.policy.main import PolicySettings, build
 
 # Anything shaped like a plaintext key; no log line may ever contain one.
 PLAINTEXT_KEY = re.compile(r"lmk_[A-Za-z0-9_-]{43}")
@@ -281,11 +281,16 @@ def test_admin_guard(header: str | None, ok: bool) -> None:
             AdminGuard(ADMIN_TOKEN).check(header)
 
 
-def test_admin_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admin_token_comes_from_the_environment_and_stays_out_of_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["serve", "policy"])
     monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
-    assert extra_config(argparse.Namespace()) == {}
+    assert config_from_args("policy", args, PolicySettings).settings == PolicySettings(admin_token=None)
     monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
-    assert extra_config(argparse.Namespace()) == {ADMIN_TOKEN_EXTRA: ADMIN_TOKEN}
+    config = config_from_args("policy", args, PolicySettings)
+    assert config.settings_as(PolicySettings).admin_token == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in repr(config) and ADMIN_TOKEN not in str(config.settings)
+    with pytest.raises(SystemExit):  # never a flag: it would show in `ps`
+        build_parser().parse_args(["serve", "policy", "--admin-token", ADMIN_TOKEN])
 
 
 # -- the service over gRPC, found through Consul ----------------------------------------------------------
@@ -308,9 +313,8 @@ class PolicyInstance:
 
 async def start_policy(consul_agent: ConsulAgent, data_dir: Path,
                        admin_token: str | None = None) -> PolicyInstance:
-    extra = {ADMIN_TOKEN_EXTRA: admin_token} if admin_token else {}
     config = ServiceConfig(service="policy", consul_addr=consul_agent.http_addr, data_dir=data_dir,
-                           extra=extra)
+                           settings=PolicySettings(admin_token=admin_token))
     running = await start_service(config, build)
     mesh = Mesh(consul_agent.http_addr)
     peer = mesh.peer(POLICY)

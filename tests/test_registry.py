@@ -31,7 +31,7 @@ from services.common.peers import PeerService
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.registry import client
-from services.registry.main import build
+from services.registry.main import RegistrySettings, build
 from services.registry.store import (
     CHUNK_SIZE,
     Architecture,
@@ -302,10 +302,10 @@ async def test_models_not_open_is_unavailable(tmp_path: Path) -> None:
 class Registry:
     """One in-process registry under a Consul name of its own, so other tests' registries never answer."""
 
-    def __init__(self, agent: ConsulAgent, data_dir: Path, extra: dict[str, str] | None = None) -> None:
+    def __init__(self, agent: ConsulAgent, data_dir: Path, settings: RegistrySettings | None = None) -> None:
         self.agent = agent
         self.data_dir = data_dir
-        self.extra = extra or {}
+        self.settings = settings
         self.service = f"registry-{uuid.uuid4().hex[:8]}"
         self.mesh = Mesh(agent.http_addr)
         self.peer = self.mesh.peer(PeerService(f"lmesh-{self.service}", registry_pb2_grpc.RegistryStub))
@@ -314,7 +314,7 @@ class Registry:
 
     async def start(self) -> None:
         config = ServiceConfig(service=self.service, consul_addr=self.agent.http_addr, data_dir=self.data_dir,
-                               extra=self.extra)
+                               settings=self.settings)
         self.running = await start_service(config, build)
         port = self.running.port
         await self.resolver.wait_for(lambda endpoint: endpoint.port == port)
@@ -897,10 +897,9 @@ async def test_with_an_admin_token_only_its_holders_upload_register_and_move_ali
         consul_agent: ConsulAgent, tmp_path: Path) -> None:
     """Anyone on the network could otherwise point `default` at a model of their own. Reads stay open: the
     mesh's services resolve and fetch models without the token."""
-    from services.common.admin import ADMIN_TOKEN_EXTRA
     from services.registry.client import set_alias, upload_file
 
-    service = Registry(consul_agent, tmp_path / "data", extra={ADMIN_TOKEN_EXTRA: "s3cret"})
+    service = Registry(consul_agent, tmp_path / "data", settings=RegistrySettings(admin_token="s3cret"))
     await service.start()
     admin = service.peer.with_admin_token("s3cret")
     try:

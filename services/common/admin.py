@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import dataclass
 
 import grpc
 
+from services.common.config import setting
 from services.common.errors import Unauthenticated
 
 ADMIN_TOKEN_ENV = "LMESH_ADMIN_TOKEN"
-# The ServiceConfig.extra entry a guarded service's token travels in (from `admin_extra_config`).
-ADMIN_TOKEN_EXTRA = "admin_token"
 
 
-def admin_extra_config() -> dict[str, str]:
-    """`lmesh serve`'s extra config for a guarded service: the token from the environment, never from a flag."""
-    token = os.environ.get(ADMIN_TOKEN_ENV, "")
-    return {ADMIN_TOKEN_EXTRA: token} if token else {}
+@dataclass(frozen=True)
+class AdminTokenSettings:
+    """Settings of a service whose management RPCs the admin token guards (lmesh-policy, lmesh-registry). The
+    token is a secret: from the environment only, never a flag, and never in a repr."""
+
+    admin_token: str | None = setting(
+        env=ADMIN_TOKEN_ENV, secret=True, default=None,
+        help="require this bearer token for key management (policy) and model registration (registry)")
 
 
 class AdminGuard:

@@ -2,44 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
+from dataclasses import dataclass
 
-from services.common.config import add_env_argument, int_type, lmesh_cache
+from services.common.config import int_type, lmesh_cache, setting
 from services.common.errors import LmeshError
 from services.common.server import ServiceParts, ServiceRuntime
 
 log = logging.getLogger("lmesh.inference")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", default=None,
-                        help="model reference to serve (name, name:version or alias); repeatable; default 'default'")
-    add_env_argument(parser, "--max-active", "LMESH_MAX_ACTIVE", "16", "sequences decoded together per step, ≥ 1",
-                     type=int_type(1))
-    add_env_argument(parser, "--max-queue", "LMESH_MAX_QUEUE", "64",
-                     "sequences waiting beyond that before RESOURCE_EXHAUSTED, ≥ 0", type=int_type(0))
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What `lmesh serve inference` takes beyond the common settings."""
+
+    models: tuple[str, ...] = setting(flag="--model", repeatable=True, default=("default",), metavar="REF",
+                                      help="model reference to serve (name, name:version or alias); repeatable")
+    max_active: int = setting(flag="--max-active", env="LMESH_MAX_ACTIVE", default=16, parse=int_type(1),
+                              help="sequences decoded together per step, ≥ 1")
+    max_queue: int = setting(flag="--max-queue", env="LMESH_MAX_QUEUE", default=64, parse=int_type(0),
+                             help="sequences waiting beyond that before RESOURCE_EXHAUSTED, ≥ 0")
     # 0 leaves the choice to onnx_model.py (all cores); a set LMESH_ORT_THREADS is checked here, so a bad one
     # fails at start-up in one line rather than when the model loads.
-    add_env_argument(parser, "--threads", "LMESH_ORT_THREADS", "0", "ONNX Runtime intra-op threads",
-                     type=int_type(0), fallback_help="0: all cores")
-    add_env_argument(parser, "--prefill-chunk", "LMESH_PREFILL_CHUNK", "256",
-                     "prompt tokens prefilled per engine step, ≥ 1 (bounds the stall of running streams)",
-                     type=int_type(1))
-    add_env_argument(parser, "--prefix-cache-mb", "LMESH_PREFIX_CACHE_MB", "256",
-                     "memory for reusing the KV cache of shared prompt prefixes (0: off)", type=int_type(0))
+    threads: int = setting(flag="--threads", env="LMESH_ORT_THREADS", default=0, parse=int_type(0),
+                           default_help="0: all cores", help="ONNX Runtime intra-op threads")
+    prefill_chunk: int = setting(flag="--prefill-chunk", env="LMESH_PREFILL_CHUNK", default=256, parse=int_type(1),
+                                 help="prompt tokens prefilled per engine step, ≥ 1 (bounds the stall of running "
+                                      "streams)")
+    prefix_cache_mb: int = setting(flag="--prefix-cache-mb", env="LMESH_PREFIX_CACHE_MB", default=256,
+                                   parse=int_type(0),
+                                   help="memory for reusing the KV cache of shared prompt prefixes (0: off)")
 
 
-def extra_config(args: argparse.Namespace) -> dict[str, str]:
-    return {
-        "models": ",".join(args.model or ["default"]),
-        "max_active": str(args.max_active),
-        "max_queue": str(args.max_queue),
-        "threads": str(args.threads),
-        "prefill_chunk": str(args.prefill_chunk),
-        "prefix_cache_mb": str(args.prefix_cache_mb),
-    }
+SETTINGS = InferenceSettings
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
@@ -51,13 +47,11 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.inference.metrics import InferenceMetrics
     from services.inference.servicer import InferenceServicer, ServedModel
 
-    extra = runtime.config.extra
-    refs = [r for r in extra.get("models", "default").split(",") if r]
-    limits = EngineLimits(
-        max_active=int(extra.get("max_active", "16")), max_queue=int(extra.get("max_queue", "64")),
-        prefill_chunk=int(extra.get("prefill_chunk", "256")),
-        prefix_cache_bytes=int(extra.get("prefix_cache_mb", "256")) * 1024 * 1024,
-    )
+    settings = runtime.config.settings_as(InferenceSettings)
+    refs = list(settings.models)
+    limits = EngineLimits(max_active=settings.max_active, max_queue=settings.max_queue,
+                          prefill_chunk=settings.prefill_chunk,
+                          prefix_cache_bytes=settings.prefix_cache_mb * 1024 * 1024)
     models: dict[str, ServedModel] = {}
     metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in models.items()})
     servicer = InferenceServicer(models, runtime.tracer, metrics)
@@ -90,7 +84,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
 
     async def warm_up() -> None:
         loaded = await load_models(registry, refs, cache_dir=lmesh_cache() / "artifacts", limits=limits,
-                                   threads=int(extra.get("threads", "0")) or None)
+                                   threads=settings.threads or None)
         models.update({m.id: m for m in loaded})
         reporter.append(asyncio.create_task(report_load()))
 

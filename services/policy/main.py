@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
-from services.common.admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_EXTRA, AdminGuard, admin_extra_config
+from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings
 from services.common.server import ServiceParts, ServiceRuntime
 from services.policy.keys import KeyStore
 from services.policy.servicer import PolicyServicer
 
 log = logging.getLogger("lmesh.policy")
 
-def extra_config(args: argparse.Namespace) -> dict[str, str]:
-    return admin_extra_config()
+
+@dataclass(frozen=True)
+class PolicySettings(AdminTokenSettings):
+    """lmesh-policy's own settings: the admin token (environment only); its keys live under --data-dir."""
+
+
+SETTINGS = PolicySettings
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     config = runtime.config
     store = KeyStore(config.data_dir)
-    admin = AdminGuard(config.extra.get(ADMIN_TOKEN_EXTRA) or None)
+    admin = AdminGuard(config.settings_as(PolicySettings).admin_token)
 
     async def warm_up() -> None:
         store.open()

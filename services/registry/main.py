@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_EXTRA, AdminGuard, admin_extra_config
+from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings
 from services.common.server import ServiceParts, ServiceRuntime
 from services.registry.servicer import RegistryServicer
 from services.registry.store import BlobStore, ModelStore
@@ -16,19 +16,20 @@ from services.registry.store import BlobStore, ModelStore
 log = logging.getLogger("lmesh.registry")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No flags of its own: the state directory is the common --data-dir."""
+@dataclass(frozen=True)
+class RegistrySettings(AdminTokenSettings):
+    """lmesh-registry's own settings: the admin token (environment only); no flags of its own, the state
+    directory is the common --data-dir."""
 
 
-def extra_config(args: argparse.Namespace) -> dict[str, str]:
-    return admin_extra_config()
+SETTINGS = RegistrySettings
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     data_dir = runtime.config.data_dir
     blobs = BlobStore(data_dir)
     models = ModelStore(data_dir / "registry.sqlite3", blobs)
-    admin = AdminGuard(runtime.config.extra.get(ADMIN_TOKEN_EXTRA) or None)
+    admin = AdminGuard(runtime.config.settings_as(RegistrySettings).admin_token)
 
     async def warm_up() -> None:
         blobs.open()

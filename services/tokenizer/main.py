@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from services.common.config import add_env_argument, float_type, int_type
+from services.common.config import float_type, int_type, setting
 from services.common.server import ServiceParts, ServiceRuntime
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_env_argument(parser, "--resolve-ttl", "LMESH_RESOLVE_TTL_S", "5",
-                     "seconds a model reference's resolution is reused (alias moves show after this)",
-                     type=float_type(0))
-    add_env_argument(parser, "--max-models", "LMESH_TOKENIZER_MAX_MODELS", "8",
-                     "model versions whose tokenizers are kept loaded, ≥ 1", type=int_type(1))
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What `lmesh serve tokenizer` takes beyond the common settings."""
+
+    resolve_ttl_s: float = setting(flag="--resolve-ttl", env="LMESH_RESOLVE_TTL_S", default=5.0, parse=float_type(0),
+                                   help="seconds a model reference's resolution is reused (alias moves show after "
+                                        "this)")
+    max_models: int = setting(flag="--max-models", env="LMESH_TOKENIZER_MAX_MODELS", default=8, parse=int_type(1),
+                              help="model versions whose tokenizers are kept loaded, ≥ 1")
 
 
-def extra_config(args: argparse.Namespace) -> dict[str, str]:
-    return {"resolve_ttl_s": str(args.resolve_ttl), "max_models": str(args.max_models)}
+SETTINGS = TokenizerSettings
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
@@ -28,12 +30,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.tokenizer.loader import RegistrySource, TokenizerCache
     from services.tokenizer.servicer import TokenizerServicer
 
-    extra = runtime.config.extra
+    settings = runtime.config.settings_as(TokenizerSettings)
     cache = TokenizerCache(
         RegistrySource(runtime.mesh.peer(REGISTRY)),
         runtime.config.data_dir / "artifacts",
-        resolve_ttl_s=float(extra.get("resolve_ttl_s", "5")),
-        max_models=int(extra.get("max_models", "8")),
+        resolve_ttl_s=settings.resolve_ttl_s,
+        max_models=settings.max_models,
     )
     name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
     # Twice the gateway's 4 MiB chat requests: the rendered conversation plus its framing always fits.
