@@ -191,7 +191,7 @@ async def _with_registry(action: Callable[[Peer[Any], Mesh], Awaitable[int]], ad
     from services.client import operator_mesh
     from services.common.peers import REGISTRY
 
-    mesh = operator_mesh(admin_token)
+    mesh = await operator_mesh(admin_token)
     try:
         return await action(mesh.peer(REGISTRY), mesh)
     except grpc.aio.AioRpcError as exc:
@@ -266,7 +266,7 @@ def _keys(args: argparse.Namespace) -> int:
     from services.policy.client import create_key, list_keys, revoke_key
 
     async def go() -> int:
-        mesh = operator_mesh(args.admin_token)
+        mesh = await operator_mesh(args.admin_token)
         policy = mesh.peer(POLICY)
         try:
             if args.keys_command == "create":

@@ -5,26 +5,55 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2
 
 from services.common.admin import ADMIN_TOKEN_ENV
-from services.common.config import consul_addr
+from services.common.config import consul_addr, lmesh_home
+from services.common.connect import MeshUnavailable
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import Mesh
-from services.common.peers import GATEWAY, public_gateway
+from services.common.peers import GATEWAY, OPERATOR, open_mesh, public_gateway
 
 
-def operator_mesh(admin_token: str | None = None) -> Mesh:
-    """The mesh as an operator command sees it, its admin calls carrying `admin_token` (else LMESH_ADMIN_TOKEN);
-    fails at once, in one line, when no Consul agent answers."""
+def _reachable_consul() -> str:
+    """CONSUL_HTTP_ADDR, once an agent with a leader answers there (OSError in one line otherwise)."""
     addr = consul_addr()
     probed = probe_consul(addr)
     if probed != "leader":
         raise OSError(f"no Consul agent answers at {addr} (CONSUL_HTTP_ADDR): {consul_advice(probed)}")
-    return Mesh(addr, admin_token=admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None)
+    return addr
+
+
+def admin_token_file() -> Path:
+    """Where `lmesh dev` keeps the admin token it generated (beside the development API key)."""
+    return lmesh_home() / "admin-token"
+
+
+def operator_admin_token(given: str | None = None) -> str | None:
+    """The admin token an operator command sends: `given` (--admin-token), else LMESH_ADMIN_TOKEN, else the one
+    `lmesh dev` saved in LMESH_HOME."""
+    if given:
+        return given
+    if os.environ.get(ADMIN_TOKEN_ENV):
+        return os.environ[ADMIN_TOKEN_ENV]
+    try:
+        return admin_token_file().read_text().strip() or None
+    except OSError:
+        return None
+
+
+async def operator_mesh(admin_token: str | None = None) -> Mesh:
+    """The mesh as an operator command sees it: the `lmesh-operator` identity when mTLS is on (LMESH_MTLS), admin
+    calls carrying the operator's admin token; fails at once, in one line, when no Consul agent answers."""
+    addr = _reachable_consul()
+    try:
+        return await open_mesh(addr, OPERATOR, admin_token=operator_admin_token(admin_token))
+    except MeshUnavailable as exc:
+        raise OSError(str(exc)) from None
 
 
 async def find_gateway(explicit: str | None = None) -> str:
@@ -32,7 +61,7 @@ async def find_gateway(explicit: str | None = None) -> str:
     address = explicit or os.environ.get("LMESH_GATEWAY_ADDR")
     if address:
         return address
-    mesh = operator_mesh()
+    mesh = Mesh(_reachable_consul())  # reads Consul only: the gateway's port is public, no mesh identity needed
     try:
         return (await mesh.peer(GATEWAY).resolver.pick()).target
     finally:

@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import json
 import os
+import secrets
 import signal
 import sys
 import urllib.request
@@ -22,10 +23,11 @@ import grpc
 
 from services.common.admin import ADMIN_TOKEN_ENV
 from services.common.config import consul_addr, env_int, lmesh_home
+from services.common.connect import mtls_enabled
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
-from services.common.peers import POLICY, REGISTRY, peer_service
+from services.common.peers import OPERATOR, POLICY, REGISTRY, open_mesh, peer_service
 from services.common.server import port_is_free
 from services.common.supervisor import ProcessExited, Supervisor
 
@@ -88,8 +90,40 @@ async def ensure_dev_key(mesh: Mesh) -> str:
     return str(created.api_key)
 
 
-async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str) -> tuple[str, str]:
-    mesh = Mesh(consul_http, admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
+def ensure_admin_token() -> str:
+    """LMESH_ADMIN_TOKEN, else the token saved in LMESH_HOME, else a new one saved there (0600): key management
+    and model registration are never open to whoever reaches a port. The CLI reads the same file."""
+    from services.client import admin_token_file
+
+    given = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if given:
+        return given
+    path = admin_token_file()
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+async def secure_the_mesh(consul_http: str) -> None:
+    """Deny by default between the mesh's services, allowing exactly the request path (Consul intentions)."""
+    from services.common.connect import apply_intentions
+
+    changes = await apply_intentions(consul_http)
+    print(f"• mTLS between services with Consul Connect certificates; intentions allow only the request path "
+          f"({len(changes.created)} created, {len(changes.updated)} updated)", flush=True)
+
+
+async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str, admin_token: str) -> tuple[str, str]:
+    if mtls_enabled():
+        await secure_the_mesh(consul_http)
+    else:
+        print("• WARNING: LMESH_MTLS=off: the services take unencrypted, unchecked calls from anyone who reaches "
+              "their ports (debugging only)", flush=True)
+    mesh = await open_mesh(consul_http, OPERATOR, admin_token=admin_token)
     try:
         gateway_port = str(env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535))
         for service in SERVICE_ORDER:
@@ -175,7 +209,9 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         agent = ConsulAgent.start(http_port=port, log_path=logs / "consul.log")
         print(f"• started a Consul dev agent at {agent.http_addr}", flush=True)
         addr = agent.http_addr
-    env = {**os.environ, "CONSUL_HTTP_ADDR": addr, "LMESH_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    admin_token = ensure_admin_token()
+    env = {**os.environ, "CONSUL_HTTP_ADDR": addr, "LMESH_HOME": str(home), "PYTHONUNBUFFERED": "1",
+           ADMIN_TOKEN_ENV: admin_token}
     supervisor = Supervisor(logs, data_root=home, env=env, grace_s=15)  # their drain grace (10 s) and a margin
     if agent is not None:
         supervisor.watch_consul_agent(agent)
@@ -186,7 +222,7 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     try:
-        key, gateway = asyncio.run(bring_up(model_dir, supervisor, addr))
+        key, gateway = asyncio.run(bring_up(model_dir, supervisor, addr, admin_token))
         print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)
         print(f"Gateway: {gateway}  (gRPC, metadata 'authorization: Bearer <key>')", flush=True)
         print(f"\n> {question}", flush=True)

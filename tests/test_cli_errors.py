@@ -280,12 +280,12 @@ def test_keys_without_the_admin_token_say_how_to_pass_it(consul_agent: ConsulAge
         for line in process.stderr:
             if line.rstrip().endswith("serving"):
                 break
-        line = one_line_error(lmesh("keys", "list", env={"CONSUL_HTTP_ADDR": consul_agent.http_addr,
-                                                         "LMESH_ADMIN_TOKEN": ""}))
+        quiet = {"CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADMIN_TOKEN": "",
+                 "LMESH_HOME": str(tmp_path / "home")}  # no token saved by `lmesh dev` there either
+        line = one_line_error(lmesh("keys", "list", env=quiet))
         assert line.startswith("lmesh: UNAUTHENTICATED: admin token required")
         assert line.endswith("pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy and lmesh-registry "
                              "run with)")
-        quiet = {"CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADMIN_TOKEN": ""}
         for where in (["keys", "--admin-token", "s3cret", "list"], ["keys", "list", "--admin-token", "s3cret"]):
             listed = lmesh(*where, env=quiet)  # before or after the action, as the hint reads
             assert listed.returncode == 0, listed.stderr

@@ -31,10 +31,11 @@ from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.config import lmesh_cache
+from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import AlreadyExists
-from services.common.peers import POLICY, REGISTRY
+from services.common.peers import POLICY, REGISTRY, open_mesh
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
@@ -64,7 +65,10 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
     otlp = OtlpReceiver()
     endpoint = await otlp.start()
     procs = MeshProcesses(consul_agent.http_addr, tmp_path_factory.mktemp("mesh"), endpoint)
-    mesh = Mesh(consul_agent.http_addr)
+    # The services run mTLS (the default) and intentions allow the request path only; the tests call internal
+    # services directly as the gateway would, so they take its identity.
+    await apply_intentions(consul_agent.http_addr)
+    mesh = await open_mesh(consul_agent.http_addr, "lmesh-gateway", mtls=True)
     try:
         for service in SERVICES:
             procs.start(service)

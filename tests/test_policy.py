@@ -313,7 +313,7 @@ class PolicyInstance:
 
 async def start_policy(consul_agent: ConsulAgent, data_dir: Path,
                        admin_token: str | None = None) -> PolicyInstance:
-    config = ServiceConfig(service="policy", consul_addr=consul_agent.http_addr, data_dir=data_dir,
+    config = ServiceConfig(mtls=False, service="policy", consul_addr=consul_agent.http_addr, data_dir=data_dir,
                            settings=PolicySettings(admin_token=admin_token))
     running = await start_service(config, build)
     mesh = Mesh(consul_agent.http_addr)
@@ -530,7 +530,7 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(polic
                                                                            tmp_path: Path) -> None:
     first = await policy_factory(tmp_path / "a")
     # gRPC's default SO_REUSEPORT would let this bind succeed and split the port's traffic between the two.
-    config = ServiceConfig(service="policy", consul_addr=consul_agent.http_addr, data_dir=tmp_path / "b",
+    config = ServiceConfig(mtls=False, service="policy", consul_addr=consul_agent.http_addr, data_dir=tmp_path / "b",
                            port=first.running.port)
     with pytest.raises(OSError, match=rf"could not listen on .*:{first.running.port}: the port is in use"):
         await start_service(config, build)

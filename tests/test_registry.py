@@ -313,8 +313,8 @@ class Registry:
         self.running: RunningService | None = None
 
     async def start(self) -> None:
-        config = ServiceConfig(service=self.service, consul_addr=self.agent.http_addr, data_dir=self.data_dir,
-                               settings=self.settings)
+        config = ServiceConfig(mtls=False, service=self.service, consul_addr=self.agent.http_addr,
+                               data_dir=self.data_dir, settings=self.settings)
         self.running = await start_service(config, build)
         port = self.running.port
         await self.resolver.wait_for(lambda endpoint: endpoint.port == port)

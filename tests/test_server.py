@@ -106,7 +106,7 @@ async def test_a_service_registers_again_when_consul_forgets_it(tmp_path: Path) 
     """A dev agent restarted (or any agent that lost its state) no longer lists a running service; the service
     notices through its blocking query and registers again, so callers find it without a restart."""
     agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
-    config = ServiceConfig(service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
+    config = ServiceConfig(mtls=False, service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
     running = await start_service(config, lambda runtime: ServiceParts(servicers=[]))
     mesh = Mesh(agent.http_addr)
     try:
@@ -129,7 +129,7 @@ async def test_callers_keep_using_instances_across_a_consul_agent_restart(tmp_pa
     """A restarted dev agent first lists no instance at all, until the services register again and pass a
     check: callers keep the instances whose channels work instead of failing every call in that window."""
     agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
-    config = ServiceConfig(service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
+    config = ServiceConfig(mtls=False, service="tokenizer", consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0)
     running = await start_service(config, lambda runtime: ServiceParts(servicers=[]))
     mesh = Mesh(agent.http_addr)
     try:
@@ -171,8 +171,8 @@ async def test_a_service_on_an_ipv6_address_passes_its_check_and_is_reachable(tm
     except OSError:
         pytest.skip("no IPv6 loopback here")
     agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
-    running = await start_service(ServiceConfig(service="tokenizer", host="::1", consul_addr=agent.http_addr,
-                                                data_dir=tmp_path, grace_s=0),
+    running = await start_service(ServiceConfig(mtls=False, service="tokenizer", host="::1",
+                                                consul_addr=agent.http_addr, data_dir=tmp_path, grace_s=0),
                                   lambda runtime: ServiceParts(servicers=[]))
     mesh = Mesh(agent.http_addr)
     try:

@@ -613,7 +613,7 @@ async def services(consul_agent: ConsulAgent, small_tokenizer_bytes: bytes,
     from services.tokenizer.main import build as build_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizer-mesh")
-    registry = await start_service(ServiceConfig(service="registry", consul_addr=consul_agent.http_addr,
+    registry = await start_service(ServiceConfig(mtls=False, service="registry", consul_addr=consul_agent.http_addr,
                                                  data_dir=root / "registry", grace_s=1), build_registry)
     client = Mesh(consul_agent.http_addr)
     tokenizer: RunningService | None = None
@@ -624,7 +624,7 @@ async def services(consul_agent: ConsulAgent, small_tokenizer_bytes: bytes,
         model_bytes = b"tiny model " + data[:64]
         version = model_version("tiny", "1", data, model_bytes=model_bytes)
         await register(registry_stub, version, data, model_bytes, aliases=["tiny-default"])
-        config = ServiceConfig(service="tokenizer", consul_addr=consul_agent.http_addr,
+        config = ServiceConfig(mtls=False, service="tokenizer", consul_addr=consul_agent.http_addr,
                                data_dir=root / "tokenizer", grace_s=1)
         tokenizer = await start_service(config, build_tokenizer)
         assert tokenizer is not None

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -45,6 +45,7 @@ import grpc
 from consul.callback import CB
 
 from services.common.config import ConfigError, host_port, split_consul_addr
+from services.common.errors import PermissionDenied, Reason, Unauthenticated
 
 log = logging.getLogger("lmesh.connect")
 
@@ -601,12 +602,18 @@ MESH_CALLS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The services that only the request path may reach.
+MESH_DESTINATIONS = tuple(sorted({d for destinations in MESH_CALLS.values() for d in destinations}))
+
+
 def default_intentions() -> list[Intention]:
-    """`* -> *` deny plus an allow per hop of the request path: deny by default, whatever Consul's ACL default.
-    The allows come first, so applying them to a running mesh never denies a hop that should pass."""
+    """An allow per hop of the request path, then `* -> <service>` deny for each lmesh service they reach: deny
+    by default whatever Consul's ACL default, without touching other services that share the cluster. An exact
+    source wins over `*` in Consul's precedence; the allows come first, so applying them to a running mesh never
+    denies a hop that should pass."""
     allows = [Intention(source, destination, "allow")
               for source, destinations in MESH_CALLS.items() for destination in destinations]
-    return [*allows, Intention("*", "*", "deny")]
+    return [*allows, *(Intention("*", destination, "deny") for destination in MESH_DESTINATIONS)]
 
 
 @dataclass
@@ -678,82 +685,66 @@ def tls_health_check(port: int, address: str = "127.0.0.1", interval: str = "1s"
             "Interval": interval, "Timeout": timeout, "DeregisterCriticalServiceAfter": deregister_after}
 
 
-async def authorize_call(context: grpc.aio.ServicerContext, authorizer: IntentionAuthorizer) -> Decision:
-    """The decision for the call behind `context`: its verified peer SPIFFE ID, checked against intentions."""
-    return await authorizer.authorize(peer_spiffe_id(context))
+class MeshGuard:
+    """The check every call to an internal service passes before its servicer runs (rpc.ServerInterceptor calls
+    it): the caller's verified mesh identity (its client certificate's SPIFFE ID), then Consul's intentions.
 
+    No identity (a call on the health port, which asks for no certificate): UNAUTHENTICATED. An identity that
+    intentions deny: PERMISSION_DENIED with Consul's reason. Both carry an ErrorInfo reason (MESH_IDENTITY_REQUIRED,
+    MESH_DENIED) by which a calling service tells a refused hop from a refused request."""
 
-class MeshAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses, before the servicer runs, every call whose peer has no verified mesh identity (UNAUTHENTICATED:
-    e.g. a call on the health port, which asks no client certificate) or whose identity intentions deny
-    (PERMISSION_DENIED, with Consul's reason). Methods under `open_prefixes` (grpc.health) pass unchecked.
+    def __init__(self, authorizer: IntentionAuthorizer) -> None:
+        self.authorizer = authorizer
 
-    Put it first in the server's interceptors, so it wraps the others: a refused call then runs none of their
-    code (rpc.ServerInterceptor would record a refused call's span as OK, since the refusal sets a status
-    rather than raising)."""
-
-    def __init__(self, authorizer: IntentionAuthorizer, open_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)
-                 ) -> None:
-        self._authorizer = authorizer
-        self._open = open_prefixes
-
-    async def _refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
         caller = peer_spiffe_id(context)
+        target = self.authorizer.target
         if caller is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "this method needs a mesh client certificate (the mTLS port)"
-        decision = await self._authorizer.authorize(caller)
-        if decision.allowed:
-            return None
-        return grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call {self._authorizer.target}: {decision.reason}"
+            raise Unauthenticated(f"{target} takes calls only from the mesh: connect with a mesh client certificate "
+                                  "(Consul Connect)", reason=Reason.MESH_IDENTITY_REQUIRED)
+        decision = await self.authorizer.authorize(caller)
+        if not decision.allowed:
+            who = parse_spiffe_id(caller)
+            raise PermissionDenied(f"{target} refuses calls from {who.service if who else caller}: {decision.reason}",
+                                   reason=Reason.MESH_DENIED, metadata={"caller": caller, "target": target})
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open):
-            return handler
-        refusal = self._refusal
 
-        def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-            # Set rather than context.abort(), as rpc.py does: no exception keeping the call alive in a cycle.
-            context.set_code(code)
-            context.set_details(message)
+# The one service whose port is public (API keys, not mesh certificates): channels to it are plain.
+PUBLIC_SERVICES = frozenset({"lmesh-gateway"})
 
-        if handler.unary_unary or handler.stream_unary:
-            inner_unary = handler.unary_unary or handler.stream_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                refused = await refusal(context)
-                if refused is not None:
-                    refuse(context, *refused)
-                    return None
-                return await inner_unary(request, context)
+class MeshSecurity:
+    """What the mesh's mTLS gives one process: its identity (a leaf for `service`, kept current), the channels it
+    calls peers over, and for a service that takes calls from the mesh, the check of its callers (`guard`)."""
 
-            unary_factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                             else grpc.stream_unary_rpc_method_handler)
-            return unary_factory(unary, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+    def __init__(self, identity: MeshIdentity, consul_addr: str) -> None:
+        self.identity = identity
+        self._consul_addr = consul_addr
+        self.guard: MeshGuard | None = None
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+    @classmethod
+    async def start(cls, consul_addr: str, service: str) -> MeshSecurity:
+        """Raises MeshUnavailable, saying what to do, when Consul is out of reach or has Connect off."""
+        return cls(await MeshIdentity.start(consul_addr, service), consul_addr)
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            refused = await refusal(context)
-            if refused is not None:
-                refuse(context, *refused)
-                return
-            responses = inner_stream(request, context)
-            try:
-                async for response in responses:
-                    yield response
-            finally:  # the servicer's own cleanup runs now, not at garbage collection
-                close = getattr(responses, "aclose", None)
-                if close is not None:
-                    await close()
+    def serve(self) -> MeshGuard:
+        """Checks this service's callers from now on: their certificates, then Consul's intentions (followed)."""
+        if self.guard is None:
+            identity = self.identity
+            authorizer = IntentionAuthorizer(self._consul_addr, identity.service, lambda: identity.trust_domain)
+            self.guard = MeshGuard(authorizer.start())
+        return self.guard
 
-        stream_factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                          else grpc.stream_stream_rpc_method_handler)
-        return stream_factory(streaming, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+    def channel(self, target: str, service: str) -> grpc.aio.Channel:
+        """The channel to one instance of `service`: mTLS with this identity, accepting only that service's
+        certificate; a public port (the gateway's) plain."""
+        from services.common.discovery import CHANNEL_OPTIONS, plaintext_channel
 
+        if service in PUBLIC_SERVICES:
+            return plaintext_channel(target, service)
+        return self.identity.secure_channel(target, service, CHANNEL_OPTIONS)
+
+    async def close(self) -> None:
+        if self.guard is not None:
+            await self.guard.authorizer.close()
+        await self.identity.close()

@@ -34,6 +34,9 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "QUEUE_FULL"
     DRAINING = "DRAINING"
     DEPENDENCY_TIMEOUT = "DEPENDENCY_TIMEOUT"
+    # An internal service refused the calling service itself (mTLS and Consul intentions), not its request.
+    MESH_IDENTITY_REQUIRED = "MESH_IDENTITY_REQUIRED"
+    MESH_DENIED = "MESH_DENIED"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"

@@ -28,7 +28,7 @@ from lmesh.policy.v1 import policy_pb2_grpc
 from lmesh.registry.v1 import registry_pb2_grpc
 from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
-from services.common.discovery import Endpoint, ServiceResolver
+from services.common.discovery import Endpoint, Mesh, ServiceResolver
 from services.common.errors import Unavailable
 from services.common.rpc import call_options
 
@@ -51,6 +51,21 @@ INFERENCE = PeerService("lmesh-inference", inference_pb2_grpc.InferenceStub)
 POLICY = PeerService("lmesh-policy", policy_pb2_grpc.PolicyStub)
 GATEWAY = PeerService("lmesh-gateway", gateway_pb2_grpc.GatewayStub)
 PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY)
+
+
+OPERATOR = "lmesh-operator"  # the mesh identity of operators' tools (the CLI, `lmesh dev`'s set-up)
+
+
+async def open_mesh(consul_addr: str, identity: str = OPERATOR, *, mtls: bool | None = None,
+                    admin_token: str | None = None) -> Mesh:
+    """The mesh as a process outside it sees it (the CLI, `lmesh dev`, tests, benchmarks): with a mesh identity
+    (`identity`, a Consul Connect leaf from the local agent) when mTLS is on (`mtls`, default LMESH_MTLS), so
+    intentions decide what it may call. Raises MeshUnavailable when Connect cannot give it one."""
+    from services.common.connect import MeshSecurity, mtls_enabled
+
+    on = mtls_enabled() if mtls is None else mtls
+    security = await MeshSecurity.start(consul_addr, identity) if on else None
+    return Mesh(consul_addr, security=security, admin_token=admin_token)
 
 
 def peer_service(service: str) -> PeerService[Any]:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -53,8 +53,10 @@ FIRST_MESSAGE_TIMEOUT_S = 30.0
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
 
-# Methods that are infrastructure, not product: no span, no mapping.
-_UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# Methods that are infrastructure, not product: no span, no mapping (reflection is checked like the rest when
+# the service checks its callers; health never is: Consul's check carries no certificate).
+_HEALTH_PREFIX = "/grpc.health."
+_UNTRACED_PREFIXES = (_HEALTH_PREFIX, "/grpc.reflection.")
 
 
 def remaining_time(default: float | None = None) -> float | None:
@@ -277,12 +279,22 @@ class _CheckedRequests:
                 await close()
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace and maps exceptions to status codes."""
+class CallerCheck(Protocol):
+    """Decides whether the caller behind a call may make it (services.common.connect.MeshGuard): raises an
+    LmeshError when not."""
 
-    def __init__(self, service: str, tracer: trace.Tracer) -> None:
+    async def check(self, context: grpc.aio.ServicerContext) -> None: ...
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace, checks the caller (`guard`, on an internal
+    service of an mTLS mesh: every method but health, reflection included) and maps exceptions to status
+    codes."""
+
+    def __init__(self, service: str, tracer: trace.Tracer, guard: CallerCheck | None = None) -> None:
         self._service = service
         self._tracer = tracer
+        self._guard = guard
         # Set when a drain's grace is about to run out: streams still running end with it at their next
         # message, instead of being cut with gRPC's bare "Cancelling all calls".
         self.expired: LmeshError | None = None
@@ -294,7 +306,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(_UNTRACED_PREFIXES):
+        if handler is None or method.startswith(_HEALTH_PREFIX):
+            return handler
+        guard = self._guard
+        if guard is None and method.startswith(_UNTRACED_PREFIXES):
             return handler
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
         rpc_service, _, rpc_name = method.lstrip("/").partition("/")
@@ -345,6 +360,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 span, span_context = start(context)
                 token = otel_context.attach(span_context)
                 try:
+                    if guard is not None:
+                        await guard.check(context)
                     if isinstance(request, Undecodable):
                         raise request.problem()
                     if is_stream_in:
@@ -378,6 +395,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request = _CheckedRequests(request, method)
             responses = inner_stream(request, context)
             try:
+                if guard is not None:
+                    await guard.check(context)
                 if isinstance(request, Undecodable):
                     raise request.problem()
                 while True:

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common.config import ServiceConfig, host_port, split_consul_addr
+from services.common.connect import MeshSecurity, MeshUnavailable
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.errors import LmeshError, Reason, Unavailable
@@ -75,6 +76,8 @@ class ServiceParts:
     # The largest request message the server accepts (gRPC refuses a larger one with RESOURCE_EXHAUSTED before
     # any of our code runs); None keeps SERVER_OPTIONS' limit for the mesh's own traffic (artifact uploads).
     max_request_bytes: int | None = None
+    # Serves callers outside the mesh (the gateway): no mesh certificate asked of them.
+    public: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,10 +155,13 @@ async def start_service(
     # Telemetry first: a bad OTEL_* setting fails here, before anything that needs closing exists.
     tracer_provider = setup_tracing(f"lmesh-{config.service}", extra_exporters)
     meter_provider = setup_metrics(f"lmesh-{config.service}", metric_readers)
-    runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr), tracer_provider=tracer_provider,
-                             meter_provider=meter_provider)
+    security = await _mesh_security(config, tracer_provider, meter_provider)
+    runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr, security=security),
+                             tracer_provider=tracer_provider, meter_provider=meter_provider)
     parts = build(runtime)
-    interceptor = ServerInterceptor(config.service, runtime.tracer)
+    # A service the mesh calls takes calls only from it: mTLS, and each caller checked against intentions.
+    guard = security.serve() if security is not None and not parts.public else None
+    interceptor = ServerInterceptor(config.service, runtime.tracer, guard)
     options = SERVER_OPTIONS
     if parts.max_request_bytes is not None:
         options = [*(o for o in options if o[0] != "grpc.max_receive_message_length"),
@@ -166,8 +172,16 @@ async def start_service(
     for add, servicer, _ in parts.servicers:
         add(servicer, server)
     enable_reflection(server, [name for _, _, name in parts.servicers])
+    health_port: int | None = None
     try:
-        port = server.add_insecure_port(host_port(config.host, config.port))
+        if guard is not None and security is not None:
+            port = server.add_secure_port(host_port(config.host, config.port), security.identity.server_credentials())
+            # Consul's check has no client certificate: grpc.health alone on a port of its own, server-only TLS;
+            # any other method called there finds no caller identity and is refused.
+            health_port = server.add_secure_port(host_port(config.host, 0),
+                                                 security.identity.health_server_credentials())
+        else:
+            port = server.add_insecure_port(host_port(config.host, config.port))
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
     if port == 0:
@@ -186,7 +200,7 @@ async def start_service(
     try:
         if register:
             registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
-                                              config.address, port)
+                                              config.address, port, tls_health_port=health_port)
             try:
                 await registration.register(parts.meta() if parts.meta else {})
             except (OSError, aiohttp.ClientError, consul.ConsulException) as exc:
@@ -320,6 +334,27 @@ async def _registration_failed(config: ServiceConfig, port: int, exc: Exception)
         return f"Consul at {config.consul_addr} (CONSUL_HTTP_ADDR) is out of reach: {consul_advice(probed)}"
     return (f"Consul at {config.consul_addr} is out of reach ({exc}); start an agent (`lmesh dev` starts one) "
             "or set CONSUL_HTTP_ADDR")
+
+
+async def _mesh_security(config: ServiceConfig, tracer_provider: TracerProvider,
+                         meter_provider: MeterProvider) -> MeshSecurity | None:
+    """This service's mesh identity from the local Consul agent (LMESH_MTLS=on), or None, said loudly (off)."""
+    if not config.mtls:
+        log.warning("lmesh-%s runs WITHOUT mTLS (LMESH_MTLS=off): every process that reaches its port can call it, "
+                    "unencrypted and unchecked; use this only for debugging", config.service)
+        return None
+    try:
+        return await MeshSecurity.start(config.consul_addr, config.consul_service_name)
+    except MeshUnavailable as exc:
+        await shutdown_telemetry(tracer_provider, meter_provider)
+        probed = await asyncio.to_thread(probe_consul, config.consul_addr)
+        if probed in ("other", "no leader"):
+            raise OSError(f"Consul at {config.consul_addr} (CONSUL_HTTP_ADDR) is out of reach: "
+                          f"{consul_advice(probed)}") from None
+        if probed == "nothing":
+            raise OSError(f"Consul at {config.consul_addr} is out of reach; start an agent (`lmesh dev` starts one) "
+                          "or set CONSUL_HTTP_ADDR") from None
+        raise OSError(str(exc)) from None  # Consul answers, without Connect: the message says what to do
 
 
 async def serve_forever(config: ServiceConfig, build: Callable[[ServiceRuntime], ServiceParts]) -> None:

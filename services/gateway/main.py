@@ -60,4 +60,4 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     servicer = GatewayServicer(ChatService(runtime.mesh, runtime.tracer))
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     return ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
-                        max_request_bytes=MAX_CHAT_REQUEST_BYTES)
+                        max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True)
