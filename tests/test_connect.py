@@ -21,13 +21,15 @@ import consul.aio
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
 from services.common.config import ConfigError
 from services.common.connect import (
     MESH_CALLS,
+    MESH_DESTINATIONS,
     Intention,
     IntentionAuthorizer,
-    MeshAuthInterceptor,
+    MeshGuard,
     MeshIdentity,
     MeshUnavailable,
     apply_intentions,
@@ -41,6 +43,7 @@ from services.common.connect import (
     tls_health_check,
 )
 from services.common.consul_agent import ConsulAgent, consul_answers, find_consul, free_port
+from services.common.rpc import ServerInterceptor
 
 ECHO = "lmesh.test.Echo"
 SERVICES = ("lmesh-gateway", "lmesh-policy", "lmesh-registry", "lmesh-tokenizer", "lmesh-inference", "lmesh-operator")
@@ -199,7 +202,8 @@ async def inference(mesh_agent: ConsulAgent, ids: dict[str, MeshIdentity], defau
     """lmesh-inference's server, guarded by intentions (the gateway may call it, nothing else may)."""
     identity = ids["lmesh-inference"]
     authorizer = IntentionAuthorizer(mesh_agent.http_addr, "lmesh-inference", lambda: identity.trust_domain).start()
-    server = await EchoServer.start(identity, (MeshAuthInterceptor(authorizer),))
+    guarded = ServerInterceptor("inference", trace.get_tracer("test"), MeshGuard(authorizer))
+    server = await EchoServer.start(identity, (guarded,))
     yield server
     await server.stop()
     await authorizer.close()
@@ -327,7 +331,9 @@ async def test_health_port_serves_health_but_refuses_the_api(
 
 def test_default_intentions_are_the_request_path() -> None:
     intentions = default_intentions()
-    assert intentions[-1] == Intention("*", "*", "deny")
+    # Deny by default for lmesh's own services only: others sharing the cluster keep their intentions.
+    assert intentions[-4:] == [Intention("*", destination, "deny") for destination in
+                               ("lmesh-inference", "lmesh-policy", "lmesh-registry", "lmesh-tokenizer")]
     allows = {(i.source, i.destination) for i in intentions if i.action == "allow"}
     assert allows == {
         ("lmesh-gateway", "lmesh-policy"), ("lmesh-gateway", "lmesh-registry"), ("lmesh-gateway", "lmesh-tokenizer"),
@@ -360,7 +366,7 @@ async def test_apply_intentions_is_idempotent(mesh_agent: ConsulAgent, defaults:
 async def test_authorizer_allows_exactly_the_request_path(
         mesh_agent: ConsulAgent, ids: dict[str, MeshIdentity], defaults: Any) -> None:
     trust_domain = ids["lmesh-gateway"].trust_domain
-    for target in SERVICES:
+    for target in MESH_DESTINATIONS:  # the gateway takes no mesh calls: its port is public
         authorizer = IntentionAuthorizer(mesh_agent.http_addr, target, trust_domain)
         try:
             for caller in SERVICES:
@@ -389,7 +395,7 @@ async def test_authorizer_denies_identities_outside_the_mesh_without_asking_cons
 async def test_a_new_deny_takes_effect_on_the_next_authorize_and_removing_it_restores(
         mesh_agent: ConsulAgent, ids: dict[str, MeshIdentity], defaults: Any) -> None:
     trust_domain = ids["lmesh-gateway"].trust_domain
-    scratch = "lmesh-scratch"  # allowed to everyone through a wildcard source, over the `* -> *` deny
+    scratch = "lmesh-scratch"  # allowed to everyone through a wildcard source
     await apply_intentions(mesh_agent.http_addr, [Intention("*", scratch, "allow")])
     authorizer = IntentionAuthorizer(mesh_agent.http_addr, scratch, trust_domain)
     gateway = spiffe_id_for(trust_domain, "lmesh-gateway")
@@ -548,4 +554,57 @@ async def test_ca_rotation_is_picked_up_without_restart(tmp_path: Path) -> None:
         await server.stop()
         await server_id.close()
         await client_id.close()
+        agent.stop()
+
+
+# --- deny by default, and a dev agent that restarts without its state ---------------------------------------
+
+
+async def test_a_call_no_intention_matches_is_denied_whatever_consuls_default(
+        mesh_agent: ConsulAgent, ids: dict[str, MeshIdentity]) -> None:
+    """With ACLs off Consul allows what no intention mentions; lmesh does not (fail closed)."""
+    trust_domain = ids["lmesh-gateway"].trust_domain
+    authorizer = IntentionAuthorizer(mesh_agent.http_addr, "lmesh-unmentioned", trust_domain)
+    try:
+        decision = await authorizer.authorize(spiffe_id_for(trust_domain, "lmesh-gateway"))
+        assert not decision.allowed and "denies by default" in decision.reason, decision
+    finally:
+        await authorizer.close()
+
+
+async def test_a_restarted_dev_agents_new_ca_is_followed_and_the_former_trusted_for_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dev agent keeps no state: restarted, it has a new CA in a new trust domain and no intentions. Identities
+    move to the new CA at once (not after a blocking query's whole wait), trusting the former one for a grace
+    period, and decisions made stand while intentions are applied again."""
+    import services.common.connect as connect
+
+    monkeypatch.setattr(connect, "FORMER_CA_GRACE_S", 2.0)
+    agent = ConsulAgent.start(log_path=tmp_path / "consul.log")
+    await apply_intentions(agent.http_addr)
+    identity = await MeshIdentity.start(agent.http_addr, "lmesh-inference")
+    authorizer = IntentionAuthorizer(agent.http_addr, "lmesh-inference", identity.accepted_trust_domains)
+    try:
+        await authorizer.wait_watching()
+        await asyncio.sleep(connect.SETTLE_S)  # decisions made once intentions settled are kept until they change
+        former = identity.material
+        gateway = spiffe_id_for(former.trust_domain, "lmesh-gateway")
+        assert (await authorizer.authorize(gateway)).allowed
+        agent.restart()
+        async with asyncio.timeout(15):
+            while identity.trust_domain == former.trust_domain or identity.material.cert_pem == former.cert_pem:
+                await identity.wait_for_change(identity.generation)
+        assert identity.accepted_trust_domains() == (identity.trust_domain, former.trust_domain)
+        assert former.roots_pem in identity.material.roots_pem  # peers with the former CA's leaves still pass
+        assert (await authorizer.authorize(gateway)).allowed  # cached while intentions are applied again
+        await apply_intentions(agent.http_addr)
+        assert (await authorizer.authorize(spiffe_id_for(identity.trust_domain, "lmesh-gateway"))).allowed
+        async with asyncio.timeout(10):
+            while former.roots_pem in identity.material.roots_pem:
+                await identity.wait_for_change(identity.generation)
+        assert identity.accepted_trust_domains() == (identity.trust_domain,)
+        assert not (await authorizer.authorize(gateway)).allowed
+    finally:
+        await authorizer.close()
+        await identity.close()
         agent.stop()

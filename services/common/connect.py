@@ -61,6 +61,12 @@ AUTHORIZE_TIMEOUT_S = 2.0
 # own blocking query refreshes at about the moment ours returns. Decisions made in this window are cached only
 # until it ends, so one computed by an agent a moment behind cannot outlive the window.
 SETTLE_S = 1.0
+# A CA the agent stops naming when the trust domain changes (a dev agent restarted without its state) stays
+# trusted this long: connections and channels made before keep working while every process moves over.
+FORMER_CA_GRACE_S = 30.0
+# Every intention gone at once (a dev agent restarted without its state): decisions already made stand this
+# long, while whoever applies the intentions (`lmesh dev`, an operator) does so again.
+VANISHED_INTENTIONS_GRACE_S = 15.0
 MAX_CACHED_CALLERS = 4096
 HEALTH_METHOD_PREFIX = "/grpc.health."
 
@@ -190,6 +196,9 @@ async def _watch(client: consul.aio.Consul, path: str, what: str, index: int = 0
                 failing = True
             await asyncio.sleep(backoff)  # back off a failing Consul, not a polling loop
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+            # The agent may have restarted without its state (a dev agent: a new CA, new intentions), its index
+            # starting over: a query with ours would wait out its whole wait before saying anything.
+            index = 0
             continue
         if failing:
             log.info("Consul watch on %s answers again", what)
@@ -271,6 +280,8 @@ class MeshIdentity:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._channel_credentials: tuple[int, grpc.ChannelCredentials] | None = None
+        self._agent_roots = b""  # the roots the agent names now
+        self._former: tuple[str, bytes] | None = None  # (trust domain, roots) of the CA before a change
 
     @classmethod
     async def start(cls, consul_or_addr: str | consul.aio.Consul, service: str,
@@ -284,6 +295,7 @@ class MeshIdentity:
                 roots_index, roots = await identity._first_roots()
                 leaf_index, leaf = await _get(client, identity._leaf_path)
             identity._material = MeshMaterial(generation=1, **_roots_fields(roots), **_leaf_fields(leaf))
+            identity._agent_roots = identity._material.roots_pem
         except asyncio.CancelledError:
             await identity._close_client()
             raise
@@ -322,8 +334,32 @@ class MeshIdentity:
 
     def _apply_roots(self, data: dict[str, Any]) -> None:
         fields = _roots_fields(data)
-        if fields:  # no roots: an agent whose CA is not up yet; keep trusting what we trusted
-            self._update(**fields)
+        if not fields:  # no roots: an agent whose CA is not up yet; keep trusting what we trusted
+            return
+        current = self.material
+        if fields["trust_domain"] != current.trust_domain:
+            log.warning("the Consul agent's CA changed from trust domain %s to %s (restarted without its state?); "
+                        "the former stays trusted for %.0f s", current.trust_domain, fields["trust_domain"],
+                        FORMER_CA_GRACE_S)
+            self._former = (current.trust_domain, self._agent_roots or current.roots_pem)
+            asyncio.get_running_loop().call_later(FORMER_CA_GRACE_S, self._forget_former, current.trust_domain)
+        self._agent_roots = fields["roots_pem"]
+        self._update(trust_domain=fields["trust_domain"], roots_pem=self._trusted_roots())
+
+    def _trusted_roots(self) -> bytes:
+        former = self._former[1] if self._former is not None else b""
+        return self._agent_roots + former
+
+    def _forget_former(self, trust_domain: str) -> None:
+        if self._former is not None and self._former[0] == trust_domain:
+            self._former = None
+            self._update(roots_pem=self._trusted_roots())
+
+    def accepted_trust_domains(self) -> tuple[str, ...]:
+        """The trust domains whose identities this process accepts: the agent's, and for FORMER_CA_GRACE_S after
+        a change of CA, the one before."""
+        current = self.material.trust_domain
+        return (current,) if self._former is None else (current, self._former[0])
 
     def _apply_leaf(self, data: dict[str, Any]) -> None:
         self._update(**_leaf_fields(data))
@@ -479,7 +515,7 @@ class IntentionAuthorizer:
     """
 
     def __init__(self, consul_or_addr: str | consul.aio.Consul, target: str,
-                 trust_domain: str | Callable[[], str]) -> None:
+                 trust_domain: str | Callable[[], str | Sequence[str]]) -> None:
         self._client, self._owns_client = _consul(consul_or_addr)
         self.target = target
         self._trust_domain = trust_domain if callable(trust_domain) else (lambda: trust_domain)
@@ -515,10 +551,22 @@ class IntentionAuthorizer:
 
     async def _watch(self) -> None:
         seen: int | None = None
-        async for index, _ in _watch(self._client, "/v1/connect/intentions", "intentions"):
+        held = False  # whether Consul held intentions at its last answer
+        grace: asyncio.TimerHandle | None = None
+        async for index, listed in _watch(self._client, "/v1/connect/intentions", "intentions"):
             if index != seen:
                 seen = index
-                self._invalidate()
+                if grace is not None:
+                    grace.cancel()
+                    grace = None
+                if held and not listed:
+                    log.warning("every intention is gone from Consul (an agent restarted without its state?); the "
+                                "decisions made stand for %.0f s, until intentions are applied again",
+                                VANISHED_INTENTIONS_GRACE_S)
+                    grace = asyncio.get_running_loop().call_later(VANISHED_INTENTIONS_GRACE_S, self._invalidate)
+                else:
+                    self._invalidate()
+                held = bool(listed)
             self._watching.set()
 
     def _invalidate(self) -> None:
@@ -535,9 +583,10 @@ class IntentionAuthorizer:
         parsed = parse_spiffe_id(caller)
         if parsed is None:
             return Decision(False, f"{caller!r} is not a Consul service identity")
-        trust_domain = self._trust_domain()
-        if not in_trust_domain(caller, trust_domain):
-            return Decision(False, f"{caller} is not of this mesh's trust domain {trust_domain}")
+        accepted = self._trust_domain()
+        domains = (accepted,) if isinstance(accepted, str) else tuple(accepted)
+        if not any(in_trust_domain(caller, domain) for domain in domains):
+            return Decision(False, f"{caller} is not of this mesh's trust domain {domains[0]}")
         self.start()
         cached = self._cache.get(caller)
         if cached is not None and (cached.expires_at is None or cached.expires_at > time.monotonic()):
@@ -557,7 +606,11 @@ class IntentionAuthorizer:
             try:
                 answer = await _send(self._client, "POST", "/v1/agent/connect/authorize", body,
                                      timeout_s=AUTHORIZE_TIMEOUT_S)
-                decision = Decision(bool(answer["Authorized"]), str(answer.get("Reason", "")))
+                reason = str(answer.get("Reason", ""))
+                # Deny by default whatever Consul's own default: only an intention that matches may allow.
+                matched = reason.startswith("Matched")
+                decision = Decision(bool(answer["Authorized"]) and matched, reason if matched else
+                                    f"no intention allows this call, and lmesh denies by default (Consul: {reason})")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -731,7 +784,7 @@ class MeshSecurity:
         """Checks this service's callers from now on: their certificates, then Consul's intentions (followed)."""
         if self.guard is None:
             identity = self.identity
-            authorizer = IntentionAuthorizer(self._consul_addr, identity.service, lambda: identity.trust_domain)
+            authorizer = IntentionAuthorizer(self._consul_addr, identity.service, identity.accepted_trust_domains)
             self.guard = MeshGuard(authorizer.start())
         return self.guard
 

@@ -169,9 +169,10 @@ class ConsulRegistration:
                      "TLSSkipVerify": True, "Interval": "1s", "Timeout": "1s",
                      "DeregisterCriticalServiceAfter": "1m"}
             connect = {"Native": True}
+        meta = self.meta if self.tls_health_port is None else {**self.meta, "health_port": str(self.tls_health_port)}
         await self._client.agent.service.register(
             self.name, service_id=self.service_id, address=self.address, port=self.port,
-            tags=["lmesh"], meta=self.meta, check=check, connect=connect,
+            tags=["lmesh"], meta=meta, check=check, connect=connect,
         )
 
     async def _keep(self) -> None:

@@ -29,8 +29,8 @@ from lmesh.registry.v1 import registry_pb2_grpc
 from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
 from services.common.discovery import Endpoint, Mesh, ServiceResolver
-from services.common.errors import Unavailable
-from services.common.rpc import call_options
+from services.common.errors import Reason, Unavailable
+from services.common.rpc import call_options, error_reason
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -51,6 +51,17 @@ INFERENCE = PeerService("lmesh-inference", inference_pb2_grpc.InferenceStub)
 POLICY = PeerService("lmesh-policy", policy_pb2_grpc.PolicyStub)
 GATEWAY = PeerService("lmesh-gateway", gateway_pb2_grpc.GatewayStub)
 PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY)
+
+
+def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:
+    """A peer that refused this process itself (no mesh certificate, or a Consul intention denies the hop), not
+    its request: to our own caller that is a dependency out of reach, UNAVAILABLE, naming the hop."""
+    if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return None
+    reason = error_reason(exc)
+    if reason not in (Reason.MESH_DENIED, Reason.MESH_IDENTITY_REQUIRED):
+        return None
+    return Unavailable(f"the mesh refused this hop to {service}: {exc.details()}", reason=reason)
 
 
 OPERATOR = "lmesh-operator"  # the mesh identity of operators' tools (the CLI, `lmesh dev`'s set-up)
@@ -137,6 +148,8 @@ class Peer(Generic[S]):
                 try:
                     return await work(lease)
                 except grpc.aio.AioRpcError as exc:
+                    if (refused := refused_hop(exc, self.name)) is not None:
+                        raise refused from None
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
                     self.resolver.mark_down(lease.endpoint)

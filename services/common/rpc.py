@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -120,6 +120,15 @@ def _upstream_details(exc: grpc.aio.AioRpcError) -> list[Message] | None:
             if sum(detail.ByteSize() for detail in upstream.details) > MAX_RELAYED_DETAILS_BYTES:
                 return None
             return list(upstream.details)
+    return None
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason a peer's error carries (INVALID_FIELD, MESH_DENIED, ...), or None."""
+    for detail in _upstream_details(exc) or ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):  # an Any
+            return info.reason
     return None
 
 

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
-from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer
+from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
@@ -319,6 +319,8 @@ class InferenceStream:
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
+                if (refused := refused_hop(exc, self._peer.name)) is not None:
+                    raise refused from None
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self._peer.mark_down(self.replica)
@@ -361,6 +363,8 @@ class DetokenizerStream:
             failure = pump.exception() if pump.done() and not pump.cancelled() else None
             if failure is not None:
                 raise failure from None
+            if isinstance(exc, grpc.aio.AioRpcError) and (refused := refused_hop(exc, self._peer.name)) is not None:
+                raise refused from None
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._peer.mark_down(self._lease.endpoint)
                 raise Unavailable(f"tokenizer {self._lease.endpoint.target} became unavailable: "
