@@ -54,6 +54,8 @@ def _unavailable(details: str) -> str:
     """An UNAVAILABLE message, with what to do added when it does not say so itself."""
     if any(mark in details.lower() for mark in UNREACHABLE_MARKS):
         return details + MESH_DOWN_HINT
+    if "no intention allows" in details:
+        return f"{details}; make Consul hold the mesh's intentions: `lmesh intentions apply`"
     missing = details.removeprefix("no passing instance of lmesh-")
     if missing != details and missing in SERVICES:
         return f"{details}; start one with `lmesh serve {missing}` (or `make run`)"
@@ -291,6 +293,54 @@ def _keys(args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+# ---- intentions --------------------------------------------------------------------------------------------
+
+def _intentions(args: argparse.Namespace) -> int:
+    from services.client import reachable_consul
+    from services.common.connect import MeshUnavailable, apply_intentions, default_intentions, held_intentions
+
+    async def go() -> int:
+        addr = reachable_consul()
+        try:
+            if args.action == "apply":
+                changes = await apply_intentions(addr)
+                done = {**{i: "created" for i in changes.created}, **{i: "updated" for i in changes.updated}}
+            held = await held_intentions(addr)
+        except MeshUnavailable as exc:
+            raise CommandError(str(exc)) from None
+        print(f"{'SOURCE':18} {'DESTINATION':18} {'WANTED':7} HELD")
+        missing = 0
+        for wanted in default_intentions():
+            action = held.get((wanted.source, wanted.destination), "-")
+            missing += action != wanted.action
+            note = f" ({done[wanted]})" if args.action == "apply" and wanted in done else ""
+            print(f"{wanted.source:18} {wanted.destination:18} {wanted.action:7} {action}{note}")
+        if missing:
+            print(f"{missing} missing or different: `lmesh intentions apply` makes Consul hold them", file=sys.stderr)
+        return 1 if missing else 0
+
+    return _run_async(go)
+
+
+# ---- health ------------------------------------------------------------------------------------------------
+
+def _health(args: argparse.Namespace) -> int:
+    from services.common.config import consul_addr
+    from services.common.connect import MeshUnavailable
+    from services.common.peers import probe_health
+
+    async def go() -> int:
+        try:
+            status = await probe_health(args.target, args.mesh, consul_addr=consul_addr() if args.mesh else "",
+                                        timeout_s=args.timeout)
+        except MeshUnavailable as exc:
+            raise CommandError(str(exc)) from None
+        print(status)
+        return 0 if status == "SERVING" else 1
+
+    return _run_async(go)
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--key", default=None, help="API key (default: $LMESH_API_KEY, then .lmesh/dev-api-key)")
     chat.add_argument("--gateway", default=None, help="gateway host:port (default: $LMESH_GATEWAY_ADDR, then Consul)")
     chat.set_defaults(func=_chat)
+
+    intentions = sub.add_parser("intentions", help="the Consul intentions the mesh needs: show them, or apply them")
+    intentions.add_argument("action", nargs="?", choices=("show", "apply"), default="show",
+                            help="show (default): each intention lmesh needs and what Consul holds; apply: make "
+                                 "Consul hold them (idempotent)")
+    intentions.set_defaults(func=_intentions)
+
+    health = sub.add_parser("health", help="whether a service's port answers SERVING (exit 0; for probes)")
+    health.add_argument("target", help="HOST:PORT of a service's port, or of its health port with --mesh")
+    health.add_argument("--mesh", metavar="SERVICE", default=None,
+                        help="the port serves TLS with the mesh certificate of SERVICE (e.g. lmesh-inference: "
+                             "its health port); verified with the CA roots of the Consul agent at CONSUL_HTTP_ADDR")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.set_defaults(func=_health)
 
     # The admin token of lmesh-policy and lmesh-registry, also after the action (`lmesh keys list --admin-token T`);
     # SUPPRESS keeps one given before it.

@@ -19,7 +19,7 @@ from services.common.discovery import Mesh
 from services.common.peers import GATEWAY, OPERATOR, open_mesh, public_gateway
 
 
-def _reachable_consul() -> str:
+def reachable_consul() -> str:
     """CONSUL_HTTP_ADDR, once an agent with a leader answers there (OSError in one line otherwise)."""
     addr = consul_addr()
     probed = probe_consul(addr)
@@ -49,7 +49,7 @@ def operator_admin_token(given: str | None = None) -> str | None:
 async def operator_mesh(admin_token: str | None = None) -> Mesh:
     """The mesh as an operator command sees it: the `lmesh-operator` identity when mTLS is on (LMESH_MTLS), admin
     calls carrying the operator's admin token; fails at once, in one line, when no Consul agent answers."""
-    addr = _reachable_consul()
+    addr = reachable_consul()
     try:
         return await open_mesh(addr, OPERATOR, admin_token=operator_admin_token(admin_token))
     except MeshUnavailable as exc:
@@ -61,7 +61,7 @@ async def find_gateway(explicit: str | None = None) -> str:
     address = explicit or os.environ.get("LMESH_GATEWAY_ADDR")
     if address:
         return address
-    mesh = Mesh(_reachable_consul())  # reads Consul only: the gateway's port is public, no mesh identity needed
+    mesh = Mesh(reachable_consul())  # reads Consul only: the gateway's port is public, no mesh identity needed
     try:
         return (await mesh.peer(GATEWAY).resolver.pick()).target
     finally:

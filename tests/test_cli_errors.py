@@ -272,6 +272,7 @@ def test_chat_with_an_unreachable_gateway_hints_at_the_mesh(tmp_path: Path) -> N
 
 
 def test_keys_without_the_admin_token_say_how_to_pass_it(consul_agent: ConsulAgent, tmp_path: Path) -> None:
+    assert lmesh("intentions", "apply", env={"CONSUL_HTTP_ADDR": consul_agent.http_addr}).returncode == 0
     env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADMIN_TOKEN": "s3cret"}
     process = subprocess.Popen([*LMESH, "serve", "policy", "--data-dir", str(tmp_path)], env=env, cwd=ROOT,
                                stderr=subprocess.PIPE, text=True)

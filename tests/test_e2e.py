@@ -1575,6 +1575,36 @@ async def test_a_rotated_mesh_ca_is_picked_up_while_streams_run(live: LiveMesh, 
         assert rest[-1].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
 
 
+async def test_lmesh_health_probes_a_health_port_over_the_mesh_tls_and_the_public_port(live: LiveMesh) -> None:
+    """Kubernetes' gRPC probe speaks no TLS: `lmesh health` is the probe for a service's TLS health port."""
+    registry = live.mesh.resolver("lmesh-registry").endpoints()[0]
+    served = await run_cli(live, "health", f"{registry.address}:{registry.meta['health_port']}",
+                           "--mesh", "lmesh-registry")
+    assert (served.returncode, served.stdout.strip()) == (0, "SERVING"), served.stderr
+    gateway = (await live.mesh.resolver("lmesh-gateway").pick()).target
+    assert (await run_cli(live, "health", gateway)).stdout.strip() == "SERVING"
+    wrong = await run_cli(live, "health", f"{registry.address}:{registry.meta['health_port']}",
+                          "--mesh", "lmesh-policy")  # another service's certificate name: not verified
+    assert wrong.returncode != 0 and wrong.stderr.startswith("lmesh: UNAVAILABLE") and "Traceback" not in wrong.stderr
+
+
+async def test_lmesh_intentions_shows_and_applies_what_the_mesh_needs(live: LiveMesh) -> None:
+    from services.common.connect import Intention, default_intentions
+
+    shown = await run_cli(live, "intentions")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout.splitlines()) == 1 + len(default_intentions())
+    flipped = Intention("lmesh-tokenizer", "lmesh-registry", "deny")
+    await apply_intentions(live.procs.consul_addr, [flipped])
+    try:
+        differs = await run_cli(live, "intentions")
+        assert differs.returncode == 1 and "lmesh-tokenizer     lmesh-registry     allow   deny" in differs.stdout
+        assert differs.stderr.strip() == "1 missing or different: `lmesh intentions apply` makes Consul hold them"
+    finally:
+        applied = await run_cli(live, "intentions", "apply")
+    assert applied.returncode == 0 and "allow   allow (updated)" in applied.stdout, applied.stdout
+
+
 def test_no_call_between_services_is_made_outside_the_client_runtime() -> None:
     """Every channel and stub of the mesh's own calls comes from services/common/peers.py (through the resolvers
     of discovery.py and the credentials of connect.py): no second way to call a peer, without its identity."""

@@ -5,6 +5,7 @@ user in `ps`), sent by callers as `authorization: Bearer <token>`."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,21 @@ class AdminTokenSettings:
     admin_token: str | None = setting(
         env=ADMIN_TOKEN_ENV, secret=True, default=None,
         help="require this bearer token for key management (policy) and model registration (registry)")
+
+
+def require_beyond_localhost(service: str, host: str, token: str | None) -> None:
+    """Refuses (OSError, one line) to run a guarded service that listens beyond localhost without a token: its
+    management RPCs would be open to every caller the mesh lets in."""
+    if token:
+        return
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise OSError(f"lmesh-{service} listens beyond localhost (--host {host or '0.0.0.0'}) without "
+                      f"{ADMIN_TOKEN_ENV}: key management and model registration would be open; set it (e.g. "
+                      "`openssl rand -base64 32`), the same for lmesh-policy and lmesh-registry")
 
 
 class AdminGuard:

@@ -391,10 +391,13 @@ class ServiceConfig:
                              help="seconds in-flight calls get to finish on SIGTERM")
     log_level: str = setting(flag="--log-level", env="LMESH_LOG_LEVEL", default="INFO", parse=log_level_type,
                              choices=LOG_LEVELS, help="log level, any case")
-    # Declared for the mTLS work (Consul Connect certificates between the mesh's services), not wired yet.
     mtls: bool = setting(env="LMESH_MTLS", default=True, parse=ON_OFF_TYPE,
                          help="on or off: mutual TLS between the mesh's services with Consul Connect "
-                              "certificates; off only for debugging (comes with the mTLS work)")
+                              "certificates, callers checked against Consul intentions; off only for debugging")
+    health_port: int = setting(flag="--health-port", env="LMESH_HEALTH_PORT", default=0, parse=PORT_TYPE,
+                               default_help="0: a free one",
+                               help="with mTLS, the port serving grpc.health alone over server-only TLS (for "
+                                    "Consul's check and probes)")
     # The service's own typed settings (InferenceSettings, ...); None: its declared defaults.
     settings: object | None = None
 

@@ -233,6 +233,23 @@ def _start_error(client: consul.aio.Consul, service: str, exc: BaseException) ->
     return MeshUnavailable(f"Consul at {where} is unreachable ({text}): {MTLS_ADVICE}")
 
 
+async def fetch_roots(consul_addr: str) -> tuple[str, bytes]:
+    """(trust domain, CA roots PEM) from the Consul agent at `consul_addr`, once (MeshUnavailable if it cannot)."""
+    client, _ = _consul(consul_addr)
+    try:
+        _, data = await _get(client, "/v1/agent/connect/ca/roots")
+        fields = _roots_fields(data or {})
+        if not fields:
+            raise MeshUnavailable(f"Consul at {_where(client)} has no Connect CA roots: is Connect enabled?")
+        return str(fields["trust_domain"]), bytes(fields["roots_pem"])
+    except MeshUnavailable:
+        raise
+    except Exception as exc:
+        raise MeshUnavailable(f"Consul at {_where(client)} did not give its CA roots ({_brief(exc)})") from None
+    finally:
+        await client.close()
+
+
 # --- Identity -------------------------------------------------------------------------------------------------
 
 
@@ -691,6 +708,16 @@ async def apply_intentions(consul_or_addr: str | consul.aio.Consul,
         if owned:
             await client.close()
     return changes
+
+
+async def held_intentions(consul_or_addr: str | consul.aio.Consul) -> dict[tuple[str, str], str]:
+    """The intentions Consul holds: (source, destination) -> action."""
+    client, owned = _consul(consul_or_addr)
+    try:
+        return {pair: str(held.get("Action", "")) for pair, held in (await _listed(client)).items()}
+    finally:
+        if owned:
+            await client.close()
 
 
 async def _listed(client: consul.aio.Consul) -> dict[tuple[str, str], dict[str, Any]]:

@@ -181,6 +181,26 @@ async def public_gateway(target: str) -> AsyncIterator[gateway_pb2_grpc.GatewayS
         yield GATEWAY.stub(channel)
 
 
+async def probe_health(target: str, mesh_service: str | None = None, *, consul_addr: str = "",
+                       timeout_s: float = 5.0) -> str:
+    """grpc.health.v1's status at `target` (`lmesh health`, Kubernetes probes): "SERVING", "NOT_SERVING", ...
+    With `mesh_service`, the port serves TLS with that service's mesh certificate (a health port): it is verified
+    against the CA roots of the Consul agent at `consul_addr`. UNAVAILABLE and the like raise AioRpcError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.connect import fetch_roots, server_name
+
+    if mesh_service is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        trust_domain, roots = await fetch_roots(consul_addr)
+        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=[
+            ("grpc.ssl_target_name_override", server_name(mesh_service, trust_domain))])
+    async with channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
 def stub_classes() -> Sequence[Callable[[grpc.aio.Channel], Any]]:
     """Every stub class the runtime constructs (what a check for stubs made elsewhere looks for)."""
     return [service.stub for service in PEER_SERVICES]

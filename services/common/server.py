@@ -178,7 +178,7 @@ async def start_service(
             port = server.add_secure_port(host_port(config.host, config.port), security.identity.server_credentials())
             # Consul's check has no client certificate: grpc.health alone on a port of its own, server-only TLS;
             # any other method called there finds no caller identity and is refused.
-            health_port = server.add_secure_port(host_port(config.host, 0),
+            health_port = server.add_secure_port(host_port(config.host, config.health_port),
                                                  security.identity.health_server_credentials())
         else:
             port = server.add_insecure_port(host_port(config.host, config.port))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings
+from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings, require_beyond_localhost
 from services.common.server import ServiceParts, ServiceRuntime
 from services.registry.servicer import RegistryServicer
 from services.registry.store import BlobStore, ModelStore
@@ -30,6 +30,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     blobs = BlobStore(data_dir)
     models = ModelStore(data_dir / "registry.sqlite3", blobs)
     admin = AdminGuard(runtime.config.settings_as(RegistrySettings).admin_token)
+    require_beyond_localhost("registry", runtime.config.host, runtime.config.settings_as(RegistrySettings).admin_token)
 
     async def warm_up() -> None:
         blobs.open()
