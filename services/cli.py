@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.config import ConfigError, add_serve_arguments, config_from_args, lmesh_cache
+from services.common.config import (
+    READABLE_FILE_TYPE,
+    ConfigError,
+    add_serve_arguments,
+    config_from_args,
+    lmesh_cache,
+)
 from services.common.errors import LmeshError
 
 if TYPE_CHECKING:
@@ -47,11 +53,19 @@ MESH_DOWN_HINT = " (is the mesh running? `make run`)"
 # What gRPC itself says when no connection could be made at all (as opposed to a server's own UNAVAILABLE).
 UNREACHABLE_MARKS = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
                      "connection reset", "name resolution")
+TLS_TRUST_HINT = (" (the gateway's TLS certificate is not trusted here: pass --gateway-ca or set LMESH_GATEWAY_CA "
+                  "to the CA that signed it; it must also name the address dialled)")
+TLS_PORT_HINT = ("; a gateway that serves TLS needs --tls or --gateway-ca, and its client-certificate port a "
+                 "certificate from its client CA)")
 AUTH_HINT = "; pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-policy and lmesh-registry run with)"
 
 
 def _unavailable(details: str) -> str:
     """An UNAVAILABLE message, with what to do added when it does not say so itself."""
+    if "certificate_verify_failed" in details.lower():
+        return details + TLS_TRUST_HINT
+    if "socket closed" in details.lower():  # also what a TLS port does to a plaintext client, or to a missing cert
+        return details + MESH_DOWN_HINT[:-1] + TLS_PORT_HINT
     if any(mark in details.lower() for mark in UNREACHABLE_MARKS):
         return details + MESH_DOWN_HINT
     if "no intention allows" in details:
@@ -129,32 +143,52 @@ def _dev(args: argparse.Namespace) -> int:
 
 # ---- chat --------------------------------------------------------------------------------------------------
 
-def _api_key(args: argparse.Namespace) -> str:
+def _api_key(args: argparse.Namespace, *, certificate: bool = False) -> str:
+    """The API key to send: --key, LMESH_API_KEY, else the dev key; with a client certificate (which is the
+    credential then) only one given explicitly, else none ("")."""
     from services.devmesh import dev_key_path
 
     key = args.key or os.environ.get("LMESH_API_KEY")
+    if not key and certificate:
+        return ""
     if not key and dev_key_path().exists():
         key = dev_key_path().read_text().strip()
     if not key:
-        raise CommandError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key")
+        raise CommandError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key; or "
+                           "pass --client-cert and --client-key of a certificate bound to a key")
     return key
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from services.client import find_gateway, stream_chat_to_terminal
+    from services.client import (
+        CLIENT_CERT_ENV,
+        CLIENT_KEY_ENV,
+        GATEWAY_CA_ENV,
+        env_file,
+        find_gateway,
+        gateway_tls,
+        stream_chat_to_terminal,
+    )
+
+    # The files first, outside the event loop: a bad variable is a ConfigError naming it.
+    files = (args.gateway_ca or env_file(GATEWAY_CA_ENV), args.client_cert or env_file(CLIENT_CERT_ENV),
+             args.client_key or env_file(CLIENT_KEY_ENV))
 
     async def go() -> int:
-        key = _api_key(args)
-        gateway = await find_gateway(args.gateway)
+        tls = gateway_tls(*files, tls=args.tls)
+        key = _api_key(args, certificate=tls is not None and tls.client_cert is not None)
+        gateway, tls = await find_gateway(args.gateway, tls)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
         sampling = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
                     "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
         if args.message:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
-                                          temperature=args.temperature, logprobs=args.logprobs, sampling=sampling)
+                                          temperature=args.temperature, logprobs=args.logprobs, sampling=sampling,
+                                          tls=tls)
             return 0
-        print(f"Chatting with {args.model or 'default'} through {gateway}. Empty line or Ctrl-D ends.")
+        print(f"Chatting with {args.model or 'default'} through {gateway}{' (TLS)' if tls else ''}. Empty line or "
+              "Ctrl-D ends.")
         while True:
             try:
                 line = await asyncio.to_thread(input, "you> ")
@@ -167,7 +201,7 @@ def _chat(args: argparse.Namespace) -> int:
             try:
                 answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
                                                        max_tokens=args.max_tokens, temperature=args.temperature,
-                                                       logprobs=args.logprobs, sampling=sampling)
+                                                       logprobs=args.logprobs, sampling=sampling, tls=tls)
             except (grpc.aio.AioRpcError, LmeshError) as exc:
                 # One failed turn (too long, a replica restarting) must not end the conversation: say why, and
                 # leave it out of the history so the next turn is sent without it.
@@ -272,15 +306,20 @@ def _keys(args: argparse.Namespace) -> int:
         policy = mesh.peer(POLICY)
         try:
             if args.keys_command == "create":
-                created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15)
+                created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
+                                           client_cert_subject=args.client_cert_subject or "",
+                                           client_cert_sha256=args.client_cert_sha256 or "")
+                bound = _cert_binding(created.key)
                 print(f"created {created.key.key_id} for tenant {created.key.tenant} "
-                      f"(models: {', '.join(created.key.allowed_models) or 'all'}); the key is shown once:")
+                      f"(models: {', '.join(created.key.allowed_models) or 'all'}"
+                      f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
                 print(created.api_key)
             elif args.keys_command == "list":
-                print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} STATUS")
+                print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} CLIENT CERTIFICATE")
                 for k in (await list_keys(policy, args.tenant or "", timeout_s=15)).keys:
                     status = "revoked" if k.revoked else "active"
-                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status}")
+                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status:8} "
+                          f"{_cert_binding(k) or '-'}")
             else:
                 revoked = await revoke_key(policy, args.key_id, timeout_s=15)
                 print(f"revoked {revoked.key.key_id}")
@@ -341,6 +380,13 @@ def _health(args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+def _cert_binding(key: Any) -> str:
+    """How `keys create` and `keys list` show a key's client certificate binding ("" when unbound)."""
+    if key.client_cert_subject:
+        return f"subject {key.client_cert_subject}"
+    return f"sha256 {key.client_cert_sha256}" if key.client_cert_sha256 else ""
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the answer, list each token's logprob and its N most likely alternatives (0-20)")
     chat.add_argument("--key", default=None, help="API key (default: $LMESH_API_KEY, then .lmesh/dev-api-key)")
     chat.add_argument("--gateway", default=None, help="gateway host:port (default: $LMESH_GATEWAY_ADDR, then Consul)")
+    chat.add_argument("--tls", action="store_true",
+                      help="TLS to a --gateway given by address, verified with the system's roots (implied by "
+                           "--gateway-ca and --client-cert; a gateway found in Consul says itself whether it serves "
+                           "TLS)")
+    chat.add_argument("--gateway-ca", type=READABLE_FILE_TYPE, default=None, metavar="FILE",
+                      help="TLS, verifying the gateway's certificate with this CA (PEM; default: $LMESH_GATEWAY_CA, "
+                           "then the system's roots)")
+    chat.add_argument("--client-cert", type=READABLE_FILE_TYPE, default=None, metavar="FILE",
+                      help="present this client certificate (PEM; default: $LMESH_CLIENT_CERT); one bound to an API "
+                           "key needs no --key. From Consul, the gateway's client-certificate port is used")
+    chat.add_argument("--client-key", type=READABLE_FILE_TYPE, default=None, metavar="FILE",
+                      help="the client certificate's private key (PEM; default: $LMESH_CLIENT_KEY)")
     chat.set_defaults(func=_chat)
 
     intentions = sub.add_parser("intentions", help="the Consul intentions the mesh needs: show them, or apply them")
@@ -419,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--model", action="append", help="model or glob the key may use (repeatable; default all)")
     create.add_argument("--name", default="", help="display name")
+    bind = create.add_mutually_exclusive_group()
+    bind.add_argument("--client-cert-subject", default=None, metavar="DN",
+                      help="a client certificate with this subject, verified by the gateway's --tls-client-ca, "
+                           "authenticates as the key: RFC 4514 form, as `openssl x509 -noout -subject -nameopt "
+                           "RFC2253` prints it, e.g. 'CN=alice,O=acme'")
+    bind.add_argument("--client-cert-sha256", default=None, metavar="FINGERPRINT",
+                      help="instead: only the client certificate with this SHA-256 fingerprint (as `openssl x509 "
+                           "-noout -fingerprint -sha256` prints it)")
     listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")

@@ -12,11 +12,14 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2
 
 from services.common.admin import ADMIN_TOKEN_ENV
-from services.common.config import consul_addr, lmesh_home
+from services.common.config import READABLE_FILE_TYPE, EnvDefault, consul_addr, host_port, lmesh_home
 from services.common.connect import MeshUnavailable
 from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import Mesh
-from services.common.peers import GATEWAY, OPERATOR, open_mesh, public_gateway
+from services.common.peers import GATEWAY, OPERATOR, GatewayTls, open_mesh, public_gateway
+
+# The client side of TLS at the public door (`lmesh chat`'s --gateway-ca, --client-cert, --client-key).
+GATEWAY_CA_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV = "LMESH_GATEWAY_CA", "LMESH_CLIENT_CERT", "LMESH_CLIENT_KEY"
 
 
 def reachable_consul() -> str:
@@ -56,23 +59,59 @@ async def operator_mesh(admin_token: str | None = None) -> Mesh:
         raise OSError(str(exc)) from None
 
 
-async def find_gateway(explicit: str | None = None) -> str:
-    """`host:port` of a gateway: the explicit address, LMESH_GATEWAY_ADDR, or a passing one from Consul."""
+def env_file(name: str) -> Path | None:
+    """The readable file an environment variable names, or None when it is unset (a ConfigError naming the
+    variable when the file cannot be read)."""
+    return READABLE_FILE_TYPE(EnvDefault(name, "")) if os.environ.get(name, "").strip() else None
+
+
+def gateway_tls(ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None, *,
+                tls: bool = False) -> GatewayTls | None:
+    """How to reach the gateway over TLS, from files: the CA its certificate chains to (the system's roots
+    without one) and a client certificate with its key; None (plaintext) when none is given and not `tls`."""
+    if (client_cert is None) != (client_key is None):
+        raise OSError("--client-cert (LMESH_CLIENT_CERT) and --client-key (LMESH_CLIENT_KEY) go together")
+    if ca is None and client_cert is None and not tls:
+        return None
+    return GatewayTls(ca=ca.read_bytes() if ca else None, client_cert=client_cert.read_bytes() if client_cert else None,
+                      client_key=client_key.read_bytes() if client_key else None)
+
+
+async def find_gateway(explicit: str | None = None, tls: GatewayTls | None = None,
+                       ) -> tuple[str, GatewayTls | None]:
+    """The gateway to call and how: the explicit address or LMESH_GATEWAY_ADDR, dialled as told (TLS with
+    `tls`); else a passing one from Consul, dialled over TLS when its meta says it serves TLS (the system's roots
+    unless `tls` has a CA), and at its client-certificate port when `tls` has a client certificate."""
     address = explicit or os.environ.get("LMESH_GATEWAY_ADDR")
     if address:
-        return address
+        return address, tls
+    if tls is None:
+        wanted, none_match = None, ""
+    elif tls.client_cert is None:
+        wanted, none_match = (lambda e: e.meta.get("tls") == "true"), (
+            "no passing lmesh-gateway serves TLS (they run without --tls-cert): leave out --gateway-ca and --tls")
+    else:
+        wanted, none_match = (lambda e: e.meta.get("client_cert_port", "").isdigit()), (
+            "no passing lmesh-gateway takes client certificates (they run without --tls-client-ca)")
     mesh = Mesh(reachable_consul())  # reads Consul only: the gateway's port is public, no mesh identity needed
     try:
-        return (await mesh.peer(GATEWAY).resolver.pick()).target
+        endpoint = await mesh.peer(GATEWAY).resolver.pick(wanted, none_match=none_match)
     finally:
         await mesh.close()
+    if endpoint.meta.get("tls") != "true":
+        return endpoint.target, None
+    tls = tls or GatewayTls()  # it serves TLS: verified with the system's roots
+    if tls.client_cert is None:
+        return endpoint.target, tls
+    return host_port(endpoint.address, int(endpoint.meta["client_cert_port"])), tls
 
 
-async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
-               timeout: float | None = 300) -> AsyncIterator[gateway_pb2.ChatResponse]:
-    async with public_gateway(gateway) as stub:
+async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart, timeout: float | None = 300, *,
+               tls: GatewayTls | None = None) -> AsyncIterator[gateway_pb2.ChatResponse]:
+    """One chat; `api_key` empty sends none (a client certificate in `tls` is the credential then)."""
+    async with public_gateway(gateway, tls) as stub:
         call = stub.Chat(
-            metadata=(("authorization", f"Bearer {api_key}"),), timeout=timeout)
+            metadata=(("authorization", f"Bearer {api_key}"),) if api_key else (), timeout=timeout)
         await call.write(gateway_pb2.ChatRequest(start=start))
         await call.done_writing()
         async for response in call:
@@ -81,7 +120,8 @@ async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart,
 
 async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tuple[str, str]], *,
                                   model: str = "", max_tokens: int = 256, temperature: float = 0.0,
-                                  logprobs: int | None = None, sampling: Mapping[str, Any] | None = None) -> str:
+                                  logprobs: int | None = None, sampling: Mapping[str, Any] | None = None,
+                                  tls: GatewayTls | None = None) -> str:
     """Prints the answer as it streams; returns it.
 
     With `logprobs` (the number of alternatives, 0 to 20) a table follows: one line per token, its logprob
@@ -92,7 +132,7 @@ async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tup
                                   logprobs=logprobs is not None, top_logprobs=logprobs or 0, **(sampling or {}))
     pieces: list[str] = []
     entries: list[generation_pb2.TokenLogprob] = []
-    async for response in chat(gateway, api_key, start):
+    async for response in chat(gateway, api_key, start, tls=tls):
         entries.extend(response.logprobs)
         if response.delta:
             pieces.append(response.delta)

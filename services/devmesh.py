@@ -27,7 +27,7 @@ from services.common.connect import mtls_enabled
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Mesh
 from services.common.errors import AlreadyExists
-from services.common.peers import OPERATOR, POLICY, REGISTRY, open_mesh, peer_service
+from services.common.peers import OPERATOR, POLICY, REGISTRY, GatewayTls, open_mesh, peer_service
 from services.common.server import port_is_free
 from services.common.supervisor import ProcessExited, Supervisor
 
@@ -177,6 +177,16 @@ def registered_service(addr: str) -> str:
     return ""
 
 
+def sample_chat_tls() -> GatewayTls | None:
+    """How the sample answer reaches the gateway: plaintext, unless the gateway is given TLS files through the
+    environment it inherits (LMESH_TLS_CERT): then TLS, verified with LMESH_GATEWAY_CA (else the system's roots)."""
+    from services.client import GATEWAY_CA_ENV, env_file, gateway_tls
+
+    if not os.environ.get("LMESH_TLS_CERT", "").strip():
+        return None
+    return gateway_tls(env_file(GATEWAY_CA_ENV), tls=True)
+
+
 def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     from services.client import stream_chat_to_terminal
 
@@ -222,11 +232,13 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     try:
+        tls = sample_chat_tls()
         key, gateway = asyncio.run(bring_up(model_dir, supervisor, addr, admin_token))
         print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)
-        print(f"Gateway: {gateway}  (gRPC, metadata 'authorization: Bearer <key>')", flush=True)
+        print(f"Gateway: {gateway}  (gRPC{' over TLS' if tls else ''}, metadata 'authorization: Bearer <key>')",
+              flush=True)
         print(f"\n> {question}", flush=True)
-        asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128))
+        asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128, tls=tls))
         print("\nThe mesh is up. Try `.venv/bin/lmesh chat`. Ctrl-C stops it.", flush=True)
         _supervise(supervisor)
     except KeyboardInterrupt:

@@ -263,6 +263,16 @@ def test_unavailable_hints_only_when_nothing_could_be_reached() -> None:
     assert _unavailable(refused).endswith("(is the mesh running? `make run`)")
     assert _unavailable("no passing instance of lmesh-policy").endswith("start one with `lmesh serve policy` "
                                                                          "(or `make run`)")
+    # A TLS gateway: its certificate not trusted; or a plaintext client (or one without a certificate) shut out.
+    untrusted = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed "
+                 "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+                 "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate")
+    assert _unavailable(untrusted).endswith("pass --gateway-ca or set LMESH_GATEWAY_CA to the CA that signed it; it "
+                                            "must also name the address dialled)")
+    closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+    assert _unavailable(closed).endswith("(is the mesh running? `make run`; a gateway that serves TLS needs --tls or "
+                                         "--gateway-ca, and its client-certificate port a certificate from its "
+                                         "client CA)")
 
 
 def test_chat_with_an_unreachable_gateway_hints_at_the_mesh(tmp_path: Path) -> None:

@@ -35,11 +35,12 @@ from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import AlreadyExists
-from services.common.peers import POLICY, REGISTRY, open_mesh
-from services.policy.client import create_key
+from services.common.peers import POLICY, REGISTRY, GatewayTls, open_mesh, public_gateway
+from services.policy.client import create_key, revoke_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
 from tests.otlp import OtlpReceiver
+from tests.tls_certs import Pki
 
 SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
 FRANCE = "What is the capital of France?"
@@ -55,7 +56,8 @@ class LiveMesh:
     api_key: str
 
     async def gateway(self) -> gateway_pb2_grpc.GatewayStub:
-        endpoint = await self.mesh.resolver("lmesh-gateway").pick()
+        # A plaintext one (a test may run a TLS gateway beside it for a while).
+        endpoint = await self.mesh.resolver("lmesh-gateway").pick(lambda e: e.meta.get("tls") != "true")
         return endpoint.stub(gateway_pb2_grpc.GatewayStub)
 
 
@@ -652,18 +654,26 @@ def node_client_modules() -> Path:
     return target / "node_modules"
 
 
-async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(live: LiveMesh) -> None:
-    """Another language, only protos/ and the README: discovery through Consul, bearer key, Chat, errors."""
+async def run_node_client(live: LiveMesh, **env: str) -> dict[str, Any]:
+    """What tests/clients/node/chat.js saw, run with `env` on top of the test's (LMESH_API_KEY: the live key)."""
     modules = node_client_modules()
     env = {**os.environ, "NODE_PATH": str(modules), "LMESH_API_KEY": live.api_key,
-           "CONSUL_HTTP_ADDR": live.procs.consul_addr}
+           "CONSUL_HTTP_ADDR": live.procs.consul_addr, **env}
     process = await asyncio.create_subprocess_exec(
         "node", str(ROOT / "tests" / "clients" / "node" / "chat.js"), str(ROOT / "protos"), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
     assert process.returncode == 0, stderr.decode()
-    seen = json.loads(stdout)
+    seen: dict[str, Any] = json.loads(stdout)
+    return seen
 
+
+async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(live: LiveMesh) -> None:
+    """Another language, only protos/ and the README: discovery through Consul, bearer key, Chat, errors."""
+    await judge_node_client(live, await run_node_client(live))
+
+
+async def judge_node_client(live: LiveMesh, seen: dict[str, Any]) -> None:
     listed = {m["id"]: m for m in seen["models"]["models"]}["smollm2-135m-instruct:1"]
     assert listed["aliases"] == ["default"] and listed["served"] is True
     assert seen["models_without_key"]["error"]["code"] == "UNAUTHENTICATED"
@@ -702,6 +712,82 @@ async def test_a_node_client_built_from_the_protos_gets_the_documented_contract(
         "max_tokens": "INVALID_FIELD", "temperature": "INVALID_FIELD", "role": "INVALID_FIELD",
         "cancel_first": "INVALID_FIELD"}
     assert all(error["typed"]["message"] == error["details"] for error in errors.values())
+
+
+async def test_the_public_door_over_tls_with_client_certificate_identities(live: LiveMesh, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second gateway process with TLS from the environment (LMESH_TLS_*): key clients on its TLS port, clients
+    with a certificate bound to a key on its client-certificate port, the CLI and the Node.js client on both."""
+    pki = Pki(tmp_path / "pki")
+    ca = pki.ca("ca")
+    server = pki.issue("server", ca, "/CN=gateway", server=True)
+    alice, bob, carol = (pki.issue(name, ca, f"/O=e2e/CN={name}") for name in ("alice", "bob", "carol"))
+    created = await run_cli(live, "keys", "create", "--tenant", "tls-e2e", "--client-cert-subject", alice.subject)
+    assert created.returncode == 0, created.stderr
+    assert f"client certificate subject {alice.subject}" in created.stdout
+    carols = await create_key(live.mesh.peer(POLICY), "tls-e2e", client_cert_sha256=carol.sha256)
+    await revoke_key(live.mesh.peer(POLICY), carols.key.key_id)
+
+    resolver = live.mesh.resolver("lmesh-gateway")
+    plain = frozenset(e.service_id for e in resolver.endpoints())
+    with monkeypatch.context() as env:  # the process takes it at its start; later ones must not
+        env.setenv("LMESH_TLS_CERT", str(server.cert))
+        env.setenv("LMESH_TLS_KEY", str(server.key))
+        env.setenv("LMESH_TLS_CLIENT_CA", str(ca.cert))
+        live.procs.start("gateway", name="gateway-tls")
+    try:
+        await live.procs.wait_passing(live.mesh, "gateway", name="gateway-tls", exclude=plain)  # Consul's check
+        endpoint = next(e for e in resolver.endpoints() if e.service_id not in plain)
+        assert endpoint.meta["tls"] == "true"
+        public = endpoint.target
+        cert_port = f"{endpoint.address}:{endpoint.meta['client_cert_port']}"
+        trust = GatewayTls(ca=ca.cert.read_bytes())
+
+        async def answer(target: str, tls: GatewayTls | None, key: str = "") -> str:
+            async with public_gateway(target, tls) as stub:
+                call = stub.Chat(metadata=auth(key) if key else (), timeout=60)
+                await call.write(start(max_tokens=24))
+                await call.done_writing()
+                return "".join([r.delta async for r in call])
+
+        assert "Paris" in await answer(public, trust, live.api_key)
+        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+            await answer(public, None, live.api_key)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        as_alice = GatewayTls(ca=trust.ca, client_cert=alice.cert.read_bytes(), client_key=alice.key.read_bytes())
+        assert "Paris" in await answer(cert_port, as_alice)
+        async with public_gateway(cert_port, as_alice) as stub:
+            listed = await stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
+            assert "smollm2-135m-instruct:1" in {m.id for m in listed.models}
+        for who in (bob, carol):  # bound to nothing; bound to a revoked key
+            as_who = GatewayTls(ca=trust.ca, client_cert=who.cert.read_bytes(), client_key=who.key.read_bytes())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await answer(cert_port, as_who)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, who.subject
+
+        # The CLI finds the TLS gateway through Consul: with a CA and a key, then with alice's certificate alone.
+        keyed = await run_cli(live, "chat", "--gateway-ca", str(ca.cert), "--key", live.api_key, "--max-tokens",
+                              "24", FRANCE)
+        assert keyed.returncode == 0 and "Paris" in keyed.stdout, keyed.stderr
+        certified = await run_cli(live, "chat", "--gateway-ca", str(ca.cert), "--client-cert", str(alice.cert),
+                                  "--client-key", str(alice.key), "--max-tokens", "24", FRANCE)
+        assert certified.returncode == 0 and "Paris" in certified.stdout, certified.stderr
+
+        seen = await run_node_client(live, LMESH_GATEWAY_CA=str(ca.cert), LMESH_CLIENT_CERT=str(alice.cert),
+                                     LMESH_CLIENT_KEY=str(alice.key))
+        assert seen["gateway"] == public
+        await judge_node_client(live, seen)  # the whole contract, over TLS
+        assert "smollm2-135m-instruct:1" in {m["id"] for m in seen["certificate"]["models"]["models"]}
+        assert seen["certificate"]["greedy"]["text"] == seen["greedy"]["text"]
+    finally:
+        live.procs.terminate("gateway-tls")
+        await live.procs.wait_exit("gateway-tls")
+        # Gone from this suite's resolver too, so no later test picks it with a plaintext channel.
+        for _ in range(300):
+            if all(e.service_id in plain for e in resolver.endpoints()):
+                break
+            await asyncio.sleep(0.1)
+        assert all(e.service_id in plain for e in resolver.endpoints())
 
 
 async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) -> None:
@@ -1289,7 +1375,8 @@ async def test_cli_errors_are_one_line_with_what_to_do(live: LiveMesh) -> None:
     assert "Traceback" not in unknown.stderr
     no_key = await run_cli(live, "chat", "hi")
     assert no_key.returncode == 2 and no_key.stderr == (
-        "lmesh: no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key\n")
+        "lmesh: no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key; or pass "
+        "--client-cert and --client-key of a certificate bound to a key\n")
 
 
 

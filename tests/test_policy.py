@@ -23,12 +23,19 @@ from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard
 from services.common.config import ServiceConfig, config_from_args
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from services.common.peers import POLICY, Peer
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.policy import client
-from services.policy.keys import DB_NAME, KeyStore
+from services.policy.keys import DB_NAME, CertificateIdentity, KeyStore, normalize_fingerprint, normalize_subject
 from services.policy.main import PolicySettings, build
 
 # Anything shaped like a plaintext key; no log line may ever contain one.
@@ -429,6 +436,43 @@ class TestPolicyOverGrpc:
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, field)
             assert details.startswith(f"{field}: "), (method, field, details)
 
+    async def test_a_bound_client_certificate_is_a_credential(self, policy: PolicyInstance) -> None:
+        created = await client.create_key(policy.peer, "certs", ["smollm2-*"], client_cert_subject="o=acme , cn=grpc")
+        assert created.key.client_cert_subject == "O=acme,CN=grpc" and not created.key.client_cert_sha256
+        certificate = policy_pb2.ClientCertificate(subject="O=acme,CN=grpc", sha256_fingerprint="0" * 64)
+        authenticated = await _call(policy.stub, "Authenticate",
+                                    policy_pb2.AuthenticateRequest(client_certificate=certificate))
+        assert authenticated.principal.key_id == created.key.key_id  # type: ignore[attr-defined]
+        authorized = await _call(policy.stub, "Authorize", policy_pb2.AuthorizeRequest(
+            client_certificate=certificate, model="smollm2-135m"))
+        assert authorized.principal.key_id == created.key.key_id  # type: ignore[attr-defined]
+        assert (await _status(policy.stub, "Authorize", policy_pb2.AuthorizeRequest(
+            client_certificate=certificate, model="llama3")))[0] == grpc.StatusCode.PERMISSION_DENIED
+        unbound = policy_pb2.ClientCertificate(subject="O=acme,CN=someone", sha256_fingerprint="0" * 64)
+        for method, request in (("Authenticate", policy_pb2.AuthenticateRequest(client_certificate=unbound)),
+                                ("Authorize", policy_pb2.AuthorizeRequest(client_certificate=unbound, model="m")),
+                                ("Authenticate", policy_pb2.AuthenticateRequest())):
+            code, details = await _status(policy.stub, method, request)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (method, details)
+        reordered = await client.create_key(policy.peer, "certs", client_cert_subject="CN=grpc,O=acme")
+        assert reordered.key.client_cert_subject == "CN=grpc,O=acme"  # another order is another name
+        code, details = await _status(policy.stub, "CreateApiKey", policy_pb2.CreateApiKeyRequest(
+            tenant="certs", client_cert_subject="O=acme,CN=grpc"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS and created.key.key_id in details
+        bad = policy_pb2.ClientCertificate(subject="O=acme,CN=grpc", sha256_fingerprint="xyz")
+        code, details = await _status(policy.stub, "Authenticate", policy_pb2.AuthenticateRequest(
+            client_certificate=bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("client_certificate.sha256_fingerprint: ")
+        for request, field in ((policy_pb2.CreateApiKeyRequest(tenant="certs", client_cert_subject="alice"),
+                                "client_cert_subject"),
+                               (policy_pb2.CreateApiKeyRequest(tenant="certs", client_cert_sha256="ab:cd"),
+                                "client_cert_sha256"),
+                               (policy_pb2.CreateApiKeyRequest(tenant="certs", client_cert_subject="CN=x",
+                                                               client_cert_sha256="ab" * 32), "client_cert_sha256")):
+            code, details = await _status(policy.stub, "CreateApiKey", request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}: "), details
+
     async def test_list_and_revoke(self, policy: PolicyInstance) -> None:
         first = await client.create_key(policy.peer, "listing", display_name="one")
         second = await client.create_key(policy.peer, "listing", ["a*"])
@@ -567,3 +611,90 @@ def test_too_many_resolved_aliases_are_refused(store: KeyStore) -> None:
         store.authorize(plaintext, "smollm2", resolved_model="smollm2:1", resolved_aliases=aliases)
     assert bad.value.field == "resolved_aliases"
     assert store.authorize(plaintext, "smollm2", resolved_model="smollm2:1", resolved_aliases=aliases[:256])
+
+
+# -- client certificate bindings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("written", "canonical"), [
+    ("CN=alice,O=acme", "CN=alice,O=acme"),
+    (" cn = alice ,  o=acme ", "CN=alice,O=acme"),
+    ("subject=CN=alice,O=acme", "CN=alice,O=acme"),  # openssl's output, pasted
+    ("CN=Jos\\C3\\A9,O=a\\,b", "CN=José,O=a\\,b"),  # how OpenSSL (and gRPC) escape non-ASCII characters
+    ("UID=x + CN=a,O=b", "CN=a+UID=x,O=b"),  # a multi-valued part, in any order
+    ("CN=\\ lead\\ ,O=x", "CN=\\ lead\\ ,O=x"),  # escaped spaces are part of the value
+    ("1.2.3.4=#0403616263,CN=x", "1.2.3.4=#0403616263,CN=x"),
+])
+def test_subjects_are_compared_in_one_canonical_form(written: str, canonical: str) -> None:
+    assert normalize_subject(written) == canonical
+
+
+@pytest.mark.parametrize("subject", ["alice", "CN=", "CN=a,", "=x", "CN=a\\", "CN=\\FF", "CN=a\nb", "C N=a",
+                                     "CN=" + "a" * 1100])
+def test_a_malformed_subject_is_invalid_argument(store: KeyStore, subject: str) -> None:
+    with pytest.raises(InvalidArgument) as bad:
+        store.create("acme", client_cert_subject=subject)
+    assert bad.value.field == "client_cert_subject"
+
+
+def test_fingerprints_ignore_colons_case_and_openssls_prefix() -> None:
+    digits = "fa55c5a29bb01026210cac90b379d03c78f464d9203ecebbedb4231e4e8d31c1"
+    colons = ":".join(digits[i:i + 2] for i in range(0, 64, 2)).upper()
+    assert normalize_fingerprint(colons) == normalize_fingerprint(f"sha256 Fingerprint={colons}") == digits
+    for bad in ("", digits[:-1], digits + "00", "g" * 64):
+        with pytest.raises(InvalidArgument):
+            normalize_fingerprint(bad)
+
+
+def test_a_certificate_authenticates_as_the_active_key_bound_to_it(store: KeyStore) -> None:
+    fingerprint = "ab" * 32
+    by_subject, plaintext = store.create("acme", ["smollm2-*"], client_cert_subject="CN=alice,O=acme")
+    by_fingerprint, _ = store.create("acme", ["other-*"], client_cert_sha256=fingerprint.upper())
+    assert (by_subject.client_cert_subject, by_fingerprint.client_cert_sha256) == ("CN=alice,O=acme", fingerprint)
+    assert store.authenticate(plaintext).key_id == by_subject.key_id  # the key itself still works
+    alice = CertificateIdentity("CN=alice, O=acme", "cd" * 32)
+    assert store.authenticate(alice).key_id == by_subject.key_id
+    assert store.authorize(alice, "smollm2-135m").key_id == by_subject.key_id
+    with pytest.raises(PermissionDenied):
+        store.authorize(alice, "llama3")
+    # The fingerprint binding is the more specific: it wins over the subject's.
+    assert store.authenticate(CertificateIdentity("CN=alice,O=acme", fingerprint)).key_id == by_fingerprint.key_id
+    for unbound in (CertificateIdentity("CN=bob,O=acme", "cd" * 32), CertificateIdentity("CN=ALICE,O=acme"),
+                    CertificateIdentity()):
+        with pytest.raises(Unauthenticated):
+            store.authenticate(unbound)
+    assert [(k.client_cert_subject, k.client_cert_sha256) for k in store.list()] == [
+        ("CN=alice,O=acme", ""), ("", fingerprint)]
+
+
+def test_one_active_key_per_certificate_identity_and_revoking_frees_it(store: KeyStore) -> None:
+    first, _ = store.create("acme", client_cert_subject="CN=alice,O=acme")
+    with pytest.raises(AlreadyExists) as taken:
+        store.create("other", client_cert_subject="cn=alice, o=acme")
+    assert first.key_id in taken.value.message
+    with pytest.raises(InvalidArgument):
+        store.create("acme", client_cert_subject="CN=x", client_cert_sha256="ab" * 32)
+    store.revoke(first.key_id)
+    with pytest.raises(Unauthenticated, match="not bound to an active API key"):
+        store.authenticate(CertificateIdentity("CN=alice,O=acme"))
+    second, _ = store.create("acme", client_cert_subject="CN=alice,O=acme")
+    assert store.authenticate(CertificateIdentity("CN=alice,O=acme")).key_id == second.key_id
+
+
+def test_a_schema_1_store_gains_bindings_and_keeps_its_keys(tmp_path: Path) -> None:
+    import sqlite3
+
+    with KeyStore(tmp_path) as store:
+        record, plaintext = store.create("acme", ["smollm2-*"])
+    db = sqlite3.connect(tmp_path / DB_NAME)  # back to what schema 1 had
+    db.executescript("DROP INDEX api_keys_active_cert_subject; DROP INDEX api_keys_active_cert_sha256; "
+                     "ALTER TABLE api_keys DROP COLUMN client_cert_subject; "
+                     "ALTER TABLE api_keys DROP COLUMN client_cert_sha256; PRAGMA user_version=1;")
+    db.close()
+    with KeyStore(tmp_path) as store:
+        assert store.authenticate(plaintext).key_id == record.key_id
+        bound, _ = store.create("acme", client_cert_subject="CN=alice")
+        assert store.authenticate(CertificateIdentity("CN=alice")).key_id == bound.key_id
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()

@@ -33,7 +33,8 @@ from services.tokenizer.main import TokenizerSettings
 SETTING_VARIABLES = ("LMESH_HOST", "LMESH_PORT", "LMESH_ADVERTISE_HOST", "LMESH_GRACE_S", "LMESH_LOG_LEVEL",
                      "LMESH_MTLS", "LMESH_MAX_ACTIVE", "LMESH_MAX_QUEUE", "LMESH_ORT_THREADS", "LMESH_PREFILL_CHUNK",
                      "LMESH_PREFIX_CACHE_MB", "LMESH_RESOLVE_TTL_S", "LMESH_TOKENIZER_MAX_MODELS", "LMESH_TLS_CERT",
-                     "LMESH_TLS_KEY", "LMESH_TLS_CLIENT_CA", "LMESH_ADMIN_TOKEN", "CONSUL_HTTP_ADDR")
+                     "LMESH_TLS_KEY", "LMESH_TLS_CLIENT_CA", "LMESH_TLS_CLIENT_CERT_PORT", "LMESH_ADMIN_TOKEN",
+                     "CONSUL_HTTP_ADDR")
 
 
 @pytest.fixture(autouse=True)
@@ -190,6 +191,11 @@ def test_tls_files_from_flags_or_variables(pem: dict[str, Path], monkeypatch: py
     ([], {"LMESH_TLS_CERT": "{cert}", "LMESH_TLS_KEY": "{missing}"},
      "LMESH_TLS_KEY must be a readable file, got '{missing}' (no such file)"),
     ([], {"LMESH_TLS_CLIENT_CA": "{dir}"}, "LMESH_TLS_CLIENT_CA must be a readable file, got '{dir}' (a directory)"),
+    (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-cert-port", "50052"], {},
+     "--tls-client-cert-port (LMESH_TLS_CLIENT_CERT_PORT) is set without --tls-client-ca (LMESH_TLS_CLIENT_CA): the "
+     "client-certificate port is served only with a client CA"),
+    ([], {"LMESH_TLS_CLIENT_CERT_PORT": "port"},
+     "LMESH_TLS_CLIENT_CERT_PORT must be an integer from 0 to 65535, got 'port'"),
 ])
 def test_bad_tls_settings_are_one_line(argv: list[str], env: dict[str, str], expected: str, pem: dict[str, Path],
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -134,15 +134,17 @@ class StaleAnswers:
 
 class ConsulRegistration:
     """This process's entry in Consul, with a gRPC health check on its own port; on an mTLS mesh, Connect-native,
-    with the check on its TLS health port (`tls_health_port`: Consul's check has no client certificate)."""
+    with the check on its TLS health port (`tls_health_port`: Consul's check has no client certificate). A public
+    port that serves TLS (`check_tls`: the gateway with --tls-cert) is checked over TLS, without verifying."""
 
     def __init__(self, client: consul.aio.Consul, name: str, address: str, port: int,
-                 tls_health_port: int | None = None) -> None:
+                 tls_health_port: int | None = None, *, check_tls: bool = False) -> None:
         self._client = client
         self.name = name
         self.address = address.strip("[]")  # Consul keeps IPv6 addresses bare
         self.port = port
         self.tls_health_port = tls_health_port
+        self.check_tls = check_tls
         self.service_id = f"{name}-{address}-{port}"
         self.meta: dict[str, str] = {}
         self._keeper: asyncio.Task[None] | None = None
@@ -158,7 +160,12 @@ class ConsulRegistration:
             self._keeper = asyncio.create_task(self._keep(), name=f"keep-{self.service_id}")
 
     async def _register(self) -> None:
-        if self.tls_health_port is None:
+        if self.tls_health_port is None and self.check_tls:
+            # The gateway's TLS port: server-only TLS, so Consul's check (which has no certificate) passes.
+            check = {"GRPC": host_port(self.address, self.port), "GRPCUseTLS": True, "TLSSkipVerify": True,
+                     "Interval": "1s", "Timeout": "1s", "DeregisterCriticalServiceAfter": "1m"}
+            connect = None
+        elif self.tls_health_port is None:
             check = consul.Check.grpc(host_port(self.address, self.port), interval="1s", timeout="1s",
                                       deregister="1m")
             connect = None

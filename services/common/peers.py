@@ -173,11 +173,30 @@ class Peer(Generic[S]):
         self.resolver.mark_down(endpoint)
 
 
+@dataclass(frozen=True)
+class GatewayTls:
+    """How a client reaches a gateway whose public port serves TLS: the roots its certificate must chain to
+    (`ca`; None: the system's), and optionally a client certificate to present (`client_cert`, `client_key`; the
+    gateway asks for one only on its client-certificate port)."""
+
+    ca: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.client_key, self.client_cert)
+
+
 @contextlib.asynccontextmanager
-async def public_gateway(target: str) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+async def public_gateway(target: str, tls: GatewayTls | None = None) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     """The public API of the gateway at `target` (`lmesh chat --gateway`, `make run`'s sample answer): a client
-    of the mesh, not a member, so no mesh credentials."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    of the mesh, not a member, so no mesh credentials; over TLS with `tls` (the gateway's certificate must name
+    the host in `target`), plaintext without."""
+    if tls is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        channel = grpc.aio.secure_channel(target, tls.channel_credentials())
+    async with channel:
         yield GATEWAY.stub(channel)
 
 

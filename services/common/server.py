@@ -57,6 +57,17 @@ class ServiceRuntime:
         return self.meter_provider.get_meter(f"lmesh.{self.config.service}")
 
 
+@dataclass(frozen=True)
+class ExtraPort:
+    """One more port of a public service's server, with credentials of its own (the gateway's
+    client-certificate port); its bound number is registered in Consul meta under `meta_key`."""
+
+    meta_key: str
+    port: int  # 0: a free one
+    credentials: grpc.ServerCredentials
+    flag: str  # the setting that chooses it, for messages
+
+
 @dataclass
 class ServiceParts:
     """A service's servicers and hooks, built from the runtime by the service's own module."""
@@ -78,6 +89,10 @@ class ServiceParts:
     max_request_bytes: int | None = None
     # Serves callers outside the mesh (the gateway): no mesh certificate asked of them.
     public: bool = False
+    # A public service's TLS: its port's credentials (None: plaintext; when set, Consul's check uses TLS too and
+    # the instance has meta `tls` "true"), and further ports on the same server (`extra_ports`).
+    public_credentials: grpc.ServerCredentials | None = None
+    extra_ports: Sequence[ExtraPort] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +109,8 @@ class RunningService:
         self.port = port
         self._service_names = [name for _, _, name in parts.servicers]
         self._stopped = asyncio.Event()
+        # The bound numbers of parts.extra_ports, by meta key.
+        self.extra_ports: dict[str, int] = {}
 
     @property
     def target(self) -> str:
@@ -158,7 +175,15 @@ async def start_service(
     security = await _mesh_security(config, tracer_provider, meter_provider)
     runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr, security=security),
                              tracer_provider=tracer_provider, meter_provider=meter_provider)
-    parts = build(runtime)
+    try:
+        parts = build(runtime)  # may refuse its settings (the gateway's TLS files)
+        problem = _extra_ports_problem(config, parts)
+        if problem is not None:
+            raise OSError(problem)
+    except BaseException:
+        await runtime.mesh.close()
+        await shutdown_telemetry(runtime.tracer_provider, runtime.meter_provider)
+        raise
     # A service the mesh calls takes calls only from it: mTLS, and each caller checked against intentions.
     guard = security.serve() if security is not None and not parts.public else None
     interceptor = ServerInterceptor(config.service, runtime.tracer, guard)
@@ -173,6 +198,8 @@ async def start_service(
         add(servicer, server)
     enable_reflection(server, [name for _, _, name in parts.servicers])
     health_port: int | None = None
+    extra_ports: dict[str, int] = {}
+    extra_problem: str | None = None
     try:
         if guard is not None and security is not None:
             port = server.add_secure_port(host_port(config.host, config.port), security.identity.server_credentials())
@@ -180,36 +207,59 @@ async def start_service(
             # any other method called there finds no caller identity and is refused.
             health_port = server.add_secure_port(host_port(config.host, config.health_port),
                                                  security.identity.health_server_credentials())
+        elif parts.public_credentials is not None:
+            port = server.add_secure_port(host_port(config.host, config.port), parts.public_credentials)
         else:
             port = server.add_insecure_port(host_port(config.host, config.port))
+        for extra in parts.extra_ports:
+            try:
+                extra_ports[extra.meta_key] = server.add_secure_port(host_port(config.host, extra.port),
+                                                                     extra.credentials)
+            except RuntimeError:
+                extra_ports[extra.meta_key] = 0
+            if not extra_ports[extra.meta_key]:
+                extra_problem = _extra_ports_problem(config, parts) or (
+                    f"could not listen on {host_port(config.host, extra.port)} ({extra.flag})")
+                break
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
-    if port == 0:
+    if port == 0 or extra_problem is not None:
         if parts.on_stop is not None:
             await parts.on_stop()
         await runtime.mesh.close()
         await shutdown_telemetry(runtime.tracer_provider, runtime.meter_provider)
+        if port != 0:
+            raise OSError(extra_problem)
         # Taken since the check above, or refused by gRPC alone (a free port 0 cannot be "in use").
         raise OSError(_bind_problem(config) or (_port_taken(config) if config.port else
                                                 f"could not listen on {host_port(config.host, 0)}"))
     await server.start()
     running = RunningService(runtime, parts, server, health_servicer, port, interceptor)
+    running.extra_ports = extra_ports
     await running.set_serving(False)
-    log.info("lmesh-%s listening on %s, advertised as %s", config.service, host_port(config.host, port),
-             running.target)
+    where = host_port(config.host, port) + (" (TLS)" if parts.public_credentials is not None else "")
+    where += "".join(f", {key} {value}" for key, value in extra_ports.items())
+    log.info("lmesh-%s listening on %s, advertised as %s", config.service, where, running.target)
+
+    def meta() -> dict[str, str]:
+        ports = {key: str(value) for key, value in extra_ports.items()}
+        return {**({"tls": "true"} if parts.public_credentials is not None else {}), **ports,
+                **(parts.meta() if parts.meta else {})}
+
     try:
         if register:
             registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
-                                              config.address, port, tls_health_port=health_port)
+                                              config.address, port, tls_health_port=health_port,
+                                              check_tls=parts.public_credentials is not None)
             try:
-                await registration.register(parts.meta() if parts.meta else {})
+                await registration.register(meta())
             except (OSError, aiohttp.ClientError, consul.ConsulException) as exc:
                 raise OSError(await _registration_failed(config, port, exc)) from exc
             runtime.registration = registration
         if parts.warm_up is not None:
             await parts.warm_up()
         if register and parts.meta is not None and runtime.registration is not None:
-            await runtime.registration.register(parts.meta())
+            await runtime.registration.register(meta())
     except BaseException:
         await running.stop()
         raise
@@ -299,6 +349,18 @@ def _bind_problem(config: ServiceConfig) -> str | None:
         return (f"could not listen on {host_port(config.host, config.port)}: ports below 1024 need privileges; "
                 "pick another with --port")
     return f"could not listen on {host_port(config.host, config.port)}: {error.strerror or error}"
+
+
+def _extra_ports_problem(config: ServiceConfig, parts: ServiceParts) -> str | None:
+    """Why one of the service's extra ports cannot be bound now (the same as --port, or taken), or None."""
+    for extra in parts.extra_ports:
+        if extra.port and extra.port == config.port:
+            return f"{extra.flag} must be another port than --port ({config.port})"
+        error = _bind_error(config.host, extra.port) if extra.port else None
+        if error is not None and not isinstance(error, socket.gaierror) and error.errno == errno.EADDRINUSE:
+            return (f"could not listen on {host_port(config.host, extra.port)} ({extra.flag}): the port is in use; "
+                    f"stop what listens there or pick another with {extra.flag}")
+    return None
 
 
 def _port_taken(config: ServiceConfig) -> str:

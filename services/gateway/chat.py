@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,11 @@ from opentelemetry import trace
 
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
-from services.common.errors import InvalidArgument, LmeshError, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, LmeshError, Unavailable
 from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
+from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
 
@@ -100,16 +101,6 @@ def validate(params: ChatParams) -> ChatParams:
     return params
 
 
-def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            break
-    raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
-
-
 def allowed(principal: policy_pb2.Principal, version: registry_pb2.ModelVersion) -> bool:
     """The policy service's rule (services.common.access), so ListModels shows what Authorize allows."""
     return version_allowed(principal.allowed_models, f"{version.name}:{version.version}", version.aliases)
@@ -126,23 +117,25 @@ class ChatService:
         self.vocabularies = VocabularyCache(self._tokenizer)
         self._tracer = tracer
 
-    async def authenticate(self, api_key: str) -> policy_pb2.Principal:
-        response = await self._policy.call(lambda p: p.Authenticate, policy_pb2.AuthenticateRequest(api_key=api_key),
-                                           timeout=10)
+    async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
+        """The principal of an API key (a string) or of a verified client certificate."""
+        response = await self._policy.call(lambda p: p.Authenticate,
+                                           policy_pb2.AuthenticateRequest(**credential_fields(credential)), timeout=10)
         return response.principal
 
-    async def list_models(self, api_key: str) -> list[registry_pb2.ModelVersion]:
-        principal = await self.authenticate(api_key)
+    async def list_models(self, credential: Credential | str) -> list[registry_pb2.ModelVersion]:
+        principal = await self.authenticate(credential)
         return [m for m in await self.models.list() if allowed(principal, m)]
 
     async def served_models(self) -> set[str]:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
         return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
-    async def prepare(self, api_key: str, params: ChatParams,
+    async def prepare(self, credential: Credential | str, params: ChatParams,
                       ) -> tuple[registry_pb2.ModelVersion, list[int], int, Endpoint]:
-        """Resolves the model, authorizes the key for the model it resolved to, then renders the prompt; returns
-        version, ids, max_tokens and the tokenizer that rendered it (which has that model's tokenizer loaded)."""
+        """Resolves the model, authorizes the credential (an API key, or a verified client certificate) for the
+        model it resolved to, then renders the prompt; returns version, ids, max_tokens and the tokenizer that
+        rendered it (which has that model's tokenizer loaded)."""
         with self._tracer.start_as_current_span("authorize", record_exception=False,
                                                  set_status_on_exception=False) as span:
             try:
@@ -150,13 +143,13 @@ class ChatService:
                     version = await self.models.resolve(params.model)  # cached: usually no call
                 except (LmeshError, grpc.aio.AioRpcError):
                     # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
-                    await self.authenticate(api_key)
+                    await self.authenticate(credential)
                     raise
                 model_id = f"{version.name}:{version.version}"
                 # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
                 await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
-                    api_key=api_key, model=params.model, max_tokens=params.max_tokens, resolved_model=model_id,
-                    resolved_aliases=list(version.aliases)), timeout=10)
+                    **credential_fields(credential), model=params.model, max_tokens=params.max_tokens,
+                    resolved_model=model_id, resolved_aliases=list(version.aliases)), timeout=10)
             except Exception as exc:
                 mark_failed(span, exc)
                 raise

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.common.config import READABLE_FILE_TYPE, ConfigError, setting, setting_names
-from services.common.server import ServiceParts, ServiceRuntime
+from services.common.config import PORT_TYPE, READABLE_FILE_TYPE, ConfigError, setting, setting_names
+from services.common.server import ExtraPort, ServiceParts, ServiceRuntime
+
+if TYPE_CHECKING:
+    from services.gateway.tls import PublicTls
 
 log = logging.getLogger("lmesh.gateway")
 
@@ -18,18 +22,24 @@ MAX_CHAT_REQUEST_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """What `lmesh serve gateway` takes beyond the common settings. The TLS files are declared and checked here
-    (readable files; a certificate goes with its key) but not yet served."""
+    """What `lmesh serve gateway` takes beyond the common settings: TLS at the public door. Checked here
+    (readable files; a certificate goes with its key; a client CA needs both); their contents are checked when the
+    gateway starts (services/gateway/tls.py), and re-read when they change."""
 
     tls_cert: Path | None = setting(flag="--tls-cert", env="LMESH_TLS_CERT", default=None,
                                     parse=READABLE_FILE_TYPE, metavar="FILE",
                                     help="serve the public port with TLS, with this certificate chain (PEM; needs "
-                                         "--tls-key)")
+                                         "--tls-key; re-read when it changes)")
     tls_key: Path | None = setting(flag="--tls-key", env="LMESH_TLS_KEY", default=None, parse=READABLE_FILE_TYPE,
-                                   metavar="FILE", help="the TLS certificate's private key (PEM)")
-    tls_client_ca: Path | None = setting(flag="--tls-client-ca", env="LMESH_TLS_CLIENT_CA", default=None,
-                                         parse=READABLE_FILE_TYPE, metavar="FILE",
-                                         help="accept client certificates signed by this CA (PEM; needs --tls-cert)")
+                                   metavar="FILE", help="the TLS certificate's private key (PEM, unencrypted)")
+    tls_client_ca: Path | None = setting(
+        flag="--tls-client-ca", env="LMESH_TLS_CLIENT_CA", default=None, parse=READABLE_FILE_TYPE, metavar="FILE",
+        help="also serve a client-certificate port that requires a client certificate signed by this CA (PEM); a "
+             "certificate bound to an API key authenticates as that key (needs --tls-cert)")
+    tls_client_cert_port: int = setting(
+        flag="--tls-client-cert-port", env="LMESH_TLS_CLIENT_CERT_PORT", default=0, parse=PORT_TYPE, metavar="PORT",
+        default_help="0: a free one", help="the client-certificate port, 0-65535 (with --tls-client-ca; in Consul "
+                                           "meta `client_cert_port`)")
 
     def __post_init__(self) -> None:
         def names(name: str) -> str:
@@ -42,6 +52,9 @@ class GatewaySettings:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError(f"{names('tls_client_ca')} is set without {names('tls_cert')} and {names('tls_key')}: "
                               "client certificates are checked only on a TLS port")
+        if self.tls_client_cert_port and self.tls_client_ca is None:
+            raise ConfigError(f"{names('tls_client_cert_port')} is set without {names('tls_client_ca')}: the "
+                              "client-certificate port is served only with a client CA")
 
 
 SETTINGS = GatewaySettings
@@ -54,10 +67,32 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
-    if settings.tls_cert is not None:  # never let an operator believe the port is encrypted when it is not
-        log.warning("%s is set, but TLS is not served yet: the public port is plaintext",
-                    setting_names(GatewaySettings, "tls_cert"))
     servicer = GatewayServicer(ChatService(runtime.mesh, runtime.tracer))
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-    return ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
-                        max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True)
+    parts = ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
+                         max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True)
+    tls = public_tls(settings)
+    if tls is None:
+        return parts
+    # gRPC's Python server can require a client certificate or not ask for one, not ask and accept either: so
+    # API-key clients keep the public port (server-only TLS, which Consul's check can reach too), and clients
+    # with a certificate connect to a port of their own that requires one.
+    parts.public_credentials = tls.server_credentials()
+    if tls.client_auth:
+        parts.extra_ports = [ExtraPort("client_cert_port", settings.tls_client_cert_port,
+                                       tls.server_credentials(client_auth=True),
+                                       setting_names(GatewaySettings, "tls_client_cert_port"))]
+    return parts
+
+
+def public_tls(settings: GatewaySettings) -> PublicTls | None:
+    """The public door's TLS files, checked (a bad one is a ConfigError naming its setting), or None."""
+    from services.gateway.tls import PublicTls, TlsFilesError
+
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    labels = {name: setting_names(GatewaySettings, f"tls_{name}") for name in ("cert", "key", "client_ca")}
+    try:
+        return PublicTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca, labels=labels)
+    except TlsFilesError as exc:
+        raise ConfigError(str(exc)) from None

@@ -19,10 +19,10 @@ from services.gateway.chat import (
     ChatEnd,
     ChatParams,
     ChatService,
-    bearer_key,
     new_completion_id,
     validate,
 )
+from services.gateway.credentials import caller_credential
 from services.gateway.logprobs import TokenLogprob
 
 
@@ -67,8 +67,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": start.max_tokens,
                              "gen_ai.request.temperature": start.temperature})
         params = _params(start, model)
-        api_key = bearer_key(context.invocation_metadata())
-        version, prompt, max_tokens, tokenizer = await self._chat.prepare(api_key, params)
+        credential = caller_credential(context)
+        span.set_attribute("lmesh.credential", credential.kind)
+        version, prompt, max_tokens, tokenizer = await self._chat.prepare(credential, params)
         model_id = f"{version.name}:{version.version}"
         completion_id = new_completion_id()
         span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
@@ -107,8 +108,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
-        api_key = bearer_key(context.invocation_metadata())
-        versions = await self._chat.list_models(api_key)
+        credential = caller_credential(context)
+        trace.get_current_span().set_attribute("lmesh.credential", credential.kind)
+        versions = await self._chat.list_models(credential)
         served = await self._chat.served_models()
         return gateway_pb2.ListModelsResponse(models=[
             gateway_pb2.ModelInfo(id=f"{v.name}:{v.version}", name=v.name, version=v.version,

@@ -17,10 +17,13 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 async def create_key(policy: Peer[PolicyStub], tenant: str, allowed_models: Iterable[str] = (),
-                     display_name: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.CreateApiKeyResponse:
-    """Creates an API key; the response holds the plaintext key (`.api_key`), shown this once."""
+                     display_name: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, *, client_cert_subject: str = "",
+                     client_cert_sha256: str = "") -> policy_pb2.CreateApiKeyResponse:
+    """Creates an API key (bound to a client certificate subject or fingerprint when given); the response holds
+    the plaintext key (`.api_key`), shown this once."""
     request = policy_pb2.CreateApiKeyRequest(tenant=tenant, allowed_models=list(allowed_models),
-                                             display_name=display_name)
+                                             display_name=display_name, client_cert_subject=client_cert_subject,
+                                             client_cert_sha256=client_cert_sha256)
     response: policy_pb2.CreateApiKeyResponse = await policy.call(lambda p: p.CreateApiKey, request, admin=True,
                                                                   retry=False, timeout=timeout_s)
     return response

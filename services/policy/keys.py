@@ -5,6 +5,11 @@ HMAC-SHA256(pepper, key), where the pepper is 32 random bytes created with the s
 SQLite file's `settings` table, so a backup of the file is always self-consistent. A 256-bit random key
 cannot be brute-forced from its hash anyway; the pepper only makes a leaked hash useless on its own.
 Nothing is cached: every authentication reads the database, so a revocation applies to the next call.
+
+A key may also be bound to a client certificate identity: a subject (RFC 4514 distinguished name, kept in a
+canonical form, so it survives the certificate's renewal) or one certificate's SHA-256 fingerprint. A verified
+client certificate that the gateway presents on the caller's behalf then authenticates as that key (the key's
+revocation ends both). At most one active key per subject and per fingerprint.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from services.common.access import reference_allowed, version_allowed
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Reason, Unauthenticated, Unavailable
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger("lmesh.policy")
 
@@ -37,8 +50,10 @@ MAX_MODEL_PATTERN_LEN = 256
 MAX_ALLOWED_MODELS = 256
 MAX_DISPLAY_NAME_LEN = 256
 DB_NAME = "policy.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: client certificate bindings
 INVALID_KEY = "invalid API key"
+UNBOUND_CERTIFICATE = "the client certificate is not bound to an active API key"
+MAX_SUBJECT_LEN = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -52,10 +67,22 @@ CREATE TABLE IF NOT EXISTS api_keys (
     allowed_models      TEXT NOT NULL,  -- JSON array of references or glob patterns
     display_name        TEXT NOT NULL,
     create_time_unix_ms INTEGER NOT NULL,
-    revoke_time_unix_ms INTEGER         -- NULL while the key is active
+    revoke_time_unix_ms INTEGER,        -- NULL while the key is active
+    client_cert_subject TEXT,           -- canonical RFC 4514 subject a verified client certificate maps from
+    client_cert_sha256  TEXT            -- or one certificate's SHA-256 (lowercase hex); NULL when unbound
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, create_time_unix_ms);
 """
+
+# After the columns exist (schema 1 files gain them first): one active key per certificate identity.
+_BINDING_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_cert_subject ON api_keys (client_cert_subject)
+    WHERE revoke_time_unix_ms IS NULL AND client_cert_subject IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_cert_sha256 ON api_keys (client_cert_sha256)
+    WHERE revoke_time_unix_ms IS NULL AND client_cert_sha256 IS NOT NULL;
+"""
+_COLUMNS = ("key_id, tenant, allowed_models, display_name, create_time_unix_ms, revoke_time_unix_ms, "
+            "client_cert_subject, client_cert_sha256")
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,8 @@ class ApiKey:
     display_name: str
     create_time_unix_ms: int
     revoked: bool
+    client_cert_subject: str = ""
+    client_cert_sha256: str = ""
 
     @property
     def principal(self) -> Principal:
@@ -148,6 +177,118 @@ def validate_key_id(key_id: str) -> str:
     return key_id
 
 
+@dataclass(frozen=True)
+class CertificateIdentity:
+    """A client certificate the gateway verified, as policy sees it: its subject and fingerprint, never itself."""
+
+    subject: str = ""
+    sha256_fingerprint: str = ""
+
+
+_DN_SPECIAL = ',+"\\<>;='
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_subject(subject: str, field: str = "client_cert_subject") -> str:
+    """A distinguished name in RFC 4514 form (as gRPC and `openssl x509 -nameopt RFC2253` print it), canonical:
+    attribute names upper-cased, spaces around `,`, `+` and `=` dropped, escapes decoded (OpenSSL writes a
+    non-ASCII character as `\\C3\\A9`) and written again one way. Values are compared exactly.
+    A leading `subject=` (openssl's output, pasted) is ignored."""
+    text = subject.strip()
+    if text[:8].lower() == "subject=":
+        text = text[8:].strip()
+    if not text:
+        raise InvalidArgument(field, "must not be empty")
+    if len(text) > MAX_SUBJECT_LEN:
+        raise InvalidArgument(field, f"must be at most {MAX_SUBJECT_LEN} characters")
+    if any(not ch.isprintable() for ch in text):
+        raise InvalidArgument(field, "must not contain control characters")
+    rdns: list[list[str]] = [[]]
+    i, n = 0, len(text)
+    while True:
+        equals = text.find("=", i)
+        name = text[i:equals].strip() if equals >= 0 else ""
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", name):
+            raise InvalidArgument(field, "must be a distinguished name such as 'CN=alice,O=acme' (RFC 4514)")
+        i = equals + 1
+        while i < n and text[i] == " ":
+            i += 1
+        value, i, end = _dn_value(text, i, field)
+        rdns[-1].append(f"{name.upper() if name[0].isalpha() else name}={value}")
+        if end == "":
+            break
+        if end == ",":
+            rdns.append([])
+    return ",".join("+".join(sorted(rdn)) if len(rdn) > 1 else rdn[0] for rdn in rdns)
+
+
+def _dn_value(text: str, i: int, field: str) -> tuple[str, int, str]:
+    """One attribute value from text[i:]: (its canonical form, where the next one starts, the separator that
+    ended it: ',', '+' or '' at the end)."""
+    n = len(text)
+    if i < n and text[i] == "#":  # a hex-encoded DER value (OpenSSL writes unknown types so): kept as it is
+        j = i + 1
+        while j < n and text[j] in _HEX:
+            j += 1
+        value, k = text[i:j].lower(), j
+        while k < n and text[k] == " ":
+            k += 1
+        if k < n and text[k] not in ",+":
+            raise InvalidArgument(field, f"has a malformed hex value at character {i + 1}")
+        return value, k + 1, text[k] if k < n else ""
+    raw = bytearray()
+    kept = 0  # length of raw up to its last escaped or non-space byte: unescaped trailing spaces are dropped
+    while i < n and text[i] not in ",+":
+        ch = text[i]
+        if ch == "\\":
+            pair = text[i + 1:i + 3]
+            if len(pair) == 2 and all(c in _HEX for c in pair):
+                raw.append(int(text[i + 1:i + 3], 16))
+                i += 3
+            elif i + 1 < n:
+                raw += text[i + 1].encode()
+                i += 2
+            else:
+                raise InvalidArgument(field, "ends with a lone backslash")
+            kept = len(raw)
+            continue
+        raw += ch.encode()
+        i += 1
+        if ch != " ":
+            kept = len(raw)
+    try:
+        value = bytes(raw[:kept]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(field, "has an escaped value that is not UTF-8") from None
+    if not value:
+        raise InvalidArgument(field, "has an attribute without a value")
+    return _escape_dn_value(value), i + 1, text[i] if i < n else ""
+
+
+def _escape_dn_value(value: str) -> str:
+    out = []
+    for index, ch in enumerate(value):
+        if ch in _DN_SPECIAL or (ch in " #" and index == 0) or (ch == " " and index == len(value) - 1):
+            out.append("\\" + ch)
+        elif not ch.isprintable():
+            out.append("".join(f"\\{b:02X}" for b in ch.encode()))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def normalize_fingerprint(fingerprint: str, field: str = "client_cert_sha256") -> str:
+    """A SHA-256 fingerprint as 64 lowercase hex digits; colons, spaces and case are ignored, and so is a leading
+    `sha256 Fingerprint=` (openssl's output, pasted)."""
+    text = fingerprint.strip()
+    if "fingerprint=" in text.lower():
+        text = text[text.lower().index("fingerprint=") + len("fingerprint="):]
+    digits = text.replace(":", "").replace(" ", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        raise InvalidArgument(field, "must be a SHA-256 fingerprint: 64 hexadecimal digits (colons allowed)")
+    return digits
+
+
 class KeyStore:
     """API keys in `<data_dir>/policy.sqlite3` (WAL). Calls are short indexed statements on a local file,
     so they run on the caller's thread; `open()` before use, `close()` at the end."""
@@ -177,6 +318,11 @@ class KeyStore:
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has schema version {version}; "
                                    f"this build knows {SCHEMA_VERSION}")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
+            for column in ("client_cert_subject", "client_cert_sha256"):  # a schema 1 file: bindings came later
+                if column not in columns:
+                    db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+            db.executescript(_BINDING_INDEXES)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('key_pepper', ?)",
                        (secrets.token_bytes(32),))
@@ -211,39 +357,66 @@ class KeyStore:
     def _hash(self, api_key: str) -> bytes:
         return hmac.new(self._pepper, api_key.encode("utf-8"), sha256).digest()
 
-    def create(self, tenant: str, allowed_models: Iterable[str] = (),
-               display_name: str = "") -> tuple[ApiKey, str]:
-        """A new key for `tenant`: its public record and the plaintext secret (returned here only)."""
+    def create(self, tenant: str, allowed_models: Iterable[str] = (), display_name: str = "", *,
+               client_cert_subject: str = "", client_cert_sha256: str = "") -> tuple[ApiKey, str]:
+        """A new key for `tenant`: its public record and the plaintext secret (returned here only). With
+        `client_cert_subject` or `client_cert_sha256` (one of them), a verified client certificate with that
+        subject or fingerprint authenticates as the key too."""
         tenant = validate_tenant(tenant)
         models = validate_allowed_models(allowed_models)
         display_name = validate_display_name(display_name)
+        if client_cert_subject and client_cert_sha256:
+            raise InvalidArgument("client_cert_sha256", "give a client certificate subject or a fingerprint, not "
+                                                        "both")
+        subject = normalize_subject(client_cert_subject) if client_cert_subject else None
+        fingerprint = normalize_fingerprint(client_cert_sha256) if client_cert_sha256 else None
         db = self._conn
         now_ms = int(time.time() * 1000)
         for attempt in range(8):
+            self._check_unbound(subject, fingerprint)
             plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
             key_id = "key_" + secrets.token_hex(4)
             try:
                 db.execute(
                     "INSERT INTO api_keys (key_id, key_hash, tenant, allowed_models, display_name, "
-                    "create_time_unix_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                    (key_id, self._hash(plaintext), tenant, json.dumps(models), display_name, now_ms),
+                    "create_time_unix_ms, client_cert_subject, client_cert_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key_id, self._hash(plaintext), tenant, json.dumps(models), display_name, now_ms, subject,
+                     fingerprint),
                 )
                 break
             except sqlite3.IntegrityError:
-                # A key_id collision (1 in 4 billion per existing key): draw another.
+                # A key_id collision (1 in 4 billion per existing key), or another store bound the identity just
+                # now (the check above says so next time round): draw another.
                 if attempt == 7:
                     raise
-        log.info("created API key %s for tenant %s", key_id, tenant)
-        return ApiKey(key_id, tenant, models, display_name, now_ms, revoked=False), plaintext
+        bound = f", bound to client certificate {_binding_text(subject, fingerprint)}" if subject or fingerprint else ""
+        log.info("created API key %s for tenant %s%s", key_id, tenant, bound)
+        return ApiKey(key_id, tenant, models, display_name, now_ms, revoked=False, client_cert_subject=subject or "",
+                      client_cert_sha256=fingerprint or ""), plaintext
 
-    def authenticate(self, api_key: str) -> Principal:
-        """The principal of an active key; Unauthenticated for an empty, malformed, unknown or revoked key."""
+    def _check_unbound(self, subject: str | None, fingerprint: str | None) -> None:
+        for column, value, field in (("client_cert_subject", subject, "client_cert_subject"),
+                                     ("client_cert_sha256", fingerprint, "client_cert_sha256")):
+            if value is None:
+                continue
+            row = self._conn.execute(f"SELECT key_id FROM api_keys WHERE {column} = ? AND revoke_time_unix_ms IS "
+                                     "NULL", (value,)).fetchone()
+            if row is not None:
+                raise AlreadyExists(f"{field}: the active key {row[0]} is bound to the same client certificate "
+                                    f"{'subject' if subject else 'fingerprint'}; revoke it first")
+
+    def authenticate(self, credential: str | CertificateIdentity) -> Principal:
+        """The principal of an active key, given the key itself or a verified client certificate bound to it;
+        Unauthenticated for an empty, malformed, unknown or revoked key, or a certificate bound to no active
+        key."""
+        if isinstance(credential, CertificateIdentity):
+            return self._authenticate_certificate(credential)
+        api_key = credential
         if not api_key or not KEY_PATTERN.fullmatch(api_key):
             raise Unauthenticated(INVALID_KEY)
         digest = self._hash(api_key)
         row = self._conn.execute(
-            "SELECT key_hash, key_id, tenant, allowed_models, display_name, create_time_unix_ms, "
-            "revoke_time_unix_ms FROM api_keys WHERE key_hash = ?", (digest,),
+            f"SELECT key_hash, {_COLUMNS} FROM api_keys WHERE key_hash = ?", (digest,),
         ).fetchone()
         # The lookup is by hash, so its timing says nothing about the key; compare in constant time anyway.
         if row is None or not hmac.compare_digest(bytes(row[0]), digest):
@@ -253,16 +426,35 @@ class KeyStore:
             raise Unauthenticated(INVALID_KEY)
         return record.principal
 
-    def authorize(self, api_key: str, model: str, input_tokens: int = 0, max_tokens: int = 0, *,
-                  resolved_model: str = "", resolved_aliases: Sequence[str] = ()) -> Principal:
-        """The principal of `api_key` if it may use `model` for a request of the given size.
+    def _authenticate_certificate(self, certificate: CertificateIdentity) -> Principal:
+        """The active key bound to the certificate's fingerprint, else to its subject."""
+        field = "client_certificate"
+        if not certificate.subject and not certificate.sha256_fingerprint:
+            raise Unauthenticated("missing credential: an API key or a client certificate")
+        lookups = []
+        if certificate.sha256_fingerprint:
+            lookups.append(("client_cert_sha256",
+                            normalize_fingerprint(certificate.sha256_fingerprint, f"{field}.sha256_fingerprint")))
+        if certificate.subject:
+            lookups.append(("client_cert_subject", normalize_subject(certificate.subject, f"{field}.subject")))
+        for column, value in lookups:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE {column} = ? AND revoke_time_unix_ms "
+                                     "IS NULL", (value,)).fetchone()
+            if row is not None:
+                return _record(row).principal
+        raise Unauthenticated(UNBOUND_CERTIFICATE)
+
+    def authorize(self, credential: str | CertificateIdentity, model: str, input_tokens: int = 0,
+                  max_tokens: int = 0, *, resolved_model: str = "", resolved_aliases: Sequence[str] = ()) -> Principal:
+        """The principal of `credential` (an API key or a verified client certificate, as in `authenticate`) if it
+        may use `model` for a request of the given size.
 
         With `resolved_model` (`name:version`, what `model` resolved to) the decision is on that model: its
         name, `name:version` or one of its aliases must match a pattern, so an alias grants no more and no less
         than the model behind it. Authentication comes first, so a caller without a valid key learns nothing
         about models.
         """
-        principal = self.authenticate(api_key)
+        principal = self.authenticate(credential)
         validate_model(model)
         if input_tokens < 0:
             raise InvalidArgument("input_tokens", "must not be negative")
@@ -285,7 +477,7 @@ class KeyStore:
 
     def list(self, tenant: str = "") -> list[ApiKey]:
         """Every key (active and revoked), oldest first; only `tenant`'s when given."""
-        columns = "key_id, tenant, allowed_models, display_name, create_time_unix_ms, revoke_time_unix_ms"
+        columns = _COLUMNS
         if tenant:
             validate_tenant(tenant)
             rows = self._conn.execute(
@@ -300,8 +492,7 @@ class KeyStore:
     def get(self, key_id: str) -> ApiKey:
         validate_key_id(key_id)
         row = self._conn.execute(
-            "SELECT key_id, tenant, allowed_models, display_name, create_time_unix_ms, revoke_time_unix_ms "
-            "FROM api_keys WHERE key_id = ?", (key_id,),
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,),
         ).fetchone()
         if row is None:
             raise NotFound(f"no API key {key_id}")
@@ -322,7 +513,7 @@ class KeyStore:
 
 
 def _record(row: Sequence[Any]) -> ApiKey:
-    key_id, tenant, models_json, display_name, create_ms, revoke_ms = row
+    key_id, tenant, models_json, display_name, create_ms, revoke_ms, subject, fingerprint = row
     return ApiKey(
         key_id=str(key_id),
         tenant=str(tenant),
@@ -330,4 +521,10 @@ def _record(row: Sequence[Any]) -> ApiKey:
         display_name=str(display_name),
         create_time_unix_ms=int(create_ms),
         revoked=revoke_ms is not None,
+        client_cert_subject=str(subject or ""),
+        client_cert_sha256=str(fingerprint or ""),
     )
+
+
+def _binding_text(subject: str | None, fingerprint: str | None) -> str:
+    return f"subject {subject}" if subject else f"SHA-256 {fingerprint}"

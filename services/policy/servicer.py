@@ -11,7 +11,16 @@ from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import AdminGuard
 from services.common.errors import InvalidArgument
-from services.policy.keys import ApiKey, KeyStore, Principal
+from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal
+
+
+def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRequest,
+                ) -> str | CertificateIdentity:
+    """The request's credential: its API key, or the verified client certificate it carries."""
+    if request.WhichOneof("credential") == "client_certificate":
+        certificate = request.client_certificate
+        return CertificateIdentity(certificate.subject, certificate.sha256_fingerprint)
+    return request.api_key  # empty when none is set: the store refuses it as UNAUTHENTICATED
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
@@ -21,12 +30,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
     async def Authenticate(self, request: policy_pb2.AuthenticateRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.AuthenticateResponse:
-        principal = self._store.authenticate(request.api_key)
+        principal = self._store.authenticate(_credential(request))
         return policy_pb2.AuthenticateResponse(principal=_principal_pb(principal))
 
     async def Authorize(self, request: policy_pb2.AuthorizeRequest,
                         context: grpc.aio.ServicerContext) -> policy_pb2.AuthorizeResponse:
-        principal = self._store.authorize(request.api_key, request.model, request.input_tokens,
+        principal = self._store.authorize(_credential(request), request.model, request.input_tokens,
                                           request.max_tokens, resolved_model=request.resolved_model,
                                           resolved_aliases=request.resolved_aliases)
         # Limits are reserved in the contract; zero means no limit.
@@ -35,7 +44,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     async def CreateApiKey(self, request: policy_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.CreateApiKeyResponse:
         self._admin.check_call(context)
-        record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name)
+        record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name,
+                                               client_cert_subject=request.client_cert_subject,
+                                               client_cert_sha256=request.client_cert_sha256)
         return policy_pb2.CreateApiKeyResponse(key=_api_key_pb(record), api_key=plaintext)
 
     async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,
@@ -95,4 +106,6 @@ def _principal_pb(principal: Principal) -> policy_pb2.Principal:
 def _api_key_pb(record: ApiKey) -> policy_pb2.ApiKey:
     return policy_pb2.ApiKey(key_id=record.key_id, tenant=record.tenant,
                              allowed_models=list(record.allowed_models), display_name=record.display_name,
-                             create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked)
+                             create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked,
+                             client_cert_subject=record.client_cert_subject,
+                             client_cert_sha256=record.client_cert_sha256)

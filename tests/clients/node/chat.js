@@ -2,7 +2,11 @@
 // gateway through Consul (CONSUL_HTTP_ADDR), authenticates with `authorization: Bearer <key>`, and exercises
 // Chat and ListModels. It prints one JSON object of what it saw; tests/test_e2e.py judges it.
 // Usage: CONSUL_HTTP_ADDR=host:port LMESH_API_KEY=key node chat.js PROTO_ROOT
+// Over TLS: LMESH_GATEWAY_CA=ca.pem (the CA the gateway's certificate chains to) picks a gateway whose Consul meta
+// says `tls`; with LMESH_CLIENT_CERT and LMESH_CLIENT_KEY too it also calls the gateway's client-certificate
+// port (meta `client_cert_port`) with that certificate and no key.
 'use strict';
+const fs = require('fs');
 const grpc = require('@grpc/grpc-js');
 const loader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
@@ -52,14 +56,24 @@ function typedDetails(trailers) {
 const apiKey = process.env.LMESH_API_KEY;
 const FRANCE = [{ role: 'user', content: 'What is the capital of France?' }];
 
+const tls = process.env.LMESH_GATEWAY_CA ? {
+  ca: fs.readFileSync(process.env.LMESH_GATEWAY_CA),
+  cert: process.env.LMESH_CLIENT_CERT ? fs.readFileSync(process.env.LMESH_CLIENT_CERT) : null,
+  key: process.env.LMESH_CLIENT_KEY ? fs.readFileSync(process.env.LMESH_CLIENT_KEY) : null,
+} : null;
+
+// A passing gateway that serves what this client speaks (TLS or plaintext): its address and its client-certificate
+// address (null when it takes no client certificates).
 async function findGateway() {
   const consul = process.env.CONSUL_HTTP_ADDR || '127.0.0.1:8500';
   const base = consul.includes('://') ? consul : `http://${consul}`;
   const reply = await fetch(`${base}/v1/health/service/lmesh-gateway?passing=true`);
-  const entries = await reply.json();
-  if (!entries.length) throw new Error('no passing lmesh-gateway in Consul');
+  const entries = (await reply.json()).filter((e) => ((e.Service.Meta || {}).tls === 'true') === (tls !== null));
+  if (!entries.length) throw new Error(`no passing lmesh-gateway ${tls ? 'with' : 'without'} TLS in Consul`);
   const { Service, Node } = entries[0];
-  return `${Service.Address || Node.Address}:${Service.Port}`;
+  const host = Service.Address || Node.Address;
+  const certPort = (Service.Meta || {}).client_cert_port;
+  return { address: `${host}:${Service.Port}`, certAddress: certPort ? `${host}:${certPort}` : null };
 }
 
 function metadata(key) {
@@ -113,8 +127,8 @@ function listModels(client, key) {
 }
 
 (async () => {
-  const address = await findGateway();
-  const client = new Gateway(address, grpc.credentials.createInsecure());
+  const { address, certAddress } = await findGateway();
+  const client = new Gateway(address, tls ? grpc.credentials.createSsl(tls.ca) : grpc.credentials.createInsecure());
   const start = (fields) => ({ start: { messages: FRANCE, max_tokens: 32, ...fields } });
   const out = { gateway: address };
   out.models = await listModels(client, apiKey);
@@ -136,5 +150,15 @@ function listModels(client, key) {
     cancel_first: (await chat(client, { cancel: {} })).error,
   };
   client.close();
+  if (tls && tls.cert && tls.key) {
+    // The client certificate is the credential: no key is sent.
+    if (!certAddress) throw new Error(`the gateway at ${address} takes no client certificates`);
+    const certified = new Gateway(certAddress, grpc.credentials.createSsl(tls.ca, tls.key, tls.cert));
+    out.certificate = {
+      models: await listModels(certified, null),
+      greedy: await chat(certified, start({}), { key: null }),
+    };
+    certified.close();
+  }
   process.stdout.write(JSON.stringify(out));
 })().catch((e) => { process.stderr.write(`${e.stack}\n`); process.exit(1); });

@@ -65,7 +65,8 @@ class GatewayServicer:
         generated token, in order, up to and including the token that completed a stop string; the end-of-turn
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
         (at the latest the last message). Without `logprobs` every `logprobs` is empty.
-        Errors: UNAUTHENTICATED (no or wrong key), PERMISSION_DENIED (model not allowed for the key),
+        Errors: UNAUTHENTICATED (no or wrong key; a client certificate bound to no active key, or to a revoked
+        one), PERMISSION_DENIED (model not allowed for the key),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
         empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;
@@ -83,9 +84,9 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models the caller's key may use. While the registry is down the gateway answers from the last list
-        it got. Errors: UNAUTHENTICATED (no or wrong key), UNAVAILABLE (the registry is down and this gateway has
-        no list yet, or the policy service is down).
+        """Lists the models the caller's key (or the key its client certificate is bound to) may use. While the
+        registry is down the gateway answers from the last list it got. Errors: UNAUTHENTICATED (as for Chat),
+        UNAVAILABLE (the registry is down and this gateway has no list yet, or the policy service is down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clmesh/policy/v1/policy.proto\x12\x0flmesh.policy.v1\"C\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\"`\n\x06Limits\x12\x1e\n\x16max_tokens_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\x03\"&\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"E\n\x14\x41uthenticateResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\"\x8e\x01\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0eresolved_model\x18\x05 \x01(\t\x12\x18\n\x10resolved_aliases\x18\x06 \x03(\t\"k\n\x11\x41uthorizeResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\x12\'\n\x06limits\x18\x02 \x01(\x0b\x32\x17.lmesh.policy.v1.Limits\"\x84\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x1b\n\x13\x63reate_time_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\"S\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x02 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"M\n\x14\x43reateApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListApiKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"<\n\x14RevokeApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey2\xcd\x03\n\x06Policy\x12[\n\x0c\x41uthenticate\x12$.lmesh.policy.v1.AuthenticateRequest\x1a%.lmesh.policy.v1.AuthenticateResponse\x12R\n\tAuthorize\x12!.lmesh.policy.v1.AuthorizeRequest\x1a\".lmesh.policy.v1.AuthorizeResponse\x12[\n\x0c\x43reateApiKey\x12$.lmesh.policy.v1.CreateApiKeyRequest\x1a%.lmesh.policy.v1.CreateApiKeyResponse\x12X\n\x0bListApiKeys\x12#.lmesh.policy.v1.ListApiKeysRequest\x1a$.lmesh.policy.v1.ListApiKeysResponse\x12[\n\x0cRevokeApiKey\x12$.lmesh.policy.v1.RevokeApiKeyRequest\x1a%.lmesh.policy.v1.RevokeApiKeyResponseBO\n\x13\x64\x65v.lmesh.policy.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/policy/v1;policyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clmesh/policy/v1/policy.proto\x12\x0flmesh.policy.v1\"C\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\"`\n\x06Limits\x12\x1e\n\x16max_tokens_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\x03\"@\n\x11\x43lientCertificate\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x1a\n\x12sha256_fingerprint\x18\x02 \x01(\t\"x\n\x13\x41uthenticateRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x02 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x42\x0c\n\ncredential\"E\n\x14\x41uthenticateResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\"\xe0\x01\n\x10\x41uthorizeRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x07 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0eresolved_model\x18\x05 \x01(\t\x12\x18\n\x10resolved_aliases\x18\x06 \x03(\tB\x0c\n\ncredential\"k\n\x11\x41uthorizeResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\x12\'\n\x06limits\x18\x02 \x01(\x0b\x32\x17.lmesh.policy.v1.Limits\"\xbd\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x1b\n\x13\x63reate_time_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x1b\n\x13\x63lient_cert_subject\x18\x07 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x08 \x01(\t\"\x8c\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x02 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x1b\n\x13\x63lient_cert_subject\x18\x04 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x05 \x01(\t\"M\n\x14\x43reateApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListApiKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"<\n\x14RevokeApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey2\xcd\x03\n\x06Policy\x12[\n\x0c\x41uthenticate\x12$.lmesh.policy.v1.AuthenticateRequest\x1a%.lmesh.policy.v1.AuthenticateResponse\x12R\n\tAuthorize\x12!.lmesh.policy.v1.AuthorizeRequest\x1a\".lmesh.policy.v1.AuthorizeResponse\x12[\n\x0c\x43reateApiKey\x12$.lmesh.policy.v1.CreateApiKeyRequest\x1a%.lmesh.policy.v1.CreateApiKeyResponse\x12X\n\x0bListApiKeys\x12#.lmesh.policy.v1.ListApiKeysRequest\x1a$.lmesh.policy.v1.ListApiKeysResponse\x12[\n\x0cRevokeApiKey\x12$.lmesh.policy.v1.RevokeApiKeyRequest\x1a%.lmesh.policy.v1.RevokeApiKeyResponseBO\n\x13\x64\x65v.lmesh.policy.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/policy/v1;policyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRINCIPAL']._serialized_end=116
   _globals['_LIMITS']._serialized_start=118
   _globals['_LIMITS']._serialized_end=214
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=216
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=254
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=256
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=325
-  _globals['_AUTHORIZEREQUEST']._serialized_start=328
-  _globals['_AUTHORIZEREQUEST']._serialized_end=470
-  _globals['_AUTHORIZERESPONSE']._serialized_start=472
-  _globals['_AUTHORIZERESPONSE']._serialized_end=579
-  _globals['_APIKEY']._serialized_start=582
-  _globals['_APIKEY']._serialized_end=714
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=716
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=799
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=801
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=878
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=880
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=955
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=957
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1042
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1044
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1081
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1083
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1143
-  _globals['_POLICY']._serialized_start=1146
-  _globals['_POLICY']._serialized_end=1607
+  _globals['_CLIENTCERTIFICATE']._serialized_start=216
+  _globals['_CLIENTCERTIFICATE']._serialized_end=280
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=282
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=402
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=404
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=473
+  _globals['_AUTHORIZEREQUEST']._serialized_start=476
+  _globals['_AUTHORIZEREQUEST']._serialized_end=700
+  _globals['_AUTHORIZERESPONSE']._serialized_start=702
+  _globals['_AUTHORIZERESPONSE']._serialized_end=809
+  _globals['_APIKEY']._serialized_start=812
+  _globals['_APIKEY']._serialized_end=1001
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1004
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1144
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1146
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1223
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1225
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1300
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1302
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1387
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1389
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1426
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1428
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1488
+  _globals['_POLICY']._serialized_start=1491
+  _globals['_POLICY']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)

@@ -26,11 +26,21 @@ class Limits(_message.Message):
     tokens_per_minute: int
     def __init__(self, max_tokens_per_request: _Optional[int] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
 
+class ClientCertificate(_message.Message):
+    __slots__ = ("subject", "sha256_fingerprint")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    sha256_fingerprint: str
+    def __init__(self, subject: _Optional[str] = ..., sha256_fingerprint: _Optional[str] = ...) -> None: ...
+
 class AuthenticateRequest(_message.Message):
-    __slots__ = ("api_key",)
+    __slots__ = ("api_key", "client_certificate")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     api_key: str
-    def __init__(self, api_key: _Optional[str] = ...) -> None: ...
+    client_certificate: ClientCertificate
+    def __init__(self, api_key: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ...) -> None: ...
 
 class AuthenticateResponse(_message.Message):
     __slots__ = ("principal",)
@@ -39,20 +49,22 @@ class AuthenticateResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "model", "input_tokens", "max_tokens", "resolved_model", "resolved_aliases")
+    __slots__ = ("api_key", "client_certificate", "model", "input_tokens", "max_tokens", "resolved_model", "resolved_aliases")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_ALIASES_FIELD_NUMBER: _ClassVar[int]
     api_key: str
+    client_certificate: ClientCertificate
     model: str
     input_tokens: int
     max_tokens: int
     resolved_model: str
     resolved_aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, api_key: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, api_key: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("principal", "limits")
@@ -63,30 +75,38 @@ class AuthorizeResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("key_id", "tenant", "allowed_models", "display_name", "create_time_unix_ms", "revoked")
+    __slots__ = ("key_id", "tenant", "allowed_models", "display_name", "create_time_unix_ms", "revoked", "client_cert_subject", "client_cert_sha256")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     display_name: str
     create_time_unix_ms: int
     revoked: bool
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., create_time_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    client_cert_subject: str
+    client_cert_sha256: str
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., create_time_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
-    __slots__ = ("tenant", "allowed_models", "display_name")
+    __slots__ = ("tenant", "allowed_models", "display_name", "client_cert_subject", "client_cert_sha256")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     display_name: str
-    def __init__(self, tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ...) -> None: ...
+    client_cert_subject: str
+    client_cert_sha256: str
+    def __init__(self, tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyResponse(_message.Message):
     __slots__ = ("key", "api_key")

@@ -71,28 +71,32 @@ class PolicyServicer:
     """
 
     def Authenticate(self, request, context):
-        """Checks an API key and returns its principal.
-        Errors: UNAUTHENTICATED (empty, unknown or revoked key).
+        """Checks a credential (an API key, or a client certificate the gateway verified) and returns its principal.
+        Errors: UNAUTHENTICATED (no credential; an empty, unknown or revoked key; a client certificate bound to no
+        active key), INVALID_ARGUMENT (a malformed `client_certificate` field, named).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Authorize(self, request, context):
-        """Decides whether the key's principal may use `model` (or, when given, the version it resolved to) for a
-        request of the given size.
-        Errors: UNAUTHENTICATED (empty, unknown or revoked key), PERMISSION_DENIED (model not allowed),
-        INVALID_ARGUMENT (empty or malformed model or resolved_model), RESOURCE_EXHAUSTED (a limit of the principal
-        is reached; reserved).
+        """Decides whether the credential's principal may use `model` (or, when given, the version it resolved to) for
+        a request of the given size. The credential is checked first, as in Authenticate.
+        Errors: UNAUTHENTICATED (as in Authenticate), PERMISSION_DENIED (model not allowed), INVALID_ARGUMENT (empty
+        or malformed model or resolved_model, a malformed `client_certificate` field), RESOURCE_EXHAUSTED (a limit
+        of the principal is reached; reserved).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateApiKey(self, request, context):
-        """Creates an API key. The plaintext key is returned once and never stored.
-        Errors: INVALID_ARGUMENT (a malformed `tenant`, `display_name` or `allowed_models` entry, named),
-        UNAUTHENTICATED (admin token required and missing or wrong).
+        """Creates an API key, optionally bound to a client certificate identity. The plaintext key is returned once
+        and never stored.
+        Errors: INVALID_ARGUMENT (a malformed `tenant`, `display_name`, `allowed_models` entry,
+        `client_cert_subject` or `client_cert_sha256`, or both of the last two, named), ALREADY_EXISTS (an active
+        key is bound to the same client certificate identity: revoke it first), UNAUTHENTICATED (admin token
+        required and missing or wrong).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
