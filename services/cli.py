@@ -113,6 +113,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(f"services.{args.service}.main")
     config = config_from_args(args.service, args, module.SETTINGS)
+    check = getattr(module, "check_config", None)  # what a service refuses to start with, said before anything
+    if check is not None:
+        try:
+            check(config)
+        except OSError as exc:
+            return _fail(str(exc))
     try:  # here, before anything starts: the services create it only after registering in Consul
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

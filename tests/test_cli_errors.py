@@ -188,13 +188,27 @@ def test_serve_against_a_port_that_is_not_consul_says_so(grpc_port: int, tmp_pat
     assert last.startswith(f"lmesh: Consul at {addr} (CONSUL_HTTP_ADDR) is out of reach: something else answers")
 
 
+@pytest.mark.parametrize(("service", "host"), [("policy", "0.0.0.0"), ("registry", "::"), ("policy", "10.1.2.3")])
+def test_a_guarded_service_refuses_to_listen_beyond_localhost_without_the_admin_token(
+        service: str, host: str, tmp_path: Path) -> None:
+    """Key management and model registration must never be open to whoever reaches the port."""
+    result = lmesh("serve", service, "--host", host, "--data-dir", str(tmp_path),
+                   env={"LMESH_ADMIN_TOKEN": "", "CONSUL_HTTP_ADDR": unused_addr(), "LMESH_MTLS": "off"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert one_line_error(result) == (
+        f"lmesh: lmesh-{service} listens beyond localhost (--host {host}) without LMESH_ADMIN_TOKEN: key "
+        "management and model registration would be open; set it (e.g. `openssl rand -base64 32`), the same for "
+        "lmesh-policy and lmesh-registry")
+
+
 # ---- 1, 6: bind and advertise addresses --------------------------------------------------------------------
 
 @pytest.mark.parametrize("host", ["0.0.0.0", ""])
 def test_a_wildcard_bind_advertises_the_address_that_routes_to_consul(host: str, consul_agent: ConsulAgent,
                                                                       tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADVERTISE_HOST": ""}
+    env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_ADVERTISE_HOST": "",
+           "LMESH_ADMIN_TOKEN": "s3cret"}  # required beyond localhost
     process = subprocess.Popen([*LMESH, "serve", "policy", "--host", host, "--port", str(port),
                                 "--data-dir", str(tmp_path)], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
@@ -218,7 +232,7 @@ def test_a_wildcard_bind_advertises_the_address_that_routes_to_consul(host: str,
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "nosuchhost.invalid", "192.0.2.1"])
 def test_a_host_that_is_not_this_machines_is_not_called_a_taken_port(host: str, tmp_path: Path) -> None:
-    result = lmesh("serve", "policy", "--host", host, "--data-dir", str(tmp_path),
+    result = lmesh("serve", "tokenizer", "--host", host, "--data-dir", str(tmp_path),
                    env={"CONSUL_HTTP_ADDR": unused_addr()})
     assert one_line_error(result).startswith(f"lmesh: cannot bind --host {host}: not an address of this machine")
 

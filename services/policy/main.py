@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings, require_beyond_localhost
+from services.common.config import ServiceConfig
 from services.common.server import ServiceParts, ServiceRuntime
 from services.policy.keys import KeyStore
 from services.policy.servicer import PolicyServicer
@@ -23,11 +24,16 @@ class PolicySettings(AdminTokenSettings):
 SETTINGS = PolicySettings
 
 
+def check_config(config: ServiceConfig) -> None:
+    """Refuses to listen beyond localhost without the admin token (OSError, one line)."""
+    require_beyond_localhost("policy", config.host, config.settings_as(PolicySettings).admin_token)
+
+
 def build(runtime: ServiceRuntime) -> ServiceParts:
     config = runtime.config
     store = KeyStore(config.data_dir)
     admin = AdminGuard(config.settings_as(PolicySettings).admin_token)
-    require_beyond_localhost("policy", config.host, config.settings_as(PolicySettings).admin_token)
+    check_config(config)
 
     async def warm_up() -> None:
         store.open()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings, require_beyond_localhost
+from services.common.config import ServiceConfig
 from services.common.server import ServiceParts, ServiceRuntime
 from services.registry.servicer import RegistryServicer
 from services.registry.store import BlobStore, ModelStore
@@ -25,12 +26,17 @@ class RegistrySettings(AdminTokenSettings):
 SETTINGS = RegistrySettings
 
 
+def check_config(config: ServiceConfig) -> None:
+    """Refuses to listen beyond localhost without the admin token (OSError, one line)."""
+    require_beyond_localhost("registry", config.host, config.settings_as(RegistrySettings).admin_token)
+
+
 def build(runtime: ServiceRuntime) -> ServiceParts:
     data_dir = runtime.config.data_dir
     blobs = BlobStore(data_dir)
     models = ModelStore(data_dir / "registry.sqlite3", blobs)
     admin = AdminGuard(runtime.config.settings_as(RegistrySettings).admin_token)
-    require_beyond_localhost("registry", runtime.config.host, runtime.config.settings_as(RegistrySettings).admin_token)
+    check_config(runtime.config)
 
     async def warm_up() -> None:
         blobs.open()
