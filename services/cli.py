@@ -321,8 +321,9 @@ def _keys(args: argparse.Namespace) -> int:
                       f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
                 print(created.api_key)
             elif args.keys_command == "list":
+                listed = await list_keys(policy, args.tenant or "", timeout_s=15)  # a refusal prints no header
                 print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} CLIENT CERTIFICATE")
-                for k in (await list_keys(policy, args.tenant or "", timeout_s=15)).keys:
+                for k in listed.keys:
                     status = "revoked" if k.revoked else "active"
                     print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status:8} "
                           f"{_cert_binding(k) or '-'}")

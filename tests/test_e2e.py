@@ -1653,7 +1653,7 @@ async def test_a_rotated_mesh_ca_is_picked_up_while_streams_run(live: LiveMesh, 
     async with asyncio.timeout(60):
         await asyncio.gather(*(renewed(service) for service in services))
     await asyncio.sleep(1)  # the services' own watches hold the same leaves as the agent's cache
-    answer = await collect(stub, start(max_tokens=16), live.api_key)  # new handshakes, new certificates
+    answer = await collect(await live.gateway(), start(max_tokens=16), live.api_key)  # new handshakes inside
     assert "Paris" in "".join(r.delta for r in answer)
     for call in streams:
         assert (await call.read()).delta is not None  # still streaming

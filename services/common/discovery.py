@@ -499,9 +499,13 @@ class Mesh:
         return Peer(self.resolver(service.name), service, self.admin_token)
 
     def renew_channels(self) -> None:
-        """New channels to every peer, for calls from now on (this process's mesh certificate was renewed)."""
-        for resolver in self._resolvers.values():
-            resolver.renew_channels()
+        """New channels to every mesh peer, for calls from now on (this process's mesh certificate was renewed);
+        channels to a public port (the gateway's) carry no mesh certificate and stay."""
+        from services.common.connect import PUBLIC_SERVICES
+
+        for name, resolver in self._resolvers.items():
+            if name not in PUBLIC_SERVICES:
+                resolver.renew_channels()
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
