@@ -5,6 +5,7 @@
   lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE)
   lmesh models ...         list, register and alias model versions
   lmesh keys ...           create, list and revoke API keys
+  lmesh audit ...          tail, follow and verify policy's audit log
 
 Peers are found through Consul at CONSUL_HTTP_ADDR (default 127.0.0.1:8500).
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import importlib
+import json
 import logging
 import os
 import sys
@@ -29,6 +32,7 @@ from services.common.config import (
     ConfigError,
     add_serve_arguments,
     config_from_args,
+    int_type,
     lmesh_cache,
 )
 from services.common.errors import LmeshError
@@ -93,6 +97,8 @@ def _run_async(make: Callable[[], Awaitable[int]]) -> int:
         return _reader_went_away()
     except (OSError, TimeoutError, CommandError) as exc:
         return _fail(str(exc) or type(exc).__name__)
+    except UnicodeEncodeError:  # an argument the shell passed as bytes that are not UTF-8: no request can carry it
+        return _fail("an argument is not valid UTF-8 text")
     except KeyboardInterrupt:
         return 130
 
@@ -339,6 +345,113 @@ def _keys(args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+# ---- audit -------------------------------------------------------------------------------------------------
+
+def _audit(args: argparse.Namespace) -> int:
+    from lmesh.policy.v1 import policy_pb2
+
+    from services.client import operator_mesh
+    from services.common.peers import POLICY
+    from services.policy.client import follow_audit, tail_audit, verify_audit
+
+    if args.audit_command == "verify" and args.file is not None:
+        from services.policy.audit import verify_path
+
+        try:
+            result = verify_path(Path(args.file))
+        except OSError as exc:
+            return _fail(_printable(str(exc)))  # a file name may hold bytes that are not UTF-8
+        except KeyboardInterrupt:  # a long log, and the operator stopped waiting
+            return 130
+        return _verified(result.ok, result.summary())
+
+    async def go() -> int:
+        mesh = await operator_mesh(args.admin_token)
+        policy = mesh.peer(POLICY)
+        try:
+            if args.audit_command == "verify":
+                verified = await verify_audit(policy)
+                if verified.ok:
+                    note = f" ({verified.note})" if verified.note else ""
+                    summary = (f"ok: {verified.records} records, #{verified.first_seq} to #{verified.last_seq}, head "
+                               f"sha256 {verified.head_hash}{note}" if verified.records else
+                               "ok: the audit log is empty")
+                    return _verified(True, summary)
+                return _verified(False, verified.problem.message)
+            selection = policy_pb2.AuditFilter(action=args.action, principal=args.principal, tenant=args.tenant)
+            if not args.follow:
+                if args.n:
+                    for record in (await tail_audit(policy, args.n, selection, timeout_s=60)).records:
+                        _print_record(record, args.json)
+                return 0
+            stream = follow_audit(policy, args.n, selection)
+            try:
+                first = True
+                async for response in stream:
+                    for record in response.records:
+                        _print_record(record, args.json)
+                    if first:
+                        first = False
+                        print(f"lmesh: following the audit log from #{response.head_seq} (Ctrl-C ends)",
+                              file=sys.stderr, flush=True)
+            finally:
+                await stream.aclose()
+            return 0
+        except grpc.aio.AioRpcError as exc:
+            raise _admin_refusal(exc) from None
+        finally:
+            await mesh.close()
+
+    return _run_async(go)
+
+
+def _verified(ok: bool, summary: str) -> int:
+    """`lmesh audit verify`'s answer: exit 0 with the summary, or 1 naming the first bad record, in one line."""
+    if ok:
+        print(_printable(summary))
+        return 0
+    print(f"lmesh: the audit log does not verify: {_printable(summary)}", file=sys.stderr)
+    return 1
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def _print_record(record: Any, as_json: bool) -> None:
+    """One audit record, one line: readable, or a JSON object (`--json`)."""
+    if as_json:
+        print(json.dumps({"seq": record.seq, "time_unix_ms": record.time_unix_ms, "action": record.action,
+                          "outcome": record.outcome, "principal": record.principal, "tenant": record.tenant,
+                          "model": record.model, "rule_id": record.rule_id, "tokens": dict(record.tokens),
+                          "trace_id": record.trace_id, "detail": record.detail, "prev_hash": record.prev_hash,
+                          "hash": record.hash}, ensure_ascii=False), flush=True)
+        return
+    try:
+        when = datetime.datetime.fromtimestamp(record.time_unix_ms // 1000, datetime.UTC).strftime(
+            f"%Y-%m-%dT%H:%M:%S.{record.time_unix_ms % 1000:03d}Z")
+    except (OverflowError, OSError, ValueError):
+        when = f"{record.time_unix_ms}ms"
+    parts = [f"#{record.seq}", when, record.action or "-", record.outcome or "-"]
+    parts += [f"{label}={value}" for label, value in (("principal", record.principal), ("tenant", record.tenant),
+                                                      ("model", record.model), ("rule", record.rule_id)) if value]
+    if record.tokens:
+        parts.append("tokens=" + ",".join(f"{kind}:{count}" for kind, count in sorted(record.tokens.items())))
+    if record.trace_id:
+        parts.append(f"trace={record.trace_id}")
+    line = " ".join(parts) + (f" — {record.detail}" if record.detail else "")
+    print(_printable(line), flush=True)
+
+
+def _utf8_text(value: str) -> str:
+    """An argparse type: text a request can carry (the shell may pass bytes that are not UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"must be UTF-8 text, got {value!r}") from None
+    return value
+
+
 # ---- intentions --------------------------------------------------------------------------------------------
 
 def _intentions(args: argparse.Namespace) -> int:
@@ -497,6 +610,27 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)
+
+    audit = sub.add_parser("audit", help="tail, follow and verify policy's audit log")
+    audit.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    tail = audit_sub.add_parser("tail", parents=[admin], help="the last records, one line each (oldest first)")
+    tail.add_argument("-n", type=int_type(0, 1000), default=20, metavar="N",
+                      help="how many of the last records, 0 to 1000 (default 20)")
+    tail.add_argument("-f", "--follow", action="store_true",
+                      help="then print each new record as policy makes it durable, until Ctrl-C")
+    tail.add_argument("--json", action="store_true", help="one JSON object per record, for scripts")
+    tail.add_argument("--action", type=_utf8_text, default="",
+                      help="only this action, or actions under it up to a dot (key: key.create, key.revoke, ...)")
+    tail.add_argument("--principal", type=_utf8_text, default="", metavar="KEY_ID", help="only this key id")
+    tail.add_argument("--tenant", type=_utf8_text, default="", help="only this tenant")
+    verify = audit_sub.add_parser("verify", parents=[admin],
+                                  help="recompute the hash chain: exit 0 when it verifies, else 1 naming the first "
+                                       "bad record")
+    verify.add_argument("--file", default=None, metavar="PATH",
+                        help="verify a log here instead of asking policy: its data dir, the audit dir, or one file "
+                             "of it (a segment, a backup)")
+    audit.set_defaults(func=_audit)
     return parser
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from google.protobuf import descriptor_pb2
 from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from lmesh.policy.v1 import policy_pb2
 
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
@@ -1261,6 +1263,70 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert row[1] == "default" and row[-1] == "1"  # one passing replica serves it
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
     assert "cli-team" in keys.stdout and key not in keys.stdout
+
+
+async def test_the_audit_log_verifies_after_a_busy_run_and_holds_no_key(live: LiveMesh) -> None:
+    """Chats and direct Authorize calls at once, with a key revoked among them: `lmesh audit tail --follow` shows
+    each decision as it becomes durable, `lmesh audit verify` passes, each record carries the trace it was decided
+    in, and no API key is in the audit log, any service's log or any span."""
+    policy = live.mesh.peer(POLICY)
+    created = await create_key(policy, "e2e-audit", ["smollm2-*"])
+    doomed = await create_key(policy, "e2e-audit")
+    keys = [live.api_key, created.api_key, doomed.api_key]
+    env = {**live.procs.env(), "LMESH_HOME": str(live.procs.home / "cli")}
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "audit", "tail", "--follow", "-n", "0", "--json", "--tenant",
+        "e2e-audit", env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert follower.stdout is not None and follower.stderr is not None
+    seen: list[dict[str, Any]] = []
+    try:
+        note = await asyncio.wait_for(follower.stderr.readline(), 60)
+        assert note.startswith(b"lmesh: following the audit log from #"), note
+        stub = await live.gateway()
+
+        async def authorize(i: int) -> None:
+            await policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
+                api_key=created.api_key, model="default", resolved_model="smollm2-135m-instruct:1", input_tokens=i,
+                max_tokens=8), timeout=30)
+
+        chats = [collect(stub, start(max_tokens=8), key) for key in (created.api_key, live.api_key) * 3]
+        await asyncio.gather(*chats, *(authorize(i) for i in range(150)), revoke_key(policy, doomed.key.key_id))
+        refused = await expect_error(stub, [start(max_tokens=8)], auth(doomed.api_key))
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        while len(seen) < 154:  # 150 + 3 chats authorized for the tenant's key, and the revocation
+            seen.append(json.loads(await asyncio.wait_for(follower.stdout.readline(), 30)))
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(follower.communicate(), 30)
+    assert follower.returncode == 130 and b"Traceback" not in err, err
+    assert not out.strip()  # nothing else of the tenant was decided
+    kinds = {(r["action"], r["outcome"]) for r in seen}
+    assert kinds == {("authorize", "allowed"), ("key.revoke", "ok")}, kinds
+    assert {r["model"] for r in seen if r["action"] == "authorize"} == {"smollm2-135m-instruct:1"}
+    assert [r["seq"] for r in seen] == sorted(r["seq"] for r in seen)
+
+    verified = await run_cli(live, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert re.fullmatch(r"ok: \d+ records, #1 to #\d+, head sha256 [0-9a-f]{64}\n", verified.stdout), verified.stdout
+    tail = await run_cli(live, "audit", "tail", "-n", "3", "--principal", created.key.key_id)
+    assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 3, tail
+    assert all(f" authorize allowed principal={created.key.key_id} tenant=e2e-audit " in line
+               for line in tail.stdout.splitlines())
+
+    # Every record names the trace it was decided in: policy's own span of that call.
+    traces = {r["trace_id"] for r in seen if r["action"] == "authorize"}
+    assert all(re.fullmatch(r"[0-9a-f]{32}", t) for t in traces) and len(traces) == 153
+    spans = await live.otlp.wait_for(lambda spans: traces <= {s.trace_id for s in spans
+                                                              if s.name == "lmesh.policy/Authorize"}, timeout=20)
+
+    audit_text = "".join(p.read_text() for p in (live.procs.home / "policy" / "audit").glob("*.jsonl"))
+    logs = "\n".join(live.procs.log(name) for name in live.procs.processes)
+    span_text = "\n".join(f"{s.name} {s.status_message} {s.attributes} {s.events}" for s in spans)
+    for where, text in (("audit log", audit_text), ("service logs", logs), ("spans", span_text),
+                        ("CLI output", f"{out.decode()}{verified.stdout}{tail.stdout}{json.dumps(seen)}")):
+        assert not re.search(r"lmk_[A-Za-z0-9_-]{43}", text), f"an API key in the {where}"
+        for key in keys:
+            assert key[4:] not in text, f"an API key in the {where}"
 
 
 async def test_dev_mesh_says_make_clean_when_an_older_build_holds_the_version(live: LiveMesh, built_model: Path,

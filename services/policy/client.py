@@ -1,4 +1,4 @@
-"""Calling lmesh-policy's key management RPCs (for `lmesh keys`, dev set-up and tests).
+"""Calling lmesh-policy's key management and audit RPCs (for `lmesh keys`, `lmesh audit`, dev set-up and tests).
 
 CreateApiKey goes to one instance without failover: it is not idempotent, and a retry after an UNAVAILABLE that
 the server did process would mint a second key. The admin token is the peer's (`Mesh(admin_token=...)`).
@@ -6,7 +6,7 @@ the server did process would mint a second key. The admin token is the peer's (`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 from lmesh.policy.v1 import policy_pb2
 from lmesh.policy.v1.policy_pb2_grpc import PolicyStub
@@ -50,4 +50,36 @@ async def revoke_key(policy: Peer[PolicyStub], key_id: str,
     response: policy_pb2.RevokeApiKeyResponse = await policy.call(
         lambda p: p.RevokeApiKey, policy_pb2.RevokeApiKeyRequest(key_id=key_id), admin=True, retry=False,
         timeout=timeout_s)
+    return response
+
+
+# ---- the audit log (`lmesh audit`) ----------------------------------------------------------------------------
+
+async def tail_audit(policy: Peer[PolicyStub], limit: int = 20, selection: policy_pb2.AuditFilter | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.TailAuditResponse:
+    """The audit log's last `limit` records (matching `selection`), oldest first."""
+    response: policy_pb2.TailAuditResponse = await policy.call(
+        lambda p: p.TailAudit, policy_pb2.TailAuditRequest(limit=limit, filter=selection), admin=True,
+        timeout=timeout_s)
+    return response
+
+
+async def follow_audit(policy: Peer[PolicyStub], backlog: int = 0, selection: policy_pb2.AuditFilter | None = None,
+                       ) -> AsyncGenerator[policy_pb2.FollowAuditResponse, None]:
+    """The audit log as it grows: a first message (the last `backlog` records), then records as they become
+    durable, until the caller stops iterating (the call is cancelled then) or policy ends the stream."""
+    async with policy.lease() as lease:
+        call = lease.stub.FollowAudit(policy_pb2.FollowAuditRequest(backlog=backlog, filter=selection),
+                                      **lease.options(None, admin=True))
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()
+
+
+async def verify_audit(policy: Peer[PolicyStub], timeout_s: float = 600.0) -> policy_pb2.VerifyAuditResponse:
+    """Asks policy to verify its audit log's hash chain (which reads the whole log: allow it time)."""
+    response: policy_pb2.VerifyAuditResponse = await policy.call(
+        lambda p: p.VerifyAudit, policy_pb2.VerifyAuditRequest(), admin=True, timeout=timeout_s)
     return response

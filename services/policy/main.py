@@ -1,4 +1,4 @@
-"""Wiring of lmesh-policy: the admin token from the environment, the key store and the servicer."""
+"""Wiring of lmesh-policy: the admin token from the environment, the key store, the audit log and the servicer."""
 
 from __future__ import annotations
 
@@ -8,17 +8,24 @@ from dataclasses import dataclass
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings, require_beyond_localhost
-from services.common.config import ServiceConfig
+from services.common.config import ServiceConfig, int_type, setting
 from services.common.server import ServiceParts, ServiceRuntime
+from services.policy.audit import DEFAULT_SEGMENT_MB, AuditLog
+from services.policy.auditing import AuditedPolicyServicer
 from services.policy.keys import KeyStore
-from services.policy.servicer import PolicyServicer
 
 log = logging.getLogger("lmesh.policy")
 
 
 @dataclass(frozen=True)
 class PolicySettings(AdminTokenSettings):
-    """lmesh-policy's own settings: the admin token (environment only); its keys live under --data-dir."""
+    """lmesh-policy's own settings: the admin token (environment only); its keys and audit log live under
+    --data-dir."""
+
+    audit_segment_mb: int = setting(
+        flag="--audit-segment-mb", env="LMESH_AUDIT_SEGMENT_MB", default=DEFAULT_SEGMENT_MB, parse=int_type(0),
+        help="the audit log's current file is closed as a segment (which an operator may archive) once it passes "
+             "this many MiB, and a new one continues the chain; 0: never")
 
 
 SETTINGS = PolicySettings
@@ -31,22 +38,33 @@ def check_config(config: ServiceConfig) -> None:
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
     config = runtime.config
+    settings = config.settings_as(PolicySettings)
     store = KeyStore(config.data_dir)
-    admin = AdminGuard(config.settings_as(PolicySettings).admin_token)
+    admin = AdminGuard(settings.admin_token)
+    # Every decision goes here, durably, before it takes effect; the admin token is redacted should it reach it.
+    audit = AuditLog(config.data_dir, segment_bytes=settings.audit_segment_mb * 1024 * 1024,
+                     redact=[settings.admin_token])
     check_config(config)
 
     async def warm_up() -> None:
         store.open()
+        audit.open()
         if not admin.enabled:
             log.warning("%s is not set: key management RPCs are open to every caller", ADMIN_TOKEN_ENV)
 
+    async def on_drain() -> None:
+        audit.end_follows()  # a follow would hold the drain for its whole grace
+
     async def on_stop() -> None:
         store.close()
+        audit.close()
 
     full_name = policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
     return ServiceParts(
-        servicers=[(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(store, admin), full_name)],
+        servicers=[(policy_pb2_grpc.add_PolicyServicer_to_server, AuditedPolicyServicer(store, admin, audit),
+                     full_name)],
         warm_up=warm_up,
+        on_drain=on_drain,
         on_stop=on_stop,
         max_request_bytes=1024 * 1024,  # keys and model references: the largest (256 patterns) is about 66 KB
     )

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -145,3 +146,130 @@ class RevokeApiKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _ClassVar[int]
     key: ApiKey
     def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("seq", "time_unix_ms", "action", "outcome", "principal", "tenant", "model", "rule_id", "tokens", "trace_id", "detail", "prev_hash", "hash")
+    class TokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time_unix_ms: int
+    action: str
+    outcome: str
+    principal: str
+    tenant: str
+    model: str
+    rule_id: str
+    tokens: _containers.ScalarMap[str, int]
+    trace_id: str
+    detail: str
+    prev_hash: str
+    hash: str
+    def __init__(self, seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., action: _Optional[str] = ..., outcome: _Optional[str] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., rule_id: _Optional[str] = ..., tokens: _Optional[_Mapping[str, int]] = ..., trace_id: _Optional[str] = ..., detail: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class AuditFilter(_message.Message):
+    __slots__ = ("action", "principal", "tenant")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    principal: str
+    tenant: str
+    def __init__(self, action: _Optional[str] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class TailAuditRequest(_message.Message):
+    __slots__ = ("limit", "filter")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    filter: AuditFilter
+    def __init__(self, limit: _Optional[int] = ..., filter: _Optional[_Union[AuditFilter, _Mapping]] = ...) -> None: ...
+
+class TailAuditResponse(_message.Message):
+    __slots__ = ("records", "head_seq")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    head_seq: int
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
+
+class FollowAuditRequest(_message.Message):
+    __slots__ = ("backlog", "filter")
+    BACKLOG_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    backlog: int
+    filter: AuditFilter
+    def __init__(self, backlog: _Optional[int] = ..., filter: _Optional[_Union[AuditFilter, _Mapping]] = ...) -> None: ...
+
+class FollowAuditResponse(_message.Message):
+    __slots__ = ("records", "head_seq")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    head_seq: int
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
+
+class VerifyAuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyAuditResponse(_message.Message):
+    __slots__ = ("ok", "records", "first_seq", "last_seq", "head_hash", "problem", "note")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    records: int
+    first_seq: int
+    last_seq: int
+    head_hash: str
+    problem: AuditProblem
+    note: str
+    def __init__(self, ok: _Optional[bool] = ..., records: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., problem: _Optional[_Union[AuditProblem, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class AuditProblem(_message.Message):
+    __slots__ = ("seq", "kind", "message")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[AuditProblem.Kind]
+        KIND_EDITED: _ClassVar[AuditProblem.Kind]
+        KIND_MISSING: _ClassVar[AuditProblem.Kind]
+        KIND_REORDERED: _ClassVar[AuditProblem.Kind]
+        KIND_REWRITTEN: _ClassVar[AuditProblem.Kind]
+        KIND_MALFORMED: _ClassVar[AuditProblem.Kind]
+        KIND_TRUNCATED: _ClassVar[AuditProblem.Kind]
+    KIND_UNSPECIFIED: AuditProblem.Kind
+    KIND_EDITED: AuditProblem.Kind
+    KIND_MISSING: AuditProblem.Kind
+    KIND_REORDERED: AuditProblem.Kind
+    KIND_REWRITTEN: AuditProblem.Kind
+    KIND_MALFORMED: AuditProblem.Kind
+    KIND_TRUNCATED: AuditProblem.Kind
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: AuditProblem.Kind
+    message: str
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[AuditProblem.Kind, str]] = ..., message: _Optional[str] = ...) -> None: ...

@@ -29,6 +29,8 @@ class PolicyStub:
     """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
+    its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
 
     def __init__(self, channel):
@@ -62,12 +64,29 @@ class PolicyStub:
                 request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.TailAudit = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/TailAudit',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditResponse.FromString,
+                _registered_method=True)
+        self.FollowAudit = channel.unary_stream(
+                '/lmesh.policy.v1.Policy/FollowAudit',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/VerifyAudit',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
     """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
+    its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
 
     def Authenticate(self, request, context):
@@ -120,6 +139,40 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailAudit(self, request, context):
+        """The audit log's last records (`lmesh audit tail`): every decision policy made, oldest first, each durable
+        before the decision took effect. Requires the admin token, as key management does.
+        Errors: INVALID_ARGUMENT (`limit` outside 0 to 1000, a filter field over 256 characters or with control
+        characters; named), UNAUTHENTICATED (admin token required and missing or wrong), UNAVAILABLE (the log is not
+        open or cannot be read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowAudit(self, request, context):
+        """The audit log as it grows (`lmesh audit tail --follow`): a first message right away (with the last `backlog`
+        records), then each record once it is durable, a batch per message, until the caller cancels. Requires the
+        admin token.
+        Errors: INVALID_ARGUMENT (as in TailAudit, for `backlog` and the filter), UNAUTHENTICATED (as in TailAudit),
+        RESOURCE_EXHAUSTED (the caller read so slowly that it fell more than 10 000 records behind: follow again),
+        UNAVAILABLE (policy is shutting down, reason DRAINING: follow again; or the log cannot be read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Recomputes the audit log's hash chain (`lmesh audit verify`): every record's hash and its link to the one
+        before, from the oldest segment still in place to the newest durable record, which must be the one this
+        policy process last wrote. A log that does not verify is an answer, not an error: `problem` names the first
+        bad record. Requires the admin token.
+        Errors: UNAUTHENTICATED (as in TailAudit), UNAVAILABLE (the log is not open or cannot be read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +201,21 @@ def add_PolicyServicer_to_server(servicer, server):
                     request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
+            'TailAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.TailAudit,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditResponse.SerializeToString,
+            ),
+            'FollowAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowAudit,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lmesh.policy.v1.Policy', rpc_method_handlers)
@@ -160,6 +228,8 @@ class Policy:
     """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
+    its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
 
     @staticmethod
@@ -287,6 +357,87 @@ class Policy:
             '/lmesh.policy.v1.Policy/RevokeApiKey',
             lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyRequest.SerializeToString,
             lmesh_dot_policy_dot_v1_dot_policy__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/TailAudit',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.TailAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/FollowAudit',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.FollowAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/VerifyAudit',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
