@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from lmesh.common.v1 import generation_pb2 as lmesh_dot_common_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clmesh/policy/v1/policy.proto\x12\x0flmesh.policy.v1\"C\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\"`\n\x06Limits\x12\x1e\n\x16max_tokens_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\x03\"@\n\x11\x43lientCertificate\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x1a\n\x12sha256_fingerprint\x18\x02 \x01(\t\"x\n\x13\x41uthenticateRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x02 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x42\x0c\n\ncredential\"E\n\x14\x41uthenticateResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\"\xe0\x01\n\x10\x41uthorizeRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x07 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0eresolved_model\x18\x05 \x01(\t\x12\x18\n\x10resolved_aliases\x18\x06 \x03(\tB\x0c\n\ncredential\"k\n\x11\x41uthorizeResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\x12\'\n\x06limits\x18\x02 \x01(\x0b\x32\x17.lmesh.policy.v1.Limits\"\xbd\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x1b\n\x13\x63reate_time_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x1b\n\x13\x63lient_cert_subject\x18\x07 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x08 \x01(\t\"\x8c\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x02 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x1b\n\x13\x63lient_cert_subject\x18\x04 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x05 \x01(\t\"M\n\x14\x43reateApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListApiKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"<\n\x14RevokeApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey2\xcd\x03\n\x06Policy\x12[\n\x0c\x41uthenticate\x12$.lmesh.policy.v1.AuthenticateRequest\x1a%.lmesh.policy.v1.AuthenticateResponse\x12R\n\tAuthorize\x12!.lmesh.policy.v1.AuthorizeRequest\x1a\".lmesh.policy.v1.AuthorizeResponse\x12[\n\x0c\x43reateApiKey\x12$.lmesh.policy.v1.CreateApiKeyRequest\x1a%.lmesh.policy.v1.CreateApiKeyResponse\x12X\n\x0bListApiKeys\x12#.lmesh.policy.v1.ListApiKeysRequest\x1a$.lmesh.policy.v1.ListApiKeysResponse\x12[\n\x0cRevokeApiKey\x12$.lmesh.policy.v1.RevokeApiKeyRequest\x1a%.lmesh.policy.v1.RevokeApiKeyResponseBO\n\x13\x64\x65v.lmesh.policy.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/policy/v1;policyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clmesh/policy/v1/policy.proto\x12\x0flmesh.policy.v1\x1a lmesh/common/v1/generation.proto\"C\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\"`\n\x06Limits\x12\x1e\n\x16max_tokens_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x03 \x01(\x03\"@\n\x11\x43lientCertificate\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x1a\n\x12sha256_fingerprint\x18\x02 \x01(\t\"x\n\x13\x41uthenticateRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x02 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x42\x0c\n\ncredential\"E\n\x14\x41uthenticateResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\"\xe0\x01\n\x10\x41uthorizeRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12@\n\x12\x63lient_certificate\x18\x07 \x01(\x0b\x32\".lmesh.policy.v1.ClientCertificateH\x00\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x16\n\x0eresolved_model\x18\x05 \x01(\t\x12\x18\n\x10resolved_aliases\x18\x06 \x03(\tB\x0c\n\ncredential\"k\n\x11\x41uthorizeResponse\x12-\n\tprincipal\x18\x01 \x01(\x0b\x32\x1a.lmesh.policy.v1.Principal\x12\'\n\x06limits\x18\x02 \x01(\x0b\x32\x17.lmesh.policy.v1.Limits\"\xbd\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x1b\n\x13\x63reate_time_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x1b\n\x13\x63lient_cert_subject\x18\x07 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x08 \x01(\t\"\x8c\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x02 \x03(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x1b\n\x13\x63lient_cert_subject\x18\x04 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x05 \x01(\t\"M\n\x14\x43reateApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"K\n\x12ListApiKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListApiKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.lmesh.policy.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"<\n\x14RevokeApiKeyResponse\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.lmesh.policy.v1.ApiKey\"\x13\n\x11WatchRulesRequest\"\xfd\x01\n\rGuardrailRule\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06\x64\x65tect\x18\x02 \x01(\x0e\x32\x19.lmesh.policy.v1.Detector\x12+\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x1b.lmesh.policy.v1.RuleAction\x12/\n\x06stages\x18\x04 \x03(\x0e\x32\x1f.lmesh.policy.v1.ScreeningStage\x12\x0f\n\x07tenants\x18\x05 \x03(\t\x12\x0e\n\x06models\x18\x06 \x03(\t\x12\x0f\n\x07phrases\x18\x07 \x03(\t\x12\x10\n\x08patterns\x18\x08 \x03(\t\x12\x13\n\x0breplacement\x18\t \x01(\t\"Y\n\x07RuleSet\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x05rules\x18\x02 \x03(\x0b\x32\x1e.lmesh.policy.v1.GuardrailRule\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xb3\x01\n\x10ScreeningFinding\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1b.lmesh.policy.v1.RuleAction\x12.\n\x05stage\x18\x03 \x01(\x0e\x32\x1f.lmesh.policy.v1.ScreeningStage\x12\x15\n\rmessage_index\x18\x04 \x01(\x05\x12\r\n\x05start\x18\x05 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x03\"\xdf\x01\n\x16RecordScreeningRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rrules_version\x18\x05 \x01(\t\x12\x33\n\x08\x66indings\x18\x06 \x03(\x0b\x32!.lmesh.policy.v1.ScreeningFinding\x12\x0f\n\x07\x62locked\x18\x07 \x01(\x08\x12%\n\x05usage\x18\x08 \x01(\x0b\x32\x16.lmesh.common.v1.Usage\"\x19\n\x17RecordScreeningResponse*\xad\x01\n\x08\x44\x65tector\x12\x18\n\x14\x44\x45TECTOR_UNSPECIFIED\x10\x00\x12\x11\n\rDETECTOR_DENY\x10\x01\x12\x12\n\x0e\x44\x45TECTOR_EMAIL\x10\x02\x12\x12\n\x0e\x44\x45TECTOR_PHONE\x10\x03\x12\x11\n\rDETECTOR_CARD\x10\x04\x12\x11\n\rDETECTOR_IBAN\x10\x05\x12\x11\n\rDETECTOR_IPV4\x10\x06\x12\x13\n\x0f\x44\x45TECTOR_SECRET\x10\x07*n\n\nRuleAction\x12\x1b\n\x17RULE_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_ACTION_BLOCK\x10\x01\x12\x16\n\x12RULE_ACTION_REDACT\x10\x02\x12\x14\n\x10RULE_ACTION_FLAG\x10\x03*h\n\x0eScreeningStage\x12\x1f\n\x1bSCREENING_STAGE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCREENING_STAGE_INPUT\x10\x01\x12\x1a\n\x16SCREENING_STAGE_OUTPUT\x10\x02\x32\x81\x05\n\x06Policy\x12[\n\x0c\x41uthenticate\x12$.lmesh.policy.v1.AuthenticateRequest\x1a%.lmesh.policy.v1.AuthenticateResponse\x12R\n\tAuthorize\x12!.lmesh.policy.v1.AuthorizeRequest\x1a\".lmesh.policy.v1.AuthorizeResponse\x12[\n\x0c\x43reateApiKey\x12$.lmesh.policy.v1.CreateApiKeyRequest\x1a%.lmesh.policy.v1.CreateApiKeyResponse\x12X\n\x0bListApiKeys\x12#.lmesh.policy.v1.ListApiKeysRequest\x1a$.lmesh.policy.v1.ListApiKeysResponse\x12[\n\x0cRevokeApiKey\x12$.lmesh.policy.v1.RevokeApiKeyRequest\x1a%.lmesh.policy.v1.RevokeApiKeyResponse\x12L\n\nWatchRules\x12\".lmesh.policy.v1.WatchRulesRequest\x1a\x18.lmesh.policy.v1.RuleSet0\x01\x12\x64\n\x0fRecordScreening\x12\'.lmesh.policy.v1.RecordScreeningRequest\x1a(.lmesh.policy.v1.RecordScreeningResponseBO\n\x13\x64\x65v.lmesh.policy.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/policy/v1;policyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,34 +33,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmesh.policy.v1.policy_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.lmesh.policy.v1P\001Z6github.com/lmesh/lmesh/gen/go/lmesh/policy/v1;policyv1'
-  _globals['_PRINCIPAL']._serialized_start=49
-  _globals['_PRINCIPAL']._serialized_end=116
-  _globals['_LIMITS']._serialized_start=118
-  _globals['_LIMITS']._serialized_end=214
-  _globals['_CLIENTCERTIFICATE']._serialized_start=216
-  _globals['_CLIENTCERTIFICATE']._serialized_end=280
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=282
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=402
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=404
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=473
-  _globals['_AUTHORIZEREQUEST']._serialized_start=476
-  _globals['_AUTHORIZEREQUEST']._serialized_end=700
-  _globals['_AUTHORIZERESPONSE']._serialized_start=702
-  _globals['_AUTHORIZERESPONSE']._serialized_end=809
-  _globals['_APIKEY']._serialized_start=812
-  _globals['_APIKEY']._serialized_end=1001
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1004
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1144
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1146
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1223
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1225
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1300
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1302
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1387
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1389
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1426
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1428
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1488
-  _globals['_POLICY']._serialized_start=1491
-  _globals['_POLICY']._serialized_end=1952
+  _globals['_DETECTOR']._serialized_start=2328
+  _globals['_DETECTOR']._serialized_end=2501
+  _globals['_RULEACTION']._serialized_start=2503
+  _globals['_RULEACTION']._serialized_end=2613
+  _globals['_SCREENINGSTAGE']._serialized_start=2615
+  _globals['_SCREENINGSTAGE']._serialized_end=2719
+  _globals['_PRINCIPAL']._serialized_start=83
+  _globals['_PRINCIPAL']._serialized_end=150
+  _globals['_LIMITS']._serialized_start=152
+  _globals['_LIMITS']._serialized_end=248
+  _globals['_CLIENTCERTIFICATE']._serialized_start=250
+  _globals['_CLIENTCERTIFICATE']._serialized_end=314
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=316
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=436
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=438
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=507
+  _globals['_AUTHORIZEREQUEST']._serialized_start=510
+  _globals['_AUTHORIZEREQUEST']._serialized_end=734
+  _globals['_AUTHORIZERESPONSE']._serialized_start=736
+  _globals['_AUTHORIZERESPONSE']._serialized_end=843
+  _globals['_APIKEY']._serialized_start=846
+  _globals['_APIKEY']._serialized_end=1035
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1038
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1178
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1180
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1257
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1259
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1334
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1336
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1421
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1423
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1460
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1462
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1522
+  _globals['_WATCHRULESREQUEST']._serialized_start=1524
+  _globals['_WATCHRULESREQUEST']._serialized_end=1543
+  _globals['_GUARDRAILRULE']._serialized_start=1546
+  _globals['_GUARDRAILRULE']._serialized_end=1799
+  _globals['_RULESET']._serialized_start=1801
+  _globals['_RULESET']._serialized_end=1890
+  _globals['_SCREENINGFINDING']._serialized_start=1893
+  _globals['_SCREENINGFINDING']._serialized_end=2072
+  _globals['_RECORDSCREENINGREQUEST']._serialized_start=2075
+  _globals['_RECORDSCREENINGREQUEST']._serialized_end=2298
+  _globals['_RECORDSCREENINGRESPONSE']._serialized_start=2300
+  _globals['_RECORDSCREENINGRESPONSE']._serialized_end=2325
+  _globals['_POLICY']._serialized_start=2722
+  _globals['_POLICY']._serialized_end=3363
 # @@protoc_insertion_point(module_scope)
