@@ -241,7 +241,7 @@ BUILTIN: dict[DetectorKind, tuple[Detector, ...]] = {
         "email", regex.compile(r"(?<![\w.%+\-])[\w.%+\-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,62})(?![A-Za-z0-9.\-])"),
         width=64 + 1 + 63 + 1, stops=regex.compile(r"[^\w.%+\-@]"), check=_email_check),),
     DetectorKind.PHONE: (Detector(
-        "phone", regex.compile(r"(?<![\w+])(?:\+ ?|00)?\(?\d(?:[ \-.()]{0,2}\d){6,14}(?!\d)"),
+        "phone", regex.compile(r"(?<![\w+])(?<!\d[ \-.])(?:\+ ?|00)?\(?\d(?:[ \-.()]{0,2}\d){6,14}(?!\d)"),
         width=2 + 1 + 15 + 14 * 2 + 1, stops=regex.compile(r"[^\d \-.()+]"), check=_phone_check),),
     DetectorKind.CARD: (Detector(
         "card", regex.compile(r"(?<!\d)\d(?:[ \-]?\d){12,18}(?!\d)"),
@@ -733,7 +733,8 @@ class Screen:
                 byte_position += len(piece.encode())
                 position = cover.start
             if not cover.emitted:
-                pieces.append(cover.replacement)
+                if cover.start >= position:  # one that begins inside another (a tail grew over it) adds none
+                    pieces.append(cover.replacement)
                 cover.emitted = True
             covered_end = min(cover.end, upto)
             covered = original[position - start:covered_end - start]

@@ -120,7 +120,13 @@ def parse_rules(data: bytes, source: str = "rules") -> RuleFile:
     if "\x00" in text:
         raise RulesError(text[:text.index("\x00")].count("\n") + 1, "a NUL character")
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise RulesError(event.start_mark.line + 1, "anchors and aliases are not supported: write each "
+                                                            "value out")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RulesError:
+        raise
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
