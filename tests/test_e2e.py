@@ -1344,7 +1344,7 @@ def test_dev_mesh_names_a_service_that_refuses_to_start_and_why(built_model: Pat
     assert not consul_answers(env["CONSUL_HTTP_ADDR"])  # the agent it started is stopped too
 
 
-@pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list")])
+@pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list"), ("policy", "rules", "show")])
 def test_operator_commands_without_consul_fail_at_once_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (full-width and other look-alike characters are what these tests feed the screen)
 """Guardrails without the mesh: normalisation and its position map, the detectors, the streaming screen and its
 hold-back window, logprob entries gated with their text, and the rules file (hostile ones included)."""
 
