@@ -159,13 +159,13 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
-        if screening is not None:  # guardrails on the messages, before the prompt is rendered
-            params = await self.guardrails.screen_input(screening, authorized.principal, version, params)
         if len(params.messages) > version.context_length:
             # Every turn renders to at least one token: this many cannot fit, and rendering them (seconds for
             # hundreds of thousands of empty turns) would only find that out.
             raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
                                               f"{version.context_length} tokens")
+        if screening is not None:  # guardrails on the messages, before the prompt is rendered
+            params = await self.guardrails.screen_input(screening, authorized.principal, version, params)
         context = version.context_length
         # At least one token of the context is left for the answer. A prompt that cannot fit is refused by the
         # tokenizer, before encoding it when its size alone shows that.
