@@ -36,16 +36,21 @@ TARGET = 0.9  # rules on keep at least this share of the tokens/s with no rules
 ADMIN_TOKEN = "bench-admin-token"
 
 
+def no_rules_file(work: Path) -> Path:
+    """A rules file with no rules, in `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    empty = work / "no-rules.yaml"
+    empty.write_text("rules: []\n")
+    return empty
+
+
 async def one_mesh(agent: ConsulAgent, model_dir: Path, work: Path, rules_on: bool, streams: int,
                    max_tokens: int) -> float:
     """Starts a fresh mesh (default rules, or none), warms it, runs `streams` chats at once; their tokens/s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "LMESH_POLICY_RULES"}
     env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
-    work.mkdir(parents=True, exist_ok=True)
     if not rules_on:
-        empty = work / "no-rules.yaml"
-        empty.write_text("rules: []\n")
-        env["LMESH_POLICY_RULES"] = str(empty)
+        env["LMESH_POLICY_RULES"] = str(await asyncio.to_thread(no_rules_file, work))
     supervisor = Supervisor(work / "logs", data_root=work, env=env, grace_s=12)
     gateway_port = free_port()
     mesh = await open_mesh(agent.http_addr, admin_token=ADMIN_TOKEN)
