@@ -49,6 +49,7 @@ bench: venv model consul
 	$(BIN)/pip install -q -e '.[bench,model]'
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tls --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.guardrails --model-dir $(MODEL_DIR)
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:

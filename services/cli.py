@@ -6,6 +6,7 @@
   lmesh models ...         list, register and alias model versions
   lmesh keys ...           create, list and revoke API keys
   lmesh audit ...          tail, follow and verify policy's audit log
+  lmesh policy rules ...   check a guardrail rules file, show the rules in force
 
 Peers are found through Consul at CONSUL_HTTP_ADDR (default 127.0.0.1:8500).
 """
@@ -452,6 +453,55 @@ def _utf8_text(value: str) -> str:
     return value
 
 
+# ---- policy rules ------------------------------------------------------------------------------------------
+
+def _policy(args: argparse.Namespace) -> int:
+    from services.policy.rules import RulesError, load_rules
+
+    if args.rules_command == "check":
+        path = Path(args.file)
+        try:
+            checked = load_rules(path)
+        except RulesError as exc:
+            return _fail(exc.located(args.file))
+        except OSError as exc:
+            return _fail(f"cannot read {args.file}: {_reason(exc)}")
+        print(f"{args.file}: ok, {len(checked.specs)} rules, version {checked.version}; streams are held back at "
+              f"most {checked.hold_width()} characters")
+        return 0
+    return _run_async(lambda: _show_rules(args))
+
+
+async def _show_rules(args: argparse.Namespace) -> int:
+    """The rules policy enforces now (the first message of WatchRules)."""
+    from lmesh.policy.v1 import policy_pb2
+
+    from services.client import operator_mesh
+    from services.common.peers import POLICY
+
+    mesh = await operator_mesh(args.admin_token)
+    try:
+        async with mesh.peer(POLICY).lease() as lease:
+            call = lease.stub.WatchRules(policy_pb2.WatchRulesRequest(), **lease.options(timeout=15))
+            try:
+                rules = await call.read()
+            finally:
+                call.cancel()
+        if rules is grpc.aio.EOF:
+            raise CommandError("lmesh-policy ended the stream without rules (it is shutting down); retry")
+        print(f"version {rules.version} from {rules.source}: {len(rules.rules)} rules")
+        print(f"{'ID':24} {'DETECT':8} {'ACTION':7} {'APPLIES TO':14} {'TENANTS':20} MODELS")
+        for rule in rules.rules:
+            stages = ",".join(policy_pb2.ScreeningStage.Name(s).removeprefix("SCREENING_STAGE_").lower()
+                              for s in rule.stages)
+            print(f"{rule.id:24} {policy_pb2.Detector.Name(rule.detect).removeprefix('DETECTOR_').lower():8} "
+                  f"{policy_pb2.RuleAction.Name(rule.action).removeprefix('RULE_ACTION_').lower():7} {stages:14} "
+                  f"{','.join(rule.tenants) or 'all':20} {','.join(rule.models) or 'all'}")
+        return 0
+    finally:
+        await mesh.close()
+
+
 # ---- intentions --------------------------------------------------------------------------------------------
 
 def _intentions(args: argparse.Namespace) -> int:
@@ -631,6 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="verify a log here instead of asking policy: its data dir, the audit dir, or one file "
                              "of it (a segment, a backup)")
     audit.set_defaults(func=_audit)
+
+    policy = sub.add_parser("policy", help="guardrail rules: check a rules file, show the rules in force")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="WHAT")
+    rules = policy_sub.add_parser("rules", help="the guardrail rules (YAML; lmesh-policy --rules)")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    check = rules_sub.add_parser("check", help="check a rules file (no mesh needed): ok, or the bad line")
+    check.add_argument("file", help="the rules file (YAML)")
+    show = rules_sub.add_parser("show", help="the rules lmesh-policy enforces now")
+    show.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)
+    policy.set_defaults(func=_policy)
     return parser
 
 

@@ -610,7 +610,12 @@ def _strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
     scalars: dict[int, st.SearchStrategy[Any]] = {
         FieldDescriptor.TYPE_STRING: texts, FieldDescriptor.TYPE_BOOL: st.booleans(),
         FieldDescriptor.TYPE_INT32: st.one_of(st.integers(-(2 ** 31), 2 ** 31 - 1), st.integers(-2, 2000)),
-        FieldDescriptor.TYPE_INT64: st.integers(-(2 ** 63), 2 ** 63 - 1)}
+        FieldDescriptor.TYPE_INT64: st.integers(-(2 ** 63), 2 ** 63 - 1),
+        FieldDescriptor.TYPE_UINT32: st.integers(0, 2 ** 32 - 1),
+        FieldDescriptor.TYPE_UINT64: st.integers(0, 2 ** 64 - 1),
+        FieldDescriptor.TYPE_ENUM: st.integers(-3, 12),  # unknown values too: proto3 keeps them
+        FieldDescriptor.TYPE_DOUBLE: st.floats(), FieldDescriptor.TYPE_FLOAT: st.floats(width=32),
+        FieldDescriptor.TYPE_BYTES: st.binary(max_size=64)}
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for f in descriptor.fields:
         if f.message_type is not None:

@@ -147,7 +147,7 @@ def test_the_shared_types_kept_the_gateways_wire_format() -> None:
 
     assert dict(generation_pb2.FinishReason.items()) == {
         "FINISH_REASON_UNSPECIFIED": 0, "FINISH_REASON_STOP": 1, "FINISH_REASON_LENGTH": 2,
-        "FINISH_REASON_CANCELLED": 3}
+        "FINISH_REASON_CANCELLED": 3, "FINISH_REASON_CONTENT_FILTER": 4}  # added later: a new value, none moved
     assert _fields(gateway_pb2.ChatResponse) == [
         ("delta", 1, "TYPE_STRING"), ("finish_reason", 2, "lmesh.common.v1.FinishReason"),
         ("usage", 3, "lmesh.common.v1.Usage"), ("model", 4, "TYPE_STRING"), ("id", 5, "TYPE_STRING"),

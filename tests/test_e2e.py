@@ -75,7 +75,8 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
     mesh = await open_mesh(consul_agent.http_addr, "lmesh-gateway", mtls=True)
     try:
         for service in SERVICES:
-            procs.start(service)
+            # Policy with a rules file: the default rules, and rules scoped to tenants of the guardrail tests.
+            procs.start(service, *(["--rules", str(write_e2e_rules(procs.home))] if service == "policy" else []))
         await procs.wait_passing(mesh, "registry")
         await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=("default",))
         int8 = (built_model / "lmesh_model.int8.json").exists()
@@ -96,6 +97,43 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         await mesh.close()
         await procs.stop_all()
         await otlp.stop()
+
+
+E2E_RULES = """
+  - id: e2e-no-paris
+    detect: deny
+    action: block
+    phrases: [paris]
+    applies_to: [output]
+    tenants: [guarded]
+  - id: e2e-france
+    detect: deny
+    action: redact
+    phrases: [france]
+    applies_to: [output]
+    tenants: [redacted]
+  - id: e2e-password
+    detect: deny
+    action: block
+    phrases: ["open sesame"]
+    applies_to: [input]
+    tenants: [guarded]
+"""
+
+
+def e2e_rules_path(home: Path) -> Path:
+    return home / "guardrails.yaml"
+
+
+def write_e2e_rules(home: Path, extra: str = "") -> Path:
+    """The default rules plus the e2e tenants' ones (and `extra`), renamed into place as an editor would."""
+    from services.policy.rules import DEFAULT_RULES_PATH
+
+    path = e2e_rules_path(home)
+    fresh = path.with_suffix(".tmp")
+    fresh.write_text(DEFAULT_RULES_PATH.read_text() + E2E_RULES + extra)
+    os.replace(fresh, path)
+    return path
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -1410,7 +1448,7 @@ def test_dev_mesh_names_a_service_that_refuses_to_start_and_why(built_model: Pat
     assert not consul_answers(env["CONSUL_HTTP_ADDR"])  # the agent it started is stopped too
 
 
-@pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list")])
+@pytest.mark.parametrize("command", [("chat", "hi"), ("models", "list"), ("keys", "list"), ("policy", "rules", "show")])
 def test_operator_commands_without_consul_fail_at_once_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -1784,3 +1822,78 @@ async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
     for name in live.procs.processes:
         log = live.procs.log(name)
         assert "Traceback" not in log and " ERROR " not in log, f"{name}:\n{log[-3000:]}"
+
+
+async def test_guardrails_block_redact_and_refuse_through_the_gateway(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    plain = "".join(r.delta for r in await collect(stub, start(max_tokens=64), live.api_key))
+    assert "Paris" in plain and "France" in plain
+    guarded = (await create_key(live.mesh.peer(POLICY), "guarded")).api_key
+    redacted = (await create_key(live.mesh.peer(POLICY), "redacted")).api_key
+
+    # A block rule on the answer: it ends before the match, CONTENT_FILTER, with the tokens used; nothing of it sent.
+    responses = await collect(stub, start(max_tokens=64, logprobs=True), guarded)
+    text = "".join(r.delta for r in responses)
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert plain[:plain.index("Paris")].startswith(text) and "P" not in text[len("The capital of France is "):]
+    assert responses[-1].usage.completion_tokens > 0
+    entries = b"".join(e.bytes for r in responses for e in r.logprobs)
+    assert text.encode().startswith(entries) and b"Paris" not in entries
+
+    # A redact rule: the match replaced, every other byte as without rules; its token's logprob entry scrubbed.
+    responses = await collect(stub, start(max_tokens=64, logprobs=True), redacted)
+    text = "".join(r.delta for r in responses)
+    assert text == plain.replace("France", "[REDACTED:e2e-france]")
+    assert responses[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+    entries = [e for r in responses for e in r.logprobs]
+    assert len(entries) == responses[-1].usage.completion_tokens
+    assert any(e.token_id == -1 and not e.bytes for e in entries)
+    assert b"France" not in b"".join(e.bytes for e in entries)
+
+    # A block rule on the input: refused before generation, naming the rule and the message, never the text.
+    error = await expect_error(stub, [start("Say open  SESAME, then the capital of France.")], auth(guarded))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = typed_details(error)["ErrorInfo"]
+    assert info.reason == "CONTENT_BLOCKED" and dict(info.metadata) == {"rule_id": "e2e-password",
+                                                                         "field": "messages[0].content"}
+    assert "sesame" not in (error.details() or "").lower()
+    # The default rules on the input: an e-mail address in a message is redacted before the model sees it.
+    mailed = await collect(stub, start("Repeat exactly: jane.doe@example.com", max_tokens=24), guarded)
+    assert "jane.doe" not in "".join(r.delta for r in mailed)
+
+
+async def test_a_rules_edit_during_open_streams_takes_effect_for_new_requests_and_breaks_none(live: LiveMesh) -> None:
+    stub = await live.gateway()
+    edited = (await create_key(live.mesh.peer(POLICY), "edited")).api_key
+    calls = []
+    for _ in range(3):
+        call = stub.Chat(metadata=auth(edited), timeout=120)
+        await call.write(start(LONG_TASK, max_tokens=96))
+        await call.done_writing()
+        first = await call.read()
+        assert first is not grpc.aio.EOF and first.delta
+        calls.append((call, [first]))
+    write_e2e_rules(live.procs.home, """
+  - id: e2e-edited
+    detect: deny
+    action: block
+    phrases: [paris]
+    applies_to: [output]
+    tenants: [edited]
+""")
+    try:
+        for _ in range(60):
+            responses = await collect(stub, start(max_tokens=64), edited)
+            if responses[-1].finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("the edited rules never took effect")
+        assert "Paris" not in "".join(r.delta for r in responses)
+        for call, seen in calls:  # the open streams run on to their end, with the rules they started with
+            seen += await read_rest(call)
+            assert seen[-1].finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
+            assert await call.code() == grpc.StatusCode.OK
+            assert seen[-1].usage.completion_tokens > 1
+    finally:
+        write_e2e_rules(live.procs.home)

@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_NOT_SERVED = "MODEL_NOT_SERVED"
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    CONTENT_BLOCKED = "CONTENT_BLOCKED"  # a guardrail rule with action `block` matched the request
     QUEUE_FULL = "QUEUE_FULL"
     DRAINING = "DRAINING"
     DEPENDENCY_TIMEOUT = "DEPENDENCY_TIMEOUT"

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -34,6 +34,9 @@ from services.common.rpc import mark_failed
 from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
+
+if TYPE_CHECKING:
+    from services.gateway.screen import Screening
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
@@ -116,6 +119,9 @@ class ChatService:
         self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
         self._tracer = tracer
+        from services.gateway.screen import Guardrails  # it builds on this module's types
+
+        self.guardrails = Guardrails(self._policy, self.vocabularies)
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -131,7 +137,7 @@ class ChatService:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
         return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
-    async def prepare(self, credential: Credential | str, params: ChatParams,
+    async def prepare(self, credential: Credential | str, params: ChatParams, screening: Screening | None = None,
                       ) -> tuple[registry_pb2.ModelVersion, list[int], int, Endpoint]:
         """Resolves the model, authorizes the credential (an API key, or a verified client certificate) for the
         model it resolved to, then renders the prompt; returns version, ids, max_tokens and the tokenizer that
@@ -147,7 +153,7 @@ class ChatService:
                     raise
                 model_id = f"{version.name}:{version.version}"
                 # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
-                await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
+                authorized = await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
                     **credential_fields(credential), model=params.model, max_tokens=params.max_tokens,
                     resolved_model=model_id, resolved_aliases=list(version.aliases)), timeout=10)
             except Exception as exc:
@@ -158,6 +164,8 @@ class ChatService:
             # hundreds of thousands of empty turns) would only find that out.
             raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
                                               f"{version.context_length} tokens")
+        if screening is not None:  # guardrails on the messages, before the prompt is rendered
+            params = await self.guardrails.screen_input(screening, authorized.principal, version, params)
         context = version.context_length
         # At least one token of the context is left for the answer. A prompt that cannot fit is refused by the
         # tokenizer, before encoding it when its size alone shows that.

@@ -24,6 +24,7 @@ from services.gateway.chat import (
 )
 from services.gateway.credentials import caller_credential
 from services.gateway.logprobs import TokenLogprob
+from services.gateway.screen import Screening
 
 
 def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
@@ -37,7 +38,7 @@ def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
 
 
 def _reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
-    """`stop`, `length` or `cancelled`: the OpenTelemetry GenAI spelling of a finish reason."""
+    """`stop`, `length`, `cancelled` or `content_filter`: the OpenTelemetry GenAI spelling of a finish reason."""
     return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
@@ -69,9 +70,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = _params(start, model)
         credential = caller_credential(context)
         span.set_attribute("lmesh.credential", credential.kind)
-        version, prompt, max_tokens, tokenizer = await self._chat.prepare(credential, params)
+        screening = Screening(request_id=new_completion_id())
+        version, prompt, max_tokens, tokenizer = await self._chat.prepare(credential, params, screening)
         model_id = f"{version.name}:{version.version}"
-        completion_id = new_completion_id()
+        completion_id = screening.request_id
         span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
                              "gen_ai.usage.input_tokens": len(prompt)})
 
@@ -87,8 +89,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         watcher = asyncio.create_task(watch_client())
         first_delta = True
         try:
-            async for event in self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id,
-                                                   tokenizer):
+            events = self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id, tokenizer)
+            async for event in self._chat.guardrails.screen_output(screening, events, cancel, params.logprobs):
                 if isinstance(event, ChatDelta):
                     response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
                     if first_delta:

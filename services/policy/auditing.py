@@ -43,6 +43,7 @@ from services.policy.audit import (
     Verification,
 )
 from services.policy.keys import CertificateIdentity, KeyStore
+from services.policy.rules import RulesSource
 from services.policy.servicer import PolicyServicer, _credential
 
 DEFAULT_TAIL = 20
@@ -83,15 +84,15 @@ def _credential_kind(credential: str | CertificateIdentity) -> str:
 class AuditedPolicyServicer(PolicyServicer):
     """PolicyServicer whose decisions go to `audit`, with the audit RPCs."""
 
-    def __init__(self, store: KeyStore, admin: AdminGuard, audit: AuditLog) -> None:
-        super().__init__(store, admin)
-        self._audit = audit
+    def __init__(self, store: KeyStore, admin: AdminGuard, audit: AuditLog, rules: RulesSource | None = None) -> None:
+        super().__init__(store, admin, rules, audit)
+        self._audit_log = audit  # the durable log (the parent knows it only as an AuditSink)
         for method in policy_pb2.DESCRIPTOR.services_by_name["Policy"].methods:
             if not method.client_streaming and not method.server_streaming:
                 setattr(self, method.name, self._durable(getattr(self, method.name)))
 
     def _durable(self, handler: Handler) -> Handler:
-        audit = self._audit
+        audit = self._audit_log
 
         @functools.wraps(handler)
         async def decide(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -111,8 +112,9 @@ class AuditedPolicyServicer(PolicyServicer):
         detail = list(notes)
         if exc is not None:
             detail.append(f"{exc.code.name}: {exc.message}" if isinstance(exc, LmeshError) else "internal error")
-        self._audit.append(AuditEvent(action, allowed if exc is None else outcome_of(exc), principal=principal or "",
-                                      tenant=tenant, model=model, tokens=tokens or {}, detail="; ".join(detail)))
+        self._audit_log.append(AuditEvent(action, allowed if exc is None else outcome_of(exc),
+                                          principal=principal or "", tenant=tenant, model=model, tokens=tokens or {},
+                                          detail="; ".join(detail)))
 
     def _known(self, credential: str | CertificateIdentity) -> Any:
         """The principal behind a credential that authenticated but was refused later, for the record."""
@@ -199,21 +201,21 @@ class AuditedPolicyServicer(PolicyServicer):
         self._admin_check(context, "audit.tail")
         limit = _count(request.limit, "limit", default=DEFAULT_TAIL)
         match = _matcher(request.filter)
-        records, head = await asyncio.to_thread(self._audit.tail, limit, match)
+        records, head = await asyncio.to_thread(self._audit_log.tail, limit, match)
         return policy_pb2.TailAuditResponse(records=[record_pb(r) for r in records], head_seq=head)
 
     async def FollowAudit(self, request: policy_pb2.FollowAuditRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[policy_pb2.FollowAuditResponse]:
-        async with self._audit.decisions():  # a refusal is recorded like any other
+        async with self._audit_log.decisions():  # a refusal is recorded like any other
             self._admin_check(context, "audit.follow")
         backlog = _count(request.backlog, "backlog", default=0)
         match = _matcher(request.filter)
         if backlog:
-            records, head = await asyncio.to_thread(self._audit.tail, backlog, match)
+            records, head = await asyncio.to_thread(self._audit_log.tail, backlog, match)
         else:
-            records, head = [], self._audit.head[0]
+            records, head = [], self._audit_log.head[0]
         yield policy_pb2.FollowAuditResponse(records=[record_pb(r) for r in records], head_seq=head)
-        async with contextlib.aclosing(self._audit.follow(head)) as batches:
+        async with contextlib.aclosing(self._audit_log.follow(head)) as batches:
             async for batch in batches:
                 chosen = [record_pb(r) for r in batch if match is None or match(r)]
                 if chosen:
@@ -222,8 +224,8 @@ class AuditedPolicyServicer(PolicyServicer):
     async def VerifyAudit(self, request: policy_pb2.VerifyAuditRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.VerifyAuditResponse:
         self._admin_check(context, "audit.verify")
-        result = await asyncio.to_thread(self._audit.verify)
-        self._audit.append(AuditEvent("audit.verify", "ok" if result.ok else "failed",
+        result = await asyncio.to_thread(self._audit_log.verify)
+        self._audit_log.append(AuditEvent("audit.verify", "ok" if result.ok else "failed",
                                       detail=f"{_caller(context)}; {result.summary()}"))
         return verification_pb(result)
 

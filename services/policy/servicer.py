@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
 
 import grpc
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
+from opentelemetry import trace
 
 from services.common.admin import AdminGuard
 from services.common.errors import InvalidArgument
+from services.policy.audit import AuditSink, MemoryAudit
 from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal
+from services.policy.rules import RulesSource, record_screening
 
 
 def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRequest,
@@ -24,9 +28,12 @@ def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRe
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
-    def __init__(self, store: KeyStore, admin: AdminGuard) -> None:
+    def __init__(self, store: KeyStore, admin: AdminGuard, rules: RulesSource | None = None,
+                 audit: AuditSink | None = None) -> None:
         self._store = store
         self._admin = admin
+        self._rules = rules if rules is not None else RulesSource(None)
+        self._audit: AuditSink = audit if audit is not None else MemoryAudit()
 
     async def Authenticate(self, request: policy_pb2.AuthenticateRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.AuthenticateResponse:
@@ -74,6 +81,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                            context: grpc.aio.ServicerContext) -> policy_pb2.RevokeApiKeyResponse:
         self._admin.check_call(context)
         return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(self._store.revoke(request.key_id)))
+
+    async def WatchRules(self, request: policy_pb2.WatchRulesRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[policy_pb2.RuleSet]:
+        async for rules in self._rules.watch():
+            yield rules.to_proto()
+
+    async def RecordScreening(self, request: policy_pb2.RecordScreeningRequest,
+                              context: grpc.aio.ServicerContext) -> policy_pb2.RecordScreeningResponse:
+        span = trace.get_current_span().get_span_context()
+        record_screening(self._audit, request, format(span.trace_id, "032x") if span.is_valid else "")
+        return policy_pb2.RecordScreeningResponse()
 
 
 # A page stays below every gRPC client's default 4 MiB receive limit (a key may hold 256 patterns: ~66 KB).

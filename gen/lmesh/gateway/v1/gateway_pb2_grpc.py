@@ -65,8 +65,15 @@ class GatewayServicer:
         generated token, in order, up to and including the token that completed a stop string; the end-of-turn
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
         (at the latest the last message). Without `logprobs` every `logprobs` is empty.
+        Guardrails (policy's rules, enforced here): the answer is screened as it streams, held back only while the
+        text could still be part of a match (at most the widest active detector, e.g. 129 characters with the
+        default rules), so the deltas may come a little later than the tokens. A redacted match reaches the client
+        as the rule's replacement; a match of a `block` rule ends the stream normally, before any of the matched
+        text, with FINISH_REASON_CONTENT_FILTER (and the usage of the tokens generated).
         Errors: UNAUTHENTICATED (no or wrong key; a client certificate bound to no active key, or to a revoked
-        one), PERMISSION_DENIED (model not allowed for the key),
+        one), PERMISSION_DENIED (model not allowed for the key; or a message matched a guardrail rule with action
+        `block`: ErrorInfo reason CONTENT_BLOCKED, metadata `rule_id` and `field` (`messages[i].content`), never the
+        text matched),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
         empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;

@@ -1,3 +1,4 @@
+from lmesh.common.v1 import generation_pb2 as _generation_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -6,6 +7,45 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Detector(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DETECTOR_UNSPECIFIED: _ClassVar[Detector]
+    DETECTOR_DENY: _ClassVar[Detector]
+    DETECTOR_EMAIL: _ClassVar[Detector]
+    DETECTOR_PHONE: _ClassVar[Detector]
+    DETECTOR_CARD: _ClassVar[Detector]
+    DETECTOR_IBAN: _ClassVar[Detector]
+    DETECTOR_IPV4: _ClassVar[Detector]
+    DETECTOR_SECRET: _ClassVar[Detector]
+
+class RuleAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RULE_ACTION_UNSPECIFIED: _ClassVar[RuleAction]
+    RULE_ACTION_BLOCK: _ClassVar[RuleAction]
+    RULE_ACTION_REDACT: _ClassVar[RuleAction]
+    RULE_ACTION_FLAG: _ClassVar[RuleAction]
+
+class ScreeningStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCREENING_STAGE_UNSPECIFIED: _ClassVar[ScreeningStage]
+    SCREENING_STAGE_INPUT: _ClassVar[ScreeningStage]
+    SCREENING_STAGE_OUTPUT: _ClassVar[ScreeningStage]
+DETECTOR_UNSPECIFIED: Detector
+DETECTOR_DENY: Detector
+DETECTOR_EMAIL: Detector
+DETECTOR_PHONE: Detector
+DETECTOR_CARD: Detector
+DETECTOR_IBAN: Detector
+DETECTOR_IPV4: Detector
+DETECTOR_SECRET: Detector
+RULE_ACTION_UNSPECIFIED: RuleAction
+RULE_ACTION_BLOCK: RuleAction
+RULE_ACTION_REDACT: RuleAction
+RULE_ACTION_FLAG: RuleAction
+SCREENING_STAGE_UNSPECIFIED: ScreeningStage
+SCREENING_STAGE_INPUT: ScreeningStage
+SCREENING_STAGE_OUTPUT: ScreeningStage
 
 class Principal(_message.Message):
     __slots__ = ("key_id", "tenant", "allowed_models")
@@ -273,3 +313,79 @@ class AuditProblem(_message.Message):
     kind: AuditProblem.Kind
     message: str
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[AuditProblem.Kind, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WatchRulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuardrailRule(_message.Message):
+    __slots__ = ("id", "detect", "action", "stages", "tenants", "models", "phrases", "patterns", "replacement")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DETECT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    PHRASES_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    detect: Detector
+    action: RuleAction
+    stages: _containers.RepeatedScalarFieldContainer[ScreeningStage]
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    phrases: _containers.RepeatedScalarFieldContainer[str]
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    replacement: str
+    def __init__(self, id: _Optional[str] = ..., detect: _Optional[_Union[Detector, str]] = ..., action: _Optional[_Union[RuleAction, str]] = ..., stages: _Optional[_Iterable[_Union[ScreeningStage, str]]] = ..., tenants: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., phrases: _Optional[_Iterable[str]] = ..., patterns: _Optional[_Iterable[str]] = ..., replacement: _Optional[str] = ...) -> None: ...
+
+class RuleSet(_message.Message):
+    __slots__ = ("version", "rules", "source")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    rules: _containers.RepeatedCompositeFieldContainer[GuardrailRule]
+    source: str
+    def __init__(self, version: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[GuardrailRule, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ScreeningFinding(_message.Message):
+    __slots__ = ("rule_id", "action", "stage", "message_index", "start", "end")
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    rule_id: str
+    action: RuleAction
+    stage: ScreeningStage
+    message_index: int
+    start: int
+    end: int
+    def __init__(self, rule_id: _Optional[str] = ..., action: _Optional[_Union[RuleAction, str]] = ..., stage: _Optional[_Union[ScreeningStage, str]] = ..., message_index: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class RecordScreeningRequest(_message.Message):
+    __slots__ = ("request_id", "key_id", "tenant", "model", "rules_version", "findings", "blocked", "usage")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    key_id: str
+    tenant: str
+    model: str
+    rules_version: str
+    findings: _containers.RepeatedCompositeFieldContainer[ScreeningFinding]
+    blocked: bool
+    usage: _generation_pb2.Usage
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., rules_version: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[ScreeningFinding, _Mapping]]] = ..., blocked: _Optional[bool] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ...) -> None: ...
+
+class RecordScreeningResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

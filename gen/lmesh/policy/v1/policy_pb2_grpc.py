@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class PolicyStub:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
+    WatchRules and RecordScreening for the guardrails), and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
@@ -79,10 +80,21 @@ class PolicyStub:
                 request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.WatchRules = channel.unary_stream(
+                '/lmesh.policy.v1.Policy/WatchRules',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.WatchRulesRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RuleSet.FromString,
+                _registered_method=True)
+        self.RecordScreening = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/RecordScreening',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
+    WatchRules and RecordScreening for the guardrails), and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
@@ -173,6 +185,27 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRules(self, request, context):
+        """The guardrail rules in force: the current RuleSet at once, then each new version as the operators' rules
+        file changes (policy looks at it once a second). Policy decides the rules; the gateway holds one such stream
+        and enforces them itself, so screening costs no call per token. The stream ends (OK) when policy shuts
+        down: reconnect, to another instance, keeping the rules in force meanwhile.
+        Errors: UNAVAILABLE (policy is not reachable or is draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordScreening(self, request, context):
+        """Records in policy's audit log what the guardrails did to one request: each block, redaction and flag by rule
+        id and position, never the text matched; for a blocked request the tokens it used. The gateway calls it once
+        the input is screened (when anything matched) and when a screened answer ends.
+        Errors: INVALID_ARGUMENT (a malformed field, named), UNAVAILABLE (the audit log could not be written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +249,16 @@ def add_PolicyServicer_to_server(servicer, server):
                     request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.FromString,
                     response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.SerializeToString,
             ),
+            'WatchRules': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRules,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.WatchRulesRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RuleSet.SerializeToString,
+            ),
+            'RecordScreening': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordScreening,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lmesh.policy.v1.Policy', rpc_method_handlers)
@@ -225,7 +268,8 @@ def add_PolicyServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Policy:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize, and
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
+    WatchRules and RecordScreening for the guardrails), and
     operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
     (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
@@ -438,6 +482,60 @@ class Policy:
             '/lmesh.policy.v1.Policy/VerifyAudit',
             lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditRequest.SerializeToString,
             lmesh_dot_policy_dot_v1_dot_policy__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/WatchRules',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.WatchRulesRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.RuleSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordScreening(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/RecordScreening',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.RecordScreeningResponse.FromString,
             options,
             channel_credentials,
             insecure,
