@@ -21,6 +21,7 @@ import grpc
 from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import AdminGuard
+from services.common.peers import POLICY, direct_stub
 from services.policy.audit import AuditEvent, AuditLog
 from services.policy.auditing import AuditedPolicyServicer
 from services.policy.keys import KeyStore
@@ -93,8 +94,7 @@ async def authorize_rpc(directory: Path, total: int, concurrency: int, audited: 
     request = policy_pb2.AuthorizeRequest(api_key=key, model="smollm2-135m", input_tokens=12, max_tokens=64)
     latencies: list[float] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = policy_pb2_grpc.PolicyStub(channel)
+        async with direct_stub(POLICY, f"127.0.0.1:{port}") as stub:
             for _ in range(20):  # warm up
                 await stub.Authorize(request)
 

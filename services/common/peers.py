@@ -28,7 +28,7 @@ from lmesh.policy.v1 import policy_pb2_grpc
 from lmesh.registry.v1 import registry_pb2_grpc
 from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
 
-from services.common.discovery import Endpoint, Mesh, ServiceResolver
+from services.common.discovery import CHANNEL_OPTIONS, Endpoint, Mesh, ServiceResolver
 from services.common.errors import Reason, Unavailable
 from services.common.rpc import call_options, error_reason
 
@@ -198,6 +198,14 @@ async def public_gateway(target: str, tls: GatewayTls | None = None) -> AsyncIte
         channel = grpc.aio.secure_channel(target, tls.channel_credentials())
     async with channel:
         yield GATEWAY.stub(channel)
+
+
+@contextlib.asynccontextmanager
+async def direct_stub(service: PeerService[S], target: str) -> AsyncIterator[S]:
+    """A stub of `service` on a plaintext channel to `target`, without Consul or mesh identity: for a server a
+    benchmark or a test started itself, in process and without mTLS."""
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        yield service.stub(channel)
 
 
 async def probe_health(target: str, mesh_service: str | None = None, *, consul_addr: str = "",
