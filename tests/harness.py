@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from opentelemetry.metrics import Meter
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from services.common.discovery import SERVER_OPTIONS, Mesh
@@ -79,14 +80,14 @@ class MeshProcesses:
 
 @contextlib.asynccontextmanager
 async def intercepted(methods: dict[str, grpc.RpcMethodHandler], exporters: Sequence[SpanExporter] = (),
-                      ) -> AsyncIterator[grpc.aio.Channel]:
+                      meter: Meter | None = None) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to a server whose `lmesh.test.v1.Test` methods run behind the shared interceptor; `exporters`
-    get its spans."""
+    get its spans, `meter` its RPC metrics."""
     from services.common.rpc import ServerInterceptor
     from services.common.telemetry import setup_tracing
 
     provider = setup_tracing("lmesh-test", extra_exporters=exporters)
-    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"))],
+    server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"), meter=meter)],
                              options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lmesh.test.v1.Test", methods),))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -77,8 +77,8 @@ def grpc_port() -> Iterator[int]:
      "LMESH_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
     ("OTEL_TRACES_EXPORTER", "zipkin", ["serve", "policy"],
      "OTEL_TRACES_EXPORTER='zipkin': lmesh exports traces with otlp, console, none (not zipkin)"),
-    ("OTEL_METRICS_EXPORTER", "prometheus", ["serve", "registry"],
-     "OTEL_METRICS_EXPORTER='prometheus': lmesh exports metrics with otlp, console, none (not prometheus)"),
+    ("OTEL_METRICS_EXPORTER", "statsd", ["serve", "registry"],
+     "OTEL_METRICS_EXPORTER='statsd': lmesh exports metrics with otlp, console, prometheus, none (not statsd)"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", ["serve", "gateway"],
      "OTEL_EXPORTER_OTLP_PROTOCOL='http/json': lmesh speaks OTLP as grpc or http/protobuf"),
 ])

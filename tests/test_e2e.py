@@ -42,6 +42,7 @@ from services.policy.client import create_key, revoke_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
 from tests.otlp import OtlpReceiver
+from tests.test_metrics import Families, dashboard_selectors, scrape, value
 from tests.tls_certs import Pki
 
 SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
@@ -956,6 +957,66 @@ async def test_prefix_reuse_is_visible_in_usage_trace_and_metrics(live: LiveMesh
     assert int(hit_prefills(spans)[0].attributes["lmesh.inference.prefix_cached_tokens"]) > 100  # type: ignore[call-overload]
     hits = await live.otlp.wait_for_metric("lmesh-inference", "lmesh.inference.prefix_cache.hits", lambda v: v >= 1)
     assert hits >= 1
+
+
+async def scrape_all(live: LiveMesh, service: str) -> dict[str, Families]:
+    """Every passing instance of lmesh-<service>, found in Consul: its /metrics at address:metrics_port, parsed
+    as Prometheus text, by instance id."""
+    _, nodes = await live.mesh.consul.health.service(f"lmesh-{service}", passing=True)
+    scraped = {}
+    for node in nodes:
+        port = node["Service"]["Meta"].get("metrics_port", "")
+        assert port.isdigit(), f"lmesh-{service} advertises no metrics_port: {node['Service']['Meta']}"
+        scraped[node["Service"]["ID"]] = await scrape(int(port), node["Service"]["Address"])
+    assert scraped, f"no passing lmesh-{service}"
+    return scraped
+
+
+def total(scraped: dict[str, Families], sample: str, **labels: str) -> float:
+    return sum(value(families, sample, **labels) for families in scraped.values())
+
+
+async def test_every_service_serves_prometheus_metrics_whose_counters_move_with_a_chat(live: LiveMesh) -> None:
+    every = {service: await scrape_all(live, service) for service in SERVICES}
+
+    def moved() -> dict[str, float]:
+        gateway, inference = every["gateway"], every["inference"]
+        return {
+            "chats": total(gateway, "lmesh_gateway_requests_total", rpc_response_status_code="OK",
+                           lmesh_tenant="e2e", gen_ai_response_model="smollm2-135m-instruct:1"),
+            "gateway_ttft": total(gateway, "gen_ai_server_time_to_first_token_seconds_count",
+                                  otel_scope_name="lmesh.gateway"),
+            "chat_rpcs": total(gateway, "rpc_server_call_duration_seconds_count",
+                               rpc_method="lmesh.gateway.v1.Gateway/Chat", rpc_response_status_code="OK"),
+            "usage_out": total(gateway, "gen_ai_client_token_usage_sum", gen_ai_token_type="output"),
+            "ttft": total(inference, "gen_ai_server_time_to_first_token_seconds_count"),
+            "gaps": total(inference, "gen_ai_server_time_per_output_token_seconds_count"),
+            "out": total(inference, "lmesh_inference_tokens_total", gen_ai_token_type="output"),
+            "authorize": total(every["policy"], "rpc_server_call_duration_seconds_count",
+                               rpc_method="lmesh.policy.v1.Policy/Authorize", rpc_response_status_code="OK"),
+        }
+
+    before = moved()
+    responses = await collect(await live.gateway(), start(max_tokens=16), live.api_key)
+    completion = responses[-1].usage.completion_tokens
+    assert completion > 1
+    deadline = time.monotonic() + 10
+    while True:  # the gateway counts a chat when its stream has ended on the server, a moment after the client
+        every = {service: await scrape_all(live, service) for service in SERVICES}
+        after = moved()
+        if after["chats"] > before["chats"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    delta = {key: after[key] - before[key] for key in after}
+    assert delta["chats"] == 1 and delta["gateway_ttft"] == 1 and delta["chat_rpcs"] == 1, delta
+    assert delta["usage_out"] == completion and delta["out"] == completion, delta
+    assert delta["ttft"] == 1 and delta["gaps"] == completion - 1, delta  # one observation per token gap
+    assert delta["authorize"] >= 1, delta
+    # Every metric the Grafana dashboard reads is one the services export.
+    exported = {s.name for scraped in every.values() for families in scraped.values()
+                for samples in families.values() for s in samples}
+    missing = {name for name, _ in dashboard_selectors()} - exported
+    assert not missing, missing
 
 
 async def test_int8_version_is_served_by_its_own_replica(live: LiveMesh) -> None:

@@ -52,7 +52,7 @@ def test_a_tracing_setting_lmesh_cannot_honour_fails_naming_it(monkeypatch: pyte
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("variable", "value"), [("OTEL_METRICS_EXPORTER", "prometheus"),
+@pytest.mark.parametrize(("variable", "value"), [("OTEL_METRICS_EXPORTER", "statsd"),
                                                  ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/json")])
 def test_a_metrics_setting_lmesh_cannot_honour_fails_naming_it(monkeypatch: pytest.MonkeyPatch, variable: str,
                                                               value: str) -> None:

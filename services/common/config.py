@@ -398,6 +398,10 @@ class ServiceConfig:
                                default_help="0: a free one",
                                help="with mTLS, the port serving grpc.health alone over server-only TLS (for "
                                     "Consul's check and probes)")
+    metrics_port: int = setting(flag="--metrics-port", env="LMESH_METRICS_PORT", default=0, parse=PORT_TYPE,
+                                default_help="0: a free one",
+                                help="the plain-HTTP port of the Prometheus endpoint /metrics (Consul meta "
+                                     "`metrics_port`; served unless OTEL_METRICS_EXPORTER leaves out prometheus)")
     # The service's own typed settings (InferenceSettings, ...); None: its declared defaults.
     settings: object | None = None
 

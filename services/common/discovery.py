@@ -147,6 +147,9 @@ class ConsulRegistration:
         self.check_tls = check_tls
         self.service_id = f"{name}-{address}-{port}"
         self.meta: dict[str, str] = {}
+        # Meta the bootstrap adds to whatever the service registers (its ports: metrics_port, ...), so a service
+        # that updates its own meta (inference's load) keeps them.
+        self.fixed_meta: dict[str, str] = {}
         self._keeper: asyncio.Task[None] | None = None
         self.reregistrations = 0
 
@@ -176,7 +179,9 @@ class ConsulRegistration:
                      "TLSSkipVerify": True, "Interval": "1s", "Timeout": "1s",
                      "DeregisterCriticalServiceAfter": "1m"}
             connect = {"Native": True}
-        meta = self.meta if self.tls_health_port is None else {**self.meta, "health_port": str(self.tls_health_port)}
+        meta = {**self.fixed_meta, **self.meta}
+        if self.tls_health_port is not None:
+            meta["health_port"] = str(self.tls_health_port)
         await self._client.agent.service.register(
             self.name, service_id=self.service_id, address=self.address, port=self.port,
             tags=["lmesh"], meta=meta, check=check, connect=connect,

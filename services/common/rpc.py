@@ -1,4 +1,5 @@
-"""The one server interceptor (span per RPC, error mapping, deadline capture) and outgoing-call helpers.
+"""The one server interceptor (span per RPC, error mapping, deadline capture, RPC metrics) and outgoing-call
+helpers.
 
 Servicers raise LmeshError subclasses; this module turns them into status codes. Upstream gRPC errors keep
 their code when it is meaningful to our caller; anything else is INTERNAL with a generic message and the
@@ -23,6 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import Meter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common.errors import (
@@ -52,6 +54,12 @@ FIRST_MESSAGE_TIMEOUT_S = 30.0
 
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
+# What to call with the final status code when the RPC being served ends (on_call_end).
+_call_end: contextvars.ContextVar[list[Callable[[grpc.StatusCode], None]] | None] = contextvars.ContextVar(
+    "lmesh_call_end", default=None)
+# rpc.server.call.duration's buckets (s): unary calls take milliseconds, a chat's stream seconds to minutes.
+RPC_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                        120.0, 300.0)
 
 # Methods that are infrastructure, not product: no span, no mapping (reflection is checked like the rest when
 # the service checks its callers; health never is: Consul's check carries no certificate).
@@ -65,6 +73,17 @@ def remaining_time(default: float | None = None) -> float | None:
     if deadline is None:
         return default
     return max(0.0, deadline - time.monotonic())
+
+
+def on_call_end(callback: Callable[[grpc.StatusCode], None]) -> bool:
+    """Has `callback(code)` called once the RPC being served ends, with the status code its caller gets: OK, the
+    code an error maps to, CANCELLED (the client went away) or DEADLINE_EXCEEDED. False (and never called) outside a
+    call the shared interceptor serves. A callback that raises is logged and does not touch the call."""
+    callbacks = _call_end.get()
+    if callbacks is None:
+        return False
+    callbacks.append(callback)
+    return True
 
 
 def call_options(timeout: float | None = None) -> dict[str, Any]:
@@ -219,14 +238,26 @@ def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001)
     return remaining is not None and remaining <= margin_s
 
 
-def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> None:
+def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """A call gRPC cancelled under the handler: its deadline passed (an error), or the client went away."""
     if _deadline_passed(context):
         _record_failure(span, grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
-    else:
-        # The caller's choice, not a failure of ours (OpenTelemetry's gRPC conventions leave it unset too).
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
-        span.add_event("cancelled by the client")
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    # The caller's choice, not a failure of ours (OpenTelemetry's gRPC conventions leave it unset too).
+    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+    span.add_event("cancelled by the client")
+    return grpc.StatusCode.CANCELLED
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a handler's context.abort() set (UNKNOWN when gRPC does not say)."""
+    with contextlib.suppress(Exception):
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code
+        if isinstance(code, int):
+            return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -297,13 +328,17 @@ class CallerCheck(Protocol):
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Opens `lmesh.<service>/<Rpc>` spans in the caller's trace, checks the caller (`guard`, on an internal
-    service of an mTLS mesh: every method but health, reflection included) and maps exceptions to status
-    codes."""
+    service of an mTLS mesh: every method but health, reflection included), maps exceptions to status codes, and
+    records each call's duration by method and status code (`rpc.server.call.duration`, when given a `meter`)."""
 
-    def __init__(self, service: str, tracer: trace.Tracer, guard: CallerCheck | None = None) -> None:
+    def __init__(self, service: str, tracer: trace.Tracer, guard: CallerCheck | None = None,
+                 meter: Meter | None = None) -> None:
         self._service = service
         self._tracer = tracer
         self._guard = guard
+        self._duration = None if meter is None else meter.create_histogram(
+            "rpc.server.call.duration", unit="s", description="Duration of incoming RPCs (a stream: until it ends)",
+            explicit_bucket_boundaries_advisory=RPC_DURATION_BUCKETS)
         # Set when a drain's grace is about to run out: streams still running end with it at their next
         # message, instead of being cut with gRPC's bare "Cancelling all calls".
         self.expired: LmeshError | None = None
@@ -325,6 +360,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         span_name = f"lmesh.{self._service}/{rpc_name}"
         attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_name}
         parent = extract_context(metadata)
+        # The method as OpenTelemetry's RPC conventions name it: only methods this server has (handler is set).
+        metric_attributes = {"rpc.system.name": "grpc", "rpc.method": method.lstrip("/")}
+        duration = self._duration
 
         def start(context: grpc.aio.ServicerContext) -> tuple[trace.Span, otel_context.Context]:
             remaining = context.time_remaining()
@@ -332,7 +370,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
             return span, trace.set_span_in_context(span)
 
-        def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
+        def ended(started: float, callbacks: list[Callable[[grpc.StatusCode], None]], code: grpc.StatusCode) -> None:
+            if duration is not None:
+                duration.record(time.monotonic() - started,
+                                {**metric_attributes, "rpc.response.status_code": code.name})
+            for callback in callbacks:
+                try:
+                    callback(code)
+                except Exception:
+                    log.exception("%s: a call-end callback failed", method)
+
+        def fail(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> grpc.StatusCode:
             # The call's own span: a streaming handler's failure can surface outside the span's context.
             code, message, trailers = status_for(exc, span)
             shown: BaseException = exc
@@ -360,12 +408,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # until the next full garbage collection.
             context.set_code(code)
             context.set_details(final)
+            return code
 
         if handler.unary_unary or handler.stream_unary:
             is_stream_in = handler.unary_unary is None
             inner_unary = handler.stream_unary if is_stream_in else handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, code = time.monotonic(), grpc.StatusCode.UNKNOWN
+                callbacks: list[Callable[[grpc.StatusCode], None]] = []
+                _call_end.set(callbacks)
                 span, span_context = start(context)
                 token = otel_context.attach(span_context)
                 try:
@@ -377,19 +429,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         request = _CheckedRequests(request, method)
                     response = await inner_unary(request, context)
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                    code = grpc.StatusCode.OK
                     return response
                 except grpc.aio.AbortError:
+                    code = _aborted_code(context)
                     raise
                 except asyncio.CancelledError:
-                    _mark_ended_early(span, context)
+                    code = _mark_ended_early(span, context)
                     raise
                 except Exception as exc:
-                    fail(context, span, exc)
+                    code = fail(context, span, exc)
                 finally:
                     otel_context.detach(token)
                     span.end()
                     if isinstance(request, _CheckedRequests):
                         await request.aclose()
+                    ended(started, callbacks, code)
 
             factory = grpc.stream_unary_rpc_method_handler if is_stream_in else grpc.unary_unary_rpc_method_handler
             return factory(unary, request_deserializer=_tolerant(handler.request_deserializer),
@@ -399,6 +454,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.stream_stream if is_stream_in else handler.unary_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, code = time.monotonic(), grpc.StatusCode.UNKNOWN
+            callbacks: list[Callable[[grpc.StatusCode], None]] = []
+            _call_end.set(callbacks)
             span, span_context = start(context)
             if is_stream_in:
                 request = _CheckedRequests(request, method)
@@ -422,18 +480,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         raise self.expired
                     yield response
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                code = grpc.StatusCode.OK
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                _mark_ended_early(span, context)
+                code = _mark_ended_early(span, context)
                 raise
             except Exception as exc:
-                fail(context, span, exc)
+                code = fail(context, span, exc)
             finally:
                 await responses.aclose()  # the servicer's own cleanup (cancel upstream calls) runs now
                 span.end()
                 if isinstance(request, _CheckedRequests):
                     await request.aclose()
+                ended(started, callbacks, code)
 
         factory = grpc.stream_stream_rpc_method_handler if is_stream_in else grpc.unary_stream_rpc_method_handler
         return factory(streaming, request_deserializer=_tolerant(handler.request_deserializer),

@@ -32,7 +32,13 @@ from services.common.consul_agent import consul_advice, probe_consul
 from services.common.discovery import SERVER_OPTIONS, ConsulRegistration, Mesh
 from services.common.errors import LmeshError, Reason, Unavailable
 from services.common.rpc import ServerInterceptor
-from services.common.telemetry import setup_metrics, setup_tracing, shutdown_telemetry
+from services.common.telemetry import (
+    MetricsEndpoint,
+    prometheus_wanted,
+    setup_metrics,
+    setup_tracing,
+    shutdown_telemetry,
+)
 
 log = logging.getLogger("lmesh.server")
 V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"
@@ -47,6 +53,8 @@ class ServiceRuntime:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     registration: ConsulRegistration | None = None
+    # The Prometheus endpoint (/metrics), unless OTEL_METRICS_EXPORTER leaves prometheus out.
+    metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def tracer(self) -> Any:
@@ -141,6 +149,8 @@ class RunningService:
         if self.parts.on_stop is not None:
             await self.parts.on_stop()
         await self.runtime.mesh.close()
+        if self.runtime.metrics_endpoint is not None:
+            await self.runtime.metrics_endpoint.stop()
         await shutdown_telemetry(self.runtime.tracer_provider, self.runtime.meter_provider)
         log.info("lmesh-%s stopped", config.service)
 
@@ -167,14 +177,20 @@ async def start_service(
         config = replace(config, advertise_host=_route_to_consul(config))
     # Checked before any gRPC server exists: grpc.aio cannot stop a server that never started.
     problem = _bind_problem(config)
+    serve_metrics = prometheus_wanted()  # a bad OTEL_METRICS_EXPORTER fails here, in one line
+    if problem is None and serve_metrics:
+        problem = _metrics_port_problem(config)
     if problem is not None:
         raise OSError(problem)
     # Telemetry first: a bad OTEL_* setting fails here, before anything that needs closing exists.
     tracer_provider = setup_tracing(f"lmesh-{config.service}", extra_exporters)
-    meter_provider = setup_metrics(f"lmesh-{config.service}", metric_readers)
+    endpoint = MetricsEndpoint(f"lmesh-{config.service}") if serve_metrics else None
+    meter_provider = setup_metrics(f"lmesh-{config.service}", metric_readers,
+                                   prometheus=endpoint.registry if endpoint is not None else None)
     security = await _mesh_security(config, tracer_provider, meter_provider)
     runtime = ServiceRuntime(config=config, mesh=Mesh(config.consul_addr, security=security),
-                             tracer_provider=tracer_provider, meter_provider=meter_provider)
+                             tracer_provider=tracer_provider, meter_provider=meter_provider,
+                             metrics_endpoint=endpoint)
     try:
         parts = build(runtime)  # may refuse its settings (the gateway's TLS files)
         problem = _extra_ports_problem(config, parts)
@@ -186,7 +202,7 @@ async def start_service(
         raise
     # A service the mesh calls takes calls only from it: mTLS, and each caller checked against intentions.
     guard = security.serve() if security is not None and not parts.public else None
-    interceptor = ServerInterceptor(config.service, runtime.tracer, guard)
+    interceptor = ServerInterceptor(config.service, runtime.tracer, guard, meter=runtime.meter)
     options = SERVER_OPTIONS
     if parts.max_request_bytes is not None:
         options = [*(o for o in options if o[0] != "grpc.max_receive_message_length"),
@@ -223,6 +239,13 @@ async def start_service(
                 break
     except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the cause
         port = 0
+    if port != 0 and extra_problem is None and endpoint is not None:
+        try:
+            await endpoint.start(config.host, config.metrics_port)
+        except OSError as exc:
+            extra_problem = _metrics_port_problem(config) or (
+                f"could not listen on {host_port(config.host, config.metrics_port)} (--metrics-port): "
+                f"{exc.strerror or exc}")
     if port == 0 or extra_problem is not None:
         if parts.on_stop is not None:
             await parts.on_stop()
@@ -241,16 +264,22 @@ async def start_service(
     where += "".join(f", {key} {value}" for key, value in extra_ports.items())
     log.info("lmesh-%s listening on %s, advertised as %s", config.service, where, running.target)
 
+    # What the bootstrap registers for every service: its other ports, and whether its port speaks TLS.
+    fixed_meta = {key: str(value) for key, value in extra_ports.items()}
+    if endpoint is not None:
+        fixed_meta["metrics_port"] = str(endpoint.port)
+    if parts.public_credentials is not None:
+        fixed_meta["tls"] = "true"
+
     def meta() -> dict[str, str]:
-        ports = {key: str(value) for key, value in extra_ports.items()}
-        return {**({"tls": "true"} if parts.public_credentials is not None else {}), **ports,
-                **(parts.meta() if parts.meta else {})}
+        return {**fixed_meta, **(parts.meta() if parts.meta else {})}
 
     try:
         if register:
             registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
                                               config.address, port, tls_health_port=health_port,
                                               check_tls=parts.public_credentials is not None)
+            registration.fixed_meta = fixed_meta
             try:
                 await registration.register(meta())
             except (OSError, aiohttp.ClientError, consul.ConsulException) as exc:
@@ -360,6 +389,22 @@ def _extra_ports_problem(config: ServiceConfig, parts: ServiceParts) -> str | No
         if error is not None and not isinstance(error, socket.gaierror) and error.errno == errno.EADDRINUSE:
             return (f"could not listen on {host_port(config.host, extra.port)} ({extra.flag}): the port is in use; "
                     f"stop what listens there or pick another with {extra.flag}")
+    return None
+
+
+def _metrics_port_problem(config: ServiceConfig) -> str | None:
+    """Why the Prometheus endpoint cannot listen on --metrics-port now (another port of the service, or taken),
+    or None."""
+    port = config.metrics_port
+    if not port:
+        return None
+    for other, flag in ((config.port, "--port"), (config.health_port, "--health-port")):
+        if port == other:
+            return f"--metrics-port must be another port than {flag} ({port})"
+    error = _bind_error(config.host, port)
+    if error is not None and not isinstance(error, socket.gaierror) and error.errno == errno.EADDRINUSE:
+        return (f"could not listen on {host_port(config.host, port)} (--metrics-port): the port is in use; stop "
+                "what listens there or pick another with --metrics-port (LMESH_METRICS_PORT)")
     return None
 
 

@@ -1,7 +1,9 @@
-"""OpenTelemetry set-up from the standard OTEL_* variables, and W3C trace-context helpers.
+"""OpenTelemetry set-up from the standard OTEL_* variables, the Prometheus `/metrics` endpoint, and W3C
+trace-context helpers.
 
-Each service owns its TracerProvider (no global provider), so several services can live in one test
-process without sharing exporters.
+Each service owns its TracerProvider and MeterProvider (no global provider), and its Prometheus registry (not
+prometheus_client's process-wide default), so several services can live in one test process without sharing
+exporters or each other's metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -28,14 +32,34 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
-from services.common.config import ConfigError
+from services.common.config import ConfigError, host_port
 
 PROPAGATOR = TraceContextTextMapPropagator()
 log = logging.getLogger("lmesh.telemetry")
 
 EXPORTERS = ("otlp", "console", "none")
+# Metrics have one more: the service's own Prometheus endpoint (`/metrics` on --metrics-port).
+METRICS_EXPORTERS = (*EXPORTERS[:2], "prometheus", "none")
+# OTEL_METRICS_EXPORTER unset: OTLP (when an endpoint is set) and the Prometheus endpoint. The SDK's default is
+# otlp alone; lmesh serves /metrics unless the variable leaves prometheus out.
+DEFAULT_METRICS_EXPORTERS = "otlp,prometheus"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# Bucket boundaries (s, tokens) that OpenTelemetry's GenAI conventions advise for their histograms; time per output
+# token adds four below their first (10 ms): a small model's decode step on a GPU takes a few milliseconds, which
+# would all fall into one bucket.
+GENAI_TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                                     7.5, 10.0)
+GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                                       0.4, 0.5, 0.75, 1.0, 2.5)
+GENAI_REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
+                                  81.92)
+GENAI_TOKEN_USAGE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
+                             67108864)
+# gen_ai.provider.name of lmesh's own measurements: it serves its own models.
+GENAI_PROVIDER = "lmesh"
 # The longest attribute value a span, event or link keeps unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT (or the span-only
 # OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT) says otherwise: a value a caller sent (megabytes, in the worst case)
 # must not make a batch too large for the collector, which would drop the whole batch.
@@ -48,12 +72,21 @@ FLUSH_ON_STOP_S = 2.0
 def _exporters(signal: str) -> set[str]:
     """OTEL_<SIGNAL>_EXPORTER as a set of names, each one lmesh supports (ConfigError otherwise)."""
     variable = f"OTEL_{signal.upper()}_EXPORTER"
-    wanted = {name.strip().lower() for name in os.environ.get(variable, "otlp").split(",") if name.strip()}
-    unknown = sorted(wanted - set(EXPORTERS))
+    supported = METRICS_EXPORTERS if signal == "metrics" else EXPORTERS
+    default = DEFAULT_METRICS_EXPORTERS if signal == "metrics" else "otlp"
+    wanted = {name.strip().lower() for name in (os.environ.get(variable, "").strip() or default).split(",")
+              if name.strip()}
+    unknown = sorted(wanted - set(supported))
     if unknown:
         raise ConfigError(f"{variable}={os.environ[variable]!r}: lmesh exports {signal} with "
-                          f"{', '.join(EXPORTERS)} (not {', '.join(unknown)})")
+                          f"{', '.join(supported)} (not {', '.join(unknown)})")
     return set() if "none" in wanted else wanted
+
+
+def prometheus_wanted() -> bool:
+    """Whether OTEL_METRICS_EXPORTER asks for the Prometheus endpoint: unset (lmesh's default, with OTLP) or
+    naming `prometheus` (ConfigError for a value lmesh does not support)."""
+    return "prometheus" in _exporters("metrics")
 
 
 def _otlp_endpoint(signal: str) -> str:
@@ -137,9 +170,12 @@ def setup_tracing(service_name: str, extra_exporters: Sequence[SpanExporter] = (
     return provider
 
 
-def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = ()) -> MeterProvider:
-    """Metrics exported as OTEL_METRICS_EXPORTER says: OTLP (gRPC or HTTP, as for traces) when an endpoint is set,
-    or the console; every OTEL_METRIC_EXPORT_INTERVAL."""
+def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = (),
+                  prometheus: CollectorRegistry | None = None) -> MeterProvider:
+    """One set of instruments, read by every exporter OTEL_METRICS_EXPORTER names: OTLP (gRPC or HTTP, as for
+    traces) when an endpoint is set, or the console, every OTEL_METRIC_EXPORT_INTERVAL; and, when `prometheus` is
+    given (the service's own registry, which its MetricsEndpoint serves), a reader collected at each scrape.
+    `extra_readers` (tests) read the same instruments."""
     wanted = _exporters("metrics")
     otlp = _otlp_exporter("metrics", wanted, service_name)
     readers: list[MetricReader] = list(extra_readers)
@@ -147,7 +183,59 @@ def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = ())
         readers.append(PeriodicExportingMetricReader(otlp))
     if "console" in wanted:
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if prometheus is not None:
+        readers.append(PrometheusMetricReader(registry=prometheus))
     return MeterProvider(metric_readers=readers, resource=resource(service_name), shutdown_on_exit=False)
+
+
+class MetricsEndpoint:
+    """A service's Prometheus endpoint: `GET /metrics` over plain HTTP on its own port, serving the service's own
+    registry (`registry`, which setup_metrics' Prometheus reader fills).
+
+    Served by aiohttp on the service's event loop; a scrape collects in a worker thread (the SDK's collection and
+    the text encoding are synchronous), one scrape at a time, so the loop never waits on it.
+    """
+
+    def __init__(self, service_name: str) -> None:
+        self.service_name = service_name
+        self.registry = CollectorRegistry()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._scraping = asyncio.Lock()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens on host:port (0: a free one) and returns the bound port; OSError when it cannot listen."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._index)
+        # No access log (a line per scrape), no signal handlers (the service owns SIGTERM), and a short wait for a
+        # scrape in flight when it stops.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host.strip("[]") or None, port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("%s serves Prometheus metrics on http://%s/metrics", self.service_name, host_port(host, self.port))
+        return self.port
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        async with self._scraping:  # the SDK reader's hand-over to its collector is not made for two at once
+            body = await asyncio.to_thread(encode, self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _index(self, _: web.Request) -> web.Response:
+        return web.Response(text=f"{self.service_name}: Prometheus metrics at /metrics\n")
 
 
 async def shutdown_telemetry(tracer_provider: TracerProvider, meter_provider: MeterProvider,

@@ -31,6 +31,7 @@ from services.common.errors import InvalidArgument, LmeshError, Unavailable
 from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
+from services.gateway import metrics
 from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -152,10 +153,12 @@ class ChatService:
                     await self.authenticate(credential)
                     raise
                 model_id = f"{version.name}:{version.version}"
+                metrics.note_model(params.model, model_id)
                 # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
                 authorized = await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
                     **credential_fields(credential), model=params.model, max_tokens=params.max_tokens,
                     resolved_model=model_id, resolved_aliases=list(version.aliases)), timeout=10)
+                metrics.note_tenant(authorized.principal.tenant)
             except Exception as exc:
                 mark_failed(span, exc)
                 raise

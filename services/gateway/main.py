@@ -64,11 +64,13 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     from services.gateway.chat import ChatService
+    from services.gateway.metrics import GatewayMetrics, meter_chats
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
     chat = ChatService(runtime.mesh, runtime.tracer)
     servicer = GatewayServicer(chat)
+    meter_chats(servicer, GatewayMetrics(runtime.meter))
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     parts = ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
                          max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True,

@@ -111,6 +111,12 @@ class Sequence:
     tokens_at_cancel: int | None = None  # tokens emitted when the cancel came (what the caller got)
     sampled_at_cancel: int = 0  # tokens the model thread had sampled by then
     first_token_ns: int = 0
+    # When the newest token was emitted, and the gaps (ns) between emitted tokens after the first, not yet taken
+    # by the metrics (a list append per token; the histogram is fed in batches).
+    last_token_ns: int = 0
+    token_gaps_ns: list[int] = field(default_factory=list)
+    # The error the sequence ended with, if it did.
+    error: LmeshError | None = None
     # Timestamps (time.time_ns) for the prefill and decode spans the servicer records.
     enqueued_ns: int = field(default_factory=time.time_ns)
     prefill_start_ns: int = 0
@@ -358,8 +364,12 @@ class Engine:
         if sampled.token_id in self.eos_ids or sampled.token_id in request.stop_ids:
             self._finish(seq, Finish.STOP)
             return
+        now = time.time_ns()
         if seq.generated == 1:
-            seq.first_token_ns = time.time_ns()
+            seq.first_token_ns = now
+        else:
+            seq.token_gaps_ns.append(now - seq.last_token_ns)
+        seq.last_token_ns = now
         seq.events.put_nowait(TokenEvent(sampled))
         if seq.generated >= request.max_tokens or past_len + 1 >= self.context_length:
             self._finish(seq, Finish.LENGTH)
@@ -387,6 +397,7 @@ class Engine:
         if seq.done:
             return
         self._remove(seq)
+        seq.error = error
         seq.completion_tokens = seq.generated  # what the caller received before the error
         seq.events.put_nowait(ErrorEvent(error))
 

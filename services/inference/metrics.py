@@ -1,4 +1,10 @@
-"""Inference metrics (OpenTelemetry): latency per request, and engine state read when exported."""
+"""Inference metrics (OpenTelemetry, read by every exporter the service has: OTLP and Prometheus).
+
+Names follow OpenTelemetry's GenAI model-server conventions where they exist (`gen_ai.server.*`), with their
+advised bucket boundaries; the engine's own state keeps `lmesh.inference.*` names. Per-token timing costs the engine
+a timestamp and a list append per token (Sequence.token_gaps_ns); the histogram takes the gaps in batches, from the
+servicer, off the engine's step.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,40 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from services.common.telemetry import (
+    GENAI_PROVIDER,
+    GENAI_REQUEST_DURATION_BUCKETS,
+    GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS,
+    GENAI_TIME_TO_FIRST_TOKEN_BUCKETS,
+)
 from services.inference.engine import Engine, Sequence
+
+# gen_ai.operation.name: the engine continues a prompt of token ids (the gateway renders the chat into one).
+OPERATION = "text_completion"
+# Token gaps a running sequence holds before the servicer hands them to the histogram.
+GAP_BATCH = 64
 
 
 class InferenceMetrics:
     def __init__(self, meter: Meter, engines: Callable[[], dict[str, Engine]]) -> None:
         self._engines = engines
+        self._attributes: dict[str, dict[str, str]] = {}
         self.time_to_first_token = meter.create_histogram(
-            "lmesh.inference.time_to_first_token", unit="s", description="queue + prefill until the first token")
-        self.inter_token_latency = meter.create_histogram(
-            "lmesh.inference.inter_token_latency", unit="s", description="mean gap between tokens of a request")
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time to generate the first token (queue and prefill) for successful responses",
+            explicit_bucket_boundaries_advisory=GENAI_TIME_TO_FIRST_TOKEN_BUCKETS)
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Time between consecutive output tokens after the first: one observation per token",
+            explicit_bucket_boundaries_advisory=GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS)
+        self.request_duration = meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s",
+            description="Time from queueing to the last token (or the error) of a generation",
+            explicit_bucket_boundaries_advisory=GENAI_REQUEST_DURATION_BUCKETS)
+        self.tokens = meter.create_counter(
+            "lmesh.inference.tokens", unit="{token}",
+            description="Tokens of finished generations by gen_ai.token.type: input (the prompt, cached or not) and "
+                        "output (what usage bills)")
         self.cached_prompt_tokens = meter.create_counter(
             "lmesh.inference.prefix_cache.hit_tokens", unit="{token}", description="prompt tokens reused")
         meter.create_observable_counter("lmesh.inference.prefix_cache.hits", [self._stat("hits")], unit="{lookup}",
@@ -43,12 +73,32 @@ class InferenceMetrics:
                 yield Observation(engine.load()[key], {"gen_ai.request.model": model})
         return observe
 
+    def _genai(self, model: str) -> dict[str, str]:
+        """The GenAI attributes of `model`'s measurements (one dict per model, reused)."""
+        attributes = self._attributes.get(model)
+        if attributes is None:
+            attributes = self._attributes[model] = {"gen_ai.operation.name": OPERATION,
+                                                    "gen_ai.provider.name": GENAI_PROVIDER,
+                                                    "gen_ai.request.model": model}
+        return attributes
+
+    def record_gaps(self, model: str, seq: Sequence) -> None:
+        """Hands the token gaps `seq` holds to the time-per-output-token histogram (one observation each)."""
+        gaps, seq.token_gaps_ns = seq.token_gaps_ns, []
+        record, attributes = self.time_per_output_token.record, self._genai(model)
+        for gap in gaps:
+            record(gap / 1e9, attributes)
+
     def record(self, model: str, seq: Sequence) -> None:
-        attributes = {"gen_ai.request.model": model}
-        if seq.first_token_ns:
+        """A finished generation: its first token's time, its remaining token gaps, duration and tokens."""
+        attributes = self._genai(model)
+        self.record_gaps(model, seq)
+        if seq.first_token_ns and seq.error is None:
             self.time_to_first_token.record((seq.first_token_ns - seq.enqueued_ns) / 1e9, attributes)
-            if seq.generated > 1 and seq.finish_ns > seq.first_token_ns:
-                gap = (seq.finish_ns - seq.first_token_ns) / 1e9 / (seq.generated - 1)
-                self.inter_token_latency.record(gap, attributes)
-        if seq.cached_tokens:
-            self.cached_prompt_tokens.add(seq.cached_tokens, attributes)
+        if seq.finish_ns:
+            ended = attributes if seq.error is None else {**attributes, "error.type": seq.error.code.name}
+            self.request_duration.record((seq.finish_ns - seq.enqueued_ns) / 1e9, ended)
+        self.tokens.add(len(seq.request.prompt_ids), {**attributes, "gen_ai.token.type": "input"})
+        self.tokens.add(seq.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+        # Also 0: the series exists from the first request on, so a hit ratio reads 0 rather than nothing.
+        self.cached_prompt_tokens.add(seq.cached_tokens, {"gen_ai.request.model": model})

@@ -24,7 +24,7 @@ from services.inference.engine import (
     Sequence,
     TokenEvent,
 )
-from services.inference.metrics import InferenceMetrics
+from services.inference.metrics import GAP_BATCH, InferenceMetrics
 from services.inference.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 
 # A caller's request id is a label for traces, not a payload.
@@ -119,6 +119,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             async for message in self._stream(seq):
                 yield message
+                if len(seq.token_gaps_ns) >= GAP_BATCH:  # a long answer's gaps show before it ends
+                    self._metrics.record_gaps(model.id, seq)
         finally:
             watcher.cancel()
             engine.cancel(seq)  # a dropped stream frees the sequence; no-op when it already ended
