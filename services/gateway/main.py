@@ -67,10 +67,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
-    servicer = GatewayServicer(ChatService(runtime.mesh, runtime.tracer))
+    chat = ChatService(runtime.mesh, runtime.tracer)
+    servicer = GatewayServicer(chat)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     parts = ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
-                         max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True)
+                         max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True,
+                         on_stop=chat.accounts.drain)  # the settles of the last chats, before the mesh closes
     tls = public_tls(settings)
     if tls is None:
         return parts
