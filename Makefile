@@ -11,12 +11,12 @@ MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
 MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model consul lint typecheck bench clean
+.PHONY: run test venv proto model consul redis lint typecheck bench soak clean
 
 run: venv model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
-test: venv model consul
+test: venv model consul redis
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
@@ -41,6 +41,11 @@ model: venv
 consul:
 	bash deploy/scripts/install_consul.sh
 
+# A Redis server for the tests (policy replicas sharing a ledger): PATH, then Debian's package through the
+# machine's own apt sources, unpacked without root.
+redis:
+	bash deploy/scripts/install_redis.sh
+
 lint: venv
 	$(BIN)/ruff check services tests bench
 	$(BIN)/mypy services bench
@@ -50,6 +55,12 @@ bench: venv model consul
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tls --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.guardrails --model-dir $(MODEL_DIR)
+
+# Longer runs of the accounting scenarios (not part of make test): the concurrent-chat tests with 2000 chats
+# against a budget for about 100 (one policy on SQLite, one killed and restarted, two on one Redis), three times.
+soak: venv model consul redis
+	for run in 1 2 3; do LMESH_ACCOUNTING_CHATS=2000 $(BIN)/python -m pytest -q -s tests/test_accounting_e2e.py \
+		-k concurrent || exit 1; done
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:

@@ -22,9 +22,11 @@ from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common.admin import AdminGuard
 from services.common.peers import POLICY, direct_stub
-from services.policy.audit import AuditEvent, AuditLog
+from services.policy.accounting import Accounting
+from services.policy.audit import AuditEvent, AuditLog, MemoryAudit
 from services.policy.auditing import AuditedPolicyServicer
 from services.policy.keys import KeyStore
+from services.policy.ledger import SqliteLedger
 from services.policy.servicer import PolicyServicer
 
 
@@ -85,7 +87,11 @@ async def authorize_rpc(directory: Path, total: int, concurrency: int, audited: 
     audit = AuditLog(directory / f"rpc-{audited}-{concurrency}")
     audit.open()
     admin = AdminGuard(None)
-    servicer = AuditedPolicyServicer(store, admin, audit) if audited else PolicyServicer(store, admin)
+    accounting = Accounting(store, SqliteLedger(directory / f"rpc-{audited}-{concurrency}"),
+                            audit if audited else MemoryAudit())
+    await accounting.open()
+    servicer = (AuditedPolicyServicer(store, admin, audit, accounting=accounting) if audited
+                else PolicyServicer(store, admin, accounting=accounting))
     server = grpc.aio.server()
     policy_pb2_grpc.add_PolicyServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -109,6 +115,7 @@ async def authorize_rpc(directory: Path, total: int, concurrency: int, audited: 
             elapsed = time.perf_counter() - started
     finally:
         await server.stop(None)
+        await accounting.close()
         audit.close()
         store.close()
     return len(latencies) / elapsed, statistics.median(latencies) * 1000

@@ -4,7 +4,9 @@
   lmesh dev                a whole mesh on this machine (what `make run` runs)
   lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE)
   lmesh models ...         list, register and alias model versions
-  lmesh keys ...           create, list and revoke API keys
+  lmesh keys ...           create, list, update (limits) and revoke API keys
+  lmesh tenants set T      a tenant's limits, shared by its keys
+  lmesh usage              spent, reserved and remaining tokens per tenant (and key)
   lmesh audit ...          tail, follow and verify policy's audit log
   lmesh policy rules ...   check a guardrail rules file, show the rules in force
 
@@ -310,40 +312,160 @@ def _model_dir_problem(model_dir: Path, manifest: str) -> str | None:
 # ---- keys --------------------------------------------------------------------------------------------------
 
 def _keys(args: argparse.Namespace) -> int:
+    from services.policy.client import create_key, list_keys, revoke_key, update_key
+
+    async def action(policy: Peer[Any]) -> int:
+        if args.keys_command == "create":
+            limits = _creation_limits(args)
+            created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
+                                       client_cert_subject=args.client_cert_subject or "",
+                                       client_cert_sha256=args.client_cert_sha256 or "", limits=limits)
+            bound = _cert_binding(created.key)
+            print(f"created {created.key.key_id} for tenant {created.key.tenant} "
+                  f"(models: {', '.join(created.key.allowed_models) or 'all'}; "
+                  f"limits: {describe_limits(created.key.limits)}"
+                  f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
+            print(created.api_key)
+        elif args.keys_command == "list":
+            listed = await list_keys(policy, args.tenant or "", timeout_s=15)  # a refusal prints no header
+            print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} {'LIMITS':40} CLIENT CERTIFICATE")
+            for k in listed.keys:
+                status = "revoked" if k.revoked else "active"
+                print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status:8} "
+                      f"{describe_limits(k.limits):40} {_cert_binding(k) or '-'}")
+        elif args.keys_command == "update":
+            update = _limits_update(args)
+            if not update.ListFields():
+                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens or --period")
+            updated = await update_key(policy, args.key_id, update, timeout_s=15)
+            print(f"updated {updated.key.key_id} (tenant {updated.key.tenant}): limits: "
+                  f"{describe_limits(updated.key.limits)}")
+        else:
+            revoked = await revoke_key(policy, args.key_id, timeout_s=15)
+            print(f"revoked {revoked.key.key_id}")
+        return 0
+
+    return _run_async(lambda: _with_policy(action, args.admin_token))
+
+
+async def _with_policy(action: Callable[[Peer[Any]], Awaitable[int]], admin_token: str | None) -> int:
+    """Runs action(policy peer) against the mesh Consul knows, as the operator."""
     from services.client import operator_mesh
     from services.common.peers import POLICY
-    from services.policy.client import create_key, list_keys, revoke_key
 
-    async def go() -> int:
-        mesh = await operator_mesh(args.admin_token)
-        policy = mesh.peer(POLICY)
-        try:
-            if args.keys_command == "create":
-                created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
-                                           client_cert_subject=args.client_cert_subject or "",
-                                           client_cert_sha256=args.client_cert_sha256 or "")
-                bound = _cert_binding(created.key)
-                print(f"created {created.key.key_id} for tenant {created.key.tenant} "
-                      f"(models: {', '.join(created.key.allowed_models) or 'all'}"
-                      f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
-                print(created.api_key)
-            elif args.keys_command == "list":
-                listed = await list_keys(policy, args.tenant or "", timeout_s=15)  # a refusal prints no header
-                print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} CLIENT CERTIFICATE")
-                for k in listed.keys:
-                    status = "revoked" if k.revoked else "active"
-                    print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status:8} "
-                          f"{_cert_binding(k) or '-'}")
-            else:
-                revoked = await revoke_key(policy, args.key_id, timeout_s=15)
-                print(f"revoked {revoked.key.key_id}")
-            return 0
-        except grpc.aio.AioRpcError as exc:
-            raise _admin_refusal(exc) from None
-        finally:
-            await mesh.close()
+    mesh = await operator_mesh(admin_token)
+    try:
+        return await action(mesh.peer(POLICY))
+    except grpc.aio.AioRpcError as exc:
+        raise _admin_refusal(exc) from None
+    finally:
+        await mesh.close()
 
-    return _run_async(go)
+
+# ---- limits and usage ----------------------------------------------------------------------------------------
+
+MAX_LIMIT_FLAG = {"--rpm": 2**31 - 1, "--tpm": 10**15, "--budget-tokens": 10**15}
+PERIODS = ("day", "month", "none")
+
+
+def _limit_value(flag: str, text: str) -> int:
+    """A limit flag's value: an integer from 0 (no limit) to its maximum; a CommandError (one line) otherwise."""
+    maximum = MAX_LIMIT_FLAG[flag]
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= maximum:
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise CommandError(f"{flag} must be an integer from 0 (no limit) to {maximum}, got {shown!r}")
+    return value
+
+
+def _period_value(text: str) -> int:
+    from lmesh.policy.v1 import policy_pb2
+
+    period = text.strip().lower()
+    if period not in PERIODS:
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise CommandError(f"--period must be day, month or none, got {shown!r}")
+    return {"day": policy_pb2.BUDGET_PERIOD_DAY, "month": policy_pb2.BUDGET_PERIOD_MONTH,
+            "none": policy_pb2.BUDGET_PERIOD_NONE}[period]
+
+
+def _limits_update(args: argparse.Namespace) -> Any:
+    """The limit flags given (--rpm, --tpm, --budget-tokens, --period) as a policy LimitsUpdate."""
+    from lmesh.policy.v1 import policy_pb2
+
+    update = policy_pb2.LimitsUpdate()
+    if args.rpm is not None:
+        update.requests_per_minute = _limit_value("--rpm", args.rpm)
+    if args.tpm is not None:
+        update.tokens_per_minute = _limit_value("--tpm", args.tpm)
+    if args.budget_tokens is not None:
+        update.budget_tokens = _limit_value("--budget-tokens", args.budget_tokens)
+    if args.period is not None:
+        update.budget_period = _period_value(args.period)
+    return update
+
+
+def _creation_limits(args: argparse.Namespace) -> Any:
+    """A new key's limits from its flags (a budget without --period is monthly)."""
+    from lmesh.policy.v1 import policy_pb2
+
+    update = _limits_update(args)
+    if not update.HasField("budget_tokens") and update.budget_period not in (0, policy_pb2.BUDGET_PERIOD_NONE):
+        raise CommandError("--period needs --budget-tokens")
+    return policy_pb2.Limits(requests_per_minute=update.requests_per_minute,
+                             tokens_per_minute=update.tokens_per_minute, budget_tokens=update.budget_tokens,
+                             budget_period=update.budget_period)
+
+
+def describe_limits(limits: Any) -> str:
+    """`10 requests/min, 5000 tokens/min, 100000 tokens a month`, or `none`."""
+    from lmesh.policy.v1 import policy_pb2
+
+    parts = []
+    if limits.requests_per_minute:
+        parts.append(f"{limits.requests_per_minute} requests/min")
+    if limits.tokens_per_minute:
+        parts.append(f"{limits.tokens_per_minute} tokens/min")
+    if limits.budget_tokens:
+        per = {policy_pb2.BUDGET_PERIOD_DAY: "a day", policy_pb2.BUDGET_PERIOD_MONTH: "a month"}.get(
+            limits.budget_period, "in all")
+        parts.append(f"{limits.budget_tokens} tokens {per}")
+    return ", ".join(parts) or "none"
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    from services.policy.client import set_tenant_limits
+
+    async def action(policy: Peer[Any]) -> int:
+        answer = await set_tenant_limits(policy, args.tenant, _limits_update(args), timeout_s=15)
+        print(f"tenant {answer.tenant}: limits: {describe_limits(answer.limits)}")
+        return 0
+
+    return _run_async(lambda: _with_policy(action, args.admin_token))
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from lmesh.policy.v1 import policy_pb2
+
+    from services.policy.client import get_usage
+
+    async def action(policy: Peer[Any]) -> int:
+        usage = await get_usage(policy, args.tenant or "", timeout_s=15)
+        print(f"{'SUBJECT':32} {'PERIOD':10} {'SPENT':>12} {'RESERVED':>10} {'REMAINING':>12} {'LAST 60 S':>16} LIMITS")
+        for row in usage.usage:
+            # The budget's period, else the month (usage is counted per day, month and in all, whatever the limits).
+            wanted = row.limits.budget_period if row.limits.budget_tokens else policy_pb2.BUDGET_PERIOD_MONTH
+            period = next((p for p in row.periods if p.period == wanted), policy_pb2.PeriodUsage())
+            remaining = str(period.remaining_tokens) if period.HasField("remaining_tokens") else "-"
+            window = f"{row.requests_in_window} req/{row.tokens_in_window} tok"
+            print(f"{row.subject:32} {period.label:10} {period.spent_tokens:>12} {period.reserved_tokens:>10} "
+                  f"{remaining:>12} {window:>16} {describe_limits(row.limits)}")
+        return 0
+
+    return _run_async(lambda: _with_policy(action, args.admin_token))
 
 
 # ---- audit -------------------------------------------------------------------------------------------------
@@ -655,11 +777,32 @@ def build_parser() -> argparse.ArgumentParser:
     bind.add_argument("--client-cert-sha256", default=None, metavar="FINGERPRINT",
                       help="instead: only the client certificate with this SHA-256 fingerprint (as `openssl x509 "
                            "-noout -fingerprint -sha256` prints it)")
+    _add_limit_flags(create)
     listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
+    update = keys_sub.add_parser("update", parents=[admin],
+                                 help="change a key's limits (flags left out keep their value; 0 removes a limit)")
+    update.add_argument("key_id")
+    _add_limit_flags(update)
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)
+
+    tenants = sub.add_parser("tenants", help="a tenant's limits, shared by all its keys")
+    tenants.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
+    tenant_set = tenants_sub.add_parser("set", parents=[admin],
+                                        help="set a tenant's limits (flags left out keep their value; 0 removes a "
+                                             "limit; none given: show them)")
+    tenant_set.add_argument("tenant")
+    _add_limit_flags(tenant_set)
+    tenants.set_defaults(func=_tenants)
+
+    usage = sub.add_parser("usage", help="spent, reserved and remaining tokens per period, of every tenant or of "
+                                         "one tenant and its keys")
+    usage.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
+    usage.add_argument("--tenant", default="", help="one tenant and each of its keys")
+    usage.set_defaults(func=_usage)
 
     audit = sub.add_parser("audit", help="tail, follow and verify policy's audit log")
     audit.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
@@ -692,6 +835,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--admin-token", default=None, help=argparse.SUPPRESS)
     policy.set_defaults(func=_policy)
     return parser
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """--rpm, --tpm, --budget-tokens, --period: checked by the command (one line), not by argparse."""
+    parser.add_argument("--rpm", default=None, metavar="N", help="requests per minute, a sliding 60 s (0: no limit)")
+    parser.add_argument("--tpm", default=None, metavar="N",
+                        help="tokens per minute, prompt plus completion, a sliding 60 s (0: no limit)")
+    parser.add_argument("--budget-tokens", default=None, metavar="N",
+                        help="a token budget per --period (0: no budget)")
+    parser.add_argument("--period", default=None, metavar="day|month|none",
+                        help="the budget's period in UTC: day, month (a new budget's default) or none (never "
+                             "renews)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import pytest
 
 from services.common.config import lmesh_cache
 from services.common.consul_agent import ConsulAgent
+from tests.redis_server import RedisServer, redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,14 @@ def built_model() -> Path:
         pytest.skip(f"no model build at {path}: run `make model`")
     return path
 
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session, on a free port (skipped only when no binary can be had here)."""
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip("no redis-server here and deploy/scripts/install_redis.sh could not fetch one")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.stop()

@@ -22,6 +22,7 @@ class ReceivedSpan:
     status_code: str = "UNSET"  # UNSET, OK or ERROR
     status_message: str = ""
     events: tuple[str, ...] = ()
+    instance: str = ""  # the resource's service.instance.id (OTEL_RESOURCE_ATTRIBUTES), when set
 
 
 def _value(any_value: object) -> object:
@@ -78,6 +79,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         attributes={a.key: _value(a.value) for a in span.attributes},
                         status_code=trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
                         status_message=span.status.message, events=tuple(e.name for e in span.events),
+                        instance=str(attrs.get("service.instance.id", "")),
                     ))
         async with self._arrived:
             self._arrived.notify_all()

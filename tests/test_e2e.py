@@ -291,12 +291,15 @@ async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> 
     the inference stream (grpc refuses a second pending write; the cancel was lost and the chat ended INTERNAL)."""
     from opentelemetry import trace
 
+    from services.gateway.accounting import Meter
     from services.gateway.chat import ChatEnd, ChatParams, ChatService
 
     chat = ChatService(live.mesh, trace.get_tracer("test"))
     params = ChatParams(model="smollm2-135m-instruct:1", messages=[("user", LONG_TASK)], max_tokens=300,
                         temperature=0.0, top_p=0.0, top_k=0, seed=0, repetition_penalty=0.0, stop=[])
-    version, prompt, max_tokens, _ = await chat.prepare(live.api_key, params)
+    prepared = await chat.prepare(live.api_key, params)
+    version, prompt, max_tokens = prepared.version, prepared.prompt, prepared.max_tokens
+    chat.accounts.settle_later(prepared.reservation.reservation_id, Meter())  # nothing of it is charged
     for _ in range(5):
         cancel = asyncio.Event()
         cancel.set()  # already there when the generation starts: the cancel write races the start write
@@ -373,7 +376,8 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
         trace_id = roots[0].trace_id
         return {f"{s.service}|{s.name}" for s in spans if s.trace_id == trace_id}
 
-    wanted = {"lmesh-gateway|lmesh.gateway/Chat", "lmesh-policy|lmesh.policy/Authorize",
+    wanted = {"lmesh-gateway|lmesh.gateway/Chat", "lmesh-policy|lmesh.policy/Authenticate",
+              "lmesh-policy|lmesh.policy/Reserve", "lmesh-policy|lmesh.policy/Settle",
               "lmesh-registry|lmesh.registry/ResolveModel", "lmesh-tokenizer|lmesh.tokenizer/ApplyChatTemplate",
               "lmesh-tokenizer|lmesh.tokenizer/DetokenizeStream", "lmesh-inference|lmesh.inference/Generate",
               "lmesh-inference|prefill", "lmesh-inference|decode"}

@@ -150,6 +150,17 @@ def _on_off(text: str) -> bool:
 ON_OFF_TYPE = _checked(_on_off, "on or off")
 
 
+def choice_type(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse type for one of `choices` (any case; given back in lower case)."""
+
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(text)
+        return text.lower()
+
+    return _checked(parse, " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices))
+
+
 def _readable_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not text:

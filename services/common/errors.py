@@ -33,6 +33,9 @@ class Reason(enum.StrEnum):
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
     CONTENT_BLOCKED = "CONTENT_BLOCKED"  # a guardrail rule with action `block` matched the request
     QUEUE_FULL = "QUEUE_FULL"
+    # Policy's limits: requests or tokens per minute (RATE_LIMITED), a key's or tenant's token budget.
+    RATE_LIMITED = "RATE_LIMITED"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
     DRAINING = "DRAINING"
     DEPENDENCY_TIMEOUT = "DEPENDENCY_TIMEOUT"
     # An internal service refused the calling service itself (mTLS and Consul intentions), not its request.

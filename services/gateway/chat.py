@@ -1,4 +1,5 @@
-"""One chat request through the mesh: authorize, resolve, template, generate, detokenize, stop strings.
+"""One chat request through the mesh: authenticate, resolve, template, reserve, generate, detokenize, stop strings,
+settle (services/gateway/accounting.py).
 
 The token path is pipelined: one task forwards token ids from inference to the tokenizer's
 DetokenizeStream while the caller reads text deltas from it, so no hop waits on another per token.
@@ -27,11 +28,12 @@ from opentelemetry import trace
 
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
-from services.common.errors import InvalidArgument, LmeshError, Unavailable
+from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
 from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
 from services.gateway import metrics
+from services.gateway.accounting import Accounts, Meter
 from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -76,6 +78,18 @@ class ChatEnd:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A chat ready to generate: the version, the rendered prompt, the max_tokens that fit the context, the
+    tokenizer instance that rendered it, and policy's reservation for it (settle it: `Accounts.held`)."""
+
+    version: registry_pb2.ModelVersion
+    prompt: list[int]
+    max_tokens: int
+    tokenizer: Endpoint
+    reservation: policy_pb2.ReserveResponse
+
+
 def validate(params: ChatParams) -> ChatParams:
     check_reference(params.model, "model")
     if not params.messages:
@@ -110,6 +124,14 @@ def allowed(principal: policy_pb2.Principal, version: registry_pb2.ModelVersion)
     return version_allowed(principal.allowed_models, f"{version.name}:{version.version}", version.aliases)
 
 
+def not_allowed(principal: policy_pb2.Principal, model: str, model_id: str) -> PermissionDenied:
+    """What policy answers for a model the key may not use (the gateway checks first, so it renders no prompt for
+    it)."""
+    behind = "" if model == model_id else f" ({model_id})"
+    return PermissionDenied(f"key {principal.key_id} may not use model '{model}'{behind}",
+                            reason=Reason.MODEL_NOT_ALLOWED, metadata={"model": model})
+
+
 class ChatService:
     """The gateway's domain: every upstream call of a chat, and the flow between them."""
 
@@ -119,10 +141,16 @@ class ChatService:
         self._inference = mesh.peer(INFERENCE)
         self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
+        self.accounts = Accounts(self._policy)
         self._tracer = tracer
         from services.gateway.screen import Guardrails  # it builds on this module's types
 
         self.guardrails = Guardrails(self._policy, self.vocabularies)
+
+    async def close(self) -> None:
+        """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""
+        await self.accounts.drain()
+        await self.guardrails.close()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -138,27 +166,23 @@ class ChatService:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
         return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
-    async def prepare(self, credential: Credential | str, params: ChatParams, screening: Screening | None = None,
-                      ) -> tuple[registry_pb2.ModelVersion, list[int], int, Endpoint]:
-        """Resolves the model, authorizes the credential (an API key, or a verified client certificate) for the
-        model it resolved to, then renders the prompt; returns version, ids, max_tokens and the tokenizer that
-        rendered it (which has that model's tokenizer loaded)."""
+    async def prepare(self, credential: Credential | str, params: ChatParams, request_id: str = "",
+                      screening: Screening | None = None) -> Prepared:
+        """Authenticates the credential (an API key, or a verified client certificate), resolves the model, screens
+        the input (guardrails), renders the prompt, then has policy admit the request and reserve its exact prompt
+        plus max_tokens under the id `request_id` (the completion id). The caller settles the reservation
+        (`Accounts.held`)."""
         with self._tracer.start_as_current_span("authorize", record_exception=False,
                                                  set_status_on_exception=False) as span:
             try:
-                try:
-                    version = await self.models.resolve(params.model)  # cached: usually no call
-                except (LmeshError, grpc.aio.AioRpcError):
-                    # Authentication errors win over NOT_FOUND and the rest: no model probing without a key.
-                    await self.authenticate(credential)
-                    raise
+                # First, and cheap: without a valid key nothing else runs (no model probing, no rendering).
+                principal = await self.authenticate(credential)
+                metrics.note_tenant(principal.tenant)
+                version = await self.models.resolve(params.model)  # cached: usually no call
                 model_id = f"{version.name}:{version.version}"
                 metrics.note_model(params.model, model_id)
-                # On the model behind the reference, so an alias (`default`) grants exactly what its model does.
-                authorized = await self._policy.call(lambda p: p.Authorize, policy_pb2.AuthorizeRequest(
-                    **credential_fields(credential), model=params.model, max_tokens=params.max_tokens,
-                    resolved_model=model_id, resolved_aliases=list(version.aliases)), timeout=10)
-                metrics.note_tenant(authorized.principal.tenant)
+                if not allowed(principal, version):
+                    raise not_allowed(principal, params.model, model_id)
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
@@ -168,7 +192,7 @@ class ChatService:
             raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
                                               f"{version.context_length} tokens")
         if screening is not None:  # guardrails on the messages, before the prompt is rendered
-            params = await self.guardrails.screen_input(screening, authorized.principal, version, params)
+            params = await self.guardrails.screen_input(screening, principal, version, params)
         context = version.context_length
         # At least one token of the context is left for the answer. A prompt that cannot fit is refused by the
         # tokenizer, before encoding it when its size alone shows that.
@@ -183,16 +207,30 @@ class ChatService:
         prompt = list(rendered.token_ids)
         if len(prompt) >= context:  # a tokenizer that predates max_prompt_tokens
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
-        return version, prompt, min(params.max_tokens, context - len(prompt)), tokenizer
+        max_tokens = min(params.max_tokens, context - len(prompt))
+        with self._tracer.start_as_current_span("reserve", record_exception=False,
+                                                 set_status_on_exception=False) as span:
+            try:
+                reservation = await self.accounts.reserve(policy_pb2.ReserveRequest(
+                    **credential_fields(credential), model=params.model, resolved_model=model_id,
+                    resolved_aliases=list(version.aliases), prompt_tokens=len(prompt), max_tokens=max_tokens,
+                    reservation_id=request_id or new_completion_id()))
+            except Exception as exc:
+                mark_failed(span, exc)
+                raise
+        return Prepared(version, prompt, max_tokens, tokenizer, reservation)
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",
-                       tokenizer: Endpoint | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       tokenizer: Endpoint | None = None, meter: Meter | None = None,
+                       ) -> AsyncIterator[ChatDelta | ChatEnd]:
         """Streams the answer: token ids flow from inference to the tokenizer's DetokenizeStream in one task (the
         pump) while this one reads text deltas from it, applies stop strings and aligns logprobs.
 
         `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it holds the model's
-        tokenizer, where another passing one may not (started while the registry was down)."""
+        tokenizer, where another passing one may not (started while the registry was down). `meter` counts what
+        was used, however the generation ends (what the reservation is settled with)."""
+        meter = meter if meter is not None else Meter()
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         answer = AnswerAssembler(params.stop, await self.vocabularies.get(model_id) if params.logprobs else None)
@@ -202,7 +240,7 @@ class ChatService:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(inference)
             detokenizer = await stack.enter_async_context(self._detokenizer(model_id, tokenizer))
-            pump = asyncio.create_task(_pump(inference, detokenizer.call, answer, finish))
+            pump = asyncio.create_task(_pump(inference, detokenizer.call, answer, finish, meter, len(prompt)))
             watcher = asyncio.create_task(_cancel_when_set(cancel, inference))
             stack.callback(watcher.cancel)
             stack.callback(pump.cancel)
@@ -222,6 +260,7 @@ class ChatService:
             raise Unavailable(f"inference replica {inference.replica.target} sent no usage: it runs an lmesh older "
                               "than this gateway's lmesh.common.v1 types; upgrade it")
         reason = generation_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
+        meter.finished(finish[0].usage, cancelled=reason == generation_pb2.FINISH_REASON_CANCELLED)
         yield ChatEnd(reason, finish[0].usage, answer.rest())
 
     @contextlib.asynccontextmanager
@@ -251,10 +290,13 @@ def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: C
 
 
 async def _pump(inference: InferenceStream, detokenize_call: grpc.aio.StreamStreamCall, answer: AnswerAssembler,
-                finish: list[inference_pb2.GenerateFinish]) -> None:
-    """inference → tokenizer, one message per decode step, as they arrive."""
+                finish: list[inference_pb2.GenerateFinish], meter: Meter, prompt_tokens: int) -> None:
+    """inference → tokenizer, one message per decode step, as they arrive; the meter counts what came."""
     async for response in inference.responses():
+        if not meter.prompt_tokens:
+            meter.started(prompt_tokens)  # a replica took the request: its prompt is processed
         if response.HasField("tokens"):
+            meter.received(len(response.tokens.tokens))
             answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
             await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
                 tokens=tokenizer_pb2.TokenIds(token_ids=[t.token_id for t in response.tokens.tokens])))

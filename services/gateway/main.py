@@ -74,7 +74,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     parts = ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
                          max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True,
-                         warm_up=chat.guardrails.warm_up, on_stop=chat.guardrails.close)  # rules followed from policy
+                         warm_up=chat.guardrails.warm_up,  # rules followed from policy
+                         on_stop=chat.close)  # the settles of the last chats and the rules' stream, before the mesh
     tls = public_tls(settings)
     if tls is None:
         return parts

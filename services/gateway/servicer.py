@@ -37,6 +37,11 @@ def _params(start: gateway_pb2.ChatStart, model: str) -> ChatParams:
     ))
 
 
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
     """`stop`, `length`, `cancelled` or `content_filter`: the OpenTelemetry GenAI spelling of a finish reason."""
     return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
@@ -70,12 +75,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = _params(start, model)
         credential = caller_credential(context)
         span.set_attribute("lmesh.credential", credential.kind)
-        screening = Screening(request_id=new_completion_id())
-        version, prompt, max_tokens, tokenizer = await self._chat.prepare(credential, params, screening)
+        completion_id = new_completion_id()
+        screening = Screening(request_id=completion_id)
+        prepared = await self._chat.prepare(credential, params, completion_id, screening)
+        version = prepared.version
         model_id = f"{version.name}:{version.version}"
-        completion_id = screening.request_id
         span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
-                             "gen_ai.usage.input_tokens": len(prompt)})
+                             "gen_ai.usage.input_tokens": len(prepared.prompt)})
 
         cancel = asyncio.Event()
 
@@ -88,25 +94,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         watcher = asyncio.create_task(watch_client())
         first_delta = True
-        try:
-            events = self._chat.generate(version, prompt, max_tokens, params, cancel, completion_id, tokenizer)
-            async for event in self._chat.guardrails.screen_output(screening, events, cancel, params.logprobs):
-                if isinstance(event, ChatDelta):
-                    response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
-                    if first_delta:
-                        response.model, response.id = model_id, completion_id
-                        first_delta = False
-                    yield response
-                elif isinstance(event, ChatEnd):
-                    usage = event.usage  # inference's, relayed as it came: the same shared type
-                    span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
-                                         "gen_ai.response.finish_reasons": [_reason_name(event.finish_reason)],
-                                         "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
-                    yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
-                                                   model=model_id, id=completion_id,
-                                                   logprobs=_logprobs(event.logprobs))
-        finally:
-            watcher.cancel()
+        # Settled with what the meter saw on every ending: finish, cancel, client gone, deadline, error, a block.
+        async with self._chat.accounts.held(prepared.reservation, lambda: _deadline_passed(context)) as meter:
+            try:
+                events = self._chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel,
+                                             completion_id, prepared.tokenizer, meter)
+                async for event in self._chat.guardrails.screen_output(screening, events, cancel, params.logprobs):
+                    if isinstance(event, ChatDelta):
+                        response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))
+                        if first_delta:
+                            response.model, response.id = model_id, completion_id
+                            first_delta = False
+                        yield response
+                    elif isinstance(event, ChatEnd):
+                        usage = event.usage  # inference's, relayed as it came: the same shared type
+                        span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                             "gen_ai.response.finish_reasons": [_reason_name(event.finish_reason)],
+                                             "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
+                        yield gateway_pb2.ChatResponse(finish_reason=event.finish_reason, usage=usage,
+                                                       model=model_id, id=completion_id,
+                                                       logprobs=_logprobs(event.logprobs))
+            finally:
+                watcher.cancel()
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:

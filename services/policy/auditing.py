@@ -29,6 +29,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.policy.accounting import Accounting
 from services.policy.audit import (
     EDITED,
     MALFORMED,
@@ -84,8 +85,9 @@ def _credential_kind(credential: str | CertificateIdentity) -> str:
 class AuditedPolicyServicer(PolicyServicer):
     """PolicyServicer whose decisions go to `audit`, with the audit RPCs."""
 
-    def __init__(self, store: KeyStore, admin: AdminGuard, audit: AuditLog, rules: RulesSource | None = None) -> None:
-        super().__init__(store, admin, rules, audit)
+    def __init__(self, store: KeyStore, admin: AdminGuard, audit: AuditLog, rules: RulesSource | None = None, *,
+                 accounting: Accounting) -> None:
+        super().__init__(store, admin, rules, audit, accounting=accounting)
         self._audit_log = audit  # the durable log (the parent knows it only as an AuditSink)
         for method in policy_pb2.DESCRIPTOR.services_by_name["Policy"].methods:
             if not method.client_streaming and not method.server_streaming:

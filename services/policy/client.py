@@ -18,12 +18,13 @@ DEFAULT_TIMEOUT_S = 10.0
 
 async def create_key(policy: Peer[PolicyStub], tenant: str, allowed_models: Iterable[str] = (),
                      display_name: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, *, client_cert_subject: str = "",
-                     client_cert_sha256: str = "") -> policy_pb2.CreateApiKeyResponse:
-    """Creates an API key (bound to a client certificate subject or fingerprint when given); the response holds
-    the plaintext key (`.api_key`), shown this once."""
+                     client_cert_sha256: str = "", limits: policy_pb2.Limits | None = None,
+                     ) -> policy_pb2.CreateApiKeyResponse:
+    """Creates an API key (bound to a client certificate subject or fingerprint when given, with `limits` when
+    given); the response holds the plaintext key (`.api_key`), shown this once."""
     request = policy_pb2.CreateApiKeyRequest(tenant=tenant, allowed_models=list(allowed_models),
                                              display_name=display_name, client_cert_subject=client_cert_subject,
-                                             client_cert_sha256=client_cert_sha256)
+                                             client_cert_sha256=client_cert_sha256, limits=limits)
     response: policy_pb2.CreateApiKeyResponse = await policy.call(lambda p: p.CreateApiKey, request, admin=True,
                                                                   retry=False, timeout=timeout_s)
     return response
@@ -83,3 +84,36 @@ async def verify_audit(policy: Peer[PolicyStub], timeout_s: float = 600.0) -> po
     response: policy_pb2.VerifyAuditResponse = await policy.call(
         lambda p: p.VerifyAudit, policy_pb2.VerifyAuditRequest(), admin=True, timeout=timeout_s)
     return response
+
+
+async def update_key(policy: Peer[PolicyStub], key_id: str, limits: policy_pb2.LimitsUpdate,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.UpdateApiKeyResponse:
+    """Changes a key's limits (unset fields keep theirs); idempotent."""
+    response: policy_pb2.UpdateApiKeyResponse = await policy.call(
+        lambda p: p.UpdateApiKey, policy_pb2.UpdateApiKeyRequest(key_id=key_id, limits=limits), admin=True,
+        timeout=timeout_s)
+    return response
+
+
+async def set_tenant_limits(policy: Peer[PolicyStub], tenant: str, limits: policy_pb2.LimitsUpdate,
+                            timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.SetTenantLimitsResponse:
+    """Changes a tenant's limits (unset fields keep theirs); idempotent."""
+    response: policy_pb2.SetTenantLimitsResponse = await policy.call(
+        lambda p: p.SetTenantLimits, policy_pb2.SetTenantLimitsRequest(tenant=tenant, limits=limits), admin=True,
+        timeout=timeout_s)
+    return response
+
+
+async def get_usage(policy: Peer[PolicyStub], tenant: str = "",
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> policy_pb2.GetUsageResponse:
+    """Every tenant's usage (or one tenant's and its keys'), all pages of it."""
+    everything = policy_pb2.GetUsageResponse()
+    token = ""
+    while True:
+        page: policy_pb2.GetUsageResponse = await policy.call(
+            lambda p: p.GetUsage, policy_pb2.GetUsageRequest(tenant=tenant, page_token=token), admin=True,
+            timeout=timeout_s)
+        everything.usage.extend(page.usage)
+        token = page.next_page_token
+        if not token:
+            return everything

@@ -32,12 +32,15 @@ from services.common.access import reference_allowed, version_allowed
 from services.common.errors import (
     AlreadyExists,
     InvalidArgument,
+    LmeshError,
     NotFound,
     PermissionDenied,
     Reason,
     Unauthenticated,
     Unavailable,
 )
+from services.common.telemetry import current_trace_id
+from services.policy.audit import AuditEvent, AuditSink
 
 log = logging.getLogger("lmesh.policy")
 
@@ -293,10 +296,21 @@ class KeyStore:
     """API keys in `<data_dir>/policy.sqlite3` (WAL). Calls are short indexed statements on a local file,
     so they run on the caller's thread; `open()` before use, `close()` at the end."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, audit: AuditSink | None = None) -> None:
         self.path = Path(data_dir) / DB_NAME
         self._db: sqlite3.Connection | None = None
         self._pepper = b""
+        self._audit = audit
+
+    def _record(self, action: str, outcome: str, principal: Principal | None = None, *, tenant: str = "",
+                model: str = "", detail: str = "") -> None:
+        """Appends a decision to the audit sink (when there is one): the key id, never the key."""
+        if self._audit is None:
+            return
+        trace_id = current_trace_id()
+        self._audit.append(AuditEvent(action, outcome, principal.key_id if principal else "",
+                                      principal.tenant if principal else tenant, model,
+                                      trace_id="" if trace_id == "none" else trace_id, detail=detail))
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -391,6 +405,8 @@ class KeyStore:
                     raise
         bound = f", bound to client certificate {_binding_text(subject, fingerprint)}" if subject or fingerprint else ""
         log.info("created API key %s for tenant %s%s", key_id, tenant, bound)
+        self._record("key.create", "ok", Principal(key_id, tenant, models),
+                     detail=f"models: {', '.join(models) or 'all'}{bound}")
         return ApiKey(key_id, tenant, models, display_name, now_ms, revoked=False, client_cert_subject=subject or "",
                       client_cert_sha256=fingerprint or ""), plaintext
 
@@ -409,6 +425,15 @@ class KeyStore:
         """The principal of an active key, given the key itself or a verified client certificate bound to it;
         Unauthenticated for an empty, malformed, unknown or revoked key, or a certificate bound to no active
         key."""
+        try:
+            principal = self._authenticate(credential)
+        except LmeshError as exc:
+            self._record("authenticate", "denied", detail=exc.message)
+            raise
+        self._record("authenticate", "allowed", principal)
+        return principal
+
+    def _authenticate(self, credential: str | CertificateIdentity) -> Principal:
         if isinstance(credential, CertificateIdentity):
             return self._authenticate_certificate(credential)
         api_key = credential
@@ -454,7 +479,23 @@ class KeyStore:
         than the model behind it. Authentication comes first, so a caller without a valid key learns nothing
         about models.
         """
-        principal = self.authenticate(credential)
+        try:
+            principal = self._authenticate(credential)
+        except LmeshError as exc:
+            self._record("authorize", "denied", model=resolved_model or model[:MAX_MODEL_PATTERN_LEN],
+                         detail=exc.message)
+            raise
+        try:
+            self._authorize(principal, model, input_tokens, max_tokens, resolved_model, resolved_aliases)
+        except LmeshError as exc:
+            self._record("authorize", "denied", principal, model=(resolved_model or model)[:MAX_MODEL_PATTERN_LEN],
+                         detail=exc.message)
+            raise
+        self._record("authorize", "allowed", principal, model=resolved_model or model)
+        return principal
+
+    def _authorize(self, principal: Principal, model: str, input_tokens: int, max_tokens: int, resolved_model: str,
+                   resolved_aliases: Sequence[str]) -> None:
         validate_model(model)
         if input_tokens < 0:
             raise InvalidArgument("input_tokens", "must not be negative")
@@ -473,7 +514,6 @@ class KeyStore:
         elif not principal.may_use(model):
             raise PermissionDenied(f"key {principal.key_id} may not use model '{model}'",
                                    reason=Reason.MODEL_NOT_ALLOWED, metadata={"model": model})
-        return principal
 
     def list(self, tenant: str = "") -> list[ApiKey]:
         """Every key (active and revoked), oldest first; only `tenant`'s when given."""
@@ -509,7 +549,9 @@ class KeyStore:
         if cursor.rowcount == 0:
             raise NotFound(f"no API key {key_id}")
         log.info("revoked API key %s", key_id)
-        return self.get(key_id)
+        record = self.get(key_id)
+        self._record("key.revoke", "ok", record.principal)
+        return record
 
 
 def _record(row: Sequence[Any]) -> ApiKey:

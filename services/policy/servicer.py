@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -12,13 +13,23 @@ from lmesh.policy.v1 import policy_pb2, policy_pb2_grpc
 from opentelemetry import trace
 
 from services.common.admin import AdminGuard
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
+from services.policy.accounting import Accounting
+from services.policy.accounting_pb import (
+    creation_update,
+    ending_name,
+    limits_pb,
+    state_pb,
+    update_from_pb,
+    usage_pb,
+)
 from services.policy.audit import AuditSink, MemoryAudit
 from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal
+from services.policy.limits import Limits, State, validated
 from services.policy.rules import RulesSource, record_screening
 
 
-def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRequest,
+def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRequest | policy_pb2.ReserveRequest,
                 ) -> str | CertificateIdentity:
     """The request's credential: its API key, or the verified client certificate it carries."""
     if request.WhichOneof("credential") == "client_certificate":
@@ -29,9 +40,10 @@ def _credential(request: policy_pb2.AuthenticateRequest | policy_pb2.AuthorizeRe
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     def __init__(self, store: KeyStore, admin: AdminGuard, rules: RulesSource | None = None,
-                 audit: AuditSink | None = None) -> None:
+                 audit: AuditSink | None = None, *, accounting: Accounting) -> None:
         self._store = store
         self._admin = admin
+        self._accounting = accounting
         self._rules = rules if rules is not None else RulesSource(None)
         self._audit: AuditSink = audit if audit is not None else MemoryAudit()
 
@@ -45,16 +57,23 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         principal = self._store.authorize(_credential(request), request.model, request.input_tokens,
                                           request.max_tokens, resolved_model=request.resolved_model,
                                           resolved_aliases=request.resolved_aliases)
-        # Limits are reserved in the contract; zero means no limit.
-        return policy_pb2.AuthorizeResponse(principal=_principal_pb(principal), limits=policy_pb2.Limits())
+        key_limits, tenant_limits = await self._accounting.limits_of(principal)
+        return policy_pb2.AuthorizeResponse(principal=_principal_pb(principal), limits=limits_pb(key_limits),
+                                            tenant_limits=limits_pb(tenant_limits))
 
     async def CreateApiKey(self, request: policy_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.CreateApiKeyResponse:
         self._admin.check_call(context)
+        limits = validated(creation_update(request.limits))  # before the key exists: a bad limit creates none
         record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name,
                                                client_cert_subject=request.client_cert_subject,
                                                client_cert_sha256=request.client_cert_sha256)
-        return policy_pb2.CreateApiKeyResponse(key=_api_key_pb(record), api_key=plaintext)
+        try:
+            applied = await self._accounting.set_key_limits(record, limits, created=True)
+        except Unavailable:
+            self._store.revoke(record.key_id)  # a key without its limits must not authenticate
+            raise
+        return policy_pb2.CreateApiKeyResponse(key=_api_key_pb(record, applied), api_key=plaintext)
 
     async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,
                           context: grpc.aio.ServicerContext) -> policy_pb2.ListApiKeysResponse:
@@ -66,8 +85,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         limit = request.page_size or len(keys)
         page = policy_pb2.ListApiKeysResponse()
         size, index = 0, start
+        # Limits of the keys a page can hold at most (a page stops short at MAX_PAGE_BYTES).
+        limits = await self._accounting.key_limits([k.key_id for k in keys[start:start + limit]])
         while index < len(keys) and len(page.keys) < limit:
-            key = _api_key_pb(keys[index])
+            key = _api_key_pb(keys[index], limits.get(keys[index].key_id))
             size += key.ByteSize() + 8  # and its field framing
             if page.keys and size > MAX_PAGE_BYTES:
                 break
@@ -80,7 +101,67 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     async def RevokeApiKey(self, request: policy_pb2.RevokeApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> policy_pb2.RevokeApiKeyResponse:
         self._admin.check_call(context)
-        return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(self._store.revoke(request.key_id)))
+        record = self._store.revoke(request.key_id)
+        limits = None
+        with contextlib.suppress(Unavailable):  # the revocation stands whether or not the ledger answers
+            limits = (await self._accounting.key_limits([record.key_id]))[record.key_id]
+        return policy_pb2.RevokeApiKeyResponse(key=_api_key_pb(record, limits))
+
+    # -- accounting and limits (services/policy/accounting.py) ---------------------------------------------------
+
+    async def Reserve(self, request: policy_pb2.ReserveRequest,
+                      context: grpc.aio.ServicerContext) -> policy_pb2.ReserveResponse:
+        admitted = await self._accounting.reserve(
+            _credential(request), request.model, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
+            reservation_id=request.reservation_id, resolved_model=request.resolved_model,
+            resolved_aliases=request.resolved_aliases)
+        return policy_pb2.ReserveResponse(
+            principal=_principal_pb(admitted.principal), reservation_id=admitted.reservation_id,
+            reserved_tokens=admitted.reserved_tokens, lease_ms=admitted.lease_ms,
+            limits=limits_pb(admitted.key_limits), tenant_limits=limits_pb(admitted.tenant_limits),
+            metered=admitted.metered)
+
+    async def RenewReservation(self, request: policy_pb2.RenewReservationRequest,
+                               context: grpc.aio.ServicerContext) -> policy_pb2.RenewReservationResponse:
+        reservation = await self._accounting.renew(request.reservation_id)
+        still_open = reservation.state == State.OPEN
+        return policy_pb2.RenewReservationResponse(state=state_pb(reservation.state),
+                                                   lease_ms=self._accounting.lease_ms if still_open else 0)
+
+    async def Settle(self, request: policy_pb2.SettleRequest,
+                     context: grpc.aio.ServicerContext) -> policy_pb2.SettleResponse:
+        settlement = await self._accounting.settle(request.reservation_id, request.prompt_tokens,
+                                                   request.completion_tokens, ending_name(request.ending))
+        return policy_pb2.SettleResponse(charged_tokens=settlement.reservation.charged,
+                                         reserved_tokens=settlement.reservation.reserved,
+                                         previous_state=state_pb(settlement.previous))
+
+    async def UpdateApiKey(self, request: policy_pb2.UpdateApiKeyRequest,
+                           context: grpc.aio.ServicerContext) -> policy_pb2.UpdateApiKeyResponse:
+        self._admin.check_call(context)
+        update = validated(update_from_pb(request.limits))
+        record = self._store.get(request.key_id)
+        limits = await self._accounting.set_key_limits(record, update)
+        return policy_pb2.UpdateApiKeyResponse(key=_api_key_pb(record, limits))
+
+    async def SetTenantLimits(self, request: policy_pb2.SetTenantLimitsRequest,
+                              context: grpc.aio.ServicerContext) -> policy_pb2.SetTenantLimitsResponse:
+        self._admin.check_call(context)
+        limits = await self._accounting.set_tenant_limits(request.tenant, update_from_pb(request.limits))
+        return policy_pb2.SetTenantLimitsResponse(tenant=request.tenant, limits=limits_pb(limits))
+
+    async def GetUsage(self, request: policy_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> policy_pb2.GetUsageResponse:
+        self._admin.check_call(context)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", f"must not be negative, got {request.page_size}")
+        start = _page_start(request.page_token, request.tenant)
+        rows = await self._accounting.usage(request.tenant)
+        end = len(rows) if not request.page_size else min(len(rows), start + request.page_size)
+        page = policy_pb2.GetUsageResponse(usage=[usage_pb(row) for row in rows[start:end]])
+        if end < len(rows):
+            page.next_page_token = _page_token(end, request.tenant)
+        return page
 
     async def WatchRules(self, request: policy_pb2.WatchRulesRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[policy_pb2.RuleSet]:
@@ -121,9 +202,9 @@ def _principal_pb(principal: Principal) -> policy_pb2.Principal:
                                 allowed_models=list(principal.allowed_models))
 
 
-def _api_key_pb(record: ApiKey) -> policy_pb2.ApiKey:
+def _api_key_pb(record: ApiKey, limits: Limits | None = None) -> policy_pb2.ApiKey:
     return policy_pb2.ApiKey(key_id=record.key_id, tenant=record.tenant,
                              allowed_models=list(record.allowed_models), display_name=record.display_name,
                              create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked,
                              client_cert_subject=record.client_cert_subject,
-                             client_cert_sha256=record.client_cert_sha256)
+                             client_cert_sha256=record.client_cert_sha256, limits=limits_pb(limits or Limits()))

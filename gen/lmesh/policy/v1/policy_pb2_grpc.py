@@ -26,10 +26,11 @@ if _version_not_supported:
 
 
 class PolicyStub:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
-    WatchRules and RecordScreening for the guardrails), and
-    operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
-    (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authenticate,
+    Reserve, RenewReservation and Settle (Authorize decides without reserving), WatchRules and RecordScreening (the
+    guardrails); operators call the management RPCs (through `lmesh keys`, `lmesh tenants`, `lmesh usage` and
+    `lmesh audit`). When the service runs with an admin token (`LMESH_ADMIN_TOKEN`), the management RPCs (keys,
+    limits, usage, audit) require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
     its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
@@ -49,6 +50,36 @@ class PolicyStub:
                 '/lmesh.policy.v1.Policy/Authorize',
                 request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeResponse.FromString,
+                _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/Reserve',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.RenewReservation = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/RenewReservation',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationResponse.FromString,
+                _registered_method=True)
+        self.Settle = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/Settle',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleResponse.FromString,
+                _registered_method=True)
+        self.UpdateApiKey = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/UpdateApiKey',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/SetTenantLimits',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/lmesh.policy.v1.Policy/GetUsage',
+                request_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/lmesh.policy.v1.Policy/CreateApiKey',
@@ -93,10 +124,11 @@ class PolicyStub:
 
 
 class PolicyServicer:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
-    WatchRules and RecordScreening for the guardrails), and
-    operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
-    (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authenticate,
+    Reserve, RenewReservation and Settle (Authorize decides without reserving), WatchRules and RecordScreening (the
+    guardrails); operators call the management RPCs (through `lmesh keys`, `lmesh tenants`, `lmesh usage` and
+    `lmesh audit`). When the service runs with an admin token (`LMESH_ADMIN_TOKEN`), the management RPCs (keys,
+    limits, usage, audit) require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
     its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
@@ -112,10 +144,75 @@ class PolicyServicer:
 
     def Authorize(self, request, context):
         """Decides whether the credential's principal may use `model` (or, when given, the version it resolved to) for
-        a request of the given size. The credential is checked first, as in Authenticate.
+        a request of the given size, and says which limits apply. It reserves nothing and checks no counter: the
+        gateway calls Reserve, which does both atomically. The credential is checked first, as in Authenticate.
         Errors: UNAUTHENTICATED (as in Authenticate), PERMISSION_DENIED (model not allowed), INVALID_ARGUMENT (empty
-        or malformed model or resolved_model, a malformed `client_certificate` field), RESOURCE_EXHAUSTED (a limit
-        of the principal is reached; reserved).
+        or malformed model or resolved_model, a malformed `client_certificate` field), UNAVAILABLE (the accounting
+        store is unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """Authorizes a request as Authorize does, then, in one atomic step, checks every limit of its key and of its
+        tenant (requests and tokens per minute, the token budget of the current period) and reserves
+        `prompt_tokens + max_tokens` against them. The reservation holds those tokens until Settle (the real usage)
+        or, when it is neither settled nor renewed within its lease, until it expires and is charged in full.
+        Idempotent per `reservation_id`: repeating a Reserve returns the reservation made the first time.
+        Errors: those of Authorize; INVALID_ARGUMENT (`prompt_tokens`, `max_tokens`, `reservation_id`, named);
+        ALREADY_EXISTS (the id belongs to another key's reservation); RESOURCE_EXHAUSTED (a limit is reached: the
+        message names it, QuotaFailure says which, `retry-after-ms` and RetryInfo say when it frees up enough for
+        this request, absent when waiting cannot help: a request larger than the limit itself, or a budget without
+        a period); UNAVAILABLE (the accounting store is unreachable and policy fails closed, the default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewReservation(self, request, context):
+        """Extends an open reservation's lease (the gateway renews while a generation streams). A reservation that is
+        no longer open is not an error: the response says its state. Errors: INVALID_ARGUMENT (`reservation_id`),
+        NOT_FOUND (no such reservation, or one settled so long ago that it was forgotten), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Settle(self, request, context):
+        """Ends a reservation with the real usage: the tokens held are released and the real usage (at most what was
+        reserved) is charged. Idempotent: a repeated Settle changes nothing and returns the first outcome. A Settle
+        of a reservation that expired meanwhile (charged in full) corrects its charge to the real usage.
+        Errors: INVALID_ARGUMENT (`reservation_id`, negative token counts), NOT_FOUND (no such reservation),
+        UNAVAILABLE (retry: it is idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateApiKey(self, request, context):
+        """Changes a key's limits (fields left unset keep their value; 0 removes a limit). The next request is judged
+        by them. Errors: INVALID_ARGUMENT (`key_id`, a negative or too large limit, named), NOT_FOUND (no such key),
+        FAILED_PRECONDITION (the key is revoked), UNAUTHENTICATED (admin token required and missing or wrong),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantLimits(self, request, context):
+        """Sets a tenant's limits, shared by all its keys (fields left unset keep their value; 0 removes a limit); the
+        tenant needs no key yet. Errors: INVALID_ARGUMENT (`tenant`, a limit, named), UNAUTHENTICATED (admin token),
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Spent, reserved and remaining tokens per period, and the current rate window, of every tenant (or of one
+        tenant and each of its keys), a page at a time. Errors: INVALID_ARGUMENT (`tenant`, `page_size`,
+        `page_token`), UNAUTHENTICATED (admin token), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,9 +222,9 @@ class PolicyServicer:
         """Creates an API key, optionally bound to a client certificate identity. The plaintext key is returned once
         and never stored.
         Errors: INVALID_ARGUMENT (a malformed `tenant`, `display_name`, `allowed_models` entry,
-        `client_cert_subject` or `client_cert_sha256`, or both of the last two, named), ALREADY_EXISTS (an active
-        key is bound to the same client certificate identity: revoke it first), UNAUTHENTICATED (admin token
-        required and missing or wrong).
+        `client_cert_subject` or `client_cert_sha256`, or both of the last two, or a limit, named), ALREADY_EXISTS (an
+        active key is bound to the same client certificate identity: revoke it first), UNAUTHENTICATED (admin token
+        required and missing or wrong), UNAVAILABLE (the accounting store is unreachable: no key is created).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +316,36 @@ def add_PolicyServicer_to_server(servicer, server):
                     request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeRequest.FromString,
                     response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeResponse.SerializeToString,
             ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveResponse.SerializeToString,
+            ),
+            'RenewReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewReservation,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationResponse.SerializeToString,
+            ),
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleResponse.SerializeToString,
+            ),
+            'UpdateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApiKey,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyResponse.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageRequest.FromString,
+                    response_serializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageResponse.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=lmesh_dot_policy_dot_v1_dot_policy__pb2.CreateApiKeyRequest.FromString,
@@ -268,10 +395,11 @@ def add_PolicyServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Policy:
-    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authorize (and
-    WatchRules and RecordScreening for the guardrails), and
-    operators call the key management RPCs (through `lmesh keys`). When the service runs with an admin token
-    (`LMESH_ADMIN_TOKEN`), the key management RPCs require metadata `authorization: Bearer <admin token>`.
+    """Policy is found in Consul as `lmesh-policy`. It is an internal service: the gateway calls Authenticate,
+    Reserve, RenewReservation and Settle (Authorize decides without reserving), WatchRules and RecordScreening (the
+    guardrails); operators call the management RPCs (through `lmesh keys`, `lmesh tenants`, `lmesh usage` and
+    `lmesh audit`). When the service runs with an admin token (`LMESH_ADMIN_TOKEN`), the management RPCs (keys,
+    limits, usage, audit) require metadata `authorization: Bearer <admin token>`.
     Every decision (and every refused admin call) is appended to policy's hash-chained audit log, durably, before
     its answer is sent; while the log cannot be written, each of them answers UNAVAILABLE instead.
     """
@@ -320,6 +448,168 @@ class Policy:
             '/lmesh.policy.v1.Policy/Authorize',
             lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeRequest.SerializeToString,
             lmesh_dot_policy_dot_v1_dot_policy__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/Reserve',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/RenewReservation',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.RenewReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/Settle',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/UpdateApiKey',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.UpdateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/SetTenantLimits',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.SetTenantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.policy.v1.Policy/GetUsage',
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageRequest.SerializeToString,
+            lmesh_dot_policy_dot_v1_dot_policy__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
