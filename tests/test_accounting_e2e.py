@@ -263,7 +263,8 @@ async def test_500_concurrent_chats_through_two_policy_replicas_on_one_redis(boo
     books.procs.terminate("policy")
     await books.procs.wait_exit("policy")
     books.start_policy("policy", {**redis_env, "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=policy-1"})
-    books.start_policy("policy-2", {**redis_env, "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=policy-2"})
+    books.start_policy("policy-2", {**redis_env, "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=policy-2",
+                                    "LMESH_AUDIT_DIR": str(books.home / "policy-2")})  # an audit log of its own
     for name in ("policy", "policy-2"):
         await books.procs.wait_passing(books.mesh, "policy", name=name)
     await books.policy.wait_for(lambda e: len(books.policy.endpoints()) >= 2, timeout=30)

@@ -46,6 +46,11 @@ class PolicySettings(AdminTokenSettings):
         flag="--audit-segment-mb", env="LMESH_AUDIT_SEGMENT_MB", default=DEFAULT_SEGMENT_MB, parse=int_type(0),
         help="the audit log's current file is closed as a segment (which an operator may archive) once it passes "
              "this many MiB, and a new one continues the chain; 0: never")
+    audit_dir: Path | None = setting(
+        flag="--audit-dir", env="LMESH_AUDIT_DIR", default=None, parse=Path, metavar="DIR",
+        default_help="--data-dir",
+        help="where this replica keeps its audit log (under DIR/audit): its own, one writer each, when several "
+             "replicas share a --data-dir")
     redis_url: str | None = setting(
         env=REDIS_URL_ENV, secret=True, default=None,
         help="keep limits, reservations and usage in this Redis (redis://[:password@]host:port[/db], rediss:// for "
@@ -124,7 +129,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     admin = AdminGuard(settings.admin_token)
     rules = rules_source(settings)
     # Every decision goes here, durably, before it takes effect; the admin token is redacted should it reach it.
-    audit = AuditLog(config.data_dir, segment_bytes=settings.audit_segment_mb * 1024 * 1024,
+    audit = AuditLog(settings.audit_dir or config.data_dir, segment_bytes=settings.audit_segment_mb * 1024 * 1024,
                      redact=[settings.admin_token])
     # The servicer audits authentication, authorization and key management; accounting its own decisions.
     accounting = Accounting(store, ledger_for(config), audit, lease_s=settings.reservation_lease_s,
