@@ -343,6 +343,122 @@ async def test_queue_full_is_refused_at_once(decoder: OnnxDecoder, prompts: list
     assert caught.value.limit.id == "inference.queue" and caught.value.limit.value == engine.limits.max_queue
 
 
+def ranked(prompt: list[int], priority: int, max_tokens: int = 2) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt, max_tokens=max_tokens, sampling=SamplingConfig(), priority=priority)
+
+
+async def first_token(seq: Sequence) -> None:
+    """Waits until `seq` has its first token: it holds a decode place."""
+    assert isinstance(await seq.events.get(), TokenEvent)
+
+
+def assert_shed(seq: Sequence, engine: Engine) -> None:
+    event = seq.events.get_nowait()
+    assert isinstance(event, ErrorEvent) and isinstance(event.error, ResourceExhausted), event
+    error = event.error
+    assert seq.done and seq.generated == 0 and error.reason == "SHED" and "higher priority" in error.message
+    # As honest as a refusal: the same retry delay and the same limit (QuotaFailure).
+    assert error.retry_after_s == 1.0 and error.limit is not None
+    assert (error.limit.id, error.limit.value) == ("inference.queue", engine.limits.max_queue)
+
+
+async def test_a_freed_place_goes_to_the_highest_priority_waiting(decoder: OnnxDecoder,
+                                                                   prompts: list[list[int]]) -> None:
+    """max_active=1, max_queue=2: low, low, then high; once the first low's place frees, high runs before the
+    other low, although it came later."""
+    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=1, max_queue=2))  # no end-of-turn id
+    engine.start()
+    try:
+        running = engine.submit(ranked(prompts[0], 0, max_tokens=500))
+        await first_token(running)
+        low = engine.submit(ranked(prompts[1], 0))
+        high = engine.submit(ranked(prompts[1], 5))
+        assert engine.load()["queued"] == 2 and engine.load()["active"] == 1
+        engine.cancel(running)
+        ends = await asyncio.gather(drain(running), drain(high), drain(low))
+    finally:
+        await engine.close()
+    assert [end.reason for _, end in ends] == [Finish.CANCELLED, Finish.LENGTH, Finish.LENGTH]  # type: ignore[union-attr]
+    assert running.finish_ns <= high.prefill_start_ns < high.finish_ns <= low.prefill_start_ns
+    assert engine.load()["queued"] == engine.load()["active"] == 0
+
+
+async def test_the_queue_is_first_come_first_served_within_a_priority(decoder: OnnxDecoder,
+                                                                      prompts: list[list[int]]) -> None:
+    engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=1, max_queue=8))
+    # Not started: everything waits, then the places are given out one at a time.
+    priorities = [1, 0, 1, 9, 0, 9, 1]
+    seqs = [engine.submit(ranked(prompts[0], p, max_tokens=1)) for p in priorities]
+    engine.start()
+    try:
+        await asyncio.gather(*(drain(s) for s in seqs))
+    finally:
+        await engine.close()
+    admitted = sorted(range(len(seqs)), key=lambda i: seqs[i].prefill_start_ns)
+    assert admitted == [3, 5, 0, 2, 6, 1, 4]
+
+
+async def test_a_full_queue_sheds_its_lowest_priority_newest_first_for_a_higher_one(
+        decoder: OnnxDecoder, prompts: list[list[int]]) -> None:
+    """Queue full of lows + a high: the newest low ends RESOURCE_EXHAUSTED (SHED) at once, the high takes its
+    place and runs before the older low; the one decoding is never preempted."""
+    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=1, max_queue=2))
+    engine.start()
+    try:
+        running = engine.submit(ranked(prompts[0], 0, max_tokens=500))
+        await first_token(running)
+        old_low, new_low = engine.submit(ranked(prompts[1], 0)), engine.submit(ranked(prompts[1], 0))
+        high = engine.submit(ranked(prompts[1], 3))
+        assert_shed(new_low, engine)
+        assert not old_low.done and not high.done and not running.done
+        assert engine.load()["queued"] == 2 and engine.load()["active"] == 1
+        assert engine.shed == {0: 1}
+        tokens_before = running.generated
+        await first_token(running)  # still decoding: nothing admitted is preempted
+        assert running.generated > tokens_before
+        engine.cancel(running)
+        await asyncio.gather(drain(running), drain(high), drain(old_low))
+    finally:
+        await engine.close()
+    assert high.finish_ns <= old_low.prefill_start_ns
+
+
+def test_shedding_takes_the_lowest_priority_and_refuses_what_is_not_higher(decoder: OnnxDecoder,
+                                                                           prompts: list[list[int]]) -> None:
+    engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=1, max_queue=1))
+    # Not started: it holds max_active + max_queue = 2 waiting.
+
+    def refused(priority: int) -> ResourceExhausted:
+        with pytest.raises(ResourceExhausted) as caught:
+            engine.submit(ranked(prompts[0], priority))
+        assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after_s == 1.0
+        return caught.value
+
+    zero, three = engine.submit(ranked(prompts[0], 0)), engine.submit(ranked(prompts[0], 3))
+    five = engine.submit(ranked(prompts[0], 5))
+    assert_shed(zero, engine)  # the lowest priority goes first, though it is not the newest
+    refused(0)
+    refused(3)  # equal to the lowest waiting: refused at once, nobody shed
+    second_five = engine.submit(ranked(prompts[0], 5))
+    assert_shed(three, engine)
+    assert "none below priority 5" in refused(5).message
+    top = engine.submit(ranked(prompts[0], 9))
+    assert_shed(second_five, engine)  # among equals, the newest
+    assert not five.done and not top.done and five.events.empty() and top.events.empty()
+    assert engine.load()["queued"] == 2 and engine.shed == {0: 1, 3: 1, 5: 1}
+
+
+def test_a_cancelled_waiter_gives_its_place_up_before_anyone_is_shed(decoder: OnnxDecoder,
+                                                                     prompts: list[list[int]]) -> None:
+    engine = Engine(decoder, EOS, 8192, EngineLimits(max_active=1, max_queue=1))
+    first, second = engine.submit(ranked(prompts[0], 0)), engine.submit(ranked(prompts[0], 0))
+    engine.cancel(first)
+    third = engine.submit(ranked(prompts[0], 0))  # equal priority, yet queued: the cancelled one's place was free
+    end = first.events.get_nowait()
+    assert isinstance(end, FinishEvent) and end.reason == Finish.CANCELLED
+    assert not second.done and not third.done and engine.shed == {} and engine.load()["queued"] == 2
+
+
 async def test_deadline_passing_mid_generation_ends_the_stream(decoder: OnnxDecoder,
                                                                 prompts: list[list[int]]) -> None:
     """The model thread chains decode runs while nothing changes; a deadline still ends the stream within a step."""

@@ -33,6 +33,8 @@ class Reason(enum.StrEnum):
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
     CONTENT_BLOCKED = "CONTENT_BLOCKED"  # a guardrail rule with action `block` matched the request
     QUEUE_FULL = "QUEUE_FULL"
+    # A queued inference request whose place a request of a higher priority took (the queue was full).
+    SHED = "SHED"
     # Policy's limits: requests or tokens per minute (RATE_LIMITED), a key's or tenant's token budget.
     RATE_LIMITED = "RATE_LIMITED"
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"

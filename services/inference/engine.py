@@ -16,17 +16,23 @@ round differently for a chunk whose bounds depend on the step's budget, for a pr
 a last prompt token run in a decode step (by about 5e-5 on SmolLM2's logits), and a seeded draw can follow a
 difference in the last bit. Sharing a right-padded run with other new prompts, and decoding among other rows, change
 nothing (measured bit for bit, on the CPU and on an H100).
+
+Priority (0-9, higher first) orders only the wait for a decode place: the waiting queue admits the highest priority
+first, first come first served within a priority, and a full queue sheds its lowest priority (the newest of those)
+for a request of a higher one. Once admitted, a sequence is scheduled like every other: the prefill scheduler's
+"oldest prompt in progress" is the earliest admitted, and nothing admitted is ever preempted, so a prompt in
+progress always finishes its prefill in bounded steps whatever arrives later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,6 +45,11 @@ from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
 
 log = logging.getLogger("lmesh.inference.engine")
+
+
+# A request's priority: higher is admitted first; 0, the default, is the lowest.
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
 
 
 class Finish(Enum):
@@ -57,6 +68,8 @@ class GenerationRequest:
     request_id: str = ""
     # Absolute time.monotonic() deadline, or None.
     deadline: float | None = None
+    # MIN_PRIORITY..MAX_PRIORITY (validated by the servicer): the order of admission, and of shedding, from the queue.
+    priority: int = MIN_PRIORITY
 
 
 @dataclass
@@ -128,6 +141,10 @@ class Sequence:
         return self.prefilled < len(self.request.prompt_ids)
 
     @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
     def tokens_after_cancel(self) -> int:
         """Tokens the model produced after the cancel came (at most the one whose step was in flight)."""
         return 0 if self.tokens_at_cancel is None else self.sampled - self.sampled_at_cancel
@@ -136,12 +153,52 @@ class Sequence:
         return self.request.deadline is not None and now > self.request.deadline
 
 
+class WaitingQueue:
+    """Sequences waiting for a decode place: highest priority first, first come first served within a priority (a
+    heap on (-priority, arrival); a sequence's id counts arrivals). Its size is bounded by the engine's limits
+    (max_queue + max_active), so the rarer operations (finding the lowest, taking some out) scan it."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Sequence]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        """In the order of admission."""
+        return (entry[2] for entry in sorted(self._heap, key=lambda e: e[:2]))
+
+    def push(self, seq: Sequence) -> None:
+        heapq.heappush(self._heap, (-seq.priority, seq.id, seq))
+
+    def pop(self) -> Sequence:
+        """The next to admit: the highest priority, the oldest of those."""
+        return heapq.heappop(self._heap)[2]
+
+    def lowest(self) -> Sequence | None:
+        """The one to shed first: the lowest priority, the newest of those (the last to be admitted)."""
+        return max(self._heap, key=lambda e: e[:2])[2] if self._heap else None
+
+    def take(self, predicate: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Removes and returns (in the order of admission) the sequences `predicate` picks."""
+        kept: list[tuple[int, int, Sequence]] = []
+        taken: list[tuple[int, int, Sequence]] = []
+        for entry in self._heap:
+            (taken if predicate(entry[2]) else kept).append(entry)
+        if taken:
+            heapq.heapify(kept)
+            self._heap = kept
+        return [entry[2] for entry in sorted(taken, key=lambda e: e[:2])]
+
+
 # A sampled token: its sequence, the token, and the sequence's cache length when it was sampled.
 Produced = tuple["Sequence", Sampled, int]
 # Decode runs the model thread may chain while the batch stays the same, before the loop takes a turn.
 RUN_AHEAD_STEPS = 16
 # The QuotaFailure `quota_id` of a full queue (stable: clients may match it).
 QUEUE_LIMIT = "inference.queue"
+# The retry delay of a request the full queue refuses or sheds: about when a place frees up on a busy replica.
+QUEUE_RETRY_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -177,7 +234,7 @@ class Engine:
         self.eos_ids = eos_ids
         self.context_length = context_length
         self.limits = limits
-        self._waiting: deque[Sequence] = deque()
+        self._waiting = WaitingQueue()
         self._active: list[Sequence] = []
         # Decoding sequences in the order of their rows in the decode KV buffers.
         self._rows: list[Sequence] = []
@@ -194,6 +251,8 @@ class Engine:
         # Called when the number of active or queued sequences changes (load reporting).
         self.on_load_change: Callable[[], None] = lambda: None
         self._aborted: LmeshError | None = None
+        # Sequences shed from the full queue for a request of a higher priority, by their own priority (metrics).
+        self.shed: dict[int, int] = {}
         # A seeded request's prompt runs in pieces of this many tokens, at multiples of it (at most half a step's
         # budget: the oldest prompt in progress always gets a whole piece).
         self._piece = max(1, limits.prefill_chunk // 2)
@@ -237,28 +296,48 @@ class Engine:
         self._wake.set()
 
     def submit(self, request: GenerationRequest) -> Sequence:
-        """Queues a generation; RESOURCE_EXHAUSTED at once when the queue is full.
+        """Queues a generation by its priority; RESOURCE_EXHAUSTED (QUEUE_FULL) at once when the queue is full of
+        sequences of at least its priority.
 
         Free decode slots count as room too: a burst arriving during a step waits for the next step boundary to
         be admitted, so up to max_active + max_queue sequences are held, as the limits promise.
+
+        When the queue is full, a cancelled or expired waiting sequence gives its place up first; then a request of
+        a higher priority than the lowest waiting one takes that one's place: the lowest priority's newest waiting
+        sequence ends with RESOURCE_EXHAUSTED (SHED, with the same retry delay as a refusal). Sequences already
+        admitted (prefilling or decoding) are never preempted.
         """
         if not self._accepting:
             raise Unavailable("this inference replica is draining; retry on another", reason=Reason.DRAINING)
-        free_slots = max(0, self.limits.max_active - len(self._active))
-        if len(self._waiting) >= self.limits.max_queue + free_slots:
-            raise ResourceExhausted(
-                f"inference queue is full ({len(self._waiting)} waiting, {len(self._active)} active)",
-                retry_after_s=1.0, reason=Reason.QUEUE_FULL,
-                limit=Limit(QUEUE_LIMIT, subject=f"model:{self.model_id}" if self.model_id else "",
-                            value=self.limits.max_queue),
-            )
+        if self._queue_full():
+            self._retire_waiting(time.monotonic())
+        if self._queue_full():
+            victim = self._waiting.lowest()
+            if victim is None or victim.priority >= request.priority:
+                below = f", none below priority {request.priority}" if request.priority > MIN_PRIORITY else ""
+                raise self._queue_error(f"inference queue is full ({len(self._waiting)} waiting, "
+                                        f"{len(self._active)} active{below})", Reason.QUEUE_FULL)
+            self._waiting.take(lambda s: s is victim)
+            self.shed[victim.priority] = self.shed.get(victim.priority, 0) + 1
+            self._finish_error(victim, self._queue_error(
+                f"shed from the full inference queue for a request of a higher priority ({request.priority} > "
+                f"{victim.priority}); retry later", Reason.SHED))
         seq = Sequence(id=next(self._ids), request=request,
                        sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs),
                        reproducible=request.sampling.seed != 0)
-        self._waiting.append(seq)
+        self._waiting.push(seq)
         self._wake.set()
         self.on_load_change()
         return seq
+
+    def _queue_full(self) -> bool:
+        free_slots = max(0, self.limits.max_active - len(self._active))
+        return len(self._waiting) >= self.limits.max_queue + free_slots
+
+    def _queue_error(self, message: str, reason: Reason) -> ResourceExhausted:
+        return ResourceExhausted(message, retry_after_s=QUEUE_RETRY_AFTER_S, reason=reason,
+                                 limit=Limit(QUEUE_LIMIT, subject=f"model:{self.model_id}" if self.model_id else "",
+                                             value=self.limits.max_queue))
 
     def cancel(self, seq: Sequence) -> None:
         """Marks a sequence cancelled; it leaves before the next step."""
@@ -328,30 +407,33 @@ class Engine:
         self.prefix_cache.insert(tokens, self._slots.row(row, seq.past_len))
 
     def _admit(self) -> None:
+        """Fills the free decode places from the queue, highest priority first. `_active` keeps the order of
+        admission: the prefill scheduler's oldest prompt in progress is the earliest admitted one."""
         while self._waiting and len(self._active) < self.limits.max_active:
-            self._active.append(self._waiting.popleft())
+            self._active.append(self._waiting.pop())
 
     def _retire(self, now: float) -> None:
         """Ends cancelled and expired sequences, waiting or active, before the next step (all of them once
         aborted)."""
         if self._aborted is not None:
             while self._waiting:
-                self._finish_error(self._waiting.popleft(), self._aborted)
+                self._finish_error(self._waiting.pop(), self._aborted)
             for seq in list(self._active):
                 self._finish_error(seq, self._aborted)
             return
-        for seq in list(self._waiting):
-            if seq.cancelled:
-                self._waiting.remove(seq)
-                self._finish(seq, Finish.CANCELLED)
-            elif seq.expired(now):
-                self._waiting.remove(seq)
-                self._finish_error(seq, DeadlineExceeded("deadline exceeded while queued"))
+        self._retire_waiting(now)
         for seq in list(self._active):
             if seq.cancelled:
                 self._finish(seq, Finish.CANCELLED)
             elif seq.expired(now):
                 self._finish_error(seq, DeadlineExceeded("deadline exceeded while generating"))
+
+    def _retire_waiting(self, now: float) -> None:
+        for seq in self._waiting.take(lambda s: s.cancelled or s.expired(now)):
+            if seq.cancelled:
+                self._finish(seq, Finish.CANCELLED)
+            else:
+                self._finish_error(seq, DeadlineExceeded("deadline exceeded while queued"))
 
     def _emit(self, seq: Sequence, sampled: Sampled, past_len: int) -> None:
         """Sends one sampled token (past_len: the sequence's cache length when it was sampled) or finishes."""
@@ -453,9 +535,10 @@ class Engine:
     def _plan_prefill(self, prefilling: list[Sequence]) -> dict[Sequence, int]:
         """Prompt tokens to prefill this step, per sequence, within the step's budget (model thread).
 
-        The oldest prompt in progress always gets at least half the budget, so it finishes in bounded time. The
-        rest goes to whole prompts, shortest first, so a short one is not queued behind long prefills (its
-        time to first token is a step, not theirs); what is left continues the oldest.
+        The oldest prompt in progress (the earliest admitted: priority decides only admission) always gets at least
+        half the budget, so it finishes in bounded time. The rest goes to whole prompts, shortest first, so a short
+        one is not queued behind long prefills (its time to first token is a step, not theirs); what is left
+        continues the oldest.
         """
         live = [s for s in prefilling if not s.cancelled]
         # What the prefix cache would serve a prompt not started yet needs no prefill (counted here, copied

@@ -54,6 +54,9 @@ class InferenceMetrics:
                                         unit="{lookup}", description="prompts that found nothing cached")
         meter.create_observable_counter("lmesh.inference.prefix_cache.evictions", [self._stat("evictions")],
                                         unit="{block}", description="cached blocks dropped to stay in budget")
+        meter.create_observable_counter("lmesh.inference.shed", [self._shed], unit="{request}",
+                                        description="queued requests shed for one of a higher priority (the queue "
+                                                    "was full), by the shed one's lmesh.inference.priority")
         for key, unit, description in (("active", "{sequence}", "sequences decoding"),
                                        ("queued", "{sequence}", "sequences waiting for a slot"),
                                        ("kv_bytes", "By", "KV cache memory of the active sequences"),
@@ -66,6 +69,11 @@ class InferenceMetrics:
             for model, engine in self._engines().items():
                 yield Observation(getattr(engine.prefix_cache.stats, name), {"gen_ai.request.model": model})
         return observe
+
+    def _shed(self, _: CallbackOptions) -> Iterable[Observation]:
+        for model, engine in self._engines().items():
+            for priority, count in sorted(dict(engine.shed).items()):  # a copy: the loop may add a priority
+                yield Observation(count, {"gen_ai.request.model": model, "lmesh.inference.priority": priority})
 
     def _load(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(_: CallbackOptions) -> Iterable[Observation]:

@@ -16,6 +16,8 @@ from opentelemetry import trace
 from services.common.errors import InvalidArgument, NotFound, Reason
 from services.common.rpc import first_message
 from services.inference.engine import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     Engine,
     ErrorEvent,
     Finish,
@@ -67,12 +69,14 @@ def _validate(start: inference_pb2.GenerateStart, model: ServedModel, deadline: 
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID} characters, got {len(start.request_id)}")
     if not 0 <= start.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {start.top_logprobs}")
+    if not MIN_PRIORITY <= start.priority <= MAX_PRIORITY:
+        raise InvalidArgument("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {start.priority}")
     s = start.sampling
     sampling = SamplingConfig.validated(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty,
                                         model.vocab_size)
     return GenerationRequest(prompt_ids=prompt, max_tokens=start.max_tokens, sampling=sampling,
                              stop_ids=frozenset(start.stop_token_ids), top_logprobs=start.top_logprobs,
-                             request_id=start.request_id, deadline=deadline)
+                             request_id=start.request_id, deadline=deadline, priority=start.priority)
 
 
 async def _until_retired(seq: Sequence, timeout_s: float = 5.0) -> None:
@@ -110,7 +114,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request = _validate(start, model, None if remaining is None else time.monotonic() + remaining)
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": model.id, "gen_ai.usage.input_tokens": len(request.prompt_ids),
-                             "gen_ai.request.max_tokens": request.max_tokens})
+                             "gen_ai.request.max_tokens": request.max_tokens,
+                             "lmesh.inference.priority": request.priority})
         if request.request_id:
             span.set_attribute("lmesh.request_id", request.request_id)
         engine = model.engine
