@@ -50,6 +50,7 @@ bench: venv model consul
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tls --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.guardrails --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.openai_http --model-dir $(MODEL_DIR)
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:
