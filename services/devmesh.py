@@ -33,6 +33,7 @@ from services.common.supervisor import ProcessExited, Supervisor
 
 SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
 DEFAULT_GATEWAY_PORT = 50051
+DEFAULT_HTTP_PORT = 8080  # the gateway's OpenAI-compatible HTTP API
 SAMPLE_QUESTION = "What is the capital of France?"
 
 
@@ -117,6 +118,12 @@ async def secure_the_mesh(consul_http: str) -> None:
           f"({len(changes.created)} created, {len(changes.updated)} updated)", flush=True)
 
 
+def dev_ports() -> tuple[int, int]:
+    """The gateway's gRPC and HTTP ports under `lmesh dev` (LMESH_GATEWAY_PORT, LMESH_HTTP_PORT)."""
+    return (env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535),
+            env_int("LMESH_HTTP_PORT", DEFAULT_HTTP_PORT, minimum=1, maximum=65535))
+
+
 async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str, admin_token: str) -> tuple[str, str]:
     if mtls_enabled():
         await secure_the_mesh(consul_http)
@@ -125,9 +132,10 @@ async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str, ad
               "their ports (debugging only)", flush=True)
     mesh = await open_mesh(consul_http, OPERATOR, admin_token=admin_token)
     try:
-        gateway_port = str(env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535))
+        gateway_port, http_port = dev_ports()
         for service in SERVICE_ORDER:
-            supervisor.start(service, *(["--port", gateway_port] if service == "gateway" else []))
+            supervisor.start(service, *(["--port", str(gateway_port), "--http-port", str(http_port)]
+                                        if service == "gateway" else []))
         print(f"• services starting (logs in {supervisor.logs})", flush=True)
         model_id = await supervisor.while_running(ensure_model(mesh, model_dir))
         print(f"• model {model_id} registered (alias 'default')", flush=True)
@@ -200,9 +208,13 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
     if isinstance(lock, str):
         print(f"lmesh: {lock}", file=sys.stderr)
         return 2
-    gateway_port = env_int("LMESH_GATEWAY_PORT", DEFAULT_GATEWAY_PORT, minimum=1, maximum=65535)
-    if not port_is_free(gateway_port):
-        print(f"lmesh: port {gateway_port} is in use; stop what listens there or set LMESH_GATEWAY_PORT",
+    gateway_port, http_port = dev_ports()
+    for port, variable in ((gateway_port, "LMESH_GATEWAY_PORT"), (http_port, "LMESH_HTTP_PORT")):
+        if not port_is_free(port):
+            print(f"lmesh: port {port} is in use; stop what listens there or set {variable}", file=sys.stderr)
+            return 2
+    if gateway_port == http_port:
+        print(f"lmesh: LMESH_GATEWAY_PORT and LMESH_HTTP_PORT are both {http_port}; give them different ports",
               file=sys.stderr)
         return 2
     addr = consul_addr()
@@ -237,6 +249,8 @@ def run_dev(model_dir: Path, question: str = SAMPLE_QUESTION) -> int:
         print(f"\nAPI key (saved in {dev_key_path()}):\n{key}\n", flush=True)
         print(f"Gateway: {gateway}  (gRPC{' over TLS' if tls else ''}, metadata 'authorization: Bearer <key>')",
               flush=True)
+        print(f"OpenAI-compatible HTTP API: {'https' if tls else 'http'}://127.0.0.1:{http_port}/v1  (header "
+              f"'Authorization: Bearer <key>'; OpenAPI at /openapi.json)", flush=True)
         print(f"\n> {question}", flush=True)
         asyncio.run(stream_chat_to_terminal(gateway, key, [("user", question)], max_tokens=128, tls=tls))
         print("\nThe mesh is up. Try `.venv/bin/lmesh chat`. Ctrl-C stops it.", flush=True)

@@ -1452,8 +1452,12 @@ async def test_dev_mesh_says_make_clean_when_an_older_build_holds_the_version(li
     assert await ensure_model(live.mesh, built_model) == "smollm2-135m-instruct:1"  # the same build is fine
 
 
-def run_dev_cli(built_model: Path, home: Path, gateway_port: int) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LMESH_HOME": str(home), "LMESH_GATEWAY_PORT": str(gateway_port)}
+def run_dev_cli(built_model: Path, home: Path, gateway_port: int, http_port: int = 0,
+                ) -> subprocess.CompletedProcess[str]:
+    from services.common.consul_agent import free_port
+
+    env = {**os.environ, "LMESH_HOME": str(home), "LMESH_GATEWAY_PORT": str(gateway_port),
+           "LMESH_HTTP_PORT": str(http_port or free_port())}  # not 8080: something may hold it on this machine
     return subprocess.run([sys.executable, "-m", "services.cli", "dev", "--model-dir", str(built_model)],
                           env=env, capture_output=True, text=True, timeout=60)
 

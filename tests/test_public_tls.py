@@ -10,11 +10,13 @@ import contextlib
 import logging
 import os
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 import pytest_asyncio
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -181,6 +183,36 @@ async def test_the_public_port_serves_tls_to_key_clients_and_refuses_plaintext(d
             assert code == grpc.StatusCode.UNAVAILABLE
 
 
+async def http_port(door: Door, gateway: RunningService | None = None) -> int:
+    """The gateway's OpenAI-compatible HTTP port, as its Consul meta says."""
+    port = (gateway or door.gateway).port
+    _, nodes = await door.mesh.consul.health.service("lmesh-gateway", passing=True)
+    return int(next(n for n in nodes if n["Service"]["Port"] == port)["Service"]["Meta"]["http_port"])
+
+
+def https(port: int, ca: Issued) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(base_url=f"https://127.0.0.1:{port}", timeout=10,
+                              verify=ssl.create_default_context(cafile=str(ca.cert)))
+
+
+async def test_the_http_port_serves_the_openai_api_over_tls_too(door: Door) -> None:
+    port = await http_port(door)
+    key = {"authorization": f"Bearer {door.keys['plain'].api_key}"}
+    async with https(port, door.ca) as client:
+        listed = await client.get("/v1/models", headers=key)
+        assert [m["id"] for m in listed.json()["data"]] == [f"{MODEL}:1"]
+        chat = await client.post("/v1/chat/completions", headers=key, json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 503 and "lmesh-tokenizer" in chat.json()["error"]["message"]  # authorized
+        assert (await client.get("/v1/models")).status_code == 401
+    with pytest.raises(httpx2.ConnectError):  # a client that does not trust the gateway's CA
+        async with https(port, door.other_ca) as client:
+            await client.get("/v1/models", headers=key)
+    with pytest.raises(httpx2.TransportError):  # plaintext to a TLS port
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            await client.get("/v1/models", headers=key)
+
+
 async def test_a_client_certificate_bound_to_a_key_authenticates_without_a_bearer_key(door: Door) -> None:
     async with gateway(door.cert_port, door.ca, door.alice) as stub:  # bound by subject
         assert await models(stub) == [f"{MODEL}:1"]
@@ -272,13 +304,28 @@ async def test_rotated_files_are_served_to_new_connections_without_a_restart(
             await asyncio.sleep(0.1)
         raise AssertionError(f"{target} never accepted the rotated files")
 
+    http = await http_port(door, rotating)
+
+    async def works_over_http(ca: Issued) -> bool:
+        try:
+            async with https(http, ca) as client:
+                return (await client.get("/v1/models", headers={"authorization": f"Bearer {key}"})).status_code == 200
+        except httpx2.ConnectError:
+            return False
+
     try:
         assert await works(public, door.ca) and not await works(public, door.other_ca)
+        assert await works_over_http(door.ca) and not await works_over_http(door.other_ca)
         assert await works(cert_port, door.ca, door.alice) and not await works(cert_port, door.ca, door.eve)
         put("cert", other_server.cert)
         put("key", other_server.key)
         await eventually(public, door.other_ca)
         assert not await works(public, door.ca)
+        for _ in range(50):  # the HTTP port follows the same files (checked once a second)
+            if await works_over_http(door.other_ca):
+                break
+            await asyncio.sleep(0.1)
+        assert await works_over_http(door.other_ca) and not await works_over_http(door.ca)
         put("client-ca", door.other_ca.cert)
         await eventually(cert_port, door.other_ca, door.eve)
         assert not await works(cert_port, door.other_ca, door.alice)

@@ -63,6 +63,7 @@ class ChatParams:
     stop: list[str]
     logprobs: bool = False
     top_logprobs: int = 0
+    session: str = ""  # the caller's session (OpenAI's `user`), for affinity later; not used yet
 
 
 @dataclass

@@ -22,7 +22,8 @@ MAX_CHAT_REQUEST_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """What `lmesh serve gateway` takes beyond the common settings: TLS at the public door. Checked here
+    """What `lmesh serve gateway` takes beyond the common settings: the HTTP API's port, and TLS at the public door
+    (both ports). Checked here
     (readable files; a certificate goes with its key; a client CA needs both); their contents are checked when the
     gateway starts (services/gateway/tls.py), and re-read when they change."""
 
@@ -40,6 +41,11 @@ class GatewaySettings:
         flag="--tls-client-cert-port", env="LMESH_TLS_CLIENT_CERT_PORT", default=0, parse=PORT_TYPE, metavar="PORT",
         default_help="0: a free one", help="the client-certificate port, 0-65535 (with --tls-client-ca; in Consul "
                                            "meta `client_cert_port`)")
+    http_port: int = setting(
+        flag="--http-port", env="LMESH_HTTP_PORT", default=0, parse=PORT_TYPE, metavar="PORT",
+        default_help="0: a free one; `lmesh dev`: 8080",
+        help="the port of the OpenAI-compatible HTTP API, 0-65535 (/v1/chat/completions, /v1/completions, /v1/models; "
+             "Consul meta `http_port`; TLS with --tls-cert)")
 
     def __post_init__(self) -> None:
         def names(name: str) -> str:
@@ -55,6 +61,9 @@ class GatewaySettings:
         if self.tls_client_cert_port and self.tls_client_ca is None:
             raise ConfigError(f"{names('tls_client_cert_port')} is set without {names('tls_client_ca')}: the "
                               "client-certificate port is served only with a client CA")
+        if self.http_port and self.http_port == self.tls_client_cert_port:
+            raise ConfigError(f"{names('http_port')} must be another port than {names('tls_client_cert_port')} "
+                              f"({self.http_port})")
 
 
 SETTINGS = GatewaySettings
@@ -64,19 +73,33 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     from services.gateway.chat import ChatService
+    from services.gateway.http_server import HttpDoor, OpenAIApp
     from services.gateway.metrics import GatewayMetrics, meter_chats
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
     chat = ChatService(runtime.mesh, runtime.tracer)
     servicer = GatewayServicer(chat)
-    meter_chats(servicer, GatewayMetrics(runtime.meter))
+    metrics = GatewayMetrics(runtime.meter)
+    meter_chats(servicer, metrics)
+    tls = public_tls(settings)
+    # The OpenAI-compatible HTTP API: the same ChatService and request path, in this process, on its own port.
+    http = HttpDoor(OpenAIApp(chat, runtime.tracer, metrics, runtime.meter), runtime.config, settings.http_port,
+                    setting_names(GatewaySettings, "http_port"), tls)
+    http.check()
+
+    async def warm_up() -> None:
+        await chat.guardrails.warm_up()  # rules followed from policy
+        await http.start()
+
+    async def on_stop() -> None:
+        await http.stop()
+        await chat.close()  # the settles of the last chats and the rules' stream, before the mesh closes
+
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     parts = ServiceParts(servicers=[(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
-                         max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True,
-                         warm_up=chat.guardrails.warm_up,  # rules followed from policy
-                         on_stop=chat.close)  # the settles of the last chats and the rules' stream, before the mesh
-    tls = public_tls(settings)
+                         max_request_bytes=MAX_CHAT_REQUEST_BYTES, public=True, warm_up=warm_up, meta=http.meta,
+                         on_drain=http.drain, on_stop=on_stop)
     if tls is None:
         return parts
     # gRPC's Python server can require a client certificate or not ask for one, not ask and accept either: so

@@ -104,13 +104,21 @@ class GatewayMetrics:
         """A response leaves: the first delta stops the time to first token; the last one carries the usage."""
         if response.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED:
             if response.HasField("usage"):
-                attributes = record.model_attributes()
-                usage = response.usage
-                self.token_usage.record(usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
-                self.token_usage.record(usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
-        elif not record.first_token and response.delta:
+                self.usage(record, response.usage)
+        elif response.delta:
+            self.text_sent(record)
+
+    def text_sent(self, record: ChatRecord) -> None:
+        """Text of the answer left the gateway (any protocol): the first stops the time to first token."""
+        if not record.first_token:
             record.first_token = True
             self.time_to_first_token.record(time.monotonic() - record.started, record.model_attributes())
+
+    def usage(self, record: ChatRecord, usage: generation_pb2.Usage) -> None:
+        """The chat's usage, as its end reported it."""
+        attributes = record.model_attributes()
+        self.token_usage.record(usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+        self.token_usage.record(usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
 
     def end(self, record: ChatRecord, code: grpc.StatusCode) -> None:
         if record.ended:

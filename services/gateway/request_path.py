@@ -1,0 +1,107 @@
+"""The one request path of a chat, whichever protocol it came in on: the gRPC `Chat` (servicer.py) and the
+OpenAI-compatible HTTP API (openai_api.py, http_server.py) both run `chat_events`.
+
+It does what a chat needs whatever carried it: the request's form (the model reference, then `validate`), the
+caller's credential (asked for only after the form, so a malformed request is INVALID_ARGUMENT with or without a
+key), resolve, authorize, guardrails on the messages, render (`ChatService.prepare`), the generation with its
+output screened (`ChatService.generate`, `Guardrails.screen_output`), and the call's span attributes. The
+protocols only translate: their request into `ChatParams`, these events into their messages, their way of
+cancelling into `cancel` (a gRPC `Cancel` message) or into cancelling the task that iterates (a gRPC stream
+dropped, an HTTP client that disconnected): the generation upstream stops either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from lmesh.common.v1 import generation_pb2
+from opentelemetry import trace
+
+from services.common.references import check_reference
+from services.gateway.chat import (
+    DEFAULT_MODEL,
+    ChatDelta,
+    ChatEnd,
+    ChatParams,
+    ChatService,
+    new_completion_id,
+    validate,
+)
+from services.gateway.credentials import Credential
+from services.gateway.screen import Screening
+
+
+@dataclass(frozen=True)
+class ChatStarted:
+    """The first event: the request was authorized and rendered; the generation starts next."""
+
+    model: str  # the concrete version that answers, `name:version`
+    id: str  # `chatcmpl-` and 32 hex digits: also the span's gen_ai.response.id and inference's request id
+    prompt_tokens: int
+
+
+ChatEvent = ChatStarted | ChatDelta | ChatEnd
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def closing(events: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """`events` (an async generator typed as an iterator), closed when the block ends however it ends."""
+    try:
+        yield events
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
+    """`stop`, `length`, `cancelled` or `content_filter`: the OpenTelemetry GenAI spelling of a finish reason."""
+    return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+async def chat_events(chat: ChatService, params: ChatParams, credential: Callable[[], Credential],
+                      cancel: asyncio.Event, deadline_passed: Callable[[], bool] = lambda: False,
+                      ) -> AsyncGenerator[ChatEvent, None]:
+    """One chat: ChatStarted, then ChatDelta events, then exactly one ChatEnd; or an LmeshError (or a relayed
+    gRPC error) at any point. `params.model` may be empty (`default`); `credential` is called once the request's
+    form is checked. Setting `cancel` ends the answer early with FINISH_REASON_CANCELLED; closing the iterator
+    (or cancelling the task that iterates it) stops the generation upstream at once. The reservation policy made
+    for the request is settled with what was used on every ending (`deadline_passed` tells a caller's deadline
+    from its going away)."""
+    span = trace.get_current_span()
+    span.set_attribute("gen_ai.operation.name", "chat")
+    # The model only once its form is checked (a span must not carry whatever a caller sent, megabytes
+    # included); the numbers before theirs, so a request refused for one says what was asked.
+    model = check_reference(params.model.strip() or DEFAULT_MODEL, "model")
+    span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": params.max_tokens,
+                         "gen_ai.request.temperature": params.temperature})
+    params = validate(replace(params, model=model))
+    caller = credential()
+    span.set_attribute("lmesh.credential", caller.kind)
+    completion_id = new_completion_id()
+    screening = Screening(request_id=completion_id)
+    prepared = await chat.prepare(caller, params, completion_id, screening)
+    version = prepared.version
+    model_id = f"{version.name}:{version.version}"
+    span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
+                         "gen_ai.usage.input_tokens": len(prepared.prompt)})
+    # Settled with what the meter saw on every ending: finish, cancel, client gone, deadline, error, a block.
+    # The streams are closed here, in order, whatever ends the loop: the inference and detokenizer streams are
+    # cut before this generator returns, not whenever the garbage collector finds them.
+    async with chat.accounts.held(prepared.reservation, deadline_passed) as meter, \
+            closing(chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
+                                  prepared.tokenizer, meter)) as generated, \
+            closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
+        yield ChatStarted(model_id, completion_id, len(prepared.prompt))
+        async for event in screened:
+            if isinstance(event, ChatEnd):
+                usage = event.usage  # inference's, relayed as it came: the same shared type
+                span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                     "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],
+                                     "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
+            yield event
