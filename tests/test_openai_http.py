@@ -41,7 +41,8 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.chat import ChatDelta, ChatEnd, ChatParams
+from services.gateway.accounting import Accounts, Meter
+from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, Prepared
 from services.gateway.credentials import Credential
 from services.gateway.http_server import HttpDoor, OpenAIApp
 from services.gateway.logprobs import Candidate, TokenLogprob
@@ -77,6 +78,17 @@ class PassThrough:
             yield event
 
 
+class FakeAccounts(Accounts):
+    """Accounts whose settles are recorded instead of sent to policy: reservation id -> how the chat ended."""
+
+    def __init__(self) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.settled: dict[str, Meter] = {}
+
+    def settle_later(self, reservation_id: str, meter: Meter, *, maybe: bool = False) -> None:
+        self.settled[reservation_id] = meter
+
+
 @dataclass
 class FakeChat:
     """ChatService's surface, with models that misbehave on purpose: `busy` (queue full), `down`, `slow`
@@ -91,6 +103,7 @@ class FakeChat:
     def __post_init__(self) -> None:
         self.models = FakeModels(self.accept_any)
         self.guardrails = PassThrough()
+        self.accounts = FakeAccounts()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         key = credential.api_key if isinstance(credential, Credential) else credential
@@ -105,8 +118,8 @@ class FakeChat:
     async def served_models(self) -> set[str]:
         return {"tiny:1"}
 
-    async def prepare(self, credential: Credential, params: ChatParams, screening: object,
-                      ) -> tuple[registry_pb2.ModelVersion, list[int], int, None]:
+    async def prepare(self, credential: Credential, params: ChatParams, request_id: str = "",
+                      screening: object = None) -> Prepared:
         try:
             version = await self.models.resolve(params.model)
         except NotFound:
@@ -128,18 +141,23 @@ class FakeChat:
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is "
                                               f"{self.context}")
         self.seen.append(params)
-        return version, prompt, min(params.max_tokens, self.context - len(prompt)), None
+        return Prepared(version, prompt, min(params.max_tokens, self.context - len(prompt)), None,  # type: ignore[arg-type]
+                        policy_pb2.ReserveResponse(reservation_id=request_id))
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
-                       ) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       meter: Meter | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
         produced = 0
+        if meter is not None:
+            meter.started(len(prompt))
         try:
             words = ANSWER * 10_000 if params.model == "endless" else ANSWER[:max_tokens]  # endless: past max_tokens
             for word in words:
                 if cancel.is_set():
                     break
                 produced += 1
+                if meter is not None:
+                    meter.received(1)
                 self.generating.set()
                 if params.model == "late" and produced == 2:
                     raise Unavailable("inference replica 127.0.0.1:1 became unavailable")
@@ -152,8 +170,11 @@ class FakeChat:
             reason = (generation_pb2.FINISH_REASON_CANCELLED if cancel.is_set() else
                       generation_pb2.FINISH_REASON_LENGTH if produced == max_tokens and produced < len(ANSWER) else
                       generation_pb2.FINISH_REASON_STOP)
-            yield ChatEnd(reason, generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=produced,
-                                                       total_tokens=len(prompt) + produced, cached_prompt_tokens=2))
+            usage = generation_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=produced,
+                                         total_tokens=len(prompt) + produced, cached_prompt_tokens=2)
+            if meter is not None:
+                meter.finished(usage, cancel.is_set())
+            yield ChatEnd(reason, usage)
         finally:
             self.stopped.set()
 
@@ -481,6 +502,9 @@ async def test_a_client_that_disconnects_mid_stream_stops_the_generation_at_once
                 break
             await asyncio.sleep(0.01)
         assert running.door.app.in_flight == 0
+    # Its reservation is settled as the client's going away, with the tokens it had been sent.
+    [meter] = running.chat.accounts.settled.values()
+    assert meter.ending == policy_pb2.ENDING_CLIENT_GONE and meter.completion_tokens >= 5
     counted = {dict(point.attributes)["rpc.response.status_code"]: point.value
                for metric in _metrics(running.metrics, "lmesh.gateway.requests") for point in metric.data.data_points}
     assert counted == {"CANCELLED": 1}
@@ -504,6 +528,8 @@ async def test_a_non_streaming_chat_whose_client_leaves_is_cancelled_too() -> No
                 await client.post("/v1/chat/completions", json={"model": "endless", "messages": USER},
                                   headers={"authorization": f"Bearer {KEY}"})
         await asyncio.wait_for(running.chat.stopped.wait(), 1.0)
+        [meter] = running.chat.accounts.settled.values()
+        assert meter.ending == policy_pb2.ENDING_CLIENT_GONE
 
 
 async def test_a_drain_lets_streams_run_then_ends_them_draining_before_the_grace_runs_out() -> None:
