@@ -80,16 +80,17 @@ class MeshProcesses:
 
 @contextlib.asynccontextmanager
 async def intercepted(methods: dict[str, grpc.RpcMethodHandler], exporters: Sequence[SpanExporter] = (),
-                      meter: Meter | None = None) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a server whose `lmesh.test.v1.Test` methods run behind the shared interceptor; `exporters`
-    get its spans, `meter` its RPC metrics."""
+                      meter: Meter | None = None, service: str = "lmesh.test.v1.Test",
+                      ) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server whose `service` methods run behind the shared interceptor; `exporters` get its spans,
+    `meter` its RPC metrics."""
     from services.common.rpc import ServerInterceptor
     from services.common.telemetry import setup_tracing
 
     provider = setup_tracing("lmesh-test", extra_exporters=exporters)
     server = grpc.aio.server(interceptors=[ServerInterceptor("test", provider.get_tracer("test"), meter=meter)],
                              options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lmesh.test.v1.Test", methods),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

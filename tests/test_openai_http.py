@@ -42,6 +42,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.gateway.accounting import Accounts, Meter
+from services.gateway.admission import DEFAULT_MAX_CHATS, MAX_BUFFERED_BYTES, ChatAdmission
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, Prepared
 from services.gateway.credentials import Credential
 from services.gateway.http_server import HttpDoor, OpenAIApp
@@ -99,8 +100,12 @@ class FakeChat:
     seen: list[ChatParams] = field(default_factory=list)
     generating: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    max_chats: int = DEFAULT_MAX_CHATS
+    stalled_client_s: float | None = None
+    stream_buffer_bytes: int = MAX_BUFFERED_BYTES
 
     def __post_init__(self) -> None:
+        self.admission = ChatAdmission(self.max_chats)
         self.models = FakeModels(self.accept_any)
         self.guardrails = PassThrough()
         self.accounts = FakeAccounts()
@@ -620,13 +625,19 @@ BODIES = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON_VAL
 async def asgi(app: OpenAIApp, path: str, body: bytes) -> tuple[int, bytes]:
     """One request straight into the ASGI app (no sockets), with a valid key."""
     sent: list[dict[str, Any]] = []
+    answered = asyncio.Event()
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False} if not sent else {
-            "type": "http.disconnect"}
+    async def receive() -> dict[str, Any]:  # the body, then a disconnect once the answer is complete
+        if requests:
+            return requests.pop()
+        await answered.wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered.set()
 
     scope = {"type": "http", "method": "POST", "path": path, "scheme": "http",
              "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]}

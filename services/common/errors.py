@@ -38,6 +38,10 @@ class Reason(enum.StrEnum):
     # Policy's limits: requests or tokens per minute (RATE_LIMITED), a key's or tenant's token budget.
     RATE_LIMITED = "RATE_LIMITED"
     BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+    # The gateway's own bound on concurrent chats (--max-chats) is reached: retry after the delay it gives.
+    GATEWAY_BUSY = "GATEWAY_BUSY"
+    # A client that took nothing of its stream for the gateway's --stalled-client-s: the stream was ended.
+    CLIENT_STALLED = "CLIENT_STALLED"
     DRAINING = "DRAINING"
     DEPENDENCY_TIMEOUT = "DEPENDENCY_TIMEOUT"
     # An internal service refused the calling service itself (mTLS and Consul intentions), not its request.

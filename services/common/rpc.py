@@ -238,8 +238,36 @@ def _deadline_passed(context: grpc.aio.ServicerContext, margin_s: float = 0.001)
     return remaining is not None and remaining <= margin_s
 
 
+async def abort_elsewhere(context: grpc.aio.ServicerContext, error: LmeshError,
+                          handler: asyncio.Task[Any] | None) -> None:
+    """Ends the call of `context` with `error` (code, message, trailers and details as the interceptor sends them)
+    from outside its `handler` task, which cannot raise it: blocked writing to a client that stopped reading. The
+    status goes out behind the messages already written (the client gets it if it reads again); the handler is
+    cancelled at once, so everything the call holds here is let go."""
+    code, message, trailers = status_for(error)
+    final = bounded(message)
+    details = status_details(code, final, details_for(error, code))
+    sent: tuple[tuple[str, str | bytes], ...] = (*trailers, (STATUS_DETAILS_KEY, details)) if _fits(final, details) \
+        else trailers
+    aborting = asyncio.ensure_future(context.abort(code, final, trailing_metadata=sent))
+    await asyncio.sleep(0)  # the status is queued first: cancelling the handler alone would leave the call mute
+    if handler is not None:
+        handler.cancel()
+    try:
+        await aborting
+    except grpc.aio.AbortError:
+        pass
+    except Exception as exc:  # gRPC drops a status that never left (the server stopped first)
+        log.debug("the status of an aborted call was not sent: %s", exc)
+
+
 def _mark_ended_early(span: trace.Span, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """A call gRPC cancelled under the handler: its deadline passed (an error), or the client went away."""
+    """A call gRPC cancelled under the handler: aborted from another task (`abort_elsewhere`), its deadline passed
+    (an error), or the client went away."""
+    aborted = _aborted_code(context) if context.code() is not None else grpc.StatusCode.OK
+    if aborted not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+        _record_failure(span, aborted, context.details() or aborted.name)
+        return aborted
     if _deadline_passed(context):
         _record_failure(span, grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
         return grpc.StatusCode.DEADLINE_EXCEEDED

@@ -34,6 +34,12 @@ from services.common.references import check_reference
 from services.common.rpc import mark_failed
 from services.gateway import metrics
 from services.gateway.accounting import Accounts, Meter
+from services.gateway.admission import (
+    DEFAULT_MAX_CHATS,
+    DEFAULT_STALLED_CLIENT_S,
+    MAX_BUFFERED_BYTES,
+    ChatAdmission,
+)
 from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -136,7 +142,11 @@ def not_allowed(principal: policy_pb2.Principal, model: str, model_id: str) -> P
 class ChatService:
     """The gateway's domain: every upstream call of a chat, and the flow between them."""
 
-    def __init__(self, mesh: Mesh, tracer: trace.Tracer) -> None:
+    def __init__(self, mesh: Mesh, tracer: trace.Tracer, max_chats: int = DEFAULT_MAX_CHATS,
+                 stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S) -> None:
+        self.admission = ChatAdmission(max_chats)  # the bound on chats in flight (request_path.chat_events)
+        self.stalled_client_s = stalled_client_s  # a client that reads nothing this long is cut (None: never)
+        self.stream_buffer_bytes = MAX_BUFFERED_BYTES  # what one stream's buffer holds for a lagging client
         self._policy = mesh.peer(POLICY)
         self._tokenizer = mesh.peer(TOKENIZER)
         self._inference = mesh.peer(INFERENCE)

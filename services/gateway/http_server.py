@@ -59,7 +59,7 @@ from services.gateway.openai_api import (
     parse_body,
     plain_error,
 )
-from services.gateway.request_path import ChatEvent, ChatStarted, chat_events, closing
+from services.gateway.request_path import ChatEvent, ChatStarted, chat_events, closing, stalled_client
 
 if TYPE_CHECKING:
     from services.gateway.tls import PublicTls
@@ -135,10 +135,17 @@ class Responder:
 
 @dataclass(eq=False)
 class Flight:
-    """A request being answered: its task, and the error it ends with when the drain's grace runs out."""
+    """A request being answered: its task, and the error it ends with when the drain's grace runs out, or when its
+    client stopped reading (`stalled`: nothing is written then; the connection is closed)."""
 
     task: asyncio.Task[int] | None = None
     expired: LmeshError | None = None
+    stalled: LmeshError | None = None
+
+    def cut(self, error: LmeshError) -> None:
+        self.stalled = error
+        if self.task is not None:
+            self.task.cancel()
 
 
 async def read_body(receive: Receive, declared: str | None) -> bytes | HttpError | None:
@@ -304,9 +311,14 @@ class OpenAIApp:
                     # A large body takes a worker thread (up to half a second for 4 MiB of messages): the event
                     # loop keeps relaying the other streams' tokens meanwhile.
                     request = await asyncio.to_thread(checked) if len(body) > LARGE_BODY_BYTES else checked()
-                    await self._answer(request, credential, respond, record)
+                    await self._answer(request, credential, respond, record, flight)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
+                if flight.stalled is not None and task is not None:
+                    task.uncancel()  # the client stopped reading: nothing more reaches it, uvicorn closes it
+                    code = flight.stalled.code
+                    _mark_failed(trace.get_current_span(), flight.stalled)
+                    return respond.status
                 if flight.expired is None or task is None:  # the client left
                     code = grpc.StatusCode.CANCELLED
                     raise
@@ -328,11 +340,11 @@ class OpenAIApp:
     # -- chats
 
     async def _answer(self, request: ApiRequest, credential: Callable[[], Credential], respond: Responder,
-                      record: ChatRecord | None) -> None:
+                      record: ChatRecord | None, flight: Flight) -> None:
         metrics = self._metrics if record is not None else None
         created = int(time.time())
         answer: Answer | None = None
-        async with closing(self._choices(request, credential)) as events:
+        async with closing(self._choices(request, credential, flight)) as events:
             async for index, event in events:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
@@ -362,12 +374,13 @@ class OpenAIApp:
         else:
             await respond.json(200, answer.whole())
 
-    async def _choices(self, request: ApiRequest, credential: Callable[[], Credential],
+    async def _choices(self, request: ApiRequest, credential: Callable[[], Credential], flight: Flight,
                        ) -> AsyncGenerator[tuple[int, ChatEvent], None]:
         """Every choice's events, tagged with its index: one request path per choice, run in parallel."""
         choices = request.choices()
         if len(choices) == 1:
-            async with closing(chat_events(self._chat, choices[0], credential, asyncio.Event())) as events:
+            async with closing(chat_events(self._chat, choices[0], credential, asyncio.Event(),
+                                           stalled=lambda: flight.cut(stalled_client(self._chat)))) as events:
                 async for event in events:
                     yield 0, event
             return

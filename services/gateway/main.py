@@ -7,8 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.common.config import PORT_TYPE, READABLE_FILE_TYPE, ConfigError, setting, setting_names
+from services.common.config import (
+    PORT_TYPE,
+    READABLE_FILE_TYPE,
+    ConfigError,
+    float_type,
+    int_type,
+    setting,
+    setting_names,
+)
 from services.common.server import ExtraPort, ServiceParts, ServiceRuntime
+from services.gateway.admission import DEFAULT_MAX_CHATS, DEFAULT_STALLED_CLIENT_S
 
 if TYPE_CHECKING:
     from services.gateway.tls import PublicTls
@@ -46,6 +55,14 @@ class GatewaySettings:
         default_help="0: a free one; `lmesh dev`: 8080",
         help="the port of the OpenAI-compatible HTTP API, 0-65535 (/v1/chat/completions, /v1/completions, /v1/models; "
              "Consul meta `http_port`; TLS with --tls-cert)")
+    max_chats: int = setting(
+        flag="--max-chats", env="LMESH_GATEWAY_MAX_CHATS", default=DEFAULT_MAX_CHATS, parse=int_type(1),
+        help="chats in flight at once, gRPC and HTTP together (an HTTP request with n choices counts n), >= 1; "
+             "beyond it RESOURCE_EXHAUSTED (HTTP 429) with a retry delay estimated from how fast chats end")
+    stalled_client_s: float = setting(
+        flag="--stalled-client-s", env="LMESH_GATEWAY_STALLED_CLIENT_S", default=DEFAULT_STALLED_CLIENT_S,
+        parse=float_type(0.1), help="a streaming client that takes nothing of its stream this many seconds (it "
+                                    "stopped reading) has the stream ended, >= 0.1")
 
     def __post_init__(self) -> None:
         def names(name: str) -> str:
@@ -78,9 +95,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
-    chat = ChatService(runtime.mesh, runtime.tracer)
+    chat = ChatService(runtime.mesh, runtime.tracer, settings.max_chats, settings.stalled_client_s)
     servicer = GatewayServicer(chat)
     metrics = GatewayMetrics(runtime.meter)
+    metrics.observe_admission(chat.admission)
     meter_chats(servicer, metrics)
     tls = public_tls(settings)
     # The OpenAI-compatible HTTP API: the same ChatService and request path, in this process, on its own port.

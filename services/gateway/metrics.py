@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import Meter, Observation
 
 from services.common.rpc import on_call_end, status_for
 from services.common.telemetry import (
@@ -30,6 +30,7 @@ from services.common.telemetry import (
     GENAI_TIME_TO_FIRST_TOKEN_BUCKETS,
     GENAI_TOKEN_USAGE_BUCKETS,
 )
+from services.gateway.admission import ChatAdmission
 
 OPERATION = "chat"
 
@@ -74,6 +75,7 @@ def note_tenant(tenant: str) -> None:
 
 class GatewayMetrics:
     def __init__(self, meter: Meter) -> None:
+        self._meter = meter
         self.requests = meter.create_counter(
             "lmesh.gateway.requests", unit="{request}",
             description="Chats by model, tenant and outcome (rpc.response.status_code: the gRPC code the caller got)")
@@ -91,6 +93,18 @@ class GatewayMetrics:
             description="Tokens per chat by gen_ai.token.type, as its usage reports them (the gateway is the model "
                         "server's client)",
             explicit_bucket_boundaries_advisory=GENAI_TOKEN_USAGE_BUCKETS)
+
+    def observe_admission(self, admission: ChatAdmission) -> None:
+        """The gateway's bound on chats in flight: how many are in flight, the bound, and the refusals beyond it."""
+        self._meter.create_observable_up_down_counter(
+            "lmesh.gateway.chats_in_flight", [lambda _: [Observation(admission.in_flight)]], unit="{chat}",
+            description="Chats holding a place under the gateway's bound (--max-chats), gRPC and HTTP together")
+        self._meter.create_observable_gauge(
+            "lmesh.gateway.max_chats", [lambda _: [Observation(admission.max_chats)]], unit="{chat}",
+            description="The gateway's bound on chats in flight (--max-chats)")
+        self._meter.create_observable_counter(
+            "lmesh.gateway.chats_refused", [lambda _: [Observation(admission.refused)]], unit="{chat}",
+            description="Chats refused because the gateway was at its bound (RESOURCE_EXHAUSTED, GATEWAY_BUSY)")
 
     def begin(self) -> ChatRecord:
         """A chat arrived: it counts as open until the interceptor reports its end (or `end` is called)."""

@@ -21,6 +21,7 @@ from typing import TypeVar
 from lmesh.common.v1 import generation_pb2
 from opentelemetry import trace
 
+from services.common.errors import Reason, ResourceExhausted
 from services.common.references import check_reference
 from services.gateway.chat import (
     DEFAULT_MODEL,
@@ -31,6 +32,7 @@ from services.gateway.chat import (
     new_completion_id,
     validate,
 )
+from services.gateway.coalesce import coalesced
 from services.gateway.credentials import Credential
 from services.gateway.screen import Screening
 
@@ -59,6 +61,12 @@ async def closing(events: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
             await close()
 
 
+def stalled_client(chat: ChatService) -> ResourceExhausted:
+    """What a client that stopped reading is told, should it read again (no retry delay: waiting does not help)."""
+    return ResourceExhausted(f"this stream was ended: its client took nothing of it for {chat.stalled_client_s:g} s "
+                             "(it stopped reading)", reason=Reason.CLIENT_STALLED)
+
+
 def reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
     """`stop`, `length`, `cancelled` or `content_filter`: the OpenTelemetry GenAI spelling of a finish reason."""
     return generation_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
@@ -66,13 +74,18 @@ def reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
 
 async def chat_events(chat: ChatService, params: ChatParams, credential: Callable[[], Credential],
                       cancel: asyncio.Event, deadline_passed: Callable[[], bool] = lambda: False,
-                      ) -> AsyncGenerator[ChatEvent, None]:
+                      stalled: Callable[[], None] | None = None) -> AsyncGenerator[ChatEvent, None]:
     """One chat: ChatStarted, then ChatDelta events, then exactly one ChatEnd; or an LmeshError (or a relayed
     gRPC error) at any point. `params.model` may be empty (`default`); `credential` is called once the request's
     form is checked. Setting `cancel` ends the answer early with FINISH_REASON_CANCELLED; closing the iterator
     (or cancelling the task that iterates it) stops the generation upstream at once. The reservation policy made
     for the request is settled with what was used on every ending (`deadline_passed` tells a caller's deadline
-    from its going away)."""
+    from its going away).
+
+    The chat holds a place under the gateway's bound (`chat.admission`: RESOURCE_EXHAUSTED, GATEWAY_BUSY, beyond
+    it) from its checked form until its last event is taken. Its events are read upstream as fast as they come;
+    while the caller lags, deltas wait and merge (coalesce.py). A caller that takes nothing for
+    `chat.stalled_client_s` gets `stalled` called once (it ends the stream its own protocol's way)."""
     span = trace.get_current_span()
     span.set_attribute("gen_ai.operation.name", "chat")
     # The model only once its form is checked (a span must not carry whatever a caller sent, megabytes
@@ -81,6 +94,16 @@ async def chat_events(chat: ChatService, params: ChatParams, credential: Callabl
     span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": params.max_tokens,
                          "gen_ai.request.temperature": params.temperature})
     params = validate(replace(params, model=model))
+    with chat.admission.admitted():
+        async with closing(_admitted_chat(chat, params, credential, cancel, deadline_passed, stalled,
+                                          span)) as events:
+            async for event in events:
+                yield event
+
+
+async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Callable[[], Credential],
+                         cancel: asyncio.Event, deadline_passed: Callable[[], bool],
+                         stalled: Callable[[], None] | None, span: trace.Span) -> AsyncGenerator[ChatEvent, None]:
     caller = credential()
     span.set_attribute("lmesh.credential", caller.kind)
     completion_id = new_completion_id()
@@ -98,10 +121,11 @@ async def chat_events(chat: ChatService, params: ChatParams, credential: Callabl
                                   prepared.tokenizer, meter)) as generated, \
             closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
         yield ChatStarted(model_id, completion_id, len(prepared.prompt))
-        async for event in screened:
-            if isinstance(event, ChatEnd):
-                usage = event.usage  # inference's, relayed as it came: the same shared type
-                span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
-                                     "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],
-                                     "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
-            yield event
+        async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
+            async for event in buffered:
+                if isinstance(event, ChatEnd):
+                    usage = event.usage  # inference's, relayed as it came: the same shared type
+                    span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                         "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],
+                                         "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
+                yield event

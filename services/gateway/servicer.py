@@ -12,11 +12,11 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
-from services.common.rpc import first_message
+from services.common.rpc import abort_elsewhere, first_message
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService
 from services.gateway.credentials import caller_credential
 from services.gateway.logprobs import TokenLogprob
-from services.gateway.request_path import chat_events
+from services.gateway.request_path import chat_events, stalled_client
 
 
 def _params(start: gateway_pb2.ChatStart) -> ChatParams:
@@ -61,12 +61,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         cancel.set()
                         return
 
+        handler = asyncio.current_task()
+        aborting: list[asyncio.Task[None]] = []
+
+        def stalled() -> None:  # the handler is stuck in a write: the call is ended from outside
+            aborting.append(asyncio.create_task(abort_elsewhere(context, stalled_client(self._chat), handler)))
+
         watcher: asyncio.Task[None] | None = None
         model_id = completion_id = ""
         first_delta = True
         try:
             async with contextlib.aclosing(chat_events(self._chat, _params(start), lambda: caller_credential(context),
-                                                       cancel, lambda: _deadline_passed(context))) as events:
+                                                       cancel, lambda: _deadline_passed(context),
+                                                       stalled)) as events:
                 async for event in events:
                     if isinstance(event, ChatDelta):
                         response = gateway_pb2.ChatResponse(delta=event.text, logprobs=_logprobs(event.logprobs))

@@ -60,7 +60,9 @@ class GatewayServicer:
         then ends normally with FINISH_REASON_CANCELLED). Half-closing after `start` is fine.
         The server sends zero or more messages with text in `delta`, then exactly one last message with
         `finish_reason` set (never FINISH_REASON_UNSPECIFIED) and `usage`. Concatenating every `delta` gives the
-        answer. Stop strings are honoured: the text ends before the first stop string and never contains it.
+        answer. While the client reads slower than the answer comes, consecutive deltas (and their `logprobs`) arrive
+        merged into fewer messages; the concatenation is the same. Stop strings are honoured: the text ends before
+        the first stop string and never contains it.
         With `logprobs` set, concatenating `logprobs` over all messages of the stream gives one entry per
         generated token, in order, up to and including the token that completed a stop string; the end-of-turn
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
@@ -78,9 +80,12 @@ class GatewayServicer:
         empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;
         a first message that cannot be decoded, such as a string field that is not UTF-8 — the message names the
-        field, `request` for the last), RESOURCE_EXHAUSTED (a limit, or the queue of every replica serving the
-        model is full; trailing metadata `retry-after-ms` and the RetryInfo detail say when to retry, QuotaFailure
-        which limit; also a request message over 4 MiB, refused by gRPC itself without that metadata or details),
+        field, `request` for the last), RESOURCE_EXHAUSTED (a limit, the queue of every replica serving the
+        model is full, or this gateway has its bound of chats in flight (GATEWAY_BUSY, with a retry delay estimated
+        from how fast chats end); trailing metadata `retry-after-ms` and the RetryInfo detail say when to retry,
+        QuotaFailure which limit; also a request message over 4 MiB, refused by gRPC itself without that metadata or
+        details; and CLIENT_STALLED, after the messages already sent, for a client that read nothing of its stream for
+        the gateway's --stalled-client-s),
         DEADLINE_EXCEEDED (the call's deadline passed), UNAVAILABLE (a dependency is down or did not answer in
         time, no inference replica serves the version, or this gateway or the replica shut down before the answer
         finished: the message says which; retry). Every one of these but gRPC's own carries the error details
