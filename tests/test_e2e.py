@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2
 import pytest
 import pytest_asyncio
 from google.protobuf import descriptor_pb2
@@ -1112,6 +1113,47 @@ async def test_a_full_queue_is_resource_exhausted_at_once_with_retry_after(live:
         await decoding.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
         await decoding.done_writing()
         assert (await read_rest(decoding))[-1].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+
+
+async def test_a_gateway_at_its_bound_of_chats_refuses_one_more_with_a_retry_delay_then_frees_up(live: LiveMesh,
+                                                                                                 ) -> None:
+    """A second gateway process with `--max-chats 1`: while one chat holds its place, another is RESOURCE_EXHAUSTED
+    (GATEWAY_BUSY, a retry delay) over gRPC and 429 over HTTP, counted in its metrics; once it ends, chats run."""
+    resolver = live.mesh.resolver("lmesh-gateway")
+    others = frozenset(e.service_id for e in resolver.endpoints())
+    live.procs.start("gateway", "--max-chats", "1", name="gateway-busy")
+    try:
+        await live.procs.wait_passing(live.mesh, "gateway", name="gateway-busy", exclude=others)
+        endpoint = next(e for e in resolver.endpoints() if e.service_id not in others)
+        stub = endpoint.stub(gateway_pb2_grpc.GatewayStub)
+        holding = stub.Chat(metadata=auth(live.api_key), timeout=60)
+        await holding.write(start(LONG_TASK, max_tokens=2000))
+        assert (await holding.read()).delta  # the one place is taken
+        error = await expect_error(stub, [start()], auth(live.api_key))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        retry_ms = int(dict(error.trailing_metadata() or ())["retry-after-ms"])
+        details = typed_details(error)
+        assert details["ErrorInfo"].reason == "GATEWAY_BUSY"
+        assert details["RetryInfo"].retry_delay.ToMilliseconds() == retry_ms >= 50
+        [violation] = details["QuotaFailure"].violations
+        assert (violation.quota_id, violation.quota_value) == ("gateway.chats", 1)
+        async with httpx2.AsyncClient(timeout=30) as client:
+            refused = await client.post(f"http://{endpoint.address}:{endpoint.meta['http_port']}/v1/chat/completions",
+                                        json={"messages": [{"role": "user", "content": FRANCE}], "max_tokens": 8},
+                                        headers={"authorization": f"Bearer {live.api_key}"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "gateway_busy", refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        families = await scrape(int(endpoint.meta["metrics_port"]))
+        assert value(families, "lmesh_gateway_chats_refused_total") == 2
+        assert value(families, "lmesh_gateway_chats_in_flight") == 1 and value(families, "lmesh_gateway_max_chats") == 1
+        await holding.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.Cancel()))
+        await holding.done_writing()
+        assert (await read_rest(holding))[-1].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+        answered = await collect(stub, start(max_tokens=16), live.api_key)  # the place is free again
+        assert "Paris" in "".join(r.delta for r in answered)
+    finally:
+        live.procs.terminate("gateway-busy")
+        await live.procs.wait_exit("gateway-busy")
 
 
 async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: LiveMesh, built_model: Path) -> None:

@@ -41,22 +41,27 @@ def _entry_size(entry: TokenLogprob) -> int:
 
 
 class _Merged:
-    """Consecutive deltas not taken yet: their parts, joined once when the writer takes them."""
+    """Consecutive deltas not taken yet: their parts, joined once when the writer takes them (a delta that waited
+    alone is given as it came)."""
 
-    __slots__ = ("entries", "size", "texts")
+    __slots__ = ("entries", "first", "size", "texts")
 
     def __init__(self, delta: ChatDelta, size: int) -> None:
-        self.texts = [delta.text]
-        self.entries: list[TokenLogprob] = list(delta.logprobs)
+        self.first = delta
+        self.texts: list[str] = []
+        self.entries: list[TokenLogprob] = []
         self.size = size
 
     def add(self, delta: ChatDelta, size: int) -> None:
+        if not self.texts:
+            self.texts.append(self.first.text)
+            self.entries += self.first.logprobs
         self.texts.append(delta.text)
         self.entries += delta.logprobs
         self.size += size
 
     def delta(self) -> ChatDelta:
-        return ChatDelta("".join(self.texts), self.entries)
+        return ChatDelta("".join(self.texts), self.entries) if self.texts else self.first
 
 
 class Coalescer(Generic[E]):
@@ -108,6 +113,11 @@ class Coalescer(Generic[E]):
                 if self._buffered > self._max_buffered:
                     self._room.clear()
                     await self._room.wait()
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # close(): the writer is gone
+                raise
+            self._error = exc  # a cancellation from upstream itself: the writer gets it, as it would unbuffered
         except Exception as exc:
             self._error = exc
         finally:

@@ -649,8 +649,9 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "param": {"type": ["string", "null"], "description": "The field at fault, as the request spelled it."},
         "code": {"type": ["string", "null"],
                  "description": "OpenAI's code where it has one (invalid_value, invalid_api_key, model_not_found); "
-                                "otherwise lmesh's ErrorInfo reason in lower case (queue_full, content_blocked, "
-                                "model_not_allowed, draining, dependency_timeout, unavailable, internal, ...)."}}}}}
+                                "otherwise lmesh's ErrorInfo reason in lower case (queue_full, gateway_busy, "
+                                "content_blocked, model_not_allowed, draining, dependency_timeout, unavailable, "
+                                "internal, ...)."}}}}}
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
@@ -715,7 +716,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
            403: "The model is not allowed for the key, or a message matched a guardrail rule that blocks.",
            404: "Unknown model (or one the key may not use), or no such route.",
            413: "A body over 4 MiB.",
-           429: "A limit, or the queue of every replica serving the model is full.",
+           429: "A limit, the queue of every replica serving the model is full, or this gateway has its bound of "
+                "chats in flight (code gateway_busy).",
            500: "A bug: a generic message with the trace id.",
            503: "A dependency is down, or this gateway is draining: retry.",
            504: "A dependency did not answer in time: retry."}
