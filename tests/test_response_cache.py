@@ -359,6 +359,7 @@ async def test_an_identical_request_is_answered_from_the_cache_with_the_same_byt
     assert (first.status_code, second.status_code) == (200, 200)
     assert (first.headers["x-lmesh-cache"], second.headers["x-lmesh-cache"]) == ("miss", "hit")
     assert served.chat.generations == 1  # the second never reached the model
+    assert len(served.chat.seen) == 2  # ... but was authorized, screened and reserved (prepare) like the first
     assert without_ids(second.content) == without_ids(first.content)
     assert first.content != second.content  # its own id
     usages = [json.loads(line.removeprefix("data: "))["usage"] for line in second.text.splitlines()
@@ -399,3 +400,42 @@ async def test_a_failed_answer_is_not_stored(cached: tuple[Served, InMemoryMetri
     assert (await post(served, "/v1/chat/completions", late)).status_code == 503
     assert (await post(served, "/v1/chat/completions", late)).status_code == 503
     assert served.chat.generations == 2
+
+
+class BlockingAtTheEnd:
+    """Output screening that, while `block`, turns an answer's end into CONTENT_FILTER (a rule matched late)."""
+
+    def __init__(self) -> None:
+        self.block = True
+        self.screened = 0
+
+    async def screen_output(self, screening: object, events: AsyncIterator[ChatDelta | ChatEnd], cancel: object,
+                            logprobs: bool = False) -> AsyncIterator[ChatDelta | ChatEnd]:
+        self.screened += 1
+        async for event in events:
+            if isinstance(event, ChatEnd) and self.block:
+                yield ChatEnd(generation_pb2.FINISH_REASON_CONTENT_FILTER, event.usage)
+                return
+            yield event
+
+
+async def test_output_screening_runs_on_hits_and_a_filtered_answer_is_not_stored(
+        cached: tuple[Served, InMemoryMetricReader]) -> None:
+    served, _ = cached
+    screen = BlockingAtTheEnd()
+    served.chat.guardrails = screen  # type: ignore[assignment]
+
+    async def ask() -> tuple[str, str]:
+        response = await post(served, "/v1/chat/completions", {"model": "default", "messages": USER,
+                                                               "temperature": 0})
+        assert response.status_code == 200, response.text
+        return response.headers["x-lmesh-cache"], response.json()["choices"][0]["finish_reason"]
+
+    assert await ask() == ("miss", "content_filter")
+    assert await ask() == ("miss", "content_filter")  # the model said STOP, but screening filtered it: not kept
+    screen.block = False
+    assert await ask() == ("miss", "stop")
+    assert await ask() == ("hit", "stop")
+    screen.block = True  # the rules in force when a hit is served apply to it
+    assert await ask() == ("hit", "content_filter")
+    assert (served.chat.generations, screen.screened) == (3, 5)
