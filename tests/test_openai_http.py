@@ -49,6 +49,7 @@ from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.main import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
+from services.gateway.response_cache import ResponseCache
 
 KEY = "lmk_good"
 ANSWER = ["Paris", " is", " the", " capital", " of", " France", "."]
@@ -99,6 +100,8 @@ class FakeChat:
     seen: list[ChatParams] = field(default_factory=list)
     generating: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    generations: int = 0  # calls of generate: what ran "the model"
+    response_cache: ResponseCache = field(default_factory=ResponseCache.off)
 
     def __post_init__(self) -> None:
         self.models = FakeModels(self.accept_any)
@@ -142,12 +145,13 @@ class FakeChat:
                                               f"{self.context}")
         self.seen.append(params)
         return Prepared(version, prompt, min(params.max_tokens, self.context - len(prompt)), None,  # type: ignore[arg-type]
-                        policy_pb2.ReserveResponse(reservation_id=request_id))
+                        policy_pb2.ReserveResponse(reservation_id=request_id), tenant="acme")
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
                        meter: Meter | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
         produced = 0
+        self.generations += 1
         if meter is not None:
             meter.started(len(prompt))
         try:
@@ -262,7 +266,8 @@ async def test_the_sdk_chats_whole_and_streamed_with_the_same_answer_and_usage(s
     assert (choice.message.role, choice.message.content, choice.finish_reason) == (
         "assistant", "".join(ANSWER), "stop")
     assert whole.usage is not None and whole.usage.model_dump(exclude_none=True) == {
-        "prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 2}}
+        "prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 2},
+        "lmesh": {"cached_response": False}}
     stream = await client.chat.completions.create(model="default", messages=USER, stream=True,  # type: ignore[arg-type]
                                                   stream_options={"include_usage": True})
     chunks = [chunk async for chunk in stream]

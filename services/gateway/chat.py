@@ -39,6 +39,7 @@ from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLo
 from services.gateway.models import ModelDirectory
 
 if TYPE_CHECKING:
+    from services.gateway.response_cache import ResponseCache
     from services.gateway.screen import Screening
 
 ROLES = ("system", "user", "assistant")
@@ -64,6 +65,8 @@ class ChatParams:
     logprobs: bool = False
     top_logprobs: int = 0
     session: str = ""  # the caller's session (OpenAI's `user`), for affinity later; not used yet
+    cache_read: bool = True  # may be answered from the response cache (response_cache.py)
+    cache_store: bool = True  # may have its answer stored there
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Prepared:
     max_tokens: int
     tokenizer: Endpoint
     reservation: policy_pb2.ReserveResponse
+    tenant: str = ""  # whom policy authenticated: the response cache's answers are never shared across tenants
 
 
 def validate(params: ChatParams) -> ChatParams:
@@ -136,7 +140,7 @@ def not_allowed(principal: policy_pb2.Principal, model: str, model_id: str) -> P
 class ChatService:
     """The gateway's domain: every upstream call of a chat, and the flow between them."""
 
-    def __init__(self, mesh: Mesh, tracer: trace.Tracer) -> None:
+    def __init__(self, mesh: Mesh, tracer: trace.Tracer, response_cache: ResponseCache | None = None) -> None:
         self._policy = mesh.peer(POLICY)
         self._tokenizer = mesh.peer(TOKENIZER)
         self._inference = mesh.peer(INFERENCE)
@@ -147,11 +151,15 @@ class ChatService:
         from services.gateway.screen import Guardrails  # it builds on this module's types
 
         self.guardrails = Guardrails(self._policy, self.vocabularies)
+        from services.gateway.response_cache import ResponseCache  # it builds on this module's types
+
+        self.response_cache = response_cache if response_cache is not None else ResponseCache.off()
 
     async def close(self) -> None:
         """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""
         await self.accounts.drain()
         await self.guardrails.close()
+        await self.response_cache.close()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -219,7 +227,7 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
-        return Prepared(version, prompt, max_tokens, tokenizer, reservation)
+        return Prepared(version, prompt, max_tokens, tokenizer, reservation, principal.tenant)
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",

@@ -442,11 +442,14 @@ class LegacyLogprobs:
                 "text_offset": offsets}
 
 
-def usage_json(prompt: generation_pb2.Usage, completion_tokens: int) -> dict[str, Any]:
-    """OpenAI's usage: the prompt once (every choice's is the same), the completion tokens of all choices."""
+def usage_json(prompt: generation_pb2.Usage, completion_tokens: int, cached_response: bool = False,
+               ) -> dict[str, Any]:
+    """OpenAI's usage: the prompt once (every choice's is the same), the completion tokens of all choices; lmesh's
+    extension `lmesh.cached_response` (every choice answered from the response cache)."""
     return {"prompt_tokens": prompt.prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt.prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": prompt.cached_prompt_tokens}}
+            "prompt_tokens_details": {"cached_tokens": prompt.cached_prompt_tokens},
+            "lmesh": {"cached_response": cached_response}}
 
 
 @dataclass
@@ -471,6 +474,7 @@ class Answer:
         self.model = model
         self.created = created
         self.choices = [Choice(i) for i in range(request.n)]
+        self.cache_results: dict[int, str] = {}  # each choice's response cache result (request_path.ChatStarted)
         self._legacy = [LegacyLogprobs(request.params.top_logprobs > 0) for _ in range(request.n)]
         kind = "text_completion" if self.completion else "chat.completion.chunk"
         self._head = (f'data: {{"id":{json.dumps(self.id)},"object":"{kind}","created":{created},'
@@ -519,7 +523,17 @@ class Answer:
         first = self.choices[0].usage
         if first is None:
             return None
-        return usage_json(first, sum(c.usage.completion_tokens for c in self.choices if c.usage is not None))
+        usages = [c.usage for c in self.choices if c.usage is not None]
+        return usage_json(first, sum(u.completion_tokens for u in usages), all(u.cached_response for u in usages))
+
+    def cache_header(self) -> tuple[bytes, bytes]:
+        """`x-lmesh-cache`: hit when every choice was answered from the response cache, bypass when the request
+        did not read it (opted out, or not deterministic), miss otherwise (choices not started yet count as
+        misses)."""
+        results = set(self.cache_results.values())
+        value = ("bypass" if "bypass" in results else
+                 "hit" if results == {"hit"} and len(self.cache_results) == len(self.choices) else "miss")
+        return b"x-lmesh-cache", value.encode()
 
     # -- whole
 
@@ -653,7 +667,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                                 "model_not_allowed, draining, dependency_timeout, unavailable, internal, ...)."}}}}}
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
-    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
+    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}},
+    "lmesh": {"type": "object", "description": "lmesh's extension.", "properties": {"cached_response": {
+        "type": "boolean", "description": "The gateway answered from its response cache: no model ran (every "
+                                          "choice, with n > 1)."}}}}}
 FINISH = {"type": ["string", "null"], "enum": [*FINISH_REASONS.values(), None]}
 TOKEN = {"token": {"type": "string"}, "logprob": {"type": "number"},
          "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}
@@ -725,6 +742,15 @@ def _errors(*statuses: int) -> dict[str, Any]:
                           **({"headers": headers} if status in (429, 503) else {})} for status in statuses}
 
 
+CACHE_CONTROL = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "`no-cache`: not answered from the response cache (the answer may still be stored); "
+                                "`no-store`: the answer is not stored; both: the cache is left alone."}
+CACHE_RESULT = {"x-lmesh-cache": {"schema": {"type": "string", "enum": ["hit", "miss", "bypass"]},
+                                  "description": "hit: answered from the gateway's response cache, no model ran; "
+                                                 "miss: looked up, not found; bypass: not looked up (opted out, or "
+                                                 "not deterministic: sampled without a seed)."}}
+
+
 def openapi_document() -> dict[str, Any]:
     post_errors = _errors(400, 401, 403, 404, 413, 429, 500, 503, 504)
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -739,15 +765,17 @@ def openapi_document() -> dict[str, Any]:
                        "schemas": {"Error": ERROR}},
         "paths": {
             "/v1/chat/completions": {"post": {
-                "operationId": "createChatCompletion", "security": secured,
+                "operationId": "createChatCompletion", "security": secured, "parameters": [CACHE_CONTROL],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST}}},
                 "responses": {"200": {"description": "The answer, or with `stream` its Server-Sent Events.",
+                                      "headers": CACHE_RESULT,
                                       "content": {"application/json": {"schema": CHAT_COMPLETION}, **SSE}},
                               **post_errors}}},
             "/v1/completions": {"post": {
-                "operationId": "createCompletion", "security": secured,
+                "operationId": "createCompletion", "security": secured, "parameters": [CACHE_CONTROL],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": COMPLETION_REQUEST}}},
                 "responses": {"200": {"description": "The answer, or with `stream` its Server-Sent Events.",
+                                      "headers": CACHE_RESULT,
                                       "content": {"application/json": {"schema": COMPLETION}, **SSE}},
                               **post_errors}}},
             "/v1/models": {"get": {

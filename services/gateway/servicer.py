@@ -26,6 +26,7 @@ def _params(start: gateway_pb2.ChatStart) -> ChatParams:
         max_tokens=start.max_tokens, temperature=start.temperature, top_p=start.top_p, top_k=start.top_k,
         seed=start.seed, repetition_penalty=start.repetition_penalty, stop=list(start.stop),
         logprobs=start.logprobs, top_logprobs=start.top_logprobs,
+        cache_read=not start.no_cache, cache_store=not start.no_cache,
     )
 
 
