@@ -319,11 +319,14 @@ def _keys(args: argparse.Namespace) -> int:
             limits = _creation_limits(args)
             created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
                                        client_cert_subject=args.client_cert_subject or "",
-                                       client_cert_sha256=args.client_cert_sha256 or "", limits=limits)
+                                       client_cert_sha256=args.client_cert_sha256 or "", limits=limits,
+                                       max_priority=args.max_priority)
             bound = _cert_binding(created.key)
+            priority = created.key.max_priority
             print(f"created {created.key.key_id} for tenant {created.key.tenant} "
                   f"(models: {', '.join(created.key.allowed_models) or 'all'}; "
                   f"limits: {describe_limits(created.key.limits)}"
+                  f"{f'; max priority {priority}' if priority else ''}"
                   f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
             print(created.api_key)
         elif args.keys_command == "list":
@@ -335,11 +338,12 @@ def _keys(args: argparse.Namespace) -> int:
                       f"{describe_limits(k.limits):40} {_cert_binding(k) or '-'}")
         elif args.keys_command == "update":
             update = _limits_update(args)
-            if not update.ListFields():
-                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens or --period")
-            updated = await update_key(policy, args.key_id, update, timeout_s=15)
+            if not update.ListFields() and args.max_priority is None:
+                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens, --period or "
+                                   "--max-priority")
+            updated = await update_key(policy, args.key_id, update, timeout_s=15, max_priority=args.max_priority)
             print(f"updated {updated.key.key_id} (tenant {updated.key.tenant}): limits: "
-                  f"{describe_limits(updated.key.limits)}")
+                  f"{describe_limits(updated.key.limits)}; max priority {updated.key.max_priority}")
         else:
             revoked = await revoke_key(policy, args.key_id, timeout_s=15)
             print(f"revoked {revoked.key.key_id}")
@@ -778,12 +782,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead: only the client certificate with this SHA-256 fingerprint (as `openssl x509 "
                            "-noout -fingerprint -sha256` prints it)")
     _add_limit_flags(create)
+    create.add_argument("--max-priority", type=int, default=0, metavar="N",
+                        help="the highest request priority (0-9, higher served first) the key's chats may run at; "
+                             "chats that name none run at it (default 0, the lowest)")
     listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
     update = keys_sub.add_parser("update", parents=[admin],
                                  help="change a key's limits (flags left out keep their value; 0 removes a limit)")
     update.add_argument("key_id")
     _add_limit_flags(update)
+    update.add_argument("--max-priority", type=int, default=None, metavar="N",
+                        help="the key's new highest request priority, 0-9")
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)

@@ -95,7 +95,8 @@ async def chat_events(chat: ChatService, params: ChatParams, credential: Callabl
     # cut before this generator returns, not whenever the garbage collector finds them.
     async with chat.accounts.held(prepared.reservation, deadline_passed) as meter, \
             closing(chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
-                                  prepared.tokenizer, meter)) as generated, \
+                                  prepared.tokenizer, meter, priority=prepared.priority,
+                                  placement=prepared.placement)) as generated, \
             closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
         yield ChatStarted(model_id, completion_id, len(prepared.prompt))
         async for event in screened:
