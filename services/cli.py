@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -194,8 +195,10 @@ def _chat(args: argparse.Namespace) -> int:
         key = _api_key(args, certificate=tls is not None and tls.client_cert is not None)
         gateway, tls = await find_gateway(args.gateway, tls)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
-        sampling = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
+        sampling: dict[str, Any] = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+                                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
+        if args.priority is not None:
+            sampling["priority"] = args.priority
         if args.message:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
@@ -204,6 +207,7 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         print(f"Chatting with {args.model or 'default'} through {gateway}{' (TLS)' if tls else ''}. Empty line or "
               "Ctrl-D ends.")
+        sampling["session"] = f"lmesh-chat-{uuid.uuid4().hex}"  # the turns meet their cached prefix on one replica
         while True:
             try:
                 line = await asyncio.to_thread(input, "you> ")
@@ -706,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model reference (default: the 'default' alias)")
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--priority", type=int, default=None, metavar="N",
+                      help="request priority 0-9, capped by the key's max priority (default: the key's)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     chat.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling, (0, 1]; 0 is off")
     chat.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 is off")

@@ -109,10 +109,12 @@ def test_max_priority_survives_a_restart_and_an_older_store_gains_it_at_0(tmp_pa
         assert store.authenticate(old_key).max_priority == 4 and store.get(high.key_id).max_priority == 0
 
 
-def test_the_cli_passes_max_priority_and_keeps_the_key_alone_on_the_last_line() -> None:
+def test_the_cli_takes_a_keys_max_priority_and_a_chats_priority() -> None:
     from services.cli import build_parser
 
     parsed: Any = build_parser().parse_args(["keys", "create", "--tenant", "acme", "--max-priority", "6"])
     assert parsed.max_priority == 6
     assert build_parser().parse_args(["keys", "create", "--tenant", "acme"]).max_priority == 0
     assert build_parser().parse_args(["keys", "update", "key_00000001"]).max_priority is None
+    assert build_parser().parse_args(["chat", "--priority", "5", "hi"]).priority == 5
+    assert build_parser().parse_args(["chat", "hi"]).priority is None

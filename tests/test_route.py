@@ -5,6 +5,7 @@ nothing); and the HTTP API's `priority` field."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from services.common.peers import POLICY, REGISTRY, open_mesh
 from services.gateway.openai_api import chat_request
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
+from tests.cli_runner import run_cli
 from tests.harness import MeshProcesses
 from tests.otlp import OtlpReceiver, ReceivedSpan
 from tests.test_e2e import INT8, LONG_TASK, auth, read_rest, start, typed_details
@@ -199,6 +201,30 @@ async def test_a_session_stays_on_one_of_two_replicas_and_moves_when_its_replica
     after = await turn(routed, messages, session="conversation-1")
     assert after.replica == moved.replica
     assert after.usage.cached_prompt_tokens >= moved.usage.prompt_tokens
+
+
+async def test_the_operator_cli_grants_a_keys_max_priority_and_its_chats_run_at_it(
+        routed: RouteMesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMESH_ADMIN_TOKEN", "")
+    monkeypatch.setenv("LMESH_HOME", str(routed.procs.home))
+    code, out, err = await asyncio.to_thread(run_cli, ["keys", "create", "--tenant", "cli-route",
+                                                       "--max-priority", "6"])
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("lmk_") and len(lines[-1]) == 47  # the key alone on the last line
+    assert "max priority 6" in lines[0]
+    key_id = lines[0].split()[1]
+    code, out, err = await asyncio.to_thread(run_cli, ["keys", "update", key_id, "--max-priority", "4"])
+    assert code == 0 and "max priority 4" in out, (out, err)
+    code, _, err = await asyncio.to_thread(run_cli, ["keys", "update", key_id, "--max-priority", "10"])
+    assert code != 0 and "max_priority" in err and "[0, 9]" in err, err
+    call = (await routed.gateway()).Chat(metadata=auth(lines[-1]), timeout=60)
+    await call.write(start(max_tokens=2))  # no priority: its key's
+    await call.done_writing()
+    completion_id = (await read_rest(call))[-1].id
+    spans = await routed.otlp.wait_for(lambda spans: gateway_span(spans, **{"gen_ai.response.id": completion_id}))
+    span = gateway_span(spans, **{"gen_ai.response.id": completion_id})
+    assert span is not None and span.attributes["lmesh.priority"] == 4
 
 
 @pytest.mark.parametrize(("body", "priority"), [({}, None), ({"priority": 3}, 3), ({"priority": None}, None)])
