@@ -65,13 +65,23 @@ def test_when_every_replica_is_full_the_session_stays_only_where_the_wait_is_no_
     assert affinity.preferred(session, replicas(7, 5)) is None  # load balancing would queue it shorter
 
 
-def test_a_vanished_replica_is_replaced_and_the_session_moves_there() -> None:
+def test_a_vanished_replica_is_replaced_by_the_least_loaded_and_the_session_moves_there() -> None:
     affinity = SessionAffinity()
     session = session_key("acme", "s")
     affinity.served(session, "inference-gone")
-    survivors = replicas(2, 0)
-    assert affinity.preferred(session, survivors) == rendezvous(session, survivors).replica
+    assert placed(affinity, session, replicas(2, 0, 1)) == "inference-1"
+    assert affinity.preferred(session, replicas(0, 3, 0)) == "inference-1"  # remembered there now, with room
     assert affinity.preferred(session, []) is None
+
+
+def test_a_new_session_goes_to_the_least_loaded_replica_and_the_hash_decides_only_among_equals() -> None:
+    affinity = SessionAffinity()
+    sessions = [session_key("acme", f"s{i}") for i in range(50)]
+    assert {affinity.preferred(s, replicas(1, 0, 2)) for s in sessions} == {"inference-1"}
+    tied = replicas(1, 0, 0)
+    assert {affinity.preferred(s, tied) for s in sessions} == {"inference-1", "inference-2"}
+    for s in sessions:
+        assert affinity.preferred(s, tied) == rendezvous(s, tied[1:]).replica
 
 
 def test_new_sessions_spread_by_rendezvous_and_two_gateways_agree_without_sharing_memory() -> None:

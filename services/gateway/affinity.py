@@ -6,12 +6,14 @@ spare it.
   caller's tenant and that name (`session_key`): tenant A's "alice" never steers tenant B's, and no session name,
   which may be user data, is held or logged in clear.
 - `SessionAffinity` remembers, for a bounded number of sessions (least recently used forgotten first), the
-  replica that last served each. A session it does not know (new, forgotten, or whose replica is gone) goes to
-  the replica rendezvous hashing picks among those serving the model, so gateways that share no memory place a
-  session alike, and a session's turns through another gateway find the same replica.
-- The preferred replica is taken only while it has a free decode place (its load below its `max_active`) or
-  is no busier than the least loaded replica; otherwise the choice is load balancing's (None), and the replica
-  that then serves the session is remembered for its next turns.
+  replica that last served each. That replica is taken while it has a free decode place (its load below its
+  `max_active`) or is no busier than the least loaded replica; otherwise the choice is load balancing's (None),
+  and the replica that then serves the session is remembered for its next turns.
+- A session it does not know (new, forgotten, or whose replica is gone) goes to the least loaded replica, and
+  among equally loaded ones to the one rendezvous hashing picks: gateways that share no memory place a session
+  alike while loads are even (a session's turns through another gateway then find the same replica), and a
+  placement by hash alone never unbalances the replicas (on a CPU, where a decode step's time grows with its
+  batch, a replica holding more sessions than its share slows all of them).
 
 Load is what the gateway knows without asking: its own calls in flight to a replica, and the replica's own count
 (active plus queued sequences) in its Consul meta, whichever is larger. The replica's count lags by up to about
@@ -77,17 +79,15 @@ class SessionAffinity:
 
     def preferred(self, session: str, replicas: Sequence[ReplicaLoad]) -> str | None:
         """The replica for the session's next request among `replicas` (those serving its model, up), or None
-        when load balancing should choose: the preferred one has no free place and another is less loaded."""
+        when load balancing should choose: the session's replica has no free place and another is less loaded."""
         if not replicas:
             return None
-        by_id = {r.replica: r for r in replicas}
+        least = min(r.load for r in replicas)
         last = self._last.get(session)
-        choice = by_id.get(last) if last is not None else None
-        if choice is None:  # new, forgotten, or its replica is gone
-            choice = rendezvous(session, replicas)
-        if choice.has_room or choice.load <= min(r.load for r in replicas):
-            return choice.replica
-        return None
+        remembered = next((r for r in replicas if r.replica == last), None) if last is not None else None
+        if remembered is None:  # new, forgotten, or its replica is gone: load first, then the hash
+            return rendezvous(session, [r for r in replicas if r.load == least]).replica
+        return remembered.replica if remembered.has_room or remembered.load <= least else None
 
     def served(self, session: str, replica: str) -> None:
         """Records the replica that took the session's request (the least recently used session goes beyond the
