@@ -149,7 +149,8 @@ class FakeChat:
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
-                       meter: Meter | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       meter: Meter | None = None, *, priority: int = 0,
+                       placement: object = None) -> AsyncIterator[ChatDelta | ChatEnd]:
         produced = 0
         self.generations += 1
         if meter is not None:

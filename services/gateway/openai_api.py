@@ -31,7 +31,7 @@ from opentelemetry import trace
 from services.common.errors import InvalidArgument, Reason, capped
 from services.common.references import MAX_REFERENCE_CHARS
 from services.common.rpc import bounded, details_for, status_for
-from services.gateway.chat import DEFAULT_MODEL, ChatParams
+from services.gateway.chat import DEFAULT_MODEL, MAX_PRIORITY, MIN_PRIORITY, ChatParams
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # as the gRPC API's 4 MiB message limit
@@ -103,7 +103,13 @@ SAMPLING = {
     "stream_options": _nullable({"type": "object", "properties": {
         "include_usage": _nullable({"type": "boolean"})}}),
     "user": _nullable({"type": "string", "maxLength": MAX_USER_CHARS,
-                       "description": "The caller's end user or session: passed to the request path as its session."}),
+                       "description": "The caller's end user or session: its requests go to the inference replica "
+                                      "that served it before (its prompt prefix is cached there) while that replica "
+                                      "has room; kept only as a hash, per tenant."}),
+    "priority": _nullable({"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY,
+                           "description": "lmesh (as vLLM's extension): scheduling priority, higher served first "
+                                          "and shed last when the replicas' queues are full; clipped to the key's "
+                                          "max priority. Left out: the key's max priority."}),
     "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                         "description": "lmesh: sample among the k most likely tokens; 0: off."}),
     "repetition_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
@@ -364,6 +370,7 @@ def _sampling(body: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
         "repetition_penalty": float(_get(body, "repetition_penalty", 0.0)),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
         "session": _get(body, "user", ""),
+        "priority": None if body.get("priority") is None else int(body["priority"]),
     }
 
 

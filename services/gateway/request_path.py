@@ -110,7 +110,8 @@ async def chat_events(chat: ChatService, params: ChatParams, credential: Callabl
             source = replay(hit, meter, cancel)
         else:
             source = chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
-                                   prepared.tokenizer, meter)
+                                   prepared.tokenizer, meter, priority=prepared.priority,
+                                   placement=prepared.placement)
             source = recorder.record(source) if plan.write else source
         async with closing(source) as generated, \
                 closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
