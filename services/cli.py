@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -194,8 +195,10 @@ def _chat(args: argparse.Namespace) -> int:
         key = _api_key(args, certificate=tls is not None and tls.client_cert is not None)
         gateway, tls = await find_gateway(args.gateway, tls)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
-        sampling = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
+        sampling: dict[str, Any] = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+                                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
+        if args.priority is not None:
+            sampling["priority"] = args.priority
         if args.message:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
@@ -204,6 +207,7 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         print(f"Chatting with {args.model or 'default'} through {gateway}{' (TLS)' if tls else ''}. Empty line or "
               "Ctrl-D ends.")
+        sampling["session"] = f"lmesh-chat-{uuid.uuid4().hex}"  # the turns meet their cached prefix on one replica
         while True:
             try:
                 line = await asyncio.to_thread(input, "you> ")
@@ -319,11 +323,14 @@ def _keys(args: argparse.Namespace) -> int:
             limits = _creation_limits(args)
             created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
                                        client_cert_subject=args.client_cert_subject or "",
-                                       client_cert_sha256=args.client_cert_sha256 or "", limits=limits)
+                                       client_cert_sha256=args.client_cert_sha256 or "", limits=limits,
+                                       max_priority=args.max_priority)
             bound = _cert_binding(created.key)
+            priority = created.key.max_priority
             print(f"created {created.key.key_id} for tenant {created.key.tenant} "
                   f"(models: {', '.join(created.key.allowed_models) or 'all'}; "
                   f"limits: {describe_limits(created.key.limits)}"
+                  f"{f'; max priority {priority}' if priority else ''}"
                   f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
             print(created.api_key)
         elif args.keys_command == "list":
@@ -335,11 +342,12 @@ def _keys(args: argparse.Namespace) -> int:
                       f"{describe_limits(k.limits):40} {_cert_binding(k) or '-'}")
         elif args.keys_command == "update":
             update = _limits_update(args)
-            if not update.ListFields():
-                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens or --period")
-            updated = await update_key(policy, args.key_id, update, timeout_s=15)
+            if not update.ListFields() and args.max_priority is None:
+                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens, --period or "
+                                   "--max-priority")
+            updated = await update_key(policy, args.key_id, update, timeout_s=15, max_priority=args.max_priority)
             print(f"updated {updated.key.key_id} (tenant {updated.key.tenant}): limits: "
-                  f"{describe_limits(updated.key.limits)}")
+                  f"{describe_limits(updated.key.limits)}; max priority {updated.key.max_priority}")
         else:
             revoked = await revoke_key(policy, args.key_id, timeout_s=15)
             print(f"revoked {revoked.key.key_id}")
@@ -702,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model reference (default: the 'default' alias)")
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--priority", type=int, default=None, metavar="N",
+                      help="request priority 0-9, capped by the key's max priority (default: the key's)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     chat.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling, (0, 1]; 0 is off")
     chat.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 is off")
@@ -778,12 +788,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead: only the client certificate with this SHA-256 fingerprint (as `openssl x509 "
                            "-noout -fingerprint -sha256` prints it)")
     _add_limit_flags(create)
+    create.add_argument("--max-priority", type=int, default=0, metavar="N",
+                        help="the highest request priority (0-9, higher served first) the key's chats may run at; "
+                             "chats that name none run at it (default 0, the lowest)")
     listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
     update = keys_sub.add_parser("update", parents=[admin],
                                  help="change a key's limits (flags left out keep their value; 0 removes a limit)")
     update.add_argument("key_id")
     _add_limit_flags(update)
+    update.add_argument("--max-priority", type=int, default=None, metavar="N",
+                        help="the key's new highest request priority, 0-9")
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)

@@ -43,6 +43,9 @@ class MeshProcesses:
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "PYTHONUNBUFFERED": "1",
+            # The tests' meshes exercise the model path: an identical request must run the model again. The response
+            # cache's tests turn it on for their own gateways (test_response_cache_mesh.py).
+            "LMESH_RESPONSE_CACHE": "off",
         }
 
     def start(self, service: str, *extra: str, name: str = "") -> Supervised:

@@ -154,7 +154,7 @@ def test_the_shared_types_kept_the_gateways_wire_format() -> None:
         ("logprobs", 6, "lmesh.common.v1.TokenLogprob")]
     assert _fields(generation_pb2.Usage) == [
         ("prompt_tokens", 1, "TYPE_INT32"), ("completion_tokens", 2, "TYPE_INT32"), ("total_tokens", 3, "TYPE_INT32"),
-        ("cached_prompt_tokens", 4, "TYPE_INT32")]
+        ("cached_prompt_tokens", 4, "TYPE_INT32"), ("cached_response", 5, "TYPE_BOOL")]  # 5 added later
     assert _fields(generation_pb2.TokenLogprob) == [
         ("token", 1, "TYPE_STRING"), ("bytes", 2, "TYPE_BYTES"), ("token_id", 3, "TYPE_INT32"),
         ("logprob", 4, "TYPE_FLOAT"), ("top_logprobs", 5, "lmesh.common.v1.TopLogprob")]

@@ -234,10 +234,11 @@ class FloodChat(FakeChat):
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
-                       meter: Meter | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       meter: Meter | None = None, *, priority: int = 0,
+                       placement: object = None) -> AsyncIterator[ChatDelta | ChatEnd]:
         if params.model != "flood":
             async for event in super().generate(version, prompt, max_tokens, params, cancel, request_id, tokenizer,
-                                                meter):
+                                                meter, priority=priority, placement=placement):
                 yield event
             return
         try:

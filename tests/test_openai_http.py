@@ -50,6 +50,7 @@ from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.main import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
+from services.gateway.response_cache import ResponseCache
 
 KEY = "lmk_good"
 ANSWER = ["Paris", " is", " the", " capital", " of", " France", "."]
@@ -103,6 +104,8 @@ class FakeChat:
     max_chats: int = DEFAULT_MAX_CHATS
     stalled_client_s: float | None = None
     stream_buffer_bytes: int = MAX_BUFFERED_BYTES
+    generations: int = 0  # calls of generate: what ran "the model"
+    response_cache: ResponseCache = field(default_factory=ResponseCache.off)
 
     def __post_init__(self) -> None:
         self.admission = ChatAdmission(self.max_chats)
@@ -147,12 +150,14 @@ class FakeChat:
                                               f"{self.context}")
         self.seen.append(params)
         return Prepared(version, prompt, min(params.max_tokens, self.context - len(prompt)), None,  # type: ignore[arg-type]
-                        policy_pb2.ReserveResponse(reservation_id=request_id))
+                        policy_pb2.ReserveResponse(reservation_id=request_id), tenant="acme")
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
-                       meter: Meter | None = None) -> AsyncIterator[ChatDelta | ChatEnd]:
+                       meter: Meter | None = None, *, priority: int = 0,
+                       placement: object = None) -> AsyncIterator[ChatDelta | ChatEnd]:
         produced = 0
+        self.generations += 1
         if meter is not None:
             meter.started(len(prompt))
         try:
@@ -267,7 +272,8 @@ async def test_the_sdk_chats_whole_and_streamed_with_the_same_answer_and_usage(s
     assert (choice.message.role, choice.message.content, choice.finish_reason) == (
         "assistant", "".join(ANSWER), "stop")
     assert whole.usage is not None and whole.usage.model_dump(exclude_none=True) == {
-        "prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 2}}
+        "prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 2},
+        "lmesh": {"cached_response": False}}
     stream = await client.chat.completions.create(model="default", messages=USER, stream=True,  # type: ignore[arg-type]
                                                   stream_options={"include_usage": True})
     chunks = [chunk async for chunk in stream]

@@ -35,7 +35,14 @@ from services.common.peers import POLICY, Peer
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.policy import client
-from services.policy.keys import DB_NAME, CertificateIdentity, KeyStore, normalize_fingerprint, normalize_subject
+from services.policy.keys import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    CertificateIdentity,
+    KeyStore,
+    normalize_fingerprint,
+    normalize_subject,
+)
 from services.policy.main import PolicySettings, build
 
 # Anything shaped like a plaintext key; no log line may ever contain one.
@@ -696,5 +703,5 @@ def test_a_schema_1_store_gains_bindings_and_keeps_its_keys(tmp_path: Path) -> N
         bound, _ = store.create("acme", client_cert_subject="CN=alice")
         assert store.authenticate(CertificateIdentity("CN=alice")).key_id == bound.key_id
     db = sqlite3.connect(tmp_path / DB_NAME)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()

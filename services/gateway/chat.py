@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,17 +40,20 @@ from services.gateway.admission import (
     MAX_BUFFERED_BYTES,
     ChatAdmission,
 )
+from services.gateway.affinity import SessionAffinity, SessionPlacement, session_key
 from services.gateway.credentials import Credential, credential_fields
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
 
 if TYPE_CHECKING:
+    from services.gateway.response_cache import ResponseCache
     from services.gateway.screen import Screening
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MODEL = "default"
+MIN_PRIORITY, MAX_PRIORITY = 0, 9  # GenerateStart.priority's range: higher is served first
 
 # Codes with which an inference replica refuses a request before producing anything.
 RETRY_ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
@@ -69,7 +72,10 @@ class ChatParams:
     stop: list[str]
     logprobs: bool = False
     top_logprobs: int = 0
-    session: str = ""  # the caller's session (OpenAI's `user`), for affinity later; not used yet
+    session: str = ""  # the caller's session (OpenAI's `user`): its turns go to one replica (affinity.py)
+    priority: int | None = None  # 0-9, capped by the key's max_priority; None: the key's max_priority
+    cache_read: bool = True  # may be answered from the response cache (response_cache.py)
+    cache_store: bool = True  # may have its answer stored there
 
 
 @dataclass
@@ -95,6 +101,15 @@ class Prepared:
     max_tokens: int
     tokenizer: Endpoint
     reservation: policy_pb2.ReserveResponse
+    priority: int = MIN_PRIORITY  # what the engine's queue orders it by: the request's, capped by its key's
+    placement: SessionPlacement | None = None  # its session, when it names one
+    tenant: str = ""  # whom policy authenticated: the response cache's answers are never shared across tenants
+
+
+def capped_priority(requested: int | None, principal: policy_pb2.Principal) -> int:
+    """The priority a chat runs at: the one it asked for, clipped to its key's max_priority (a chat may not take
+    more than the operator granted, and asking too much is not an error); none asked, the key's max_priority."""
+    return principal.max_priority if requested is None else min(requested, principal.max_priority)
 
 
 def validate(params: ChatParams) -> ChatParams:
@@ -123,6 +138,8 @@ def validate(params: ChatParams) -> ChatParams:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}")
     if params.top_logprobs and not params.logprobs:
         raise InvalidArgument("top_logprobs", "needs logprobs set to true")
+    if params.priority is not None and not MIN_PRIORITY <= params.priority <= MAX_PRIORITY:
+        raise InvalidArgument("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {params.priority}")
     return params
 
 
@@ -142,8 +159,9 @@ def not_allowed(principal: policy_pb2.Principal, model: str, model_id: str) -> P
 class ChatService:
     """The gateway's domain: every upstream call of a chat, and the flow between them."""
 
-    def __init__(self, mesh: Mesh, tracer: trace.Tracer, max_chats: int = DEFAULT_MAX_CHATS,
-                 stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S) -> None:
+    def __init__(self, mesh: Mesh, tracer: trace.Tracer, response_cache: ResponseCache | None = None, *,
+                 max_chats: int = DEFAULT_MAX_CHATS, stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S,
+                 ) -> None:
         self.admission = ChatAdmission(max_chats)  # the bound on chats in flight (request_path.chat_events)
         self.stalled_client_s = stalled_client_s  # a client that reads nothing this long is cut (None: never)
         self.stream_buffer_bytes = MAX_BUFFERED_BYTES  # what one stream's buffer holds for a lagging client
@@ -153,15 +171,20 @@ class ChatService:
         self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
         self.accounts = Accounts(self._policy)
+        self.affinity = SessionAffinity()
         self._tracer = tracer
         from services.gateway.screen import Guardrails  # it builds on this module's types
 
         self.guardrails = Guardrails(self._policy, self.vocabularies)
+        from services.gateway.response_cache import ResponseCache  # it builds on this module's types
+
+        self.response_cache = response_cache if response_cache is not None else ResponseCache.off()
 
     async def close(self) -> None:
         """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""
         await self.accounts.drain()
         await self.guardrails.close()
+        await self.response_cache.close()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -197,6 +220,16 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
+        priority = capped_priority(params.priority, principal)
+        placement = (SessionPlacement(self.affinity, session_key(principal.tenant, params.session))
+                     if params.session else None)
+        request_span = trace.get_current_span()
+        request_span.set_attribute("lmesh.priority", priority)
+        if params.priority is not None:  # what was asked, and whether the key's cap clipped it
+            request_span.set_attributes({"lmesh.request.priority": params.priority,
+                                         "lmesh.priority.clipped": priority < params.priority})
+        if placement is not None:
+            request_span.set_attribute("lmesh.session.hash", placement.session)  # never the name: user data
         if len(params.messages) > version.context_length:
             # Every turn renders to at least one token: this many cannot fit, and rendering them (seconds for
             # hundreds of thousands of empty turns) would only find that out.
@@ -229,24 +262,27 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
-        return Prepared(version, prompt, max_tokens, tokenizer, reservation)
+        return Prepared(version, prompt, max_tokens, tokenizer, reservation, priority, placement,
+                        principal.tenant)
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",
-                       tokenizer: Endpoint | None = None, meter: Meter | None = None,
+                       tokenizer: Endpoint | None = None, meter: Meter | None = None, *,
+                       priority: int = MIN_PRIORITY, placement: SessionPlacement | None = None,
                        ) -> AsyncIterator[ChatDelta | ChatEnd]:
         """Streams the answer: token ids flow from inference to the tokenizer's DetokenizeStream in one task (the
         pump) while this one reads text deltas from it, applies stop strings and aligns logprobs.
 
         `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it holds the model's
         tokenizer, where another passing one may not (started while the registry was down). `meter` counts what
-        was used, however the generation ends (what the reservation is settled with)."""
+        was used, however the generation ends (what the reservation is settled with). `priority` orders it in the
+        replica's queue; `placement` chooses the replica of its session (services/gateway/affinity.py)."""
         meter = meter if meter is not None else Meter()
         model_id = f"{version.name}:{version.version}"
         # Fetched once per model version; later requests find it cached.
         answer = AnswerAssembler(params.stop, await self.vocabularies.get(model_id) if params.logprobs else None)
         inference = InferenceStream(self._inference, model_id, _generate_start(model_id, prompt, max_tokens, params,
-                                                                               request_id))
+                                                                               request_id, priority), placement)
         finish: list[inference_pb2.GenerateFinish] = []
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(inference)
@@ -291,13 +327,13 @@ class ChatService:
 
 
 def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: ChatParams,
-                    request_id: str) -> inference_pb2.GenerateRequest:
+                    request_id: str, priority: int = MIN_PRIORITY) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
         model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
         sampling=inference_pb2.SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
             repetition_penalty=params.repetition_penalty),
-        top_logprobs=params.top_logprobs, request_id=request_id))
+        top_logprobs=params.top_logprobs, request_id=request_id, priority=priority))
 
 
 async def _pump(inference: InferenceStream, detokenize_call: grpc.aio.StreamStreamCall, answer: AnswerAssembler,
@@ -324,10 +360,13 @@ async def _cancel_when_set(cancel: asyncio.Event, inference: InferenceStream) ->
 class InferenceStream:
     """One generation on a replica serving its model version. A replica that refuses the request before its
     first token (queue full, draining, or dead before Consul noticed) is left for another one serving the same
-    version; a cancel goes out once, after the start (grpc allows one write at a time)."""
+    version; a cancel goes out once, after the start (grpc allows one write at a time). With a `placement`, a
+    request of a session goes to its session's replica when the placement prefers one."""
 
-    def __init__(self, peer: Peer[InferenceStub], model_id: str, start: inference_pb2.GenerateRequest) -> None:
+    def __init__(self, peer: Peer[InferenceStub], model_id: str, start: inference_pb2.GenerateRequest,
+                 placement: SessionPlacement | None = None) -> None:
         self._peer = peer
+        self._placement = placement
         self._model_id = model_id
         self._start = start
         self._refused: set[str] = set()
@@ -352,9 +391,14 @@ class InferenceStream:
         await self._held.aclose()
 
     async def _open(self, none_match: str = "") -> None:
-        """Opens the call on a replica that serves the version and has not refused it."""
+        """Opens the call on a replica that serves the version and has not refused it (its session's, if preferred)."""
+        predicate: Callable[[Endpoint], bool] = self._serves
+        if self._placement is not None:
+            wanted = self._placement.choose([e for e in await self._peer.passing() if self._serves(e)])
+            if wanted is not None:
+                predicate = lambda e: self._serves(e) and e.service_id == wanted  # noqa: E731
         held = contextlib.AsyncExitStack()
-        lease = await held.enter_async_context(self._peer.lease(self._serves, none_match=none_match))
+        lease = await held.enter_async_context(self._peer.lease(predicate, none_match=none_match))
         await self._held.aclose()  # the replica that refused it no longer counts this call
         self._held, self._lease, self._call = held, lease, lease.stub.Generate(**lease.options())
 
@@ -372,7 +416,9 @@ class InferenceStream:
                     await send(self._call, self._start)
                 self._start_written.set()
                 async for response in self._call:
-                    admitted = True
+                    if not admitted:
+                        admitted = True
+                        self._admitted()
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
@@ -391,6 +437,12 @@ class InferenceStream:
                     raise Unavailable(f"inference replica {self.replica.target} became unavailable: "
                                       f"{exc.details()}") from exc
                 raise
+
+    def _admitted(self) -> None:
+        """The replica took the request: its session's next turns go there."""
+        trace.get_current_span().set_attribute("lmesh.inference.replica", self.replica.service_id)
+        if self._placement is not None:
+            self._placement.served(self.replica)
 
     async def cancel(self) -> None:
         if self._cancelled:

@@ -24,7 +24,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ from services.gateway.openai_api import (
     plain_error,
 )
 from services.gateway.request_path import ChatEvent, ChatStarted, chat_events, closing, stalled_client
+from services.gateway.response_cache import cache_control
 
 if TYPE_CHECKING:
     from services.gateway.tls import PublicTls
@@ -103,6 +104,7 @@ class Responder:
     def __init__(self, send: Send) -> None:
         self._send = send
         self.trace_id = ""  # sent as `x-lmesh-trace-id` once the request has a span
+        self.answer_headers: list[tuple[bytes, bytes]] = []  # sent with an answer (not with an error)
         self.started = False
         self.status = 0
 
@@ -124,12 +126,12 @@ class Responder:
 
     async def event(self, data: bytes) -> None:
         if not self.started:
-            await self._start(200, SSE_HEADERS)
+            await self._start(200, [*SSE_HEADERS, *self.answer_headers])
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
         if not self.started:
-            await self._start(200, SSE_HEADERS)
+            await self._start(200, [*SSE_HEADERS, *self.answer_headers])
         await self._send({"type": "http.response.body", "body": data})
 
 
@@ -306,7 +308,9 @@ class OpenAIApp:
                 else:
                     def checked() -> ApiRequest:
                         parsed = parse_body(body)
-                        return chat_request(parsed) if route == CHAT else completion_request(parsed)
+                        asked = chat_request(parsed) if route == CHAT else completion_request(parsed)
+                        read, store = cache_control(headers.get("cache-control", ""))
+                        return replace(asked, params=replace(asked.params, cache_read=read, cache_store=store))
 
                     # A large body takes a worker thread (up to half a second for 4 MiB of messages): the event
                     # loop keeps relaying the other streams' tokens meanwhile.
@@ -348,6 +352,8 @@ class OpenAIApp:
             async for index, event in events:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
+                    answer.cache_results[index] = event.response_cache
+                    respond.answer_headers = [answer.cache_header()]
                     continue
                 assert answer is not None
                 choice = answer.choices[index]
@@ -372,7 +378,7 @@ class OpenAIApp:
         if request.stream:
             await respond.end((answer.usage_chunk() if request.include_usage else b"") + DONE)
         else:
-            await respond.json(200, answer.whole())
+            await respond.json(200, answer.whole(), (answer.cache_header(),))
 
     async def _choices(self, request: ApiRequest, credential: Callable[[], Credential], flight: Flight,
                        ) -> AsyncGenerator[tuple[int, ChatEvent], None]:

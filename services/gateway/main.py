@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.config import (
+    ON_OFF_TYPE,
     PORT_TYPE,
     READABLE_FILE_TYPE,
     ConfigError,
@@ -18,11 +19,21 @@ from services.common.config import (
 )
 from services.common.server import ExtraPort, ServiceParts, ServiceRuntime
 from services.gateway.admission import DEFAULT_MAX_CHATS, DEFAULT_STALLED_CLIENT_S
+from services.gateway.response_cache import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_MB,
+    DEFAULT_REDIS_TIMEOUT_MS,
+    DEFAULT_TTL_S,
+)
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import Meter
+
+    from services.gateway.response_cache import ResponseCache
     from services.gateway.tls import PublicTls
 
 log = logging.getLogger("lmesh.gateway")
+REDIS_URL_ENV = "LMESH_RESPONSE_CACHE_REDIS"
 
 # gRPC's usual 4 MiB for the public API: a chat request is text, and a model's whole context is far smaller
 # (SmolLM2's 8192 tokens are at most 0.7 MB); the mesh's internal services keep 64 MiB for artifact uploads.
@@ -63,6 +74,31 @@ class GatewaySettings:
         flag="--stalled-client-s", env="LMESH_GATEWAY_STALLED_CLIENT_S", default=DEFAULT_STALLED_CLIENT_S,
         parse=float_type(0.1), help="a streaming client that takes nothing of its stream this many seconds (it "
                                     "stopped reading) has the stream ended, >= 0.1")
+    # The response cache (services/gateway/response_cache.py; README "Response cache").
+    response_cache: bool = setting(
+        flag="--response-cache", env="LMESH_RESPONSE_CACHE", default=True, parse=ON_OFF_TYPE,
+        help="answer an identical deterministic request (greedy, or with a seed) of the same tenant from the "
+             "response cache, on or off")
+    response_cache_entries: int = setting(
+        flag="--response-cache-entries", env="LMESH_RESPONSE_CACHE_ENTRIES", default=DEFAULT_MAX_ENTRIES,
+        parse=int_type(1), help="most answers the response cache keeps in this gateway's memory")
+    response_cache_mb: int = setting(
+        flag="--response-cache-mb", env="LMESH_RESPONSE_CACHE_MB", default=DEFAULT_MAX_MB, parse=int_type(1),
+        help="most MiB of answers the response cache keeps in this gateway's memory (one answer at most an eighth)")
+    response_cache_ttl_s: float = setting(
+        flag="--response-cache-ttl", env="LMESH_RESPONSE_CACHE_TTL_S", default=DEFAULT_TTL_S, parse=float_type(1),
+        help="seconds a cached answer is kept (in memory and in Redis)")
+    response_cache_redis: str | None = setting(
+        env=REDIS_URL_ENV, secret=True, default=None,
+        help="share the response cache with every gateway that names this Redis (redis://[:password@]host:port[/db], "
+             "rediss:// for TLS); unset: each gateway's own memory only")
+    response_cache_redis_prefix: str = setting(
+        flag="--response-cache-redis-prefix", env="LMESH_RESPONSE_CACHE_REDIS_PREFIX", default="lmesh:",
+        help="prefix of the response cache's Redis keys (one Redis may serve several meshes)")
+    response_cache_redis_timeout_ms: int = setting(
+        flag="--response-cache-redis-timeout-ms", env="LMESH_RESPONSE_CACHE_REDIS_TIMEOUT_MS",
+        default=DEFAULT_REDIS_TIMEOUT_MS, parse=int_type(1),
+        help="a Redis lookup or store slower than this is a miss (and Redis is skipped for a few seconds)")
 
     def __post_init__(self) -> None:
         def names(name: str) -> str:
@@ -95,7 +131,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.gateway.servicer import GatewayServicer
 
     settings = runtime.config.settings_as(GatewaySettings)
-    chat = ChatService(runtime.mesh, runtime.tracer, settings.max_chats, settings.stalled_client_s)
+    chat = ChatService(runtime.mesh, runtime.tracer, response_cache(settings, runtime.meter),
+                       max_chats=settings.max_chats, stalled_client_s=settings.stalled_client_s)
     servicer = GatewayServicer(chat)
     metrics = GatewayMetrics(runtime.meter)
     metrics.observe_admission(chat.admission)
@@ -129,6 +166,20 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                                        tls.server_credentials(client_auth=True),
                                        setting_names(GatewaySettings, "tls_client_cert_port"))]
     return parts
+
+
+def response_cache(settings: GatewaySettings, meter: Meter) -> ResponseCache:
+    """The response cache the settings describe: this gateway's memory, plus Redis when one is named."""
+    from services.gateway.response_cache import CacheLimits, RedisStore, ResponseCache
+
+    limits = CacheLimits(settings.response_cache_entries, settings.response_cache_mb << 20,
+                         settings.response_cache_ttl_s)
+    shared = None
+    if settings.response_cache and settings.response_cache_redis:
+        shared = RedisStore(settings.response_cache_redis, prefix=settings.response_cache_redis_prefix,
+                            timeout_s=settings.response_cache_redis_timeout_ms / 1000, ttl_s=limits.ttl_s)
+        log.info("response cache shared in Redis (prefix %r)", settings.response_cache_redis_prefix)
+    return ResponseCache(limits, shared, enabled=settings.response_cache, meter=meter)
 
 
 def public_tls(settings: GatewaySettings) -> PublicTls | None:

@@ -31,7 +31,7 @@ from opentelemetry import trace
 from services.common.errors import InvalidArgument, Reason, capped
 from services.common.references import MAX_REFERENCE_CHARS
 from services.common.rpc import bounded, details_for, status_for
-from services.gateway.chat import DEFAULT_MODEL, ChatParams
+from services.gateway.chat import DEFAULT_MODEL, MAX_PRIORITY, MIN_PRIORITY, ChatParams
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # as the gRPC API's 4 MiB message limit
@@ -103,7 +103,13 @@ SAMPLING = {
     "stream_options": _nullable({"type": "object", "properties": {
         "include_usage": _nullable({"type": "boolean"})}}),
     "user": _nullable({"type": "string", "maxLength": MAX_USER_CHARS,
-                       "description": "The caller's end user or session: passed to the request path as its session."}),
+                       "description": "The caller's end user or session: its requests go to the inference replica "
+                                      "that served it before (its prompt prefix is cached there) while that replica "
+                                      "has room; kept only as a hash, per tenant."}),
+    "priority": _nullable({"type": "integer", "minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY,
+                           "description": "lmesh (as vLLM's extension): scheduling priority, higher served first "
+                                          "and shed last when the replicas' queues are full; clipped to the key's "
+                                          "max priority. Left out: the key's max priority."}),
     "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": INT32_MAX,
                         "description": "lmesh: sample among the k most likely tokens; 0: off."}),
     "repetition_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
@@ -364,6 +370,7 @@ def _sampling(body: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
         "repetition_penalty": float(_get(body, "repetition_penalty", 0.0)),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
         "session": _get(body, "user", ""),
+        "priority": None if body.get("priority") is None else int(body["priority"]),
     }
 
 
@@ -442,11 +449,14 @@ class LegacyLogprobs:
                 "text_offset": offsets}
 
 
-def usage_json(prompt: generation_pb2.Usage, completion_tokens: int) -> dict[str, Any]:
-    """OpenAI's usage: the prompt once (every choice's is the same), the completion tokens of all choices."""
+def usage_json(prompt: generation_pb2.Usage, completion_tokens: int, cached_response: bool = False,
+               ) -> dict[str, Any]:
+    """OpenAI's usage: the prompt once (every choice's is the same), the completion tokens of all choices; lmesh's
+    extension `lmesh.cached_response` (every choice answered from the response cache)."""
     return {"prompt_tokens": prompt.prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt.prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": prompt.cached_prompt_tokens}}
+            "prompt_tokens_details": {"cached_tokens": prompt.cached_prompt_tokens},
+            "lmesh": {"cached_response": cached_response}}
 
 
 @dataclass
@@ -471,6 +481,7 @@ class Answer:
         self.model = model
         self.created = created
         self.choices = [Choice(i) for i in range(request.n)]
+        self.cache_results: dict[int, str] = {}  # each choice's response cache result (request_path.ChatStarted)
         self._legacy = [LegacyLogprobs(request.params.top_logprobs > 0) for _ in range(request.n)]
         kind = "text_completion" if self.completion else "chat.completion.chunk"
         self._head = (f'data: {{"id":{json.dumps(self.id)},"object":"{kind}","created":{created},'
@@ -519,7 +530,17 @@ class Answer:
         first = self.choices[0].usage
         if first is None:
             return None
-        return usage_json(first, sum(c.usage.completion_tokens for c in self.choices if c.usage is not None))
+        usages = [c.usage for c in self.choices if c.usage is not None]
+        return usage_json(first, sum(u.completion_tokens for u in usages), all(u.cached_response for u in usages))
+
+    def cache_header(self) -> tuple[bytes, bytes]:
+        """`x-lmesh-cache`: hit when every choice was answered from the response cache, bypass when the request
+        did not read it (opted out, or not deterministic), miss otherwise (choices not started yet count as
+        misses)."""
+        results = set(self.cache_results.values())
+        value = ("bypass" if "bypass" in results else
+                 "hit" if results == {"hit"} and len(self.cache_results) == len(self.choices) else "miss")
+        return b"x-lmesh-cache", value.encode()
 
     # -- whole
 
@@ -654,7 +675,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                                 "internal, ...)."}}}}}
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
-    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
+    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}},
+    "lmesh": {"type": "object", "description": "lmesh's extension.", "properties": {"cached_response": {
+        "type": "boolean", "description": "The gateway answered from its response cache: no model ran (every "
+                                          "choice, with n > 1)."}}}}}
 FINISH = {"type": ["string", "null"], "enum": [*FINISH_REASONS.values(), None]}
 TOKEN = {"token": {"type": "string"}, "logprob": {"type": "number"},
          "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}
@@ -727,6 +751,15 @@ def _errors(*statuses: int) -> dict[str, Any]:
                           **({"headers": headers} if status in (429, 503) else {})} for status in statuses}
 
 
+CACHE_CONTROL = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "`no-cache`: not answered from the response cache (the answer may still be stored); "
+                                "`no-store`: the answer is not stored; both: the cache is left alone."}
+CACHE_RESULT = {"x-lmesh-cache": {"schema": {"type": "string", "enum": ["hit", "miss", "bypass"]},
+                                  "description": "hit: answered from the gateway's response cache, no model ran; "
+                                                 "miss: looked up, not found; bypass: not looked up (opted out, or "
+                                                 "not deterministic: sampled without a seed)."}}
+
+
 def openapi_document() -> dict[str, Any]:
     post_errors = _errors(400, 401, 403, 404, 413, 429, 500, 503, 504)
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -741,15 +774,17 @@ def openapi_document() -> dict[str, Any]:
                        "schemas": {"Error": ERROR}},
         "paths": {
             "/v1/chat/completions": {"post": {
-                "operationId": "createChatCompletion", "security": secured,
+                "operationId": "createChatCompletion", "security": secured, "parameters": [CACHE_CONTROL],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST}}},
                 "responses": {"200": {"description": "The answer, or with `stream` its Server-Sent Events.",
+                                      "headers": CACHE_RESULT,
                                       "content": {"application/json": {"schema": CHAT_COMPLETION}, **SSE}},
                               **post_errors}}},
             "/v1/completions": {"post": {
-                "operationId": "createCompletion", "security": secured,
+                "operationId": "createCompletion", "security": secured, "parameters": [CACHE_CONTROL],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": COMPLETION_REQUEST}}},
                 "responses": {"200": {"description": "The answer, or with `stream` its Server-Sent Events.",
+                                      "headers": CACHE_RESULT,
                                       "content": {"application/json": {"schema": COMPLETION}, **SSE}},
                               **post_errors}}},
             "/v1/models": {"get": {

@@ -3,8 +3,9 @@ OpenAI-compatible HTTP API (openai_api.py, http_server.py) both run `chat_events
 
 It does what a chat needs whatever carried it: the request's form (the model reference, then `validate`), the
 caller's credential (asked for only after the form, so a malformed request is INVALID_ARGUMENT with or without a
-key), resolve, authorize, guardrails on the messages, render (`ChatService.prepare`), the generation with its
-output screened (`ChatService.generate`, `Guardrails.screen_output`), and the call's span attributes. The
+key), resolve, authorize, guardrails on the messages, render (`ChatService.prepare`), the response cache
+(response_cache.py: a hit replays a stored answer in place of the generation), the generation with its output
+screened (`ChatService.generate`, `Guardrails.screen_output`), and the call's span attributes. The
 protocols only translate: their request into `ChatParams`, these events into their messages, their way of
 cancelling into `cancel` (a gRPC `Cancel` message) or into cancelling the task that iterates (a gRPC stream
 dropped, an HTTP client that disconnected): the generation upstream stops either way.
@@ -34,6 +35,7 @@ from services.gateway.chat import (
 )
 from services.gateway.coalesce import coalesced
 from services.gateway.credentials import Credential
+from services.gateway.response_cache import COMPLETE, Recorder, Result, replay
 from services.gateway.screen import Screening
 
 
@@ -44,6 +46,7 @@ class ChatStarted:
     model: str  # the concrete version that answers, `name:version`
     id: str  # `chatcmpl-` and 32 hex digits: also the span's gen_ai.response.id and inference's request id
     prompt_tokens: int
+    response_cache: Result = "bypass"  # hit: answered from the response cache, no model runs; miss; bypass
 
 
 ChatEvent = ChatStarted | ChatDelta | ChatEnd
@@ -113,19 +116,36 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
     model_id = f"{version.name}:{version.version}"
     span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
                          "gen_ai.usage.input_tokens": len(prepared.prompt)})
+    # The response cache, after authorization, input guardrails and the reservation (a hit is admitted and
+    # charged as a miss), before the model: a hit replays the stored answer, a miss records its own.
+    cache = chat.response_cache
+    plan = cache.plan(params, prepared.tenant, model_id, prepared.prompt)
     # Settled with what the meter saw on every ending: finish, cancel, client gone, deadline, error, a block.
     # The streams are closed here, in order, whatever ends the loop: the inference and detokenizer streams are
     # cut before this generator returns, not whenever the garbage collector finds them.
-    async with chat.accounts.held(prepared.reservation, deadline_passed) as meter, \
-            closing(chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
-                                  prepared.tokenizer, meter)) as generated, \
-            closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
-        yield ChatStarted(model_id, completion_id, len(prepared.prompt))
-        async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
-            async for event in buffered:
-                if isinstance(event, ChatEnd):
-                    usage = event.usage  # inference's, relayed as it came: the same shared type
-                    span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
-                                         "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],
-                                         "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
-                yield event
+    async with chat.accounts.held(prepared.reservation, deadline_passed) as meter:
+        hit = await cache.lookup(plan)  # inside: a client that leaves meanwhile still has its reservation settled
+        cache_result: Result = "hit" if hit is not None else plan.result_if_missed
+        cache.count(cache_result, model_id)
+        span.set_attribute("lmesh.response_cache", cache_result)
+        recorder = Recorder(meter)
+        if hit is not None:
+            source = replay(hit, meter, cancel)
+        else:
+            source = chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
+                                   prepared.tokenizer, meter, priority=prepared.priority,
+                                   placement=prepared.placement)
+            source = recorder.record(source) if plan.write else source
+        async with closing(source) as generated, \
+                closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
+            yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result)
+            async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
+                async for event in buffered:
+                    if isinstance(event, ChatEnd):
+                        if recorder.answer is not None and event.finish_reason in COMPLETE:  # not blocked by screening
+                            cache.store(plan, recorder.answer)
+                        usage = event.usage  # inference's, relayed as it came: the same shared type
+                        span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                             "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],
+                                             "lmesh.usage.cached_prompt_tokens": usage.cached_prompt_tokens})
+                    yield event

@@ -25,7 +25,9 @@ def _params(start: gateway_pb2.ChatStart) -> ChatParams:
         messages=[(m.role, m.content) for m in start.messages],
         max_tokens=start.max_tokens, temperature=start.temperature, top_p=start.top_p, top_k=start.top_k,
         seed=start.seed, repetition_penalty=start.repetition_penalty, stop=list(start.stop),
-        logprobs=start.logprobs, top_logprobs=start.top_logprobs,
+        logprobs=start.logprobs, top_logprobs=start.top_logprobs, session=start.session,
+        priority=start.priority if start.HasField("priority") else None,
+        cache_read=not start.no_cache, cache_store=not start.no_cache,
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from services.common.access import reference_allowed, version_allowed
 from services.common.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     LmeshError,
     NotFound,
@@ -53,10 +54,14 @@ MAX_MODEL_PATTERN_LEN = 256
 MAX_ALLOWED_MODELS = 256
 MAX_DISPLAY_NAME_LEN = 256
 DB_NAME = "policy.sqlite3"
-SCHEMA_VERSION = 2  # 2: client certificate bindings
+SCHEMA_VERSION = 3  # 2: client certificate bindings; 3: max_priority
 INVALID_KEY = "invalid API key"
 UNBOUND_CERTIFICATE = "the client certificate is not bound to an active API key"
 MAX_SUBJECT_LEN = 1024
+# Request priorities, as inference's queue orders them (GenerateStart.priority): higher first. A key's cap is
+# the lowest unless an operator raises it, so priority is something granted, never something a caller takes.
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+DEFAULT_MAX_PRIORITY = MIN_PRIORITY
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -72,7 +77,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     create_time_unix_ms INTEGER NOT NULL,
     revoke_time_unix_ms INTEGER,        -- NULL while the key is active
     client_cert_subject TEXT,           -- canonical RFC 4514 subject a verified client certificate maps from
-    client_cert_sha256  TEXT            -- or one certificate's SHA-256 (lowercase hex); NULL when unbound
+    client_cert_sha256  TEXT,           -- or one certificate's SHA-256 (lowercase hex); NULL when unbound
+    max_priority        INTEGER NOT NULL DEFAULT 0  -- the highest request priority its chats may run at
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, create_time_unix_ms);
 """
@@ -85,7 +91,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_cert_sha256 ON api_keys (clien
     WHERE revoke_time_unix_ms IS NULL AND client_cert_sha256 IS NOT NULL;
 """
 _COLUMNS = ("key_id, tenant, allowed_models, display_name, create_time_unix_ms, revoke_time_unix_ms, "
-            "client_cert_subject, client_cert_sha256")
+            "client_cert_subject, client_cert_sha256, max_priority")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class Principal:
     tenant: str
     # Empty allows every model.
     allowed_models: tuple[str, ...]
+    max_priority: int = DEFAULT_MAX_PRIORITY  # the highest request priority its chats may run at
 
     def may_use(self, model: str) -> bool:
         """Whether `model` (as the client referenced it) matches one of the allowed references or globs."""
@@ -114,10 +121,11 @@ class ApiKey:
     revoked: bool
     client_cert_subject: str = ""
     client_cert_sha256: str = ""
+    max_priority: int = DEFAULT_MAX_PRIORITY
 
     @property
     def principal(self) -> Principal:
-        return Principal(self.key_id, self.tenant, self.allowed_models)
+        return Principal(self.key_id, self.tenant, self.allowed_models, self.max_priority)
 
 
 def validate_tenant(tenant: str, field: str = "tenant") -> str:
@@ -170,6 +178,12 @@ def validate_model(model: str, field: str = "model") -> str:
     if any(ch.isspace() or not ch.isprintable() for ch in model):
         raise InvalidArgument(field, "must not contain whitespace or control characters")
     return model
+
+
+def validate_max_priority(value: int, field: str = "max_priority") -> int:
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument(field, f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {value}")
+    return value
 
 
 def validate_key_id(key_id: str) -> str:
@@ -336,6 +350,8 @@ class KeyStore:
             for column in ("client_cert_subject", "client_cert_sha256"):  # a schema 1 file: bindings came later
                 if column not in columns:
                     db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+            if "max_priority" not in columns:  # schema 2 and older: every key keeps the lowest priority
+                db.execute("ALTER TABLE api_keys ADD COLUMN max_priority INTEGER NOT NULL DEFAULT 0")
             db.executescript(_BINDING_INDEXES)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('key_pepper', ?)",
@@ -372,11 +388,14 @@ class KeyStore:
         return hmac.new(self._pepper, api_key.encode("utf-8"), sha256).digest()
 
     def create(self, tenant: str, allowed_models: Iterable[str] = (), display_name: str = "", *,
-               client_cert_subject: str = "", client_cert_sha256: str = "") -> tuple[ApiKey, str]:
+               client_cert_subject: str = "", client_cert_sha256: str = "",
+               max_priority: int = DEFAULT_MAX_PRIORITY) -> tuple[ApiKey, str]:
         """A new key for `tenant`: its public record and the plaintext secret (returned here only). With
         `client_cert_subject` or `client_cert_sha256` (one of them), a verified client certificate with that
-        subject or fingerprint authenticates as the key too."""
+        subject or fingerprint authenticates as the key too. `max_priority`: the highest request priority its
+        chats may run at."""
         tenant = validate_tenant(tenant)
+        max_priority = validate_max_priority(max_priority)
         models = validate_allowed_models(allowed_models)
         display_name = validate_display_name(display_name)
         if client_cert_subject and client_cert_sha256:
@@ -393,9 +412,10 @@ class KeyStore:
             try:
                 db.execute(
                     "INSERT INTO api_keys (key_id, key_hash, tenant, allowed_models, display_name, "
-                    "create_time_unix_ms, client_cert_subject, client_cert_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "create_time_unix_ms, client_cert_subject, client_cert_sha256, max_priority) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (key_id, self._hash(plaintext), tenant, json.dumps(models), display_name, now_ms, subject,
-                     fingerprint),
+                     fingerprint, max_priority),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -405,10 +425,10 @@ class KeyStore:
                     raise
         bound = f", bound to client certificate {_binding_text(subject, fingerprint)}" if subject or fingerprint else ""
         log.info("created API key %s for tenant %s%s", key_id, tenant, bound)
-        self._record("key.create", "ok", Principal(key_id, tenant, models),
-                     detail=f"models: {', '.join(models) or 'all'}{bound}")
+        self._record("key.create", "ok", Principal(key_id, tenant, models, max_priority),
+                     detail=f"models: {', '.join(models) or 'all'}{bound}; max priority {max_priority}")
         return ApiKey(key_id, tenant, models, display_name, now_ms, revoked=False, client_cert_subject=subject or "",
-                      client_cert_sha256=fingerprint or ""), plaintext
+                      client_cert_sha256=fingerprint or "", max_priority=max_priority), plaintext
 
     def _check_unbound(self, subject: str | None, fingerprint: str | None) -> None:
         for column, value, field in (("client_cert_subject", subject, "client_cert_subject"),
@@ -538,6 +558,19 @@ class KeyStore:
             raise NotFound(f"no API key {key_id}")
         return _record(row)
 
+    def set_max_priority(self, key_id: str, max_priority: int) -> ApiKey:
+        """Changes the highest request priority of an active key's chats, from its next request on."""
+        validate_key_id(key_id)
+        max_priority = validate_max_priority(max_priority)
+        record = self.get(key_id)
+        if record.revoked:
+            raise FailedPrecondition(f"API key {key_id} is revoked")
+        self._conn.execute("UPDATE api_keys SET max_priority = ? WHERE key_id = ?", (max_priority, key_id))
+        log.info("API key %s: max priority %d", key_id, max_priority)
+        record = self.get(key_id)
+        self._record("key.priority", "ok", record.principal, detail=f"max priority {max_priority}")
+        return record
+
     def revoke(self, key_id: str) -> ApiKey:
         """Revokes a key for good (idempotent); the next authentication with it fails."""
         validate_key_id(key_id)
@@ -555,7 +588,7 @@ class KeyStore:
 
 
 def _record(row: Sequence[Any]) -> ApiKey:
-    key_id, tenant, models_json, display_name, create_ms, revoke_ms, subject, fingerprint = row
+    key_id, tenant, models_json, display_name, create_ms, revoke_ms, subject, fingerprint, max_priority = row
     return ApiKey(
         key_id=str(key_id),
         tenant=str(tenant),
@@ -565,6 +598,7 @@ def _record(row: Sequence[Any]) -> ApiKey:
         revoked=revoke_ms is not None,
         client_cert_subject=str(subject or ""),
         client_cert_sha256=str(fingerprint or ""),
+        max_priority=int(max_priority),
     )
 
 

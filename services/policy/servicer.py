@@ -24,7 +24,7 @@ from services.policy.accounting_pb import (
     usage_pb,
 )
 from services.policy.audit import AuditSink, MemoryAudit
-from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal
+from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal, validate_max_priority
 from services.policy.limits import Limits, State, validated
 from services.policy.rules import RulesSource, record_screening
 
@@ -67,7 +67,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         limits = validated(creation_update(request.limits))  # before the key exists: a bad limit creates none
         record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name,
                                                client_cert_subject=request.client_cert_subject,
-                                               client_cert_sha256=request.client_cert_sha256)
+                                               client_cert_sha256=request.client_cert_sha256,
+                                               max_priority=request.max_priority)
         try:
             applied = await self._accounting.set_key_limits(record, limits, created=True)
         except Unavailable:
@@ -140,8 +141,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
                            context: grpc.aio.ServicerContext) -> policy_pb2.UpdateApiKeyResponse:
         self._admin.check_call(context)
         update = validated(update_from_pb(request.limits))
+        priority = request.max_priority if request.HasField("max_priority") else None
+        if priority is not None:
+            validate_max_priority(priority)  # before anything changes
         record = self._store.get(request.key_id)
-        limits = await self._accounting.set_key_limits(record, update)
+        if priority is not None:
+            record = self._store.set_max_priority(record.key_id, priority)
+        if priority is not None and update.empty:
+            limits = (await self._accounting.key_limits([record.key_id]))[record.key_id]
+        else:
+            limits = await self._accounting.set_key_limits(record, update)
         return policy_pb2.UpdateApiKeyResponse(key=_api_key_pb(record, limits))
 
     async def SetTenantLimits(self, request: policy_pb2.SetTenantLimitsRequest,
@@ -199,7 +208,7 @@ def _page_start(token: str, tenant: str) -> int:
 
 def _principal_pb(principal: Principal) -> policy_pb2.Principal:
     return policy_pb2.Principal(key_id=principal.key_id, tenant=principal.tenant,
-                                allowed_models=list(principal.allowed_models))
+                                allowed_models=list(principal.allowed_models), max_priority=principal.max_priority)
 
 
 def _api_key_pb(record: ApiKey, limits: Limits | None = None) -> policy_pb2.ApiKey:
@@ -207,4 +216,5 @@ def _api_key_pb(record: ApiKey, limits: Limits | None = None) -> policy_pb2.ApiK
                              allowed_models=list(record.allowed_models), display_name=record.display_name,
                              create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked,
                              client_cert_subject=record.client_cert_subject,
-                             client_cert_sha256=record.client_cert_sha256, limits=limits_pb(limits or Limits()))
+                             client_cert_sha256=record.client_cert_sha256, limits=limits_pb(limits or Limits()),
+                             max_priority=record.max_priority)

@@ -78,7 +78,8 @@ class GatewayServicer:
         text matched),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
         empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
-        `top_logprobs` outside 0..20, or > 0 without `logprobs`; a prompt that does not fit the model's context;
+        `top_logprobs` outside 0..20, or > 0 without `logprobs`; `priority` outside 0..9; a prompt that does not
+        fit the model's context;
         a first message that cannot be decoded, such as a string field that is not UTF-8 — the message names the
         field, `request` for the last), RESOURCE_EXHAUSTED (a limit, the queue of every replica serving the
         model is full, or this gateway has its bound of chats in flight (GATEWAY_BUSY, with a retry delay estimated
