@@ -27,7 +27,7 @@ from services.common.errors import Reason, ResourceExhausted, Unavailable
 from services.gateway.accounting import Meter
 from services.gateway.admission import MAX_RETRY_S, MIN_RETRY_S, ChatAdmission
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams
-from services.gateway.coalesce import Coalescer, delta_size
+from services.gateway.coalesce import MAX_WAITING_MESSAGES, Coalescer, delta_size
 from services.gateway.http_server import HttpDoor, OpenAIApp
 from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.servicer import GatewayServicer
@@ -52,10 +52,11 @@ class Run:
     taken: list[Any] = field(default_factory=list)
     error: BaseException | None = None
     most_buffered: int = 0
+    most_waiting: int = 0
 
 
 async def _coalesce(deltas: list[ChatDelta], source_pauses: list[int], writer_pauses: list[int], fail: bool,
-                    max_message: int, max_buffered: int) -> Run:
+                    max_message: int, max_buffered: int, max_messages: int) -> Run:
     run = Run()
     coalescer: Coalescer[Any] | None = None
 
@@ -67,11 +68,13 @@ async def _coalesce(deltas: list[ChatDelta], source_pauses: list[int], writer_pa
             yield delta
             assert coalescer is not None
             run.most_buffered = max(run.most_buffered, coalescer.buffered_bytes)
+            run.most_waiting = max(run.most_waiting, coalescer.waiting)
         if fail:
             raise Unavailable("inference replica 127.0.0.1:1 became unavailable")
         yield ChatEnd(generation_pb2.FINISH_REASON_STOP, generation_pb2.Usage())
 
-    coalescer = Coalescer(source(), max_message_bytes=max_message, max_buffered_bytes=max_buffered)
+    coalescer = Coalescer(source(), max_message_bytes=max_message, max_buffered_bytes=max_buffered,
+                          max_messages=max_messages)
     coalescer.start()
     try:
         async for event in coalescer:
@@ -88,14 +91,14 @@ async def _coalesce(deltas: list[ChatDelta], source_pauses: list[int], writer_pa
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(specs=DELTAS, source_pauses=st.lists(st.integers(0, 3), min_size=1, max_size=8),
        writer_pauses=st.lists(st.integers(0, 6), min_size=1, max_size=8), fail=st.booleans(),
-       max_message=st.integers(1, 40), max_buffered=st.integers(1, 120))
+       max_message=st.integers(1, 40), max_buffered=st.integers(1, 120), max_messages=st.integers(1, 6))
 def test_the_buffer_gives_every_byte_and_entry_in_order_within_its_bounds_for_any_interleaving(
         specs: list[tuple[str, int, int]], source_pauses: list[int], writer_pauses: list[int], fail: bool,
-        max_message: int, max_buffered: int) -> None:
+        max_message: int, max_buffered: int, max_messages: int) -> None:
     serial = iter(range(10**6))
     deltas = [ChatDelta(text, [_entry(next(serial), alternatives) for _ in range(count)])
               for text, count, alternatives in specs]
-    run = asyncio.run(_coalesce(deltas, source_pauses, writer_pauses, fail, max_message, max_buffered))
+    run = asyncio.run(_coalesce(deltas, source_pauses, writer_pauses, fail, max_message, max_buffered, max_messages))
     assert run.taken[0] is STARTED
     if fail:
         assert isinstance(run.error, Unavailable)  # after everything that came before it
@@ -110,6 +113,8 @@ def test_the_buffer_gives_every_byte_and_entry_in_order_within_its_bounds_for_an
     largest = max((delta_size(delta) for delta in deltas), default=0)
     assert all(delta_size(delta) < max_message + largest for delta in merged)  # a merge stops past the cap
     assert run.most_buffered <= max_buffered + largest  # reading pauses past the bound
+    # Messages kept apart up to max_messages; past it merged, a new one only past the size of a message.
+    assert run.most_waiting <= max_messages + 1 + (max_buffered + largest) // max_message
 
 
 async def test_a_writer_that_lags_gets_the_deltas_merged_and_one_that_keeps_up_gets_them_as_they_came() -> None:
@@ -119,13 +124,17 @@ async def test_a_writer_that_lags_gets_the_deltas_merged_and_one_that_keeps_up_g
             if pause:
                 await asyncio.sleep(0)
 
-    lagging = Coalescer(source(100, pause=False))
+    lagging = Coalescer(source(100, pause=False), max_messages=4)
     lagging.start()
-    await asyncio.sleep(0.05)  # the writer is away: everything waits, merged
-    assert [delta.text async for delta in lagging] == ["".join(f"{i}," for i in range(100))]
-    keeping_up = Coalescer(source(100, pause=True))
+    await asyncio.sleep(0.05)  # the writer is away: everything waits; past 4 messages, merged into the last
+    assert [delta.text async for delta in lagging] == ["0,", "1,", "2,", "".join(f"{i}," for i in range(3, 100))]
+    keeping_up = Coalescer(source(100, pause=True), max_messages=1)
     keeping_up.start()
     assert [delta.text async for delta in keeping_up] == [f"{i}," for i in range(100)]
+    at_once = Coalescer(source(MAX_WAITING_MESSAGES, pause=False))  # a replay from the response cache
+    at_once.start()
+    await asyncio.sleep(0.05)
+    assert [delta.text async for delta in at_once] == [f"{i}," for i in range(MAX_WAITING_MESSAGES)]
 
 
 async def test_a_writer_stuck_in_a_write_is_reported_stalled_once_and_one_waiting_for_text_never_is() -> None:

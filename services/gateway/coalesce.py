@@ -1,14 +1,16 @@
 """A chat's events, read as fast as they come, for a client that reads at its own pace.
 
 Without it, a client that reads slowly would push back through the gateway's writes into the detokenizer and
-inference streams of its chat. `coalesced` decouples the two: a task reads the events into a small buffer while
-the protocol's writer takes them out; whenever the writer lags, consecutive text deltas merge into one (their
-text concatenated, their logprob entries concatenated), so the client still receives every byte of the answer, in
-order, in fewer, larger deltas, and the chat upstream ends at the engine's pace.
+inference streams of its chat. `coalesced` decouples the two: a task reads the events into a buffer of its own
+while the protocol's writer takes them out. Up to MAX_WAITING_MESSAGES deltas wait as they came (a writer that
+keeps up, or an answer replayed at once from the response cache, gets them unchanged); while the writer lags
+further, each new delta merges into the last one waiting (text concatenated, logprob entries concatenated), so the
+client still receives every byte of the answer, in order, in fewer, larger deltas, and the chat upstream ends at
+the engine's pace.
 
 Bounds: a merged delta grows to about MAX_MESSAGE_BYTES (then the next one starts), and the buffer holds about
-MAX_BUFFERED_BYTES at most: past that, reading pauses until the writer takes something (only then does a slow
-client hold back its own chat upstream, never the engine or another stream). A writer that takes nothing for
+MAX_BUFFERED_BYTES at most (admission.py): past that, reading pauses until the writer takes something (only then
+does a slow client hold back its own chat upstream, never the engine or another stream). A writer that takes nothing for
 `stall_s` (its last write still blocked: the client stopped reading) is reported once through `on_stall`, which
 ends the stream.
 """
@@ -26,6 +28,7 @@ from services.gateway.chat import ChatDelta
 from services.gateway.logprobs import TokenLogprob
 
 MAX_MESSAGE_BYTES = 64 * 1024  # well inside gRPC's 4 MiB receive limit, with logprobs too
+MAX_WAITING_MESSAGES = 64  # deltas kept apart while they wait (past it, they merge)
 CANDIDATE_BYTES = 16  # a logprob candidate's id, logprob and framing, beyond its token text and bytes
 
 E = TypeVar("E")
@@ -70,8 +73,9 @@ class Coalescer(Generic[E]):
 
     def __init__(self, source: AsyncIterator[E], stall_s: float | None = None,
                  on_stall: Callable[[], None] | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES, max_messages: int = MAX_WAITING_MESSAGES) -> None:
         self._source = source
+        self._max_messages = max_messages
         self._stall_s = stall_s
         self._on_stall = on_stall
         self._max_message = max_message_bytes
@@ -93,6 +97,11 @@ class Coalescer(Generic[E]):
     def buffered_bytes(self) -> int:
         """About how many bytes of deltas wait for the writer."""
         return self._buffered
+
+    @property
+    def waiting(self) -> int:
+        """How many messages wait for the writer."""
+        return len(self._items)
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read(), name="coalesce")
@@ -128,7 +137,7 @@ class Coalescer(Generic[E]):
         if isinstance(event, ChatDelta):
             size = delta_size(event)
             self._buffered += size
-            tail = self._items[-1] if self._items else None
+            tail = self._items[-1] if len(self._items) >= self._max_messages else None
             if isinstance(tail, _Merged) and tail.size < self._max_message:
                 tail.add(event, size)
                 return

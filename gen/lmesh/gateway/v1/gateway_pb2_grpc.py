@@ -60,8 +60,8 @@ class GatewayServicer:
         then ends normally with FINISH_REASON_CANCELLED). Half-closing after `start` is fine.
         The server sends zero or more messages with text in `delta`, then exactly one last message with
         `finish_reason` set (never FINISH_REASON_UNSPECIFIED) and `usage`. Concatenating every `delta` gives the
-        answer. While the client reads slower than the answer comes, consecutive deltas (and their `logprobs`) arrive
-        merged into fewer messages; the concatenation is the same. Stop strings are honoured: the text ends before
+        answer. While more than 64 messages wait for a client that reads slower than the answer comes, further
+        deltas (and their `logprobs`) arrive merged into fewer messages; the concatenation is the same. Stop strings are honoured: the text ends before
         the first stop string and never contains it.
         With `logprobs` set, concatenating `logprobs` over all messages of the stream gives one entry per
         generated token, in order, up to and including the token that completed a stop string; the end-of-turn
