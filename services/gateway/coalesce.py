@@ -10,9 +10,9 @@ the engine's pace.
 
 Bounds: a merged delta grows to about MAX_MESSAGE_BYTES (then the next one starts), and the buffer holds about
 MAX_BUFFERED_BYTES at most (admission.py): past that, reading pauses until the writer takes something (only then
-does a slow client hold back its own chat upstream, never the engine or another stream). A writer that takes nothing for
-`stall_s` (its last write still blocked: the client stopped reading) is reported once through `on_stall`, which
-ends the stream.
+does a slow client hold back its own chat upstream, never the engine or another stream). A writer that takes
+nothing for `stall_s` (its last write still blocked: the client stopped reading) is reported once through
+`on_stall`, which ends the stream.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ E = TypeVar("E")
 
 def delta_size(delta: ChatDelta) -> int:
     """About how many bytes `delta` takes on the wire (its text, and each logprob entry's text and bytes)."""
-    return len(delta.text) + sum(_entry_size(entry) for entry in delta.logprobs) if delta.logprobs else len(delta.text)
+    return len(delta.text) + (sum(_entry_size(entry) for entry in delta.logprobs) if delta.logprobs else 0)
 
 
 def _entry_size(entry: TokenLogprob) -> int:
@@ -90,7 +90,6 @@ class Coalescer(Generic[E]):
         self._taken_at: float | None = None  # when the writer took its last event (None: it waits for the next)
         self._timer: asyncio.TimerHandle | None = None
         self.stalled = False
-        self.taken = 0  # events given to the writer (deltas merged count once)
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -171,7 +170,6 @@ class Coalescer(Generic[E]):
             event: E = item.delta()  # type: ignore[assignment]
         else:
             event = item
-        self.taken += 1
         if self._stall_s is not None:
             self._taken_at = asyncio.get_running_loop().time()
             if self._timer is None and not self.stalled:
