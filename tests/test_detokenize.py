@@ -79,7 +79,7 @@ def test_only_a_byte_level_decoder_passes_the_check(byte_level: ModelTokenizer,
         vocabulary = vocabulary_of(tokenizer)
         probe = probe_ids(vocabulary)
         assert sorted(probe) == list(range(len(vocabulary.token_bytes)))
-        assert decodes_by_bytes(vocabulary, tokenizer.decode(probe, skip_special_tokens=True)) is passes
+        assert decodes_by_bytes(vocabulary, probe, tokenizer.decode(probe, skip_special_tokens=True)) is passes
 
 
 class ServicerPeer:

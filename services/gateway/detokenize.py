@@ -65,11 +65,11 @@ def probe_ids(vocabulary: Vocabulary) -> list[int]:
     return ids
 
 
-def decodes_by_bytes(vocabulary: Vocabulary, decoded: str) -> bool:
-    """Whether `decoded`, the tokenizer's text of `probe_ids(vocabulary)` with special tokens skipped, is what
-    the vocabulary's bytes give."""
+def decodes_by_bytes(vocabulary: Vocabulary, probe: Sequence[int], decoded: str) -> bool:
+    """Whether `decoded`, the tokenizer's text of `probe` with special tokens skipped, is what the vocabulary's
+    bytes give."""
     detokenizer = ByteDetokenizer(vocabulary)
-    return detokenizer.push(probe_ids(vocabulary)) + detokenizer.flush() == decoded
+    return detokenizer.push(probe) + detokenizer.flush() == decoded
 
 
 class LocalDetokenizing:
@@ -103,10 +103,11 @@ class LocalDetokenizing:
 
     async def _check(self, model_id: str) -> Vocabulary | None:
         vocabulary = await self._vocabularies.get(model_id)
+        probe = probe_ids(vocabulary)
         response = await self._tokenizer.call(
-            lambda t: t.Decode, tokenizer_pb2.DecodeRequest(model=model_id, token_ids=probe_ids(vocabulary),
-                                                            skip_special_tokens=True), timeout=CHECK_TIMEOUT_S)
-        if decodes_by_bytes(vocabulary, response.text):
+            lambda t: t.Decode, tokenizer_pb2.DecodeRequest(model=model_id, token_ids=probe, skip_special_tokens=True),
+            timeout=CHECK_TIMEOUT_S)
+        if decodes_by_bytes(vocabulary, probe, response.text):
             log.info("%s: answers are detokenized in the gateway (its tokenizer decodes by bytes)", model_id)
             return vocabulary
         log.info("%s: answers are detokenized by the tokenizer service (its decoder is not byte-level)", model_id)
