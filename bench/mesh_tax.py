@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shlex
@@ -57,6 +58,7 @@ THROUGHPUT_TARGET = 0.9
 TTFT_ADDED_TARGET_MS = 5.0
 CEILING_GOAL = 0.85
 LITELLM_SHARE_TARGET = 1 / 3
+RETRIES = 3
 PROMPT_BOUND = 4096  # the questions are a few dozen tokens: no bound the gateway sets is reached
 
 
@@ -73,6 +75,7 @@ class Results:
     singles: dict[str, list[Stream]] = field(default_factory=dict)
     ceiling_step_ms: list[float] = field(default_factory=list)
     ceiling_cpu_s_per_1000_tokens: list[float] = field(default_factory=list)  # the bare loop's, in this process
+    retries: dict[str, int] = field(default_factory=dict)  # streams retried after UNAVAILABLE, by way
 
 
 class Ways:
@@ -85,6 +88,7 @@ class Ways:
         # The OpenAI endpoints: base URL and bearer key.
         self.openai = {HTTP: (mesh.http_base, mesh.key), **({LITELLM: (litellm.base, litellm.key)} if litellm else {})}
         self.gateway_stub_context = public_gateway(mesh.grpc_target)
+        self.retries: dict[str, int] = {}
 
     async def __aenter__(self) -> Ways:
         self.gateway = await self.gateway_stub_context.__aenter__()
@@ -99,11 +103,30 @@ class Ways:
         return [DIRECT, GRPC, HTTP, *([LITELLM] if LITELLM in self.openai else [])]
 
     def of(self, way: str) -> Callable[[int, int], Awaitable[Stream]]:
+        one: Callable[[int, int], Awaitable[Stream]]
         if way == DIRECT:
-            return self.direct
-        if way == GRPC:
-            return self.grpc
-        return lambda index, max_tokens: self.openai_http(*self.openai[way], index, max_tokens)
+            one = self.direct
+        elif way == GRPC:
+            one = self.grpc
+        else:
+            one = functools.partial(self.openai_http, *self.openai[way])
+        return lambda index, max_tokens: self.retried(way, one, index, max_tokens)
+
+    async def retried(self, way: str, one: Callable[[int, int], Awaitable[Stream]], index: int, max_tokens: int,
+                      ) -> Stream:
+        """As a client does with UNAVAILABLE: on a loaded machine Consul may miss a health check of a busy
+        replica for a moment. Counted in `self.retries`; the retried stream's times start over."""
+        for attempt in range(RETRIES):
+            try:
+                return await one(index, max_tokens)
+            except (grpc.aio.AioRpcError, httpx2.HTTPStatusError) as exc:
+                unavailable = (exc.code() == grpc.StatusCode.UNAVAILABLE if isinstance(exc, grpc.aio.AioRpcError)
+                               else exc.response.status_code == 503)
+                if not unavailable or attempt == RETRIES - 1:
+                    raise
+                self.retries[way] = self.retries.get(way, 0) + 1
+                await asyncio.sleep(1.0)
+        raise AssertionError("unreachable")
 
     async def direct(self, index: int, max_tokens: int) -> Stream:
         """Generate on the replica, with the prompt the gateway renders for the same question."""
@@ -216,8 +239,11 @@ async def measure(model_dir: Path, rounds: int, streams: int, max_tokens: int, s
                 proxied = await proxy.__aenter__() if proxy else None
                 try:
                     async with Ways(mesh, as_gateway, prompts, proxied) as ways:
-                        await run_rounds(ways, results, decoder, prompts, rounds, streams, max_tokens, single,
-                                         single_tokens)
+                        try:
+                            await run_rounds(ways, results, decoder, prompts, rounds, streams, max_tokens, single,
+                                             single_tokens)
+                        finally:
+                            results.retries = ways.retries
                 finally:
                     if proxy:
                         await proxy.__aexit__(None, None, None)
@@ -305,7 +331,7 @@ def summarize(results: Results, streams: int, max_tokens: int) -> dict[str, Any]
                                 mesh_added / proxy_added if proxy_added > 0 else None, "≤ 0.33", passed))
     return {"ceiling_tokens_per_s": ceiling, "ceiling_step_ms": results.ceiling_step_ms,
             "ceiling_cpu_s_per_1000_tokens": statistics.median(results.ceiling_cpu_s_per_1000_tokens or [0.0]),
-            "ways": ways, "checks": checks}
+            "ways": ways, "checks": checks, "retries_after_unavailable": results.retries}
 
 
 def check(name: str, value: float | None, target: str, passed: bool | None) -> dict[str, Any]:
