@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from bench.ceiling import lookup_draft, tokens_per_run
-from bench.mesh_tax import DIRECT, GRPC, HTTP, LITELLM, Results, Stream, input_only_rules, render, summarize
+from bench.mesh_tax import (
+    DIRECT,
+    GRPC,
+    HTTP,
+    LITELLM,
+    Results,
+    Stream,
+    input_only_rules,
+    render,
+    results_from_json,
+    summarize,
+)
 from services.common.guardrails import Stage
 from services.policy.rules import DEFAULT_RULES_PATH, load_rules
 
@@ -43,8 +56,9 @@ def test_the_mesh_tax_checks_compare_the_ways_side_by_side() -> None:
     results = Results(ceiling_step_ms=[100.0, 80.0])  # the fastest bare step makes the ceiling
     rates = {DIRECT: 200.0, GRPC: 190.0, HTTP: 170.0, LITELLM: 120.0}
     ttft_ms = {DIRECT: 50.0, GRPC: 53.0, HTTP: 54.0, LITELLM: 74.0}
+    mesh_cpu = {DIRECT: 0.1, GRPC: 0.6, HTTP: 0.5, LITELLM: 1.5}
     for way, rate in rates.items():
-        cpu = {"gateway": 0.1, "bench client": 0.2}
+        cpu = {"inference": 9.0, "gateway": mesh_cpu[way], "bench client": 0.2}
         results.batches[way] = [{"tokens_per_s": rate, "wall_s": 1.0, "cpu_s_per_1000_tokens": cpu}]
         results.singles[way] = [Stream(32, ttft_ms[way] / 1e3, 32 / (rate / 10))]
     summary = summarize(results, streams=16, max_tokens=64)
@@ -58,3 +72,8 @@ def test_the_mesh_tax_checks_compare_the_ways_side_by_side() -> None:
                         if name.startswith("lmesh's mesh adds / LiteLLM adds: TTFT p50"))
     assert litellm_ttft["value"] == pytest.approx(0.2) and litellm_ttft["passed"] is True
     assert "| gateway gRPC Chat | 190.0 (190) | 0.950x |" in render(summary, 16, 64, 32)
+    # 0.5 s of the gateway's CPU per 1000 tokens beyond direct, taken from an engine that needs 9.
+    grpc_cpu = checks["gateway grpc / direct, 16 streams, from CPU per token (with every core busy)"]
+    assert grpc_cpu["value"] == pytest.approx(9.0 / 9.5) and grpc_cpu["passed"] is True
+    saved = json.loads(json.dumps({"raw": dataclasses.asdict(results)}))
+    assert summarize(results_from_json(saved["raw"]), streams=16, max_tokens=64) == summary
