@@ -26,7 +26,7 @@ from services.gateway.logprobs import Vocabulary, VocabularyCache
 log = logging.getLogger("lmesh.gateway.detokenize")
 
 CHECK_TIMEOUT_S = 30.0
-MAX_CHECKED_MODELS = 16
+MAX_CHECKED_MODELS = 8  # versions whose check (and vocabulary, a few MB) is kept
 
 
 class ByteDetokenizer:
