@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
 from bench.ceiling import lookup_draft, tokens_per_run
+from bench.mesh_tax import (
+    DIRECT,
+    GRPC,
+    HTTP,
+    LITELLM,
+    Results,
+    Stream,
+    input_only_rules,
+    render,
+    results_from_json,
+    summarize,
+)
+from services.common.guardrails import Stage
+from services.policy.rules import DEFAULT_RULES_PATH, load_rules
 
 
 def test_a_lookup_draft_continues_the_latest_longest_match() -> None:
@@ -23,3 +43,37 @@ def test_tokens_per_run_counts_agreed_drafts_plus_the_models_own_token() -> None
     assert tokens_per_run([prompt], [[90, 91, 92, 93]], 3) == 1.0
     # A wrong draft (11 after 10, where the answer says 20) still leaves the run the model's own token.
     assert tokens_per_run([[10, 11, 12]], [[10, 20]], 1) == 1.0
+
+
+def test_the_mesh_tax_bench_screens_the_input_only_with_the_default_rules(tmp_path: Path) -> None:
+    default = load_rules(DEFAULT_RULES_PATH)
+    only_input = load_rules(input_only_rules(tmp_path / "rules.yaml"))
+    assert {s.id for s in only_input.specs} == {s.id for s in default.specs if Stage.INPUT in s.stages}
+    assert all(s.stages == frozenset({Stage.INPUT}) for s in only_input.specs) and only_input.specs
+
+
+def test_the_mesh_tax_checks_compare_the_ways_side_by_side() -> None:
+    results = Results(ceiling_step_ms=[100.0, 80.0])  # the fastest bare step makes the ceiling
+    rates = {DIRECT: 200.0, GRPC: 190.0, HTTP: 170.0, LITELLM: 120.0}
+    ttft_ms = {DIRECT: 50.0, GRPC: 53.0, HTTP: 54.0, LITELLM: 74.0}
+    mesh_cpu = {DIRECT: 0.1, GRPC: 0.6, HTTP: 0.5, LITELLM: 1.5}
+    for way, rate in rates.items():
+        cpu = {"inference": 9.0, "gateway": mesh_cpu[way], "bench client": 0.2}
+        results.batches[way] = [{"tokens_per_s": rate, "wall_s": 1.0, "cpu_s_per_1000_tokens": cpu}]
+        results.singles[way] = [Stream(32, ttft_ms[way] / 1e3, 32 / (rate / 10))]
+    summary = summarize(results, streams=16, max_tokens=64)
+    assert summary["ceiling_tokens_per_s"] == 16 * 64 / (63 * 0.080)
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert checks["gateway gRPC / direct, 16 streams (tok/s)"]["value"] == 0.95
+    assert checks["gateway HTTP / direct, 16 streams (tok/s)"]["passed"] is False  # 0.85
+    assert checks["TTFT added by the whole mesh, grpc, one stream, p50 (ms)"]["passed"] is True  # 3 ms
+    # HTTP adds 4 ms to the first token where LiteLLM adds 20 on top of it: 0.2 of it, within a third.
+    litellm_ttft = next(c for name, c in checks.items()
+                        if name.startswith("lmesh's mesh adds / LiteLLM adds: TTFT p50"))
+    assert litellm_ttft["value"] == pytest.approx(0.2) and litellm_ttft["passed"] is True
+    assert "| gateway gRPC Chat | 190.0 (190) | 0.950x |" in render(summary, 16, 64, 32)
+    # 0.5 s of the gateway's CPU per 1000 tokens beyond direct, taken from an engine that needs 9.
+    grpc_cpu = checks["gateway grpc / direct, 16 streams, from CPU per token (with every core busy)"]
+    assert grpc_cpu["value"] == pytest.approx(9.0 / 9.5) and grpc_cpu["passed"] is True
+    saved = json.loads(json.dumps({"raw": dataclasses.asdict(results)}))
+    assert summarize(results_from_json(saved["raw"]), streams=16, max_tokens=64) == summary

@@ -1,8 +1,10 @@
 """One chat request through the mesh: authenticate, resolve, template, reserve, generate, detokenize, stop strings,
 settle (services/gateway/accounting.py).
 
-The token path is pipelined: one task forwards token ids from inference to the tokenizer's
-DetokenizeStream while the caller reads text deltas from it, so no hop waits on another per token.
+Answers are detokenized in the gateway from the cached vocabulary where that gives the tokenizer's text
+(services/gateway/detokenize.py: byte-level vocabularies, checked once per version), so a decode step costs one
+message in and one out. Otherwise the token path is pipelined: one task forwards token ids from inference to the
+tokenizer's DetokenizeStream while the caller reads text deltas from it, so no hop waits on another per token.
 Per-token logprobs ride along: chunk i's entries are matched with the detokenizer's response i.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,7 @@ from services.gateway.admission import (
 )
 from services.gateway.affinity import SessionAffinity, SessionPlacement, session_key
 from services.gateway.credentials import Credential, credential_fields
+from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
 
@@ -170,6 +173,7 @@ class ChatService:
         self._inference = mesh.peer(INFERENCE)
         self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
+        self.local_detokenizing = LocalDetokenizing(self.vocabularies, self._tokenizer)
         self.accounts = Accounts(self._policy)
         self.affinity = SessionAffinity()
         self._tracer = tracer
@@ -270,8 +274,8 @@ class ChatService:
                        tokenizer: Endpoint | None = None, meter: Meter | None = None, *,
                        priority: int = MIN_PRIORITY, placement: SessionPlacement | None = None,
                        ) -> AsyncIterator[ChatDelta | ChatEnd]:
-        """Streams the answer: token ids flow from inference to the tokenizer's DetokenizeStream in one task (the
-        pump) while this one reads text deltas from it, applies stop strings and aligns logprobs.
+        """Streams the answer: text deltas of inference's tokens, detokenized here (`LocalDetokenizing`) or by the
+        tokenizer's DetokenizeStream, with stop strings applied and logprobs aligned.
 
         `tokenizer`: the instance that rendered the prompt, which detokenizes it too: it holds the model's
         tokenizer, where another passing one may not (started while the registry was down). `meter` counts what
@@ -284,22 +288,24 @@ class ChatService:
         inference = InferenceStream(self._inference, model_id, _generate_start(model_id, prompt, max_tokens, params,
                                                                                request_id, priority), placement)
         finish: list[inference_pb2.GenerateFinish] = []
+        tokens = _TokenFlow(answer, finish, meter, len(prompt))
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(inference)
-            detokenizer = await stack.enter_async_context(self._detokenizer(model_id, tokenizer))
-            pump = asyncio.create_task(_pump(inference, detokenizer.call, answer, finish, meter, len(prompt)))
             watcher = asyncio.create_task(_cancel_when_set(cancel, inference))
             stack.callback(watcher.cancel)
-            stack.callback(pump.cancel)
-            # A failed pump (inference died) cuts the detokenizer's stream so the read below ends at once.
-            pump.add_done_callback(lambda t: detokenizer.call.cancel() if not t.cancelled() and t.exception() else None)
-            async for piece in detokenizer.texts(pump):
-                text, entries = answer.piece(piece.delta, piece.final)
+            vocabulary = self.local_detokenizing.vocabulary(model_id)
+            if vocabulary is not None:
+                pieces = await stack.enter_async_context(contextlib.aclosing(
+                    _detokenized_here(inference, ByteDetokenizer(vocabulary), tokens)))
+            else:
+                pieces = await stack.enter_async_context(self._detokenized_by_tokenizer(model_id, tokenizer,
+                                                                                        inference, tokens))
+            async for delta, final in pieces:
+                text, entries = answer.piece(delta, final)
                 if text:
                     yield ChatDelta(text, entries)
                 if answer.stopped:
                     await inference.cancel()
-            await pump  # re-raises an inference failure (UNAVAILABLE when the replica died)
         if not finish:
             raise Unavailable("the inference stream ended without a finish message")
         if not finish[0].HasField("usage"):
@@ -309,6 +315,21 @@ class ChatService:
         reason = generation_pb2.FINISH_REASON_STOP if answer.stopped else finish[0].reason
         meter.finished(finish[0].usage, cancelled=reason == generation_pb2.FINISH_REASON_CANCELLED)
         yield ChatEnd(reason, finish[0].usage, answer.rest())
+
+    @contextlib.asynccontextmanager
+    async def _detokenized_by_tokenizer(self, model_id: str, rendered_by: Endpoint | None,
+                                        inference: InferenceStream, tokens: _TokenFlow,
+                                        ) -> AsyncIterator[AsyncGenerator[tuple[str, bool], None]]:
+        """The answer's (delta, final) pieces from a DetokenizeStream that a pump task feeds from inference."""
+        async with self._detokenizer(model_id, rendered_by) as detokenizer:
+            pump = asyncio.create_task(_pump(inference, detokenizer.call, tokens))
+            # A failed pump (inference died) cuts the detokenizer's stream so the read below ends at once.
+            pump.add_done_callback(lambda t: detokenizer.call.cancel() if not t.cancelled() and t.exception() else None)
+            try:
+                async with contextlib.aclosing(detokenizer.pieces(pump)) as pieces:
+                    yield pieces
+            finally:
+                pump.cancel()
 
     @contextlib.asynccontextmanager
     async def _detokenizer(self, model_id: str, rendered_by: Endpoint | None) -> AsyncIterator[DetokenizerStream]:
@@ -336,19 +357,46 @@ def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: C
         top_logprobs=params.top_logprobs, request_id=request_id, priority=priority))
 
 
-async def _pump(inference: InferenceStream, detokenize_call: grpc.aio.StreamStreamCall, answer: AnswerAssembler,
-                finish: list[inference_pb2.GenerateFinish], meter: Meter, prompt_tokens: int) -> None:
-    """inference → tokenizer, one message per decode step, as they arrive; the meter counts what came."""
-    async for response in inference.responses():
-        if not meter.prompt_tokens:
-            meter.started(prompt_tokens)  # a replica took the request: its prompt is processed
+@dataclass
+class _TokenFlow:
+    """What every inference response updates, wherever its ids are detokenized: the meter, the logprobs'
+    chunks, the finish."""
+
+    answer: AnswerAssembler
+    finish: list[inference_pb2.GenerateFinish]
+    meter: Meter
+    prompt_tokens: int
+
+    def ids(self, response: inference_pb2.GenerateResponse) -> list[int] | None:
+        """The token ids of `response` (None for the finish, which is kept)."""
+        if not self.meter.prompt_tokens:
+            self.meter.started(self.prompt_tokens)  # a replica took the request: its prompt is processed
         if response.HasField("tokens"):
-            meter.received(len(response.tokens.tokens))
-            answer.add_chunk(response.tokens.tokens)  # first: the detokenizer may answer at once
+            tokens = response.tokens.tokens
+            self.meter.received(len(tokens))
+            self.answer.add_chunk(tokens)  # first: the detokenizer may answer at once
+            return [t.token_id for t in tokens]
+        if response.HasField("finish"):
+            self.finish.append(response.finish)
+        return None
+
+
+async def _detokenized_here(inference: InferenceStream, detokenizer: ByteDetokenizer, tokens: _TokenFlow,
+                            ) -> AsyncGenerator[tuple[str, bool], None]:
+    """(delta, final) per decode step of inference, detokenized in this task: one piece per chunk, as the
+    tokenizer's stream answers, then the final one."""
+    async for response in inference.responses():
+        if (ids := tokens.ids(response)) is not None:
+            yield detokenizer.push(ids), False
+    yield detokenizer.flush(), True
+
+
+async def _pump(inference: InferenceStream, detokenize_call: grpc.aio.StreamStreamCall, tokens: _TokenFlow) -> None:
+    """inference → tokenizer, one message per decode step, as they arrive."""
+    async for response in inference.responses():
+        if (ids := tokens.ids(response)) is not None:
             await send(detokenize_call, tokenizer_pb2.DetokenizeStreamRequest(
-                tokens=tokenizer_pb2.TokenIds(token_ids=[t.token_id for t in response.tokens.tokens])))
-        elif response.HasField("finish"):
-            finish.append(response.finish)
+                tokens=tokenizer_pb2.TokenIds(token_ids=ids)))
     await detokenize_call.done_writing()
 
 
@@ -463,11 +511,12 @@ class DetokenizerStream:
         self._lease = lease
         self.call: grpc.aio.StreamStreamCall = lease.stub.DetokenizeStream(**lease.options())
 
-    async def texts(self, pump: asyncio.Task[None]) -> AsyncIterator[tokenizer_pb2.DetokenizeStreamResponse]:
-        """The detokenizer's responses; a failure of the pump (inference's) wins over the cut it causes here."""
+    async def pieces(self, pump: asyncio.Task[None]) -> AsyncGenerator[tuple[str, bool], None]:
+        """The detokenizer's (delta, final) responses, until the pump ended too; a failure of the pump
+        (inference's) wins over the cut it causes here."""
         try:
             async for piece in self.call:
-                yield piece
+                yield piece.delta, piece.final
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             failure = pump.exception() if pump.done() and not pump.cancelled() else None
             if failure is not None:
@@ -479,6 +528,7 @@ class DetokenizerStream:
                 raise Unavailable(f"tokenizer {self._lease.endpoint.target} became unavailable: "
                                   f"{exc.details()}") from exc
             raise
+        await pump  # re-raises an inference failure (UNAVAILABLE when the replica died)
 
 
 async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
