@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from bench.mesh import service_env
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, free_port
@@ -132,7 +133,7 @@ async def measure(model_dir: Path, conversations: int, turns: int, max_tokens: i
     with tempfile.TemporaryDirectory(prefix="lmesh-bench-affinity-") as scratch:
         work = Path(scratch)
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = service_env()
         # The two replicas share this machine's cores: one ONNX Runtime thread pool each would oversubscribe them.
         threads = str(max(1, (os.cpu_count() or 2) // 2))
         env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN,

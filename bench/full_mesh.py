@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.mesh import service_env
 from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, free_port
 from services.common.discovery import Mesh
@@ -51,7 +52,7 @@ class RunningMesh:
 async def full_mesh(model_dir: Path, work: Path, gateway_args: tuple[str, ...] = (),
                     policy_args: tuple[str, ...] = ()) -> AsyncIterator[RunningMesh]:
     agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = service_env()
     env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
     supervisor = Supervisor(work / "logs", data_root=work / "home", env=env, grace_s=12)
     gateway_port, http_port = free_port(), free_port()

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.mesh import service_env
 from bench.mesh_tls import chat
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
@@ -75,7 +76,7 @@ async def measure(model_dir: Path, rounds: int, streams: int, max_tokens: int) -
         work = Path(scratch)
         rules = work / "rules.yaml"
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = service_env()
         env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN,
                    LMESH_POLICY_RULES=str(rules))
         await asyncio.to_thread(write_rules, rules, True)

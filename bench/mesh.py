@@ -27,6 +27,14 @@ from services.common.peers import INFERENCE, REGISTRY, PeerService
 from services.common.supervisor import ProcessExited, Supervised, Supervisor
 
 GRACE_S = 2.0
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """The environment of a bench's services: this process's, without OTLP export settings (a bench measures the
+    mesh, not a collector), and with the gateway's response cache off: benches repeat the same greedy requests,
+    which the cache would answer without running the model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return {**env, "LMESH_RESPONSE_CACHE": "off", **extra}
 START_TIMEOUT_S = 300.0
 STREAM_TIMEOUT_S = 900.0
 
@@ -74,7 +82,7 @@ class BenchMesh:
 
         self.agent = await asyncio.to_thread(ConsulAgent.start, None, self.logs / "consul.log")
         # Telemetry export is off in the children: the benchmark measures serving, not an OTLP collector.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = service_env()
         env.update(CONSUL_HTTP_ADDR=self.agent.http_addr, LMESH_HOME=str(self.work_dir / "home"))
         # A service's drain grace plus a margin before SIGKILL.
         self.supervisor = Supervisor(self.logs, data_root=self.work_dir, env=env, grace_s=GRACE_S + 10)

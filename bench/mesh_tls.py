@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from lmesh.gateway.v1 import gateway_pb2
 
+from bench.mesh import service_env
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, free_port
@@ -50,7 +50,7 @@ async def chat(gateway: str, key: str, max_tokens: int) -> int:
 async def one_mesh(agent: ConsulAgent, model_dir: Path, work: Path, mtls: bool, streams: int,
                    max_tokens: int) -> float:
     """Starts a fresh mesh (mTLS `mtls`), warms it, runs `streams` chats at once; their tokens/s."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = service_env()
     env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work), LMESH_MTLS="on" if mtls else "off",
                LMESH_ADMIN_TOKEN="bench-admin-token")
     supervisor = Supervisor(work / "logs", data_root=work, env=env, grace_s=12)

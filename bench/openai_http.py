@@ -30,6 +30,7 @@ import openai
 from lmesh.gateway.v1 import gateway_pb2
 from openai.types.chat import ChatCompletionUserMessageParam
 
+from bench.mesh import service_env
 from bench.mesh_tls import QUESTION
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
@@ -111,7 +112,7 @@ async def measure(model_dir: Path, rounds: int, streams: int, max_tokens: int, r
     with tempfile.TemporaryDirectory(prefix="lmesh-bench-http-") as scratch:
         work = Path(scratch)
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = service_env()
         env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
         supervisor = Supervisor(work / "logs", data_root=work / "home", env=env, grace_s=12)
         gateway_port, http_port = free_port(), free_port()

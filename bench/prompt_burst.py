@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import grpc
 from lmesh.gateway.v1 import gateway_pb2
 
+from bench.mesh import service_env
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, free_port
@@ -55,8 +55,7 @@ async def measure(model_dir: Path) -> None:
         work = Path(scratch)
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
         await apply_intentions(agent.http_addr)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-               "CONSUL_HTTP_ADDR": agent.http_addr, "LMESH_HOME": str(work), "LMESH_ADMIN_TOKEN": ADMIN_TOKEN}
+        env = service_env(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
         supervisor = Supervisor(work / "logs", data_root=work, env=env)
         gateway_port = free_port()
         mesh = await open_mesh(agent.http_addr, admin_token=ADMIN_TOKEN)
