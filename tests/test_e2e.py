@@ -389,8 +389,10 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
         trace_id = roots[0].trace_id
         return {f"{s.service}|{s.name}" for s in spans if s.trace_id == trace_id}
 
-    wanted = {"lmesh-gateway|lmesh.gateway/Chat", "lmesh-policy|lmesh.policy/Authenticate",
-              "lmesh-policy|lmesh.policy/Reserve", "lmesh-policy|lmesh.policy/Settle",
+    # No Authenticate: the key chatted a moment ago, so the gateway remembers its principal (RecentPrincipals),
+    # and Reserve authenticates it.
+    wanted = {"lmesh-gateway|lmesh.gateway/Chat", "lmesh-policy|lmesh.policy/Reserve",
+              "lmesh-policy|lmesh.policy/Settle",
               "lmesh-registry|lmesh.registry/ResolveModel", "lmesh-tokenizer|lmesh.tokenizer/ApplyChatTemplate",
               "lmesh-inference|lmesh.inference/Generate",
               "lmesh-inference|prefill", "lmesh-inference|decode"}
@@ -679,6 +681,17 @@ async def test_a_key_restricted_to_models_is_judged_on_the_model_behind_an_alias
     assert "smollm2-135m-instruct:1" in {m.id for m in listed.models}
     listed = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(other.api_key))
     assert not listed.models
+
+
+async def test_a_key_revoked_while_the_gateway_remembers_it_gets_no_tokens(live: LiveMesh) -> None:
+    policy = live.mesh.peer(POLICY)
+    created = await create_key(policy, "revoked-soon")
+    stub = await live.gateway()
+    answer = await collect(stub, start(max_tokens=2), created.api_key)  # the gateway now remembers the key
+    assert answer[-1].usage.completion_tokens > 0
+    await revoke_key(policy, created.key.key_id)
+    error = await expect_error(stub, [start(max_tokens=2)], auth(created.api_key))  # Reserve checks it again
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
 
 
 async def test_list_models_needs_a_key(live: LiveMesh) -> None:

@@ -43,7 +43,12 @@ from services.gateway.admission import (
     ChatAdmission,
 )
 from services.gateway.affinity import SessionAffinity, SessionPlacement, session_key
-from services.gateway.credentials import Credential, credential_fields
+from services.gateway.credentials import (
+    DEFAULT_PRINCIPAL_TTL_S,
+    Credential,
+    RecentPrincipals,
+    credential_fields,
+)
 from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
 from services.gateway.models import ModelDirectory
@@ -164,7 +169,8 @@ class ChatService:
 
     def __init__(self, mesh: Mesh, tracer: trace.Tracer, response_cache: ResponseCache | None = None, *,
                  max_chats: int = DEFAULT_MAX_CHATS, stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S,
-                 ) -> None:
+                 principal_ttl_s: float = DEFAULT_PRINCIPAL_TTL_S) -> None:
+        self.principals = RecentPrincipals(principal_ttl_s)  # spares a chat's first call; Reserve decides
         self.admission = ChatAdmission(max_chats)  # the bound on chats in flight (request_path.chat_events)
         self.stalled_client_s = stalled_client_s  # a client that reads nothing this long is cut (None: never)
         self.stream_buffer_bytes = MAX_BUFFERED_BYTES  # what one stream's buffer holds for a lagging client
@@ -214,7 +220,10 @@ class ChatService:
                                                  set_status_on_exception=False) as span:
             try:
                 # First, and cheap: without a valid key nothing else runs (no model probing, no rendering).
-                principal = await self.authenticate(credential)
+                principal = self.principals.get(credential)
+                if principal is None:
+                    principal = await self.authenticate(credential)
+                    self.principals.remember(credential, principal)
                 metrics.note_tenant(principal.tenant)
                 version = await self.models.resolve(params.model)  # cached: usually no call
                 model_id = f"{version.name}:{version.version}"
@@ -224,16 +233,6 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
-        priority = capped_priority(params.priority, principal)
-        placement = (SessionPlacement(self.affinity, session_key(principal.tenant, params.session))
-                     if params.session else None)
-        request_span = trace.get_current_span()
-        request_span.set_attribute("lmesh.priority", priority)
-        if params.priority is not None:  # what was asked, and whether the key's cap clipped it
-            request_span.set_attributes({"lmesh.request.priority": params.priority,
-                                         "lmesh.priority.clipped": priority < params.priority})
-        if placement is not None:
-            request_span.set_attribute("lmesh.session.hash", placement.session)  # never the name: user data
         if len(params.messages) > version.context_length:
             # Every turn renders to at least one token: this many cannot fit, and rendering them (seconds for
             # hundreds of thousands of empty turns) would only find that out.
@@ -266,6 +265,20 @@ class ChatService:
             except Exception as exc:
                 mark_failed(span, exc)
                 raise
+        # Reserve authenticated the credential again: its principal is the one that decides (the one above may be
+        # a remembered one, RecentPrincipals).
+        if reservation.HasField("principal"):
+            principal = reservation.principal
+        priority = capped_priority(params.priority, principal)
+        placement = (SessionPlacement(self.affinity, session_key(principal.tenant, params.session))
+                     if params.session else None)
+        request_span = trace.get_current_span()
+        request_span.set_attribute("lmesh.priority", priority)
+        if params.priority is not None:  # what was asked, and whether the key's cap clipped it
+            request_span.set_attributes({"lmesh.request.priority": params.priority,
+                                         "lmesh.priority.clipped": priority < params.priority})
+        if placement is not None:
+            request_span.set_attribute("lmesh.session.hash", placement.session)  # never the name: user data
         return Prepared(version, prompt, max_tokens, tokenizer, reservation, priority, placement,
                         principal.tenant)
 

@@ -19,6 +19,7 @@ from services.common.config import (
 )
 from services.common.server import ExtraPort, ServiceParts, ServiceRuntime
 from services.gateway.admission import DEFAULT_MAX_CHATS, DEFAULT_STALLED_CLIENT_S
+from services.gateway.credentials import DEFAULT_PRINCIPAL_TTL_S
 from services.gateway.response_cache import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_MB,
@@ -75,6 +76,10 @@ class GatewaySettings:
         parse=float_type(0.1), help="a streaming client that takes nothing of its stream this many seconds (it "
                                     "stopped reading) has the stream ended, >= 0.1")
     # The response cache (services/gateway/response_cache.py; README "Response cache").
+    principal_ttl_s: float = setting(
+        flag="--principal-ttl", env="LMESH_GATEWAY_PRINCIPAL_TTL_S", default=DEFAULT_PRINCIPAL_TTL_S,
+        parse=float_type(0), help="seconds a credential that authenticated is remembered, sparing its next chats one "
+                                  "call before rendering (policy's Reserve checks it again every time), >= 0; 0: off")
     response_cache: bool = setting(
         flag="--response-cache", env="LMESH_RESPONSE_CACHE", default=True, parse=ON_OFF_TYPE,
         help="answer an identical deterministic request (greedy, or with a seed) of the same tenant from the "
@@ -132,7 +137,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
 
     settings = runtime.config.settings_as(GatewaySettings)
     chat = ChatService(runtime.mesh, runtime.tracer, response_cache(settings, runtime.meter),
-                       max_chats=settings.max_chats, stalled_client_s=settings.stalled_client_s)
+                       max_chats=settings.max_chats, stalled_client_s=settings.stalled_client_s,
+                       principal_ttl_s=settings.principal_ttl_s)
     servicer = GatewayServicer(chat)
     metrics = GatewayMetrics(runtime.meter)
     metrics.observe_admission(chat.admission)
