@@ -404,6 +404,24 @@ async def test_http_a_client_that_stops_reading_holds_back_neither_its_chat_nor_
         assert len(events) < FLOOD_DELTAS * 0.6
 
 
+async def test_http_two_choices_of_a_client_that_stops_reading_both_finish_and_merge() -> None:
+    chat = flood_chat()
+    chat.stream_buffer_bytes = 4 * len(ANSWER)
+    async with http_door(chat) as (_, client):
+        body = {"model": "flood", "messages": USER, "stream": True, "n": 2}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as paused:
+            lines = paused.aiter_lines()
+            first = await anext(lines)
+            # Neither choice's generation waits for the client: both end while it reads nothing.
+            assert await until(lambda: len(chat.generated) == 2, 30)
+            rest = [line async for line in lines]
+        chunks = [json.loads(line[6:]) for line in (first, *rest) if line.startswith("data: {")]
+        for index in (0, 1):
+            assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if c["choices"] and c["choices"][0]["index"] == index) == ANSWER
+        assert len(chunks) < 2 * FLOOD_DELTAS * 0.6
+
+
 async def test_grpc_a_client_that_reads_nothing_for_the_stall_bound_has_its_stream_ended() -> None:
     chat = FloodChat(accept_any=True, stalled_client_s=0.3)  # the default buffer: 1 MiB, then its chat waits
     async with grpc_door(chat) as stub:

@@ -390,16 +390,19 @@ class OpenAIApp:
                 async for event in events:
                     yield 0, event
             return
-        queue: asyncio.Queue[tuple[int, ChatEvent | BaseException | None]] = asyncio.Queue()
+        # Bounded: while the client lags, each choice waits here and its own stream buffer (chat_events) merges
+        # its deltas, as one choice's does.
+        queue: asyncio.Queue[tuple[int, ChatEvent | BaseException | None]] = asyncio.Queue(maxsize=len(choices))
 
         async def run(index: int, params: ChatParams) -> None:
             try:  # its own cancel: a guardrail that blocks one choice stops that one
-                async with closing(chat_events(self._chat, params, credential, asyncio.Event())) as events:
+                async with closing(chat_events(self._chat, params, credential, asyncio.Event(),
+                                               stalled=lambda: flight.cut(stalled_client(self._chat)))) as events:
                     async for event in events:
-                        queue.put_nowait((index, event))
-                queue.put_nowait((index, None))
+                        await queue.put((index, event))
+                await queue.put((index, None))
             except Exception as exc:
-                queue.put_nowait((index, exc))
+                await queue.put((index, exc))
 
         tasks = [asyncio.create_task(run(i, params)) for i, params in enumerate(choices)]
         try:
