@@ -30,18 +30,11 @@ import openai
 from lmesh.gateway.v1 import gateway_pb2
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from bench.mesh import service_env
+from bench.full_mesh import full_mesh
 from bench.mesh_tls import QUESTION
 from services.common.config import lmesh_cache
-from services.common.connect import apply_intentions
-from services.common.consul_agent import ConsulAgent, free_port
-from services.common.peers import POLICY, REGISTRY, open_mesh, peer_service, public_gateway
-from services.common.supervisor import Supervisor
-from services.policy.client import create_key
-from services.registry.client import register_model_dir
+from services.common.peers import public_gateway
 
-SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
-ADMIN_TOKEN = "bench-admin-token"
 MODES = ("grpc", "http", "sdk")
 MESSAGES: list[ChatCompletionUserMessageParam] = [{"role": "user", "content": QUESTION}]
 
@@ -110,27 +103,9 @@ async def measure(model_dir: Path, rounds: int, streams: int, max_tokens: int, r
     batches: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     latencies: dict[str, list[float]] = {"grpc": [], "http": []}
     with tempfile.TemporaryDirectory(prefix="lmesh-bench-http-") as scratch:
-        work = Path(scratch)
-        agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
-        env = service_env()
-        env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
-        supervisor = Supervisor(work / "logs", data_root=work / "home", env=env, grace_s=12)
-        gateway_port, http_port = free_port(), free_port()
-        mesh = None
-        try:
-            await apply_intentions(agent.http_addr)
-            mesh = await open_mesh(agent.http_addr, admin_token=ADMIN_TOKEN)
-            for service in SERVICES:
-                supervisor.start(service, *(["--port", str(gateway_port), "--http-port", str(http_port)]
-                                            if service == "gateway" else []), "--grace", "2")
-            await supervisor.while_running(mesh.peer(REGISTRY).wait_for(timeout=120))
-            await supervisor.while_running(register_model_dir(mesh.peer(REGISTRY), model_dir, aliases=("default",)))
-            await supervisor.while_running(mesh.peer(POLICY).wait_for(timeout=120))
-            key = (await create_key(mesh.peer(POLICY), "bench")).api_key
-            for service in SERVICES:
-                await supervisor.while_running(mesh.peer(peer_service(service)).wait_for(timeout=300))
-            gateway_pid = supervisor.processes["gateway"].pid
-            async with Clients(f"127.0.0.1:{gateway_port}", f"http://127.0.0.1:{http_port}", key) as clients:
+        async with full_mesh(model_dir, Path(scratch)) as mesh:
+            gateway_pid = mesh.pid("gateway")
+            async with Clients(mesh.grpc_target, mesh.http_base, mesh.key) as clients:
                 for mode in MODES:  # warm: caches, connections, the SDK's imports
                     await asyncio.gather(*(clients.of(mode)(8) for _ in range(streams)))
                 for round_ in range(rounds):
@@ -147,11 +122,6 @@ async def measure(model_dir: Path, rounds: int, streams: int, max_tokens: int, r
                         began = time.perf_counter()
                         await clients.of(mode)(1)
                         latencies[mode].append((time.perf_counter() - began) * 1000)
-        finally:
-            if mesh is not None:
-                await mesh.close()
-            await asyncio.to_thread(supervisor.stop_all)
-            agent.stop()
     return batches, latencies
 
 

@@ -280,6 +280,10 @@ def plaintext_channel(target: str, service: str) -> grpc.aio.Channel:
 # A channel retired (its instance gone, or its credentials renewed) is closed once no call runs on it, and not
 # before this many seconds: calls made on it without being counted (a caller's own stub) get that long.
 RETIRED_CHANNEL_MIN_S = 30.0
+# A renewed channel takes over from the one before once it has connected, or after this long: across a change of
+# trust domain (a restarted dev agent's new CA) a peer may present its former leaf a moment longer, which the
+# renewed channel refuses (the name it verifies has the new trust domain) while the one before still works.
+RENEWED_CHANNEL_WAIT_S = 10.0
 
 
 class ServiceResolver:
@@ -300,6 +304,7 @@ class ServiceResolver:
         self._round_robin = itertools.count()
         # Channel-close tasks in flight, referenced so the event loop does not drop them half done.
         self._closing: set[asyncio.Future[None]] = set()
+        self._renewing: dict[str, asyncio.Task[None]] = {}  # service id -> the renewed channel waiting to connect
 
     def _close_now(self, channel: grpc.aio.Channel) -> None:
         self._retired.discard(channel)
@@ -336,13 +341,32 @@ class ServiceResolver:
                     self._close_now(channel)
 
     def renew_channels(self) -> None:
-        """New channels for every instance (this process's credentials changed); calls running on the old ones
-        finish there."""
+        """New channels for every instance (this process's credentials changed), each taking over once it has
+        connected (RENEWED_CHANNEL_WAIT_S); calls running on the old ones finish there."""
+        loop = asyncio.get_running_loop()
         for endpoint in self._endpoints.values():
-            old = endpoint.channel
-            endpoint.channel = self._channel_factory(endpoint.target, self.name)
-            endpoint._stubs.clear()
-            self._retire_channel(old)
+            waiting = self._renewing.pop(endpoint.service_id, None)
+            if waiting is not None:
+                waiting.cancel()  # credentials changed again: the newest channel is the one to wait for
+            renewed = self._channel_factory(endpoint.target, self.name)
+            self._renewing[endpoint.service_id] = loop.create_task(
+                self._take_over(endpoint, renewed), name=f"renew-{self.name}-{endpoint.service_id}")
+
+    async def _take_over(self, endpoint: Endpoint, renewed: grpc.aio.Channel) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(renewed.channel_ready(), RENEWED_CHANNEL_WAIT_S)
+        except asyncio.CancelledError:
+            self._close_now(renewed)
+            raise
+        if self._renewing.get(endpoint.service_id) is asyncio.current_task():
+            del self._renewing[endpoint.service_id]
+        if self._endpoints.get(endpoint.service_id) is not endpoint:  # the instance went meanwhile
+            self._close_now(renewed)
+            return
+        old, endpoint.channel = endpoint.channel, renewed
+        endpoint._stubs.clear()
+        self._retire_channel(old)
 
     def start(self) -> None:
         if self._task is None:
@@ -353,6 +377,10 @@ class ServiceResolver:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        renewing, self._renewing = list(self._renewing.values()), {}
+        for task in renewing:
+            task.cancel()
+        await asyncio.gather(*renewing, return_exceptions=True)
         for endpoint in self._endpoints.values():
             await endpoint.channel.close()
         self._endpoints.clear()
