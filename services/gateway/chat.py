@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ from services.gateway.credentials import (
     credential_fields,
 )
 from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
-from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, VocabularyCache
+from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, Vocabulary, VocabularyCache
 from services.gateway.models import ModelDirectory
 
 if TYPE_CHECKING:
@@ -125,6 +125,23 @@ def capped_priority(requested: int | None, principal: policy_pb2.Principal) -> i
     """The priority a chat runs at: the one it asked for, clipped to its key's max_priority (a chat may not take
     more than the operator granted, and asking too much is not an error); none asked, the key's max_priority."""
     return principal.max_priority if requested is None else min(requested, principal.max_priority)
+
+
+# A tokenizer's normalizer may shrink text before it is encoded, at most 3 UTF-8 bytes to 1 (NFKC: a fullwidth
+# letter); the size bound below allows for more.
+NORMALIZED_SHRINK_BOUND = 4
+
+
+def refuse_what_cannot_fit(messages: Sequence[tuple[str, str]], vocabulary: Vocabulary, max_prompt_tokens: int,
+                           ) -> None:
+    """InvalidArgument (`messages`) when the messages' size alone shows that their prompt has more than
+    `max_prompt_tokens` tokens: a token of a byte-level vocabulary stands for at most its longest entry's bytes.
+    The tokenizer refuses such a prompt the same way, but only after guardrails have read every byte of it."""
+    size = sum(len(content.encode("utf-8", "surrogatepass")) for _, content in messages)
+    least = size // (vocabulary.longest_token_bytes * NORMALIZED_SHRINK_BOUND)
+    if least > max_prompt_tokens:
+        raise InvalidArgument("messages", f"the prompt is at least {least} tokens; at most {max_prompt_tokens} fit "
+                                          "the model's context")
 
 
 def validate(params: ChatParams) -> ChatParams:
@@ -245,6 +262,9 @@ class ChatService:
             # hundreds of thousands of empty turns) would only find that out.
             raise InvalidArgument("messages", f"{len(params.messages)} messages cannot fit the model's context of "
                                               f"{version.context_length} tokens")
+        vocabulary = self.local_detokenizing.vocabulary(model_id)  # a verified byte-level one, once checked
+        if vocabulary is not None:  # megabytes that cannot fit are refused before guardrails read them
+            refuse_what_cannot_fit(params.messages, vocabulary, version.context_length - 1)
         if screening is not None:  # guardrails on the messages, before the prompt is rendered
             params = await self.guardrails.screen_input(screening, principal, version, params)
         context = version.context_length

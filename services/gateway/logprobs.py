@@ -8,6 +8,7 @@ entries of chunk i are matched with that response's text, with no extra call per
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class Vocabulary:
 
     def bytes_of(self, token_id: int) -> bytes:
         return self.token_bytes[token_id] if 0 <= token_id < len(self.token_bytes) else b""
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        return max((len(token) for token in self.token_bytes), default=1) or 1
 
 
 @dataclass(frozen=True)
