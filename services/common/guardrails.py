@@ -557,6 +557,7 @@ class _Cover:
     replacement: str
     emitted: bool = False
     open: bool = False
+    rank: int = 0  # the naming match's detector's place in the profile: of matches that begin together, the first
 
 
 @dataclass
@@ -568,6 +569,7 @@ class _State:
     tail: Finding | None = None  # a redaction whose tail is still streaming
     tail_at: int = 0  # normalised position the tail reached
     cover: _Cover | None = None  # that redaction's cover
+    rank: int = 0  # its place in the profile
 
 
 class Screen:
@@ -575,7 +577,8 @@ class Screen:
     let out. After a block, nothing more is (`blocked` holds the finding); the held text is dropped."""
 
     def __init__(self, profile: Profile) -> None:
-        self._states = [_State(rule, d) for rule in profile.rules for d in rule.detectors]
+        self._states = [_State(rule, d, rank=rank)
+                        for rank, (rule, d) in enumerate((r, d) for r in profile.rules for d in r.detectors)]
         self._norm = Normalizer()
         self._text = ""  # normalised text from absolute position self._base
         self._base = 0
@@ -658,7 +661,7 @@ class Screen:
             first, last = base + span[0], base + span[1]
             finding = Finding(state.rule.spec, detector.name, self._starts[first - base], self._ends[last - 1 - base])
             state.pos = last
-            cover = self._commit(finding, new)
+            cover = self._commit(finding, new, state.rank)
             if self.blocked is not None:
                 return
             if detector.extend is not None and cover is not None:
@@ -695,8 +698,10 @@ class Screen:
         state.hold = reach
         return False
 
-    def _commit(self, finding: Finding, new: list[Finding]) -> _Cover | None:
-        """Records a finding; a redaction's cover (merged with one it overlaps) is returned."""
+    def _commit(self, finding: Finding, new: list[Finding], rank: int = 0) -> _Cover | None:
+        """Records a finding; a redaction's cover (merged with one it overlaps) is returned. The marker names the
+        match that begins first, and of those that begin together the one whose detector comes first in the
+        profile: the same however the text was split, whichever match was decided first."""
         self.findings.append(finding)
         new.append(finding)
         if finding.action == Action.BLOCK:
@@ -706,11 +711,11 @@ class Screen:
             return None
         for cover in self._covers:
             if finding.start < cover.end and cover.start < finding.end:
-                if finding.start < cover.start:  # the marker names the match that begins first
-                    cover.start, cover.replacement = finding.start, finding.rule.replacement_text
+                if (finding.start, rank) < (cover.start, cover.rank):
+                    cover.start, cover.replacement, cover.rank = finding.start, finding.rule.replacement_text, rank
                 cover.end = max(cover.end, finding.end)
                 return cover
-        cover = _Cover(finding.start, finding.end, finding.rule.replacement_text)
+        cover = _Cover(finding.start, finding.end, finding.rule.replacement_text, rank=rank)
         self._covers.append(cover)
         self._covers.sort(key=lambda c: c.start)
         return cover
