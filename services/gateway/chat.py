@@ -65,13 +65,6 @@ MIN_PRIORITY, MAX_PRIORITY = 0, 9  # GenerateStart.priority's range: higher is s
 
 # Codes with which an inference replica refuses a request before producing anything.
 RETRY_ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
-RECONNECT_WAIT_S, RECONNECT_POLL_S = 3.0, 0.25  # InferenceStream._reconnect
-
-
-def _never_connected(exc: grpc.aio.AioRpcError) -> bool:
-    """The call found no connection to the replica (so nothing of it reached the replica): gRPC says only in
-    words."""
-    return "failed to connect" in (exc.details() or "")
 
 
 @dataclass(frozen=True)
@@ -464,7 +457,6 @@ class InferenceStream:
         self._start_written = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._cancelled = False
-        self._reconnect_until: float | None = None
 
     def _serves(self, endpoint: Endpoint) -> bool:
         return self._model_id in endpoint.models and endpoint.service_id not in self._refused
@@ -522,27 +514,10 @@ class InferenceStream:
                     with contextlib.suppress(Unavailable):  # none left: the refusal itself is the answer
                         await self._open()
                         continue
-                    if code == grpc.StatusCode.UNAVAILABLE and _never_connected(exc) and await self._reconnect():
-                        continue
                 if code == grpc.StatusCode.UNAVAILABLE:
                     raise Unavailable(f"inference replica {self.replica.target} became unavailable: "
                                       f"{exc.details()}") from exc
                 raise
-
-    async def _reconnect(self) -> bool:
-        """After a connection that never opened, with no other replica to go to: waits a moment for one (the
-        same one included) that passes again, as after a Consul agent's restart, whose new CA the replica and
-        this gateway do not move to at the same instant. Within RECONNECT_WAIT_S of the first such failure."""
-        loop = asyncio.get_running_loop()
-        if self._reconnect_until is None:
-            self._reconnect_until = loop.time() + RECONNECT_WAIT_S
-        self._refused.clear()
-        while loop.time() < self._reconnect_until:
-            await asyncio.sleep(RECONNECT_POLL_S)
-            with contextlib.suppress(Unavailable):
-                await self._open()
-                return True
-        return False
 
     def _admitted(self) -> None:
         """The replica took the request: its session's next turns go there."""
