@@ -4,7 +4,8 @@ Iterative, so nesting depth costs no Python stack; every input is bounded (lengt
 every intermediate value, checked before a power is computed), so no expression can hang the process or eat its
 memory. Never eval() or Python's ast: only the grammar below.
 
-Grammar: numbers (`12`, `0.5`, `.5`, `1.5e3`), binary `+ - * / ^ **` (also `− × ÷`), unary `+ -`, parentheses.
+Grammar: numbers (`12`, `0.5`, `.5`, `1.5e3`), binary `+ - * / ^ **` (also the Unicode minus, times and division
+signs), unary `+ -`, parentheses.
 Precedence, lowest first: `+ -`; `* /`; unary `+ -`; `^` (right-associative), so -2^2 = -4 and 2^-1 = 1/2.
 """
 
@@ -29,7 +30,8 @@ MAX_DECIMAL_PLACES = 1000
 FIELD = "expression"
 
 # Unicode spellings people (and models) paste; `x` is not among them: it reads as a variable.
-_ALIASES = {"−": "-", "×": "*", "÷": "/", "⋅": "*", "·": "*"}
+# minus, times, division, dot operator, middle dot
+_ALIASES = {"\u2212": "-", "\u00d7": "*", "\u00f7": "/", "\u22c5": "*", "\u00b7": "*"}
 
 
 class CalculationError(InvalidArgument):

@@ -139,8 +139,8 @@ def difference(start: str, end: str, timezone: str = "") -> Difference:
     tz = zone(timezone, "timezone")
     first = parse_datetime(start, "start", tz)
     last = parse_datetime(end, "end", tz)
-    # Aware datetimes subtract as instants (elapsed time, DST included).
-    return Difference(int((last - first).total_seconds()))
+    # In UTC: Python subtracts two datetimes of the same tzinfo as wall times, ignoring a DST change between.
+    return Difference(int((last.astimezone(UTC) - first.astimezone(UTC)).total_seconds()))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ MAX_TEXT_BYTES = 1024 * 1024
 WORDS_PER_MINUTE = 238  # average silent reading speed of adults (Brysbaert 2019)
 CASES = ("upper", "lower", "title", "sentence", "snake", "camel", "kebab")
 
-_WORD = re.compile(r"\w+(?:['’-]\w+)*")
+_WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
 _SENTENCE_END = re.compile(r"[.!?…]+(?=\s|$)")
 
 

@@ -16,6 +16,7 @@ from services.common.errors import InvalidArgument
 from services.tools.calculator import fraction_str, rounded_decimal, terminating_decimal
 
 F = Fraction
+ZERO = Fraction(0)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class UnitDef:
     quantity: str
     # value in the quantity's base unit = value * scale + offset (offset: temperatures only)
     scale: Fraction
-    offset: Fraction = F(0)
+    offset: Fraction = ZERO
     aliases: tuple[str, ...] = ()
 
 
@@ -163,7 +164,7 @@ def find_unit(spelling: str, field: str) -> UnitDef:
 
 def parse_number(text: str, field: str = "value") -> Fraction:
     """A decimal ("-3.5", "1e3") or a fraction ("1/3") as an exact Fraction."""
-    cleaned = text.strip().replace("−", "-")
+    cleaned = text.strip().replace("\u2212", "-")  # the Unicode minus sign
     if len(cleaned) > 200 or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?(/\d+)?", cleaned):
         raise InvalidArgument(field, f"not a number: {text[:64]!r} (write e.g. 3.5, -40 or 1/3)")
     try:

@@ -551,7 +551,7 @@ class DirectoryServicer:
 
     def SearchPeople(self, request, context):
         """Full-text search over name, title, department and office city (all words must match, prefixes count:
-        "eng berlin" finds Berlin engineers), optionally within one `department`; `limit` 0 means 10, at most 100.
+        "eng toronto" finds engineers in Toronto), optionally within one `department`; `limit` 0 means 10, at most 100.
         Errors: INVALID_ARGUMENT naming `query` (empty with no department, or over 200 characters), `limit` (over
         100) or `department` (unknown).
         """
