@@ -24,6 +24,9 @@ MAX_NESTING = 200  # open parentheses plus pending unary signs
 MAX_NUMBER_DIGITS = 1000
 MAX_EXPONENT_LITERAL = 10_000  # |n| in a number's `e` notation
 MAX_BITS = 100_000  # numerator and denominator of any value, intermediate or final
+# The sum over all operations of their operands' sizes in bits: many operations on values near MAX_BITS (each a
+# multi-millisecond gcd) would otherwise add up to seconds within the length bound.
+WORK_BUDGET_BITS = 1_000_000
 DEFAULT_DECIMAL_PLACES = 20
 MAX_DECIMAL_PLACES = 1000
 
@@ -50,6 +53,10 @@ class _Op:
 
 _BINARY_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4}
 _UNARY_PRECEDENCE = 3
+
+
+def _bits(value: Fraction) -> int:
+    return value.numerator.bit_length() + value.denominator.bit_length()
 
 
 def _check_size(value: Fraction, position: int) -> Fraction:
@@ -152,14 +159,22 @@ def evaluate(expression: str) -> Fraction:
     values: list[Fraction] = []
     ops: list[_Op | int] = []  # an int is an open parenthesis at that position
     nesting = 0
+    work = 0
 
     def apply(op: _Op) -> None:
+        nonlocal work
         if op.unary:
             operand = values.pop()
             values.append(-operand if op.symbol == "-" else operand)
             return
         right, left = values.pop(), values.pop()
-        values.append(_check_size(_BINARY[op.symbol](left, right, op.position), op.position))
+        work += _bits(left) + _bits(right)
+        if work > WORK_BUDGET_BITS:
+            raise CalculationError(f"too much computation on large numbers (at the operator at position "
+                                   f"{op.position}): over {WORK_BUDGET_BITS} bits of operands in all")
+        result = _check_size(_BINARY[op.symbol](left, right, op.position), op.position)
+        work += _bits(result) if op.symbol == "^" else 0
+        values.append(result)
 
     expect_operand = True
     i, length = 0, len(text)

@@ -56,7 +56,8 @@ class CalculatorServicer:
         their Unicode forms `− × ÷`, powers `^` or `**` (right-associative, binding tighter than unary minus:
         -2^2 = -4), unary `+`/`-`, parentheses. `x` is not multiplication. An exponent must be an integer.
         Bounds: 4096 characters, 200 nested parentheses or unary signs, 1000 digits in a number, any intermediate
-        or final value within 100 000 bits in numerator and denominator (checked before a power is computed).
+        or final value within 100 000 bits in numerator and denominator (checked before a power is computed), and
+        at most 1 000 000 bits of operands over all operations (many operations on huge numbers are refused).
         Errors: INVALID_ARGUMENT naming `expression` (empty, a syntax error with its 0-based character position,
         division by zero, a non-integer exponent, a bound exceeded) or `decimal_places` (over 1000).
         """
