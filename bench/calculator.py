@@ -162,7 +162,7 @@ async def run(model_dir: Path, per_size: int, concurrency: int) -> dict[str, Any
 
     asked = questions(per_size)
     with tempfile.TemporaryDirectory(prefix="lmesh-calculator-") as work:
-        async with full_mesh(model_dir, Path(work), with_tools=True) as mesh:
+        async with full_mesh(model_dir, Path(work)) as mesh:
             async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
                 gate = asyncio.Semaphore(concurrency)

@@ -47,8 +47,8 @@ from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, Prepared
 from services.gateway.credentials import Credential
 from services.gateway.http_server import HttpDoor, OpenAIApp
 from services.gateway.logprobs import Candidate, TokenLogprob
-from services.gateway.mesh_tools import MeshTools
 from services.gateway.main import GatewaySettings
+from services.gateway.mesh_tools import MeshTools
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
 from services.gateway.response_cache import ResponseCache

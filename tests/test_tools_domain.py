@@ -256,7 +256,7 @@ def test_catalog_meta_round_trips() -> None:
     assert len(meta) == len(TOOLS) and all(key.startswith("tool_") for key in meta)
     assert all(len(value) <= MAX_META_VALUE for value in meta.values())
     assert parse_tool_meta({**meta, "metrics_port": "9100"}) == sorted(TOOLS, key=lambda t: t.name)
-    assert meta["tool_calculator_evaluate"].startswith("lmesh.tools.v1.Calculator/Evaluate Evaluate an arithmetic")
+    assert meta["tool_calculator"].startswith("lmesh.tools.v1.Calculator/Evaluate Evaluate an arithmetic")
     # Descriptions are distinct enough to retrieve from: no two share their first eight words.
     openings = {" ".join(t.description.split()[:8]) for t in TOOLS}
     assert len(openings) == len(TOOLS)

@@ -50,7 +50,21 @@ TOKENIZER = PeerService("lmesh-tokenizer", tokenizer_pb2_grpc.TokenizerStub)
 INFERENCE = PeerService("lmesh-inference", inference_pb2_grpc.InferenceStub)
 POLICY = PeerService("lmesh-policy", policy_pb2_grpc.PolicyStub)
 GATEWAY = PeerService("lmesh-gateway", gateway_pb2_grpc.GatewayStub)
-PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY)
+
+
+def channel_itself(channel: grpc.aio.Channel) -> grpc.aio.Channel:
+    """A tool provider's "stub": its methods are known only at run time (server reflection), so calls go on the
+    channel (services/gateway/tool_catalog.py)."""
+    return channel
+
+
+def tool_provider(name: str) -> PeerService[grpc.aio.Channel]:
+    """A service tagged `lmesh-tool` in Consul, as its callers see it."""
+    return PeerService(name, channel_itself)
+
+
+TOOLS = tool_provider("lmesh-tools")  # the tools lmesh ships (services/tools)
+PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY, TOOLS)
 
 
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:

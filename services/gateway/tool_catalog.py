@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument, LmeshError
-from services.common.peers import Peer, PeerService, refused_hop
+from services.common.peers import Peer, refused_hop, tool_provider
 from services.gateway.tool_schema import ToolMethod, describe_method
 from services.tools.catalog import TOOL_TAG, parse_tool_meta
 
@@ -46,11 +46,6 @@ class ToolFailure:
 
     code: str
     message: str
-
-
-def _channel_of(channel: grpc.aio.Channel) -> grpc.aio.Channel:
-    """A tool provider's "stub" is its channel: its methods are known only at run time."""
-    return channel
 
 
 def tools_of(meta_by_provider: Mapping[str, list[Mapping[str, str]]]) -> dict[str, Tool]:
@@ -111,7 +106,7 @@ class ToolCatalog:
             backoff = 0.2
             for name, tags in services.items():
                 if TOOL_TAG in (tags or []) and name not in self._providers:
-                    self._providers[name] = self._mesh.peer(PeerService(name, _channel_of))
+                    self._providers[name] = self._mesh.peer(tool_provider(name))
             # A provider's first instances: its resolver's first answer, so `tools()` right after sees them.
             await asyncio.gather(*(peer.passing() for peer in self._providers.values()), return_exceptions=True)
             self._loaded.set()

@@ -89,7 +89,7 @@ def _tool(name: str, service: str, method: str, description: str) -> ToolEntry:
 # Descriptions are what a retrieval model matches requests against: say what each tool does and when to use it,
 # distinct from its neighbours.
 TOOLS: tuple[ToolEntry, ...] = (
-    _tool("calculator_evaluate", "Calculator", "Evaluate",
+    _tool("calculator", "Calculator", "Evaluate",
           "Evaluate an arithmetic expression exactly, with no floating-point error: + - * / powers (^ or **) and "
           "parentheses over integers and decimals, e.g. '(1.5 + 2) * 3^4' or '1/3 + 1/6'. Use it for any sum, "
           "product, percentage written as a fraction, or big-number computation; returns the exact decimal or "
