@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lmesh/common/v1/generation.proto\x12\x0flmesh.common.v1\"\x86\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x63\x61\x63hed_response\x18\x05 \x01(\x08\"\x82\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x31\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1b.lmesh.common.v1.TopLogprob\"M\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x42O\n\x13\x64\x65v.lmesh.common.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/common/v1;commonv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lmesh/common/v1/generation.proto\x12\x0flmesh.common.v1\"\x86\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x63\x61\x63hed_response\x18\x05 \x01(\x08\"\x82\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x31\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1b.lmesh.common.v1.TopLogprob\"M\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"Z\n\x10OutputConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x42O\n\x13\x64\x65v.lmesh.common.v1P\x01Z6github.com/lmesh/lmesh/gen/go/lmesh/common/v1;commonv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmesh.common.v1.generation_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.lmesh.common.v1P\001Z6github.com/lmesh/lmesh/gen/go/lmesh/common/v1;commonv1'
-  _globals['_FINISHREASON']._serialized_start=403
-  _globals['_FINISHREASON']._serialized_end=561
+  _globals['_FINISHREASON']._serialized_start=495
+  _globals['_FINISHREASON']._serialized_end=653
   _globals['_USAGE']._serialized_start=54
   _globals['_USAGE']._serialized_end=188
   _globals['_TOKENLOGPROB']._serialized_start=191
   _globals['_TOKENLOGPROB']._serialized_end=321
   _globals['_TOPLOGPROB']._serialized_start=323
   _globals['_TOPLOGPROB']._serialized_end=400
+  _globals['_OUTPUTCONSTRAINT']._serialized_start=402
+  _globals['_OUTPUTCONSTRAINT']._serialized_end=492
 # @@protoc_insertion_point(module_scope)

@@ -59,3 +59,13 @@ class TopLogprob(_message.Message):
     token_id: int
     logprob: float
     def __init__(self, token: _Optional[str] = ..., bytes: _Optional[bytes] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class OutputConstraint(_message.Message):
+    __slots__ = ("json_schema", "lark_grammar", "regex")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    LARK_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    lark_grammar: str
+    regex: str
+    def __init__(self, json_schema: _Optional[str] = ..., lark_grammar: _Optional[str] = ..., regex: _Optional[str] = ...) -> None: ...
