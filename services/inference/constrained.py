@@ -12,6 +12,7 @@ masks on its own threads without holding the GIL.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -119,6 +120,8 @@ class Grammars:
                                               f"{len(spec.text.encode())} bytes")
         if not spec.text.strip():
             raise InvalidArgument(spec.field, "must not be empty")
+        if spec.kind == "json_schema":
+            _check_json_object(spec)
         try:
             if spec.kind == "json_schema":
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.text)
@@ -142,6 +145,18 @@ class Grammars:
         """`compile`, in a worker thread unless cached (a cache hit stays on the loop: a dict lookup)."""
         compiled = self.cached(spec)
         return compiled if compiled is not None else await asyncio.to_thread(self.compile, spec)
+
+
+def _check_json_object(spec: ConstraintSpec) -> None:
+    """A schema must be JSON text of an object (or a boolean): said in the caller's terms, with positions in the
+    caller's text (llguidance's own message counts from a wrapper it puts around it)."""
+    try:
+        schema = json.loads(spec.text)
+    except ValueError as exc:
+        raise InvalidArgument(spec.field, f"not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict | bool):
+        raise InvalidArgument(spec.field, f"a schema must be a JSON object (or true/false), got "
+                                          f"{type(schema).__name__}")
 
 
 def _message(text: str) -> str:
