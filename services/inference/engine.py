@@ -17,6 +17,12 @@ a last prompt token run in a decode step (by about 5e-5 on SmolLM2's logits), an
 difference in the last bit. Sharing a right-padded run with other new prompts, and decoding among other rows, change
 nothing (measured bit for bit, on the CPU and on an H100).
 
+A constrained sequence (an output constraint: JSON Schema, Lark grammar, regex; services.inference.constrained)
+decodes in the same batch as the others. Its matcher consumes each token as soon as it is sampled; the next step's
+mask of every constrained row is computed in a thread of its own while the model runs that step, then the row is
+sampled from its masked logits (the free rows keep their vectorized greedy path). The token that completes a
+constraint is sent and the sequence ends with STOP right after it; the run-ahead stops there like at an end-of-turn.
+
 Priority (0-9, higher first) orders only the wait for a decode place: the waiting queue admits the highest priority
 first, first come first served within a priority, and a full queue sheds its lowest priority (the newest of those)
 for a request of a higher one. Once admitted, a sequence is scheduled like every other: the prefill scheduler's
@@ -33,13 +39,14 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, Limit, LmeshError, Reason, ResourceExhausted, Unavailable
+from services.inference.constrained import CompiledConstraint, ConstraintState, RowMasks
 from services.inference.onnx_model import OnnxDecoder
 from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import Sampled, Sampler, SamplingConfig, greedy_rows
@@ -70,6 +77,8 @@ class GenerationRequest:
     deadline: float | None = None
     # MIN_PRIORITY..MAX_PRIORITY (validated by the servicer): the order of admission, and of shedding, from the queue.
     priority: int = MIN_PRIORITY
+    # What the output must match (compiled by the servicer), or None for free text.
+    constraint: CompiledConstraint | None = None
 
 
 @dataclass
@@ -105,6 +114,10 @@ class Sequence:
     # A seeded request: its prompt in pieces at fixed positions, from the prefix cache only exact blocks (see the
     # module's docstring).
     reproducible: bool = False
+    # A constrained sequence's matcher (model thread), and the count of sampled tokens after which its constraint
+    # was complete (0: not yet): the token that completed it is sent, then the sequence ends with STOP.
+    constraint: ConstraintState | None = None
+    constraint_end: int = 0
     past_len: int = 0
     prefilled: int = 0  # prompt tokens whose KV is computed (reused from the prefix cache or run)
     cached_tokens: int = 0  # of those, reused from the prefix cache
@@ -246,6 +259,9 @@ class Engine:
         # One dedicated thread runs every model step: ONNX Runtime's calling thread stays the same (and is named
         # in thread dumps) instead of hopping between the loop's default executor threads.
         self._model_thread: ThreadPoolExecutor | None = None
+        # Constrained rows' masks: computed by llguidance in this thread while the model thread runs the model.
+        self._mask_thread: ThreadPoolExecutor | None = None
+        self._masks = RowMasks(model.vocab_size, eos_ids)
         self._accepting = True
         self.steps = 0
         # Called when the number of active or queued sequences changes (load reporting).
@@ -272,6 +288,7 @@ class Engine:
     def start(self) -> None:
         if self._task is None:
             self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmesh-engine")
+            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmesh-masks")
             self._task = asyncio.create_task(self._run(self._model_thread), name="engine")
 
     async def close(self) -> None:
@@ -284,6 +301,9 @@ class Engine:
         if self._model_thread is not None:
             self._model_thread.shutdown(wait=False)  # a step in flight finishes on its own; nothing waits for it
             self._model_thread = None
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=False)
+            self._mask_thread = None
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -324,7 +344,8 @@ class Engine:
                 f"{victim.priority}); retry later", Reason.SHED))
         seq = Sequence(id=next(self._ids), request=request,
                        sampler=Sampler(request.sampling, request.prompt_ids, request.top_logprobs),
-                       reproducible=request.sampling.seed != 0)
+                       reproducible=request.sampling.seed != 0,
+                       constraint=request.constraint.start() if request.constraint is not None else None)
         self._waiting.push(seq)
         self._wake.set()
         self.on_load_change()
@@ -453,7 +474,9 @@ class Engine:
             seq.token_gaps_ns.append(now - seq.last_token_ns)
         seq.last_token_ns = now
         seq.events.put_nowait(TokenEvent(sampled))
-        if seq.generated >= request.max_tokens or past_len + 1 >= self.context_length:
+        if seq.constraint_end and seq.generated >= seq.constraint_end:
+            self._finish(seq, Finish.STOP, last_token_sent=True)  # complete, even if max_tokens ends here too
+        elif seq.generated >= request.max_tokens or past_len + 1 >= self.context_length:
             self._finish(seq, Finish.LENGTH)
 
     def _remove(self, seq: Sequence) -> None:
@@ -464,12 +487,14 @@ class Engine:
             self._active.remove(seq)
         self.on_load_change()
 
-    def _finish(self, seq: Sequence, reason: Finish) -> None:
+    def _finish(self, seq: Sequence, reason: Finish, last_token_sent: bool = False) -> None:
+        """Ends a sequence; a STOP's last token (end-of-turn or stop id) is not sent, nor billed, unless
+        `last_token_sent` (the token that completed a constraint)."""
         if seq.done:
             return
         self._remove(seq)
         seq.reusable = True
-        completion = seq.generated if reason != Finish.STOP else seq.generated - 1
+        completion = seq.generated if reason != Finish.STOP or last_token_sent else seq.generated - 1
         if reason == Finish.CANCELLED:
             completion = min(seq.generated, seq.tokens_at_cancel or 0)
         seq.completion_tokens = completion
@@ -519,7 +544,8 @@ class Engine:
                 seq.prefill_end_ns = time.time_ns()
                 if self.prefix_cache.max_bytes > 0:
                     self.prefix_cache.insert(seq.request.prompt_ids, kv, self._exact_tokens(seq, end))
-                results.append(self._sampled(seq, seq.sampler.sample(logits)))
+                allowed = self._masks.compute([seq.constraint])[0] if seq.constraint is not None else None
+                results.append(self._sampled(seq, seq.sampler.sample(logits, allowed)))
         decoding = [s for s in decoding if not s.cancelled] + joining
         if not decoding:
             return results
@@ -581,7 +607,7 @@ class Engine:
             request = seq.request
             if (seq.cancelled or seq.expired(now) or sampled.token_id in self.eos_ids
                     or sampled.token_id in request.stop_ids or seq.sampled >= request.max_tokens
-                    or past_len + 1 >= self.context_length):
+                    or past_len + 1 >= self.context_length or seq.constraint_end):
                 return False
         return True
 
@@ -590,6 +616,11 @@ class Engine:
         seq.last_token = sampled.token_id
         seq.output_ids.append(sampled.token_id)
         seq.sampled += 1
+        if seq.constraint is not None:
+            # Right away: the next step's mask depends on it, and is computed while that step's model runs.
+            seq.constraint.consume(sampled.token_id)
+            if seq.constraint.stopped and not seq.constraint_end:
+                seq.constraint_end = seq.sampled
         return seq, sampled, seq.past_len
 
     def _exact_piece(self, seq: Sequence) -> int:
@@ -643,14 +674,28 @@ class Engine:
         lengths = np.asarray([s.past_len for s in rows])
         self._slots.reserve(len(rows), int(lengths.max()) + 1)
         input_ids = np.asarray([[s.last_token] for s in rows], dtype=np.int64)
-        logits = self.model.decode(input_ids, lengths, self._slots)
+        # The constrained rows' masks depend only on the tokens already consumed: llguidance computes them on its
+        # own threads, without the GIL, while the model runs.
+        constrained = [row for row, seq in enumerate(rows) if seq.constraint is not None]
+        masks: Future[np.ndarray] | None = None
+        if constrained:
+            assert self._mask_thread is not None
+            states = [c for c in (rows[row].constraint for row in constrained) if c is not None]
+            masks = self._mask_thread.submit(self._masks.compute, states)
+        try:
+            logits = self.model.decode(input_ids, lengths, self._slots)
+        finally:
+            allowed = masks.result() if masks is not None else None  # never left running into the next step
         for seq in rows:
             seq.past_len += 1
-        fast = [row for row, seq in enumerate(rows) if seq.sampler.plain_greedy]
+        fast = [row for row, seq in enumerate(rows) if seq.sampler.plain_greedy and seq.constraint is None]
         sampled: list[Sampled | None] = [None] * len(rows)
         if fast:
             for row, result in zip(fast, greedy_rows(logits[fast]), strict=True):
                 sampled[row] = result
+        if allowed is not None:
+            for row, row_allowed in zip(constrained, allowed, strict=True):
+                sampled[row] = rows[row].sampler.sample(logits[row], row_allowed)
         for row, seq in enumerate(rows):
             if sampled[row] is None:
                 sampled[row] = seq.sampler.sample(logits[row])

@@ -13,6 +13,7 @@ from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
 from services.common.errors import FailedPrecondition, LmeshError
 from services.common.peers import Peer
+from services.inference.constrained import Grammars
 from services.inference.engine import Engine, EngineLimits
 from services.inference.onnx_model import LENGTH_QUANTUM, OnnxDecoder
 from services.inference.servicer import ServedModel
@@ -63,11 +64,32 @@ async def load_models(registry: Peer[RegistryStub], references: list[str], cache
                 f"{version.name}:{version.version} cannot be served: its model file is not a decoder this engine "
                 f"runs ({reason[:300]}); register a folder built by `make model`") from exc
         engine = await asyncio.to_thread(_engine, decoder, version, limits)
+        grammars = await _grammars(registry, version, cache_dir)
         engine.start()
         vocab = version.architecture.vocab_size or decoder.vocab_size
-        served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length))
+        served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length, grammars))
         log.info("serving %s:%s from %s", version.name, version.version, path)
     return served
+
+
+async def _grammars(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion,
+                    cache_dir: Path) -> Grammars | None:
+    """What compiles output constraints for the version: its tokenizer artifact (tokenizer.json, digest-verified like
+    the weights) read by llguidance once. Without one (or one llguidance cannot read) the version is served
+    unconstrained: a constrained request is then FAILED_PRECONDITION."""
+    name = f"{version.name}:{version.version}"
+    tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
+    if len(tokenizers) != 1:
+        log.warning("%s has no tokenizer artifact: its output cannot be constrained", name)
+        return None
+    path = await fetch_to_cache(registry, tokenizers[0].sha256, cache_dir)
+    try:
+        return await asyncio.to_thread(Grammars.from_tokenizer_json, path.read_text(encoding="utf-8"),
+                                       version.eos_token_ids)
+    except Exception as exc:  # llguidance's errors have no common type; the replica serves unconstrained
+        log.warning("%s: llguidance cannot read its tokenizer (%s): its output cannot be constrained", name,
+                    str(exc).strip()[:300])
+        return None
 
 
 def _engine(decoder: OnnxDecoder, version: registry_pb2.ModelVersion, limits: EngineLimits) -> Engine:

@@ -77,7 +77,10 @@ class Sampler:
         """Greedy with nothing per-sequence to apply: the engine samples such rows together, vectorized."""
         return self.config.greedy and self._seen is None and not self.top_logprobs
 
-    def sample(self, logits: np.ndarray) -> Sampled:
+    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Sampled:
+        """The next token from one row of logits; `allowed` (a boolean per token, at least one True) restricts the
+        draw to those tokens: the others get probability 0, and the logprobs are those of the distribution
+        renormalized over the allowed ones (a constrained sequence's masked distribution)."""
         config = self.config
         scores = logits.astype(np.float32, copy=True)
         if self._seen is not None and self._seen.size:
@@ -86,6 +89,9 @@ class Sampler:
             picked = scores[self._seen].astype(np.float64)
             penalized = np.where(picked > 0, picked / config.repetition_penalty, picked * config.repetition_penalty)
             scores[self._seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
+        if allowed is not None:
+            # After the penalty, which would clip -inf back to a finite score.
+            scores[~allowed] = -np.inf
         if not config.greedy:
             # The peak first: a tiny temperature then sends the others to -inf (probability 0), never the peak to
             # inf (and inf - inf to NaN).
@@ -103,7 +109,8 @@ class Sampler:
         if self.top_logprobs:
             best = np.argpartition(-scores, self.top_logprobs)[: self.top_logprobs]
             best = best[np.argsort(-scores[best], kind="stable")]
-            top = [(int(i), float((scores[i] - peak) - log_sum)) for i in best]
+            top = [(int(i), float((scores[i] - peak) - log_sum)) for i in best
+                   if allowed is None or allowed[i]]  # a masked token is no alternative
         return Sampled(token_id=token, logprob=float((scores[token] - peak) - log_sum), top=top)
 
     def _draw(self, scores: np.ndarray, peak: np.float32, weights: np.ndarray) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgument, NotFound, Reason
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Reason
 from services.common.rpc import first_message
+from services.inference.constrained import CompiledConstraint, ConstraintSpec, Grammars
 from services.inference.engine import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -46,6 +48,8 @@ class ServedModel:
     engine: Engine
     vocab_size: int
     context_length: int
+    # Compiles output constraints for this version's tokenizer; None when it was registered without one.
+    grammars: Grammars | None = None
 
     @property
     def id(self) -> str:
@@ -77,6 +81,17 @@ def _validate(start: inference_pb2.GenerateStart, model: ServedModel, deadline: 
     return GenerationRequest(prompt_ids=prompt, max_tokens=start.max_tokens, sampling=sampling,
                              stop_ids=frozenset(start.stop_token_ids), top_logprobs=start.top_logprobs,
                              request_id=start.request_id, deadline=deadline, priority=start.priority)
+
+
+async def _constraint(start: inference_pb2.GenerateStart, model: ServedModel) -> CompiledConstraint | None:
+    """The request's output constraint, compiled (INVALID_ARGUMENT naming `constraint.<kind>` if it cannot be)."""
+    kind = start.constraint.WhichOneof("kind") if start.HasField("constraint") else None
+    if kind is None:
+        return None
+    if model.grammars is None:
+        raise FailedPrecondition(f"model '{model.id}' was registered without a tokenizer artifact: its output "
+                                 f"cannot be constrained", metadata={"model": model.id})
+    return await model.grammars.compile_async(ConstraintSpec(kind, getattr(start.constraint, kind)))
 
 
 async def _until_retired(seq: Sequence, timeout_s: float = 5.0) -> None:
@@ -112,10 +127,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                            reason=Reason.MODEL_NOT_SERVED, metadata={"model": start.model})
         remaining = context.time_remaining()
         request = _validate(start, model, None if remaining is None else time.monotonic() + remaining)
+        constraint = await _constraint(start, model)
+        if constraint is not None:
+            request = dataclasses.replace(request, constraint=constraint)
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": model.id, "gen_ai.usage.input_tokens": len(request.prompt_ids),
                              "gen_ai.request.max_tokens": request.max_tokens,
                              "lmesh.inference.priority": request.priority})
+        if constraint is not None:
+            span.set_attribute("lmesh.inference.constraint", constraint.spec.kind)
         if request.request_id:
             span.set_attribute("lmesh.request_id", request.request_id)
         engine = model.engine

@@ -52,7 +52,8 @@ class InferenceServicer:
         is FINISH_REASON_CANCELLED. Half-closing the client side does not cancel; dropping the stream does.
         The server sends `tokens` messages as tokens are generated, then exactly one `finish`.
         Errors: INVALID_ARGUMENT (first message not `start`, or none within 30 s; a malformed field, named in the
-        message), NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (the queue is
+        message; a `constraint` that cannot be compiled), FAILED_PRECONDITION (a `constraint` for a model version
+        registered without a tokenizer), NOT_FOUND (the model version is not served by this replica), RESOURCE_EXHAUSTED (the queue is
         full of requests of at least this one's `priority`: reason QUEUE_FULL, at once; or, while still queued, the
         request was shed for one of a higher `priority`: reason SHED, before any `tokens`; both with trailing
         metadata `retry-after-ms`, the same delay as the RetryInfo detail), DEADLINE_EXCEEDED (the
