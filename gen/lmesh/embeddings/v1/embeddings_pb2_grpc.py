@@ -85,7 +85,8 @@ class EmbeddingsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """The model served: its name, dimensions and input limit.
+        """The model served: its name, dimensions and input limits.
+        Errors: UNAVAILABLE (the service is loading its model or shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
