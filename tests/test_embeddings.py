@@ -223,31 +223,44 @@ def test_requests_refused_before_any_work(inputs: list[str], model: str, error: 
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def batcher(model: EmbeddingModel) -> AsyncIterator[MicroBatcher]:
+async def batcher(embeddings_model_dir: Path) -> AsyncIterator[MicroBatcher]:
+    """One ONNX Runtime thread: on a shared machine, a pool of several waits on its slowest thread, and the timing
+    below would measure the neighbours' load."""
     batcher = MicroBatcher(cache_entries=0)
-    batcher.load(model)
+    batcher.load(EmbeddingModel.load(embeddings_model_dir, threads=1))
     yield batcher
     await batcher.close()
 
 
 async def test_concurrent_requests_run_as_one_batch_and_take_far_less_than_one_after_another(
         batcher: MicroBatcher) -> None:
-    texts = [f"request {i}: which tool lists the open issues of project {i}?" for i in range(32)]
-    await batcher.embed(["warm up"])
-    singles = []
-    for text in texts[:8]:
+    """32 concurrent single-text requests against the same 32 one after another, in alternating rounds (a shared
+    machine's load falls on both alike): one batch, in well under the serial time. On CPU the model's cost per
+    wordpiece barely falls with batch size (ONNX Runtime alone: 1.4x to 2x for 32 rows); the rest is the
+    per-request hop to the worker thread, tokenizer call and run set-up, paid once per batch."""
+    counter = itertools.count()
+
+    def texts() -> list[str]:
+        return [f"request {next(counter)}: which tool lists the open issues of this project?" for _ in range(32)]
+
+    await batcher.embed(texts())
+    serial, concurrent = [], []
+    for _ in range(3):
         started = time.perf_counter()
-        await batcher.embed([text])
-        singles.append(time.perf_counter() - started)
-    single = statistics.median(singles)
-    batches_before = batcher.stats.batches
-    started = time.perf_counter()
-    results = await asyncio.gather(*(batcher.embed([text]) for text in texts))
-    together = time.perf_counter() - started
-    # The first request may start alone before the rest are queued; everything else runs in one batch.
-    assert batcher.stats.batches - batches_before <= 2
-    assert together < 0.6 * 32 * single, f"32 concurrent: {together * 1000:.1f} ms, one: {single * 1000:.1f} ms"
-    alone = batcher.model.embed(texts)  # type: ignore[union-attr]
+        for text in texts():
+            await batcher.embed([text])
+        serial.append(time.perf_counter() - started)
+        batches_before = batcher.stats.batches
+        batch = texts()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(batcher.embed([text]) for text in batch))
+        concurrent.append(time.perf_counter() - started)
+        # The first request may start alone before the rest are queued; the others run in one batch.
+        assert batcher.stats.batches - batches_before <= 2
+    ratio = statistics.median(concurrent) / statistics.median(serial)
+    print(f"32 concurrent / one after another: {ratio:.2f}")
+    assert ratio < 0.8, f"32 concurrent: {concurrent} s; one after another: {serial} s"
+    alone = batcher.model.embed(batch)  # type: ignore[union-attr]
     for (got,), want in zip(results, alone, strict=True):
         np.testing.assert_allclose(got.vector, want.vector, atol=1e-5)
 
