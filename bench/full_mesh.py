@@ -24,7 +24,7 @@ from services.common.supervisor import Supervisor
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 
-SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway", "tools")
+SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway", "tools", "embeddings")
 ADMIN_TOKEN = "bench-admin-token"
 
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from services.common.discovery import Mesh
     from services.common.peers import Peer
 
-SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway", "tools")
+SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway", "tools", "embeddings")
 
 
 class CommandError(Exception):

@@ -31,7 +31,7 @@ from services.common.peers import OPERATOR, POLICY, REGISTRY, GatewayTls, open_m
 from services.common.server import port_is_free
 from services.common.supervisor import ProcessExited, Supervisor
 
-SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway", "tools")
+SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway", "tools", "embeddings")
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_HTTP_PORT = 8080  # the gateway's OpenAI-compatible HTTP API
 SAMPLE_QUESTION = "What is the capital of France?"

@@ -37,7 +37,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 def test_every_proto_is_packaged_per_service_with_language_options() -> None:
     # One package per service, plus lmesh.common.v1: the types several of them share.
     assert {p.parent.parent.name for p in PROTOS} == {"registry", "tokenizer", "inference", "policy", "gateway",
-                                                      "tools", "common"}
+                                                      "tools", "embeddings", "common"}
     for proto in PROTOS:
         text = proto.read_text()
         service = proto.parent.parent.name

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from lmesh.embeddings.v1 import embeddings_pb2_grpc
 from lmesh.gateway.v1 import gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2_grpc
 from lmesh.policy.v1 import policy_pb2_grpc
@@ -64,7 +65,8 @@ def tool_provider(name: str) -> PeerService[grpc.aio.Channel]:
 
 
 TOOLS = tool_provider("lmesh-tools")  # the tools lmesh ships (services/tools)
-PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY, TOOLS)
+EMBEDDINGS = PeerService("lmesh-embeddings", embeddings_pb2_grpc.EmbeddingsStub)
+PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY, TOOLS, EMBEDDINGS)
 
 
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:
