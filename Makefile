@@ -14,10 +14,10 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model embeddings-model consul redis lint typecheck bench soak clean
 
-run: venv model consul
+run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
-test: venv model consul redis
+test: venv model embeddings-model consul redis
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU

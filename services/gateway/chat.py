@@ -31,7 +31,7 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
-from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
+from services.common.peers import EMBEDDINGS, INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
 from services.gateway import metrics
@@ -236,8 +236,9 @@ class ChatService:
         self.response_cache = response_cache if response_cache is not None else ResponseCache.off()
         from services.gateway.mesh_tools import MeshTools  # it builds on this module's types
         from services.gateway.tool_catalog import ToolCatalog
+        from services.gateway.tool_retrieval import ToolIndex, embeddings_of
 
-        self.mesh_tools = MeshTools(ToolCatalog(mesh), None, tracer)
+        self.mesh_tools = MeshTools(ToolCatalog(mesh), ToolIndex(embeddings_of(mesh.peer(EMBEDDINGS))), tracer)
 
     async def close(self) -> None:
         """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""

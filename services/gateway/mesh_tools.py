@@ -20,12 +20,11 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from lmesh.common.v1 import generation_pb2
 from opentelemetry import trace
 
 from services.common.access import tool_allowed
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Reason, Unavailable
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Reason
 from services.gateway.tool_catalog import DEFAULT_CALL_TIMEOUT_S, Tool, ToolCatalog, ToolFailure
 from services.gateway.tool_graph import (
     CallFinished,
@@ -165,9 +164,9 @@ def last_user_text(messages: list[tuple[str, str]]) -> str:
 class MeshTools:
     """The gateway's tool phase: the catalog, the retrieval index and the flow above."""
 
-    def __init__(self, catalog: ToolCatalog, index: ToolIndex | None, tracer: trace.Tracer) -> None:
+    def __init__(self, catalog: ToolCatalog, index: ToolIndex, tracer: trace.Tracer) -> None:
         self.catalog = catalog
-        self.index = index  # None: no embeddings service configured; `auto` then needs few enough tools
+        self.index = index
         self._tracer = tracer
 
     async def candidates(self, request: ToolRequest, granted: Callable[[str], bool], text: str) -> list[Tool]:
@@ -187,8 +186,6 @@ class MeshTools:
         wanted = request.candidates or DEFAULT_CANDIDATES
         if len(allowed) <= wanted:
             return sorted(allowed, key=lambda tool: tool.name)
-        if self.index is None:
-            raise Unavailable("choosing among tools needs lmesh-embeddings, which this gateway has no access to")
         with self._tracer.start_as_current_span("retrieve_tools") as span:
             ranked = await self.index.rank(text, allowed, wanted)
             span.set_attributes({"lmesh.tools.considered": len(allowed),
@@ -261,12 +258,6 @@ def add_usage(answer: generation_pb2.Usage, plan: generation_pb2.Usage) -> gener
     total.total_tokens += plan.total_tokens
     total.cached_prompt_tokens += plan.cached_prompt_tokens
     return total
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (embeddings that come unnormalized)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms == 0, 1, norms)
 
 
 def tool_step_json(event: ToolStepEvent) -> dict[str, Any]:

@@ -9,12 +9,30 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from lmesh.embeddings.v1 import embeddings_pb2
+from lmesh.embeddings.v1.embeddings_pb2_grpc import EmbeddingsStub
 
+from services.common.peers import Peer
 from services.gateway.tool_catalog import Tool
 
 # texts -> one unit-norm row each
 Embed = Callable[[list[str]], Awaitable[np.ndarray]]
 MAX_KEPT_DESCRIPTIONS = 4096
+EMBED_BATCH = 256  # lmesh-embeddings' most inputs per call
+
+
+def embeddings_of(peer: Peer[EmbeddingsStub], timeout_s: float = 10.0) -> Embed:
+    """`Embed` through lmesh-embeddings (unit-length vectors)."""
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        rows: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            request = embeddings_pb2.EmbedRequest(inputs=texts[start:start + EMBED_BATCH])
+            response = await peer.call(lambda stub: stub.Embed, request, timeout=timeout_s)
+            rows.extend(list(embedding.values) for embedding in response.embeddings)
+        return np.asarray(rows, dtype=np.float32)
+
+    return embed
 
 
 @dataclass(frozen=True)
