@@ -123,6 +123,15 @@ def test_plans_are_bounded_and_well_formed() -> None:
             parse_plan(bad)
 
 
+async def test_a_call_written_twice_runs_once_and_references_to_it_name_the_first() -> None:
+    plan = {"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {"tool": "add", "arguments": {"a": 1, "b": 2}},
+                      {"tool": "add", "arguments": {"a": "$2.value", "b": 10}}]}
+    calls = parse_plan(plan)
+    assert [(c.number, c.arguments) for c in calls] == [(1, {"a": 1, "b": 2}), (3, {"a": "$1.value", "b": 10})]
+    _, outcome = await run(plan, arithmetic)
+    assert sorted(outcome.finished) == [1, 3] and outcome.finished[3].result == {"value": 13}
+
+
 def test_resolve_paths_into_lists() -> None:
     results = {1: {"people": [{"email": "a@x"}, {"email": "b@x"}]}}
     assert resolve({"to": "$1.people.1.email"}, results) == {"to": "b@x"}

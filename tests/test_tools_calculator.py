@@ -42,6 +42,9 @@ def refused(expression: str) -> str:
     ("1 + 2 * 3", Fraction(7)),
     ("(1 + 2) * 3", Fraction(9)),
     ("7 \u00f7 2 \u00d7 3 \u2212 1", Fraction(19, 2)),  # division, times, minus signs
+    ("12 plus 7 times 3 minus 4", Fraction(29)),  # operators in words
+    ("9 Divided By 6 multiplied by 2 to the power of 2 over 3", Fraction(2)),
+    ("{12} + [2 * (3 + 1)]", Fraction(20)),  # brackets and braces group as parentheses
     ("--3", Fraction(3)),
     ("+.5", Fraction(1, 2)),
     ("1.5e3 + 2E-2", Fraction(150002, 100)),

@@ -91,6 +91,8 @@ def parse_plan(plan: Any, max_calls: int = DEFAULT_MAX_CALLS) -> list[PlannedCal
     if len(calls) > max_calls:
         raise PlanError(f"the plan has {len(calls)} calls; at most {max_calls} are run")
     planned = []
+    first_of: dict[str, int] = {}  # a call, as JSON -> the number of its first occurrence
+    same_as: dict[int, int] = {}  # a repeated call's number -> that first one's
     for number, call in enumerate(calls, start=1):
         if not isinstance(call, dict) or not isinstance(call.get("tool"), str):
             raise PlanError(f"call {number} names no tool")
@@ -99,8 +101,27 @@ def parse_plan(plan: Any, max_calls: int = DEFAULT_MAX_CALLS) -> list[PlannedCal
             raise PlanError(f"call {number}'s arguments are not an object")
         if len(json.dumps(arguments)) > MAX_ARGUMENT_BYTES:
             raise PlanError(f"call {number}'s arguments are over {MAX_ARGUMENT_BYTES} bytes")
+        arguments = _renumbered(arguments, same_as)
+        # A call written again (small models repeat themselves) runs once; references to it name the first.
+        key = json.dumps([call["tool"], arguments], sort_keys=True)
+        if key in first_of:
+            same_as[number] = first_of[key]
+            continue
+        first_of[key] = number
         planned.append(PlannedCall(number, call["tool"], arguments))
     return planned
+
+
+def _renumbered(value: Any, same_as: Mapping[int, int]) -> Any:
+    if not same_as:
+        return value
+    if isinstance(value, str):
+        return REFERENCE.sub(lambda m: f"${same_as.get(int(m.group(1)), int(m.group(1)))}{m.group(2)}", value)
+    if isinstance(value, dict):
+        return {key: _renumbered(item, same_as) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_renumbered(item, same_as) for item in value]
+    return value
 
 
 def _strings(value: Any) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import decimal
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,7 +35,13 @@ FIELD = "expression"
 
 # Unicode spellings people (and models) paste; `x` is not among them: it reads as a variable.
 # minus, times, division, dot operator, middle dot
-_ALIASES = {"\u2212": "-", "\u00d7": "*", "\u00f7": "/", "\u22c5": "*", "\u00b7": "*"}
+# Other spellings of the operators, and brackets and braces that group as parentheses do (as written on paper).
+_ALIASES = {"\u2212": "-", "\u00d7": "*", "\u00f7": "/", "\u22c5": "*", "\u00b7": "*",
+            "[": "(", "]": ")", "{": "(", "}": ")"}
+# Operators in words ("12 plus 7 times 3"), as a question is often written; whole words, any case.
+_WORDS = re.compile(r"\b(plus|minus|times|multiplied by|divided by|over|to the power of)\b", re.IGNORECASE)
+_WORD_OPERATORS = {"plus": "+", "minus": "-", "times": "*", "multiplied by": "*", "divided by": "/", "over": "/",
+                   "to the power of": "^"}
 
 
 class CalculationError(InvalidArgument):
@@ -154,6 +161,8 @@ def evaluate(expression: str) -> Fraction:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise CalculationError(f"longer than {MAX_EXPRESSION_CHARS} characters ({len(expression)})")
     text = "".join(_ALIASES.get(ch, ch) for ch in expression)
+    if _WORDS.search(text):  # positions in messages then refer to the expression with symbols
+        text = _WORDS.sub(lambda m: _WORD_OPERATORS[" ".join(m.group(1).lower().split())], text)
     if not text.strip():
         raise CalculationError("empty: give an arithmetic expression such as (2 + 3) * 4")
     values: list[Fraction] = []

@@ -91,7 +91,8 @@ def _tool(name: str, service: str, method: str, description: str) -> ToolEntry:
 TOOLS: tuple[ToolEntry, ...] = (
     _tool("calculator", "Calculator", "Evaluate",
           "Evaluate an arithmetic expression exactly, with no floating-point error: + - * / powers (^ or **) and "
-          "parentheses over integers and decimals, e.g. '(1.5 + 2) * 3^4' or '1/3 + 1/6'. Use it for any sum, "
+          "parentheses over integers and decimals, e.g. '(1.5 + 2) * 3^4', '1/3 + 1/6' or '12 plus 7 times 3'. "
+          "Use it for any sum, "
           "product, percentage written as a fraction, or big-number computation; returns the exact decimal or "
           "fraction."),
     _tool("convert_units", "UnitConverter", "Convert",

@@ -53,8 +53,10 @@ class CalculatorServicer:
     def Evaluate(self, request, context):
         """Evaluates an arithmetic expression exactly. Grammar: decimal numbers (`12`, `0.5`, `.5`, `1.5e3`; no
         thousands separators: `1,000` is refused, since `,` is a decimal comma in many locales), `+ - * /` and
-        their Unicode forms `− × ÷`, powers `^` or `**` (right-associative, binding tighter than unary minus:
-        -2^2 = -4), unary `+`/`-`, parentheses. `x` is not multiplication. An exponent must be an integer.
+        their Unicode forms `− × ÷`, the words `plus minus times`, `multiplied by`, `divided by`, `over` and
+        `to the power of`, powers `^` or `**` (right-associative, binding tighter than unary minus: -2^2 = -4), unary
+        `+`/`-`, parentheses (`[ ]` and `{ }` group as they do). `x` is not multiplication. An exponent must be an
+        integer. Error positions refer to the expression with word operators written as symbols.
         Bounds: 4096 characters, 200 nested parentheses or unary signs, 1000 digits in a number, any intermediate
         or final value within 100 000 bits in numerator and denominator (checked before a power is computed), and
         at most 1 000 000 bits of operands over all operations (many operations on huge numbers are refused).
