@@ -96,9 +96,15 @@ def questions(per_size: int, seed: int = SEED) -> list[Question]:
 
 
 def answered_right(text: str, answer: Fraction) -> bool:
-    """Whether the exact answer appears as a number in `text` (thousands separators allowed)."""
-    wanted = str(answer.numerator) if answer.denominator == 1 else f"{answer.numerator}/{answer.denominator}"
-    return any(found.replace(",", "").removesuffix(".0") == wanted for found in NUMBER.findall(text))
+    """Whether the exact answer appears as a number in `text` (thousands separators allowed; `650`, `650.0` and
+    `650/1` are the same number)."""
+    for found in NUMBER.findall(text):
+        try:
+            if Fraction(found.replace(",", "")) == answer:
+                return True
+        except (ValueError, ZeroDivisionError):
+            continue
+    return False
 
 
 async def ask(stub: gateway_pb2_grpc.GatewayStub, key: str, question: Question, with_tools: bool,

@@ -154,6 +154,9 @@ def test_plan_schema_allows_references_where_values_go() -> None:
     assert referenced["properties"]["s"] == {"type": "string"}
     tools = [(Tool("add", "p", "x.Y/Add", "adds"), parameters), (Tool("echo", "p", "x.Y/Echo", "echo"), parameters)]
     schema = plan_schema(tools, 3)
-    items = schema["properties"]["calls"]["items"]["anyOf"]
-    assert [option["properties"]["tool"]["const"] for option in items] == ["add", "echo"]
-    assert schema["properties"]["calls"]["maxItems"] == 3
+    calls = schema["properties"]["calls"]
+    assert [option["properties"]["tool"]["const"] for option in calls["items"]["anyOf"]] == ["add", "echo"]
+    assert calls["maxItems"] == 3
+    # The first call has nothing to refer to: its arguments are plain values.
+    assert calls["prefixItems"][0]["anyOf"][0]["properties"]["arguments"] == parameters
+    assert calls["items"]["anyOf"][0]["properties"]["arguments"] == referenced

@@ -337,20 +337,27 @@ class ChatService:
                         principal.tenant)
 
     async def complete(self, credential: Credential | str, params: ChatParams, request_id: str,
-                       screening: Screening | None = None) -> tuple[str, generation_pb2.Usage, str]:
+                       screening: Screening | None = None,
+                       enough: Callable[[str], str | None] = lambda text: None,
+                       ) -> tuple[str, generation_pb2.Usage, str]:
         """A whole generation that no client sees as it streams (a tool plan): authorized, reserved and settled
-        as any chat; its text (stop strings applied), usage and model version."""
+        as any chat; its text (stop strings applied), usage and model version. `enough` sees the text as it grows
+        and may end the generation early: what it returns is then the text."""
         prepared = await self.prepare(credential, params, request_id, screening)
         model_id = f"{prepared.version.name}:{prepared.version.version}"
         pieces: list[str] = []
+        cancel = asyncio.Event()
+        cut: str | None = None
         async with self.accounts.held(prepared.reservation) as meter:
             async for event in self.generate(prepared.version, prepared.prompt, prepared.max_tokens, params,
-                                             asyncio.Event(), request_id, prepared.tokenizer, meter,
+                                             cancel, request_id, prepared.tokenizer, meter,
                                              priority=prepared.priority, placement=prepared.placement):
                 if isinstance(event, ChatDelta):
                     pieces.append(event.text)
+                    if cut is None and (cut := enough("".join(pieces))) is not None:
+                        cancel.set()
                 else:
-                    return "".join(pieces), event.usage, model_id
+                    return cut if cut is not None else "".join(pieces), event.usage, model_id
         raise Unavailable("the generation ended without a finish")
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from lmesh.common.v1 import generation_pb2
 
 from services.common.errors import InvalidArgument, NotFound
+from services.gateway.tool_graph import plan_repeats_itself
 from services.gateway.tool_schema import compact
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -168,20 +169,30 @@ def result_turn(name: str, call_id: str, content: str) -> str:
     return f"Result of {name or 'the function'} ({call_id}): {content}"
 
 
-async def calls_or_text(events: AsyncIterator[Any], calling: FunctionCalling) -> AsyncIterator[Any]:
+async def calls_or_text(events: AsyncIterator[Any], calling: FunctionCalling,
+                        stop: Callable[[], None] = lambda: None) -> AsyncIterator[Any]:
     """The answer's events with the text held back: when it is a call, one ChatEnd carrying the calls
-    (FINISH_REASON_TOOL_CALLS); otherwise the text as one delta, then the ChatEnd."""
+    (FINISH_REASON_TOOL_CALLS); otherwise the text as one delta, then the ChatEnd. A plan that starts writing a
+    call it already wrote is cut there (`stop` ends the generation)."""
     from services.gateway.chat import ChatDelta, ChatEnd
 
     held: list[ChatDelta] = []
+    cut: str | None = None
     async for event in events:
         if isinstance(event, ChatDelta):
             held.append(event)
+            if cut is None:
+                text = "".join(delta.text for delta in held)
+                marked = calling.choice != "auto" or text.startswith(CALL_MARK)
+                if marked and (plan := plan_repeats_itself(text.removeprefix(CALL_MARK))) is not None:
+                    cut = CALL_MARK + plan if calling.choice == "auto" else plan
+                    stop()
             continue
         if isinstance(event, ChatEnd):
-            text = "".join(delta.text for delta in held)
+            text = cut if cut is not None else "".join(delta.text for delta in held)
             entries = [entry for delta in held for entry in delta.logprobs]
-            calls = calling.parse(text) if event.finish_reason == generation_pb2.FINISH_REASON_STOP else None
+            complete = cut is not None or event.finish_reason == generation_pb2.FINISH_REASON_STOP
+            calls = calling.parse(text) if complete else None
             if calls is not None:
                 yield replace(event, finish_reason=generation_pb2.FINISH_REASON_TOOL_CALLS, function_calls=calls,
                               logprobs=[*entries, *event.logprobs])

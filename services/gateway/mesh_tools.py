@@ -20,11 +20,12 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from lmesh.common.v1 import generation_pb2
 from opentelemetry import trace
 
 from services.common.access import tool_allowed
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Reason
+from services.common.errors import InvalidArgument, LmeshError, NotFound, PermissionDenied, Reason, Unavailable
 from services.gateway.tool_catalog import DEFAULT_CALL_TIMEOUT_S, Tool, ToolCatalog, ToolFailure
 from services.gateway.tool_graph import (
     CallFinished,
@@ -33,6 +34,7 @@ from services.gateway.tool_graph import (
     GraphOutcome,
     PlanError,
     parse_plan,
+    plan_repeats_itself,
     run_graph,
 )
 from services.gateway.tool_retrieval import ToolIndex
@@ -122,15 +124,23 @@ def with_references(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_schema(tools: list[tuple[Tool, dict[str, Any]]], max_calls: int) -> dict[str, Any]:
-    """The JSON Schema of a plan over `tools` (each with its arguments' schema)."""
-    options = [{"type": "object", "properties": {"tool": {"const": tool.name},
-                                                 "arguments": with_references(parameters)},
-                "required": ["tool", "arguments"], "additionalProperties": False}
-               for tool, parameters in tools]
-    item = options[0] if len(options) == 1 else {"anyOf": options}
-    return {"type": "object", "properties": {"calls": {"type": "array", "items": item, "minItems": 1,
-                                                       "maxItems": max_calls}},
-            "required": ["calls"], "additionalProperties": False}
+    """The JSON Schema of a plan over `tools` (each with its arguments' schema): the first call's arguments are
+    values, a later call's may also be references to earlier results."""
+
+    def call(referring: bool) -> dict[str, Any]:
+        options = [{"type": "object", "properties": {
+            "tool": {"const": tool.name},
+            "arguments": with_references(parameters) if referring else parameters},
+            "required": ["tool", "arguments"], "additionalProperties": False} for tool, parameters in tools]
+        return options[0] if len(options) == 1 else {"anyOf": options}
+
+    calls: dict[str, Any] = {"type": "array", "prefixItems": [call(False)], "minItems": 1, "maxItems": max_calls}
+    if max_calls > 1:
+        calls["items"] = call(True)
+    else:
+        calls["items"] = False
+    # JSON's whitespace stays the model's choice: held to one line, SmolLM2 writes empty strings.
+    return {"type": "object", "properties": {"calls": calls}, "required": ["calls"], "additionalProperties": False}
 
 
 def plan_instructions(tools: list[tuple[Tool, dict[str, Any]]]) -> str:
@@ -143,7 +153,15 @@ def plan_instructions(tools: list[tuple[Tool, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def results_message(finished: list[CallFinished]) -> str:
+def describe_failure(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return exc.message if isinstance(exc, LmeshError) else str(exc)
+
+
+def results_message(finished: list[CallFinished], request: str) -> str:
+    """The turn the model answers from: each call with its result or error, then the request again (a small model
+    answers the last thing it read)."""
     lines = ["Tool results:"]
     for end in finished:
         arguments = json.dumps(end.arguments, ensure_ascii=False, separators=(", ", ": "))
@@ -152,8 +170,8 @@ def results_message(finished: list[CallFinished]) -> str:
         else:
             assert end.failure is not None
             outcome = f"error {end.failure.code}: {end.failure.message}"
-        lines.append(f"{end.number}. {end.tool}({arguments}) -> {outcome[:MAX_RESULT_CHARS]}")
-    lines.append("Answer my request with these results.")
+        lines.append(f"{end.number}. {end.tool} {arguments} returned {outcome[:MAX_RESULT_CHARS]}")
+    lines.append(f"\nUsing these results, answer: {request}")
     return "\n".join(lines)
 
 
@@ -210,7 +228,11 @@ class MeshTools:
         for tool in tools:
             try:
                 described.append((tool, (await self.catalog.method(tool)).parameters))
-            except Exception as exc:  # a tool whose schema cannot be read is left out, not the chat failed
+            except (LmeshError, grpc.aio.AioRpcError) as exc:
+                if request.names:  # asked for by name: say why it cannot be used
+                    raise Unavailable(f"tool '{tool.name}' cannot be used: {describe_failure(exc)}",
+                                      metadata={"tool": tool.name}) from exc
+                # Chosen by retrieval: left out, the chat goes on with the others.
                 trace.get_current_span().add_event("tool_schema_failed", {"gen_ai.tool.name": tool.name,
                                                                           "error.type": type(exc).__name__})
         if not described:
@@ -222,7 +244,8 @@ class MeshTools:
             max_tokens=PLAN_MAX_TOKENS, temperature=0.0, top_p=0.0, top_k=0, stop=[], logprobs=False,
             top_logprobs=0, response_format=generation_pb2.OutputConstraint(json_schema=compact(schema)))
         with self._tracer.start_as_current_span("plan_tools"):
-            text, usage, model_id = await chat.complete(caller, plan_params, f"{completion_id}-plan", screening)
+            text, usage, model_id = await chat.complete(caller, plan_params, f"{completion_id}-plan", screening,
+                                                        enough=plan_repeats_itself)
         result.usage = usage
         try:
             calls = parse_plan(text, request.calls_allowed)
@@ -245,8 +268,10 @@ class MeshTools:
             if cancel.is_set():
                 break
         finished = [outcome.finished[n] for n in sorted(outcome.finished)]
+        # The results join the conversation as the user's next turn; the plan itself is not shown (the model
+        # would copy it).
         result.params = replace(answer_params, messages=[
-            *params.messages, ("assistant", text), ("user", results_message(finished))])
+            *params.messages, ("user", results_message(finished, last_user_text(params.messages)))])
 
 
 def add_usage(answer: generation_pb2.Usage, plan: generation_pb2.Usage) -> generation_pb2.Usage:

@@ -85,7 +85,7 @@ TOOL_CALL = {"type": "object", "required": ["id", "function"], "properties": {
     "type": {"type": "string", "enum": ["function"]},
     "function": {"type": "object", "required": ["name", "arguments"], "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 64}, "arguments": {"type": "string"}}}}}
-MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": [*ROLES, "tool"],
              "x-lmesh-invalid": "must be system, developer (the same as system), user, assistant or tool"},
     "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}],
@@ -94,7 +94,11 @@ MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
     "tool_calls": _nullable({"type": "array", "items": TOOL_CALL,
                              "description": "An assistant turn's calls of the request's functions (history)."}),
     "tool_call_id": {"type": "string", "maxLength": 64, "description": "Role tool: the call this is the result of."},
-    "name": {"type": "string", "description": "Accepted and ignored."}}}
+    "name": {"type": "string", "description": "Accepted and ignored."}},
+    # Only an assistant turn may leave its content out (one that called tools).
+    "allOf": [{"if": {"properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "tool"]}},
+                      "required": ["role"]},
+               "then": {"required": ["content"], "x-lmesh-field": ".content", "x-lmesh-invalid": "is required"}}]}
 FUNCTION_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
     "type": _unsupported({"type": "string", "enum": ["function"]}, "only function tools are supported"),
     "function": {"type": "object", "required": ["name"], "properties": {
@@ -349,7 +353,9 @@ def _check_constraints(value: Any, schema: Mapping[str, Any], path: str) -> None
             if condition is not None and _valid(value, condition):
                 then = rule["then"]
                 if not _valid(value, then):
-                    raise InvalidArgument(then.get("x-lmesh-field", path), then.get("x-lmesh-invalid", "is invalid"))
+                    field = then.get("x-lmesh-field", path)  # `.name`: a member of the object checked
+                    raise InvalidArgument(path + field if field.startswith(".") else field,
+                                          then.get("x-lmesh-invalid", "is invalid"))
 
 
 def _valid(value: Any, schema: Mapping[str, Any]) -> bool:

@@ -153,7 +153,7 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
             source = recorder.record(source) if plan.write else source
         async with closing(source) as generated, \
                 closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as checked, \
-                closing(calls_or_text(checked, calling) if calling is not None else checked) as screened:
+                closing(calls_or_text(checked, calling, cancel.set) if calling is not None else checked) as screened:
             yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result)
             async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
                 async for event in buffered:

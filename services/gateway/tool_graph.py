@@ -124,6 +124,21 @@ def _renumbered(value: Any, same_as: Mapping[int, int]) -> Any:
     return value
 
 
+def plan_repeats_itself(text: str) -> str | None:
+    """The plan so far, when its text has just closed a call that repeats an earlier one (a small model writes
+    the same call again and again until the plan's bound): the calls before it, as a whole plan."""
+    if not text.rstrip().endswith("}"):
+        return None
+    try:
+        plan = json.loads(text + "]}")
+    except json.JSONDecodeError:
+        return None
+    calls = plan.get("calls") if isinstance(plan, dict) else None
+    if not isinstance(calls, list) or len(calls) < 2 or calls[-1] not in calls[:-1]:
+        return None
+    return json.dumps({"calls": calls[:-1]}, ensure_ascii=False)
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]

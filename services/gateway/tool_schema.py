@@ -209,4 +209,4 @@ async def describe_method(channel: grpc.aio.Channel, method_path: str, timeout: 
 
 def compact(schema: dict[str, Any]) -> str:
     """A schema as one line of JSON (the form prompts and constraints carry)."""
-    return json.dumps(schema, separators=(",", ":"), sort_keys=True)
+    return json.dumps(schema, separators=(",", ":"))  # in field order: the order the model writes them in
