@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
 
-from services.gateway.mesh_tools import REFERENCE_SCHEMA, plan_schema, with_references
+from services.gateway.mesh_tools import REFERENCE_SCHEMA, plan_instructions, plan_schema, signature, with_references
 from services.gateway.tool_catalog import Tool, ToolFailure
 from services.gateway.tool_graph import (
     CallFinished,
@@ -144,6 +144,18 @@ def test_resolve_paths_into_lists() -> None:
 def test_resolve_never_fails_on_text_without_references(text: str) -> None:
     if "$" not in text:
         assert resolve({"x": text}, {}) == {"x": text}
+
+
+def test_tools_are_shown_to_the_model_as_signatures() -> None:
+    parameters = {"type": "object", "properties": {
+        "expression": {"type": "string"}, "decimal_places": {"type": "integer"},
+        "unit": {"type": "string", "enum": ["km", "mi"]}, "tags": {"type": "array", "items": {"type": "string"}},
+        "where": {"type": "object", "properties": {"lat": {"type": "number"}}}}, "required": ["expression"]}
+    assert signature("calc", parameters) == ('calc(expression: string, decimal_places?: integer, unit?: "km"|"mi", '
+                                             "tags?: string[], where?: {lat: number})")
+    text = plan_instructions([(Tool("calc", "p", "x.Y/Z", "Adds numbers."), parameters)])
+    assert text.endswith("- calc(expression: string, decimal_places?: integer, unit?: \"km\"|\"mi\", tags?: "
+                         "string[], where?: {lat: number}): Adds numbers.")
 
 
 def test_plan_schema_allows_references_where_values_go() -> None:

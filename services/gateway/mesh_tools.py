@@ -144,13 +144,33 @@ def plan_schema(tools: list[tuple[Tool, dict[str, Any]]], max_calls: int) -> dic
 
 
 def plan_instructions(tools: list[tuple[Tool, dict[str, Any]]]) -> str:
-    lines = ["You call tools to get facts. Reply only with JSON: "
-             '{"calls": [{"tool": NAME, "arguments": {...}}]}. Copy numbers and names from the request exactly. '
-             'A later call may use an earlier result: "$1.value" is the field `value` of call 1\'s result.',
-             "Tools:"]
+    """The planning turn's instructions: each tool as a signature and its description. The schemas themselves are
+    not shown: the constraint holds the model to them, and a small model reads a short prompt better."""
+    lines = ['You call tools to answer the user. Reply with JSON only: {"calls": [{"tool": NAME, "arguments": '
+             '{...}}]}. Copy values from the user\'s message exactly. A later call can use an earlier result: '
+             '"$1.value" is the field value of call 1\'s result.', "Tools:"]
     for tool, parameters in tools:
-        lines.append(f"- {tool.name}: {tool.description} Arguments: {compact(parameters)}")
+        lines.append(f"- {signature(tool.name, parameters)}: {tool.description}")
     return "\n".join(lines)
+
+
+def signature(name: str, schema: dict[str, Any]) -> str:
+    """`name(a: string, b?: integer)`: a tool's arguments as a call's signature (`?`: may be left out)."""
+    required = set(schema.get("required", ()))
+    arguments = [f"{field}{'' if field in required else '?'}: {type_text(sub)}"
+                 for field, sub in schema.get("properties", {}).items()]
+    return f"{name}({', '.join(arguments)})"
+
+
+def type_text(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return "|".join(json.dumps(value) for value in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        return f"{type_text(schema.get('items', {}))}[]"
+    if kind == "object" and "properties" in schema:
+        return "{" + ", ".join(f"{field}: {type_text(sub)}" for field, sub in schema["properties"].items()) + "}"
+    return kind if isinstance(kind, str) else "any"
 
 
 def describe_failure(exc: Exception) -> str:
