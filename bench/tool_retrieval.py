@@ -54,13 +54,19 @@ DEFAULT_JSON = ROOT / "bench" / "results" / "tool_retrieval.json"
 RECALL_AT = (1, 3, 5)
 
 
-def providers() -> dict[str, tuple[ToolEntry, ...]]:
+def providers(prefix: str = "") -> dict[str, tuple[ToolEntry, ...]]:
     """The catalogue as Consul services: lmesh-tools' own tools, and the company's by area (`acme.hr.v1...` is
-    offered by `acme-hr`), as each team would run its own service (and Consul allows 64 meta keys per instance)."""
+    offered by `acme-hr`), as each team would run its own service (and Consul allows 64 meta keys per instance).
+    `prefix` goes before every service name (tests sharing a Consul agent keep theirs apart)."""
     by_area: dict[str, list[ToolEntry]] = collections.defaultdict(list)
     for entry in EXTRA_TOOLS:
         by_area["acme-" + entry.method_path.split(".")[1]].append(entry)
-    return {"lmesh-tools": TOOLS, **{name: tuple(entries) for name, entries in sorted(by_area.items())}}
+    named = {"lmesh-tools": TOOLS, **{name: tuple(entries) for name, entries in sorted(by_area.items())}}
+    return {prefix + name: entries for name, entries in named.items()}
+
+
+def catalogue_names() -> set[str]:
+    return {entry.name for entry in (*TOOLS, *EXTRA_TOOLS)}
 
 
 async def register_description_providers(client: consul.aio.Consul,
@@ -107,8 +113,9 @@ def report(ranked: Sequence[Ranked], k: int) -> dict[str, Any]:
     n = len(ranked)
     recall = {f"recall@{at}": round(sum(r.position <= at for r in ranked) / n, 4)
               for at in sorted({*RECALL_AT, k})}
-    misses = [{"request": r.request, "right": r.right, "chosen": r.ranking[0], "top3": r.ranking[:3],
-               "right_at": r.position} for r in ranked if r.position > 1]
+    misses: list[dict[str, Any]] = [
+        {"request": r.request, "right": r.right, "chosen": r.ranking[0], "top3": r.ranking[:3],
+         "right_at": r.position} for r in ranked if r.position > 1]
     confusions = collections.Counter(f"{m['right']} -> {m['chosen']}" for m in misses)
     per_tool = collections.Counter(m["right"] for m in misses if m["right_at"] > k)
     latencies = [r.latency_ms for r in ranked]
@@ -123,7 +130,7 @@ def report(ranked: Sequence[Ranked], k: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path
+async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path, prefix: str = ""
                          ) -> AsyncIterator[tuple[ToolCatalog, ToolIndex, consul.aio.Consul]]:
     """lmesh-embeddings in this process, the catalogue registered in Consul, and the gateway's catalog and index
     over them; the registrations are removed on the way out."""
@@ -136,7 +143,7 @@ async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path
     ids: list[str] = []
     catalog = ToolCatalog(mesh)
     try:
-        ids = await register_description_providers(client, providers())
+        ids = await register_description_providers(client, providers(prefix))
         embeddings = mesh.peer(EMBEDDINGS)
         await embeddings.wait_for(timeout=120)
         yield catalog, ToolIndex(embeddings_of(embeddings)), client
@@ -166,7 +173,7 @@ async def measure(model_dir: Path, k: int, requests: Sequence[tuple[str, str]] =
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
         try:
             async with retrieval_mesh(agent.http_addr, model_dir, work / "embeddings") as (catalog, index, _):
-                expected = {entry.name for entries in providers().values() for entry in entries}
+                expected = catalogue_names()
                 tools = await wait_for_tools(catalog, expected)
                 missing = expected - tools.keys()
                 if missing:
