@@ -64,6 +64,7 @@ bench: venv model consul
 	$(BIN)/python -m bench.openai_http --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.affinity --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tax --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.tool_retrieval
 
 # Longer runs of the accounting scenarios (not part of make test): the concurrent-chat tests with 2000 chats
 # against a budget for about 100 (one policy on SQLite, one killed and restarted, two on one Redis), three times.
