@@ -409,3 +409,31 @@ async def test_over_grpc_a_model_without_a_tokenizer_refuses_a_constraint_but_se
         await call.write(_start(chat("Hi"), generation_pb2.OutputConstraint(), max_tokens=8))  # set, empty: free
         responses = await read_rest(call)
         assert responses[-1].finish.usage.completion_tokens > 0
+
+
+# ---- the loader -----------------------------------------------------------------------------------------------------
+
+async def test_the_loader_builds_grammars_from_the_versions_tokenizer_artifact(built_model: Path,
+                                                                              tmp_path: Path) -> None:
+    """The tokenizer artifact comes through the same digest-addressed cache as the weights (pre-filled here, so the
+    registry is never asked); no tokenizer artifact, or one llguidance cannot read, serves the version unconstrained."""
+    import hashlib
+
+    from lmesh.registry.v1 import registry_pb2
+
+    from services.inference.loader import _grammars
+
+    def version_with(content: bytes | None) -> registry_pb2.ModelVersion:
+        version = registry_pb2.ModelVersion(name="smollm2-135m-instruct", version="1", eos_token_ids=[EOS])
+        if content is not None:
+            sha = hashlib.sha256(content).hexdigest()
+            (tmp_path / sha).write_bytes(content)
+            version.artifacts.append(registry_pb2.Artifact(kind=registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=sha))
+        return version
+
+    registry: Any = None  # every artifact is in the cache: fetch_to_cache never calls it
+    grammars = await _grammars(registry, version_with((built_model / "tokenizer.json").read_bytes()), tmp_path)
+    assert grammars is not None and grammars.tokenizer.vocab_size == 49152 and grammars.tokenizer.eos_tokens == [EOS]
+    assert grammars.compile(ConstraintSpec("regex", "yes|no")).start().matcher.is_accepting() is False
+    assert await _grammars(registry, version_with(None), tmp_path) is None
+    assert await _grammars(registry, version_with(b'{"not": "a tokenizer"}'), tmp_path) is None
