@@ -185,10 +185,13 @@ class RowMasks:
         # What a row whose mask allows nothing (a matcher in an error state: a masked draw cannot cause one) may
         # still sample: the end-of-turn ids, so the sequence ends rather than draws from nothing.
         self._fallback = np.asarray(sorted(i for i in fallback_ids if 0 <= i < vocab_size), dtype=np.int64)
-        self._executor = llguidance.LLExecutor(threads)
+        self._threads = threads
+        self._executor: llguidance.LLExecutor | None = None  # its threads start with the first constrained row
 
     def compute(self, states: list[ConstraintState]) -> np.ndarray:
         """Every state's bias row, in order (llguidance computes the bits without the GIL)."""
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self._threads)
         token_count = max(s.token_count for s in states)
         bitmask = np.zeros((len(states), (token_count + 31) // 32), dtype=np.int32)
         fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)], bitmask)
