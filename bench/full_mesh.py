@@ -24,7 +24,7 @@ from services.common.supervisor import Supervisor
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 
-SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
+SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway", "tools", "embeddings")
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -68,7 +68,7 @@ async def full_mesh(model_dir: Path, work: Path, gateway_args: tuple[str, ...] =
         version = await supervisor.while_running(register_model_dir(mesh.peer(REGISTRY), model_dir,
                                                                     aliases=("default",)))
         await supervisor.while_running(mesh.peer(POLICY).wait_for(timeout=120))
-        key = (await create_key(mesh.peer(POLICY), "bench")).api_key
+        key = (await create_key(mesh.peer(POLICY), "bench", allowed_tools=["*"])).api_key
         for service in SERVICES:
             await supervisor.while_running(mesh.peer(peer_service(service)).wait_for(timeout=300))
         yield RunningMesh(agent.http_addr, supervisor, mesh, key, f"127.0.0.1:{gateway_port}",

@@ -4,7 +4,7 @@
   lmesh dev                a whole mesh on this machine (what `make run` runs)
   lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE)
   lmesh models ...         list, register and alias model versions
-  lmesh keys ...           create, list, update (limits) and revoke API keys
+  lmesh keys ...           create, list, update (limits, priority, tools) and revoke API keys
   lmesh tenants set T      a tenant's limits, shared by its keys
   lmesh usage              spent, reserved and remaining tokens per tenant (and key)
   lmesh audit ...          tail, follow and verify policy's audit log
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from services.common.discovery import Mesh
     from services.common.peers import Peer
 
-SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway")
+SERVICES = ("registry", "tokenizer", "inference", "policy", "gateway", "tools", "embeddings")
 
 
 class CommandError(Exception):
@@ -324,30 +324,40 @@ def _keys(args: argparse.Namespace) -> int:
             created = await create_key(policy, args.tenant, args.model or [], args.name, timeout_s=15,
                                        client_cert_subject=args.client_cert_subject or "",
                                        client_cert_sha256=args.client_cert_sha256 or "", limits=limits,
-                                       max_priority=args.max_priority)
+                                       max_priority=args.max_priority, allowed_tools=_tool_list(args.tools or []))
             bound = _cert_binding(created.key)
             priority = created.key.max_priority
+            tools = created.key.allowed_tools  # shown when granted, as the priority is: the line stays as it was
             print(f"created {created.key.key_id} for tenant {created.key.tenant} "
                   f"(models: {', '.join(created.key.allowed_models) or 'all'}; "
                   f"limits: {describe_limits(created.key.limits)}"
                   f"{f'; max priority {priority}' if priority else ''}"
+                  f"{'; tools: ' + ', '.join(tools) if tools else ''}"
                   f"{'; client certificate ' + bound if bound else ''}); the key is shown once:")
             print(created.api_key)
         elif args.keys_command == "list":
             listed = await list_keys(policy, args.tenant or "", timeout_s=15)  # a refusal prints no header
-            print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} {'LIMITS':40} CLIENT CERTIFICATE")
+            # The client certificate stays last: it is the one column of unbounded width.
+            print(f"{'KEY ID':14} {'TENANT':20} {'MODELS':30} {'STATUS':8} {'LIMITS':40} {'MAX PRIORITY':12} "
+                  f"{'TOOLS':30} CLIENT CERTIFICATE")
             for k in listed.keys:
                 status = "revoked" if k.revoked else "active"
                 print(f"{k.key_id:14} {k.tenant:20} {','.join(k.allowed_models) or 'all':30} {status:8} "
-                      f"{describe_limits(k.limits):40} {_cert_binding(k) or '-'}")
+                      f"{describe_limits(k.limits):40} {k.max_priority:<12} {','.join(k.allowed_tools) or 'none':30} "
+                      f"{_cert_binding(k) or '-'}")
         elif args.keys_command == "update":
             update = _limits_update(args)
-            if not update.ListFields() and args.max_priority is None:
-                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens, --period or "
-                                   "--max-priority")
-            updated = await update_key(policy, args.key_id, update, timeout_s=15, max_priority=args.max_priority)
+            # None: the grant stays; [] (--no-tools): cleared; otherwise replaced whole.
+            tools = [] if args.no_tools else None if args.tools is None else _tool_list(args.tools)
+            if not update.ListFields() and args.max_priority is None and tools is None:
+                raise CommandError("nothing to change: give --rpm, --tpm, --budget-tokens, --period, "
+                                   "--max-priority, --tools or --no-tools")
+            updated = await update_key(policy, args.key_id, update, timeout_s=15, max_priority=args.max_priority,
+                                       allowed_tools=tools)
+            granted = ", ".join(updated.key.allowed_tools) or "none"
             print(f"updated {updated.key.key_id} (tenant {updated.key.tenant}): limits: "
-                  f"{describe_limits(updated.key.limits)}; max priority {updated.key.max_priority}")
+                  f"{describe_limits(updated.key.limits)}; max priority {updated.key.max_priority}"
+                  f"{'; tools: ' + granted if tools is not None else ''}")
         else:
             revoked = await revoke_key(policy, args.key_id, timeout_s=15)
             print(f"revoked {revoked.key.key_id}")
@@ -414,6 +424,16 @@ def _limits_update(args: argparse.Namespace) -> Any:
     if args.period is not None:
         update.budget_period = _period_value(args.period)
     return update
+
+
+def _tool_list(values: list[str]) -> list[str]:
+    """The --tools values (each comma-separated, repeatable) as one list of tool names or patterns; policy
+    checks each entry (and names the one it refuses)."""
+    tools = [item.strip() for value in values for item in value.split(",")]
+    if any(not tool for tool in tools):
+        raise CommandError("--tools takes tool names or patterns separated by commas, e.g. "
+                           "--tools calculator,convert_units or --tools '*'; an entry is empty")
+    return tools
 
 
 def _creation_limits(args: argparse.Namespace) -> Any:
@@ -791,14 +811,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-priority", type=int, default=0, metavar="N",
                         help="the highest request priority (0-9, higher served first) the key's chats may run at; "
                              "chats that name none run at it (default 0, the lowest)")
+    create.add_argument("--tools", action="append", default=None, metavar="TOOLS",
+                        help="mesh tools the key's chats may call: names or globs, comma-separated, e.g. "
+                             "calculator,convert_units or '*' (repeatable; default none: no tool unless granted)")
     listing = keys_sub.add_parser("list", parents=[admin], help="list keys (never their secrets)")
     listing.add_argument("--tenant", default="")
     update = keys_sub.add_parser("update", parents=[admin],
-                                 help="change a key's limits (flags left out keep their value; 0 removes a limit)")
+                                 help="change a key's limits, max priority or tool grant (flags left out keep their "
+                                      "value; 0 removes a limit)")
     update.add_argument("key_id")
     _add_limit_flags(update)
     update.add_argument("--max-priority", type=int, default=None, metavar="N",
                         help="the key's new highest request priority, 0-9")
+    tool_grant = update.add_mutually_exclusive_group()
+    tool_grant.add_argument("--tools", action="append", default=None, metavar="TOOLS",
+                            help="replace the key's tool grant: names or globs, comma-separated (repeatable)")
+    tool_grant.add_argument("--no-tools", action="store_true",
+                            help="clear the key's tool grant: it may then call no tool")
     revoke = keys_sub.add_parser("revoke", parents=[admin], help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=_keys)

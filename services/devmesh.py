@@ -1,6 +1,6 @@
 """`lmesh dev` (what `make run` runs): a whole mesh on this machine, then a streamed sample answer.
 
-Starts a Consul dev agent unless one answers at CONSUL_HTTP_ADDR, the five services as child processes,
+Starts a Consul dev agent unless one answers at CONSUL_HTTP_ADDR, the services as child processes,
 registers the built model, makes sure a development API key exists, and streams an answer. Ctrl-C (or
 SIGTERM) stops every process it started, gracefully, in reverse order.
 """
@@ -31,7 +31,7 @@ from services.common.peers import OPERATOR, POLICY, REGISTRY, GatewayTls, open_m
 from services.common.server import port_is_free
 from services.common.supervisor import ProcessExited, Supervisor
 
-SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway")
+SERVICE_ORDER = ("registry", "policy", "tokenizer", "inference", "gateway", "tools", "embeddings")
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_HTTP_PORT = 8080  # the gateway's OpenAI-compatible HTTP API
 SAMPLE_QUESTION = "What is the capital of France?"
@@ -141,7 +141,7 @@ async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str, ad
         print(f"• model {model_id} registered (alias 'default')", flush=True)
         key = await supervisor.while_running(ensure_dev_key(mesh))
         await wait_all_passing(mesh, supervisor, timeout=300)
-        print("• all five services passing in Consul", flush=True)
+        print(f"• all {len(SERVICE_ORDER)} services passing in Consul", flush=True)
         return key, f"127.0.0.1:{gateway_port}"
     finally:
         await mesh.close()

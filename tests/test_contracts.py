@@ -37,7 +37,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 def test_every_proto_is_packaged_per_service_with_language_options() -> None:
     # One package per service, plus lmesh.common.v1: the types several of them share.
     assert {p.parent.parent.name for p in PROTOS} == {"registry", "tokenizer", "inference", "policy", "gateway",
-                                                      "common"}
+                                                      "tools", "embeddings", "common"}
     for proto in PROTOS:
         text = proto.read_text()
         service = proto.parent.parent.name
@@ -145,10 +145,12 @@ def test_the_shared_types_kept_the_gateways_wire_format() -> None:
     from lmesh.common.v1 import generation_pb2
     from lmesh.gateway.v1 import gateway_pb2
 
+    # Values and fields added later (CONTENT_FILTER, TOOL_CALLS; tool_step, function_calls) are new numbers: none
+    # of those before moved.
     assert dict(generation_pb2.FinishReason.items()) == {
         "FINISH_REASON_UNSPECIFIED": 0, "FINISH_REASON_STOP": 1, "FINISH_REASON_LENGTH": 2,
-        "FINISH_REASON_CANCELLED": 3, "FINISH_REASON_CONTENT_FILTER": 4}  # added later: a new value, none moved
-    assert _fields(gateway_pb2.ChatResponse) == [
+        "FINISH_REASON_CANCELLED": 3, "FINISH_REASON_CONTENT_FILTER": 4, "FINISH_REASON_TOOL_CALLS": 5}
+    assert _fields(gateway_pb2.ChatResponse)[:6] == [
         ("delta", 1, "TYPE_STRING"), ("finish_reason", 2, "lmesh.common.v1.FinishReason"),
         ("usage", 3, "lmesh.common.v1.Usage"), ("model", 4, "TYPE_STRING"), ("id", 5, "TYPE_STRING"),
         ("logprobs", 6, "lmesh.common.v1.TokenLogprob")]

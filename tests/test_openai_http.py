@@ -48,6 +48,7 @@ from services.gateway.credentials import Credential
 from services.gateway.http_server import HttpDoor, OpenAIApp
 from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.main import GatewaySettings
+from services.gateway.mesh_tools import MeshTools
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
 from services.gateway.response_cache import ResponseCache
@@ -91,6 +92,13 @@ class FakeAccounts(Accounts):
         self.settled[reservation_id] = meter
 
 
+class NoTools:
+    """A mesh without tool services."""
+
+    async def tools(self) -> dict[str, object]:
+        return {}
+
+
 @dataclass
 class FakeChat:
     """ChatService's surface, with models that misbehave on purpose: `busy` (queue full), `down`, `slow`
@@ -112,6 +120,7 @@ class FakeChat:
         self.models = FakeModels(self.accept_any)
         self.guardrails = PassThrough()
         self.accounts = FakeAccounts()
+        self.mesh_tools = MeshTools(NoTools(), None, trace.get_tracer("test"))  # type: ignore[arg-type]
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         key = credential.api_key if isinstance(credential, Credential) else credential
@@ -425,10 +434,10 @@ async def test_an_error_after_the_stream_started_is_an_error_event_and_the_strea
     ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     ("/v1/chat/completions", {"messages": USER, "n": 9}, "n", "must be 1 to 8"),
     ("/v1/chat/completions", {"messages": USER, "n": 0}, "n", "must be 1 to 8"),
-    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools", "not supported yet"),
-    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice", "not supported yet"),
-    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format",
-     'only {"type": "text"} is supported yet'),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function", "is required"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice", "needs tools to call"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}},
+     "response_format.json_schema", "is required"),
     ("/v1/chat/completions", {"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
     ("/v1/chat/completions", {"messages": USER, "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -440,17 +449,17 @@ async def test_an_error_after_the_stream_started_is_an_error_event_and_the_strea
     ("/v1/chat/completions", {"messages": USER, "model": "a b"}, "model", "is not `name:version`"),
     ("/v1/chat/completions", {"messages": []}, "messages", "must not be empty"),
     ("/v1/chat/completions", {}, "messages", "is required"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
-     "tool messages are not supported yet"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role",
+     "must be system"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content", "is required"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages[0].content",
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
      "must be a string or an array"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type", "only text parts"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": " ".join(["w"] * 70)}]}, "messages",
      "context"),  # past the form: the request path's own check (prepare), param as the request names it
     # Large bodies are checked in a worker thread: the same answers.
-    ("/v1/chat/completions", {"messages": [*USER * 20_000, {"role": "tool", "content": "x"}]}, "messages[20000].role",
+    ("/v1/chat/completions", {"messages": [*USER * 20_000, {"role": "robot", "content": "x"}]}, "messages[20000].role",
      "must be system"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w " * 40_000}]}, "messages", "context"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token ids"),

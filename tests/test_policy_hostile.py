@@ -60,6 +60,8 @@ tenants = st.one_of(anything, st.from_regex(TENANT_PATTERN, fullmatch=True), st.
 ids = st.one_of(anything, st.from_regex(r"key_[0-9a-f]{8}", fullmatch=True),
                 st.from_regex(r"[A-Za-z0-9_-]{8,64}", fullmatch=True))
 models = st.one_of(anything, st.sampled_from(["smollm2-*", "*", "m:1", "default", "a b", "x" * 300]))
+tools = st.one_of(anything, st.sampled_from(["calculator", "calc*", "*", "a?c", "Calc", "9x", "[ab]", "", "x" * 49]))
+tool_grants = st.builds(policy_pb2.ToolGrant, allowed_tools=st.lists(tools, max_size=4))
 int32 = st.integers(-(2**31), 2**31 - 1)
 int64 = st.integers(-(2**63), 2**63 - 1)
 small = st.integers(-5, 10**6)
@@ -92,11 +94,11 @@ def requests(api_key: str, key_id: str) -> st.SearchStrategy[tuple[str, Any]]:
             ending=periods)),
         st.tuples(st.just("CreateApiKey"), st.builds(
             policy_pb2.CreateApiKeyRequest, tenant=tenants, allowed_models=st.lists(models, max_size=4),
-            display_name=anything, limits=limits)),
+            display_name=anything, limits=limits, allowed_tools=st.lists(tools, max_size=4))),
         st.tuples(st.just("ListApiKeys"), st.builds(policy_pb2.ListApiKeysRequest, tenant=tenants, page_size=int32,
                                                     page_token=anything)),
         st.tuples(st.just("UpdateApiKey"), st.builds(policy_pb2.UpdateApiKeyRequest, key_id=key_ids,
-                                                     limits=updates)),
+                                                     limits=updates, tools=st.one_of(st.none(), tool_grants))),
         st.tuples(st.just("SetTenantLimits"), st.builds(policy_pb2.SetTenantLimitsRequest, tenant=tenants,
                                                         limits=updates)),
         st.tuples(st.just("GetUsage"), st.builds(policy_pb2.GetUsageRequest, tenant=tenants, page_size=int32,
@@ -134,11 +136,14 @@ def commands(draw: Callable[..., Any], key_id: str) -> list[str]:
                                 max_size=4))
     flags = [f"{flag}={draw(flag_values)}" for flag in limit_flags]
     kind = draw(st.sampled_from(["create", "update", "tenants", "usage", "list", "revoke"]))
+    grant = [f"--tools={t}" for t in draw(st.lists(st.one_of(tools, st.sampled_from(["a,b", "calc*,", ",x"])),
+                                                  max_size=2))]
     if kind == "create":
         patterns = [f"--model={p}" for p in draw(st.lists(models, max_size=3))]
-        return ["keys", "create", f"--tenant={draw(tenants)}", *patterns, *flags]
+        return ["keys", "create", f"--tenant={draw(tenants)}", *patterns, *flags, *grant]
     if kind == "update":
-        return ["keys", "update", *flags, "--", draw(st.one_of(ids, st.just(key_id)))]
+        grant = grant or draw(st.sampled_from([[], ["--no-tools"]]))
+        return ["keys", "update", *flags, *grant, "--", draw(st.one_of(ids, st.just(key_id)))]
     if kind == "tenants":
         return ["tenants", "set", *flags, "--", draw(tenants)]
     if kind == "usage":

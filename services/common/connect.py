@@ -665,7 +665,10 @@ class Intention(NamedTuple):
 
 # Exactly the request path: who calls whom (DESIGN.md), plus the operator CLI's identity.
 MESH_CALLS: dict[str, tuple[str, ...]] = {
-    "lmesh-gateway": ("lmesh-policy", "lmesh-registry", "lmesh-tokenizer", "lmesh-inference"),
+    # ... and the mesh's own tools (lmesh-tools) and the embeddings that choose among tools; tools of other teams
+    # are theirs to allow.
+    "lmesh-gateway": ("lmesh-policy", "lmesh-registry", "lmesh-tokenizer", "lmesh-inference", "lmesh-tools",
+                      "lmesh-embeddings"),
     "lmesh-inference": ("lmesh-registry",),
     "lmesh-tokenizer": ("lmesh-registry",),
     "lmesh-operator": ("lmesh-policy", "lmesh-registry"),

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -138,8 +138,10 @@ class ConsulRegistration:
     port that serves TLS (`check_tls`: the gateway with --tls-cert) is checked over TLS, without verifying."""
 
     def __init__(self, client: consul.aio.Consul, name: str, address: str, port: int,
-                 tls_health_port: int | None = None, *, check_tls: bool = False) -> None:
+                 tls_health_port: int | None = None, *, check_tls: bool = False, tags: Sequence[str] = ()
+                 ) -> None:
         self._client = client
+        self.tags = ["lmesh", *(tag for tag in tags if tag != "lmesh")]
         self.name = name
         self.address = address.strip("[]")  # Consul keeps IPv6 addresses bare
         self.port = port
@@ -184,7 +186,7 @@ class ConsulRegistration:
             meta["health_port"] = str(self.tls_health_port)
         await self._client.agent.service.register(
             self.name, service_id=self.service_id, address=self.address, port=self.port,
-            tags=["lmesh"], meta=meta, check=check, connect=connect,
+            tags=self.tags, meta=meta, check=check, connect=connect,
         )
 
     async def _keep(self) -> None:

@@ -31,6 +31,9 @@ class Reason(enum.StrEnum):
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_NOT_SERVED = "MODEL_NOT_SERVED"
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    # Mesh tools: a tool the caller's key was not granted, or one no passing service offers.
+    TOOL_NOT_ALLOWED = "TOOL_NOT_ALLOWED"
+    TOOL_NOT_FOUND = "TOOL_NOT_FOUND"
     CONTENT_BLOCKED = "CONTENT_BLOCKED"  # a guardrail rule with action `block` matched the request
     QUEUE_FULL = "QUEUE_FULL"
     # A queued inference request whose place a request of a higher priority took (the queue was full).

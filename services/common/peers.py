@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from lmesh.embeddings.v1 import embeddings_pb2_grpc
 from lmesh.gateway.v1 import gateway_pb2_grpc
 from lmesh.inference.v1 import inference_pb2_grpc
 from lmesh.policy.v1 import policy_pb2_grpc
@@ -50,7 +51,22 @@ TOKENIZER = PeerService("lmesh-tokenizer", tokenizer_pb2_grpc.TokenizerStub)
 INFERENCE = PeerService("lmesh-inference", inference_pb2_grpc.InferenceStub)
 POLICY = PeerService("lmesh-policy", policy_pb2_grpc.PolicyStub)
 GATEWAY = PeerService("lmesh-gateway", gateway_pb2_grpc.GatewayStub)
-PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY)
+
+
+def channel_itself(channel: grpc.aio.Channel) -> grpc.aio.Channel:
+    """A tool provider's "stub": its methods are known only at run time (server reflection), so calls go on the
+    channel (services/gateway/tool_catalog.py)."""
+    return channel
+
+
+def tool_provider(name: str) -> PeerService[grpc.aio.Channel]:
+    """A service tagged `lmesh-tool` in Consul, as its callers see it."""
+    return PeerService(name, channel_itself)
+
+
+TOOLS = tool_provider("lmesh-tools")  # the tools lmesh ships (services/tools)
+EMBEDDINGS = PeerService("lmesh-embeddings", embeddings_pb2_grpc.EmbeddingsStub)
+PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY, TOOLS, EMBEDDINGS)
 
 
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:

@@ -101,6 +101,8 @@ class ServiceParts:
     # the instance has meta `tls` "true"), and further ports on the same server (`extra_ports`).
     public_credentials: grpc.ServerCredentials | None = None
     extra_ports: Sequence[ExtraPort] = ()
+    # Consul tags besides `lmesh` (lmesh-tools: `lmesh-tool`, which marks a tool provider).
+    tags: Sequence[str] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -278,7 +280,7 @@ async def start_service(
         if register:
             registration = ConsulRegistration(runtime.mesh.consul, config.consul_service_name,
                                               config.address, port, tls_health_port=health_port,
-                                              check_tls=parts.public_credentials is not None)
+                                              check_tls=parts.public_credentials is not None, tags=parts.tags)
             registration.fixed_meta = fixed_meta
             try:
                 await registration.register(meta())

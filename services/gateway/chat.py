@@ -31,7 +31,7 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
-from services.common.peers import INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
+from services.common.peers import EMBEDDINGS, INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
 from services.common.rpc import mark_failed
 from services.gateway import metrics
@@ -54,6 +54,8 @@ from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLo
 from services.gateway.models import ModelDirectory
 
 if TYPE_CHECKING:
+    from services.gateway.functions import FunctionCall, FunctionCalling
+    from services.gateway.mesh_tools import ToolRequest
     from services.gateway.response_cache import ResponseCache
     from services.gateway.screen import Screening
 
@@ -84,6 +86,9 @@ class ChatParams:
     priority: int | None = None  # 0-9, capped by the key's max_priority; None: the key's max_priority
     cache_read: bool = True  # may be answered from the response cache (response_cache.py)
     cache_store: bool = True  # may have its answer stored there
+    tools: ToolRequest | None = None  # mesh tools the gateway may call first (mesh_tools.py)
+    response_format: generation_pb2.OutputConstraint | None = None  # what the answer must match
+    functions: FunctionCalling | None = None  # the client's functions the model may call (functions.py)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class ChatEnd:
     finish_reason: generation_pb2.FinishReason.ValueType
     usage: generation_pb2.Usage  # inference's, every field set (its prompt is the rendered one)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    function_calls: list[FunctionCall] = field(default_factory=list)  # with FINISH_REASON_TOOL_CALLS
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,21 @@ def refuse_what_cannot_fit(messages: Sequence[tuple[str, str]], vocabulary: Voca
                                           "the model's context")
 
 
+MAX_CONSTRAINT_BYTES = 64 * 1024
+
+
+def check_constraint(constraint: generation_pb2.OutputConstraint, field: str) -> None:
+    """The form of an output constraint (the engine compiles it and refuses what it cannot)."""
+    kind = constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(field, "set one of json_schema, lark_grammar or regex")
+    text = getattr(constraint, kind)
+    if not text.strip():
+        raise InvalidArgument(f"{field}.{kind}", "must not be empty")
+    if len(text.encode()) > MAX_CONSTRAINT_BYTES:
+        raise InvalidArgument(f"{field}.{kind}", f"at most {MAX_CONSTRAINT_BYTES} bytes")
+
+
 def validate(params: ChatParams) -> ChatParams:
     check_reference(params.model, "model")
     if not params.messages:
@@ -165,6 +186,13 @@ def validate(params: ChatParams) -> ChatParams:
         raise InvalidArgument("top_logprobs", "needs logprobs set to true")
     if params.priority is not None and not MIN_PRIORITY <= params.priority <= MAX_PRIORITY:
         raise InvalidArgument("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {params.priority}")
+    if params.tools is not None:
+        params.tools.validate()
+    if params.response_format is not None:
+        check_constraint(params.response_format, "response_format")
+        if (params.functions is not None and params.functions.active
+                and params.response_format.WhichOneof("kind") != "json_schema"):
+            raise InvalidArgument("response_format", "with functions to call, only a JSON Schema is supported")
     return params
 
 
@@ -206,12 +234,18 @@ class ChatService:
         from services.gateway.response_cache import ResponseCache  # it builds on this module's types
 
         self.response_cache = response_cache if response_cache is not None else ResponseCache.off()
+        from services.gateway.mesh_tools import MeshTools  # it builds on this module's types
+        from services.gateway.tool_catalog import ToolCatalog
+        from services.gateway.tool_retrieval import ToolIndex, embeddings_of
+
+        self.mesh_tools = MeshTools(ToolCatalog(mesh), ToolIndex(embeddings_of(mesh.peer(EMBEDDINGS))), tracer)
 
     async def close(self) -> None:
         """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""
         await self.accounts.drain()
         await self.guardrails.close()
         await self.response_cache.close()
+        await self.mesh_tools.catalog.close()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -302,6 +336,30 @@ class ChatService:
         return Prepared(version, prompt, max_tokens, tokenizer, reservation, priority, placement,
                         principal.tenant)
 
+    async def complete(self, credential: Credential | str, params: ChatParams, request_id: str,
+                       screening: Screening | None = None,
+                       enough: Callable[[str], str | None] = lambda text: None,
+                       ) -> tuple[str, generation_pb2.Usage, str]:
+        """A whole generation that no client sees as it streams (a tool plan): authorized, reserved and settled
+        as any chat; its text (stop strings applied), usage and model version. `enough` sees the text as it grows
+        and may end the generation early: what it returns is then the text."""
+        prepared = await self.prepare(credential, params, request_id, screening)
+        model_id = f"{prepared.version.name}:{prepared.version.version}"
+        pieces: list[str] = []
+        cancel = asyncio.Event()
+        cut: str | None = None
+        async with self.accounts.held(prepared.reservation) as meter:
+            async for event in self.generate(prepared.version, prepared.prompt, prepared.max_tokens, params,
+                                             cancel, request_id, prepared.tokenizer, meter,
+                                             priority=prepared.priority, placement=prepared.placement):
+                if isinstance(event, ChatDelta):
+                    pieces.append(event.text)
+                    if cut is None and (cut := enough("".join(pieces))) is not None:
+                        cancel.set()
+                else:
+                    return cut if cut is not None else "".join(pieces), event.usage, model_id
+        raise Unavailable("the generation ended without a finish")
+
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,
                        params: ChatParams, cancel: asyncio.Event, request_id: str = "",
                        tokenizer: Endpoint | None = None, meter: Meter | None = None, *,
@@ -387,7 +445,8 @@ def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: C
         sampling=inference_pb2.SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
             repetition_penalty=params.repetition_penalty),
-        top_logprobs=params.top_logprobs, request_id=request_id, priority=priority))
+        top_logprobs=params.top_logprobs, request_id=request_id, priority=priority,
+        constraint=params.response_format))
 
 
 @dataclass

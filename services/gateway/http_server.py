@@ -42,6 +42,7 @@ from services.common.rpc import current_trace_id, status_for
 from services.common.telemetry import extract_context
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, allowed
 from services.gateway.credentials import Credential
+from services.gateway.mesh_tools import ToolStepEvent, tool_step_json
 from services.gateway.metrics import ChatRecord, GatewayMetrics
 from services.gateway.openai_api import (
     DONE,
@@ -355,6 +356,14 @@ class OpenAIApp:
                     answer.cache_results[index] = event.response_cache
                     respond.answer_headers = [answer.cache_header()]
                     continue
+                if isinstance(event, ToolStepEvent):
+                    answer = answer or Answer(request, event.id, event.model, created)
+                    step = tool_step_json(event)
+                    if request.stream:
+                        await respond.event(answer.tool_step_chunk(index, step))
+                    else:
+                        answer.choices[index].tool_steps.append(step)
+                    continue
                 assert answer is not None
                 choice = answer.choices[index]
                 if isinstance(event, ChatDelta):
@@ -371,9 +380,12 @@ class OpenAIApp:
                     if metrics is not None and record is not None:
                         metrics.usage(record, event.usage)
                     if request.stream:
+                        if event.function_calls:
+                            await respond.event(answer.tool_calls_chunk(index, event.function_calls))
                         await respond.event(answer.chunk(index, "", event.logprobs, choice.finish_reason))
                     else:
                         choice.entries += event.logprobs
+                        choice.tool_calls = event.function_calls
         assert answer is not None
         if request.stream:
             await respond.end((answer.usage_chunk() if request.include_usage else b"") + DONE)

@@ -32,7 +32,9 @@ from services.common.errors import InvalidArgument, Reason, capped
 from services.common.references import MAX_REFERENCE_CHARS
 from services.common.rpc import bounded, details_for, status_for
 from services.gateway.chat import DEFAULT_MODEL, MAX_PRIORITY, MIN_PRIORITY, ChatParams
+from services.gateway.functions import FunctionCall, FunctionCalling, call_turn, result_turn
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+from services.gateway.mesh_tools import ToolRequest
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # as the gRPC API's 4 MiB message limit
 MAX_CHOICES = 8  # `n`: parallel generations of one request
@@ -48,6 +50,7 @@ FINISH_REASONS = {
     generation_pb2.FINISH_REASON_STOP: "stop",
     generation_pb2.FINISH_REASON_LENGTH: "length",
     generation_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    generation_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
     # Only a client that cancels sees it, and an HTTP client cancels by leaving: kept for completeness.
     generation_pb2.FINISH_REASON_CANCELLED: "cancelled",
 }
@@ -77,13 +80,31 @@ TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": _unsupported({"type": "string", "enum": ["text"]}, "only text parts are supported (no images, audio "
                                                                 "or files)"),
     "text": {"type": "string"}}}
-MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
-    "role": {"type": "string", "enum": list(ROLES),
-             "x-lmesh-invalid": "must be system, developer (the same as system), user or assistant (tool messages "
-                                "are not supported yet)"},
-    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}],
-                "description": "The turn's text, or text parts (joined with a newline)."},
-    "name": {"type": "string", "description": "Accepted and ignored."}}}
+TOOL_CALL = {"type": "object", "required": ["id", "function"], "properties": {
+    "id": {"type": "string", "maxLength": 64},
+    "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64}, "arguments": {"type": "string"}}}}}
+MESSAGE = {"type": "object", "required": ["role"], "properties": {
+    "role": {"type": "string", "enum": [*ROLES, "tool"],
+             "x-lmesh-invalid": "must be system, developer (the same as system), user, assistant or tool"},
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}],
+                "description": "The turn's text, or text parts (joined with a newline); null: none (an "
+                               "assistant turn with tool_calls)."},
+    "tool_calls": _nullable({"type": "array", "items": TOOL_CALL,
+                             "description": "An assistant turn's calls of the request's functions (history)."}),
+    "tool_call_id": {"type": "string", "maxLength": 64, "description": "Role tool: the call this is the result of."},
+    "name": {"type": "string", "description": "Accepted and ignored."}},
+    # Only an assistant turn may leave its content out (one that called tools).
+    "allOf": [{"if": {"properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "tool"]}},
+                      "required": ["role"]},
+               "then": {"required": ["content"], "x-lmesh-field": ".content", "x-lmesh-invalid": "is required"}}]}
+FUNCTION_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": _unsupported({"type": "string", "enum": ["function"]}, "only function tools are supported"),
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"},
+        "description": {"type": "string"}, "parameters": {"type": "object"},
+        "strict": _nullable({"type": "boolean"})}}}}
 STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 64}
 STOP = {"anyOf": [STOP_STRING, {"type": "array", "maxItems": 4, "items": STOP_STRING}, {"type": "null"}],
         "description": "Up to 4 strings, each 1 to 64 characters, that end the answer; it never contains them."}
@@ -132,21 +153,60 @@ CHAT_REQUEST: dict[str, Any] = {
         "logprobs": _nullable({"type": "boolean"}),
         "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
                                    "description": "More than 0 needs logprobs."}),
-        "response_format": _nullable(_unsupported(
-            {"type": "object", "required": ["type"], "properties": {"type": {"type": "string", "enum": ["text"]}}},
-            'only {"type": "text"} is supported yet (no JSON mode or structured outputs)')),
-        "tools": _nullable(_unsupported({"type": "array", "maxItems": 0}, "function calling is not supported yet")),
+        "response_format": _nullable({
+            "type": "object", "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "schema": {"type": "object"}, "strict": _nullable({"type": "boolean"}),
+                    "description": {"type": "string"}}}},
+            "description": "json_schema (structured outputs): the answer matches `json_schema.schema`, every token "
+                           "that would leave it masked; json_object: the answer is a JSON object."}),
+        "tools": _nullable({"type": "array", "maxItems": 32, "items": FUNCTION_TOOL,
+                            "description": "Functions the model may call (the answer's message then has tool_calls "
+                                           "and finish_reason tool_calls); its arguments always fit the function's "
+                                           "parameters. With tools, a streamed answer comes in one chunk."}),
+        "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                                  {"type": "object", "required": ["type", "function"], "properties": {
+                                      "type": {"type": "string", "enum": ["function"]},
+                                      "function": {"type": "object", "required": ["name"], "properties": {
+                                          "name": {"type": "string"}}}}},
+                                  {"type": "null"}]},
+        "parallel_tool_calls": _nullable({"type": "boolean"}),
         "functions": _nullable(_unsupported({"type": "array", "maxItems": 0},
-                                            "function calling is not supported yet")),
-        "tool_choice": {"anyOf": [_unsupported({"type": "string", "enum": ["none", "auto"]},
-                                               "function calling is not supported yet"), {"type": "null"}]},
+                                            "the deprecated `functions` is not supported; use tools")),
         "function_call": {"anyOf": [_unsupported({"type": "string", "enum": ["none", "auto"]},
-                                                 "function calling is not supported yet"), {"type": "null"}]},
+                                                 "the deprecated `function_call` is not supported; use tool_choice"),
+                                    {"type": "null"}]},
+        "mesh_tools": _nullable({"type": "object", "properties": {
+            "auto": {"type": "boolean"},
+            "names": {"type": "array", "maxItems": 16,
+                      "items": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,47}$"}},
+            "max_calls": {"type": "integer", "minimum": 0, "maximum": 16},
+            "call_timeout_ms": {"type": "integer", "minimum": 0, "maximum": 60000},
+            "candidates": {"type": "integer", "minimum": 0, "maximum": 8}},
+            "description": "lmesh: mesh tools the gateway may call before answering, as the gRPC ChatStart.tools "
+                           "(neither auto nor names: none); "
+                           "each step comes as `lmesh_tool_step` in a streamed delta, or in the message's "
+                           "`lmesh_tool_steps`."}),
     },
-    # OpenAI's rule, and the gRPC API's: alternatives only with the chosen tokens' logprobs.
-    "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
-    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"],
-             "x-lmesh-field": "top_logprobs", "x-lmesh-invalid": "needs logprobs set to true"},
+    # OpenAI's rules, and the gRPC API's: alternatives only with the chosen tokens' logprobs; a tool_choice that
+    # forces a call only with tools to call.
+    "allOf": [
+        {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+         "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"],
+                  "x-lmesh-field": "top_logprobs", "x-lmesh-invalid": "needs logprobs set to true"}},
+        {"if": {"properties": {"tool_choice": {"anyOf": [{"type": "object"}, {"type": "string", "const": "required"}]}},
+                "required": ["tool_choice"]},
+         "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"],
+                  "x-lmesh-field": "tool_choice", "x-lmesh-invalid": "needs tools to call"}},
+        {"if": {"properties": {"response_format": {"type": "object", "properties": {
+            "type": {"type": "string", "const": "json_schema"}}, "required": ["type"]}},
+                "required": ["response_format"]},
+         "then": {"properties": {"response_format": {"type": "object", "required": ["json_schema"]}},
+                  "x-lmesh-field": "response_format.json_schema",
+                  "x-lmesh-invalid": "is required with type json_schema"}}],
 }
 COMPLETION_REQUEST: dict[str, Any] = {
     "type": "object", "required": ["prompt"],
@@ -288,11 +348,14 @@ def _check_constraints(value: Any, schema: Mapping[str, Any], path: str) -> None
         most = schema.get("maxProperties")
         if most is not None and len(value) > most:
             raise InvalidArgument(path, f"must have at most {most} members")
-        condition = schema.get("if")
-        if condition is not None and _valid(value, condition):
-            then = schema["then"]
-            if not _valid(value, then):
-                raise InvalidArgument(then.get("x-lmesh-field", path), then.get("x-lmesh-invalid", "is invalid"))
+        for rule in [schema, *schema.get("allOf", ())]:
+            condition = rule.get("if")
+            if condition is not None and _valid(value, condition):
+                then = rule["then"]
+                if not _valid(value, then):
+                    field = then.get("x-lmesh-field", path)  # `.name`: a member of the object checked
+                    raise InvalidArgument(path + field if field.startswith(".") else field,
+                                          then.get("x-lmesh-invalid", "is invalid"))
 
 
 def _valid(value: Any, schema: Mapping[str, Any]) -> bool:
@@ -384,15 +447,63 @@ def chat_request(body: dict[str, Any]) -> ApiRequest:
     """POST /v1/chat/completions: InvalidArgument naming the field for a body its schema refuses."""
     check(body, CHAT_REQUEST)
     messages = []
+    names: dict[str, str] = {}
     for turn in body["messages"]:
-        content = turn["content"]
-        text = content if isinstance(content, str) else "\n".join(part["text"] for part in content)
-        messages.append((ROLES[turn["role"]], text))
+        content = turn.get("content")
+        text = (content if isinstance(content, str) else
+                "" if content is None else "\n".join(part["text"] for part in content))
+        calls = turn.get("tool_calls") or []
+        if turn["role"] == "tool":
+            call_id = turn.get("tool_call_id", "")
+            messages.append(("user", result_turn(names.get(call_id, ""), call_id, text)))
+        elif calls:
+            names.update((call["id"], call["function"]["name"]) for call in calls)
+            written = call_turn([(call["function"]["name"], call["function"]["arguments"]) for call in calls])
+            messages.append(("assistant", f"{text}\n{written}" if text else written))
+        else:
+            messages.append((ROLES[turn["role"]], text))
     spelled = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = ChatParams(messages=messages, logprobs=bool(body.get("logprobs")),
                         top_logprobs=int(_get(body, "top_logprobs", 0)),
+                        response_format=output_constraint(body.get("response_format")),
+                        functions=function_calling(body), tools=mesh_tools(body.get("mesh_tools")),
                         **_sampling(body, _get(body, spelled, UNSET_CHAT_MAX_TOKENS)))
-    return ApiRequest(params, **_streaming(body), names={"max_tokens": spelled})
+    return ApiRequest(params, **_streaming(body), names={"max_tokens": spelled, "tools": "mesh_tools"})
+
+
+def function_calling(body: Mapping[str, Any]) -> FunctionCalling | None:
+    """OpenAI's tools, tool_choice and parallel_tool_calls."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice")
+    if not tools and choice in (None, "none", "auto"):
+        return None
+    name = choice["function"]["name"] if isinstance(choice, dict) else (choice or "auto")
+    return FunctionCalling.checked(
+        [(t["function"]["name"], t["function"].get("description", ""),
+          json.dumps(t["function"].get("parameters") or {"type": "object"})) for t in tools],
+        name, body.get("parallel_tool_calls") is not False, field="tools", choice_field="tool_choice")
+
+
+def mesh_tools(value: Mapping[str, Any] | None) -> ToolRequest | None:
+    if value is None or not (value.get("auto") or value.get("names")):
+        return None
+    return ToolRequest(auto=bool(value.get("auto")), names=tuple(value.get("names") or ()),
+                       max_calls=int(value.get("max_calls") or 0),
+                       call_timeout_ms=int(value.get("call_timeout_ms") or 0),
+                       candidates=int(value.get("candidates") or 0))
+
+
+def output_constraint(response_format: Mapping[str, Any] | None) -> generation_pb2.OutputConstraint | None:
+    """OpenAI's response_format as the engine's constraint (None: free text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return generation_pb2.OutputConstraint(json_schema='{"type": "object"}')
+    if kind == "json_schema":
+        assert response_format is not None
+        if "json_schema" not in response_format:
+            raise InvalidArgument("response_format.json_schema", "is required with type json_schema")
+        schema = response_format["json_schema"].get("schema") or {"type": "object"}
+        return generation_pb2.OutputConstraint(json_schema=json.dumps(schema, separators=(",", ":")))
+    return None
 
 
 def completion_request(body: dict[str, Any]) -> ApiRequest:
@@ -469,6 +580,8 @@ class Choice:
     finish_reason: str | None = None
     usage: generation_pb2.Usage | None = None
     started: bool = False  # streaming: its first chunk (with the role) went out
+    tool_calls: list[FunctionCall] = field(default_factory=list)
+    tool_steps: list[dict[str, Any]] = field(default_factory=list)  # lmesh: the mesh tools' steps
 
 
 class Answer:
@@ -520,6 +633,24 @@ class Answer:
                     + b',"finish_reason":' + reason + b"}")
         return self._head + body + self._tail
 
+    def tool_calls_chunk(self, index: int, calls: Sequence[FunctionCall]) -> bytes:
+        """The calls of a choice, whole, in one chunk (OpenAI's streamed `delta.tool_calls`)."""
+        choice = self.choices[index]
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if not choice.started else {}
+        choice.started = True
+        delta["tool_calls"] = tool_calls_json(calls, streamed=True)
+        return self._head + dumps({"index": index, "delta": delta, "logprobs": None,
+                                   "finish_reason": None}) + self._tail
+
+    def tool_step_chunk(self, index: int, step: dict[str, Any]) -> bytes:
+        """lmesh: a mesh tool's step, as a chunk whose delta carries `lmesh_tool_step` and no text."""
+        choice = self.choices[index]
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if not choice.started else {}
+        choice.started = True
+        delta["lmesh_tool_step"] = step
+        return self._head + dumps({"index": index, "delta": delta, "logprobs": None,
+                                   "finish_reason": None}) + self._tail
+
     def usage_chunk(self) -> bytes:
         """The last event with `stream_options.include_usage`: no choices, the usage."""
         kind = "text_completion" if self.completion else "chat.completion.chunk"
@@ -554,8 +685,12 @@ class Answer:
                 choices.append({"text": text, "index": choice.index, "logprobs": logprobs,
                                 "finish_reason": choice.finish_reason})
             else:
-                choices.append({"index": choice.index,
-                                "message": {"role": "assistant", "content": text, "refusal": None},
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                if choice.tool_calls:
+                    message.update(content=text or None, tool_calls=tool_calls_json(choice.tool_calls))
+                if choice.tool_steps:
+                    message["lmesh_tool_steps"] = choice.tool_steps
+                choices.append({"index": choice.index, "message": message,
                                 "logprobs": logprobs, "finish_reason": choice.finish_reason})
         return dumps({"id": self.id, "object": "text_completion" if self.completion else "chat.completion",
                       "created": self.created, "model": self.model, "system_fingerprint": None,
@@ -563,6 +698,11 @@ class Answer:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def tool_calls_json(calls: Sequence[FunctionCall], streamed: bool = False) -> list[dict[str, Any]]:
+    return [{**({"index": i} if streamed else {}), "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for i, call in enumerate(calls)]
 
 
 def model_json(version: registry_pb2.ModelVersion, served: set[str]) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from services.gateway.chat import (
 )
 from services.gateway.coalesce import coalesced
 from services.gateway.credentials import Credential
+from services.gateway.functions import calls_or_text, conversation_with
+from services.gateway.mesh_tools import ToolPhaseResult, ToolStepEvent, add_usage
 from services.gateway.response_cache import COMPLETE, Recorder, Result, replay
 from services.gateway.screen import Screening
 
@@ -49,7 +51,7 @@ class ChatStarted:
     response_cache: Result = "bypass"  # hit: answered from the response cache, no model runs; miss; bypass
 
 
-ChatEvent = ChatStarted | ChatDelta | ChatEnd
+ChatEvent = ChatStarted | ToolStepEvent | ChatDelta | ChatEnd
 T = TypeVar("T")
 
 
@@ -111,6 +113,19 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
     span.set_attribute("lmesh.credential", caller.kind)
     completion_id = new_completion_id()
     screening = Screening(request_id=completion_id)
+    tool_phase: ToolPhaseResult | None = None
+    if params.tools is not None:  # the mesh's tools first; their results join the conversation
+        tool_phase = ToolPhaseResult(params)
+        async with closing(chat.mesh_tools.run(chat, caller, params, completion_id, screening, cancel,
+                                               tool_phase)) as steps:
+            async for step in steps:
+                yield step
+        params = tool_phase.params
+    calling = params.functions if params.functions is not None and params.functions.active else None
+    if calling is not None:  # the functions described to the model, its answer constrained to text or calls
+        answer_schema = params.response_format.json_schema if params.response_format is not None else None
+        params = replace(params, messages=conversation_with(params.messages, calling),
+                         response_format=calling.constraint(answer_schema))
     prepared = await chat.prepare(caller, params, completion_id, screening)
     version = prepared.version
     model_id = f"{version.name}:{version.version}"
@@ -137,13 +152,16 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
                                    placement=prepared.placement)
             source = recorder.record(source) if plan.write else source
         async with closing(source) as generated, \
-                closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as screened:
+                closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as checked, \
+                closing(calls_or_text(checked, calling, cancel.set) if calling is not None else checked) as screened:
             yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result)
             async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
                 async for event in buffered:
                     if isinstance(event, ChatEnd):
                         if recorder.answer is not None and event.finish_reason in COMPLETE:  # not blocked by screening
                             cache.store(plan, recorder.answer)
+                        if tool_phase is not None:  # the plan's tokens count too
+                            event = replace(event, usage=add_usage(event.usage, tool_phase.usage))
                         usage = event.usage  # inference's, relayed as it came: the same shared type
                         span.set_attributes({"gen_ai.usage.output_tokens": usage.completion_tokens,
                                              "gen_ai.response.finish_reasons": [reason_name(event.finish_reason)],

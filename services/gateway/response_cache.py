@@ -59,7 +59,10 @@ def response_key(tenant: str, model_id: str, prompt: Sequence[int], params: Chat
               "max_tokens": params.max_tokens,
               "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
               "stop": list(params.stop), "repetition_penalty": params.repetition_penalty,
-              "logprobs": params.logprobs, "top_logprobs": params.top_logprobs}
+              "logprobs": params.logprobs, "top_logprobs": params.top_logprobs,
+              # What the output must match: the same prompt under another constraint is another answer.
+              "constraint": (params.response_format.SerializeToString(deterministic=True).hex()
+                             if params.response_format is not None else "")}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
     digest.update(b"\0")
     digest.update(b"".join(token.to_bytes(4, "little", signed=True) for token in prompt))

@@ -1,8 +1,8 @@
 """lmesh.policy.v1.Policy with its decisions audited, and the audit log's RPCs (TailAudit, FollowAudit, VerifyAudit).
 
 AuditedPolicyServicer extends PolicyServicer without changing it: each decision RPC it has today records what was
-decided (authenticate, authorize, key.create, key.list, key.revoke; refused admin calls too, under the action they
-attempted). Every unary RPC of the Policy service, those added later included, runs inside
+decided (authenticate, authorize, key.create, key.list, key.revoke, key.tools; refused admin calls too, under the
+action they attempted). Every unary RPC of the Policy service, those added later included, runs inside
 `AuditLog.decisions()`, so whatever it appends is durable before its answer is sent.
 """
 
@@ -172,7 +172,23 @@ class AuditedPolicyServicer(PolicyServicer):
         binding = (f"; client certificate subject {key.client_cert_subject}" if key.client_cert_subject else
                    f"; client certificate sha256 {key.client_cert_sha256}" if key.client_cert_sha256 else "")
         self._record("key.create", None, principal=key, allowed="ok", notes=(
-            _caller(context), f"models {','.join(key.allowed_models) or 'all'}{binding}"))
+            _caller(context), f"models {','.join(key.allowed_models) or 'all'}{binding}",
+            f"tools {','.join(key.allowed_tools) or 'none'}"))
+        return response
+
+    async def UpdateApiKey(self, request: policy_pb2.UpdateApiKeyRequest,
+                           context: grpc.aio.ServicerContext) -> policy_pb2.UpdateApiKeyResponse:
+        """A change of a key's tool grant is recorded (`key.tools`), refused or not; its limits, by accounting."""
+        granting = request.HasField("tools")
+        try:
+            response = await super().UpdateApiKey(request, context)
+        except Exception as exc:
+            if granting:
+                self._record("key.tools", exc, principal=request.key_id, notes=(_caller(context),))
+            raise
+        if granting:
+            self._record("key.tools", None, principal=response.key, allowed="ok", notes=(
+                _caller(context), f"tools: {', '.join(response.key.allowed_tools) or 'none'}"))
         return response
 
     async def ListApiKeys(self, request: policy_pb2.ListApiKeysRequest,

@@ -6,7 +6,7 @@ the server did process would mint a second key. The admin token is the peer's (`
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 
 from lmesh.policy.v1 import policy_pb2
 from lmesh.policy.v1.policy_pb2_grpc import PolicyStub
@@ -19,14 +19,14 @@ DEFAULT_TIMEOUT_S = 10.0
 async def create_key(policy: Peer[PolicyStub], tenant: str, allowed_models: Iterable[str] = (),
                      display_name: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, *, client_cert_subject: str = "",
                      client_cert_sha256: str = "", limits: policy_pb2.Limits | None = None, max_priority: int = 0,
-                     ) -> policy_pb2.CreateApiKeyResponse:
+                     allowed_tools: Iterable[str] = ()) -> policy_pb2.CreateApiKeyResponse:
     """Creates an API key (bound to a client certificate subject or fingerprint when given, with `limits` when
-    given, its chats allowed up to `max_priority`); the response holds the plaintext key (`.api_key`), shown this
-    once."""
+    given, its chats allowed up to `max_priority` and to the mesh tools `allowed_tools` matches, none by default);
+    the response holds the plaintext key (`.api_key`), shown this once."""
     request = policy_pb2.CreateApiKeyRequest(tenant=tenant, allowed_models=list(allowed_models),
                                              display_name=display_name, client_cert_subject=client_cert_subject,
                                              client_cert_sha256=client_cert_sha256, limits=limits,
-                                             max_priority=max_priority)
+                                             max_priority=max_priority, allowed_tools=list(allowed_tools))
     response: policy_pb2.CreateApiKeyResponse = await policy.call(lambda p: p.CreateApiKey, request, admin=True,
                                                                   retry=False, timeout=timeout_s)
     return response
@@ -90,12 +90,14 @@ async def verify_audit(policy: Peer[PolicyStub], timeout_s: float = 600.0) -> po
 
 async def update_key(policy: Peer[PolicyStub], key_id: str, limits: policy_pb2.LimitsUpdate,
                      timeout_s: float = DEFAULT_TIMEOUT_S, *, max_priority: int | None = None,
-                     ) -> policy_pb2.UpdateApiKeyResponse:
-    """Changes a key's limits (unset fields keep theirs) and, when given, its max priority; idempotent."""
+                     allowed_tools: Sequence[str] | None = None) -> policy_pb2.UpdateApiKeyResponse:
+    """Changes a key's limits (unset fields keep theirs) and, when given, its max priority and its tool grant
+    (`allowed_tools` replaces it whole: `[]` clears it, None leaves it); idempotent."""
+    tools = None if allowed_tools is None else policy_pb2.ToolGrant(allowed_tools=list(allowed_tools))
     response: policy_pb2.UpdateApiKeyResponse = await policy.call(
         lambda p: p.UpdateApiKey, policy_pb2.UpdateApiKeyRequest(key_id=key_id, limits=limits,
-                                                                 max_priority=max_priority), admin=True,
-        timeout=timeout_s)
+                                                                 max_priority=max_priority, tools=tools),
+        admin=True, timeout=timeout_s)
     return response
 
 

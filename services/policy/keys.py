@@ -28,7 +28,13 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from services.common.access import reference_allowed, version_allowed
+from services.common.access import (
+    TOOL_GRANT_PATTERN,
+    TOOL_NAME_PATTERN,
+    reference_allowed,
+    tool_allowed,
+    version_allowed,
+)
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -54,7 +60,7 @@ MAX_MODEL_PATTERN_LEN = 256
 MAX_ALLOWED_MODELS = 256
 MAX_DISPLAY_NAME_LEN = 256
 DB_NAME = "policy.sqlite3"
-SCHEMA_VERSION = 3  # 2: client certificate bindings; 3: max_priority
+SCHEMA_VERSION = 4  # 2: client certificate bindings; 3: max_priority; 4: allowed_tools
 INVALID_KEY = "invalid API key"
 UNBOUND_CERTIFICATE = "the client certificate is not bound to an active API key"
 MAX_SUBJECT_LEN = 1024
@@ -62,6 +68,8 @@ MAX_SUBJECT_LEN = 1024
 # the lowest unless an operator raises it, so priority is something granted, never something a caller takes.
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 DEFAULT_MAX_PRIORITY = MIN_PRIORITY
+# A key's tool grant: deny by default (no entry, no tool), at most this many names or patterns.
+MAX_ALLOWED_TOOLS = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -78,7 +86,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoke_time_unix_ms INTEGER,        -- NULL while the key is active
     client_cert_subject TEXT,           -- canonical RFC 4514 subject a verified client certificate maps from
     client_cert_sha256  TEXT,           -- or one certificate's SHA-256 (lowercase hex); NULL when unbound
-    max_priority        INTEGER NOT NULL DEFAULT 0  -- the highest request priority its chats may run at
+    max_priority        INTEGER NOT NULL DEFAULT 0,  -- the highest request priority its chats may run at
+    allowed_tools       TEXT NOT NULL DEFAULT '[]'  -- JSON array of mesh tool names or globs; empty: none
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, create_time_unix_ms);
 """
@@ -91,7 +100,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_cert_sha256 ON api_keys (clien
     WHERE revoke_time_unix_ms IS NULL AND client_cert_sha256 IS NOT NULL;
 """
 _COLUMNS = ("key_id, tenant, allowed_models, display_name, create_time_unix_ms, revoke_time_unix_ms, "
-            "client_cert_subject, client_cert_sha256, max_priority")
+            "client_cert_subject, client_cert_sha256, max_priority, allowed_tools")
 
 
 @dataclass(frozen=True)
@@ -103,10 +112,16 @@ class Principal:
     # Empty allows every model.
     allowed_models: tuple[str, ...]
     max_priority: int = DEFAULT_MAX_PRIORITY  # the highest request priority its chats may run at
+    # Mesh tool names or globs its chats may call; empty allows none (deny by default, unlike models).
+    allowed_tools: tuple[str, ...] = ()
 
     def may_use(self, model: str) -> bool:
         """Whether `model` (as the client referenced it) matches one of the allowed references or globs."""
         return reference_allowed(self.allowed_models, model)
+
+    def may_call_tool(self, tool_name: str) -> bool:
+        """Whether the mesh tool `tool_name` matches one of the granted names or globs (none: no tool)."""
+        return tool_allowed(self.allowed_tools, tool_name)
 
 
 @dataclass(frozen=True)
@@ -122,10 +137,11 @@ class ApiKey:
     client_cert_subject: str = ""
     client_cert_sha256: str = ""
     max_priority: int = DEFAULT_MAX_PRIORITY
+    allowed_tools: tuple[str, ...] = ()
 
     @property
     def principal(self) -> Principal:
-        return Principal(self.key_id, self.tenant, self.allowed_models, self.max_priority)
+        return Principal(self.key_id, self.tenant, self.allowed_models, self.max_priority, self.allowed_tools)
 
 
 def validate_tenant(tenant: str, field: str = "tenant") -> str:
@@ -159,6 +175,28 @@ def validate_allowed_models(patterns: Iterable[str]) -> tuple[str, ...]:
             result.append(pattern)
     if len(result) > MAX_ALLOWED_MODELS:
         raise InvalidArgument("allowed_models", f"at most {MAX_ALLOWED_MODELS} entries")
+    return tuple(result)
+
+
+def validate_allowed_tools(patterns: Iterable[str], field: str = "allowed_tools") -> tuple[str, ...]:
+    """A tool grant's entries in order, without duplicates: each a tool name (`[a-z][a-z0-9_]{0,47}`) or a glob
+    of a-z, 0-9, `_`, `*` and `?`, at most 48 characters; at most 64 entries. Empty: no tool."""
+    patterns = list(patterns)
+    if len(patterns) > MAX_ALLOWED_TOOLS:
+        raise InvalidArgument(field, f"at most {MAX_ALLOWED_TOOLS} entries, got {len(patterns)}")
+    result: list[str] = []
+    for index, pattern in enumerate(patterns):
+        entry = f"{field}[{index}]"
+        if not pattern:
+            raise InvalidArgument(entry, "must not be empty")
+        if not TOOL_GRANT_PATTERN.fullmatch(pattern):
+            raise InvalidArgument(entry, "must be a tool name or a glob of at most 48 lowercase letters, digits, "
+                                         f"'_', '*' and '?', got {pattern[:64]!r}")
+        if "*" not in pattern and "?" not in pattern and not TOOL_NAME_PATTERN.fullmatch(pattern):
+            # Without a wildcard it names one tool, and tool names start with a letter: it would match nothing.
+            raise InvalidArgument(entry, f"must start with a letter (a tool name), got {pattern!r}")
+        if pattern not in result:
+            result.append(pattern)
     return tuple(result)
 
 
@@ -352,6 +390,8 @@ class KeyStore:
                     db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
             if "max_priority" not in columns:  # schema 2 and older: every key keeps the lowest priority
                 db.execute("ALTER TABLE api_keys ADD COLUMN max_priority INTEGER NOT NULL DEFAULT 0")
+            if "allowed_tools" not in columns:  # schema 3 and older: deny by default, so every key gets no tool
+                db.execute("ALTER TABLE api_keys ADD COLUMN allowed_tools TEXT NOT NULL DEFAULT '[]'")
             db.executescript(_BINDING_INDEXES)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('key_pepper', ?)",
@@ -389,14 +429,15 @@ class KeyStore:
 
     def create(self, tenant: str, allowed_models: Iterable[str] = (), display_name: str = "", *,
                client_cert_subject: str = "", client_cert_sha256: str = "",
-               max_priority: int = DEFAULT_MAX_PRIORITY) -> tuple[ApiKey, str]:
+               max_priority: int = DEFAULT_MAX_PRIORITY, allowed_tools: Iterable[str] = ()) -> tuple[ApiKey, str]:
         """A new key for `tenant`: its public record and the plaintext secret (returned here only). With
         `client_cert_subject` or `client_cert_sha256` (one of them), a verified client certificate with that
         subject or fingerprint authenticates as the key too. `max_priority`: the highest request priority its
-        chats may run at."""
+        chats may run at; `allowed_tools`: the mesh tools they may call (none unless granted)."""
         tenant = validate_tenant(tenant)
         max_priority = validate_max_priority(max_priority)
         models = validate_allowed_models(allowed_models)
+        tools = validate_allowed_tools(allowed_tools)
         display_name = validate_display_name(display_name)
         if client_cert_subject and client_cert_sha256:
             raise InvalidArgument("client_cert_sha256", "give a client certificate subject or a fingerprint, not "
@@ -412,10 +453,10 @@ class KeyStore:
             try:
                 db.execute(
                     "INSERT INTO api_keys (key_id, key_hash, tenant, allowed_models, display_name, "
-                    "create_time_unix_ms, client_cert_subject, client_cert_sha256, max_priority) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "create_time_unix_ms, client_cert_subject, client_cert_sha256, max_priority, allowed_tools) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (key_id, self._hash(plaintext), tenant, json.dumps(models), display_name, now_ms, subject,
-                     fingerprint, max_priority),
+                     fingerprint, max_priority, json.dumps(tools)),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -425,10 +466,11 @@ class KeyStore:
                     raise
         bound = f", bound to client certificate {_binding_text(subject, fingerprint)}" if subject or fingerprint else ""
         log.info("created API key %s for tenant %s%s", key_id, tenant, bound)
-        self._record("key.create", "ok", Principal(key_id, tenant, models, max_priority),
-                     detail=f"models: {', '.join(models) or 'all'}{bound}; max priority {max_priority}")
+        self._record("key.create", "ok", Principal(key_id, tenant, models, max_priority, tools),
+                     detail=f"models: {', '.join(models) or 'all'}{bound}; max priority {max_priority}; "
+                            f"tools: {', '.join(tools) or 'none'}")
         return ApiKey(key_id, tenant, models, display_name, now_ms, revoked=False, client_cert_subject=subject or "",
-                      client_cert_sha256=fingerprint or "", max_priority=max_priority), plaintext
+                      client_cert_sha256=fingerprint or "", max_priority=max_priority, allowed_tools=tools), plaintext
 
     def _check_unbound(self, subject: str | None, fingerprint: str | None) -> None:
         for column, value, field in (("client_cert_subject", subject, "client_cert_subject"),
@@ -571,6 +613,19 @@ class KeyStore:
         self._record("key.priority", "ok", record.principal, detail=f"max priority {max_priority}")
         return record
 
+    def set_allowed_tools(self, key_id: str, allowed_tools: Iterable[str]) -> ApiKey:
+        """Replaces an active key's tool grant whole (empty: no tool), from its next request on."""
+        validate_key_id(key_id)
+        tools = validate_allowed_tools(allowed_tools, "tools.allowed_tools")
+        record = self.get(key_id)
+        if record.revoked:
+            raise FailedPrecondition(f"API key {key_id} is revoked")
+        self._conn.execute("UPDATE api_keys SET allowed_tools = ? WHERE key_id = ?", (json.dumps(tools), key_id))
+        log.info("API key %s: tools %s", key_id, ", ".join(tools) or "none")
+        record = self.get(key_id)
+        self._record("key.tools", "ok", record.principal, detail=f"tools: {', '.join(tools) or 'none'}")
+        return record
+
     def revoke(self, key_id: str) -> ApiKey:
         """Revokes a key for good (idempotent); the next authentication with it fails."""
         validate_key_id(key_id)
@@ -588,7 +643,8 @@ class KeyStore:
 
 
 def _record(row: Sequence[Any]) -> ApiKey:
-    key_id, tenant, models_json, display_name, create_ms, revoke_ms, subject, fingerprint, max_priority = row
+    (key_id, tenant, models_json, display_name, create_ms, revoke_ms, subject, fingerprint, max_priority,
+     tools_json) = row
     return ApiKey(
         key_id=str(key_id),
         tenant=str(tenant),
@@ -599,6 +655,7 @@ def _record(row: Sequence[Any]) -> ApiKey:
         client_cert_subject=str(subject or ""),
         client_cert_sha256=str(fingerprint or ""),
         max_priority=int(max_priority),
+        allowed_tools=tuple(json.loads(str(tools_json))),
     )
 
 

@@ -24,7 +24,14 @@ from services.policy.accounting_pb import (
     usage_pb,
 )
 from services.policy.audit import AuditSink, MemoryAudit
-from services.policy.keys import ApiKey, CertificateIdentity, KeyStore, Principal, validate_max_priority
+from services.policy.keys import (
+    ApiKey,
+    CertificateIdentity,
+    KeyStore,
+    Principal,
+    validate_allowed_tools,
+    validate_max_priority,
+)
 from services.policy.limits import Limits, State, validated
 from services.policy.rules import RulesSource, record_screening
 
@@ -68,7 +75,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         record, plaintext = self._store.create(request.tenant, request.allowed_models, request.display_name,
                                                client_cert_subject=request.client_cert_subject,
                                                client_cert_sha256=request.client_cert_sha256,
-                                               max_priority=request.max_priority)
+                                               max_priority=request.max_priority,
+                                               allowed_tools=request.allowed_tools)
         try:
             applied = await self._accounting.set_key_limits(record, limits, created=True)
         except Unavailable:
@@ -142,12 +150,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self._admin.check_call(context)
         update = validated(update_from_pb(request.limits))
         priority = request.max_priority if request.HasField("max_priority") else None
+        # Unset: unchanged; set (even with no entries, which clears the grant): replaced whole.
+        tools = request.tools.allowed_tools if request.HasField("tools") else None
         if priority is not None:
             validate_max_priority(priority)  # before anything changes
+        if tools is not None:
+            validate_allowed_tools(tools, "tools.allowed_tools")
         record = self._store.get(request.key_id)
         if priority is not None:
             record = self._store.set_max_priority(record.key_id, priority)
-        if priority is not None and update.empty:
+        if tools is not None:
+            record = self._store.set_allowed_tools(record.key_id, tools)
+        if (priority is not None or tools is not None) and update.empty:
             limits = (await self._accounting.key_limits([record.key_id]))[record.key_id]
         else:
             limits = await self._accounting.set_key_limits(record, update)
@@ -208,7 +222,8 @@ def _page_start(token: str, tenant: str) -> int:
 
 def _principal_pb(principal: Principal) -> policy_pb2.Principal:
     return policy_pb2.Principal(key_id=principal.key_id, tenant=principal.tenant,
-                                allowed_models=list(principal.allowed_models), max_priority=principal.max_priority)
+                                allowed_models=list(principal.allowed_models), max_priority=principal.max_priority,
+                                allowed_tools=list(principal.allowed_tools))
 
 
 def _api_key_pb(record: ApiKey, limits: Limits | None = None) -> policy_pb2.ApiKey:
@@ -217,4 +232,4 @@ def _api_key_pb(record: ApiKey, limits: Limits | None = None) -> policy_pb2.ApiK
                              create_time_unix_ms=record.create_time_unix_ms, revoked=record.revoked,
                              client_cert_subject=record.client_cert_subject,
                              client_cert_sha256=record.client_cert_sha256, limits=limits_pb(limits or Limits()),
-                             max_priority=record.max_priority)
+                             max_priority=record.max_priority, allowed_tools=list(record.allowed_tools))

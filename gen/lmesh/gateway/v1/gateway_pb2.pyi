@@ -1,5 +1,6 @@
 from lmesh.common.v1 import generation_pb2 as _generation_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -16,7 +17,7 @@ class ChatRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ChatStart, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class ChatStart(_message.Message):
-    __slots__ = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs", "priority", "session", "no_cache")
+    __slots__ = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs", "priority", "session", "no_cache", "tools", "response_format", "functions", "function_choice", "single_function_call")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +32,11 @@ class ChatStart(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_FUNCTION_CALL_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     max_tokens: int
@@ -45,35 +51,112 @@ class ChatStart(_message.Message):
     priority: int
     session: str
     no_cache: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., priority: _Optional[int] = ..., session: _Optional[str] = ..., no_cache: _Optional[bool] = ...) -> None: ...
+    tools: ToolUse
+    response_format: _generation_pb2.OutputConstraint
+    functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
+    function_choice: str
+    single_function_call: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., priority: _Optional[int] = ..., session: _Optional[str] = ..., no_cache: _Optional[bool] = ..., tools: _Optional[_Union[ToolUse, _Mapping]] = ..., response_format: _Optional[_Union[_generation_pb2.OutputConstraint, _Mapping]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_choice: _Optional[str] = ..., single_function_call: _Optional[bool] = ...) -> None: ...
+
+class FunctionDefinition(_message.Message):
+    __slots__ = ("name", "description", "parameters_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters_json: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+
+class FunctionCall(_message.Message):
+    __slots__ = ("id", "name", "arguments_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    arguments_json: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
+
+class ToolUse(_message.Message):
+    __slots__ = ("auto", "names", "max_calls", "call_timeout_ms", "candidates")
+    AUTO_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALL_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    auto: bool
+    names: _containers.RepeatedScalarFieldContainer[str]
+    max_calls: int
+    call_timeout_ms: int
+    candidates: int
+    def __init__(self, auto: _Optional[bool] = ..., names: _Optional[_Iterable[str]] = ..., max_calls: _Optional[int] = ..., call_timeout_ms: _Optional[int] = ..., candidates: _Optional[int] = ...) -> None: ...
+
+class ToolStep(_message.Message):
+    __slots__ = ("call", "tool", "arguments_json", "state", "result_json", "error_code", "error_message", "latency_ms")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ToolStep.State]
+        STATE_STARTED: _ClassVar[ToolStep.State]
+        STATE_SUCCEEDED: _ClassVar[ToolStep.State]
+        STATE_FAILED: _ClassVar[ToolStep.State]
+    STATE_UNSPECIFIED: ToolStep.State
+    STATE_STARTED: ToolStep.State
+    STATE_SUCCEEDED: ToolStep.State
+    STATE_FAILED: ToolStep.State
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    tool: str
+    arguments_json: str
+    state: ToolStep.State
+    result_json: str
+    error_code: str
+    error_message: str
+    latency_ms: int
+    def __init__(self, call: _Optional[int] = ..., tool: _Optional[str] = ..., arguments_json: _Optional[str] = ..., state: _Optional[_Union[ToolStep.State, str]] = ..., result_json: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., latency_ms: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("role", "content")
+    __slots__ = ("role", "content", "function_calls", "function_call_id")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_CALLS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    function_calls: _containers.RepeatedCompositeFieldContainer[FunctionCall]
+    function_call_id: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., function_calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ..., function_call_id: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("delta", "finish_reason", "usage", "model", "id", "logprobs")
+    __slots__ = ("delta", "finish_reason", "usage", "model", "id", "logprobs", "tool_step", "function_calls")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_STEP_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_CALLS_FIELD_NUMBER: _ClassVar[int]
     delta: str
     finish_reason: _generation_pb2.FinishReason
     usage: _generation_pb2.Usage
     model: str
     id: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprob]
-    def __init__(self, delta: _Optional[str] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ..., model: _Optional[str] = ..., id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_generation_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    tool_step: ToolStep
+    function_calls: _containers.RepeatedCompositeFieldContainer[FunctionCall]
+    def __init__(self, delta: _Optional[str] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_generation_pb2.Usage, _Mapping]] = ..., model: _Optional[str] = ..., id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_generation_pb2.TokenLogprob, _Mapping]]] = ..., tool_step: _Optional[_Union[ToolStep, _Mapping]] = ..., function_calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -85,16 +85,18 @@ SCREENING_STAGE_INPUT: ScreeningStage
 SCREENING_STAGE_OUTPUT: ScreeningStage
 
 class Principal(_message.Message):
-    __slots__ = ("key_id", "tenant", "allowed_models", "max_priority")
+    __slots__ = ("key_id", "tenant", "allowed_models", "max_priority", "allowed_tools")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     max_priority: int
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., max_priority: _Optional[int] = ...) -> None: ...
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., max_priority: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("requests_per_minute", "tokens_per_minute", "budget_tokens", "budget_period")
@@ -245,14 +247,22 @@ class SettleResponse(_message.Message):
     def __init__(self, charged_tokens: _Optional[int] = ..., reserved_tokens: _Optional[int] = ..., previous_state: _Optional[_Union[ReservationState, str]] = ...) -> None: ...
 
 class UpdateApiKeyRequest(_message.Message):
-    __slots__ = ("key_id", "limits", "max_priority")
+    __slots__ = ("key_id", "limits", "max_priority", "tools")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     limits: LimitsUpdate
     max_priority: int
-    def __init__(self, key_id: _Optional[str] = ..., limits: _Optional[_Union[LimitsUpdate, _Mapping]] = ..., max_priority: _Optional[int] = ...) -> None: ...
+    tools: ToolGrant
+    def __init__(self, key_id: _Optional[str] = ..., limits: _Optional[_Union[LimitsUpdate, _Mapping]] = ..., max_priority: _Optional[int] = ..., tools: _Optional[_Union[ToolGrant, _Mapping]] = ...) -> None: ...
+
+class ToolGrant(_message.Message):
+    __slots__ = ("allowed_tools",)
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allowed_tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateApiKeyResponse(_message.Message):
     __slots__ = ("key",)
@@ -329,7 +339,7 @@ class GetUsageResponse(_message.Message):
     def __init__(self, usage: _Optional[_Iterable[_Union[SubjectUsage, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("key_id", "tenant", "allowed_models", "display_name", "create_time_unix_ms", "revoked", "client_cert_subject", "client_cert_sha256", "limits", "max_priority")
+    __slots__ = ("key_id", "tenant", "allowed_models", "display_name", "create_time_unix_ms", "revoked", "client_cert_subject", "client_cert_sha256", "limits", "max_priority", "allowed_tools")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +350,7 @@ class ApiKey(_message.Message):
     CLIENT_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
@@ -350,10 +361,11 @@ class ApiKey(_message.Message):
     client_cert_sha256: str
     limits: Limits
     max_priority: int
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., create_time_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., max_priority: _Optional[int] = ...) -> None: ...
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., create_time_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., max_priority: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
-    __slots__ = ("tenant", "allowed_models", "display_name", "client_cert_subject", "client_cert_sha256", "limits", "max_priority")
+    __slots__ = ("tenant", "allowed_models", "display_name", "client_cert_subject", "client_cert_sha256", "limits", "max_priority", "allowed_tools")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +373,7 @@ class CreateApiKeyRequest(_message.Message):
     CLIENT_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     display_name: str
@@ -368,7 +381,8 @@ class CreateApiKeyRequest(_message.Message):
     client_cert_sha256: str
     limits: Limits
     max_priority: int
-    def __init__(self, tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., max_priority: _Optional[int] = ...) -> None: ...
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., client_cert_subject: _Optional[str] = ..., client_cert_sha256: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., max_priority: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateApiKeyResponse(_message.Message):
     __slots__ = ("key", "api_key")

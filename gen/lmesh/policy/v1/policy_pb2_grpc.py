@@ -191,9 +191,11 @@ class PolicyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateApiKey(self, request, context):
-        """Changes a key's limits and, when set, its `max_priority` (fields left unset keep their value; 0 removes a
-        limit). The next request is judged by them. Errors: INVALID_ARGUMENT (`key_id`, a negative or too large
-        limit, a `max_priority` outside 0 to 9, named), NOT_FOUND (no such key),
+        """Changes a key's limits and, when set, its `max_priority` and its tool grant (`tools`: replaced whole; set
+        and empty, it clears the grant). Fields left unset keep their value; 0 removes a limit. Nothing changes
+        unless every field is valid. The next request is judged by them. Errors: INVALID_ARGUMENT (`key_id`, a
+        negative or too large limit, a `max_priority` outside 0 to 9, a malformed `tools.allowed_tools[i]` entry or
+        too many of them, named), NOT_FOUND (no such key),
         FAILED_PRECONDITION (the key is revoked), UNAUTHENTICATED (admin token required and missing or wrong),
         UNAVAILABLE.
         """
@@ -223,8 +225,8 @@ class PolicyServicer:
         """Creates an API key, optionally bound to a client certificate identity. The plaintext key is returned once
         and never stored.
         Errors: INVALID_ARGUMENT (a malformed `tenant`, `display_name`, `allowed_models` entry,
-        `client_cert_subject` or `client_cert_sha256`, or both of the last two, a limit, or a `max_priority`
-        outside 0 to 9, named), ALREADY_EXISTS (an
+        `client_cert_subject` or `client_cert_sha256`, or both of the last two, a limit, a `max_priority`
+        outside 0 to 9, or a malformed `allowed_tools[i]` entry or more than 64 of them, named), ALREADY_EXISTS (an
         active key is bound to the same client certificate identity: revoke it first), UNAUTHENTICATED (admin token
         required and missing or wrong), UNAVAILABLE (the accounting store is unreachable: no key is created).
         """
