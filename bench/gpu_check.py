@@ -473,11 +473,11 @@ async def trace(decoder: OnnxDecoder, model_dir: Path, all_prompts: list[list[in
     samplers: list[Any] = []  # kept alive: a freed sampler's id could be reused by a later one
     real_sample = sampling.Sampler.sample
 
-    def recording(self: Any, logits: np.ndarray, allowed: np.ndarray | None = None) -> Any:
+    def recording(self: Any, logits: np.ndarray, mask: np.ndarray | None = None) -> Any:
         if id(self) not in seen:
             samplers.append(self)
         seen.setdefault(id(self), []).append(np.array(logits, dtype=np.float32, copy=True))
-        return real_sample(self, logits, allowed)
+        return real_sample(self, logits, mask)
 
     sampling.Sampler.sample = recording  # type: ignore[method-assign]
     engine = new_engine(decoder, PREFIX_CACHE_BYTES)

@@ -77,3 +77,33 @@ def test_the_mesh_tax_checks_compare_the_ways_side_by_side() -> None:
     assert grpc_cpu["value"] == pytest.approx(9.0 / 9.5) and grpc_cpu["passed"] is True
     saved = json.loads(json.dumps({"raw": dataclasses.asdict(results)}))
     assert summarize(results_from_json(saved["raw"]), streams=16, max_tokens=64) == summary
+
+
+def test_the_constrained_bench_compares_each_round_with_its_own_free_arm() -> None:
+    from bench.constrained import FREE, MIXED, MIXED_INLINE, summarize
+
+    runs = {FREE: [{"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 80.0}],
+            MIXED: [{"tokens_per_s": 90.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 76.0}],
+            MIXED_INLINE: [{"tokens_per_s": 80.0}, {"tokens_per_s": 60.0}, {"tokens_per_s": 40.0}]}
+    summary = summarize(runs)
+    assert summary["tokens_per_s"] == {FREE: 80.0, MIXED: 76.0, MIXED_INLINE: 60.0}
+    # Per-round ratios 0.9, 1.0, 0.95 and 0.8, 1.2, 0.5: the median of each, not a ratio of medians.
+    assert summary["ratio_to_free"] == {MIXED: pytest.approx(0.95), MIXED_INLINE: pytest.approx(0.8)}
+
+
+def test_the_constrained_bench_schema_outlasts_the_tokens_generated(built_model: Path) -> None:
+    """No constrained stream may complete early, or the arms would decode different batches: even its shortest
+    valid output is longer than the default 64 tokens."""
+    from bench.constrained import SCHEMA, decoder_eos
+    from services.inference.constrained import ConstraintSpec, Grammars
+
+    grammars = Grammars.from_tokenizer_json((built_model / "tokenizer.json").read_text(encoding="utf-8"),
+                                            decoder_eos(built_model))
+    shortest = json.dumps({"calls": [{"tool": "search", "query": "", "limit": 1, "tags": []}] * 8},
+                          separators=(",", ":"))
+    state = grammars.compile(ConstraintSpec("json_schema", json.dumps(SCHEMA))).start()
+    tokens = grammars.tokenizer.tokenize_str(shortest)
+    for token in tokens:
+        state.consume(token)
+    assert state.stopped and not state.matcher.is_error()  # a valid, complete output...
+    assert len(tokens) > 64  # ...longer than the tokens each stream generates

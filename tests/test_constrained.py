@@ -29,6 +29,7 @@ from services.common.discovery import SERVER_OPTIONS
 from services.common.errors import InvalidArgument
 from services.common.rpc import ServerInterceptor
 from services.inference.constrained import (
+    MASKED,
     MAX_CONSTRAINT_BYTES,
     CompiledConstraint,
     ConstraintSpec,
@@ -125,7 +126,7 @@ def test_every_allowed_token_keeps_the_text_a_prefix_and_every_other_breaks_it(g
     state = compiled.start()
     text = b""
     for token in tokenizer.tokenize_str("12.5 pears"):
-        allowed = masks.compute([state])[0]
+        allowed = masks.compute([state])[0] == 0
         expected = np.asarray([ordinary[t] and regex.fullmatch(pattern, text + token_bytes[t], partial=True)
                                is not None for t in range(vocab)])
         assert np.array_equal(allowed & ordinary, expected)
@@ -134,14 +135,16 @@ def test_every_allowed_token_keeps_the_text_a_prefix_and_every_other_breaks_it(g
         state.consume(token)
         text += token_bytes[token]
     assert text == b"12.5 pears" and state.stopped  # nothing can follow "pears"
-    assert np.flatnonzero(masks.compute([state])[0]).tolist() == [EOS]
+    assert np.flatnonzero(masks.compute([state])[0] == 0).tolist() == [EOS]
 
 
 def test_a_model_vocabulary_beyond_the_tokenizers_is_masked(grammars: Grammars) -> None:
     compiled = grammars.compile(ConstraintSpec("regex", r"[a-z]+"))
     vocab = grammars.tokenizer.vocab_size
-    allowed = RowMasks(vocab + 64, [EOS]).compute([compiled.start(), compiled.start()])
-    assert allowed.shape == (2, vocab + 64)
+    masks = RowMasks(vocab + 64, [EOS]).compute([compiled.start(), compiled.start()])
+    assert masks.shape == (2, vocab + 64) and masks.dtype == np.float32
+    assert set(np.unique(masks).tolist()) == {0.0, float(MASKED)}
+    allowed = masks == 0
     assert not allowed[:, vocab:].any() and allowed[:, :vocab].sum(axis=1).min() > 100
 
 
@@ -187,12 +190,16 @@ def test_the_masked_sampler_draws_only_allowed_tokens_and_reports_the_renormaliz
     logits = rng.normal(0, 3, 1000).astype(np.float32)
     allowed = np.zeros(1000, dtype=bool)
     allowed[[3, 77, 500, 999]] = True
-    greedy = Sampler(SamplingConfig(), [1, 2], top_logprobs=6).sample(logits, allowed)
+    mask = np.where(allowed, np.float32(0), MASKED)
+    greedy = Sampler(SamplingConfig(), [1, 2], top_logprobs=6).sample(logits, mask)
     assert greedy.token_id == int(np.flatnonzero(allowed)[np.argmax(logits[allowed])])
     assert [t for t, _ in greedy.top] == sorted(np.flatnonzero(allowed).tolist(), key=lambda t: -logits[t])
     assert sum(np.exp(lp) for _, lp in greedy.top) == pytest.approx(1.0, abs=1e-5)  # all mass on the 4 allowed
     sampler = Sampler(SamplingConfig(temperature=1.5, top_k=50, top_p=0.9, seed=7, repetition_penalty=1.3), [3, 500])
-    assert {sampler.sample(logits, allowed).token_id for _ in range(200)} <= {3, 77, 500, 999}
+    assert {sampler.sample(logits, mask).token_id for _ in range(200)} <= {3, 77, 500, 999}
+    # A tiny temperature sends the masked scores to -inf: still never drawn, and no NaN.
+    cold = Sampler(SamplingConfig(temperature=1e-3, seed=1), [], top_logprobs=3).sample(logits, mask)
+    assert cold.token_id in {3, 77, 500, 999} and np.isfinite(cold.logprob)
 
 
 # ---- the engine -------------------------------------------------------------------------------------------------
@@ -402,3 +409,31 @@ async def test_over_grpc_a_model_without_a_tokenizer_refuses_a_constraint_but_se
         await call.write(_start(chat("Hi"), generation_pb2.OutputConstraint(), max_tokens=8))  # set, empty: free
         responses = await read_rest(call)
         assert responses[-1].finish.usage.completion_tokens > 0
+
+
+# ---- the loader -----------------------------------------------------------------------------------------------------
+
+async def test_the_loader_builds_grammars_from_the_versions_tokenizer_artifact(built_model: Path,
+                                                                              tmp_path: Path) -> None:
+    """The tokenizer artifact comes through the same digest-addressed cache as the weights (pre-filled here, so the
+    registry is never asked); no tokenizer artifact, or one llguidance cannot read, serves the version unconstrained."""
+    import hashlib
+
+    from lmesh.registry.v1 import registry_pb2
+
+    from services.inference.loader import _grammars
+
+    def version_with(content: bytes | None) -> registry_pb2.ModelVersion:
+        version = registry_pb2.ModelVersion(name="smollm2-135m-instruct", version="1", eos_token_ids=[EOS])
+        if content is not None:
+            sha = hashlib.sha256(content).hexdigest()
+            (tmp_path / sha).write_bytes(content)
+            version.artifacts.append(registry_pb2.Artifact(kind=registry_pb2.ARTIFACT_KIND_TOKENIZER, sha256=sha))
+        return version
+
+    registry: Any = None  # every artifact is in the cache: fetch_to_cache never calls it
+    grammars = await _grammars(registry, version_with((built_model / "tokenizer.json").read_bytes()), tmp_path)
+    assert grammars is not None and grammars.tokenizer.vocab_size == 49152 and grammars.tokenizer.eos_tokens == [EOS]
+    assert grammars.compile(ConstraintSpec("regex", "yes|no")).start().matcher.is_accepting() is False
+    assert await _grammars(registry, version_with(None), tmp_path) is None
+    assert await _grammars(registry, version_with(b'{"not": "a tokenizer"}'), tmp_path) is None

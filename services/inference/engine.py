@@ -262,6 +262,8 @@ class Engine:
         # Constrained rows' masks: computed by llguidance in this thread while the model thread runs the model.
         self._mask_thread: ThreadPoolExecutor | None = None
         self._masks = RowMasks(model.vocab_size, eos_ids)
+        # False computes them in the model thread before the run instead (bench.constrained compares the two).
+        self.overlap_masks = True
         self._accepting = True
         self.steps = 0
         # Called when the number of active or queued sequences changes (load reporting).
@@ -544,8 +546,8 @@ class Engine:
                 seq.prefill_end_ns = time.time_ns()
                 if self.prefix_cache.max_bytes > 0:
                     self.prefix_cache.insert(seq.request.prompt_ids, kv, self._exact_tokens(seq, end))
-                allowed = self._masks.compute([seq.constraint])[0] if seq.constraint is not None else None
-                results.append(self._sampled(seq, seq.sampler.sample(logits, allowed)))
+                mask = self._masks.compute([seq.constraint])[0] if seq.constraint is not None else None
+                results.append(self._sampled(seq, seq.sampler.sample(logits, mask)))
         decoding = [s for s in decoding if not s.cancelled] + joining
         if not decoding:
             return results
@@ -679,13 +681,16 @@ class Engine:
         constrained = [row for row, seq in enumerate(rows) if seq.constraint is not None]
         masks: Future[np.ndarray] | None = None
         if constrained:
-            assert self._mask_thread is not None
             states = [c for c in (rows[row].constraint for row in constrained) if c is not None]
-            masks = self._mask_thread.submit(self._masks.compute, states)
+            masks = Future()
+            if self.overlap_masks and self._mask_thread is not None:
+                masks = self._mask_thread.submit(self._masks.compute, states)
+            else:
+                masks.set_result(self._masks.compute(states))
         try:
             logits = self.model.decode(input_ids, lengths, self._slots)
         finally:
-            allowed = masks.result() if masks is not None else None  # never left running into the next step
+            biases = masks.result() if masks is not None else None  # never left running into the next step
         for seq in rows:
             seq.past_len += 1
         fast = [row for row, seq in enumerate(rows) if seq.sampler.plain_greedy and seq.constraint is None]
@@ -693,9 +698,16 @@ class Engine:
         if fast:
             for row, result in zip(fast, greedy_rows(logits[fast]), strict=True):
                 sampled[row] = result
-        if allowed is not None:
-            for row, row_allowed in zip(constrained, allowed, strict=True):
-                sampled[row] = rows[row].sampler.sample(logits[row], row_allowed)
+        if biases is not None:
+            # Plain-greedy constrained rows: one vectorized argmax over their masked logits, like the free ones.
+            greedy = [i for i, row in enumerate(constrained) if rows[row].sampler.plain_greedy]
+            if greedy:
+                picked = [constrained[i] for i in greedy]
+                for row, result in zip(picked, greedy_rows(logits[picked] + biases[greedy]), strict=True):
+                    sampled[row] = result
+            for row, bias in zip(constrained, biases, strict=True):
+                if sampled[row] is None:
+                    sampled[row] = rows[row].sampler.sample(logits[row], bias)
         for row, seq in enumerate(rows):
             if sampled[row] is None:
                 sampled[row] = seq.sampler.sample(logits[row])

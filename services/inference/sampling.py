@@ -77,10 +77,11 @@ class Sampler:
         """Greedy with nothing per-sequence to apply: the engine samples such rows together, vectorized."""
         return self.config.greedy and self._seen is None and not self.top_logprobs
 
-    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Sampled:
-        """The next token from one row of logits; `allowed` (a boolean per token, at least one True) restricts the
-        draw to those tokens: the others get probability 0, and the logprobs are those of the distribution
-        renormalized over the allowed ones (a constrained sequence's masked distribution)."""
+    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> Sampled:
+        """The next token from one row of logits. `mask` (a constrained sequence's: float32 per token, 0 where
+        allowed, a huge negative number where not; at least one allowed) restricts the draw to the allowed tokens:
+        the others get probability 0, and the logprobs are those of the distribution renormalized over the allowed
+        ones (the masked distribution)."""
         config = self.config
         scores = logits.astype(np.float32, copy=True)
         if self._seen is not None and self._seen.size:
@@ -89,9 +90,8 @@ class Sampler:
             picked = scores[self._seen].astype(np.float64)
             penalized = np.where(picked > 0, picked / config.repetition_penalty, picked * config.repetition_penalty)
             scores[self._seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
-        if allowed is not None:
-            # After the penalty, which would clip -inf back to a finite score.
-            scores[~allowed] = -np.inf
+        if mask is not None:
+            scores += mask  # after the penalty, which would divide a masked score back up
         if not config.greedy:
             # The peak first: a tiny temperature then sends the others to -inf (probability 0), never the peak to
             # inf (and inf - inf to NaN).
@@ -110,7 +110,7 @@ class Sampler:
             best = np.argpartition(-scores, self.top_logprobs)[: self.top_logprobs]
             best = best[np.argsort(-scores[best], kind="stable")]
             top = [(int(i), float((scores[i] - peak) - log_sum)) for i in best
-                   if allowed is None or allowed[i]]  # a masked token is no alternative
+                   if mask is None or mask[i] == 0]  # a masked token is no alternative
         return Sampled(token_id=token, logprob=float((scores[token] - peak) - log_sum), top=top)
 
     def _draw(self, scores: np.ndarray, peak: np.float32, weights: np.ndarray) -> int:
