@@ -1,8 +1,9 @@
 """lmesh: run and operate a self-hosted LLM mesh.
 
-  lmesh serve SERVICE      run one service (registry, tokenizer, inference, policy, gateway)
+  lmesh serve SERVICE      run one service (registry, tokenizer, inference, policy, gateway, tools, embeddings)
   lmesh dev                a whole mesh on this machine (what `make run` runs)
-  lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE)
+  lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE; --tools auto: mesh tools)
+  lmesh tools [allow S]    the mesh tools Consul lists; let the gateway call a team's tool provider S
   lmesh models ...         list, register and alias model versions
   lmesh keys ...           create, list, update (limits, priority, tools) and revoke API keys
   lmesh tenants set T      a tenant's limits, shared by its keys
@@ -184,6 +185,7 @@ def _chat(args: argparse.Namespace) -> int:
         find_gateway,
         gateway_tls,
         stream_chat_to_terminal,
+        tool_use,
     )
 
     # The files first, outside the event loop: a bad variable is a ConfigError naming it.
@@ -193,6 +195,7 @@ def _chat(args: argparse.Namespace) -> int:
     async def go() -> int:
         tls = gateway_tls(*files, tls=args.tls)
         key = _api_key(args, certificate=tls is not None and tls.client_cert is not None)
+        tools = tool_use(args.tools)
         gateway, tls = await find_gateway(args.gateway, tls)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
         sampling: dict[str, Any] = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
@@ -203,7 +206,7 @@ def _chat(args: argparse.Namespace) -> int:
             history.append(("user", " ".join(args.message)))
             await stream_chat_to_terminal(gateway, key, history, model=args.model, max_tokens=args.max_tokens,
                                           temperature=args.temperature, logprobs=args.logprobs, sampling=sampling,
-                                          tls=tls)
+                                          tls=tls, tools=tools)
             return 0
         print(f"Chatting with {args.model or 'default'} through {gateway}{' (TLS)' if tls else ''}. Empty line or "
               "Ctrl-D ends.")
@@ -220,7 +223,7 @@ def _chat(args: argparse.Namespace) -> int:
             try:
                 answer = await stream_chat_to_terminal(gateway, key, history, model=args.model,
                                                        max_tokens=args.max_tokens, temperature=args.temperature,
-                                                       logprobs=args.logprobs, sampling=sampling, tls=tls)
+                                                       logprobs=args.logprobs, sampling=sampling, tls=tls, tools=tools)
             except (grpc.aio.AioRpcError, LmeshError) as exc:
                 # One failed turn (too long, a replica restarting) must not end the conversation: say why, and
                 # leave it out of the history so the next turn is sent without it.
@@ -681,6 +684,44 @@ def _intentions(args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
+# ---- tools -------------------------------------------------------------------------------------------------
+
+def _tools(args: argparse.Namespace) -> int:
+    from services.client import operator_mesh, reachable_consul
+    from services.common.connect import Intention, MeshUnavailable, apply_intentions
+    from services.gateway.tool_catalog import ToolCatalog
+
+    async def go() -> int:
+        if args.action == "allow":
+            if not args.provider:
+                raise CommandError("name the tool provider's Consul service: lmesh tools allow SERVICE")
+            try:
+                changes = await apply_intentions(reachable_consul(),
+                                                 [Intention("lmesh-gateway", args.provider, "allow")])
+            except MeshUnavailable as exc:
+                raise CommandError(str(exc)) from None
+            what = "created" if changes.created else "updated" if changes.updated else "already held"
+            print(f"intention lmesh-gateway -> {args.provider} allow: {what}")
+            return 0
+        mesh = await operator_mesh()
+        catalog = ToolCatalog(mesh)
+        try:
+            tools = await catalog.tools()
+        finally:
+            await catalog.close()
+            await mesh.close()
+        print(f"{'NAME':22} {'PROVIDER':20} {'METHOD':40} DESCRIPTION")
+        for name in sorted(tools):
+            tool = tools[name]
+            description = tool.description if len(tool.description) <= 70 else tool.description[:69] + "…"
+            print(f"{name:22} {tool.provider:20} {tool.method_path:40} {description}")
+        if not tools:
+            print("no tools: no passing service in Consul carries the tag lmesh-tool", file=sys.stderr)
+        return 0
+
+    return _run_async(go)
+
+
 # ---- health ------------------------------------------------------------------------------------------------
 
 def _health(args: argparse.Namespace) -> int:
@@ -730,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model reference (default: the 'default' alias)")
     chat.add_argument("--system", default="", help="a system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--tools", default="", metavar="auto|NAME,...",
+                      help="let the gateway call mesh tools first: `auto` (those the key may use that fit the request) "
+                           "or tool names; each step is shown on stderr")
     chat.add_argument("--priority", type=int, default=None, metavar="N",
                       help="request priority 0-9, capped by the key's max priority (default: the key's)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
@@ -755,6 +799,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--client-key", type=READABLE_FILE_TYPE, default=None, metavar="FILE",
                       help="the client certificate's private key (PEM; default: $LMESH_CLIENT_KEY)")
     chat.set_defaults(func=_chat)
+
+    tools = sub.add_parser("tools", help="the mesh tools Consul lists (services tagged lmesh-tool), or let the gateway "
+                                         "call a team's tool provider")
+    tools.add_argument("action", nargs="?", choices=("list", "allow"), default="list",
+                       help="list (default): every tool with a passing provider; allow: a Consul intention letting "
+                            "lmesh-gateway call PROVIDER (lmesh denies calls to services by default)")
+    tools.add_argument("provider", nargs="?", default="", help="with allow: the provider's Consul service name")
+    tools.set_defaults(func=_tools)
 
     intentions = sub.add_parser("intentions", help="the Consul intentions the mesh needs: show them, or apply them")
     intentions.add_argument("action", nargs="?", choices=("show", "apply"), default="show",

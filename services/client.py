@@ -118,21 +118,44 @@ async def chat(gateway: str, api_key: str, start: gateway_pb2.ChatStart, timeout
             yield response
 
 
+def tool_step_line(step: gateway_pb2.ToolStep) -> str:
+    """One step of a chat's tool plan, for a terminal: `→` a call sent, `←` its result, `✗` its failure."""
+    head = f"  [{step.call}] {step.tool}"
+    if step.state == gateway_pb2.ToolStep.STATE_STARTED:
+        return f"→{head} {step.arguments_json}"
+    if step.state == gateway_pb2.ToolStep.STATE_SUCCEEDED:
+        return f"←{head} {step.latency_ms} ms: {step.result_json}"
+    return f"✗{head} {step.latency_ms} ms: {step.error_code}: {step.error_message}"
+
+
+def tool_use(spec: str) -> gateway_pb2.ToolUse | None:
+    """`--tools`: `auto`, or tool names separated by commas; empty: none."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        return None
+    return gateway_pb2.ToolUse(auto=True) if names == ["auto"] else gateway_pb2.ToolUse(names=names)
+
+
 async def stream_chat_to_terminal(gateway: str, api_key: str, messages: list[tuple[str, str]], *,
                                   model: str = "", max_tokens: int = 256, temperature: float = 0.0,
                                   logprobs: int | None = None, sampling: Mapping[str, Any] | None = None,
-                                  tls: GatewayTls | None = None) -> str:
+                                  tls: GatewayTls | None = None, tools: gateway_pb2.ToolUse | None = None) -> str:
     """Prints the answer as it streams; returns it.
 
     With `logprobs` (the number of alternatives, 0 to 20) a table follows: one line per token, its logprob
-    and the most likely alternatives.
+    and the most likely alternatives. With `tools`, each step of the tool plan is shown on stderr as it happens
+    (stdout holds the answer alone).
     """
     start = gateway_pb2.ChatStart(model=model, max_tokens=max_tokens, temperature=temperature,
                                   messages=[gateway_pb2.Message(role=r, content=c) for r, c in messages],
-                                  logprobs=logprobs is not None, top_logprobs=logprobs or 0, **(sampling or {}))
+                                  logprobs=logprobs is not None, top_logprobs=logprobs or 0, tools=tools,
+                                  **(sampling or {}))
     pieces: list[str] = []
     entries: list[generation_pb2.TokenLogprob] = []
     async for response in chat(gateway, api_key, start, tls=tls):
+        if response.HasField("tool_step"):
+            sys.stderr.write(tool_step_line(response.tool_step) + "\n")
+            sys.stderr.flush()
         entries.extend(response.logprobs)
         if response.delta:
             pieces.append(response.delta)

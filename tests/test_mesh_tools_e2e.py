@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +18,12 @@ from typing import Any
 
 import grpc
 import jsonschema
+import numpy as np
 import openai
 import pytest
 import pytest_asyncio
 from lmesh.common.v1 import generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from lmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from opentelemetry import trace
@@ -321,3 +326,40 @@ async def test_client_side_function_calls_come_back_as_tool_calls(tool_mesh: Too
     calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or []) if chunk.choices]
     assert calls and calls[0].function and calls[0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_clients_embed_through_the_gateway_on_grpc_and_http(tool_mesh: ToolMesh) -> None:
+    async with grpc.aio.insecure_channel(tool_mesh.gateway_target) as channel:
+        answer = await tool_mesh.gateway(channel).Embed(
+            embeddings_pb2.EmbedRequest(inputs=["a cat sat on the mat", "a kitten rested on the rug", "tax law"]),
+            metadata=[("authorization", f"Bearer {tool_mesh.no_tools}")], timeout=30)
+        vectors = np.asarray([e.values for e in answer.embeddings])
+        assert vectors.shape == (3, answer.dimensions) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+        assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await tool_mesh.gateway(channel).Embed(embeddings_pb2.EmbedRequest(inputs=["x"]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    client = openai.AsyncOpenAI(base_url=f"{tool_mesh.http_base}/v1", api_key=tool_mesh.no_tools)
+    http = await client.embeddings.create(model=answer.model, input=["a cat sat on the mat"])
+    assert np.allclose(http.data[0].embedding, vectors[0], atol=1e-5)
+    with pytest.raises(openai.NotFoundError):
+        await client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_the_cli_shows_each_tool_step_and_the_answer(tool_mesh: ToolMesh) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "chat", "--tools", "calculator", "--max-tokens", "32",
+         "--gateway", tool_mesh.gateway_target, "--key", tool_mesh.all_tools, "What is 17 * 23?"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "CONSUL_HTTP_ADDR": tool_mesh.consul_addr})
+    assert done.returncode == 0, done.stderr
+    assert "→  [1] calculator" in done.stderr and '"value": "391"' in done.stderr
+    assert "391" in done.stdout and "calculator" not in done.stdout.splitlines()[0]
+
+
+def test_the_cli_lists_the_mesh_tools(tool_mesh: ToolMesh) -> None:
+    done = subprocess.run([sys.executable, "-m", "services.cli", "tools"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CONSUL_HTTP_ADDR": tool_mesh.consul_addr})
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:3] for line in done.stdout.splitlines()[1:]}
+    assert rows["calculator"] == ["lmesh-tools", "lmesh.tools.v1.Calculator/Evaluate"]
+    assert {"convert_units", "city_distance", "search_people"} <= set(rows)

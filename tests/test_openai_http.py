@@ -6,6 +6,7 @@ live mesh with the real model."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import numpy as np
 import openai
 import pytest
 import pytest_asyncio
@@ -21,6 +23,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lmesh.common.v1 import generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.policy.v1 import policy_pb2
 from lmesh.registry.v1 import registry_pb2
 from opentelemetry import trace
@@ -131,6 +134,19 @@ class FakeChat:
     async def list_models(self, credential: Credential) -> list[registry_pb2.ModelVersion]:
         await self.authenticate(credential)
         return [VERSION]
+
+    async def embed(self, credential: Credential, request: embeddings_pb2.EmbedRequest,
+                    ) -> embeddings_pb2.EmbedResponse:
+        await self.authenticate(credential)
+        if request.model not in ("", "mini"):
+            raise NotFound(f"model {request.model!r} is not served here")
+        return embeddings_pb2.EmbedResponse(
+            embeddings=[embeddings_pb2.Embedding(index=i, values=[0.6, 0.8 if len(text) % 2 else -0.8],
+                                                 token_count=len(text.split()) + 2)
+                        for i, text in enumerate(request.inputs)],
+            model="mini", dimensions=2, usage=embeddings_pb2.EmbedUsage(
+                prompt_tokens=sum(len(t.split()) + 2 for t in request.inputs),
+                total_tokens=sum(len(t.split()) + 2 for t in request.inputs)))
 
     async def served_models(self) -> set[str]:
         return {"tiny:1"}
@@ -271,6 +287,24 @@ async def test_the_sdk_lists_and_retrieves_the_models_the_key_may_use(served: Se
         assert caught.value.code == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         await served.sdk("lmk_bad").models.retrieve("default")  # the key first: no probing for models
+
+
+async def test_the_sdk_embeds_as_floats_and_as_base64(served: Served) -> None:
+    client = served.sdk()
+    answer = await client.embeddings.create(model="mini", input=["one two", "three"])
+    assert [(e.index, e.embedding) for e in answer.data] == [(0, pytest.approx([0.6, 0.8])),
+                                                             (1, pytest.approx([0.6, 0.8]))]
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens == 7
+    # The SDK asks for base64 by default when numpy is there and decodes it: the same floats.
+    raw = await post(served, "/v1/embeddings", {"input": "one", "encoding_format": "base64"})
+    vector = np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vector.tolist() == pytest.approx([0.6, 0.8])
+    for body, param in (({"input": []}, "input"), ({"input": [1, 2]}, "input[0]"), ({}, "input"),
+                        ({"input": "x", "dimensions": 12}, "dimensions")):
+        error = assert_openai_error(await post(served, "/v1/embeddings", body), 400)
+        assert error["param"] == param
+    assert_openai_error(await post(served, "/v1/embeddings", {"input": "x", "model": "ada"}), 404)
+    assert_openai_error(await post(served, "/v1/embeddings", {"input": "x"}, key="lmk_bad"), 401)
 
 
 async def test_the_sdk_chats_whole_and_streamed_with_the_same_answer_and_usage(served: Served) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 from lmesh.common.v1 import generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.inference.v1 import inference_pb2
 from lmesh.inference.v1.inference_pb2_grpc import InferenceStub
 from lmesh.policy.v1 import policy_pb2
@@ -238,7 +239,8 @@ class ChatService:
         from services.gateway.tool_catalog import ToolCatalog
         from services.gateway.tool_retrieval import ToolIndex, embeddings_of
 
-        self.mesh_tools = MeshTools(ToolCatalog(mesh), ToolIndex(embeddings_of(mesh.peer(EMBEDDINGS))), tracer)
+        self._embeddings = mesh.peer(EMBEDDINGS)
+        self.mesh_tools = MeshTools(ToolCatalog(mesh), ToolIndex(embeddings_of(self._embeddings)), tracer)
 
     async def close(self) -> None:
         """At the gateway's stop: the settles of the last chats go out, and the rules' stream ends."""
@@ -252,6 +254,12 @@ class ChatService:
         response = await self._policy.call(lambda p: p.Authenticate,
                                            policy_pb2.AuthenticateRequest(**credential_fields(credential)), timeout=10)
         return response.principal
+
+    async def embed(self, credential: Credential | str, request: embeddings_pb2.EmbedRequest,
+                    ) -> embeddings_pb2.EmbedResponse:
+        """lmesh-embeddings' answer for any valid key (its own errors are relayed as they came)."""
+        await self.authenticate(credential)
+        return await self._embeddings.call(lambda stub: stub.Embed, request, timeout=30)
 
     async def list_models(self, credential: Credential | str) -> list[registry_pb2.ModelVersion]:
         principal = await self.authenticate(credential)

@@ -54,6 +54,8 @@ from services.gateway.openai_api import (
     chat_request,
     completion_request,
     dumps,
+    embeddings_json,
+    embeddings_request,
     http_error,
     model_json,
     openapi_document,
@@ -73,8 +75,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CHAT, COMPLETIONS, MODELS, MODEL = "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}"
-OPENAPI = "/openapi.json"
-ROUTES = {CHAT: "POST", COMPLETIONS: "POST", MODELS: "GET", OPENAPI: "GET"}
+EMBEDDINGS, OPENAPI = "/v1/embeddings", "/openapi.json"
+ROUTES = {CHAT: "POST", COMPLETIONS: "POST", EMBEDDINGS: "POST", MODELS: "GET", OPENAPI: "GET"}
 MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
 JSON = (b"content-type", b"application/json")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -306,6 +308,10 @@ class OpenAIApp:
                     await respond.json(200, await self._list_models(credential()))
                 elif route == MODEL:
                     await respond.json(200, await self._retrieve_model(credential(), model))
+                elif route == EMBEDDINGS:
+                    asked, base64_vectors = embeddings_request(parse_body(body))
+                    await respond.json(200, embeddings_json(await self._chat.embed(credential(), asked),
+                                                            base64_vectors))
                 else:
                     def checked() -> ApiRequest:
                         parsed = parse_body(body)

@@ -13,6 +13,7 @@ Per token the work is small: a chunk is the bytes of a template made once per ch
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from lmesh.common.v1 import generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.registry.v1 import registry_pb2
 from opentelemetry import trace
 
@@ -207,6 +210,27 @@ CHAT_REQUEST: dict[str, Any] = {
          "then": {"properties": {"response_format": {"type": "object", "required": ["json_schema"]}},
                   "x-lmesh-field": "response_format.json_schema",
                   "x-lmesh-invalid": "is required with type json_schema"}}],
+}
+MAX_EMBED_INPUTS, MAX_EMBED_CHARS = 256, 100_000  # lmesh-embeddings' bounds
+EMBED_TEXT = {"type": "string", "maxLength": MAX_EMBED_CHARS}
+EMBEDDINGS_REQUEST: dict[str, Any] = {
+    "type": "object", "required": ["input"],
+    "description": "OpenAI's embeddings request, answered by lmesh-embeddings (all-MiniLM-L6-v2: 384 dimensions, "
+                   "unit length); fields not listed are ignored.",
+    "properties": {
+        "input": {"anyOf": [EMBED_TEXT, {"type": "array", "minItems": 1, "maxItems": MAX_EMBED_INPUTS,
+                                         "items": EMBED_TEXT}],
+                  "x-lmesh-invalid": f"must be a string or an array of 1 to {MAX_EMBED_INPUTS} strings (token ids "
+                                     "are not supported)",
+                  "description": "Each text is truncated to the model's 256 wordpieces."},
+        "model": {"type": "string", "maxLength": 128,
+                  "description": "The embedding model's name (`all-minilm-l6-v2`); left out or empty: the one "
+                                 "served."},
+        "encoding_format": _nullable({"type": "string", "enum": ["float", "base64"]}),
+        "dimensions": _nullable(_unsupported({"type": "integer", "minimum": 384, "maximum": 384},
+                                             "only the model's own 384 dimensions are supported")),
+        "user": _nullable({"type": "string", "maxLength": MAX_USER_CHARS}),
+    },
 }
 COMPLETION_REQUEST: dict[str, Any] = {
     "type": "object", "required": ["prompt"],
@@ -516,6 +540,27 @@ def completion_request(body: dict[str, Any]) -> ApiRequest:
                         **_sampling(body, _get(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)))
     return ApiRequest(params, **_streaming(body), completion=True,
                       names={"messages": "prompt", "top_logprobs": "logprobs"})
+
+
+def embeddings_request(body: dict[str, Any]) -> tuple[embeddings_pb2.EmbedRequest, bool]:
+    """POST /v1/embeddings: lmesh-embeddings' request, and whether the vectors go as base64."""
+    check(body, EMBEDDINGS_REQUEST)
+    given = body["input"]
+    texts = [given] if isinstance(given, str) else list(given)
+    return (embeddings_pb2.EmbedRequest(inputs=texts, model=body.get("model") or ""),
+            body.get("encoding_format") == "base64")
+
+
+def embeddings_json(response: embeddings_pb2.EmbedResponse, base64_vectors: bool) -> bytes:
+    """OpenAI's embeddings answer; base64: each vector's float32 values, little-endian, as OpenAI sends them."""
+    data = []
+    for embedding in response.embeddings:
+        values = np.asarray(embedding.values, dtype="<f4")
+        vector: Any = base64.b64encode(values.tobytes()).decode() if base64_vectors else values.tolist()
+        data.append({"object": "embedding", "index": embedding.index, "embedding": vector})
+    return dumps({"object": "list", "data": data, "model": response.model,
+                  "usage": {"prompt_tokens": response.usage.prompt_tokens,
+                            "total_tokens": response.usage.total_tokens}})
 
 
 # ---- answers ---------------------------------------------------------------------------------------------------
@@ -860,6 +905,13 @@ MODEL_OBJECT = {"type": "object", "required": ["id", "object", "created", "owned
     "owned_by": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
     "context_length": {"type": "integer"},
     "served": {"type": "boolean", "description": "Whether a passing inference replica serves it now."}}}
+EMBEDDING_LIST = {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+    "object": {"const": "list"}, "model": {"type": "string"},
+    "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"], "properties": {
+        "object": {"const": "embedding"}, "index": {"type": "integer"},
+        "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}}}},
+    "usage": {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+        "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}}
 MODEL_LIST = {"type": "object", "required": ["object", "data"], "properties": {
     "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": MODEL_OBJECT}}}
 # One Server-Sent Event (OpenAPI 3.1 describes a text/event-stream by its events).
@@ -927,6 +979,12 @@ def openapi_document() -> dict[str, Any]:
                                       "headers": CACHE_RESULT,
                                       "content": {"application/json": {"schema": COMPLETION}, **SSE}},
                               **post_errors}}},
+            "/v1/embeddings": {"post": {
+                "operationId": "createEmbedding", "security": secured,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": EMBEDDINGS_REQUEST}}},
+                "responses": {"200": {"description": "One unit-length vector per input, in order.",
+                                      "content": {"application/json": {"schema": EMBEDDING_LIST}}},
+                              **_errors(400, 401, 404, 413, 429, 500, 503, 504)}}},
             "/v1/models": {"get": {
                 "operationId": "listModels", "security": secured,
                 "responses": {"200": {"description": "The model versions the key may use.",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from lmesh.common.v1 import generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
@@ -151,6 +152,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    async def Embed(self, request: embeddings_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> embeddings_pb2.EmbedResponse:
+        credential = caller_credential(context)
+        trace.get_current_span().set_attribute("lmesh.credential", credential.kind)
+        return await self._chat.embed(credential, request)
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:

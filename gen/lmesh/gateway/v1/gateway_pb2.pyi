@@ -1,4 +1,5 @@
 from lmesh.common.v1 import generation_pb2 as _generation_pb2
+from lmesh.embeddings.v1 import embeddings_pb2 as _embeddings_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

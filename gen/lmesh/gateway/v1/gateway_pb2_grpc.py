@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from lmesh.embeddings.v1 import embeddings_pb2 as lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2
 from lmesh.gateway.v1 import gateway_pb2 as lmesh_dot_gateway_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -46,6 +47,11 @@ class GatewayStub:
                 '/lmesh.gateway.v1.Gateway/ListModels',
                 request_serializer=lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/lmesh.gateway.v1.Gateway/Embed',
+                request_serializer=lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedResponse.FromString,
                 _registered_method=True)
 
 
@@ -105,6 +111,19 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with the mesh's sentence-embedding model (lmesh-embeddings: unit-length vectors, so cosine
+        similarity is their dot product); the request and response are lmesh-embeddings' own (see
+        lmesh/embeddings/v1/embeddings.proto: 1 to 256 inputs, each truncated to the model's input limit and marked
+        `truncated`). Any valid key may embed. Errors: UNAUTHENTICATED (as for Chat), INVALID_ARGUMENT (`inputs`
+        empty or over 256, `inputs[i]` over 100,000 characters), NOT_FOUND (`model` set to another model than the
+        one served), RESOURCE_EXHAUSTED (the embedding service's queue is full; retry after `retry-after-ms`),
+        UNAVAILABLE (no embedding service passes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +136,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedRequest.FromString,
+                    response_serializer=lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +200,33 @@ class Gateway:
             '/lmesh.gateway.v1.Gateway/ListModels',
             lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             lmesh_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.gateway.v1.Gateway/Embed',
+            lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedRequest.SerializeToString,
+            lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
