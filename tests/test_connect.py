@@ -332,13 +332,15 @@ async def test_health_port_serves_health_but_refuses_the_api(
 def test_default_intentions_are_the_request_path() -> None:
     intentions = default_intentions()
     # Deny by default for lmesh's own services only: others sharing the cluster keep their intentions.
-    assert intentions[-4:] == [Intention("*", destination, "deny") for destination in
-                               ("lmesh-inference", "lmesh-policy", "lmesh-registry", "lmesh-tokenizer")]
+    assert intentions[-6:] == [Intention("*", destination, "deny") for destination in
+                               ("lmesh-embeddings", "lmesh-inference", "lmesh-policy", "lmesh-registry",
+                                "lmesh-tokenizer", "lmesh-tools")]
     allows = {(i.source, i.destination) for i in intentions if i.action == "allow"}
     assert allows == {
         ("lmesh-gateway", "lmesh-policy"), ("lmesh-gateway", "lmesh-registry"), ("lmesh-gateway", "lmesh-tokenizer"),
-        ("lmesh-gateway", "lmesh-inference"), ("lmesh-inference", "lmesh-registry"),
-        ("lmesh-tokenizer", "lmesh-registry"), ("lmesh-operator", "lmesh-policy"), ("lmesh-operator", "lmesh-registry"),
+        ("lmesh-gateway", "lmesh-inference"), ("lmesh-gateway", "lmesh-tools"), ("lmesh-gateway", "lmesh-embeddings"),
+        ("lmesh-inference", "lmesh-registry"), ("lmesh-tokenizer", "lmesh-registry"), ("lmesh-operator", "lmesh-policy"),
+        ("lmesh-operator", "lmesh-registry"),
     }
 
 
