@@ -339,8 +339,8 @@ def test_default_intentions_are_the_request_path() -> None:
     assert allows == {
         ("lmesh-gateway", "lmesh-policy"), ("lmesh-gateway", "lmesh-registry"), ("lmesh-gateway", "lmesh-tokenizer"),
         ("lmesh-gateway", "lmesh-inference"), ("lmesh-gateway", "lmesh-tools"), ("lmesh-gateway", "lmesh-embeddings"),
-        ("lmesh-inference", "lmesh-registry"), ("lmesh-tokenizer", "lmesh-registry"), ("lmesh-operator", "lmesh-policy"),
-        ("lmesh-operator", "lmesh-registry"),
+        ("lmesh-inference", "lmesh-registry"), ("lmesh-tokenizer", "lmesh-registry"),
+        ("lmesh-operator", "lmesh-policy"), ("lmesh-operator", "lmesh-registry"),
     }
 
 

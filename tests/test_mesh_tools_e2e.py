@@ -95,7 +95,7 @@ class ToolMesh:
     no_tools: str
     gateway_target: str
     http_base: str
-    team: RunningService | None = None
+    otlp: OtlpReceiver | None = None
 
     def gateway(self, channel: grpc.aio.Channel) -> gateway_pb2_grpc.GatewayStub:
         return gateway_pb2_grpc.GatewayStub(channel)
@@ -120,7 +120,7 @@ async def tool_mesh(consul_agent: ConsulAgent, built_model: Path, tmp_path_facto
             await procs.wait_passing(mesh, service, model="smollm2-135m-instruct:1" if service == "inference" else "")
         gateway = await mesh.resolver("lmesh-gateway").wait_for()
         yield ToolMesh(procs, mesh, consul_agent.http_addr, *keys, gateway.target,
-                       f"http://127.0.0.1:{gateway.meta['http_port']}")
+                       f"http://127.0.0.1:{gateway.meta['http_port']}", otlp)
     finally:
         await mesh.close()
         await procs.stop_all()
@@ -165,6 +165,18 @@ async def test_a_named_tool_is_called_with_arguments_valid_against_its_reflected
     assert "391" in "".join(r.delta for r in responses)
     # The plan's tokens are in the usage: more than the answer alone.
     assert last.usage.prompt_tokens > 200
+    # The call is a span of the chat's trace, under the plan's and the chat's.
+    assert tool_mesh.otlp is not None
+    def chat_trace(spans: list[Any]) -> list[Any]:
+        root = [s for s in spans if s.attributes.get("gen_ai.response.id") == last.id and s.service == "lmesh-gateway"]
+        return [s for s in spans if root and s.trace_id == root[0].trace_id]
+
+    spans = chat_trace(await tool_mesh.otlp.wait_for(lambda spans: {
+        "execute_tool calculator", "plan_tools"} <= {s.name for s in chat_trace(spans)} and any(
+        s.service == "lmesh-tools" for s in chat_trace(spans)), timeout=30))
+    call = next(s for s in spans if s.name == "execute_tool calculator")
+    assert call.attributes["gen_ai.tool.name"] == "calculator" and call.attributes["gen_ai.tool.call.id"] == "call_1"
+    assert any(s.parent_span_id == call.span_id and s.service == "lmesh-tools" for s in spans)  # the tool's own
 
 
 async def test_retrieval_finds_a_tool_registered_in_consul_and_forgets_it_when_it_leaves(tool_mesh: ToolMesh,
