@@ -23,7 +23,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import grpc
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 SEED = 20260518
@@ -165,12 +164,12 @@ def plot(table: dict[str, dict[int, dict[str, float]]], path: Path) -> None:
 
 async def run(model_dir: Path, per_size: int, concurrency: int) -> dict[str, Any]:
     from bench.full_mesh import full_mesh
+    from services.common.peers import public_gateway
 
     asked = questions(per_size)
     with tempfile.TemporaryDirectory(prefix="lmesh-calculator-") as work:
         async with full_mesh(model_dir, Path(work)) as mesh:
-            async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
-                stub = gateway_pb2_grpc.GatewayStub(channel)
+            async with public_gateway(mesh.grpc_target) as stub:
                 gate = asyncio.Semaphore(concurrency)
 
                 async def one(question: Question, with_tools: bool) -> dict[str, Any]:

@@ -651,7 +651,7 @@ async def test_reflection_describes_the_public_api_without_proto_files(live: Liv
     assert "lmesh/common/v1/generation.proto" in {f.name for f in files}
     response = next(m for m in gateway.message_type if m.name == "ChatResponse")
     assert {f.name: f.type_name for f in response.field}["finish_reason"] == ".lmesh.common.v1.FinishReason"
-    assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels"]
+    assert [m.name for m in gateway.service[0].method] == ["Chat", "ListModels", "Embed"]
     start = next(m for m in gateway.message_type if m.name == "ChatStart")
     assert {"model", "messages", "max_tokens", "logprobs", "top_logprobs"} <= {f.name for f in start.field}
     # Every listed service can be described (`buf curl --list-methods` and `grpcurl describe` ask for each).

@@ -60,7 +60,8 @@ async def test_the_gateway_advertises_its_http_api_in_consul(live: LiveMesh) -> 
     assert meta["http_port"].isdigit() and meta["http_port"] != str(nodes[0]["Service"]["Port"])
     async with httpx2.AsyncClient(base_url=await http_base(live), timeout=10) as client:
         document = (await client.get("/openapi.json")).json()
-    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}",
+    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+                                      "/v1/models/{model}",
                                       "/openapi.json"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from services.gateway.tool_graph import (
     GraphOutcome,
     PlanError,
     UnresolvedReference,
+    complete_calls,
     parse_plan,
     resolve,
     run_graph,
@@ -130,6 +132,13 @@ async def test_a_call_written_twice_runs_once_and_references_to_it_name_the_firs
     assert [(c.number, c.arguments) for c in calls] == [(1, {"a": 1, "b": 2}), (3, {"a": "$1.value", "b": 10})]
     _, outcome = await run(plan, arithmetic)
     assert sorted(outcome.finished) == [1, 3] and outcome.finished[3].result == {"value": 13}
+
+
+def test_a_plan_cut_short_keeps_the_calls_it_finished() -> None:
+    text = '{"calls": [{"tool": "a", "arguments": {"x": 1}}, {"tool": "b", "arguments": {"s": "never clo'
+    assert json.loads(complete_calls(text) or "") == {"calls": [{"tool": "a", "arguments": {"x": 1}}]}
+    assert complete_calls('{"calls": [{"tool": "a", "arguments": {"s": "}}}') is None
+    assert complete_calls("") is None
 
 
 def test_resolve_paths_into_lists() -> None:

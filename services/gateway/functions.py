@@ -26,7 +26,7 @@ from lmesh.common.v1 import generation_pb2
 
 from services.common.errors import InvalidArgument, NotFound
 from services.gateway.tool_graph import plan_repeats_itself
-from services.gateway.tool_schema import compact
+from services.gateway.tool_schema import BOUNDED_WHITESPACE, compact
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_FUNCTIONS = 32
@@ -98,7 +98,7 @@ class FunctionCalling:
         item = options[0] if len(options) == 1 else {"anyOf": options}
         return {"type": "object", "properties": {"calls": {"type": "array", "items": item, "minItems": 1,
                                                            "maxItems": MAX_PARALLEL_CALLS if self.parallel else 1}},
-                "required": ["calls"], "additionalProperties": False}
+                "required": ["calls"], "additionalProperties": False, "x-guidance": BOUNDED_WHITESPACE}
 
     def constraint(self, answer_schema: str | None = None) -> generation_pb2.OutputConstraint:
         """What the output must match: a plan; with `auto`, a plan or an answer (any text that does not begin with

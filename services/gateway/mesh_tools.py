@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import re
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
@@ -33,18 +34,20 @@ from services.gateway.tool_graph import (
     GraphEvent,
     GraphOutcome,
     PlanError,
+    complete_calls,
     parse_plan,
     plan_repeats_itself,
     run_graph,
 )
 from services.gateway.tool_retrieval import ToolIndex
-from services.gateway.tool_schema import compact
+from services.gateway.tool_schema import BOUNDED_WHITESPACE, compact
 
 if TYPE_CHECKING:
     from services.gateway.chat import ChatParams, ChatService
     from services.gateway.credentials import Credential
     from services.gateway.screen import Screening
 
+log = logging.getLogger("lmesh.gateway.tools")
 TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 MAX_NAMED_TOOLS = 16
 DEFAULT_MAX_CALLS, MAX_CALLS = 4, 16
@@ -139,8 +142,8 @@ def plan_schema(tools: list[tuple[Tool, dict[str, Any]]], max_calls: int) -> dic
         calls["items"] = call(True)
     else:
         calls["items"] = False
-    # JSON's whitespace stays the model's choice: held to one line, SmolLM2 writes empty strings.
-    return {"type": "object", "properties": {"calls": calls}, "required": ["calls"], "additionalProperties": False}
+    return {"type": "object", "properties": {"calls": calls}, "required": ["calls"], "additionalProperties": False,
+            "x-guidance": BOUNDED_WHITESPACE}
 
 
 def plan_instructions(tools: list[tuple[Tool, dict[str, Any]]]) -> str:
@@ -270,10 +273,15 @@ class MeshTools:
         try:
             calls = parse_plan(text, request.calls_allowed)
         except PlanError as exc:
-            # Only a plan cut by max_tokens gets here: the model answers without results.
-            trace.get_current_span().add_event("tool_plan_unusable", {"error.type": str(exc)[:200]})
-            result.params = answer_params
-            return
+            # Only a plan cut by its token bound gets here: the calls it finished still run; with none, the model
+            # answers without results.
+            finished = complete_calls(text)
+            if finished is None:
+                log.info("tool plan of %s unusable (%s): answering without tools", completion_id, exc)
+                trace.get_current_span().add_event("tool_plan_unusable", {"error.type": str(exc)[:200]})
+                result.params = answer_params
+                return
+            calls = parse_plan(finished, request.calls_allowed)
         by_name = {tool.name: tool for tool, _ in described}
 
         async def invoke(name: str, arguments: dict[str, Any]) -> dict[str, Any] | ToolFailure:

@@ -139,6 +139,20 @@ def plan_repeats_itself(text: str) -> str | None:
     return json.dumps({"calls": calls[:-1]}, ensure_ascii=False)
 
 
+def complete_calls(text: str) -> str | None:
+    """The calls a plan cut short (by its token bound) had finished, as a whole plan; None when it finished none."""
+    end = len(text)
+    while (end := text.rfind("}", 0, end)) > 0:
+        try:
+            plan = json.loads(text[:end + 1] + "]}")
+        except json.JSONDecodeError:
+            continue
+        calls = plan.get("calls") if isinstance(plan, dict) else None
+        if isinstance(calls, list) and calls and all(isinstance(c, dict) for c in calls):
+            return json.dumps({"calls": calls}, ensure_ascii=False)
+    return None
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]

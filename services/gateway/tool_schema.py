@@ -207,6 +207,12 @@ async def describe_method(channel: grpc.aio.Channel, method_path: str, timeout: 
                       message_factory.GetMessageClass(method.output_type))
 
 
+# llguidance's keyword for the whitespace JSON may have between its tokens: one space, or one line break and an
+# indent. SmolLM2 writes JSON indented (held to one line it writes empty strings), but left free it may also
+# fill a plan's whole token bound with line breaks.
+BOUNDED_WHITESPACE = {"whitespace_pattern": "( |\\n {0,8})?"}
+
+
 def compact(schema: dict[str, Any]) -> str:
     """A schema as one line of JSON (the form prompts and constraints carry)."""
     return json.dumps(schema, separators=(",", ":"))  # in field order: the order the model writes them in
