@@ -275,13 +275,13 @@ class MeshTools:
         except PlanError as exc:
             # Only a plan cut by its token bound gets here: the calls it finished still run; with none, the model
             # answers without results.
-            finished = complete_calls(text)
-            if finished is None:
+            whole = complete_calls(text)
+            if whole is None:
                 log.info("tool plan of %s unusable (%s): answering without tools", completion_id, exc)
                 trace.get_current_span().add_event("tool_plan_unusable", {"error.type": str(exc)[:200]})
                 result.params = answer_params
                 return
-            calls = parse_plan(finished, request.calls_allowed)
+            calls = parse_plan(whole, request.calls_allowed)
         by_name = {tool.name: tool for tool, _ in described}
 
         async def invoke(name: str, arguments: dict[str, Any]) -> dict[str, Any] | ToolFailure:
