@@ -85,7 +85,10 @@ class Encoder:
 
         self.template = compile_chat_template(manifest.chat_template)
         self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path(base_dir)))
-        self.im_end = self.tokenizer.token_to_id(IM_END)
+        im_end = self.tokenizer.token_to_id(IM_END)
+        if im_end is None:
+            raise ConversionError(f"the tokenizer has no {IM_END} token: not a SmolLM2 build")
+        self.im_end: int = im_end
 
     def prompt_ids(self, messages: list[tuple[str, str]]) -> list[int]:
         text = self.template.render(messages=[{"role": r, "content": c} for r, c in messages],
@@ -292,9 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps of {BATCH} examples")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate")
     parser.add_argument("--force", action="store_true", help="rebuild even if the same build is cached")
+    parser.add_argument("--check", action="store_true", help="exit 0 if the build is cached, 1 if not (no torch)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.check:
+        try:
+            base = ModelManifest.load(args.base)
+        except ManifestError:
+            return 1
+        return 0 if cached_tuned(args.out, source_record(base, args.steps, args.lr)) is not None else 1
     try:
         build_tuned(args.base, args.out, steps=args.steps, lr=args.lr, force=args.force)
     except ConversionError as exc:

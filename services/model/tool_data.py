@@ -15,14 +15,13 @@ one of the bench's.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format, message
 from lmesh.tools.v1 import tools_pb2
@@ -31,7 +30,7 @@ from services.common.errors import LmeshError
 from services.gateway.mesh_tools import DEFAULT_MAX_CALLS, plan_instructions, plan_schema, results_message
 from services.gateway.tool_catalog import Tool, ToolFailure
 from services.gateway.tool_graph import CallFinished
-from services.gateway.tool_schema import message_schema
+from services.gateway.tool_schema import ToolMethod, message_schema
 from services.tools import servicer as tool_servicers
 from services.tools.catalog import TOOLS
 from services.tools.directory import DirectoryStore
@@ -94,11 +93,21 @@ def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any] | ToolFail
         servicer = getattr(tool_servicers, f"{service}Servicer")()
     request = json_format.ParseDict(arguments, _REQUESTS[name]())
     try:
-        response = asyncio.run(getattr(servicer, entry.method)(request, None))
+        response = _finish(getattr(servicer, entry.method)(request, None))
     except LmeshError as exc:  # what the common interceptor sends and the catalog turns into a ToolFailure
         return ToolFailure(exc.code.name, exc.message)
-    return json_format.MessageToDict(response, always_print_fields_with_no_presence=True,
-                                     preserving_proto_field_name=True)
+    return ToolMethod.result_to_json(response)
+
+
+def _finish(call: Coroutine[Any, Any, message.Message]) -> message.Message:
+    """The result of a servicer method that never waits (the shipped tools compute in place): run without an event
+    loop, so the data build works inside one too."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return cast(message.Message, done.value)
+    call.close()
+    raise RuntimeError("a tool servicer waited on something; the data build runs them without an event loop")
 
 
 def plan_text(tool: str, arguments: dict[str, Any]) -> str:
