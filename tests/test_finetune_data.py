@@ -23,7 +23,7 @@ from services.gateway.tool_catalog import ToolFailure
 from services.gateway.tool_graph import CallFinished, parse_plan
 from services.gateway.tool_schema import describe_method
 from services.model import finetune, tool_data
-from services.model.manifest import ModelManifest, ModelSource
+from services.model.manifest import ModelManifest
 from services.tools import servicer as tool_servicers
 from services.tools.calculator import evaluate
 from services.tools.catalog import TOOLS
@@ -177,7 +177,10 @@ def test_a_finished_build_is_found_by_its_recipe(built_model: Path, tmp_path: Pa
     for name in ("model.onnx", "tokenizer.json"):
         (tmp_path / name).write_bytes(b"x")
     dataclasses.replace(base, name=finetune.MODEL_NAME, version="1",
-                        source=ModelSource(record, finetune.recipe_sha(record))).save(tmp_path)
+                        source=finetune.tuned_source(base, record)).save(tmp_path)
+    source = json.loads((tmp_path / "lmesh_model.json").read_text())["source"]
+    assert len(json.dumps(source, sort_keys=True)) <= 256  # the registry's label limit
+    assert base.source.sha256[:16] in source["file"] and "steps=80" in source["file"]
     assert finetune.cached_tuned(tmp_path, record) is not None
     assert finetune.cached_tuned(tmp_path, finetune.source_record(base, 81, 1e-4)) is None
     assert finetune.main(["--base", str(built_model), "--out", str(tmp_path), "--steps", "80", "--lr", "1e-4",

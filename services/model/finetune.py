@@ -45,6 +45,7 @@ DISTIL_TOKENS = 64
 DISTIL_PROMPTS = 40
 IM_END = "<|im_end|>"
 LOG_EVERY = 5
+RECIPE_FILE = "finetune_recipe.json"
 
 
 def source_record(base: ModelManifest, steps: int, lr: float) -> str:
@@ -57,6 +58,14 @@ def source_record(base: ModelManifest, steps: int, lr: float) -> str:
 
 def recipe_sha(record: str) -> str:
     return hashlib.sha256(record.encode()).hexdigest()
+
+
+def tuned_source(base: ModelManifest, record: str) -> ModelSource:
+    """The manifest's `source`: what it was built from in short (the registry keeps it as a label of at most 256
+    characters; the whole recipe is RECIPE_FILE), keyed by the recipe's hash."""
+    recipe = json.loads(record)
+    return ModelSource(file=f"{recipe['base']} base_sha256={base.source.sha256[:16]} data_seed={recipe['data_seed']} "
+                            f"steps={recipe['steps']} lr={recipe['lr']:g}", sha256=recipe_sha(record))
 
 
 def cached_tuned(out_dir: Path, record: str) -> ModelManifest | None:
@@ -250,7 +259,8 @@ def build_tuned(base_dir: Path, out_dir: Path, *, steps: int = DEFAULT_STEPS, lr
 
     manifest = dataclasses.replace(
         base, name=MODEL_NAME, version=MODEL_VERSION, model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE,
-        dtype="float32", source=ModelSource(file=record, sha256=recipe_sha(record)))
+        dtype="float32", source=tuned_source(base, record))
+    (out_dir / RECIPE_FILE).write_text(record + "\n")
     _export(model, base_dir, out_dir, manifest)
     first = sum(losses[:LOG_EVERY]) / max(1, len(losses[:LOG_EVERY]))
     last = sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:]))
