@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from services.embeddings.embedder import padded
 from services.embeddings.manifest import (
     CONVERTER_VERSION,
     MODEL_FILE,
@@ -147,17 +148,6 @@ def encode(tokenizer_file: Path, texts: Sequence[str]) -> list[list[int]]:
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     return [e.ids for e in tokenizer.encode_batch(list(texts))]
-
-
-def padded(batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), int64, right-padded with 0 ([PAD]) to the longest."""
-    width = max(len(ids) for ids in batch)
-    input_ids = np.zeros((len(batch), width), dtype=np.int64)
-    mask = np.zeros((len(batch), width), dtype=np.int64)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
 
 
 def sentence_encoder(model_dir: Path) -> Any:
