@@ -145,22 +145,29 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float
     return table
 
 
-def plot(table: dict[str, dict[int, dict[str, float]]], path: Path) -> None:
+def plot(results: list[Path], path: Path) -> None:
+    """Accuracy per operand count, alone and with the calculator, of every model whose results are given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 3.8))
-    for mode, label in (("alone", "model alone"), ("calculator", "model + calculator tool (lmesh)")):
-        sizes = sorted(table[mode])
-        axis.plot(sizes, [100 * table[mode][s]["accuracy"] for s in sizes], marker="o", label=label)
+    figure, axis = plt.subplots(figsize=(7.2, 4.2))
+    for result in results:
+        report = json.loads(result.read_text())
+        model = report.get("model", "default")
+        name = "SmolLM2-135M-Instruct" if model == "default" else model
+        for mode, style, label in (("alone", "--", "alone"), ("calculator", "-", "+ calculator tool")):
+            table = {int(size): row for size, row in report["table"][mode].items()}
+            sizes = sorted(table)
+            axis.plot(sizes, [100 * table[s]["accuracy"] for s in sizes], style, marker="o",
+                      label=f"{name} {label} (n={int(table[sizes[0]]['n'])}/size)")
     axis.set_xlabel("operands")
     axis.set_ylabel("answers right (%)")
     axis.set_ylim(-3, 103)
-    axis.set_title("SmolLM2-135M on arithmetic, with and without a mesh tool")
+    axis.set_title("Arithmetic through the lmesh mesh, with and without the calculator tool")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -209,10 +216,11 @@ def main() -> None:
     report = asyncio.run(run(args.model_dir, args.per_size, args.concurrency, args.model, extra))
     # Another model's run is written beside the default's, not over it.
     suffix = "" if args.model == "default" else f"-{name}"
-    results, plotted = (RESULTS.with_name(f"{RESULTS.stem}{suffix}.json"), PLOT.with_name(f"{PLOT.stem}{suffix}.png"))
+    results = RESULTS.with_name(f"{RESULTS.stem}{suffix}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=1, default=str))
-    plot(report["table"], plotted)
+    plotted = PLOT  # every model measured so far, in one figure
+    plot(sorted(RESULTS.parent.glob(f"{RESULTS.stem}*.json")), plotted)
     print(f"{'operands':>8} {'alone':>8} {'calculator':>11} {'p50 s alone':>12} {'p50 s tool':>11}")
     for size in SIZES:
         alone, tool = report["table"]["alone"].get(size), report["table"]["calculator"].get(size)
