@@ -53,6 +53,25 @@ async def wait_all_passing(mesh: Mesh, supervisor: Supervisor, timeout: float) -
     await supervisor.while_running(asyncio.gather(*(watch(s) for s in SERVICE_ORDER)))
 
 
+TOOLS_MODEL = "smollm2-135m-tools"
+
+
+def tools_model_dir(model_dir: Path) -> Path | None:
+    """The fine-tuned tool model (`make tools-model`) beside the base model's build, when it was built."""
+    candidate = model_dir.parent / TOOLS_MODEL
+    return candidate if (candidate / "lmesh_model.json").is_file() and (candidate / "model.onnx").is_file() else None
+
+
+async def ensure_tools_model(mesh: Mesh, model_dir: Path) -> None:
+    """Registers the tool model (no alias): a chat that uses mesh tools may ask for it by name."""
+    from services.registry.client import register_model_dir
+
+    try:
+        await register_model_dir(mesh.peer(REGISTRY), model_dir, aliases=())
+    except AlreadyExists:
+        pass  # registered by an earlier `make run`; the build is content-addressed
+
+
 async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
     from services.registry.client import register_model_dir
 
@@ -69,7 +88,8 @@ async def ensure_model(mesh: Mesh, model_dir: Path) -> str:
 
 
 async def ensure_dev_key(mesh: Mesh) -> str:
-    """The development key from .lmesh/dev-api-key if it still works, else a new one saved there."""
+    """The development key from .lmesh/dev-api-key if it still works, else a new one saved there (granted every
+    mesh tool)."""
     from lmesh.policy.v1 import policy_pb2
 
     from services.policy.client import create_key
@@ -84,7 +104,9 @@ async def ensure_dev_key(mesh: Mesh) -> str:
             return key
         except Exception:  # revoked or from another data dir: make a new one
             pass
-    created = await create_key(policy, "dev", display_name="make run development key")
+    # The development mesh's key may try every mesh tool (`lmesh chat --tools auto`); keys an operator creates get
+    # none unless granted.
+    created = await create_key(policy, "dev", display_name="make run development key", allowed_tools=["*"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(created.api_key + "\n")
     path.chmod(0o600)
@@ -133,12 +155,19 @@ async def bring_up(model_dir: Path, supervisor: Supervisor, consul_http: str, ad
     mesh = await open_mesh(consul_http, OPERATOR, admin_token=admin_token)
     try:
         gateway_port, http_port = dev_ports()
+        tools_model = tools_model_dir(model_dir)
+        arguments = {"gateway": ["--port", str(gateway_port), "--http-port", str(http_port)],
+                     # One replica serves the base model and, when built, the tool model beside it.
+                     "inference": ["--model", "default", "--model", TOOLS_MODEL] if tools_model else []}
         for service in SERVICE_ORDER:
-            supervisor.start(service, *(["--port", str(gateway_port), "--http-port", str(http_port)]
-                                        if service == "gateway" else []))
+            supervisor.start(service, *arguments.get(service, []))
         print(f"• services starting (logs in {supervisor.logs})", flush=True)
         model_id = await supervisor.while_running(ensure_model(mesh, model_dir))
         print(f"• model {model_id} registered (alias 'default')", flush=True)
+        if tools_model is not None:
+            await supervisor.while_running(ensure_tools_model(mesh, tools_model))
+            print(f"• tool model {TOOLS_MODEL} registered (`make tools-model`): `lmesh chat --model {TOOLS_MODEL} "
+                  "--tools auto`", flush=True)
         key = await supervisor.while_running(ensure_dev_key(mesh))
         await wait_all_passing(mesh, supervisor, timeout=300)
         print(f"• all {len(SERVICE_ORDER)} services passing in Consul", flush=True)
