@@ -31,6 +31,8 @@ class Reason(enum.StrEnum):
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_NOT_SERVED = "MODEL_NOT_SERVED"
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    # A model version an alias targets or an inference replica serves cannot be deleted.
+    MODEL_IN_USE = "MODEL_IN_USE"
     # Mesh tools: a tool the caller's key was not granted, or one no passing service offers.
     TOOL_NOT_ALLOWED = "TOOL_NOT_ALLOWED"
     TOOL_NOT_FOUND = "TOOL_NOT_FOUND"

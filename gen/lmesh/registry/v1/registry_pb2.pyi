@@ -145,10 +145,12 @@ class ListModelsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "aliases")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelVersion]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
 
 class ResolveModelRequest(_message.Message):
     __slots__ = ("reference",)
@@ -157,26 +159,171 @@ class ResolveModelRequest(_message.Message):
     def __init__(self, reference: _Optional[str] = ...) -> None: ...
 
 class ResolveModelResponse(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "targets")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     model: ModelVersion
-    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[ResolvedTarget]
+    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[ResolvedTarget, _Mapping]]] = ...) -> None: ...
+
+class ResolvedTarget(_message.Message):
+    __slots__ = ("model", "weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: ModelVersion
+    weight: int
+    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class AliasTarget(_message.Message):
+    __slots__ = ("name", "version", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    weight: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("alias", "targets", "update_time_unix_ms")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    update_time_unix_ms: int
+    def __init__(self, alias: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., update_time_unix_ms: _Optional[int] = ...) -> None: ...
+
+class AliasMove(_message.Message):
+    __slots__ = ("alias", "to", "actor", "time_unix_ms", "action")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    to: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    actor: str
+    time_unix_ms: int
+    action: str
+    def __init__(self, alias: _Optional[str] = ..., to: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., actor: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., action: _Optional[str] = ..., **kwargs) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("alias", "name", "version")
+    __slots__ = ("alias", "name", "version", "targets", "actor")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     alias: str
     name: str
     version: str
-    def __init__(self, alias: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    actor: str
+    def __init__(self, alias: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "alias")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     model: ModelVersion
-    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    alias: Alias
+    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., alias: _Optional[_Union[Alias, _Mapping]] = ...) -> None: ...
+
+class RollbackAliasRequest(_message.Message):
+    __slots__ = ("alias", "actor")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    actor: str
+    def __init__(self, alias: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class RollbackAliasResponse(_message.Message):
+    __slots__ = ("alias", "move")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    move: AliasMove
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ..., move: _Optional[_Union[AliasMove, _Mapping]] = ...) -> None: ...
+
+class ListAliasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAliasesResponse(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
+
+class GetAliasHistoryRequest(_message.Message):
+    __slots__ = ("alias", "limit")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    limit: int
+    def __init__(self, alias: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class GetAliasHistoryResponse(_message.Message):
+    __slots__ = ("moves",)
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    moves: _containers.RepeatedCompositeFieldContainer[AliasMove]
+    def __init__(self, moves: _Optional[_Iterable[_Union[AliasMove, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("removed_blobs", "freed_bytes")
+    REMOVED_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    removed_blobs: _containers.RepeatedCompositeFieldContainer[Artifact]
+    freed_bytes: int
+    def __init__(self, removed_blobs: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class CollectGarbageRequest(_message.Message):
+    __slots__ = ("min_age_seconds", "dry_run")
+    MIN_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    min_age_seconds: int
+    dry_run: bool
+    def __init__(self, min_age_seconds: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class CollectGarbageResponse(_message.Message):
+    __slots__ = ("removed_blobs", "freed_bytes")
+    REMOVED_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    removed_blobs: _containers.RepeatedCompositeFieldContainer[Artifact]
+    freed_bytes: int
+    def __init__(self, removed_blobs: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("references",)
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    references: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, references: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Resolution(_message.Message):
+    __slots__ = ("reference", "targets")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    targets: _containers.RepeatedCompositeFieldContainer[ResolvedTarget]
+    def __init__(self, reference: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[ResolvedTarget, _Mapping]]] = ...) -> None: ...
+
+class WatchModelsResponse(_message.Message):
+    __slots__ = ("revision", "resolutions")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    resolutions: _containers.RepeatedCompositeFieldContainer[Resolution]
+    def __init__(self, revision: _Optional[int] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256",)

@@ -28,8 +28,9 @@ if _version_not_supported:
 class RegistryStub:
     """Registry is found in Consul as `lmesh-registry`.
 
-    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
-    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
+    Writes (UploadArtifact, RegisterModel, SetAlias, RollbackAlias, DeleteModel, CollectGarbage) need the admin
+    token when the registry runs with `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else
+    UNAUTHENTICATED. Reads need none.
     """
 
     def __init__(self, channel):
@@ -68,6 +69,36 @@ class RegistryStub:
                 request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.RollbackAlias = channel.unary_unary(
+                '/lmesh.registry.v1.Registry/RollbackAlias',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/lmesh.registry.v1.Registry/ListAliases',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.GetAliasHistory = channel.unary_unary(
+                '/lmesh.registry.v1.Registry/GetAliasHistory',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/lmesh.registry.v1.Registry/DeleteModel',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/lmesh.registry.v1.Registry/CollectGarbage',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/lmesh.registry.v1.Registry/WatchModels',
+                request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
+                response_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
+                _registered_method=True)
         self.FetchArtifact = channel.unary_stream(
                 '/lmesh.registry.v1.Registry/FetchArtifact',
                 request_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.FetchArtifactRequest.SerializeToString,
@@ -78,8 +109,9 @@ class RegistryStub:
 class RegistryServicer:
     """Registry is found in Consul as `lmesh-registry`.
 
-    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
-    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
+    Writes (UploadArtifact, RegisterModel, SetAlias, RollbackAlias, DeleteModel, CollectGarbage) need the admin
+    token when the registry runs with `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else
+    UNAUTHENTICATED. Reads need none.
     """
 
     def UploadArtifact(self, request_iterator, context):
@@ -131,10 +163,71 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetAlias(self, request, context):
-        """Points an alias at a model version, creating or moving it.
-        Errors: INVALID_ARGUMENT (empty or malformed alias, an alias equal to a model name, or a version that
-        already holds 64 aliases), NOT_FOUND (the target version does not exist), UNAUTHENTICATED (admin token
-        missing or wrong, when one is set).
+        """Points an alias at one model version (`name`, `version`), or splits it by weight across several (`targets`),
+        creating or moving it. Every move is recorded in the alias's history (GetAliasHistory) and announced to
+        watchers (WatchModels).
+        Errors: INVALID_ARGUMENT (empty or malformed alias, an alias equal to a model name, a version that already
+        holds 64 aliases, both or neither of `name`/`version` and `targets`, more than 16 targets, a target named
+        twice, or a weight outside [1, 10000] in a split, naming the field), NOT_FOUND (a target version does not
+        exist), UNAUTHENTICATED (admin token missing or wrong, when one is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAlias(self, request, context):
+        """Moves an alias back to the targets it had before its last move (a rollback is itself a move: a second one
+        undoes the first). Errors: INVALID_ARGUMENT (malformed alias), NOT_FOUND (no such alias),
+        FAILED_PRECONDITION (the alias was never moved, or a previous target version was deleted since),
+        UNAUTHENTICATED (admin token missing or wrong, when one is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Every alias with its targets and weights. Errors: none besides transport.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAliasHistory(self, request, context):
+        """An alias's moves, newest first (who, when, from, to). Errors: INVALID_ARGUMENT (malformed alias, a negative
+        limit), NOT_FOUND (no alias of that name was ever set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes a model version. Refused while an alias targets it or a passing inference replica serves, loads or
+        drains it (Consul meta `models`, `loading`, `draining` of `lmesh-inference`); the message and the ErrorInfo
+        metadata (`aliases`, `replicas`, comma-separated) name them. Its blobs that no other version references are
+        removed with it.
+        Errors: INVALID_ARGUMENT (empty or malformed name or version), NOT_FOUND (no such version),
+        FAILED_PRECONDITION (reason MODEL_IN_USE: in use, as above), UNAVAILABLE (Consul cannot be asked which
+        replicas serve it: nothing is deleted), UNAUTHENTICATED (admin token missing or wrong, when one is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Removes the blobs no model version references and that are older than `min_age_seconds` (an upload waiting
+        for its registration is younger). Errors: INVALID_ARGUMENT (negative min_age_seconds), UNAUTHENTICATED (admin
+        token missing or wrong, when one is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchModels(self, request, context):
+        """Streams what references mean: a first message at once with the current resolutions, then one after every
+        change to the registry's versions or aliases (each carrying every watched reference, changed or not). No
+        references: only revisions, for callers that drop a cache on any change. The stream never ends by itself;
+        a caller that loses it reconnects and takes the first message as the whole state.
+        Errors: INVALID_ARGUMENT (a malformed reference, more than 64 references, naming the field).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +275,36 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.FromString,
                     response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.SerializeToString,
             ),
+            'RollbackAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAlias,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'GetAliasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasHistory,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
+                    request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.FromString,
+                    response_serializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.SerializeToString,
+            ),
             'FetchArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchArtifact,
                     request_deserializer=lmesh_dot_registry_dot_v1_dot_registry__pb2.FetchArtifactRequest.FromString,
@@ -198,8 +321,9 @@ def add_RegistryServicer_to_server(servicer, server):
 class Registry:
     """Registry is found in Consul as `lmesh-registry`.
 
-    Writes (UploadArtifact, RegisterModel, SetAlias) need the admin token when the registry runs with
-    `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else UNAUTHENTICATED. Reads need none.
+    Writes (UploadArtifact, RegisterModel, SetAlias, RollbackAlias, DeleteModel, CollectGarbage) need the admin
+    token when the registry runs with `LMESH_ADMIN_TOKEN` set: metadata `authorization: Bearer <token>`, else
+    UNAUTHENTICATED. Reads need none.
     """
 
     @staticmethod
@@ -354,6 +478,168 @@ class Registry:
             '/lmesh.registry.v1.Registry/SetAlias',
             lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
             lmesh_dot_registry_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/RollbackAlias',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/ListAliases',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/GetAliasHistory',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/DeleteModel',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/CollectGarbage',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmesh.registry.v1.Registry/WatchModels',
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
+            lmesh_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
