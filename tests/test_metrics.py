@@ -275,6 +275,8 @@ async def test_gateway_chats_are_counted_by_model_tenant_and_outcome() -> None:
     }
     assert by_attributes(reader, "lmesh.gateway.active_streams", "value") == {frozenset(): 0}
     assert by_attributes(reader, "gen_ai.server.time_to_first_token") == {frozenset(model.items()): 2}
+    # Per version, so a canary's speed can be judged beside its stable version's.
+    assert by_attributes(reader, "gen_ai.server.time_per_output_token") == {frozenset(model.items()): 2}
     durations = by_attributes(reader, "gen_ai.server.request.duration")
     assert durations[frozenset(model.items())] == 2
     assert durations[frozenset({**model, "error.type": "RESOURCE_EXHAUSTED"}.items())] == 1

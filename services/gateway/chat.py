@@ -34,7 +34,7 @@ from services.common.discovery import Endpoint, Mesh
 from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
 from services.common.peers import EMBEDDINGS, INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
-from services.common.rpc import mark_failed
+from services.common.rpc import error_reason, mark_failed
 from services.gateway import metrics
 from services.gateway.accounting import Accounts, Meter
 from services.gateway.admission import (
@@ -66,6 +66,8 @@ MAX_STOP_CHARS = 64
 DEFAULT_MODEL = "default"
 MIN_PRIORITY, MAX_PRIORITY = 0, 9  # GenerateStart.priority's range: higher is served first
 
+# How long a chat waits for a version a replica is loading (a model's first rollout, a swap with a drain).
+LOAD_WAIT_S = 60.0
 # Codes with which an inference replica refuses a request before producing anything.
 RETRY_ELSEWHERE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
@@ -248,6 +250,7 @@ class ChatService:
         await self.guardrails.close()
         await self.response_cache.close()
         await self.mesh_tools.catalog.close()
+        await self.models.close()
 
     async def authenticate(self, credential: Credential | str) -> policy_pb2.Principal:
         """The principal of an API key (a string) or of a verified client certificate."""
@@ -269,6 +272,14 @@ class ChatService:
         """The `name:version`s that at least one passing inference replica serves now (Consul meta `models`)."""
         return {model for endpoint in await self._inference.passing() for model in endpoint.models}
 
+    async def _wait_while_loading(self, model_id: str) -> None:
+        """A version no replica serves yet but one is loading (a first rollout, or a swap with a drain): the request
+        waits for it, up to LOAD_WAIT_S, rather than fail; otherwise the replica choice refuses it, naming it."""
+        if not any(model_id in e.meta.get("loading", "").split(",") for e in await self._inference.passing()):
+            return
+        with contextlib.suppress(TimeoutError):
+            await self._inference.wait_for(lambda e: model_id in e.models, timeout=LOAD_WAIT_S)
+
     async def prepare(self, credential: Credential | str, params: ChatParams, request_id: str = "",
                       screening: Screening | None = None) -> Prepared:
         """Authenticates the credential (an API key, or a verified client certificate), resolves the model, screens
@@ -284,8 +295,12 @@ class ChatService:
                     principal = await self.authenticate(credential)
                     self.principals.remember(credential, principal)
                 metrics.note_tenant(principal.tenant)
-                version = await self.models.resolve(params.model)  # cached: usually no call
+                served = await self.served_models()
+                session = session_key(principal.tenant, params.session) if params.session else ""
+                version = await self.models.route(params.model, served, session)  # cached: usually no call
                 model_id = f"{version.name}:{version.version}"
+                if model_id not in served:
+                    await self._wait_while_loading(model_id)
                 metrics.note_model(params.model, model_id)
                 if not allowed(principal, version):
                     raise not_allowed(principal, params.model, model_id)
@@ -575,7 +590,9 @@ class InferenceStream:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self._peer.mark_down(self.replica)
-                if not admitted and code in RETRY_ELSEWHERE and not self._cancelled:
+                # A replica that no longer serves the version (it moved on after a rollout) refuses it unstarted too.
+                moved_on = code == grpc.StatusCode.NOT_FOUND and error_reason(exc) == Reason.MODEL_NOT_SERVED
+                if not admitted and (code in RETRY_ELSEWHERE or moved_on) and not self._cancelled:
                     self._refused.add(self.replica.service_id)
                     self._call.cancel()
                     with contextlib.suppress(Unavailable):  # none left: the refusal itself is the answer

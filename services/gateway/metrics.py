@@ -27,6 +27,7 @@ from services.common.rpc import on_call_end, status_for
 from services.common.telemetry import (
     GENAI_PROVIDER,
     GENAI_REQUEST_DURATION_BUCKETS,
+    GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS,
     GENAI_TIME_TO_FIRST_TOKEN_BUCKETS,
     GENAI_TOKEN_USAGE_BUCKETS,
 )
@@ -44,6 +45,7 @@ class ChatRecord:
     response_model: str = ""  # name:version it resolved to
     tenant: str = ""  # once policy authorized it
     first_token: bool = False
+    first_token_at: float = 0.0  # time.monotonic() of the first text delta
     ended: bool = False
     reported: bool = False  # the shared interceptor reports its end (with the code the caller got)
 
@@ -85,6 +87,11 @@ class GatewayMetrics:
             "gen_ai.server.time_to_first_token", unit="s",
             description="From the chat's arrival to its first text delta leaving the gateway",
             explicit_bucket_boundaries_advisory=GENAI_TIME_TO_FIRST_TOKEN_BUCKETS)
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Per chat, from its first text delta to its end, divided by its completion tokens after the "
+                        "first (1 / tokens per second, as the caller sees it)",
+            explicit_bucket_boundaries_advisory=GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS)
         self.request_duration = meter.create_histogram(
             "gen_ai.server.request.duration", unit="s", description="From the chat's arrival to its end, any outcome",
             explicit_bucket_boundaries_advisory=GENAI_REQUEST_DURATION_BUCKETS)
@@ -126,13 +133,17 @@ class GatewayMetrics:
         """Text of the answer left the gateway (any protocol): the first stops the time to first token."""
         if not record.first_token:
             record.first_token = True
-            self.time_to_first_token.record(time.monotonic() - record.started, record.model_attributes())
+            record.first_token_at = time.monotonic()
+            self.time_to_first_token.record(record.first_token_at - record.started, record.model_attributes())
 
     def usage(self, record: ChatRecord, usage: generation_pb2.Usage) -> None:
         """The chat's usage, as its end reported it."""
         attributes = record.model_attributes()
         self.token_usage.record(usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
         self.token_usage.record(usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+        if record.first_token and usage.completion_tokens > 1:
+            decoding = time.monotonic() - record.first_token_at
+            self.time_per_output_token.record(decoding / (usage.completion_tokens - 1), attributes)
 
     def end(self, record: ChatRecord, code: grpc.StatusCode) -> None:
         if record.ended:

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import dataclasses
 import logging
 from collections import deque
@@ -32,6 +30,7 @@ from lmesh.policy.v1.policy_pb2_grpc import PolicyStub
 from lmesh.registry.v1 import registry_pb2
 
 from services.common.errors import LmeshError, PermissionDenied, Reason, Unavailable
+from services.common.follow import StreamFollower
 from services.common.guardrails import (
     NO_RULES,
     Action,
@@ -53,7 +52,6 @@ from services.gateway.logprobs import Candidate, TokenLogprob, VocabularyCache
 log = logging.getLogger("lmesh.gateway.guardrails")
 
 FIRST_RULES_TIMEOUT_S = 10.0
-RETRY_MIN_S, RETRY_MAX_S = 0.2, 5.0
 REPORT_TIMEOUT_S = 5.0
 LARGE_MESSAGE_CHARS = 64 * 1024  # screened in a worker thread, off the event loop
 REDACTED_TOKEN_ID = -1
@@ -188,24 +186,21 @@ class Guardrails:
         self._timeout_s = first_rules_timeout_s
         self._current: CompiledRules | None = None
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._follower = StreamFollower(
+            policy, lambda lease: lease.stub.WatchRules(policy_pb2.WatchRulesRequest(), **lease.options(timeout=None)),
+            self.apply, what="guardrail rules", log=log)
 
     # ---- rules ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Starts following the rules (in a context of its own: no request's deadline or trace applies)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name="guardrail-rules", context=contextvars.Context())
+        self._follower.start()
 
     async def warm_up(self) -> None:
         self.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._follower.close()
 
     async def rules(self) -> CompiledRules:
         """The rules in force; the first request waits for them a moment (UNAVAILABLE when policy sent none)."""
@@ -235,25 +230,6 @@ class Guardrails:
         self._current = compiled
         self._ready.set()
         return True
-
-    async def _follow(self) -> None:
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                async with self._policy.lease() as lease:
-                    call = lease.stub.WatchRules(policy_pb2.WatchRulesRequest(), **lease.options(timeout=None))
-                    async for message in call:
-                        self.apply(message)
-                        delay = RETRY_MIN_S
-            except asyncio.CancelledError:
-                raise
-            except (grpc.aio.AioRpcError, LmeshError, OSError) as exc:
-                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                log.debug("guardrail rules: the watch on lmesh-policy ended (%s); again in %.1f s", reason, delay)
-            except Exception:
-                log.exception("guardrail rules: following them failed; again in %.1f s", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
 
     # ---- input ---------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument, LmeshError
+from services.common.follow import cancel_task
 from services.common.peers import Peer, refused_hop, tool_provider
 from services.gateway.tool_schema import ToolMethod, describe_method
 from services.tools.catalog import TOOL_TAG, parse_tool_meta
@@ -80,11 +81,8 @@ class ToolCatalog:
             self._task = asyncio.create_task(self._watch(), name="tool-catalog")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_task(task)
 
     async def _watch(self) -> None:
         """Blocking queries on Consul's service list: a provider is followed from the moment it carries the tag."""
