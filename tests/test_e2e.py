@@ -2042,3 +2042,143 @@ async def test_a_rules_edit_during_open_streams_takes_effect_for_new_requests_an
             assert seen[-1].usage.completion_tokens > 1
     finally:
         write_e2e_rules(live.procs.home)
+
+
+# ---- model lifecycle: the module's last tests, for they move `default` (and leave it where they found it) ------
+
+V1 = "smollm2-135m-instruct:1"
+
+
+async def _wait_until(condition: Any, what: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def _follower_meta(live: LiveMesh) -> dict[str, str]:
+    """The Consul meta of the replica that follows `default` (the module's main one)."""
+    endpoints = await live.mesh.resolver("lmesh-inference").passing()
+    followers = [e for e in endpoints if e.meta.get("follows") == "default"]
+    assert len(followers) == 1, [e.meta for e in endpoints]
+    return dict(followers[0].meta)
+
+
+async def test_a_rollout_and_its_rollback_under_sixteen_streams_fail_no_request(live: LiveMesh) -> None:
+    """`default` moves from version 1 to the int8 build and back while 16 streams run: every answer completes,
+    and the answers' `model` shows the replica's switch. The replica re-verifies the int8 weights it takes from
+    its artifact cache: a corrupted copy there is detected and fetched again."""
+    if "inference-int8" not in live.procs.processes:
+        pytest.skip("no int8 build (make model builds it)")
+    from lmesh.registry.v1 import registry_pb2
+
+    from services.registry.client import set_alias
+
+    # The pinned int8 replica (tiny admission bounds) would take the canary's share: the follower alone serves.
+    live.procs.terminate("inference-int8")
+    await live.procs.wait_exit("inference-int8")
+    registry = live.mesh.peer(REGISTRY)
+    int8 = (await registry.call(lambda r: r.GetModel, registry_pb2.GetModelRequest(
+        name="smollm2-135m-instruct", version="1-int8"))).model
+    weights = next(a for a in int8.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL)
+    cached = lmesh_cache() / "artifacts" / weights.sha256
+    if cached.exists():  # replaced, not written in place: a process that mapped the file keeps its bytes
+        corrupt = cached.with_name(cached.name + ".corrupt")
+        corrupt.write_bytes(b"not the weights")
+        os.replace(corrupt, cached)
+
+    stub = await live.gateway()
+    stop = asyncio.Event()
+    answered: list[str] = []
+    failures: list[str] = []
+
+    async def stream(i: int) -> None:
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            try:
+                responses = await collect(stub, start(f"Count from {i} to {i + turn}.", max_tokens=12),
+                                          live.api_key, timeout=180)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            end = responses[-1]
+            if end.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED or end.usage.completion_tokens < 1:
+                failures.append(f"incomplete answer: {end}")
+            answered.append(end.model)
+
+    def last_answers_from(version: str) -> bool:
+        return len(answered) >= 32 and set(answered[-16:]) == {version}
+
+    streams = [asyncio.create_task(stream(i)) for i in range(16)]
+    try:
+        await _wait_until(lambda: last_answers_from(V1), "the streams to run on version 1")
+        await set_alias(registry, "default", "smollm2-135m-instruct", "1-int8")
+        await _wait_until(lambda: last_answers_from(INT8), "the switch to the int8 version")
+        switched_at = len(answered)
+        await set_alias(registry, "default", "smollm2-135m-instruct", "1")
+        await _wait_until(lambda: len(answered) > switched_at + 16 and last_answers_from(V1), "the switch back")
+    finally:
+        stop.set()
+        await asyncio.gather(*streams)
+        await set_alias(registry, "default", "smollm2-135m-instruct", "1")
+    assert failures == []
+    assert len(answered) > 64
+    # In order: version 1, then the int8 version, then version 1 again (each switch is one step, not a flutter).
+    runs = [version for i, version in enumerate(answered) if i == 0 or answered[i - 1] != version]
+    assert runs[0] == V1 and runs[-1] == V1 and INT8 in runs
+    log = live.procs.log("inference")
+    assert "corrupted" in log and weights.sha256[:12] in log
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == weights.sha256  # fetched again, whole
+    # Version 1 serves alone again; the int8 copy was drained and freed.
+    await live.mesh.resolver("lmesh-inference").wait_for(
+        lambda e: e.meta.get("follows") == "default" and e.models == [V1] and not e.meta.get("draining"), timeout=60)
+    assert (await _follower_meta(live)).get("loading", "") == ""
+
+
+async def test_a_canary_split_takes_its_share_and_a_rollback_ends_it_at_once(live: LiveMesh) -> None:
+    """`default` split 90/10 between version 1 and the int8 build: 400 chats send 10% ± 5 points to the canary;
+    `rollback` restores version 1 alone for the very next chats. A version in use cannot be deleted."""
+    from lmesh.registry.v1 import registry_pb2
+
+    from services.common.rpc import error_reason
+
+    registry = live.mesh.peer(REGISTRY)
+    listed = await registry.call(lambda r: r.ListModels, registry_pb2.ListModelsRequest(name="smollm2-135m-instruct"))
+    if INT8 not in {f"{m.name}:{m.version}" for m in listed.models}:
+        pytest.skip("no int8 build (make model builds it)")
+    await registry.call(lambda r: r.SetAlias, registry_pb2.SetAliasRequest(alias="default", actor="e2e", targets=[
+        registry_pb2.AliasTarget(name="smollm2-135m-instruct", version="1", weight=90),
+        registry_pb2.AliasTarget(name="smollm2-135m-instruct", version="1-int8", weight=10)]), retry=False)
+    try:
+        # The follower loads the canary beside version 1; the split's share goes to version 1 until it is warm.
+        await live.mesh.resolver("lmesh-inference").wait_for(
+            lambda e: e.meta.get("follows") == "default" and {V1, INT8} <= set(e.models), timeout=180)
+        stub = await live.gateway()
+        chats = asyncio.Semaphore(16)
+
+        async def one(i: int) -> str:
+            async with chats:
+                responses = await collect(stub, start(f"Say {i}.", max_tokens=1), live.api_key, timeout=120)
+                return responses[-1].model
+
+        models = Counter(await asyncio.gather(*(one(i) for i in range(400))))
+        assert set(models) == {V1, INT8}
+        assert abs(models[INT8] / 400 - 0.10) <= 0.05, models
+
+        # In use: refused, naming the alias.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await registry.call(lambda r: r.DeleteModel, registry_pb2.DeleteModelRequest(
+                name="smollm2-135m-instruct", version="1-int8"), retry=False)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(refused.value) == "MODEL_IN_USE" and "default" in (refused.value.details() or "")
+
+        rolled = await registry.call(lambda r: r.RollbackAlias,
+                                     registry_pb2.RollbackAliasRequest(alias="default", actor="e2e"), retry=False)
+        assert [(t.version, t.weight) for t in rolled.alias.targets] == [("1", 100)]
+        after = Counter(await asyncio.gather(*(one(i) for i in range(24))))
+        assert after == Counter({V1: 24})
+    finally:
+        await registry.call(lambda r: r.SetAlias, registry_pb2.SetAliasRequest(
+            alias="default", name="smollm2-135m-instruct", version="1", actor="e2e"), retry=False)
