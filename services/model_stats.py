@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.config import host_port
+from services.common.discovery import Endpoint
+
 MODEL_LABEL = "gen_ai_response_model"
 OK_CODES = frozenset({"OK", "CANCELLED"})  # a caller that left is not the version's error
 
@@ -100,3 +103,27 @@ def table(rows: list[VersionStats]) -> str:
         lines.append(f"{row.version:40} {row.chats:>7} {row.errors:>7} {seconds(row.ttft_quantile(0.5)):>9} "
                      f"{seconds(row.ttft_quantile(0.95)):>9} {'-' if speed is None else f'{speed:.1f}':>9}")
     return "\n".join(lines)
+
+
+async def gateway_expositions(endpoints: Iterable[Endpoint], timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
+    """The Prometheus text of each gateway that publishes a `metrics_port`, and one line per gateway that could not
+    be read (it is left out of the sums)."""
+    import aiohttp
+
+    texts: list[str] = []
+    problems: list[str] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        for endpoint in endpoints:
+            port = endpoint.meta.get("metrics_port", "")
+            if not port.isdigit():
+                problems.append(f"{endpoint.service_id}: no Prometheus endpoint (OTEL_METRICS_EXPORTER without "
+                                "prometheus)")
+                continue
+            url = f"http://{host_port(endpoint.address, int(port))}/metrics"
+            try:
+                async with session.get(url) as response:
+                    response.raise_for_status()
+                    texts.append(await response.text())
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problems.append(f"{endpoint.service_id}: {url} could not be read ({exc or type(exc).__name__})")
+    return texts, problems
