@@ -306,8 +306,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self._admin.check_call(context)
         if request.min_age_seconds < 0:
             raise InvalidArgument("min_age_seconds", f"must not be negative, got {request.min_age_seconds}")
-        removal = await asyncio.to_thread(self._models.collect_garbage,
-                                          request.min_age_seconds or DEFAULT_GC_MIN_AGE_S, request.dry_run)
+        # On the event loop, not a thread: no registration may run between reading which blobs are referenced and
+        # removing the others (a few stats and unlinks).
+        removal = self._models.collect_garbage(request.min_age_seconds or DEFAULT_GC_MIN_AGE_S, request.dry_run)
         return registry_pb2.CollectGarbageResponse(removed_blobs=removed_to_proto(removal),
                                                    freed_bytes=removal.freed_bytes)
 
