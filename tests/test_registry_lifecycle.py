@@ -112,7 +112,7 @@ def refs(targets: Sequence[Any]) -> list[tuple[str, int]]:
 
 
 def split(*pairs: tuple[str, int]) -> list[AliasTarget]:
-    return [AliasTarget(*ref.split(":"), weight) for ref, weight in pairs]  # type: ignore[misc]
+    return [AliasTarget(ref.partition(":")[0], ref.partition(":")[2], weight) for ref, weight in pairs]
 
 
 # ============================================================================================ unit: store
@@ -668,13 +668,20 @@ async def test_drain_ends_every_watch_with_draining(stores: Stores) -> None:
 
 
 @pytest.mark.parametrize("grace_s", [8.0])
-async def test_a_graceful_stop_is_not_held_up_by_a_watch(consul_agent: ConsulAgent, tmp_path: Path,
-                                                         grace_s: float) -> None:
+async def test_the_built_service_deletes_and_its_stop_is_not_held_up_by_a_watch(
+        consul_agent: ConsulAgent, tmp_path: Path, grace_s: float) -> None:
     config = ServiceConfig(mtls=False, service=f"registry-{uuid.uuid4().hex[:8]}", consul_addr=consul_agent.http_addr,
                            data_dir=tmp_path, grace_s=grace_s)
     running = await start_service(config, build)
+    wired = Stores(running.parts.extra["blobs"], running.parts.extra["models"], tmp_path)
+    name = f"lifecycle-{uuid.uuid4().hex[:8]}"
+    await wired.register(name, "1")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        call = registry_pb2_grpc.RegistryStub(channel).WatchModels(registry_pb2.WatchModelsRequest())
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        # The wiring asks Consul for lmesh-inference replicas: none uses this version, so it goes.
+        deleted = await stub.DeleteModel(registry_pb2.DeleteModelRequest(name=name, version="1"), timeout=10)
+        assert deleted.freed_bytes == 3000 + 500
+        call = stub.WatchModels(registry_pb2.WatchModelsRequest())
         await asyncio.wait_for(call.read(), 5)
         started = time.monotonic()
         await running.stop()

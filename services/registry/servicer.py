@@ -111,8 +111,8 @@ def resolved_to_proto(targets: Sequence[ResolvedTarget]) -> list[registry_pb2.Re
 
 def removed_to_proto(removal: Removal) -> list[registry_pb2.Artifact]:
     """DeleteModelResponse's and CollectGarbageResponse's `removed_blobs`."""
-    return [registry_pb2.Artifact(kind=b.kind, sha256=b.sha256, size_bytes=b.size_bytes, file_name=b.file_name)
-            for b in removal.blobs]
+    return [registry_pb2.Artifact(kind=registry_pb2.ArtifactKind.Name(b.kind), sha256=b.sha256,
+                                  size_bytes=b.size_bytes, file_name=b.file_name) for b in removal.blobs]
 
 
 def caller_actor(requested: str, context: grpc.aio.ServicerContext) -> str:
