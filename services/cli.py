@@ -4,7 +4,7 @@
   lmesh dev                a whole mesh on this machine (what `make run` runs)
   lmesh chat [MESSAGE]     chat with the running mesh (interactive without MESSAGE; --tools auto: mesh tools)
   lmesh tools [allow S]    the mesh tools Consul lists; let the gateway call a team's tool provider S
-  lmesh models ...         list, register and alias model versions
+  lmesh models ...         list, register, alias (split, promote, roll back), delete and collect model versions
   lmesh keys ...           create, list, update (limits, priority, tools) and revoke API keys
   lmesh tenants set T      a tenant's limits, shared by its keys
   lmesh usage              spent, reserved and remaining tokens per tenant (and key)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import getpass
 import importlib
 import json
 import logging
@@ -258,6 +259,72 @@ async def _with_registry(action: Callable[[Peer[Any], Mesh], Awaitable[int]], ad
         await mesh.close()
 
 
+MiB = 1024 * 1024
+# The inference replica states `lmesh models list` shows, with the Consul meta key that lists each.
+REPLICA_STATES = (("warm", "models"), ("loading", "loading"), ("draining", "draining"))
+
+
+def _operator_login() -> str:
+    """Who an alias move is recorded for: the operator's login (informational; the admin token authorizes)."""
+    try:
+        return getpass.getuser() or "unknown"
+    except Exception:  # no login name in the environment nor the password database
+        return "unknown"
+
+
+def _model_id(text: str, what: str = "the target") -> tuple[str, str]:
+    name, _, version = text.partition(":")
+    if not name or not version:
+        raise CommandError(f"{what} {text!r} must be NAME:VERSION")
+    return name, version
+
+
+def alias_targets(texts: list[str]) -> list[tuple[str, str, int]]:
+    """`models alias` TARGETs: NAME:VERSION, or NAME:VERSION=WEIGHT (required on each of several). A single
+    target without a weight has weight 0 (the registry's "all of them")."""
+    targets: list[tuple[str, str, int]] = []
+    for text in texts:
+        ref, sep, weight_text = text.partition("=")
+        name, version = _model_id(ref)
+        if not sep and len(texts) > 1:
+            raise CommandError(f"the target {text!r} needs a weight (NAME:VERSION=WEIGHT) when the alias is split "
+                               "across several")
+        if sep and not weight_text.isdigit():
+            raise CommandError(f"the weight of {text!r} must be a whole number from 1 to 10000")
+        targets.append((name, version, int(weight_text) if sep else 0))
+    return targets
+
+
+def targets_text(targets: Any) -> str:
+    """`name:version` for one target, `a:1=90 a:2=10` for a split, `-` for none (AliasTarget protos)."""
+    if not targets:
+        return "-"
+    if len(targets) == 1:
+        return f"{targets[0].name}:{targets[0].version}"
+    return " ".join(f"{t.name}:{t.version}={t.weight}" for t in targets)
+
+
+def replica_state(endpoints: Any, model_id: str) -> str:
+    """What the passing inference replicas do with a version: `warm`, `loading`, `draining`, combined with
+    commas, each with its count (`warm:2,loading:1`) when more than one replica is involved; `-` for none."""
+    from services.registry.servicer import meta_models
+
+    counts: Counter[str] = Counter()
+    involved = 0
+    for endpoint in endpoints:
+        states = [state for state, key in REPLICA_STATES if model_id in meta_models(endpoint.meta, key)]
+        counts.update(states)
+        involved += bool(states)
+    if not counts:
+        return "-"
+    named = [state for state, _ in REPLICA_STATES if counts[state]]
+    return ",".join(f"{state}:{counts[state]}" if involved > 1 else state for state in named)
+
+
+def _utc(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _models(args: argparse.Namespace) -> int:
     from lmesh.registry.v1 import registry_pb2
 
@@ -265,14 +332,22 @@ def _models(args: argparse.Namespace) -> int:
 
     async def list_models(registry: Peer[Any], mesh: Mesh) -> int:
         response = await registry.call(lambda r: r.ListModels, registry_pb2.ListModelsRequest())
+        endpoints = await mesh.peer(INFERENCE).passing()
         # Passing inference replicas per version (Consul meta `models`): 0 means a chat with it is UNAVAILABLE.
-        replicas = Counter(model for endpoint in await mesh.peer(INFERENCE).passing() for model in endpoint.models)
-        print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8} {'REPLICAS':>8}")
+        replicas = Counter(model for endpoint in endpoints for model in endpoint.models)
+        # A split alias shows its weight (`default=90`); a registry without `aliases` in its answer: the versions'.
+        shown: dict[str, list[str]] = {}
+        for alias in response.aliases:
+            for target in alias.targets:
+                entry = alias.alias if len(alias.targets) == 1 else f"{alias.alias}={target.weight}"
+                shown.setdefault(f"{target.name}:{target.version}", []).append(entry)
+        print(f"{'MODEL':40} {'ALIASES':20} {'CONTEXT':>8} {'FORMAT':8} {'STATE':16} {'REPLICAS':>8}")
         for m in response.models:
             fmt = registry_pb2.ModelFormat.Name(m.format).removeprefix("MODEL_FORMAT_").lower()
             model_id = f"{m.name}:{m.version}"
-            print(f"{model_id:40} {','.join(m.aliases) or '-':20} {m.context_length:>8} {fmt:8} "
-                  f"{replicas[model_id]:>8}")
+            aliases = shown.get(model_id, []) if response.aliases else list(m.aliases)
+            print(f"{model_id:40} {','.join(aliases) or '-':20} {m.context_length:>8} {fmt:8} "
+                  f"{replica_state(endpoints, model_id):16} {replicas[model_id]:>8}")
         return 0
 
     async def register(registry: Peer[Any], mesh: Mesh) -> int:
@@ -284,21 +359,81 @@ def _models(args: argparse.Namespace) -> int:
         print(f"registered {version.name}:{version.version}{aliases}")
         return 0
 
-    async def alias(registry: Peer[Any], mesh: Mesh) -> int:
-        from services.registry.client import set_alias
+    async def point(registry: Peer[Any], alias: str, targets: list[tuple[str, str, int]]) -> None:
+        if len(targets) == 1:
+            name, version, _ = targets[0]
+            request = registry_pb2.SetAliasRequest(alias=alias, name=name, version=version, actor=_operator_login())
+        else:
+            request = registry_pb2.SetAliasRequest(
+                alias=alias, actor=_operator_login(),
+                targets=[registry_pb2.AliasTarget(name=n, version=v, weight=w) for n, v, w in targets])
+        response = await registry.call(lambda r: r.SetAlias, request, admin=True, retry=False)
+        print(f"{alias} -> {targets_text(response.alias.targets)}")
 
-        name, _, version = args.target.partition(":")
-        if not version:
-            return _fail("the target must be NAME:VERSION")
-        await set_alias(registry, args.alias, name, version)
-        print(f"{args.alias} -> {args.target}")
+    async def alias(registry: Peer[Any], mesh: Mesh) -> int:
+        await point(registry, args.alias, alias_targets(args.targets))
+        return 0
+
+    async def rollback(registry: Peer[Any], mesh: Mesh) -> int:
+        response = await registry.call(
+            lambda r: r.RollbackAlias, registry_pb2.RollbackAliasRequest(alias=args.alias, actor=_operator_login()),
+            admin=True, retry=False)  # a rollback repeated would undo itself
+        print(f"{args.alias} -> {targets_text(response.alias.targets)}")
+        return 0
+
+    async def promote(registry: Peer[Any], mesh: Mesh) -> int:
+        if args.target:
+            name, version = _model_id(args.target)
+        else:
+            listed = await registry.call(lambda r: r.ListAliases, registry_pb2.ListAliasesRequest())
+            found = next((a for a in listed.aliases if a.alias == args.alias), None)
+            if found is None:
+                raise CommandError(f"no alias {args.alias!r}")
+            if len(found.targets) < 2:
+                raise CommandError(f"{args.alias} is not split (it points at {targets_text(found.targets)}); name the "
+                                   f"version: lmesh models promote {args.alias} NAME:VERSION")
+            lightest = min(t.weight for t in found.targets)
+            canaries = [t for t in found.targets if t.weight == lightest]
+            if len(canaries) > 1:
+                tied = ", ".join(f"{t.name}:{t.version}" for t in canaries)
+                raise CommandError(f"{args.alias}'s lightest weight {lightest} is tied between {tied}; name the "
+                                   f"version: lmesh models promote {args.alias} NAME:VERSION")
+            name, version = canaries[0].name, canaries[0].version
+        await point(registry, args.alias, [(name, version, 0)])
+        return 0
+
+    async def history(registry: Peer[Any], mesh: Mesh) -> int:
+        response = await registry.call(
+            lambda r: r.GetAliasHistory, registry_pb2.GetAliasHistoryRequest(alias=args.alias, limit=args.limit))
+        print(f"{'TIME':20} {'ACTION':8} {'ACTOR':20} {'FROM':30} TO")
+        for move in response.moves:
+            print(f"{_utc(move.time_unix_ms):20} {move.action:8} {move.actor:20} "
+                  f"{targets_text(getattr(move, 'from')):30} {targets_text(move.to)}")
+        return 0
+
+    async def delete(registry: Peer[Any], mesh: Mesh) -> int:
+        name, version = _model_id(args.model, "the model")
+        response = await registry.call(
+            lambda r: r.DeleteModel, registry_pb2.DeleteModelRequest(name=name, version=version), admin=True,
+            retry=False)
+        print(f"deleted {name}:{version} (freed {response.freed_bytes / MiB:.1f} MiB)")
+        return 0
+
+    async def gc(registry: Peer[Any], mesh: Mesh) -> int:
+        request = registry_pb2.CollectGarbageRequest(min_age_seconds=args.min_age or 0, dry_run=args.dry_run)
+        response = await registry.call(lambda r: r.CollectGarbage, request, admin=True, timeout=120, retry=False)
+        for blob in response.removed_blobs:
+            print(f"{blob.sha256[:16]}  {blob.size_bytes / MiB:10.1f} MiB")
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(response.removed_blobs)} blob(s), {response.freed_bytes / MiB:.1f} MiB")
         return 0
 
     if args.models_command == "register":
         problem = _model_dir_problem(Path(args.dir), args.manifest)
         if problem:
             return _fail(problem)
-    actions = {"list": list_models, "register": register, "alias": alias}
+    actions = {"list": list_models, "register": register, "alias": alias, "rollback": rollback, "promote": promote,
+               "history": history, "delete": delete, "gc": gc}
     return _run_async(lambda: _with_registry(actions[args.models_command], args.admin_token))
 
 
@@ -827,7 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin = argparse.ArgumentParser(add_help=False)
     admin.add_argument("--admin-token", default=argparse.SUPPRESS, help="admin token (default: $LMESH_ADMIN_TOKEN)")
 
-    models = sub.add_parser("models", help="list, register and alias model versions")
+    models = sub.add_parser("models", help="list, register, alias, delete and collect model versions")
     models.add_argument("--admin-token", default=None, help="admin token (default: $LMESH_ADMIN_TOKEN)")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="list registered model versions")
@@ -838,9 +973,30 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--manifest", default="lmesh_model.json",
                           help="manifest of the variant to register (lmesh_model.int8.json: the int8 version, "
                                "lmesh_model.fp16.json: the fp16 one for CUDA)")
-    alias = models_sub.add_parser("alias", parents=[admin], help="point an alias at NAME:VERSION")
+    alias = models_sub.add_parser("alias", parents=[admin],
+                                  help="point an alias at NAME:VERSION, or split it: NAME:VERSION=WEIGHT ...")
     alias.add_argument("alias")
-    alias.add_argument("target")
+    alias.add_argument("targets", nargs="+", metavar="TARGET",
+                       help="NAME:VERSION, or NAME:VERSION=WEIGHT (1 to 10000, on every target of a split)")
+    rollback = models_sub.add_parser("rollback", parents=[admin],
+                                     help="move an alias back to where it pointed before its last move")
+    rollback.add_argument("alias")
+    promote = models_sub.add_parser("promote", parents=[admin],
+                                    help="move a whole alias to one version (default: its split's lightest, the "
+                                         "canary)")
+    promote.add_argument("alias")
+    promote.add_argument("target", nargs="?", default="", metavar="NAME:VERSION")
+    history = models_sub.add_parser("history", help="an alias's moves, newest first")
+    history.add_argument("alias")
+    history.add_argument("--limit", type=int_type(1, 10000), default=0, help="at most this many (default 100)")
+    delete = models_sub.add_parser("delete", parents=[admin],
+                                   help="delete a version no alias or inference replica uses, and its unshared blobs")
+    delete.add_argument("model", metavar="NAME:VERSION")
+    gc = models_sub.add_parser("gc", parents=[admin], help="remove the blobs no model version references")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.add_argument("--min-age", type=int_type(1), default=None, metavar="SECONDS",
+                    help="only blobs stored at least this long ago (default 3600: an upload's registration may "
+                         "follow it later)")
     models.set_defaults(func=_models)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")

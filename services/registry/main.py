@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.admin import ADMIN_TOKEN_ENV, AdminGuard, AdminTokenSettings, require_beyond_localhost
 from services.common.config import ServiceConfig
+from services.common.errors import Unavailable
+from services.common.peers import INFERENCE
 from services.common.server import ServiceParts, ServiceRuntime
-from services.registry.servicer import RegistryServicer
+from services.registry.servicer import RegistryServicer, replica_uses
 from services.registry.store import BlobStore, ModelStore
 
 log = logging.getLogger("lmesh.registry")
@@ -37,12 +40,29 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     models = ModelStore(data_dir / "registry.sqlite3", blobs)
     admin = AdminGuard(runtime.config.settings_as(RegistrySettings).admin_token)
     check_config(runtime.config)
+    inference = runtime.mesh.peer(INFERENCE)
+
+    async def replicas_using(model_id: str) -> Sequence[str]:
+        """The passing inference replicas whose Consul meta lists `model_id` as served, loading or draining."""
+        try:
+            endpoints = await inference.passing()
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"Consul cannot be asked which inference replicas serve {model_id}: {exc}") from exc
+        return [e.service_id for e in endpoints if replica_uses(e.meta, model_id)]
+
+    servicer = RegistryServicer(blobs, models, admin, replicas_using=replicas_using)
 
     async def warm_up() -> None:
         blobs.open()
         models.open()
         if not admin.enabled:
             log.warning("%s is not set: model registration RPCs are open to every caller", ADMIN_TOKEN_ENV)
+
+    async def on_drain() -> None:
+        # WatchModels streams never end by themselves: end them now rather than at the grace's end.
+        await servicer.drain()
 
     async def on_stop() -> None:
         # Cancelled uploads remove their temporary files; let them finish before the process exits.
@@ -56,9 +76,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     full_name = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
     return ServiceParts(
         servicers=[
-            (registry_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(blobs, models, admin), full_name)
+            (registry_pb2_grpc.add_RegistryServicer_to_server, servicer, full_name)
         ],
         warm_up=warm_up,
+        on_drain=on_drain,
         on_stop=on_stop,
-        extra={"blobs": blobs, "models": models},
+        extra={"blobs": blobs, "models": models, "servicer": servicer},
     )
