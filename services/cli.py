@@ -432,8 +432,23 @@ def _models(args: argparse.Namespace) -> int:
         problem = _model_dir_problem(Path(args.dir), args.manifest)
         if problem:
             return _fail(problem)
+    async def stats(registry: Peer[Any], mesh: Mesh) -> int:
+        from services.common.peers import GATEWAY
+        from services.model_stats import collect, gateway_expositions, table
+
+        gateways = await mesh.peer(GATEWAY).passing()
+        if not gateways:
+            return _fail("no passing lmesh-gateway in Consul: nothing to read")
+        texts, problems = await gateway_expositions(gateways)
+        for problem in problems:
+            print(f"lmesh: {problem}", file=sys.stderr)
+        if not texts:
+            return _fail("no gateway's /metrics could be read")
+        print(table(collect(texts)))
+        return 0
+
     actions = {"list": list_models, "register": register, "alias": alias, "rollback": rollback, "promote": promote,
-               "history": history, "delete": delete, "gc": gc}
+               "history": history, "delete": delete, "gc": gc, "stats": stats}
     return _run_async(lambda: _with_registry(actions[args.models_command], args.admin_token))
 
 
@@ -997,6 +1012,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--min-age", type=int_type(1), default=None, metavar="SECONDS",
                     help="only blobs stored at least this long ago (default 3600: an upload's registration may "
                          "follow it later)")
+    models_sub.add_parser("stats", help="per model version: chats, errors, TTFT and tokens/s, from every gateway's "
+                                        "Prometheus endpoint (since each gateway started)")
     models.set_defaults(func=_models)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
