@@ -444,3 +444,41 @@ async def test_stop_cancels_following_and_leaves_the_engines_for_the_services_dr
     r.source.send({"default": ["m:3"]})
     await asyncio.sleep(0.05)
     assert r.loader.loads == ["m:1", "m:2"]
+
+
+async def test_a_pinned_version_also_named_by_an_alias_is_loaded_once(replica: Callable[..., Replica]) -> None:
+    r = replica(["default", "m:1"])
+    await r.start({"default": ["m:1"], "m:1": ["m:1"]})
+    assert r.loader.loads == ["m:1"] and r.follower.meta()["follows"] == "default,m:1"
+    r.source.send({"default": ["m:2"], "m:1": ["m:1"]})  # the alias moves on; the pin keeps its version
+    await until(lambda: sorted(r.follower.models) == ["m:1", "m:2"])
+    await asyncio.sleep(0.15)
+    assert r.follower.meta()["draining"] == "" and not r.engine("m:1").closed
+
+
+# ---- settings --------------------------------------------------------------------------------------------------------
+
+def test_the_swap_settings_come_from_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import build_parser, main
+    from services.common.config import config_from_args
+    from services.inference.main import InferenceSettings
+
+    for name in ("LMESH_SWAP", "LMESH_SWAP_GRACE_S", "LMESH_SWAP_DRAIN_S"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = InferenceSettings()
+    assert (defaults.swap, defaults.swap_grace_s, defaults.swap_drain_s) == ("auto", 5.0, 60.0)
+    monkeypatch.setenv("LMESH_SWAP", "DRAIN")
+    monkeypatch.setenv("LMESH_SWAP_GRACE_S", "0.5")
+    args = build_parser().parse_args(["serve", "inference", "--swap-drain", "30"])
+    settings = config_from_args("inference", args, InferenceSettings).settings
+    assert settings == InferenceSettings(swap="drain", swap_grace_s=0.5, swap_drain_s=30.0)
+    args = build_parser().parse_args(["serve", "inference", "--swap", "beside"])
+    assert config_from_args("inference", args, InferenceSettings).settings_as(InferenceSettings).swap == "beside"
+    monkeypatch.setenv("LMESH_SWAP", "sometimes")
+    assert main(["serve", "inference", "--data-dir", "/nonexistent/never-used"]) == 2
+    assert capsys.readouterr().err == "lmesh: LMESH_SWAP must be one of auto, beside, drain, got 'sometimes'\n"
+    monkeypatch.delenv("LMESH_SWAP")
+    monkeypatch.setenv("LMESH_SWAP_GRACE_S", "-1")
+    assert main(["serve", "inference", "--data-dir", "/nonexistent/never-used"]) == 2
+    assert capsys.readouterr().err == "lmesh: LMESH_SWAP_GRACE_S must be a number ≥ 0, got '-1'\n"
