@@ -9,14 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from lmesh.inference.v1 import inference_pb2
 from lmesh.registry.v1 import registry_pb2
 
+from services.common.config import ServiceConfig
+from services.common.consul_agent import ConsulAgent
+from services.common.discovery import Mesh
 from services.common.errors import FailedPrecondition, InvalidArgument, LmeshError, Reason, Unavailable
+from services.common.peers import INFERENCE, direct_stub
+from services.common.rpc import error_reason
+from services.common.server import RunningService, start_service
 from services.inference.engine import EngineLimits
 from services.inference.follower import ModelFollower, available_memory, is_pinned
 from services.inference.loader import LOAD_MEMORY_FACTOR, kv_bytes_per_token, memory_needed
@@ -482,3 +491,76 @@ def test_the_swap_settings_come_from_flags_and_the_environment(monkeypatch: pyte
     monkeypatch.setenv("LMESH_SWAP_GRACE_S", "-1")
     assert main(["serve", "inference", "--data-dir", "/nonexistent/never-used"]) == 2
     assert capsys.readouterr().err == "lmesh: LMESH_SWAP_GRACE_S must be a number ≥ 0, got '-1'\n"
+
+
+# ---- the replica in the mesh -----------------------------------------------------------------------------------------
+
+async def test_the_replica_publishes_each_state_to_consul_and_serves_from_the_live_set(
+        consul_agent: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lmesh serve inference` wired whole (real server, real Consul), the registry stream and the loads scripted:
+    Consul meta shows loading, advertised and draining versions promptly, and the servicer reads the live set."""
+    from services.inference import follower as follower_module
+    from services.inference import loader as loader_module
+    from services.inference.main import InferenceSettings, build
+
+    source, loader = ScriptedSource(), StubLoader()
+    monkeypatch.setattr(follower_module, "RegistrySource", lambda registry: source)
+    monkeypatch.setattr(loader_module, "load_version", lambda registry, version, *args: loader(version))
+    service = f"inference-{uuid.uuid4().hex[:8]}"
+    config = ServiceConfig(mtls=False, service=service, consul_addr=consul_agent.http_addr, data_dir=tmp_path,
+                           grace_s=1, settings=InferenceSettings(models=("default",), swap_grace_s=0.3))
+    mesh = Mesh(consul_agent.http_addr)
+    starting = asyncio.create_task(start_service(config, build))
+    running: RunningService | None = None
+
+    async def meta() -> dict[str, str]:
+        services = await mesh.consul.agent.services()
+        found = [s["Meta"] for s in services.values() if s["Service"] == f"lmesh-{service}"]
+        return found[0] if found else {}
+
+    async def consul_shows(**wanted: str) -> dict[str, str]:
+        deadline = time.monotonic() + 5
+        while {k: (seen := await meta()).get(k) for k in wanted} != wanted:
+            assert time.monotonic() < deadline, f"Consul meta {seen} never showed {wanted}"
+            await asyncio.sleep(0.02)
+        return seen
+
+    async def generate(model: str) -> grpc.aio.AioRpcError:
+        assert running is not None
+        async with direct_stub(INFERENCE, f"127.0.0.1:{running.port}") as stub:
+            call = stub.Generate()
+            await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+                model=model, prompt_token_ids=[1], max_tokens=1)))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            return refused.value
+
+    try:
+        await until(lambda: len(source.streams) == 1, 10)
+        release = loader.hold("m:1")
+        source.send({"default": ["m:1"]})
+        await consul_shows(models="", loading="m:1", follows="default")
+        assert not starting.done()  # not SERVING before it is warm
+        release.set()
+        running = await asyncio.wait_for(starting, 10)
+        shown = await consul_shows(models="m:1", loading="", draining="")
+        assert {"max_active", "load_active", "load_queued", "load_kv_bytes"} <= set(shown)
+
+        release = loader.hold("m:2")
+        source.send({"default": ["m:2"]})
+        await consul_shows(models="m:1", loading="m:2")
+        release.set()
+        await consul_shows(models="m:2", loading="", draining="m:1")
+        await consul_shows(models="m:2", draining="")
+        assert loader.engines["m:1"].closed
+        refused = await generate("m:1")  # replaced: no longer in the set the servicer reads
+        assert refused.code() == grpc.StatusCode.NOT_FOUND and "serving: m:2" in (refused.details() or "")
+        assert error_reason(refused) == Reason.MODEL_NOT_SERVED
+    finally:
+        if running is None:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        else:
+            await running.stop()
+        await mesh.close()
+    assert running is not None and loader.engines["m:2"].closed  # the service's stop closes what the follower held
