@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class ScriptedSource:
         self.asked: list[list[str]] = []
         self.revision = 0
 
-    async def watch(self, references: Sequence[str]) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
+    async def watch(self, references: Sequence[str]) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
         queue: asyncio.Queue[registry_pb2.WatchModelsResponse | BaseException | None] = asyncio.Queue()
         self.streams.append(queue)
         self.asked.append(list(references))
@@ -354,6 +354,36 @@ async def test_changes_arriving_during_a_load_are_coalesced_into_the_newest(repl
     release.set()
     await until(lambda: sorted(r.follower.models) == ["m:4"])
     assert r.loader.loads == ["m:1", "m:2", "m:4"]
+
+
+async def test_a_version_moved_back_to_within_its_grace_serves_again_without_a_load(
+        replica: Callable[..., Replica]) -> None:
+    r = replica(grace_s=5.0)
+    await r.start({"default": ["m:1"]})
+    r.source.send({"default": ["m:2"]})
+    await until(lambda: r.follower.meta()["draining"] == "m:1")
+    r.source.send({"default": ["m:1"]})  # rolled back
+    await until(lambda: r.follower.meta()["models"] == "m:1")
+    assert r.follower.meta()["draining"] == "m:2" and r.engine("m:1").accepting
+    await asyncio.sleep(0.1)
+    assert r.loader.loads == ["m:1", "m:2"] and not r.engine("m:1").closed
+
+
+async def test_a_version_moved_back_to_after_its_grace_loads_again_once_it_is_gone(
+        replica: Callable[..., Replica]) -> None:
+    r = replica(grace_s=0.05)
+    await r.start({"default": ["m:1"]})
+    first = r.engine("m:1")
+    first.active = 1  # keeps it draining past its grace
+    r.source.send({"default": ["m:2"]})
+    await until(lambda: not first.accepting)
+    r.source.send({"default": ["m:1"]})
+    await asyncio.sleep(0.1)
+    assert r.follower.meta()["draining"] == "m:1" and r.loader.loads == ["m:1", "m:2"]
+    first.end_streams()
+    await until(lambda: r.follower.meta()["models"] == "m:1" and r.loader.loads == ["m:1", "m:2", "m:1"])
+    assert first.closed and r.engine("m:1") is not first and r.engine("m:1").accepting
+    await until(lambda: r.follower.meta()["draining"] == "" and r.engine("m:2").closed)
 
 
 # ---- memory: beside or drain -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -40,7 +40,7 @@ class ModelSource(Protocol):
     """Where a replica learns what its references mean: one WatchModels stream per call. The stream ends or raises
     when it is lost; the follower opens another, whose first message is the whole state."""
 
-    def watch(self, references: Sequence[str]) -> AsyncIterator[registry_pb2.WatchModelsResponse]: ...
+    def watch(self, references: Sequence[str]) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]: ...
 
 
 class RegistrySource:
@@ -50,7 +50,7 @@ class RegistrySource:
     def __init__(self, registry: Peer[RegistryStub]) -> None:
         self._registry = registry
 
-    async def watch(self, references: Sequence[str]) -> AsyncIterator[registry_pb2.WatchModelsResponse]:
+    async def watch(self, references: Sequence[str]) -> AsyncGenerator[registry_pb2.WatchModelsResponse, None]:
         async with self._registry.lease() as lease:
             call = lease.stub.WatchModels(registry_pb2.WatchModelsRequest(references=list(references)),
                                           **lease.options(timeout=None))
@@ -128,6 +128,7 @@ class ModelFollower:
         self._serving_for: dict[str, frozenset[str]] = {ref: frozenset() for ref in self.references}
         self._versions: dict[str, registry_pb2.ModelVersion] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._in_grace: set[str] = set()  # retiring versions that still accept requests
         self._unresolved: set[str] = set()  # references whose empty resolution was logged
         self._latest: registry_pb2.WatchModelsResponse | None = None
         self._fresh = asyncio.Event()
@@ -163,6 +164,7 @@ class ModelFollower:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._retiring.clear()
+        self._in_grace.clear()
 
     def meta(self) -> dict[str, str]:
         """The Consul meta of the replica's versions: `models` advertised (warm and accepting), `loading`,
@@ -201,10 +203,11 @@ class ModelFollower:
         delay = self._retry_s[0]
         while True:
             try:
-                async for response in self._source.watch(self.references):
-                    delay = self._retry_s[0]
-                    self._latest = response
-                    self._fresh.set()
+                async with contextlib.aclosing(self._source.watch(self.references)) as stream:
+                    async for response in stream:
+                        delay = self._retry_s[0]
+                        self._latest = response
+                        self._fresh.set()
                 log.info("the registry ended the model watch; opening it again")
             except (grpc.aio.AioRpcError, LmeshError) as exc:
                 if _error_code(exc) == grpc.StatusCode.INVALID_ARGUMENT:
@@ -243,6 +246,8 @@ class ModelFollower:
     async def _apply(self, response: registry_pb2.WatchModelsResponse) -> None:
         changed = self._changes(response)
         wanted = {i: v for versions in changed.values() for i, v in versions.items()}
+        for model_id in wanted:
+            self._revive(model_id)
         to_load = {i: v for i, v in wanted.items() if self.states.get(i) != SERVING}
         if to_load:
             self._versions.update(to_load)
@@ -302,7 +307,8 @@ class ModelFollower:
         serves yet: a replica that could not load its first versions does not turn SERVING."""
         loaded: dict[str, ServedModel] = {}
         for model_id in versions:
-            self.states[model_id] = LOADING
+            if model_id not in self._retiring:  # one still draining shows so until it is gone
+                self.states[model_id] = LOADING
         self._on_state_change()
         try:
             for model_id, version in versions.items():
@@ -338,7 +344,17 @@ class ModelFollower:
     def _retire(self, model_id: str) -> None:
         """Unadvertises `model_id` now and lets it go in the background (see `_drain`)."""
         self.states[model_id] = DRAINING
+        self._in_grace.add(model_id)
         self._retiring[model_id] = asyncio.create_task(self._drain(model_id), name=f"drain-{model_id}")
+
+    def _revive(self, model_id: str) -> None:
+        """A version moved back to while it still accepts requests (an alias rolled back within the grace) serves
+        again at once, rather than being closed and loaded again."""
+        if model_id in self._in_grace:
+            self._in_grace.discard(model_id)
+            self._retiring.pop(model_id).cancel()
+            self.states[model_id] = SERVING
+            log.info("serving %s again", model_id)
 
     async def _retire_now(self, model_id: str) -> None:
         self._retire(model_id)
@@ -350,6 +366,7 @@ class ModelFollower:
         the streams (bounded, then ends them saying why), closes the engine and forgets the version."""
         engine = self.models[model_id].engine
         await asyncio.sleep(self._grace_s)
+        self._in_grace.discard(model_id)
         engine.stop_accepting()
         if not await self._until_idle(engine, self._drain_timeout_s):
             log.warning("%s still had streams %.0f s after it was replaced; ending them", model_id,
