@@ -275,6 +275,7 @@ class ModelFollower:
             self._ready.set()
         self._on_state_change()
         await self._restore(kept)
+        self._versions = {i: v for i, v in self._versions.items() if i in kept or i in self.states}
 
     def _unused(self, serving_for: dict[str, frozenset[str]]) -> list[str]:
         """The advertised versions no reference would be served by."""
