@@ -75,7 +75,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
         memory_needed=lambda version: memory_needed(version, limits),
         on_state_change=state_changed.set, on_load_change=load_changed.set)
     models = follower.models  # the live dict: the servicer and the metrics see every swap
-    metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in models.items()})
+    # A copy taken at once (list() under the GIL): an exporter thread reads it while the follower swaps.
+    metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in list(models.items())})
     servicer = InferenceServicer(models, runtime.tracer, metrics)
     reporter: list[asyncio.Task[None]] = []
 
