@@ -1231,14 +1231,19 @@ async def test_a_replica_with_a_full_queue_is_skipped_for_one_with_room(live: Li
 
 async def test_a_version_named_twice_by_a_replica_is_loaded_once(live: LiveMesh, tmp_path: Path) -> None:
     from services.inference.engine import EngineLimits
-    from services.inference.loader import load_models
+    from services.inference.follower import ModelFollower, RegistrySource
+    from services.inference.loader import load_version
 
-    served = await load_models(live.mesh.peer(REGISTRY), ["default", "smollm2-135m-instruct:1"],
-                               lmesh_cache() / "artifacts", EngineLimits(), threads=1)
+    registry = live.mesh.peer(REGISTRY)
+    follower = ModelFollower(RegistrySource(registry), ["default", "smollm2-135m-instruct:1"],
+                             lambda v: load_version(registry, v, lmesh_cache() / "artifacts", EngineLimits(), 1))
     try:
-        assert [m.id for m in served] == ["smollm2-135m-instruct:1"]
+        await asyncio.wait_for(follower.start(), 120)
+        assert list(follower.models) == ["smollm2-135m-instruct:1"]
+        assert follower.meta()["follows"] == "default,smollm2-135m-instruct:1"
     finally:
-        await asyncio.gather(*(m.engine.close() for m in served))
+        await follower.stop()
+        await asyncio.gather(*(m.engine.close() for m in follower.models.values()))
 
 
 async def test_a_stream_outliving_the_drain_grace_ends_unavailable_with_the_reason(live: LiveMesh,

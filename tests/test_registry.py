@@ -819,10 +819,10 @@ async def test_register_model_dir_is_idempotent(registry: Registry, tmp_path: Pa
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Its "model" is random bytes: an inference replica asked to serve it says so in one line, no traceback.
     from services.inference.engine import EngineLimits
-    from services.inference.loader import load_models
+    from services.inference.loader import load_version
 
     with pytest.raises(FailedPrecondition, match=r"tiny-chat:2 cannot be served: its model file is not a decoder"):
-        await load_models(registry.peer, ["tiny-chat:2"], tmp_path / "artifacts", EngineLimits(), threads=1)
+        await load_version(registry.peer, newer, tmp_path / "artifacts", EngineLimits(), threads=1)
 
 
 @pytest.mark.parametrize(

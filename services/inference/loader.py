@@ -1,4 +1,4 @@
-"""Fetching a model version's artifacts from the registry (digest-verified) and starting its engine."""
+"""Loading one model version: its artifacts fetched from the registry (digest-verified), its engine started."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
 import numpy as np
 from lmesh.registry.v1 import registry_pb2
 from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
-from services.common.errors import FailedPrecondition, LmeshError
+from services.common.errors import FailedPrecondition
 from services.common.peers import Peer
 from services.inference.constrained import Grammars
 from services.inference.engine import Engine, EngineLimits
@@ -22,54 +21,52 @@ from services.registry.client import fetch_to_cache
 log = logging.getLogger("lmesh.inference.loader")
 
 
-async def resolve_when_registered(registry: Peer[RegistryStub], reference: str) -> registry_pb2.ModelVersion:
-    """Resolves `reference`, waiting while the registry is down or the model not yet registered.
+async def load_version(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion, cache_dir: Path,
+                       limits: EngineLimits, threads: int | None) -> ServedModel:
+    """`version` fetched (digest-verified), warmed and its engine started: ready for requests.
 
-    The replica stays NOT_SERVING meanwhile, so nothing routes to it; `make run` registers the model after
-    starting the registry, and a replica may well come up first.
-    """
-    delay = 0.25
-    while True:
-        try:
-            response = await registry.call(lambda r: r.ResolveModel,
-                                           registry_pb2.ResolveModelRequest(reference=reference), timeout=10)
-            return response.model
-        except (grpc.aio.AioRpcError, LmeshError) as exc:
-            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
-            if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                raise
-            log.info("waiting for model '%s' in the registry (%s)", reference, code.name)
-        await asyncio.sleep(delay)  # back-off while a dependency is missing, not a polling loop on the hot path
-        delay = min(delay * 2, 5.0)
+    FailedPrecondition when its files cannot be served (not a decoder this engine runs, a KV cache that does not
+    fit). The engine starts last, so a load cancelled half-way leaves nothing running."""
+    name = f"{version.name}:{version.version}"
+    weights = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL]
+    if len(weights) != 1:
+        raise FailedPrecondition(f"{name} has no model artifact")
+    path = await fetch_to_cache(registry, weights[0].sha256, cache_dir)
+    try:
+        decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
+        await asyncio.to_thread(_warm, decoder)
+    except Exception as exc:  # ONNX Runtime's errors carry no common type; its first line says what failed
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FailedPrecondition(
+            f"{name} cannot be served: its model file is not a decoder this engine runs ({reason[:300]}); "
+            f"register a folder built by `make model`") from exc
+    engine = await asyncio.to_thread(_engine, decoder, version, limits)
+    grammars = await _grammars(registry, version, cache_dir)
+    vocab = version.architecture.vocab_size or decoder.vocab_size
+    engine.start()
+    log.info("loaded %s from %s", name, path)
+    return ServedModel(version.name, version.version, engine, vocab, version.context_length, grammars)
 
 
-async def load_models(registry: Peer[RegistryStub], references: list[str], cache_dir: Path, limits: EngineLimits,
-                      threads: int | None) -> list[ServedModel]:
-    served: list[ServedModel] = []
-    for reference in references:
-        version = await resolve_when_registered(registry, reference)
-        if any((m.name, m.version) == (version.name, version.version) for m in served):
-            log.info("%s is %s:%s, already loaded", reference, version.name, version.version)
-            continue  # `--model default --model NAME:1` names one version twice: one copy serves both
-        weights = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL]
-        if len(weights) != 1:
-            raise FailedPrecondition(f"{version.name}:{version.version} has no model artifact")
-        path = await fetch_to_cache(registry, weights[0].sha256, cache_dir)
-        try:
-            decoder = await asyncio.to_thread(OnnxDecoder, path, threads)
-            await asyncio.to_thread(_warm, decoder)
-        except Exception as exc:  # ONNX Runtime's errors carry no common type; its first line says what failed
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FailedPrecondition(
-                f"{version.name}:{version.version} cannot be served: its model file is not a decoder this engine "
-                f"runs ({reason[:300]}); register a folder built by `make model`") from exc
-        engine = await asyncio.to_thread(_engine, decoder, version, limits)
-        grammars = await _grammars(registry, version, cache_dir)
-        engine.start()
-        vocab = version.architecture.vocab_size or decoder.vocab_size
-        served.append(ServedModel(version.name, version.version, engine, vocab, version.context_length, grammars))
-        log.info("serving %s:%s from %s", version.name, version.version, path)
-    return served
+# A session being built holds its weights about once more than the file (ONNX Runtime's graph optimisation).
+LOAD_MEMORY_FACTOR = 1.5
+
+
+def memory_needed(version: registry_pb2.ModelVersion, limits: EngineLimits) -> int:
+    """About what serving `version` takes: its weights (times LOAD_MEMORY_FACTOR, for the load), a full decode KV
+    cache and the prefix cache. It errs high: on a CPU the KV cache grows only as far as the sequences do."""
+    weights = sum(a.size_bytes for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_MODEL)
+    kv = limits.max_active * version.context_length * kv_bytes_per_token(version.architecture)
+    return int(weights * LOAD_MEMORY_FACTOR) + kv + limits.prefix_cache_bytes
+
+
+def kv_bytes_per_token(architecture: registry_pb2.ModelArchitecture) -> int:
+    """What one position of KV cache takes, from the registered architecture (before any file is loaded)."""
+    try:
+        itemsize = np.dtype(architecture.dtype or "float32").itemsize
+    except TypeError:  # a dtype numpy does not know (bfloat16): the largest common one, so the estimate errs high
+        itemsize = 4
+    return 2 * architecture.num_layers * architecture.num_kv_heads * architecture.head_dim * itemsize
 
 
 async def _grammars(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion,

@@ -1,16 +1,19 @@
-"""lmesh-inference wiring: which models to serve, fetched from the registry at start-up."""
+"""lmesh-inference wiring: the model references a replica follows, their versions loaded from the registry."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
-from services.common.config import int_type, lmesh_cache, setting
+from services.common.config import choice_type, float_type, int_type, lmesh_cache, setting
 from services.common.errors import LmeshError
 from services.common.server import ServiceParts, ServiceRuntime
 
 log = logging.getLogger("lmesh.inference")
+
+SWAP_MODES = ("auto", "beside", "drain")
 
 
 @dataclass(frozen=True)
@@ -33,29 +36,48 @@ class InferenceSettings:
     prefix_cache_mb: int = setting(flag="--prefix-cache-mb", env="LMESH_PREFIX_CACHE_MB", default=256,
                                    parse=int_type(0),
                                    help="memory for reusing the KV cache of shared prompt prefixes (0: off)")
+    swap: str = setting(flag="--swap", env="LMESH_SWAP", default="auto", parse=choice_type(SWAP_MODES),
+                        help="how a reference's new version replaces the old: beside (loaded while the old serves), "
+                             "drain (the old drains and is freed first), auto (beside when memory holds both)")
+    swap_grace_s: float = setting(flag="--swap-grace", env="LMESH_SWAP_GRACE_S", default=5.0, parse=float_type(0),
+                                  help="seconds a replaced version still accepts requests (gateways' view of Consul "
+                                       "lags), ≥ 0")
+    swap_drain_s: float = setting(flag="--swap-drain", env="LMESH_SWAP_DRAIN_S", default=60.0, parse=float_type(0),
+                                  help="seconds a replaced version's streams may take to finish before they end "
+                                       "UNAVAILABLE, ≥ 0")
 
 
 SETTINGS = InferenceSettings
 
 
 def build(runtime: ServiceRuntime) -> ServiceParts:
-    from lmesh.inference.v1 import inference_pb2
+    from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
     from services.common.peers import REGISTRY
     from services.inference.engine import EngineLimits
-    from services.inference.loader import load_models
+    from services.inference.follower import ModelFollower, RegistrySource
+    from services.inference.loader import load_version, memory_needed
     from services.inference.metrics import InferenceMetrics
-    from services.inference.servicer import InferenceServicer, ServedModel
+    from services.inference.servicer import InferenceServicer
 
     settings = runtime.config.settings_as(InferenceSettings)
-    refs = list(settings.models)
     limits = EngineLimits(max_active=settings.max_active, max_queue=settings.max_queue,
                           prefill_chunk=settings.prefill_chunk,
                           prefix_cache_bytes=settings.prefix_cache_mb * 1024 * 1024)
-    models: dict[str, ServedModel] = {}
-    metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in models.items()})
-    servicer = InferenceServicer(models, runtime.tracer, metrics)
     registry = runtime.mesh.peer(REGISTRY)
+    cache_dir = lmesh_cache() / "artifacts"
+    # A state change (loading, advertised, draining) is published at once; load changes at most once a second.
+    state_changed, load_changed = asyncio.Event(), asyncio.Event()
+    follower = ModelFollower(
+        RegistrySource(registry), settings.models,
+        lambda version: load_version(registry, version, cache_dir, limits, settings.threads or None),
+        grace_s=settings.swap_grace_s, drain_timeout_s=settings.swap_drain_s, swap=settings.swap,
+        memory_needed=lambda version: memory_needed(version, limits),
+        on_state_change=state_changed.set, on_load_change=load_changed.set)
+    models = follower.models  # the live dict: the servicer and the metrics see every swap
+    # A copy taken at once (list() under the GIL): an exporter thread reads it while the follower swaps.
+    metrics = InferenceMetrics(runtime.meter, lambda: {k: m.engine for k, m in list(models.items())})
+    servicer = InferenceServicer(models, runtime.tracer, metrics)
     reporter: list[asyncio.Task[None]] = []
 
     def meta() -> dict[str, str]:
@@ -64,33 +86,37 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             for key, value in model.engine.load().items():
                 if key in load:
                     load[key] += value
-        return {"models": ",".join(models), "max_active": str(limits.max_active),
+        return {**follower.meta(), "max_active": str(limits.max_active),
                 **{f"load_{k}": str(v) for k, v in load.items()}}
 
-    async def report_load() -> None:
-        """Keeps the Consul meta's load current for balancing: at most one write a second, only on change."""
-        changed = asyncio.Event()
-        for model in models.values():
-            model.engine.on_load_change = changed.set
+    async def report() -> None:
+        """Keeps the Consul meta current: a state change at once, load for balancing at most once a second."""
         while True:
-            await changed.wait()
-            changed.clear()
+            if not state_changed.is_set():
+                waits = [asyncio.create_task(e.wait()) for e in (state_changed, load_changed)]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+            state_changed.clear()
+            load_changed.clear()
             if runtime.registration is not None:
                 try:
                     await runtime.registration.register(meta())
                 except Exception as exc:
-                    log.warning("could not report load to Consul: %s", exc)
-            await asyncio.sleep(1.0)  # rate limit, not polling: the loop only runs after a change
+                    log.warning("could not report to Consul: %s", exc)
+            with contextlib.suppress(TimeoutError):  # rate limit for load; a state change cuts it short
+                await asyncio.wait_for(state_changed.wait(), 1.0)
 
     async def warm_up() -> None:
-        loaded = await load_models(registry, refs, cache_dir=lmesh_cache() / "artifacts", limits=limits,
-                                   threads=settings.threads or None)
-        models.update({m.id: m for m in loaded})
-        reporter.append(asyncio.create_task(report_load()))
+        reporter.append(asyncio.create_task(report()))  # the registry sees what loads (it refuses to delete it)
+        await follower.start()
 
     async def on_drain() -> None:
         for task in reporter:
             task.cancel()
+        await follower.stop()
         for model in models.values():
             model.engine.stop_accepting()
 
@@ -99,11 +125,10 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
             model.engine.abort(error)
 
     async def on_stop() -> None:
+        await follower.stop()  # a start-up cut short: a load may still be under way
         await asyncio.gather(*(m.engine.close() for m in models.values()))
 
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-    from lmesh.inference.v1 import inference_pb2_grpc
-
     return ServiceParts(
         servicers=[(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, name)],
         warm_up=warm_up, meta=meta, on_drain=on_drain, on_stop=on_stop, on_grace_expiring=on_grace_expiring,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.peers import Lease, Peer
 from services.registry.store import CHUNK_SIZE, HashingWriter, check_sha256
+
+log = logging.getLogger("lmesh.registry.client")
 
 MANIFEST_NAME = "lmesh_model.json"
 
@@ -139,15 +142,22 @@ async def _fetch_into(lease: Lease[RegistryStub], sha256: str, final: Path) -> P
 
 
 async def fetch_to_cache(registry: Peer[RegistryStub], sha256: str, cache_dir: Path | str) -> Path:
-    """`<cache_dir>/<sha256>`, downloaded from the registry unless already there; the digest is verified.
+    """`<cache_dir>/<sha256>`, downloaded from the registry unless already there intact; the digest is verified
+    either way (a cached file that no longer hashes to its name is fetched again).
 
     Raises Unavailable (no registry), NotFound (no such artifact), FailedPrecondition (corrupt transfer).
     """
     check_sha256(sha256, "sha256")
     cache_dir = Path(cache_dir)
     final = cache_dir / sha256
-    if final.exists():  # only ever renamed into place after verification
-        return final
+    if final.exists():
+        # Renamed into place only after verification, but a disk can rot and a hand can edit: hashed again (off
+        # the event loop) before anything loads it.
+        digest, _ = await file_sha256(final)
+        if digest == sha256:
+            return final
+        log.warning("corrupted cached artifact %s (its bytes hash to %s), fetching it again", final, digest)
+        await asyncio.to_thread(final.unlink, missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         return await registry.with_lease(lambda lease: _fetch_into(lease, sha256, final))
