@@ -443,7 +443,9 @@ def test_the_memory_estimate_counts_weights_kv_cache_and_prefix_cache() -> None:
     assert kv_bytes_per_token(v.architecture) == per_token
     limits = EngineLimits(max_active=4, prefix_cache_bytes=1000)
     assert memory_needed(v, limits) == int(GiB * LOAD_MEMORY_FACTOR) + 4 * 64 * per_token + 1000
-    v.architecture.dtype = "bfloat16"  # numpy does not know it: counted as 4 bytes, erring high
+    v.architecture.dtype = "bfloat16"
+    assert kv_bytes_per_token(v.architecture) == per_token
+    v.architecture.dtype = "int8"  # weights only: its KV cache is float32
     assert kv_bytes_per_token(v.architecture) == 2 * per_token
     available = available_memory()
     assert available is None or available > 0

@@ -61,11 +61,9 @@ def memory_needed(version: registry_pb2.ModelVersion, limits: EngineLimits) -> i
 
 
 def kv_bytes_per_token(architecture: registry_pb2.ModelArchitecture) -> int:
-    """What one position of KV cache takes, from the registered architecture (before any file is loaded)."""
-    try:
-        itemsize = np.dtype(architecture.dtype or "float32").itemsize
-    except TypeError:  # a dtype numpy does not know (bfloat16): the largest common one, so the estimate errs high
-        itemsize = 4
+    """What one position of KV cache takes, from the registered architecture (before any file is loaded). The KV
+    cache is half precision only in a half-precision build; int8 quantizes weights only, its cache is float32."""
+    itemsize = 2 if architecture.dtype in ("float16", "bfloat16") else 4
     return 2 * architecture.num_layers * architecture.num_kv_heads * architecture.head_dim * itemsize
 
 
