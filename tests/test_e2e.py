@@ -2062,6 +2062,17 @@ async def _wait_until(condition: Any, what: str, timeout: float = 180.0) -> None
         await asyncio.sleep(0.2)
 
 
+def runs_of(answered: list[str]) -> list[tuple[str, int]]:
+    """Consecutive answers from one version, as (version, count)."""
+    runs: list[tuple[str, int]] = []
+    for version in answered:
+        if runs and runs[-1][0] == version:
+            runs[-1] = (version, runs[-1][1] + 1)
+        else:
+            runs.append((version, 1))
+    return runs
+
+
 async def _follower_meta(live: LiveMesh) -> dict[str, str]:
     """The Consul meta of the replica that follows `default` (the module's main one)."""
     endpoints = await live.mesh.resolver("lmesh-inference").passing()
@@ -2128,6 +2139,8 @@ async def test_a_rollout_and_its_rollback_under_sixteen_streams_fail_no_request(
         stop.set()
         await asyncio.gather(*streams)
         await set_alias(registry, "default", "smollm2-135m-instruct", "1")
+    print(f"\nrollout: {len(answered)} answers, {len(failures)} failed; by version in order of completion: "
+          f"{runs_of(answered)}")
     assert failures == []
     assert len(answered) > 64
     # Version 1, then the int8 version, then version 1 again (answers of a switch's moment may end out of order).
@@ -2169,6 +2182,7 @@ async def test_a_canary_split_takes_its_share_and_a_rollback_ends_it_at_once(liv
                 return responses[-1].model
 
         models = Counter(await asyncio.gather(*(one(i) for i in range(400))))
+        print(f"\ncanary split 90/10: {dict(models)}")
         assert set(models) == {V1, INT8}
         assert abs(models[INT8] / 400 - 0.10) <= 0.05, models
 
