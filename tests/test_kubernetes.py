@@ -176,6 +176,9 @@ def test_every_document_validates_against_the_kubernetes_schemas() -> None:
                                              "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        # Everything in one namespace of its own (the default-deny policy covers exactly it).
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "lmesh", doc["metadata"]["name"]
 
 
 @pytest.mark.parametrize("break_it", ["unknown field", "wrong type", "missing field"])
@@ -360,6 +363,16 @@ def test_every_container_starts_with_arguments_and_environment_its_service_accep
         assert config.service == service and config.consul_service_name == f"lmesh-{service}"
         assert config.advertise_host == FIELD_VALUES["status.podIP"] and config.binds_wildcard
         assert config.mtls
+        # ONNX Runtime's threads: no more than the CPUs the container may use (0 would mean the node's cores).
+        threads = getattr(config.settings, "threads", None)
+        if threads is not None:
+            limit = container_of(workloads(docs)[service])["resources"]["limits"]["cpu"]
+            assert 0 < threads <= cpus(limit), service
+
+
+def cpus(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("500m", "2") in CPUs."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 @pytest.mark.parametrize(("service", "change", "refused"), [
