@@ -40,6 +40,8 @@ SECRET_VALUE = "secret-from-test"
 # itself (HOST_IP, only to build CONSUL_HTTP_ADDR from it).
 READ_OUTSIDE_SETTINGS = frozenset({"LMESH_HOME", "LMESH_CACHE", "CONSUL_HTTP_TOKEN"})
 MANIFEST_ONLY = frozenset({"HOST_IP"})
+# The keys of the Secrets the manifests mount (README.md here: `kubectl create secret tls` makes tls.crt, tls.key).
+SECRET_KEYS = {"lmesh-gateway-tls": ("tls.crt", "tls.key"), "lmesh-gateway-client-ca": ("ca.crt",)}
 # Operators' pods (the CLI's mesh identity lmesh-operator) carry this label.
 OPERATOR_LABEL = ("lmesh-role", "operator")
 CONSUL_AGENTS = {"namespace": "consul", "labels": {"app": "consul", "component": "client"}}
@@ -121,16 +123,20 @@ def unknown_variables(docs: list[dict[str, Any]], service: str, container: dict[
 
 
 def mounted_files(docs: list[dict[str, Any]], workload: dict[str, Any], tmp_path: Path) -> dict[str, str]:
-    """The files the container's ConfigMap volumes put at their mount paths, written under tmp_path: path in the
-    pod -> path here."""
+    """The files the container's ConfigMap and Secret volumes put at their mount paths, written under tmp_path
+    (a Secret's as a stand-in): path in the pod -> path here."""
     config_maps = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind(docs, "ConfigMap")}
     volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
     files = {}
     for mount in container_of(workload).get("volumeMounts", []):
         volume = volumes.get(mount["name"], {})
-        if "configMap" not in volume:
+        if "configMap" in volume:
+            contents = config_maps[volume["configMap"]["name"]]
+        elif "secret" in volume:
+            contents = {key: f"stand-in for {key}\n" for key in SECRET_KEYS[volume["secret"]["secretName"]]}
+        else:
             continue
-        for key, text in config_maps[volume["configMap"]["name"]].items():
+        for key, text in contents.items():
             here = tmp_path / mount["mountPath"].lstrip("/") / key
             here.parent.mkdir(parents=True, exist_ok=True)
             here.write_text(text)
@@ -395,6 +401,29 @@ def test_a_container_its_service_would_refuse_is_refused(
         container["env"] = [v for v in container["env"] if v["name"] != what]
     with pytest.raises(refused):
         start_config(docs, service, clean_environment, tmp_path)
+
+
+def test_the_gateways_tls_settings_commented_in_the_manifest_work_once_uncommented(
+        clean_environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """TLS at the public door is a matter of uncommenting its variables: they are the gateway's settings, and name
+    files that its optional Secret volumes provide. The readiness probe the comment offers for TLS asks a route
+    the HTTP API serves."""
+    from services.gateway.http_server import OPENAPI
+
+    docs = documents()
+    commented = [yaml.safe_load(line.split("# - ", 1)[1]) for line in MANIFEST.read_text().splitlines()
+                 if re.match(r"\s*# - \{name: LMESH_TLS_", line)]
+    assert {v["name"] for v in commented} == {"LMESH_TLS_CERT", "LMESH_TLS_KEY", "LMESH_TLS_CLIENT_CA",
+                                              "LMESH_TLS_CLIENT_CERT_PORT"}
+    container = container_of(workloads(docs)["gateway"])
+    container["env"] += commented
+    assert unknown_variables(docs, "gateway", container) == set()
+    config = start_config(docs, "gateway", clean_environment, tmp_path)
+    settings = config.settings_as(settings_class("gateway"))
+    assert (settings.tls_cert.name, settings.tls_key.name, settings.tls_client_ca.name) == ("tls.crt", "tls.key",
+                                                                                            "ca.crt")
+    assert settings.tls_client_cert_port == 50052
+    assert f"httpGet: {{path: {OPENAPI}, port: http, scheme: HTTPS}}" in MANIFEST.read_text()
 
 
 # ---- ports ----------------------------------------------------------------------------------------------------
