@@ -342,6 +342,21 @@ def test_every_variable_the_manifests_set_is_one_the_service_reads() -> None:
         assert unknown_variables(docs, service, container_of(workload)) == set(), service
 
 
+def test_each_secret_a_container_reads_is_one_the_readme_says_to_create() -> None:
+    """The Consul token is optional (a Consul without ACLs needs none), so a misspelt key would go unnoticed until
+    Consul refuses the service: each service reads its own key of lmesh-consul-tokens, and only policy and registry
+    the admin token."""
+    (token_keys,) = re.findall(r"for s in ([a-z ]+); do", (MANIFEST.parent / "README.md").read_text())
+    assert set(token_keys.split()) == set(workloads(documents()))
+    for service, workload in workloads(documents()).items():
+        refs = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container_of(workload)["env"]
+                if "secretKeyRef" in v.get("valueFrom", {})}
+        assert refs.pop("CONSUL_HTTP_TOKEN") == {"name": "lmesh-consul-tokens", "key": service, "optional": True}
+        admin = refs.pop("LMESH_ADMIN_TOKEN", None)
+        assert admin == ({"name": "lmesh-admin", "key": "token"} if service in ("policy", "registry") else None)
+        assert refs == {}, service
+
+
 def test_a_variable_no_code_reads_or_another_service_reads_is_named() -> None:
     docs = documents()
     container = copy.deepcopy(container_of(workloads(docs)["tokenizer"]))
