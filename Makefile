@@ -13,13 +13,13 @@ TOOLS_MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-tools
 MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model tools-model embeddings-model consul redis lint typecheck bench experiment soak clean
+.PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak clean
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
-test: venv model embeddings-model consul redis
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: venv model embeddings-model consul redis checkov
+	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
 # it carries onnxruntime-gpu instead of onnxruntime (LMESH_GPU=0: stay on the CPU build).
@@ -57,6 +57,14 @@ consul:
 # machine's own apt sources, unpacked without root.
 redis:
 	bash deploy/scripts/install_redis.sh
+
+# checkov, the security linter the Kubernetes manifests are held to (tests/test_kubernetes.py), in a venv of its
+# own: its pins (packaging<24) conflict with the dev tools'.
+CHECKOV := $(LMESH_CACHE)/checkov/bin/checkov
+checkov: $(CHECKOV)
+$(CHECKOV):
+	$(PY) -m venv $(LMESH_CACHE)/checkov
+	$(LMESH_CACHE)/checkov/bin/pip install -q checkov==3.3.30
 
 lint: venv
 	$(BIN)/ruff check services tests bench

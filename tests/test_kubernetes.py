@@ -299,8 +299,8 @@ def checkov_command() -> str | None:
 def test_checkov_finds_nothing_but_the_skips_the_manifest_gives_reasons_for(tmp_path: Path) -> None:
     checkov = checkov_command()
     if checkov is None:
-        pytest.skip("checkov is not installed: `python -m venv V && V/bin/pip install checkov`, then "
-                    "LMESH_CHECKOV=V/bin/checkov")
+        pytest.skip("checkov is not installed: `make checkov` (make test runs it), then "
+                    "LMESH_CHECKOV=$LMESH_CACHE/checkov/bin/checkov")
     # Offline: no download of Bridgecrew's policies or guideline mapping (they would only add guideline links).
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false",
            "HOME": str(tmp_path)}
