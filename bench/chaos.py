@@ -64,7 +64,8 @@ PROMPTS = ("What is the capital of France?", "Name three colours of the rainbow.
            "Say hello in Spanish.", "What do bees make?", "Name a planet of the solar system.")
 # About 1,500 tokens: a sequence whose KV alone outweighs the whole steady load's, so that a replica holding it
 # can be told from its reported KV memory (Consul meta load_kv_bytes).
-LONG_PROMPT = "Repeat after me: " + "the quick brown fox jumps over the lazy dog, " * 150
+LONG_PROMPT = ("Notes: " + "the quick brown fox jumps over the lazy dog, " * 150
+               + "\nIgnore the notes. Write a very long story about a dragon who learns to cook, at least 3000 words.")
 LONG_POSITIONS = 1000  # a replica holding more positions than this holds the long sequence
 
 
@@ -81,6 +82,7 @@ class ChatRecord:
     tokens: int = 0  # logprob entries received: one per generated token
     completion_tokens: int | None = None  # usage, on a completed answer
     first_token: float | None = None
+    detail: str = ""  # a failure's status message
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class ScenarioResult:
     measured: dict[str, float | None]
     checks: list[Check] = field(default_factory=list)
     error: str = ""  # the scenario itself could not run (its row fails)
+    examples: dict[str, str] = field(default_factory=dict)  # status code name -> the first failure's message
 
     @property
     def passed(self) -> bool:
@@ -176,12 +179,16 @@ def judge(name: str, records: Sequence[ChatRecord], measured: dict[str, float | 
     """The scenario's row: the load's counts plus `measured` (the load's summary and the scenario's own
     measurements), checked against `targets`."""
     codes = Counter(r.code for r in records if r.code != OK)
+    examples: dict[str, str] = {}
+    for record in records:
+        if record.code != OK:
+            examples.setdefault(record.code, record.detail)
     checks = [Check(t, measured.get(t.metric), t.holds(measured.get(t.metric))) for t in targets]
     return ScenarioResult(name, sent=len(records), completed=len(records) - sum(codes.values()),
                           failed=dict(sorted(codes.items())), recover_s=float(measured.get("recover_s") or 0.0),
                           tokens_lost=int(measured.get("tokens_lost") or 0),
                           tokens_duplicated=int(measured.get("tokens_duplicated") or 0), measured=measured,
-                          checks=checks)
+                          checks=checks, examples=examples)
 
 
 def render(results: Sequence[ScenarioResult]) -> str:
@@ -427,7 +434,7 @@ class SteadyLoad:
         try:
             endpoint = await self.resolver.pick()
         except LmeshError as exc:  # no passing gateway at all
-            record.code, record.ended = exc.code.name, time.monotonic()
+            record.code, record.ended, record.detail = exc.code.name, time.monotonic(), str(exc)
             return record
         call = endpoint.stub(gateway_pb2_grpc.GatewayStub).Chat(metadata=auth(self.key), timeout=CALL_TIMEOUT_S)
         try:
@@ -440,7 +447,7 @@ class SteadyLoad:
                 if response.finish_reason:
                     record.completion_tokens = response.usage.completion_tokens
         except grpc.aio.AioRpcError as exc:
-            record.code = exc.code().name
+            record.code, record.detail = exc.code().name, exc.details() or ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.resolver.mark_down(endpoint)
         record.ended = time.monotonic()
@@ -525,6 +532,8 @@ async def freeze_inference(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     stuck = [r for r in load.records if fault.at <= r.started < thawed
              and (r.code != OK or (r.first_token or r.ended) - r.started > STUCK_S)]
     fault.measured["routed_around_s"] = round(max((r.started - fault.at for r in stuck), default=0.0), 3)
+    # Streams open on the frozen replica waited for the thaw: proof that the freeze met some (and let them finish).
+    fault.measured["held_by_freeze"] = sum(r.started < fault.at and r.ended >= thawed for r in load.records)
     return fault
 
 
@@ -595,21 +604,24 @@ async def slow_client(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name
     fault.measured["slow_reader_completed"] = 1 if code == OK and usage == tokens else 0
-    # Many alternatives per token: the answer outgrows what the transport buffers for a client that reads nothing.
-    stalled = stub.Chat(metadata=auth(mesh.key), timeout=120)
-    await stalled.write(chat_start(LONG_PROMPT, 4000, top_logprobs=20))
-    await stalled.done_writing()
-    await stalled.read()
-    stalled_at = time.monotonic()
-    held = await wait_positions(mesh, True, timeout=60)
-    freed = await wait_positions(mesh, False, timeout=STALLED_CLIENT_S + 60) if held is not None else None
-    fault.measured["stalled_freed_s"] = round(freed - stalled_at, 3) if freed is not None else None
-    try:
-        while await stalled.read() is not grpc.aio.EOF:
-            pass
-        fault.measured["stalled_cut"] = 0
-    except grpc.aio.AioRpcError as exc:
-        fault.measured["stalled_cut"] = 1 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else 0
+    # Many alternatives per token, and a small flow-control window that never grows (no BDP probing): the answer
+    # soon outgrows what HTTP/2 lets the gateway send to a client that reads nothing, and its writes block.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
+    async with grpc.aio.insecure_channel(gateway.target, options=options) as channel:
+        stalled = gateway_pb2_grpc.GatewayStub(channel).Chat(metadata=auth(mesh.key), timeout=120)
+        await stalled.write(chat_start(LONG_PROMPT, 4000, top_logprobs=20))
+        await stalled.done_writing()
+        await stalled.read()
+        stalled_at = time.monotonic()
+        held = await wait_positions(mesh, True, timeout=60)
+        freed = await wait_positions(mesh, False, timeout=STALLED_CLIENT_S + 60) if held is not None else None
+        fault.measured["stalled_freed_s"] = round(freed - stalled_at, 3) if freed is not None else None
+        try:
+            while await stalled.read() is not grpc.aio.EOF:
+                pass
+            fault.measured["stalled_cut"] = 0
+        except grpc.aio.AioRpcError as exc:
+            fault.measured["stalled_cut"] = 1 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else 0
     await asyncio.sleep(1.0)
     return fault
 
@@ -639,13 +651,14 @@ SCENARIOS = (
     Scenario("kill-registry", kill_dependency("registry"), (Target("failed", "==", 0),)),
     Scenario("restart-consul", restart_consul, (Target("failed", "==", 0), Target("all_passing_s", "<=", 10.0))),
     # The health check: every second, a timeout of 1 s; then a moment for the gateways' watch to see it.
-    Scenario("freeze-inference", freeze_inference, (Target("routed_around_s", "<=", 3.0),
+    Scenario("freeze-inference", freeze_inference, (Target("held_by_freeze", ">=", 1),
+                                                    Target("routed_around_s", "<=", 3.0),
                                                     Target("failed", "==", 0)), ("inference-b",)),
     Scenario("vanished-client", vanished_client, (Target("long_stream_held", "==", 1),
                                                   Target("slot_freed_s", "<=", 3.0),
                                                   Target("failed", "==", 0))),
     Scenario("slow-client", slow_client, (Target("slow_reader_completed", "==", 1), Target("stalled_cut", "==", 1),
-                                          Target("stalled_freed_s", "<=", STALLED_CLIENT_S + 10.0),
+                                          Target("stalled_freed_s", "<=", STALLED_CLIENT_S + 5.0),
                                           Target("failed", "==", 0))),
 )
 NOT_DONE = ("network cut to one replica (network namespace)",)
@@ -746,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Chaos: {args.streams} load streams (max_tokens {args.max_tokens}, logprobs on), 2 inference replicas, "
           f"{os.cpu_count()} CPUs, {time.monotonic() - began:.0f} s")
     print(render(results))
+    for row in results:
+        for code, detail in row.examples.items():
+            print(f"  {row.name}: first {code}: {detail}")
     print(f"not done: {'; '.join(NOT_DONE)}")
     if args.json:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

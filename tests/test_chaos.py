@@ -118,7 +118,7 @@ async def test_a_killed_and_a_frozen_replica_under_load_meet_their_targets(built
         find_consul()
     except FileNotFoundError:
         pytest.skip("no consul binary: run `make consul`")
-    results = await run(built_model, select("kill-inference,freeze-inference"), streams=4, max_tokens=12)
+    results = await run(built_model, select("kill-inference,freeze-inference"), streams=6, max_tokens=12)
     table = render(results)
     assert [r.name for r in results] == ["kill-inference", "freeze-inference"], table
     assert all(r.passed for r in results), table
