@@ -60,6 +60,8 @@ DOWN_S = 3.0  # how long a killed tokenizer, policy or registry stays down
 FREEZE_S = 6.0  # how long a replica stays frozen (SIGSTOP)
 STALLED_CLIENT_S = 3.0  # the chaos gateways' --stalled-client-s (the default, 60 s, would make the run long)
 STUCK_S = 2.0  # a chat whose first token took longer than this met the frozen replica
+CONSUL_RESTARTS = 2  # the Consul scenario restarts the agent this many times: what it shows is a race
+CONSUL_WATCH_S = 12.0  # how long the agent is watched after each restart (the target: all passing within 10 s)
 PROMPTS = ("What is the capital of France?", "Name three colours of the rainbow.", "What is two plus two?",
            "Say hello in Spanish.", "What do bees make?", "Name a planet of the solar system.")
 # About 1,500 tokens: a sequence whose KV alone outweighs the whole steady load's, so that a replica holding it
@@ -498,20 +500,27 @@ def kill_dependency(name: str) -> ScenarioFn:
 
 
 async def restart_consul(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
-    """The Consul agent restarted with its state: every instance passes again, and no chat fails meanwhile."""
+    """The Consul agent restarted with its state, CONSUL_RESTARTS times: every instance passes again and stays
+    passing, and no chat fails meanwhile. The agent is polled for CONSUL_WATCH_S after each restart: right after
+    one, it may list the instances passing from its stored catalog before its restored checks (critical until
+    they first run) reach that catalog, so only a last change to passing counts."""
     fault = Fault(time.monotonic())
-    await asyncio.to_thread(mesh.consul.stop)
-    await asyncio.to_thread(mesh.consul.start)
-    deadline = fault.at + 30
-    while not await mesh.all_passing():
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)  # polling the agent itself: the resolvers' caches would hide what it lists
-    else:
-        fault.restored_at = time.monotonic()
-        fault.measured["all_passing_s"] = round(fault.restored_at - fault.at, 3)
-    fault.measured.setdefault("all_passing_s", None)
-    await asyncio.sleep(SETTLE_S)
+    worst: float | None = 0.0
+    for _ in range(CONSUL_RESTARTS):
+        began = time.monotonic()
+        await asyncio.to_thread(mesh.consul.stop)
+        await asyncio.to_thread(mesh.consul.start)
+        passing_since: float | None = None
+        while time.monotonic() < began + CONSUL_WATCH_S:
+            if not await mesh.all_passing():
+                passing_since = None
+            elif passing_since is None:
+                passing_since = time.monotonic()
+            await asyncio.sleep(0.2)  # polling the agent itself: the resolvers' caches would hide what it lists
+        took = None if passing_since is None else passing_since - began
+        worst = None if took is None or worst is None else max(worst, took)
+    fault.measured["all_passing_s"] = None if worst is None else round(worst, 3)
+    fault.restored_at = time.monotonic()
     return fault
 
 
