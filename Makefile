@@ -13,7 +13,8 @@ TOOLS_MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-tools
 MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak clean
+.PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak
+.PHONY: chaos clean
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
@@ -94,6 +95,10 @@ experiment: venv model embeddings-model tools-model consul
 soak: venv model consul redis
 	for run in 1 2 3; do LMESH_ACCOUNTING_CHATS=2000 $(BIN)/python -m pytest -q -s tests/test_accounting_e2e.py \
 		-k concurrent || exit 1; done
+
+# Faults under a steady load of streaming chats (docs/chaos.md): one table row per scenario, exit 1 on a missed target.
+chaos: venv model consul
+	$(BIN)/python -m bench.chaos --model-dir $(MODEL_DIR)
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:
