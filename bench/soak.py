@@ -8,8 +8,10 @@ four (`--http-share`) goes through the gateway's OpenAI-compatible HTTP API, the
 Every chat is counted: sent, completed, failed by gRPC status code (or HTTP status, or the error event's code).
 
 Every `--sample-s` seconds: VmRSS (/proc/PID/status) and the number of entries in /proc/PID/fd of each service.
-The first part of the run is warm-up (its first 20 %, at least 30 s): caches, pools and arenas fill there. After
-it, a service's level is the median of its first tenth of samples and its end the median of its last tenth.
+The first part of the run is warm-up (its first 20 %, at least 30 s): caches, pools and arenas fill there. What
+is judged is the samples from then to the end of `--minutes` (the chats still running after it finish, the load
+falling, and are not judged): a service's level is the median of the first tenth of them, its end the median of
+the last tenth.
 
 Pass: no chat failed, each service's RSS grew < 10 % from its warm-up level to its end, and its open fds grew
 by at most 10 % or FD_ALLOWANCE descriptors. A table per service and a summary go to stdout, everything to
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -245,14 +248,17 @@ class ServiceVerdict:
         return not self.problems
 
 
-def judge_service(service: str, samples: list[Sample], warm_up_s: float, gone: str = "") -> ServiceVerdict:
-    """The growth of one service from the end of warm-up to the end of the run, and what is wrong with it."""
+def judge_service(service: str, samples: list[Sample], warm_up_s: float, load_end_s: float = math.inf,
+                  gone: str = "") -> ServiceVerdict:
+    """The growth of one service from the end of warm-up to the end of the full load (`load_end_s`: after it the
+    last chats finish and the load falls, which would hide growth), and what is wrong with it."""
     verdict = ServiceVerdict(service, len(samples))
     if gone:
         verdict.problems.append(f"exited during the run ({gone})")
-    measured = [s for s in samples if s.t_s >= warm_up_s]
+    measured = [s for s in samples if warm_up_s <= s.t_s <= load_end_s]
     if len(measured) < 2:
-        verdict.problems.append(f"{len(measured)} samples after the {warm_up_s:g} s warm-up (at least 2 needed)")
+        verdict.problems.append(f"{len(measured)} samples between the end of warm-up ({warm_up_s:g} s) and of the "
+                                f"load ({load_end_s:g} s); at least 2 needed")
         return verdict
     width = max(1, min(int(len(measured) * LEVEL_SHARE), len(measured) // 2))
     first, last = measured[:width], measured[-width:]
@@ -271,11 +277,11 @@ def judge_service(service: str, samples: list[Sample], warm_up_s: float, gone: s
     return verdict
 
 
-def judge(samples: dict[str, list[Sample]], gone: dict[str, str], warm_up_s: float,
+def judge(samples: dict[str, list[Sample]], gone: dict[str, str], warm_up_s: float, load_end_s: float,
           failures: Counter[str]) -> tuple[list[ServiceVerdict], list[str]]:
     """Each service's verdict, and every reason the soak fails (none: it passes)."""
-    verdicts = [judge_service(service, series, warm_up_s, gone.get(service, "")) for service, series in
-                samples.items()]
+    verdicts = [judge_service(service, series, warm_up_s, load_end_s, gone.get(service, ""))
+                for service, series in samples.items()]
     reasons = [f"{service.service}: {problem}" for service in verdicts for problem in service.problems]
     if failures:
         reasons.insert(0, f"{sum(failures.values())} chats failed: " +
@@ -305,14 +311,14 @@ class SoakConfig:
 @dataclass
 class SoakRun:
     config: SoakConfig
-    duration_s: float = 0.0  # from the first chat sent to the last one finished
+    duration_s: float = 0.0  # from the first chat sent to the last one finished (past config.duration_s)
     tallies: dict[str, Tally] = field(default_factory=lambda: {GRPC: Tally(), HTTP: Tally()})
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     gone: dict[str, str] = field(default_factory=dict)  # service -> how it went away during the run
 
     @property
     def warm_up_s(self) -> float:
-        return warm_up_cut(self.duration_s, self.config.warm_up_share, self.config.warm_up_min_s)
+        return warm_up_cut(self.config.duration_s, self.config.warm_up_share, self.config.warm_up_min_s)
 
     @property
     def failures(self) -> Counter[str]:
@@ -322,7 +328,7 @@ class SoakRun:
         return sum(int(getattr(t, attribute)) for t in self.tallies.values())
 
     def judge(self) -> tuple[list[ServiceVerdict], list[str]]:
-        return judge(self.samples, self.gone, self.warm_up_s, self.failures)
+        return judge(self.samples, self.gone, self.warm_up_s, self.config.duration_s, self.failures)
 
 
 async def soak(mesh: RunningMesh, config: SoakConfig, services: tuple[str, ...] = SERVICES) -> SoakRun:
@@ -339,13 +345,27 @@ async def soak(mesh: RunningMesh, config: SoakConfig, services: tuple[str, ...] 
         streams = [chat_stream(number, config.api_of(number), began + config.duration_s,
                                run.tallies[config.api_of(number)], stub, client, mesh.key, config.seed)
                    for number in range(config.streams)]
+        progress = asyncio.create_task(print_progress(run, began, stop))
         try:
             await asyncio.gather(*streams)
         finally:
             run.duration_s = time.monotonic() - began
             stop.set()
-            await sampler
+            await asyncio.gather(sampler, progress)
     return run
+
+
+async def print_progress(run: SoakRun, began: float, stop: asyncio.Event, every_s: float = 60.0) -> None:
+    """A line to stderr every `every_s` while the load runs, so a long soak shows it is alive (and how)."""
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+            return
+        except TimeoutError:
+            rss_mb = sum(series[-1].rss_kb for series in run.samples.values() if series) / 1024
+            print(f"  {time.monotonic() - began:.0f} s: {run.total('completed')}/{run.total('sent')} chats, "
+                  f"{sum(run.failures.values())} failed, services' RSS {rss_mb:.0f} MB in all", file=sys.stderr,
+                  flush=True)
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
@@ -353,8 +373,9 @@ async def soak(mesh: RunningMesh, config: SoakConfig, services: tuple[str, ...] 
 
 def render(run: SoakRun, verdicts: list[ServiceVerdict], reasons: list[str]) -> str:
     http_streams = sum(run.config.api_of(stream) == HTTP for stream in range(run.config.streams))
-    lines = [f"Soak: {run.config.streams} streams ({http_streams} over HTTP) for {run.duration_s:.0f} s, warm-up "
-             f"{run.warm_up_s:.0f} s, a sample every {run.config.sample_s:g} s",
+    lines = [f"Soak: {run.config.streams} streams ({http_streams} over HTTP) for {run.config.duration_s:g} s (the "
+             f"last chats done at {run.duration_s:.0f} s), judged from {run.warm_up_s:g} s (after warm-up) to "
+             f"{run.config.duration_s:g} s, a sample every {run.config.sample_s:g} s",
              f"{'service':11} {'RSS warm-up':>12} {'RSS end':>9} {'growth':>8} {'fds warm-up':>12} {'fds end':>8} "
              f"{'samples':>8}  verdict"]
     for v in verdicts:
@@ -402,12 +423,12 @@ def plot(run: SoakRun, path: Path) -> bool:
         rss_axis.plot(times, [s.rss_kb / 1024 for s in series], label=service)
         fd_axis.plot(times, [s.fds for s in series], label=service)
     for axis in (rss_axis, fd_axis):
-        axis.axvline(run.warm_up_s, color="grey", linestyle="--", linewidth=1)
+        axis.axvspan(run.warm_up_s, run.config.duration_s, color="grey", alpha=0.12, linewidth=0)
         axis.grid(alpha=0.3)
     rss_axis.set_yscale("log")
     rss_axis.set_ylabel("RSS (MB, log scale)")
     rss_axis.set_title(f"lmesh soak: {run.config.streams} streaming chats, {run.total('completed')} completed, "
-                       f"{sum(run.failures.values())} failed (dashed: end of warm-up)", fontsize=10)
+                       f"{sum(run.failures.values())} failed (shaded: the part judged)", fontsize=10)
     rss_axis.legend(fontsize=8, ncol=4)
     fd_axis.set_ylabel("open fds")
     fd_axis.set_xlabel("seconds")

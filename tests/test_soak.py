@@ -64,6 +64,18 @@ def test_growth_during_warm_up_is_not_counted_growth_after_it_is() -> None:
     assert "RSS grew" in verdict.problems[0]
 
 
+def test_only_the_full_load_is_judged_not_the_falling_tail_after_it() -> None:
+    """After the load's end the last chats finish and memory and connections are let go: counting that tail would
+    hide growth under load."""
+    leak_then_tail = [100.0 + 15 * i / 39 for i in range(40)] + [90.0] * 5  # t = 0..195 s under load, then falls
+    fds = [30 + i for i in range(40)] + [20] * 5
+    verdict = judge_service("inference", series(leak_then_tail, fds), warm_up_s=0, load_end_s=195)
+    assert verdict.samples == 45 and verdict.rss_growth == pytest.approx(0.13, abs=0.02)
+    assert len(verdict.problems) == 2  # RSS and fds both
+    assert judge_service("inference", series(leak_then_tail, fds), warm_up_s=0).passed  # the tail hid both
+    assert not judge_service("inference", series([100.0] * 40), warm_up_s=30, load_end_s=30).passed  # too short
+
+
 def test_rss_growth_just_under_the_limit_passes_and_at_it_fails() -> None:
     assert judge_service("tools", series([100.0] * 10 + [109.0] * 10), warm_up_s=0).passed
     assert not judge_service("tools", series([100.0] * 10 + [110.0] * 10), warm_up_s=0).passed
@@ -95,7 +107,7 @@ def test_fds_may_grow_by_the_allowance_or_ten_percent_not_more() -> None:
 
 def test_too_few_samples_after_warm_up_or_an_exited_process_fail() -> None:
     short = judge_service("registry", series([100.0] * 7), warm_up_s=30)  # one sample at 30 s
-    assert not short.passed and "1 samples after the 30 s warm-up" in short.problems[0]
+    assert not short.passed and "1 samples between the end of warm-up (30 s)" in short.problems[0]
     assert not judge_service("registry", [], warm_up_s=0).passed
     gone = judge_service("registry", series([100.0] * 40), warm_up_s=30, gone="pid 7 exited after 90 s")
     assert not gone.passed and "exited during the run" in gone.problems[0]
@@ -103,13 +115,13 @@ def test_too_few_samples_after_warm_up_or_an_exited_process_fail() -> None:
 
 def test_the_soak_fails_on_any_error_and_names_every_reason() -> None:
     samples = {"gateway": series([100.0] * 40), "policy": series([100.0] * 20 + [130.0] * 20)}
-    verdicts, reasons = judge(samples, {}, 30, Counter({"UNAVAILABLE": 2, "HTTP 503": 1}))
+    verdicts, reasons = judge(samples, {}, 30, 200, Counter({"UNAVAILABLE": 2, "HTTP 503": 1}))
     assert [v.passed for v in verdicts] == [True, False]
     assert reasons[0] == "3 chats failed: UNAVAILABLE 2, HTTP 503 1"
     assert reasons[1].startswith("policy: RSS grew +30.0%")
-    _, clean = judge({"gateway": series([100.0] * 40)}, {}, 30, Counter())
+    _, clean = judge({"gateway": series([100.0] * 40)}, {}, 30, 200, Counter())
     assert clean == []
-    _, only_errors = judge({"gateway": series([100.0] * 40)}, {}, 30, Counter({"DEADLINE_EXCEEDED": 1}))
+    _, only_errors = judge({"gateway": series([100.0] * 40)}, {}, 30, 200, Counter({"DEADLINE_EXCEEDED": 1}))
     assert only_errors == ["1 chats failed: DEADLINE_EXCEEDED 1"]
 
 
@@ -156,7 +168,7 @@ def test_the_report_carries_the_verdict_and_every_sample(tmp_path: Path) -> None
 
 async def test_a_short_soak_of_a_real_mesh_has_no_errors_and_samples_every_service(
         built_model: Path, tmp_path: Path) -> None:
-    config = SoakConfig(duration_s=30, streams=8, sample_s=1, warm_up_share=0.2, warm_up_min_s=5)
+    config = SoakConfig(duration_s=25, streams=8, sample_s=1, warm_up_share=0.2, warm_up_min_s=5)
     async with full_mesh(built_model, tmp_path) as mesh:
         run = await soak(mesh, config)
     verdicts, reasons = run.judge()
