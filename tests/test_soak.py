@@ -172,6 +172,8 @@ async def test_a_short_soak_of_a_real_mesh_has_no_errors_and_samples_every_servi
     async with full_mesh(built_model, tmp_path) as mesh:
         run = await soak(mesh, config)
     verdicts, reasons = run.judge()
+    # Not the growth verdict: 25 s is too short for the inference replica's prefix cache to fill, which takes
+    # about a minute under 64 streams; the unit tests above judge growth, `make soak` a real run.
     print(render(run, verdicts, reasons))
     assert run.failures == Counter(), render(run, verdicts, reasons)
     assert run.tallies[GRPC].completed > 0 and run.tallies[HTTP].completed > 0
