@@ -92,9 +92,12 @@ experiment: venv model embeddings-model tools-model consul
 
 # Longer runs of the accounting scenarios (not part of make test): the concurrent-chat tests with 2000 chats
 # against a budget for about 100 (one policy on SQLite, one killed and restarted, two on one Redis), three times.
-soak: venv model consul redis
+# Then the whole mesh under 64 streaming chats for 10 minutes: no errors, no RSS or fd growth after warm-up
+# (bench/results/soak.json, docs/soak.png; docs/soak.md).
+soak: venv model embeddings-model consul redis
 	for run in 1 2 3; do LMESH_ACCOUNTING_CHATS=2000 $(BIN)/python -m pytest -q -s tests/test_accounting_e2e.py \
 		-k concurrent || exit 1; done
+	$(BIN)/python -m bench.soak --model-dir $(MODEL_DIR)
 
 # Faults under a steady load of streaming chats (docs/chaos.md): one table row per scenario, exit 1 on a missed target.
 chaos: venv model consul
