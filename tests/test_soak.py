@@ -168,16 +168,16 @@ def test_the_report_carries_the_verdict_and_every_sample(tmp_path: Path) -> None
 
 async def test_a_short_soak_of_a_real_mesh_has_no_errors_and_samples_every_service(
         built_model: Path, tmp_path: Path) -> None:
-    config = SoakConfig(duration_s=25, streams=8, sample_s=1, warm_up_share=0.2, warm_up_min_s=5)
+    config = SoakConfig(duration_s=12, streams=8, sample_s=1, warm_up_share=0.2, warm_up_min_s=3)
     async with full_mesh(built_model, tmp_path) as mesh:
         run = await soak(mesh, config)
     verdicts, reasons = run.judge()
-    # Not the growth verdict: 25 s is too short for the inference replica's prefix cache to fill, which takes
+    # Not the growth verdict: 12 s is too short for the inference replica's prefix cache to fill, which takes
     # about a minute under 64 streams; the unit tests above judge growth, `make soak` a real run.
     print(render(run, verdicts, reasons))
     assert run.failures == Counter(), render(run, verdicts, reasons)
     assert run.tallies[GRPC].completed > 0 and run.tallies[HTTP].completed > 0
     assert run.total("sent") == run.total("completed") and run.total("tokens") > 0
     assert set(run.samples) == set(SERVICES) and not run.gone
-    assert all(len(series) >= 20 for series in run.samples.values()), {s: len(v) for s, v in run.samples.items()}
+    assert all(len(series) >= 10 for series in run.samples.values()), {s: len(v) for s, v in run.samples.items()}
     assert all(sample.rss_kb > 10 * MB and sample.fds > 0 for series in run.samples.values() for sample in series)
