@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ from services.common.supervisor import ProcessExited, Supervisor
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT
-from tests.netns import Hosts, unavailable_reason
+from tests.netns import Hosts, ip, unavailable_reason
 from tests.test_metrics import scrape, value
 
 CONSUL_HTTP_PORT = 8500
@@ -104,6 +105,56 @@ def skip_reason() -> str | None:
     except FileNotFoundError as exc:
         return str(exc)
     return None
+
+
+def connects(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_cut_host_is_a_black_hole_until_restored_and_nothing_outlives_the_hosts() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces here: {reason}")
+    with Hosts(2) as hosts:
+        names = {host.netns for host in hosts.hosts.values()} | {host.port for host in hosts.hosts.values()}
+        assert all(str(os.getpid()) in name for name in names | {hosts.bridge})
+        listener = hosts.run_in("host2", [sys.executable, "-c", LISTENER, hosts["host2"].address],
+                                stdout=subprocess.PIPE)
+        try:
+            assert listener.stdout is not None
+            port = int(listener.stdout.readline())
+            assert connects(hosts["host2"].address, port)  # from the root namespace, over the bridge
+            from_host1 = [sys.executable, "-c", CONNECT, hosts["host2"].address, str(port)]
+            assert subprocess.run(hosts.argv_in("host1", from_host1), timeout=20).returncode == 0
+            hosts.cut("host2")
+            started = time.monotonic()
+            assert not connects(hosts["host2"].address, port)
+            assert time.monotonic() - started >= 0.9  # dropped, not refused: the caller learns it by timing out
+            assert subprocess.run(hosts.argv_in("host1", from_host1), timeout=20).returncode != 0
+            hosts.restore("host2")
+            assert subprocess.run(hosts.argv_in("host1", from_host1), timeout=20).returncode == 0
+        finally:
+            listener.kill()
+            listener.wait()
+    left = ip("netns", "list").stdout + ip("-o", "link", "show").stdout
+    assert not [name for name in names | {hosts.bridge} if name in left], left
+
+
+LISTENER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+while True:
+    server.accept()[0].close()
+"""
+CONNECT = """
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()
+"""
 
 
 @contextlib.contextmanager
@@ -295,54 +346,72 @@ async def chats_until_settled(live: MultiHostMesh, cut_at: float) -> RouteAround
         await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
 
 
+@dataclass
+class Cut:
+    """What a cut showed: how chats routed around it, and when Consul (asked on host1) stopped listing the cut
+    host's replica as passing."""
+
+    route: RouteAround
+    failed_in_consul_s: float
+    cut_at: float  # time.monotonic()
+
+
+async def cut_and_route_around(live: MultiHostMesh, host: str, survivor: str) -> Cut:
+    """Cuts `host`'s link and chats until every chat succeeds again; each successful chat from then on must have
+    been served by `survivor`. The link stays cut (the caller restores it)."""
+    before = await live.served()
+    cut_at = time.monotonic()
+    live.hosts.cut(host)
+    failed = asyncio.create_task(wait_until(live.passing_replica_hosts, lambda got: host not in got,
+                                            COME_BACK_BOUND_S, f"Consul marking {host}'s replica failed"))
+    try:
+        route = await chats_until_settled(live, cut_at)
+        assert route.settled_s <= ROUTE_AROUND_BOUND_S, route
+        after = await live.served()
+        assert host not in after, after  # its metrics are unreachable too, as meant
+        served_by_survivor = after[survivor] - before[survivor]
+        assert served_by_survivor >= route.succeeded_after >= STREAK, (before, after, str(route))
+        return Cut(route, await failed, cut_at)
+    finally:
+        failed.cancel()
+        await asyncio.gather(failed, return_exceptions=True)
+
+
 async def test_chats_cross_hosts_route_around_a_cut_host_and_come_back(multihost: MultiHostMesh) -> None:
     live = multihost
-    # (1) Answers come from the replicas on host2 and host3, over the bridge.
-    before = await live.served()
+    # (1) Answers come from the replicas on host2 and host3, over the bridge: both serve.
+    before = now = await live.served()
     assert set(before) == set(REPLICA_HOSTS), before
     answered = 0
-    for _ in range(8):
+    while answered < 8 and not all(now[h] > before[h] for h in REPLICA_HOSTS):
         assert await chat(live) == ""
         answered += 1
         now = await live.served()
-        if all(now[h] > before[h] for h in REPLICA_HOSTS):
-            break
     assert sum(now.values()) - sum(before.values()) == answered, (before, now)
     assert all(now[h] > before[h] for h in REPLICA_HOSTS), f"one replica served all {answered} chats: {before} {now}"
 
     # (2) host2 drops off the network: chats settle on host3 within the bound.
-    before = now
-    cut_at = time.monotonic()
-    live.hosts.cut("host2")
     try:
-        route = await chats_until_settled(live, cut_at)
-        print(f"\nhost2 cut: {route}")
-        assert route.settled_s <= ROUTE_AROUND_BOUND_S, route
-        after = await live.served()
-        assert "host2" not in after  # unreachable, as meant
-        assert after["host3"] - before["host3"] >= route.succeeded_after >= STREAK, (before, after, route)
-        gone = await wait_until(live.passing_replica_hosts, lambda got: "host2" not in got, COME_BACK_BOUND_S,
-                                "Consul marking host2's replica failed")
-        print(f"host2's replica no longer passing in Consul {time.monotonic() - cut_at:.1f} s after the cut "
-              f"(seen {gone:.1f} s after the chats settled)")
+        cut = await cut_and_route_around(live, "host2", survivor="host3")
     finally:
         restored_at = time.monotonic()
         live.hosts.restore("host2")
+    print(f"\nhost2 cut: chats {cut.route}; Consul stopped listing its replica as passing "
+          f"{cut.failed_in_consul_s:.1f} s after the cut")
 
     # (3) host2 comes back: its replica passes again, and serves once host3 is cut.
     back = await wait_until(live.passing_replica_hosts, lambda got: "host2" in got, COME_BACK_BOUND_S,
                             "host2's replica passing again")
-    print(f"host2 restored: its replica passes in Consul again {back:.1f} s after the link came back "
-          f"(cut for {restored_at - cut_at:.1f} s)")
-    before = await live.served()
-    assert "host2" in before, before
-    cut_at = time.monotonic()
-    live.hosts.cut("host3")
+    print(f"host2 restored after {restored_at - cut.cut_at:.1f} s: its replica passes in Consul again {back:.1f} s "
+          "after the link came back")
     try:
-        route = await chats_until_settled(live, cut_at)
-        print(f"host3 cut: {route}")
-        assert route.settled_s <= ROUTE_AROUND_BOUND_S, route
-        after = await live.served()
-        assert after["host2"] - before["host2"] >= route.succeeded_after >= STREAK, (before, after, route)
+        cut = await cut_and_route_around(live, "host3", survivor="host2")
     finally:
+        restored_at = time.monotonic()
         live.hosts.restore("host3")
+    print(f"host3 cut: chats {cut.route}; Consul stopped listing its replica as passing "
+          f"{cut.failed_in_consul_s:.1f} s after the cut")
+    back = await wait_until(live.passing_replica_hosts, lambda got: "host3" in got, COME_BACK_BOUND_S,
+                            "host3's replica passing again")
+    print(f"host3 restored after {restored_at - cut.cut_at:.1f} s: its replica passes in Consul again {back:.1f} s "
+          "after the link came back")
