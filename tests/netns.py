@@ -12,14 +12,13 @@ the first one no address of this machine uses, chosen under a file lock so two r
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import ipaddress
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,9 +185,3 @@ class Hosts:
 
     def restore(self, host: str) -> None:
         ip("link", "set", self.hosts[host].port, "up")
-
-
-@contextlib.contextmanager
-def hosts(count: int) -> Iterator[Hosts]:
-    with Hosts(count) as made:
-        yield made
