@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,9 +62,6 @@ WATCH_WAIT_S = 10
 # How long instances that a (possibly restarted) agent stopped listing stay in use while their channels work: a
 # restarted agent knows nothing until the services register again and pass a check, about two seconds.
 UNCONFIRMED_GRACE_S = 15.0
-# How long after a gap answers may still be a restarted agent's: one that kept its state lists every instance at
-# first, then none of them until each one's check has run again (seconds).
-AFTER_GAP_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -305,7 +301,6 @@ class ServiceResolver:
         self._in_flight: dict[grpc.aio.Channel, int] = {}
         self._retired: set[grpc.aio.Channel] = set()
         self._loaded = asyncio.Event()
-        self._gap_seen_at = -math.inf  # time.monotonic() of the last answer after a gap in the watch
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._round_robin = itertools.count()
@@ -413,10 +408,9 @@ class ServiceResolver:
             await self._update(answer.nodes, answer.after_gap)
 
     async def _update(self, nodes: list[dict[str, Any]], after_gap: bool = False) -> None:
-        """Takes Consul's passing instances. Within AFTER_GAP_WINDOW_S of a gap in the watch (the agent may have
-        restarted and not have heard from its services yet, or reloaded them with their checks not yet run),
-        instances it no longer lists are kept, unconfirmed, for UNCONFIRMED_GRACE_S while their channels work;
-        otherwise they are dropped at once."""
+        """Takes Consul's passing instances. After a gap in the watch (the agent may have restarted and not have
+        heard from its services yet), instances it no longer lists are kept, unconfirmed, for
+        UNCONFIRMED_GRACE_S while their channels work; otherwise they are dropped at once."""
         seen: dict[str, Endpoint] = {}
         for node in nodes:
             svc = node["Service"]
@@ -432,14 +426,11 @@ class ServiceResolver:
                 channel = self._channel_factory(host_port(address, int(svc["Port"])), self.name)
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
         now = time.monotonic()
-        if after_gap:
-            self._gap_seen_at = now
-        restarted_recently = now - self._gap_seen_at < AFTER_GAP_WINDOW_S
         gone: list[Endpoint] = []
         for service_id, endpoint in self._endpoints.items():
             if service_id in seen:
                 continue
-            if restarted_recently and not endpoint.unconfirmed_until and _channel_works(endpoint.channel):
+            if after_gap and not endpoint.unconfirmed_until and _channel_works(endpoint.channel):
                 endpoint.unconfirmed_until = now + UNCONFIRMED_GRACE_S
                 asyncio.get_running_loop().call_later(UNCONFIRMED_GRACE_S, self._drop_unconfirmed)
                 log.info("Consul's agent no longer lists %s after a gap in its answers (restarted?); using it "
