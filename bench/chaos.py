@@ -43,7 +43,7 @@ from services.common.connect import apply_intentions
 from services.common.consul_agent import consul_answers, find_consul, free_port
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import LmeshError
-from services.common.peers import POLICY, REGISTRY, open_mesh
+from services.common.peers import POLICY, REGISTRY, open_mesh, public_gateway
 from services.common.supervisor import ProcessExited, Supervisor
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
@@ -616,8 +616,8 @@ async def slow_client(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     # Many alternatives per token, and a small flow-control window that never grows (no BDP probing): the answer
     # soon outgrows what HTTP/2 lets the gateway send to a client that reads nothing, and its writes block.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
-    async with grpc.aio.insecure_channel(gateway.target, options=options) as channel:
-        stalled = gateway_pb2_grpc.GatewayStub(channel).Chat(metadata=auth(mesh.key), timeout=120)
+    async with public_gateway(gateway.target, options=options) as stub:
+        stalled = stub.Chat(metadata=auth(mesh.key), timeout=120)
         await stalled.write(chat_start(LONG_PROMPT, 4000, top_logprobs=20))
         await stalled.done_writing()
         await stalled.read()

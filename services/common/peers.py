@@ -204,14 +204,16 @@ class GatewayTls:
 
 
 @contextlib.asynccontextmanager
-async def public_gateway(target: str, tls: GatewayTls | None = None) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+async def public_gateway(target: str, tls: GatewayTls | None = None, *,
+                         options: Sequence[tuple[str, Any]] = ()) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
     """The public API of the gateway at `target` (`lmesh chat --gateway`, `make run`'s sample answer): a client
     of the mesh, not a member, so no mesh credentials; over TLS with `tls` (the gateway's certificate must name
-    the host in `target`), plaintext without."""
+    the host in `target`), plaintext without. `options`: the channel's, as a client may tune them (make chaos
+    plays one with a small HTTP/2 window)."""
     if tls is None:
-        channel = grpc.aio.insecure_channel(target)
+        channel = grpc.aio.insecure_channel(target, options=list(options))
     else:
-        channel = grpc.aio.secure_channel(target, tls.channel_credentials())
+        channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options=list(options))
     async with channel:
         yield GATEWAY.stub(channel)
 

@@ -541,7 +541,10 @@ class InferenceStream:
         self._cancelled = False
 
     def _serves(self, endpoint: Endpoint) -> bool:
-        return self._model_id in endpoint.models and endpoint.service_id not in self._refused
+        # A replica draining the version after a rollout still takes it for a grace period (Consul meta `draining`):
+        # a chat routed to it just before the switch is not refused for want of a replica.
+        serving = self._model_id in endpoint.models or self._model_id in endpoint.meta.get("draining", "").split(",")
+        return serving and endpoint.service_id not in self._refused
 
     async def __aenter__(self) -> InferenceStream:
         await self._open(none_match=f"no inference replica serves {self._model_id}; start one with "
