@@ -307,7 +307,7 @@ def targets_text(targets: Any) -> str:
 def replica_state(endpoints: Any, model_id: str) -> str:
     """What the passing inference replicas do with a version: `warm`, `loading`, `draining`, combined with
     commas, each with its count (`warm:2,loading:1`) when more than one replica is involved; `-` for none."""
-    from services.registry.servicer import meta_models
+    from services.common.discovery import meta_models
 
     counts: Counter[str] = Counter()
     involved = 0

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -227,6 +227,12 @@ class ConsulRegistration:
             log.warning("could not deregister %s from Consul: %s", self.service_id, exc)
 
 
+def meta_models(meta: Mapping[str, str], key: str) -> list[str]:
+    """The `name:version` entries of an inference replica's comma-separated Consul meta `key`: `models` (warm,
+    advertised), `loading` or `draining`."""
+    return [model for model in meta.get(key, "").split(",") if model]
+
+
 @dataclass
 class Endpoint:
     """One passing instance of a service, with its channel and the calls in flight to it."""
@@ -249,7 +255,7 @@ class Endpoint:
     @property
     def models(self) -> list[str]:
         """The model versions an inference instance serves (its Consul meta `models`, comma-separated)."""
-        return [model for model in self.meta.get("models", "").split(",") if model]
+        return meta_models(self.meta, "models")
 
     def load_key(self) -> tuple[int, int]:
         reported = 0

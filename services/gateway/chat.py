@@ -30,7 +30,7 @@ from lmesh.tokenizer.v1.tokenizer_pb2_grpc import TokenizerStub
 from opentelemetry import trace
 
 from services.common.access import version_allowed
-from services.common.discovery import Endpoint, Mesh
+from services.common.discovery import Endpoint, Mesh, meta_models
 from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
 from services.common.peers import EMBEDDINGS, INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
 from services.common.references import check_reference
@@ -275,7 +275,7 @@ class ChatService:
     async def _wait_while_loading(self, model_id: str) -> None:
         """A version no replica serves yet but one is loading (a first rollout, or a swap with a drain): the request
         waits for it, up to LOAD_WAIT_S, rather than fail; otherwise the replica choice refuses it, naming it."""
-        if not any(model_id in e.meta.get("loading", "").split(",") for e in await self._inference.passing()):
+        if not any(model_id in meta_models(e.meta, "loading") for e in await self._inference.passing()):
             return
         with contextlib.suppress(TimeoutError):
             await self._inference.wait_for(lambda e: model_id in e.models, timeout=LOAD_WAIT_S)
@@ -543,7 +543,7 @@ class InferenceStream:
     def _serves(self, endpoint: Endpoint) -> bool:
         # A replica draining the version after a rollout still takes it for a grace period (Consul meta `draining`):
         # a chat routed to it just before the switch is not refused for want of a replica.
-        serving = self._model_id in endpoint.models or self._model_id in endpoint.meta.get("draining", "").split(",")
+        serving = self._model_id in endpoint.models or self._model_id in meta_models(endpoint.meta, "draining")
         return serving and endpoint.service_id not in self._refused
 
     async def __aenter__(self) -> InferenceStream:

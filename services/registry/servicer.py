@@ -10,6 +10,7 @@ from lmesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.admin import AdminGuard
 from services.common.connect import parse_spiffe_id, peer_spiffe_id
+from services.common.discovery import meta_models
 from services.common.errors import InvalidArgument, LmeshError, NotFound, Reason, Unavailable
 from services.common.references import check_reference
 from services.common.rpc import first_message
@@ -41,11 +42,6 @@ DEFAULT_GC_MIN_AGE_S = 3600
 # The service ids of the passing inference replicas that serve, load or drain a version (`name:version`);
 # Unavailable when Consul cannot be asked.
 ReplicasUsing = Callable[[str], Awaitable[Sequence[str]]]
-
-
-def meta_models(meta: Mapping[str, str], key: str) -> list[str]:
-    """The `name:version` entries of a replica's comma-separated Consul meta `key`."""
-    return [model for model in meta.get(key, "").split(",") if model]
 
 
 def replica_uses(meta: Mapping[str, str], model_id: str) -> bool:
