@@ -63,6 +63,38 @@ async def test_unknown_services_methods_and_servers_without_reflection_fail_clea
         await bare.stop(None)
 
 
+class _RacingChannel:
+    """A channel whose server ends every call before the request is written, the way grpc-aio reports it
+    (INTERNAL from the send), then answers `final` (a stand-in: the race is timing-dependent on real servers)."""
+
+    def __init__(self, races: int, final: grpc.StatusCode) -> None:
+        self.races, self.final, self.calls = races, final, 0
+
+    def stream_stream(self, path: str, **_: object) -> object:
+        def call(requests: object, **__: object) -> AsyncIterator[object]:
+            return self._answer()
+        return call
+
+    async def _answer(self) -> AsyncIterator[object]:
+        self.calls += 1
+        if self.calls <= self.races:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "Internal error from Core",
+                                       'Failed "execute_batch": (<SendMessageOperation object>,)')
+        raise grpc.aio.AioRpcError(self.final, grpc.aio.Metadata(), grpc.aio.Metadata(), "nope")
+        yield  # an async generator
+
+
+async def test_a_server_that_closes_before_the_request_is_sent_is_asked_again() -> None:
+    channel = _RacingChannel(races=1, final=grpc.StatusCode.UNAUTHENTICATED)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await describe_method(channel, f"{REGISTRY}/ResolveModel")  # type: ignore[arg-type]
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and channel.calls == 2
+    always = _RacingChannel(races=100, final=grpc.StatusCode.UNIMPLEMENTED)
+    with pytest.raises(FailedPrecondition, match="no server reflection"):
+        await describe_method(always, f"{REGISTRY}/ResolveModel")  # type: ignore[arg-type]
+
+
 def test_method_paths() -> None:
     assert split_method_path("/a.B/C") == ("a.B", "C")
     for bad in ("", "a.B", "B/C", "a.B/C/D", "/a.B/"):

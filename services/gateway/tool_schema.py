@@ -132,6 +132,15 @@ def _single_schema(field: descriptor.FieldDescriptor, depth: int) -> dict[str, A
     return {"type": "string"}
 
 
+_SEND_RACE_ATTEMPTS = 3
+
+
+def _lost_send_race(exc: grpc.aio.AioRpcError) -> bool:
+    """True when grpc-aio reports INTERNAL only because the server closed the call (say, UNIMPLEMENTED at once)
+    before the request was written: a real reflection service always reads the request first."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "SendMessage" in (exc.debug_error_string() or "")
+
+
 async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: float,
                             metadata: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     """The serialized FileDescriptorProtos that define `symbol` and its dependencies, through server reflection
@@ -144,16 +153,20 @@ async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: flo
         async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
 
-        try:
-            async for response in call(requests(), timeout=timeout, metadata=list(metadata)):
-                if response.HasField("error_response"):
-                    raise FailedPrecondition(f"server reflection does not know {symbol}: "
-                                             f"{response.error_response.error_message}")
-                return list(response.file_descriptor_response.file_descriptor_proto)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            last = exc
+        for attempt in range(_SEND_RACE_ATTEMPTS):
+            try:
+                async for response in call(requests(), timeout=timeout, metadata=list(metadata)):
+                    if response.HasField("error_response"):
+                        raise FailedPrecondition(f"server reflection does not know {symbol}: "
+                                                 f"{response.error_response.error_message}")
+                    return list(response.file_descriptor_response.file_descriptor_proto)
+            except grpc.aio.AioRpcError as exc:
+                if _lost_send_race(exc) and attempt + 1 < _SEND_RACE_ATTEMPTS:
+                    continue  # the server ended the call first; ask again to learn its real status
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not _lost_send_race(exc):
+                    raise
+                last = exc
+                break
     raise FailedPrecondition(f"the tool's server has no server reflection ({last.details() if last else ''}); "
                              "a tool needs it for its schema")
 
