@@ -510,17 +510,39 @@ async def restart_consul(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
         began = time.monotonic()
         await asyncio.to_thread(mesh.consul.stop)
         await asyncio.to_thread(mesh.consul.start)
-        passing_since: float | None = None
-        while time.monotonic() < began + CONSUL_WATCH_S:
-            if not await mesh.all_passing():
-                passing_since = None
-            elif passing_since is None:
-                passing_since = time.monotonic()
-            await asyncio.sleep(0.2)  # polling the agent itself: the resolvers' caches would hide what it lists
-        took = None if passing_since is None else passing_since - began
+        took = await watch_all_passing(mesh, began)
         worst = None if took is None or worst is None else max(worst, took)
-    fault.measured["all_passing_s"] = None if worst is None else round(worst, 3)
+    fault.measured["all_passing_s"] = worst
     fault.restored_at = time.monotonic()
+    return fault
+
+
+async def watch_all_passing(mesh: ChaosMesh, began: float) -> float | None:
+    """Polls the agent for CONSUL_WATCH_S from `began`: seconds until every instance passed for good (the last
+    change to all passing), or None if they never all did."""
+    passing_since: float | None = None
+    while time.monotonic() < began + CONSUL_WATCH_S:
+        if not await mesh.all_passing():
+            passing_since = None
+        elif passing_since is None:
+            passing_since = time.monotonic()
+        await asyncio.sleep(0.2)  # polling the agent itself: the resolvers' caches would hide what it lists
+    return None if passing_since is None else round(passing_since - began, 3)
+
+
+async def restart_consul_fresh(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
+    """The Consul agent restarted without its state (its data directory lost): a new catalog and a new Connect CA,
+    so every service registers again and renews its certificate, and the intentions are applied again, as the
+    operator's configuration does (`lmesh intentions apply`). Chats must not fail meanwhile."""
+    fault = Fault(time.monotonic())
+    await asyncio.to_thread(mesh.consul.stop)
+    await asyncio.to_thread(shutil.rmtree, mesh.consul.data_dir)
+    mesh.consul.data_dir.mkdir(parents=True)
+    await asyncio.to_thread(mesh.consul.start)
+    await apply_intentions(mesh.consul.http_addr)
+    fault.measured["all_passing_s"] = await watch_all_passing(mesh, fault.at)
+    fault.restored_at = time.monotonic()
+    await asyncio.sleep(SETTLE_S)
     return fault
 
 
@@ -659,6 +681,8 @@ SCENARIOS = (
                                                         Target("after_restore_s", "<=", 2.0))),
     Scenario("kill-registry", kill_dependency("registry"), (Target("failed", "==", 0),)),
     Scenario("restart-consul", restart_consul, (Target("failed", "==", 0), Target("all_passing_s", "<=", 10.0))),
+    Scenario("restart-consul-fresh", restart_consul_fresh, (Target("failed", "==", 0),
+                                                            Target("all_passing_s", "<=", 10.0))),
     # The health check: every second, a timeout of 1 s; then a moment for the gateways' watch to see it.
     Scenario("freeze-inference", freeze_inference, (Target("held_by_freeze", ">=", 1),
                                                     Target("routed_around_s", "<=", 3.0),

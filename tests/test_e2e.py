@@ -1970,7 +1970,10 @@ def test_no_call_between_services_is_made_outside_the_client_runtime() -> None:
 async def test_no_service_logged_a_traceback(live: LiveMesh) -> None:
     """Runs last: after everything above (bad input, cancels, kills, drains), no service logged a bug."""
     for name in live.procs.processes:
-        log = live.procs.log(name)
+        # The OpenTelemetry SDK logs an ERROR when the test's collector answers too slowly (a loaded machine):
+        # the collector's, not a service's, problem.
+        log = "\n".join(line for line in live.procs.log(name).splitlines()
+                        if not ("opentelemetry.exporter" in line and "DEADLINE_EXCEEDED" in line))
         assert "Traceback" not in log and " ERROR " not in log, f"{name}:\n{log[-3000:]}"
 
 

@@ -62,6 +62,10 @@ WATCH_WAIT_S = 10
 # How long instances that a (possibly restarted) agent stopped listing stay in use while their channels work: a
 # restarted agent knows nothing until the services register again and pass a check, about two seconds.
 UNCONFIRMED_GRACE_S = 15.0
+# After a gap, how long an instance that is still registered but whose check is critical stays in use while its
+# channel works: an agent restarted with its state first lists everything passing from its stored catalog, then
+# runs the restored checks, which start critical for a second or more.
+RESTORED_CHECKS_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,8 @@ class ServiceResolver:
         # Channel-close tasks in flight, referenced so the event loop does not drop them half done.
         self._closing: set[asyncio.Future[None]] = set()
         self._renewing: dict[str, asyncio.Task[None]] = {}  # service id -> the renewed channel waiting to connect
+        self._restored_checks_until = 0.0  # monotonic end of the window after a gap (RESTORED_CHECKS_WINDOW_S)
+        self._listed_since_gap: set[str] = set()  # ids the agent listed (passing or not) since the last gap
 
     def _close_now(self, channel: grpc.aio.Channel) -> None:
         self._retired.discard(channel)
@@ -410,13 +416,27 @@ class ServiceResolver:
                 raise Unavailable(f"{self.name}: Consul did not answer; is it running at CONSUL_HTTP_ADDR?") from None
 
     async def _watch(self) -> None:
-        async for answer in health_watch(self._client, self.name, logging.WARNING, passing=True):
-            await self._update(answer.nodes, answer.after_gap)
+        # Every registered instance, not only passing ones: after a gap, one whose check is critical may be a
+        # restored check that has not run yet, while one that is not listed at all may have deregistered.
+        async for answer in health_watch(self._client, self.name, logging.WARNING):
+            passing = [node for node in answer.nodes if _all_checks_pass(node)]
+            await self._update(passing, answer.after_gap, registered={
+                node["Service"]["ID"] for node in answer.nodes if not _all_checks_pass(node)})
 
-    async def _update(self, nodes: list[dict[str, Any]], after_gap: bool = False) -> None:
-        """Takes Consul's passing instances. After a gap in the watch (the agent may have restarted and not have
-        heard from its services yet), instances it no longer lists are kept, unconfirmed, for
-        UNCONFIRMED_GRACE_S while their channels work; otherwise they are dropped at once."""
+    async def _update(self, nodes: list[dict[str, Any]], after_gap: bool = False,
+                      registered: set[str] | frozenset[str] = frozenset()) -> None:
+        """Takes Consul's passing instances (`nodes`) and the ids of those `registered` but not passing.
+
+        Instances no longer passing are dropped at once, except after a gap in the watch (the agent may have
+        restarted): then an instance the agent has not listed since the gap (it may not have heard from it yet),
+        or one it lists with a critical check within RESTORED_CHECKS_WINDOW_S of the gap (a restored check that
+        has not run yet), stays in use, unconfirmed, for UNCONFIRMED_GRACE_S while its channel works. One the agent
+        listed after the gap and then no longer lists at all has deregistered: it goes at once.
+        """
+        now = time.monotonic()
+        if after_gap:
+            self._restored_checks_until = now + RESTORED_CHECKS_WINDOW_S
+            self._listed_since_gap = set()
         seen: dict[str, Endpoint] = {}
         for node in nodes:
             svc = node["Service"]
@@ -431,21 +451,27 @@ class ServiceResolver:
             else:
                 channel = self._channel_factory(host_port(address, int(svc["Port"])), self.name)
                 seen[service_id] = Endpoint(service_id, address, int(svc["Port"]), meta, channel)
-        now = time.monotonic()
+        deregistered = self._listed_since_gap - set(seen) - registered
+        self._listed_since_gap |= set(seen) | registered
+        restoring = now < self._restored_checks_until
         gone: list[Endpoint] = []
         for service_id, endpoint in self._endpoints.items():
             if service_id in seen:
                 continue
-            if after_gap and not endpoint.unconfirmed_until and _channel_works(endpoint.channel):
+            unlisted = after_gap or (restoring and service_id not in self._listed_since_gap)
+            restored = restoring and service_id in registered
+            if (unlisted or restored) and not endpoint.unconfirmed_until and _channel_works(endpoint.channel):
                 endpoint.unconfirmed_until = now + UNCONFIRMED_GRACE_S
                 asyncio.get_running_loop().call_later(UNCONFIRMED_GRACE_S, self._drop_unconfirmed)
-                log.info("Consul's agent no longer lists %s after a gap in its answers (restarted?); using it "
-                         "until it registers again or fails", service_id)
-            if endpoint.unconfirmed_until > now:
+                log.info("Consul's agent %s %s after a gap in its answers (restarted?); using it until it "
+                         "passes again or fails", "has not yet passed the check of" if restored
+                         else "no longer lists", service_id)
+            if endpoint.unconfirmed_until > now and service_id not in deregistered:
                 seen[service_id] = endpoint
             else:
                 gone.append(endpoint)
         self._endpoints = seen
+        self._listed_since_gap &= set(seen) | registered  # only what may still be asked about
         self._retire(gone)
         self._loaded.set()
         async with self._changed:
@@ -502,6 +528,11 @@ class ServiceResolver:
         endpoint.down_until = time.monotonic() + MARK_DOWN_S
         if endpoint.unconfirmed_until:  # it failed before Consul listed it again: not worth another try
             self._drop_unconfirmed(failed=endpoint)
+
+
+def _all_checks_pass(node: dict[str, Any]) -> bool:
+    """Whether Consul would list this instance as passing (`?passing`): every check on it and its node passes."""
+    return all(check.get("Status") == "passing" for check in node.get("Checks") or ())
 
 
 def _channel_works(channel: grpc.aio.Channel) -> bool:
