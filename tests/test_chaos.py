@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import (
+    BUDGET_TARGETS,
     COMMON_TARGETS,
     OK,
     SCENARIOS,
     ChatRecord,
     Target,
+    budget_drift,
     judge,
     render,
     run,
@@ -72,6 +74,30 @@ def test_a_hang_a_slow_failure_and_a_wrong_code_each_miss_their_target() -> None
     missed = {c.target.metric for c in result.checks if not c.ok}
     assert missed == {"hung", "failed_not_unavailable", "slowest_failure_s", "after_restore_s", "recover_s"}
     assert not result.passed and result.failed == {"DEADLINE_EXCEEDED": 1, "INTERNAL": 1}
+
+
+def chat(code: str, content: str, tokens: int, prompt: int | None = None) -> ChatRecord:
+    record = ChatRecord(1.0, 2.0, code, tokens, tokens if code == OK else None, content=content)
+    record.prompt_tokens = prompt
+    return record
+
+
+def test_budget_drift_is_exact_without_failures_and_bounded_by_what_failures_may_be_charged() -> None:
+    clean = [chat(OK, "a", 8, prompt=30), chat(OK, "b", 24, prompt=40)]
+    assert budget_drift(clean, 102, max_tokens=24) == {"charged_tokens": 102, "budget_drift": 0,
+                                                       "drift_over_bound": 0}
+    assert budget_drift(clean, 103, max_tokens=24)["drift_over_bound"] == 1  # a token charged that nobody got
+    under = budget_drift(clean, 90, max_tokens=24)
+    assert under["budget_drift"] == -12
+    assert not all(t.holds(under[t.metric]) for t in BUDGET_TARGETS)  # generated and not charged: a miss
+    # A chat cut after 5 tokens (prompt from its content's completed twin) may be charged up to its reservation;
+    # one that failed before any token, anywhere from nothing to its whole reservation.
+    failures = [*clean, chat("UNAVAILABLE", "a", 5), chat("UNAVAILABLE", "b", 0)]
+    least = 102 + 30 + 5
+    assert budget_drift(failures, least, 24)["budget_drift"] == 0
+    most = least + (24 - 5) + (40 + 24)
+    assert budget_drift(failures, most, 24)["drift_over_bound"] == 0
+    assert budget_drift(failures, most + 1, 24)["drift_over_bound"] == 1
 
 
 def test_no_failure_means_no_recovery_time_and_nothing_in_flight_failed() -> None:

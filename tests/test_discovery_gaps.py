@@ -69,3 +69,14 @@ async def test_a_critical_check_outside_the_window_after_a_gap_drops_the_instanc
     resolver._restored_checks_until = 0.0  # the window has passed
     await resolver._update([node("a", 1)], registered={"b"})
     assert ids(resolver) == ["a"]
+
+
+async def test_an_instance_new_after_a_gap_waits_for_an_answer_its_check_has_spoken_in(
+        resolver: ServiceResolver) -> None:
+    # A replica killed before the restart: the stored catalog still says passing; its check has not run yet.
+    await resolver._update([node("a", 1), node("b", 2), node("dead", 3)], after_gap=True)
+    assert ids(resolver) == ["a", "b"]
+    await resolver._update([node("a", 1), node("b", 2)], registered={"dead"})
+    assert ids(resolver) == ["a", "b"]
+    await resolver._update([node("a", 1), node("b", 2), node("new", 4)])  # one that started meanwhile
+    assert ids(resolver) == ["a", "b", "new"]

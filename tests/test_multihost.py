@@ -1,4 +1,4 @@
-"""A mesh across three hosts (Linux network namespaces on one bridge, tests/netns.py), each with its own Consul agent.
+"""A mesh across three hosts (Linux network namespaces on one bridge, bench/netns.py), each with its own Consul agent.
 
 host1 runs the Consul server and registry, policy, tokenizer and gateway; host2 and host3 a Consul client and one
 inference replica each. Everything talks mTLS with Connect certificates its own host's agent issued, and intentions
@@ -30,6 +30,7 @@ import pytest
 import pytest_asyncio
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from bench.netns import Hosts, ip, unavailable_reason
 from services.common.connect import apply_intentions
 from services.common.consul_agent import find_consul, probe_consul
 from services.common.discovery import Mesh
@@ -38,7 +39,6 @@ from services.common.supervisor import ProcessExited, Supervisor
 from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT
-from tests.netns import Hosts, ip, unavailable_reason
 from tests.test_metrics import scrape, value
 
 CONSUL_HTTP_PORT = 8500

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -570,26 +571,35 @@ class IntentionAuthorizer:
         seen: int | None = None
         held = False  # whether Consul held intentions at its last answer
         grace: asyncio.TimerHandle | None = None
+        reapplying_until = 0.0  # intentions came back after vanishing: they are still being applied until then
         async for index, listed in _watch(self._client, "/v1/connect/intentions", "intentions"):
             if index != seen:
                 seen = index
-                if grace is not None:
+                if grace is not None:  # they are being applied again
                     grace.cancel()
                     grace = None
+                    reapplying_until = time.monotonic() + VANISHED_INTENTIONS_GRACE_S
                 if held and not listed:
                     log.warning("every intention is gone from Consul (an agent restarted without its state?); the "
                                 "decisions made stand for %.0f s, until intentions are applied again",
                                 VANISHED_INTENTIONS_GRACE_S)
                     grace = asyncio.get_running_loop().call_later(VANISHED_INTENTIONS_GRACE_S, self._invalidate)
                 else:
-                    self._invalidate()
+                    self._invalidate(soft=time.monotonic() < reapplying_until)
                 held = bool(listed)
             self._watching.set()
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, soft: bool = False) -> None:
+        """Decisions are asked again: at once, or (`soft`, while vanished intentions are applied one by one and
+        the agent's own cache catches up) once SETTLE_S has passed, the decisions made before standing until then."""
         self._generation += 1
-        self._cache.clear()
-        self._settle_until = time.monotonic() + SETTLE_S
+        now = time.monotonic()
+        if soft:
+            for key, cached in self._cache.items():
+                self._cache[key] = _Cached(cached.decision, min(cached.expires_at or math.inf, now + SETTLE_S))
+        else:
+            self._cache.clear()
+        self._settle_until = now + SETTLE_S
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -605,18 +615,21 @@ class IntentionAuthorizer:
         if not any(in_trust_domain(caller, domain) for domain in domains):
             return Decision(False, f"{caller} is not of this mesh's trust domain {domains[0]}")
         self.start()
-        cached = self._cache.get(caller)
+        # Intentions name services, not trust domains (checked above): a caller's new certificate after a CA
+        # change (an agent restarted without its state) keeps the decision its service already has.
+        key = f"{parsed.namespace}/{parsed.datacenter}/{parsed.service}"
+        cached = self._cache.get(key)
         if cached is not None and (cached.expires_at is None or cached.expires_at > time.monotonic()):
             return cached.decision
-        task = self._inflight.get(caller)
+        task = self._inflight.get(key)
         if task is None:  # one question to Consul per caller at a time, however many calls wait for it
-            task = asyncio.create_task(self._ask(caller, cached))
-            self._inflight[caller] = task
-            task.add_done_callback(lambda done: self._inflight.pop(caller, None) if self._inflight.get(caller)
+            task = asyncio.create_task(self._ask(caller, key, cached))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._inflight.pop(key, None) if self._inflight.get(key)
                                    is done else None)
         return await asyncio.shield(task)
 
-    async def _ask(self, caller: str, fallback: _Cached | None) -> Decision:
+    async def _ask(self, caller: str, key: str, fallback: _Cached | None) -> Decision:
         body = {"Target": self.target, "ClientCertURI": caller}
         for _ in range(3):
             generation = self._generation
@@ -641,7 +654,7 @@ class IntentionAuthorizer:
             now = time.monotonic()
             if len(self._cache) >= MAX_CACHED_CALLERS:
                 self._cache.clear()
-            self._cache[caller] = _Cached(decision, self._settle_until if now < self._settle_until else None)
+            self._cache[key] = _Cached(decision, self._settle_until if now < self._settle_until else None)
             return decision
         return decision  # changing faster than we can ask: the latest answer, uncached
 

@@ -431,7 +431,9 @@ class ServiceResolver:
         restarted): then an instance the agent has not listed since the gap (it may not have heard from it yet),
         or one it lists with a critical check within RESTORED_CHECKS_WINDOW_S of the gap (a restored check that
         has not run yet), stays in use, unconfirmed, for UNCONFIRMED_GRACE_S while its channel works. One the agent
-        listed after the gap and then no longer lists at all has deregistered: it goes at once.
+        listed after the gap and then no longer lists at all has deregistered: it goes at once. An instance new to
+        this resolver is not taken from the first answer after a gap (a stored catalog says passing before any
+        check has run), only from a later one.
         """
         now = time.monotonic()
         if after_gap:
@@ -444,6 +446,10 @@ class ServiceResolver:
             service_id = svc["ID"]
             meta = dict(svc.get("Meta") or {})
             current = self._endpoints.get(service_id)
+            if current is None and after_gap:
+                # A restarted agent's stored catalog lists instances passing that may have died meanwhile (their
+                # checks run later): a new one is taken from the next answer, once its check has spoken.
+                continue
             if current is not None and current.target == host_port(address, int(svc["Port"])):
                 current.meta = meta
                 current.unconfirmed_until = 0.0
