@@ -80,3 +80,12 @@ async def test_an_instance_new_after_a_gap_waits_for_an_answer_its_check_has_spo
     assert ids(resolver) == ["a", "b"]
     await resolver._update([node("a", 1), node("b", 2), node("new", 4)])  # one that started meanwhile
     assert ids(resolver) == ["a", "b", "new"]
+
+
+async def test_after_a_gap_new_instances_are_taken_when_they_are_all_there_is() -> None:
+    resolver = ServiceResolver(None, "lmesh-test")  # type: ignore[arg-type]
+    try:
+        await resolver._update([node("a", 1)], after_gap=True)  # the watch's first query failed: a first answer
+        assert ids(resolver) == ["a"]
+    finally:
+        await resolver.close()

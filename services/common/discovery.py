@@ -433,20 +433,23 @@ class ServiceResolver:
         has not run yet), stays in use, unconfirmed, for UNCONFIRMED_GRACE_S while its channel works. One the agent
         listed after the gap and then no longer lists at all has deregistered: it goes at once. An instance new to
         this resolver is not taken from the first answer after a gap (a stored catalog says passing before any
-        check has run), only from a later one.
+        check has run) while instances it knows are listed too, only from a later one.
         """
         now = time.monotonic()
         if after_gap:
             self._restored_checks_until = now + RESTORED_CHECKS_WINDOW_S
             self._listed_since_gap = set()
         seen: dict[str, Endpoint] = {}
+        # After a gap, instances new to this resolver wait for a later answer, unless it knows none of those listed
+        # (its first answer, or every instance it knew is gone): then they are all there is.
+        defer_new = after_gap and any(node["Service"]["ID"] in self._endpoints for node in nodes)
         for node in nodes:
             svc = node["Service"]
             address = svc.get("Address") or node["Node"]["Address"]
             service_id = svc["ID"]
             meta = dict(svc.get("Meta") or {})
             current = self._endpoints.get(service_id)
-            if current is None and after_gap:
+            if current is None and defer_new:
                 # A restarted agent's stored catalog lists instances passing that may have died meanwhile (their
                 # checks run later): a new one is taken from the next answer, once its check has spoken.
                 continue
