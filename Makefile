@@ -100,8 +100,10 @@ soak: venv model embeddings-model consul redis
 	$(BIN)/python -m bench.soak --model-dir $(MODEL_DIR)
 
 # Faults under a steady load of streaming chats (docs/chaos.md): one table row per scenario, exit 1 on a missed target.
+# Then the multi-host mesh's long version: its replicas' hosts cut in turn, four more times (root only).
 chaos: venv model consul
 	$(BIN)/python -m bench.chaos --model-dir $(MODEL_DIR)
+	LMESH_MULTIHOST_CUTS=4 $(BIN)/python -m pytest -q -s tests/test_multihost.py
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:

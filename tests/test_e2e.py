@@ -2159,8 +2159,9 @@ async def test_a_rollout_and_its_rollback_under_sixteen_streams_fail_no_request(
 
 
 async def test_a_canary_split_takes_its_share_and_a_rollback_ends_it_at_once(live: LiveMesh) -> None:
-    """`default` split 90/10 between version 1 and the int8 build: 400 chats send 10% ± 5 points to the canary;
-    `rollback` restores version 1 alone for the very next chats. A version in use cannot be deleted."""
+    """`default` split 90/10 between version 1 and the int8 build: 200 chats send 10% ± 7 points (3.3 standard
+    deviations) to the canary; `rollback` restores version 1 alone for the very next chats. A version in use cannot
+    be deleted."""
     from lmesh.registry.v1 import registry_pb2
 
     from services.common.rpc import error_reason
@@ -2184,10 +2185,10 @@ async def test_a_canary_split_takes_its_share_and_a_rollback_ends_it_at_once(liv
                 responses = await collect(stub, start(f"Say {i}.", max_tokens=1), live.api_key, timeout=120)
                 return responses[-1].model
 
-        models = Counter(await asyncio.gather(*(one(i) for i in range(400))))
+        models = Counter(await asyncio.gather(*(one(i) for i in range(200))))
         print(f"\ncanary split 90/10: {dict(models)}")
         assert set(models) == {V1, INT8}
-        assert abs(models[INT8] / 400 - 0.10) <= 0.05, models
+        assert abs(models[INT8] / 200 - 0.10) <= 0.07, models
 
         # In use: refused, naming the alias.
         with pytest.raises(grpc.aio.AioRpcError) as refused:

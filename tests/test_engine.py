@@ -1004,7 +1004,7 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
         return chat_prompt(built_model, "", text)
 
     plan: Plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
-                   if rng.random() < 0.4 else {}) for _ in range(10)]
+                   if rng.random() < 0.4 else {}) for _ in range(7)]
     delays = [rng.random() * 0.4 for _ in plan]
     limits = EngineLimits(max_active=5, prefill_chunk=96)
     alone = await answers_one_at_a_time(decoder, plan, limits)

@@ -55,6 +55,8 @@ ROUTE_AROUND_BOUND_S = 30.0
 # own agent's reconnect attempts (every 30 s), find it again; the rest is slack.
 COME_BACK_BOUND_S = 45.0
 CHAT_EVERY_S = 1.0
+# Further cuts after the first, the hosts in turn: 0 in `make test`, more in `make chaos` (LMESH_MULTIHOST_CUTS).
+LONG_CUTS = int(os.environ.get("LMESH_MULTIHOST_CUTS", "0"))
 CHAT_TIMEOUT_S = 20.0
 # Chats in a row, each sent after the last one that failed, that must succeed before a phase ends.
 STREAK = 6
@@ -380,6 +382,10 @@ async def cut_and_route_around(live: MultiHostMesh, host: str, survivor: str) ->
         await asyncio.gather(failed, return_exceptions=True)
 
 
+def has_host(host: str) -> Callable[[set[str]], bool]:
+    return lambda hosts: host in hosts
+
+
 async def test_chats_cross_hosts_route_around_a_cut_host_and_come_back(multihost: MultiHostMesh) -> None:
     live = multihost
     # (1) Answers come from the replicas on host2 and host3, over the bridge: both serve.
@@ -402,19 +408,22 @@ async def test_chats_cross_hosts_route_around_a_cut_host_and_come_back(multihost
     print(f"\nhost2 cut: chats {cut.route}; Consul stopped listing its replica as passing "
           f"{cut.failed_in_consul_s:.1f} s after the cut")
 
-    # (3) host2 comes back: its replica passes again, and serves once host3 is cut.
+    # (3) host2 comes back: its replica passes again. The long version (`make chaos`) then cuts the hosts in
+    # turn, each time with the other one as the survivor, which shows the restored one serving again.
     back = await wait_until(live.passing_replica_hosts, lambda got: "host2" in got, COME_BACK_BOUND_S,
                             "host2's replica passing again")
     print(f"host2 restored after {restored_at - cut.cut_at:.1f} s: its replica passes in Consul again {back:.1f} s "
           "after the link came back")
-    try:
-        cut = await cut_and_route_around(live, "host3", survivor="host2")
-    finally:
-        restored_at = time.monotonic()
-        live.hosts.restore("host3")
-    print(f"host3 cut: chats {cut.route}; Consul stopped listing its replica as passing "
-          f"{cut.failed_in_consul_s:.1f} s after the cut")
-    back = await wait_until(live.passing_replica_hosts, lambda got: "host3" in got, COME_BACK_BOUND_S,
-                            "host3's replica passing again")
-    print(f"host3 restored after {restored_at - cut.cut_at:.1f} s: its replica passes in Consul again {back:.1f} s "
-          "after the link came back")
+    for turn in range(1, LONG_CUTS + 1):
+        host, survivor = ("host3", "host2") if turn % 2 else ("host2", "host3")
+        try:
+            cut = await cut_and_route_around(live, host, survivor=survivor)
+        finally:
+            restored_at = time.monotonic()
+            live.hosts.restore(host)
+        print(f"{host} cut: chats {cut.route}; Consul stopped listing its replica as passing "
+              f"{cut.failed_in_consul_s:.1f} s after the cut")
+        back = await wait_until(live.passing_replica_hosts, has_host(host), COME_BACK_BOUND_S,
+                                f"{host}'s replica passing again")
+        print(f"{host} restored after {restored_at - cut.cut_at:.1f} s: its replica passes in Consul again "
+              f"{back:.1f} s after the link came back")
