@@ -599,6 +599,9 @@ async def test_a_restarted_dev_agents_new_ca_is_followed_and_the_former_trusted_
         assert identity.accepted_trust_domains() == (identity.trust_domain, former.trust_domain)
         assert former.roots_pem in identity.material.roots_pem  # peers with the former CA's leaves still pass
         assert (await authorizer.authorize(gateway)).allowed  # cached while intentions are applied again
+        renewed_gateway = spiffe_id_for(identity.trust_domain, "lmesh-gateway")
+        assert (await authorizer.authorize(renewed_gateway)).allowed  # its new certificate keeps its decision
+        assert not (await authorizer.authorize(spiffe_id_for(identity.trust_domain, "lmesh-tokenizer"))).allowed
         await apply_intentions(agent.http_addr)
         assert (await authorizer.authorize(spiffe_id_for(identity.trust_domain, "lmesh-gateway"))).allowed
         async with asyncio.timeout(20):
