@@ -157,7 +157,7 @@ def test_the_built_image_runs_the_mesh_and_answers() -> None:
     this host answer a chat (bench/container_mesh.py, about a minute)."""
     from tests.conftest import model_dir
 
-    assert shutil.which("podman"), "LMESH_CONTAINER_TESTS=1 but podman is missing: deploy/scripts/install_container_tools.sh"
+    assert shutil.which("podman"), "podman is missing: run deploy/scripts/install_container_tools.sh"
     image = container_mesh.default_image()
     inspected = subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True)
     assert inspected.returncode == 0, f"no image {image}: run `make image`"
