@@ -80,7 +80,9 @@ pip_quietly() {
 }
 step "wheels: lmesh $version built from the sources"
 mkdir -p "$tmp/wheels"
-pip_quietly wheel --no-deps --wheel-dir "$tmp/wheels" "$src"
+# Its files dated by the last commit, not by now: the same sources give the same wheel, and the cached build stands.
+SOURCE_DATE_EPOCH=$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 315532800) \
+  pip_quietly wheel --no-deps --wheel-dir "$tmp/wheels" "$src"
 # Resolved for the image's interpreter, not this one: markers such as redis' python_full_version < "3.11.3" differ.
 step "wheels: lmesh's dependencies resolved for Python $image_python with $python"
 extra=()
@@ -95,11 +97,9 @@ if [ ${#more[@]} -ne 0 ]; then
   echo "image: the resolution for Python $image_python still lacks ${more[*]}" >&2
   exit 2
 fi
-step "wheels: $(wc -l <"$tmp/pins.txt") pinned wheels into $work/wheels (cached)"
-pip_quietly download --no-deps --only-binary=:all: --python-version "$image_python" --dest "$work/wheels" \
-  --find-links "$work/wheels" -r "$tmp/pins.txt"
 # The wheels this build installs: the pinned ones (the cache may hold older versions too) and lmesh's.
-"$python" - "$tmp/pins.txt" "$work/wheels" "$tmp/wheels" <<'PY'
+pick_wheels() {
+  "$python" - "$tmp/pins.txt" "$work/wheels" "$tmp/wheels" <<'PY'
 import re
 import shutil
 import sys
@@ -119,8 +119,18 @@ for wheel in Path(sys.argv[2]).glob("*.whl"):
         shutil.copy2(wheel, sys.argv[3])
         found.add((canonical(name), version))
 if missing := wanted - found:
-    sys.exit(f"image: no wheel for {sorted(missing)} in {sys.argv[2]}; delete that folder and run again")
+    print(f"image: no wheel for {', '.join(f'{n}=={v}' for n, v in sorted(missing))} in {sys.argv[2]}")
+    sys.exit(3)
 PY
+}
+if pick_wheels >/dev/null; then
+  step "wheels: $(wc -l <"$tmp/pins.txt") pinned wheels, all in $work/wheels already"
+else
+  step "wheels: downloading the missing of $(wc -l <"$tmp/pins.txt") pinned wheels into $work/wheels"
+  pip_quietly download --no-deps --only-binary=:all: --python-version "$image_python" --dest "$work/wheels" \
+    --find-links "$work/wheels" -r "$tmp/pins.txt"
+  pick_wheels || exit 2
+fi
 cp "$tmp/pins.txt" "$tmp/wheels/constraints.txt"
 
 # ---- 2. the root filesystem, cached by everything that goes into it --------------------------------------------
@@ -171,6 +181,7 @@ if [ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "io.
   step "image $image:$version is already this build (rootfs $key)"
 else
   step "image: committing $image:$version with buildah"
+  previous=$(buildah inspect --type image --format '{{.FromImageID}}' "$image:$version" 2>/dev/null || true)
   container=$(buildah from --quiet scratch)
   buildah add --quiet "$container" "$rootfs" / >/dev/null
   revision=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
@@ -193,5 +204,7 @@ else
   buildah commit --quiet --rm --format oci "$container" "$image:$version" >/dev/null
   container=""
   buildah tag "$image:$version" "$image:latest"
+  # The build it replaces, untagged now: removed unless a container still uses it.
+  if [ -n "$previous" ]; then buildah rmi "$previous" >/dev/null 2>&1 || true; fi
 fi
 step "done: $image:$version (and :latest), $(buildah images --noheading --format '{{.Size}}' "$image:$version" | head -n 1)"
