@@ -14,7 +14,7 @@ MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak
-.PHONY: chaos clean
+.PHONY: chaos clean image image-check
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
@@ -104,6 +104,19 @@ soak: venv model embeddings-model consul redis
 chaos: venv model consul
 	$(BIN)/python -m bench.chaos --model-dir $(MODEL_DIR)
 	LMESH_MULTIHOST_CUTS=4 $(BIN)/python -m pytest -q -s tests/test_multihost.py
+
+# The container image localhost/lmesh:<version> (also :latest), without a registry: Debian's root filesystem from
+# this machine's apt mirror (mmdebstrap), lmesh's wheels made here, committed by buildah (deploy/container/build.sh;
+# docs/container.md). Cached under $(LMESH_CACHE)/container: a rerun with nothing changed rebuilds nothing.
+image: venv embeddings-model
+	bash deploy/scripts/install_container_tools.sh
+	bash deploy/container/build.sh $(BIN)/python
+
+# The image end to end (not part of make test): builds it, then the mesh as podman containers beside a Consul agent on
+# this host, a chat through the gateway from here, the containers removed (bench/container_mesh.py).
+image-check: venv model embeddings-model consul
+	bash deploy/scripts/install_container_tools.sh
+	$(BIN)/python -m bench.container_mesh --build --model-dir $(MODEL_DIR)
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:
