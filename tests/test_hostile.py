@@ -109,7 +109,8 @@ def test_the_judge(contracts: list[Rpc]) -> None:
     assert violations(chat, valid, Outcome("INTERNAL"))  # never
     assert violations(chat, valid, Outcome("UNKNOWN"))
     assert violations(chat, keyless, Outcome("OK"))  # an answer without a key
-    assert violations(chat, keyless, Outcome("CUT"))
+    assert violations(chat, keyless, Outcome("CUT", responses=[b""]))  # it streamed something without a key
+    assert violations(chat, keyless, Outcome("CUT")) == []  # cut before any answer: not answered yet
     assert violations(chat, keyless, Outcome("UNAUTHENTICATED")) == []
     assert violations(evaluate, Hostile((start,), "valid"), Outcome("UNAVAILABLE"))  # not documented there
     # Bytes that are not the request type: INVALID_ARGUMENT (field `request`) and nothing else.
