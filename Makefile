@@ -14,7 +14,7 @@ MODEL_FLAGS ?= --int8 --fp16
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak
-.PHONY: chaos clean image image-check
+.PHONY: chaos hostile clean image image-check
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
@@ -117,6 +117,13 @@ image: venv embeddings-model
 image-check: venv model embeddings-model consul
 	bash deploy/scripts/install_container_tools.sh
 	$(BIN)/python -m bench.container_mesh --build --model-dir $(MODEL_DIR)
+
+# Generated hostile requests at every RPC in protos/ and at the lmesh CLI (docs/hostile.md): one table row per RPC,
+# exit 1 on a status the RPC does not document, INTERNAL or UNKNOWN, a traceback in a log, or a service not passing.
+# HOSTILE_ARGS="--per-rpc 10000" for the issue's full count.
+HOSTILE_ARGS ?= --per-rpc 2000 --read-window 0.5
+hostile: venv model embeddings-model consul
+	$(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR) --json $(HOSTILE_ARGS)
 
 # Refuses while `lmesh dev` holds the home's lock: its services would go on from deleted databases.
 clean:

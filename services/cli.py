@@ -164,6 +164,7 @@ def _dev(args: argparse.Namespace) -> int:
 def _api_key(args: argparse.Namespace, *, certificate: bool = False) -> str:
     """The API key to send: --key, LMESH_API_KEY, else the dev key; with a client certificate (which is the
     credential then) only one given explicitly, else none ("")."""
+    from services.client import metadata_text
     from services.devmesh import dev_key_path
 
     key = args.key or os.environ.get("LMESH_API_KEY")
@@ -174,7 +175,7 @@ def _api_key(args: argparse.Namespace, *, certificate: bool = False) -> str:
     if not key:
         raise CommandError("no API key: pass --key, set LMESH_API_KEY, or run `make run` to create a dev key; or "
                            "pass --client-cert and --client-key of a certificate bound to a key")
-    return key
+    return metadata_text(key, "the API key (--key, LMESH_API_KEY or .lmesh/dev-api-key)")
 
 
 def _chat(args: argparse.Namespace) -> int:

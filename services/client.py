@@ -40,21 +40,32 @@ def operator_admin_token(given: str | None = None) -> str | None:
     """The admin token an operator command sends: `given` (--admin-token), else LMESH_ADMIN_TOKEN, else the one
     `lmesh dev` saved in LMESH_HOME."""
     if given:
-        return given
+        return metadata_text(given, "the admin token (--admin-token)")
     if os.environ.get(ADMIN_TOKEN_ENV):
-        return os.environ[ADMIN_TOKEN_ENV]
+        return metadata_text(os.environ[ADMIN_TOKEN_ENV], f"the admin token ({ADMIN_TOKEN_ENV})")
     try:
-        return admin_token_file().read_text().strip() or None
+        saved = admin_token_file().read_text().strip() or None
     except OSError:
         return None
+    return metadata_text(saved, f"the admin token ({admin_token_file()})") if saved else None
+
+
+def metadata_text(value: str, what: str) -> str:
+    """`value` when gRPC metadata can carry it (printable ASCII, as in an HTTP/2 header); otherwise an OSError in one
+    line naming `what`: gRPC would refuse to send the call, with an error no caller expects."""
+    if all(" " <= char <= "~" for char in value):
+        return value
+    raise OSError(f"{what} holds a character gRPC metadata cannot carry (only printable ASCII can): pass the exact "
+                  "token the services were given")
 
 
 async def operator_mesh(admin_token: str | None = None) -> Mesh:
     """The mesh as an operator command sees it: the `lmesh-operator` identity when mTLS is on (LMESH_MTLS), admin
     calls carrying the operator's admin token; fails at once, in one line, when no Consul agent answers."""
+    token = operator_admin_token(admin_token)  # a token that cannot be sent fails before anything is dialled
     addr = reachable_consul()
     try:
-        return await open_mesh(addr, OPERATOR, admin_token=operator_admin_token(admin_token))
+        return await open_mesh(addr, OPERATOR, admin_token=token)
     except MeshUnavailable as exc:
         raise OSError(str(exc)) from None
 

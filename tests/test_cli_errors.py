@@ -384,3 +384,30 @@ def test_the_admin_token_goes_before_or_after_the_action(argv: list[str]) -> Non
     from services.cli import build_parser
 
     assert build_parser().parse_args(argv).admin_token == "T"
+
+
+# Found by bench/hostile.py: a token gRPC metadata cannot carry made grpcio raise ExecuteBatchError, a traceback.
+@pytest.mark.parametrize(("argv", "named"), [
+    (["keys", "list", "--admin-token", "tøken"], "the admin token (--admin-token)"),
+    (["audit", "verify", "--admin-token", "\x1etoken"], "the admin token (--admin-token)"),
+    (["models", "gc", "--admin-token", "two\nlines"], "the admin token (--admin-token)"),
+    (["chat", "--key", "kéy", "hi"], "the API key (--key, LMESH_API_KEY or .lmesh/dev-api-key)"),
+])
+def test_a_credential_metadata_cannot_carry_is_one_line(argv: list[str], named: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli_runner import run_cli
+
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", unused_addr())  # refused before anything is dialled
+    code, _, err = run_cli(argv)
+    assert code == 2, err
+    assert err.strip() == f"lmesh: {named} holds a character gRPC metadata cannot carry (only printable ASCII can): " \
+                          "pass the exact token the services were given"
+
+
+def test_an_admin_token_variable_metadata_cannot_carry_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli_runner import run_cli
+
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", unused_addr())
+    monkeypatch.setenv("LMESH_ADMIN_TOKEN", "tok\u00e9n")
+    code, _, err = run_cli(["usage"])
+    assert code == 2 and err.startswith("lmesh: the admin token (LMESH_ADMIN_TOKEN) holds a character"), err

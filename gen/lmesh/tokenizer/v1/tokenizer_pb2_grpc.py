@@ -34,7 +34,8 @@ class TokenizerStub:
     registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
     `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
     "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
-    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`). A request message over 8 MiB is
+    refused by gRPC itself: RESOURCE_EXHAUSTED, without those details.
     """
 
     def __init__(self, channel):
@@ -84,7 +85,8 @@ class TokenizerServicer:
     registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
     `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
     "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
-    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`). A request message over 8 MiB is
+    refused by gRPC itself: RESOURCE_EXHAUSTED, without those details.
     """
 
     def Encode(self, request, context):
@@ -188,7 +190,8 @@ class Tokenizer:
     registry cannot be reached). Each carries a google.rpc.Status in the trailing metadata
     `grpc-status-details-bin` (details as lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain
     "lmesh.dev") with reason INVALID_FIELD (and BadRequest naming the field), MODEL_NOT_FOUND (metadata `model`),
-    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`).
+    FAILED_PRECONDITION or UNAVAILABLE; a bug is INTERNAL (metadata `trace_id`). A request message over 8 MiB is
+    refused by gRPC itself: RESOURCE_EXHAUSTED, without those details.
     """
 
     @staticmethod
