@@ -61,6 +61,7 @@ SETTLE_S = 3.0  # load after the restore: requests must succeed again
 DOWN_S = 3.0  # how long a killed tokenizer, policy or registry stays down
 FREEZE_S = 6.0  # how long a replica stays frozen (SIGSTOP)
 LOAD_TENANT = "chaos"
+PROBE_TENANT = "chaos-probes"
 # Policy's reservation lease in the chaos mesh (default 30 s): a chat whose gateway died is charged when its lease
 # expires, and each row's budget drift waits for that.
 RESERVATION_LEASE_S = 6.0
@@ -321,6 +322,7 @@ class ChaosMesh:
         self.supervisor: Supervisor | None = None
         self.mesh: Mesh | None = None
         self.key = ""
+        self.probe_key = ""  # the scenarios' own clients (a vanishing, a slow one): charged apart from the load
         self.model_id = ""
         manifest = json.loads((model_dir / "lmesh_model.json").read_text())
         # As the engine counts it (float32 KV): K and V for each layer's KV heads.
@@ -354,6 +356,8 @@ class ChaosMesh:
                 self.start_process(name)
         await self.wait_passing("policy")
         self.key = (await self.supervisor.while_running(create_key(self.mesh.peer(POLICY), LOAD_TENANT))).api_key
+        self.probe_key = (await self.supervisor.while_running(create_key(self.mesh.peer(POLICY),
+                                                                         PROBE_TENANT))).api_key
         for name in self.names:
             await self.wait_passing(name)
 
@@ -688,7 +692,7 @@ async def vanished_client(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     gateway = mesh.endpoint_of("gateway-a")
     assert gateway is not None
     client = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", VANISHING_CLIENT, gateway.target, mesh.key, LONG_PROMPT, "4000",
+        sys.executable, "-c", VANISHING_CLIENT, gateway.target, mesh.probe_key, LONG_PROMPT, "4000",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         held = await wait_positions(mesh, True, timeout=60)
@@ -713,7 +717,7 @@ async def slow_client(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     fault = Fault(time.monotonic())
     gateway = await mesh.mesh.resolver("lmesh-gateway").pick()
     stub = gateway.stub(gateway_pb2_grpc.GatewayStub)
-    slow = stub.Chat(metadata=auth(mesh.key), timeout=120)
+    slow = stub.Chat(metadata=auth(mesh.probe_key), timeout=120)
     await slow.write(chat_start(PROMPTS[0], 48))
     await slow.done_writing()
     tokens, usage, code = 0, None, OK
@@ -730,7 +734,7 @@ async def slow_client(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     # soon outgrows what HTTP/2 lets the gateway send to a client that reads nothing, and its writes block.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
     async with public_gateway(gateway.target, options=options) as stub:
-        stalled = stub.Chat(metadata=auth(mesh.key), timeout=120)
+        stalled = stub.Chat(metadata=auth(mesh.probe_key), timeout=120)
         await stalled.write(chat_start(LONG_PROMPT, 4000, top_logprobs=20))
         await stalled.done_writing()
         await stalled.read()

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common import errors
+from services.common import errors, rpc
 from services.common.errors import (
     ERROR_DOMAIN,
     AlreadyExists,
@@ -36,6 +36,7 @@ from services.common.rpc import (
     _fits,
     bounded,
     details_for,
+    encoded_message_size,
     status_details,
     status_for,
 )
@@ -273,6 +274,24 @@ async def test_details_never_push_a_long_status_over_the_clients_header_limit() 
             assert (error.details() or "").startswith(f"{field}: 'éé")
             status = rpc_status.from_call(error)  # present when it fits (a tighter message bound), then agreeing
             assert status is None or status.message == error.details()
+
+
+def test_bounding_a_huge_message_sizes_only_what_it_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message echoing megabytes a caller sent is cut after sizing at most the bound's worth of characters: sizing
+    all of it, in Python, held a registry's event loop for seconds per call, and its health check failed."""
+    sized = 0
+    real = rpc._encoded_size
+
+    def counting(char: str) -> int:
+        nonlocal sized
+        sized += 1
+        return real(char)
+
+    monkeypatch.setattr(rpc, "_encoded_size", counting)
+    message = bounded("'" + "\x00" * 7_000_000 + "' is not a model name")
+    assert message.endswith(" more characters)") and encoded_message_size(message) <= MAX_STATUS_MESSAGE_BYTES
+    assert sized <= MAX_STATUS_MESSAGE_BYTES + 1
+    assert bounded("é" * 300) == "é" * 300  # a message within the bound stays whole
 
 
 def test_details_fit_beside_any_bounded_message() -> None:

@@ -210,15 +210,18 @@ def encoded_message_size(message: str) -> int:
 def bounded(message: str) -> str:
     """`message`, cut at a character boundary so that its percent-encoded form stays within
     MAX_STATUS_MESSAGE_BYTES (saying how many characters were cut)."""
-    if len(message) * 12 <= MAX_STATUS_MESSAGE_BYTES or encoded_message_size(message) <= MAX_STATUS_MESSAGE_BYTES:
+    if len(message) * 12 <= MAX_STATUS_MESSAGE_BYTES:
         return message
     room = MAX_STATUS_MESSAGE_BYTES - 64  # for the note on what was cut
-    size = kept = 0
-    for kept, char in enumerate(message):  # noqa: B007 - `kept` is read after the loop
+    size, cut = 0, 0
+    # Never past the bound: a message may echo megabytes a caller sent, and each one is sized in Python.
+    for index, char in enumerate(message):
         size += _encoded_size(char)
-        if size > room:
-            break
-    return f"{message[:kept]}… ({len(message) - kept} more characters)"
+        if size <= room:
+            cut = index + 1
+        elif size > MAX_STATUS_MESSAGE_BYTES:
+            return f"{message[:cut]}… ({len(message) - cut} more characters)"
+    return message
 
 
 def _record_failure(span: trace.Span, code: grpc.StatusCode, message: str) -> None:
