@@ -55,7 +55,9 @@ class CommandError(Exception):
 
 
 def _fail(message: str) -> int:
-    print(f"lmesh: {message}", file=sys.stderr)
+    # One line, whatever the message echoes (a path or a value with a newline): scripts read the last line.
+    one_line = "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
+    print(f"lmesh: {one_line}", file=sys.stderr)
     return 2
 
 

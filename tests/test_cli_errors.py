@@ -357,6 +357,12 @@ def test_register_a_missing_folder_or_a_folder_as_manifest(model_folder: Path) -
     assert elsewhere.startswith(f"lmesh: --manifest {model_folder.parent} is a folder; pass the manifest file's name")
 
 
+def test_an_error_echoing_a_newline_stays_one_line() -> None:
+    done = lmesh("models", "register", "\r\n", env={"CONSUL_HTTP_ADDR": unused_addr()})
+    assert done.returncode == 2 and done.stderr.strip() == "lmesh: no folder \\r\\n; pass a built model's folder " \
+        "(`make model` builds one under $LMESH_CACHE)"
+
+
 def test_serve_with_a_data_dir_that_cannot_be_made(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
