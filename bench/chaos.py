@@ -42,7 +42,7 @@ from bench.mesh import service_env
 from bench.netns import Hosts, unavailable_reason
 from services.common.config import lmesh_cache
 from services.common.connect import apply_intentions
-from services.common.consul_agent import consul_answers, find_consul, free_port
+from services.common.consul_agent import consul_answers, find_consul, free_port, free_ports
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import LmeshError
 from services.common.peers import POLICY, REGISTRY, open_mesh, public_gateway
@@ -260,7 +260,8 @@ class StatefulConsul:
         self.data_dir = data_dir
         self.log_path = log_path
         self.client_addresses = ["127.0.0.1"]  # where its HTTP API listens (a replica's network namespace: more)
-        self.ports = {name: free_port() for name in ("http", "dns", "grpc", "server", "serf-lan", "serf-wan")}
+        names = ("http", "dns", "grpc", "server", "serf-lan", "serf-wan")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -379,7 +380,7 @@ class ChaosMesh:
         port = self.ports[name] = free_port()
         args = ["--port", str(port), "--grace", "2"]
         if service == "gateway":
-            args += ["--http-port", str(free_port()), "--stalled-client-s", f"{STALLED_CLIENT_S:g}"]
+            args += ["--http-port", str(free_ports(1, taken=(port,))[0]), "--stalled-client-s", f"{STALLED_CLIENT_S:g}"]
         if name not in self.behind_link:
             if self.hosts is not None:  # reachable from the namespace too: listen on the bridge's address
                 args += ["--host", self.hosts.bridge_address]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.mesh import service_env
 from services.common.connect import apply_intentions
-from services.common.consul_agent import ConsulAgent, free_port
+from services.common.consul_agent import ConsulAgent, free_ports
 from services.common.discovery import Mesh
 from services.common.peers import POLICY, REGISTRY, open_mesh, peer_service
 from services.common.supervisor import Supervisor
@@ -57,7 +57,7 @@ async def full_mesh(model_dir: Path, work: Path, gateway_args: tuple[str, ...] =
     env = service_env()
     env.update(CONSUL_HTTP_ADDR=agent.http_addr, LMESH_HOME=str(work / "home"), LMESH_ADMIN_TOKEN=ADMIN_TOKEN)
     supervisor = Supervisor(work / "logs", data_root=work / "home", env=env, grace_s=12)
-    gateway_port, http_port = free_port(), free_port()
+    gateway_port, http_port = free_ports(2)
     mesh = None
     try:
         await apply_intentions(agent.http_addr)

@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
+    """`count` free ports, all different and none in `taken`: free_port() may hand out a port again at once, since
+    nothing holds it until its user binds it."""
+    ports: list[int] = []
+    seen = set(taken)
+    while len(ports) < count:
+        port = free_port()
+        if port not in seen:
+            seen.add(port)
+            ports.append(port)
+    return ports
 
 
 def find_consul() -> str:
@@ -88,12 +102,13 @@ class ConsulAgent:
     def start(cls, http_port: int | None = None, log_path: Path | None = None,
               timeout: float = 20.0) -> ConsulAgent:
         http_port = http_port or free_port()
+        dns, grpc_port, server, serf_lan, serf_wan = free_ports(5, taken=(http_port,))
         data_dir = tempfile.mkdtemp(prefix="lmesh-consul-")
         args = [
             find_consul(), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-http-port", str(http_port), "-dns-port", str(free_port()), "-grpc-port", str(free_port()),
-            "-server-port", str(free_port()), "-serf-lan-port", str(free_port()),
-            "-serf-wan-port", str(free_port()), "-node", f"lmesh-dev-{http_port}", "-log-level", "warn",
+            "-http-port", str(http_port), "-dns-port", str(dns), "-grpc-port", str(grpc_port),
+            "-server-port", str(server), "-serf-lan-port", str(serf_lan),
+            "-serf-wan-port", str(serf_wan), "-node", f"lmesh-dev-{http_port}", "-log-level", "warn",
         ]
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=data_dir,
