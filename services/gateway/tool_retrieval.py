@@ -2,39 +2,69 @@
 descriptions are embedded once, when a tool first appears, and kept by their text; a request costs one embedding),
 combined with a lexical (BM25) match over the descriptions (bench/tool_retrieval.py measures the choice).
 
-The embeddings come from `lmesh-embeddings`, found through Consul like every peer."""
+The embeddings come from `lmesh-embeddings`, found through Consul like every peer, with its tool-retrieval model
+(`all-minilm-l6-v2-tools`, fine-tuned to match requests to tool descriptions) or, where an instance does not serve
+that one, its default model."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.embeddings.v1.embeddings_pb2_grpc import EmbeddingsStub
 
+from services.common.errors import Unavailable
 from services.common.peers import Peer
 from services.gateway.tool_catalog import Tool
 
-# texts -> one unit-norm row each
-Embed = Callable[[list[str]], Awaitable[np.ndarray]]
+log = logging.getLogger("lmesh.gateway.tools")
+
+# texts -> (the model that embedded them, one unit-norm row each); vectors of two models are not comparable
+Embed = Callable[[list[str]], Awaitable[tuple[str, np.ndarray]]]
 MAX_KEPT_DESCRIPTIONS = 4096
 EMBED_BATCH = 256  # lmesh-embeddings' most inputs per call
+TOOLS_MODEL = "all-minilm-l6-v2-tools"  # services/embeddings/finetune.py
+# After an instance answered that it lacks TOOLS_MODEL, the default model is used this long before asking again.
+TOOLS_MODEL_RETRY_S = 60.0
 
 
-def embeddings_of(peer: Peer[EmbeddingsStub], timeout_s: float = 10.0) -> Embed:
-    """`Embed` through lmesh-embeddings (unit-length vectors)."""
+def embeddings_of(peer: Peer[EmbeddingsStub], timeout_s: float = 10.0, model: str = TOOLS_MODEL,
+                  clock: Callable[[], float] = time.monotonic) -> Embed:
+    """`Embed` through lmesh-embeddings (unit-length vectors) with `model`, or the service's default model while
+    the instance asked does not serve `model` (an older build, or one without the tool-retrieval model)."""
+    fallback_until = -math.inf
 
-    async def embed(texts: list[str]) -> np.ndarray:
+    async def call(texts: list[str], name: str) -> tuple[str, np.ndarray]:
         rows: list[list[float]] = []
+        served = name
         for start in range(0, len(texts), EMBED_BATCH):
-            request = embeddings_pb2.EmbedRequest(inputs=texts[start:start + EMBED_BATCH])
+            request = embeddings_pb2.EmbedRequest(inputs=texts[start:start + EMBED_BATCH], model=name)
             response = await peer.call(lambda stub: stub.Embed, request, timeout=timeout_s)
+            if start and response.model != served:  # another instance, another default: start again with one
+                return await call(texts, response.model)
+            served = response.model
             rows.extend(list(embedding.values) for embedding in response.embeddings)
-        return np.asarray(rows, dtype=np.float32)
+        return served, np.asarray(rows, dtype=np.float32)
+
+    async def embed(texts: list[str]) -> tuple[str, np.ndarray]:
+        nonlocal fallback_until
+        if model and clock() >= fallback_until:
+            try:
+                return await call(texts, model)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                log.warning("lmesh-embeddings does not serve %s: ranking tools with its default model", model)
+                fallback_until = clock() + TOOLS_MODEL_RETRY_S
+        return await call(texts, "")
 
     return embed
 
@@ -146,19 +176,23 @@ class ToolIndex:
 
     def __init__(self, embed: Embed) -> None:
         self._embed = embed
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()  # by (model, text)
         self._lexical: tuple[tuple[str, ...], Bm25] | None = None
 
-    async def _vectors_of(self, texts: list[str]) -> np.ndarray:
-        missing = sorted({text for text in texts if text not in self._vectors})
+    async def _vectors_of(self, model: str, texts: list[str]) -> np.ndarray | None:
+        """`texts`' vectors by `model`: None when lmesh-embeddings answered with another model meanwhile."""
+        missing = sorted({text for text in texts if (model, text) not in self._vectors})
         if missing:
-            for text, vector in zip(missing, await self._embed(missing), strict=True):
-                self._vectors[text] = np.asarray(vector, dtype=np.float32)
+            embedded_by, vectors = await self._embed(missing)
+            for text, vector in zip(missing, vectors, strict=True):
+                self._vectors[(embedded_by, text)] = np.asarray(vector, dtype=np.float32)
+            if embedded_by != model:
+                return None
         for text in texts:
-            self._vectors.move_to_end(text)
+            self._vectors.move_to_end((model, text))
         while len(self._vectors) > MAX_KEPT_DESCRIPTIONS:
             self._vectors.popitem(last=False)
-        return np.stack([self._vectors[text] for text in texts])
+        return np.stack([self._vectors[(model, text)] for text in texts])
 
     def _bm25(self, tools: Sequence[Tool]) -> Bm25:
         key = tuple(description_text(tool) for tool in tools)
@@ -173,8 +207,16 @@ class ToolIndex:
         ordered = sorted(tools, key=lambda tool: tool.name)
         views = [description_views(tool) for tool in ordered]
         owner = np.repeat(np.arange(len(ordered)), [len(v) for v in views])
-        vectors = await self._vectors_of([text for tool_views in views for text in tool_views])
-        query = np.asarray((await self._embed([request]))[0], dtype=np.float32)
+        texts = [text for tool_views in views for text in tool_views]
+        for _ in range(3):  # the request and the descriptions by one model (instances may differ in theirs)
+            model, embedded = await self._embed([request])
+            vectors = await self._vectors_of(model, texts)
+            if vectors is not None:
+                break
+        else:
+            raise Unavailable("lmesh-embeddings' instances keep answering with different models; retry",
+                              retry_after_s=1.0)
+        query = np.asarray(embedded[0], dtype=np.float32)
         cosines = (vectors @ query).astype(np.float64)
         starts = np.concatenate(([0], np.cumsum([len(v) for v in views])[:-1]))
         whole = cosines[starts]  # each tool's first view is its whole description

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lmesh/embeddings/v1/embeddings.proto\x12\x13lmesh.embeddings.v1\"-\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"R\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"9\n\nEmbedUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x05\"\x96\x01\n\rEmbedResponse\x12\x32\n\nembeddings\x18\x01 \x03(\x0b\x32\x1e.lmesh.embeddings.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12.\n\x05usage\x18\x04 \x01(\x0b\x32\x1f.lmesh.embeddings.v1.EmbedUsage\"\x11\n\x0fGetModelRequest\"c\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_inputs\x18\x04 \x01(\x05\x32\xb5\x01\n\nEmbeddings\x12N\n\x05\x45mbed\x12!.lmesh.embeddings.v1.EmbedRequest\x1a\".lmesh.embeddings.v1.EmbedResponse\x12W\n\x08GetModel\x12$.lmesh.embeddings.v1.GetModelRequest\x1a%.lmesh.embeddings.v1.GetModelResponseB[\n\x17\x64\x65v.lmesh.embeddings.v1P\x01Z>github.com/lmesh/lmesh/gen/go/lmesh/embeddings/v1;embeddingsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lmesh/embeddings/v1/embeddings.proto\x12\x13lmesh.embeddings.v1\"-\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"R\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"9\n\nEmbedUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x05\"\x96\x01\n\rEmbedResponse\x12\x32\n\nembeddings\x18\x01 \x03(\x0b\x32\x1e.lmesh.embeddings.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12.\n\x05usage\x18\x04 \x01(\x0b\x32\x1f.lmesh.embeddings.v1.EmbedUsage\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"c\n\x10GetModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_inputs\x18\x04 \x01(\x05\x32\xb5\x01\n\nEmbeddings\x12N\n\x05\x45mbed\x12!.lmesh.embeddings.v1.EmbedRequest\x1a\".lmesh.embeddings.v1.EmbedResponse\x12W\n\x08GetModel\x12$.lmesh.embeddings.v1.GetModelRequest\x1a%.lmesh.embeddings.v1.GetModelResponseB[\n\x17\x64\x65v.lmesh.embeddings.v1P\x01Z>github.com/lmesh/lmesh/gen/go/lmesh/embeddings/v1;embeddingsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=252
   _globals['_EMBEDRESPONSE']._serialized_end=402
   _globals['_GETMODELREQUEST']._serialized_start=404
-  _globals['_GETMODELREQUEST']._serialized_end=421
-  _globals['_GETMODELRESPONSE']._serialized_start=423
-  _globals['_GETMODELRESPONSE']._serialized_end=522
-  _globals['_EMBEDDINGS']._serialized_start=525
-  _globals['_EMBEDDINGS']._serialized_end=706
+  _globals['_GETMODELREQUEST']._serialized_end=436
+  _globals['_GETMODELRESPONSE']._serialized_start=438
+  _globals['_GETMODELRESPONSE']._serialized_end=537
+  _globals['_EMBEDDINGS']._serialized_start=540
+  _globals['_EMBEDDINGS']._serialized_end=721
 # @@protoc_insertion_point(module_scope)

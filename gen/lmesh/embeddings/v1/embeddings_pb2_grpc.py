@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class EmbeddingsStub:
-    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the model served) and
-    `dimensions`.
+    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the models served, comma-
+    separated, the default first) and `dimensions`.
 
     Every error carries a google.rpc.Status in the trailing metadata `grpc-status-details-bin` (details as
     lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain "lmesh.dev") with reason INVALID_FIELD (and
@@ -54,8 +54,8 @@ class EmbeddingsStub:
 
 
 class EmbeddingsServicer:
-    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the model served) and
-    `dimensions`.
+    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the models served, comma-
+    separated, the default first) and `dimensions`.
 
     Every error carries a google.rpc.Status in the trailing metadata `grpc-status-details-bin` (details as
     lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain "lmesh.dev") with reason INVALID_FIELD (and
@@ -74,7 +74,7 @@ class EmbeddingsServicer:
         Errors: INVALID_ARGUMENT, the field named (`inputs` empty; more than 256 inputs, field `inputs`; an input
         over 100,000 characters, field `inputs[i]`: tokenizing it would cost far more than its first 256
         wordpieces are worth; a request message that cannot be decoded, such as a string that is not UTF-8, field
-        `request`); NOT_FOUND (reason MODEL_NOT_FOUND: `model` is set and is not the model served);
+        `request`); NOT_FOUND (reason MODEL_NOT_FOUND: `model` is set and is not a model served);
         RESOURCE_EXHAUSTED (reason QUEUE_FULL: more texts are waiting than the service's --max-queue-texts; retry
         after the delay in `retry-after-ms` and RetryInfo; also a request message over 8 MiB, refused by gRPC itself
         without that metadata or details); UNAVAILABLE (the service is loading its model or shutting down).
@@ -85,8 +85,9 @@ class EmbeddingsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """The model served: its name, dimensions and input limits.
-        Errors: UNAVAILABLE (the service is loading its model or shutting down).
+        """A model served: its name, dimensions and input limits.
+        Errors: NOT_FOUND (reason MODEL_NOT_FOUND: `model` is set and is not a model served); UNAVAILABLE (the
+        service is loading its models or shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,8 +115,8 @@ def add_EmbeddingsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Embeddings:
-    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the model served) and
-    `dimensions`.
+    """Embeddings is found in Consul as `lmesh-embeddings`; its instances carry meta `models` (the models served, comma-
+    separated, the default first) and `dimensions`.
 
     Every error carries a google.rpc.Status in the trailing metadata `grpc-status-details-bin` (details as
     lmesh/gateway/v1/gateway.proto lists them): ErrorInfo (domain "lmesh.dev") with reason INVALID_FIELD (and
