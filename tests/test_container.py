@@ -38,7 +38,7 @@ def image_config() -> dict[str, Any]:
     """What build.sh's `buildah config` gives the image: entrypoint, user, environment, exposed ports."""
     text = BUILD.read_text()
     (config,) = re.findall(r"buildah config \\\n(.*?)\"\$container\"", text, re.DOTALL)
-    settings = {"embeddings_in_image": build_setting("embeddings_in_image"), "uid": build_setting("uid")}
+    settings = {name: build_setting(name) for name in ("embeddings_in_image", "tools_embeddings_in_image", "uid")}
     entrypoint = json.loads(re.search(r"--entrypoint '(\[.*?\])'", config)[1])  # type: ignore[index]
     config = re.sub(r"\$(\w+)", lambda m: settings.get(m[1], m[0]), config).replace('"', "")
     env = dict(re.findall(r"--env (\w+)=(\S+)", config))
@@ -99,6 +99,8 @@ def test_the_user_ports_and_directories_are_the_manifests() -> None:
     embeddings = container_of(workloads(docs)["embeddings"])["args"]
     model_dir = embeddings[embeddings.index("--model-dir") + 1]
     assert model_dir == build_setting("embeddings_in_image") == config["env"]["LMESH_EMBEDDINGS_MODEL_DIR"]
+    tools_dir = embeddings[embeddings.index("--tools-model-dir") + 1]
+    assert tools_dir == build_setting("tools_embeddings_in_image") == config["env"]["LMESH_EMBEDDINGS_TOOLS_MODEL_DIR"]
 
 
 def pins_of(report: dict[str, Any], image_python: str, tmp_path: Path) -> tuple[list[str], list[str]]:
