@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from lmesh.embeddings.v1 import embeddings_pb2
+from opentelemetry import trace
 
 from bench.tool_retrieval import catalogue_names, providers, rank_all, report, retrieval_mesh, wait_for_tools
 from services.common.consul_agent import ConsulAgent
+from services.common.errors import Unavailable
 from services.embeddings.finetune import current
 from services.embeddings.manifest import ManifestError, default_model_dir, default_tools_model_dir, load_manifest
+from services.gateway.mesh_tools import MeshTools, ToolRequest
 from services.gateway.tool_catalog import Tool, ToolCatalog
 from services.gateway.tool_retrieval import (
     LEXICAL_WEIGHT,
@@ -157,6 +160,35 @@ async def test_tools_are_ranked_with_the_tool_retrieval_model_or_the_default_one
     older.models.append(TOOLS_MODEL)  # the instance is upgraded
     now[0] += TOOLS_MODEL_RETRY_S
     assert (await embed(["a"]))[0] == TOOLS_MODEL
+
+
+class FixedCatalog:
+    def __init__(self, tools: list[Tool]) -> None:
+        self._tools = {t.name: t for t in tools}
+
+    async def tools(self) -> dict[str, Tool]:
+        return dict(self._tools)
+
+
+async def failing_embed(texts: list[str]) -> tuple[str, np.ndarray]:
+    raise Unavailable("lmesh-embeddings is unavailable")
+
+
+async def test_candidates_come_best_first_even_when_every_granted_tool_fits() -> None:
+    """The model is shown the best match first (a small one leans to the first tool it is shown); with embeddings
+    down, tools that all fit anyway keep their names' order, and a choice among more fails the chat."""
+    tools = [tool("alpha_weather", "Weather forecast: will it rain."), tool("beta_invoice", "Look up an invoice.")]
+    tracer = trace.get_tracer("test")
+    ranked = await MeshTools(FixedCatalog(tools), ToolIndex(CountingEmbed()), tracer).candidates(  # type: ignore[arg-type]
+        ToolRequest(auto=True), lambda name: True, "where is the invoice for that bill")
+    assert [t.name for t in ranked] == ["beta_invoice", "alpha_weather"]
+    blind = MeshTools(FixedCatalog(tools), ToolIndex(failing_embed), tracer)  # type: ignore[arg-type]
+    unranked = await blind.candidates(ToolRequest(auto=True), lambda name: True, "the invoice")
+    assert [t.name for t in unranked] == ["alpha_weather", "beta_invoice"]
+    with pytest.raises(Unavailable):
+        await blind.candidates(ToolRequest(auto=True, candidates=1), lambda name: True, "the invoice")
+    only = await blind.candidates(ToolRequest(auto=True), lambda name: name == "alpha_weather", "the invoice")
+    assert [t.name for t in only] == ["alpha_weather"]  # one granted tool: nothing to rank
 
 
 async def test_a_changed_tool_set_gets_its_own_lexical_index() -> None:

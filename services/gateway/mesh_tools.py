@@ -223,15 +223,24 @@ class MeshTools:
                                    metadata={"tool": name})
                 chosen.append(tools[name])
             return chosen
-        allowed = [tool for name, tool in tools.items() if granted(name)]
+        allowed = sorted((tool for name, tool in tools.items() if granted(name)), key=lambda tool: tool.name)
         wanted = request.candidates or DEFAULT_CANDIDATES
-        if len(allowed) <= wanted:
-            return sorted(allowed, key=lambda tool: tool.name)
+        if len(allowed) <= 1:
+            return allowed
+        # Ranked even when every granted tool fits: the candidates are shown to the model best first, and a small
+        # model leans to the first one it is shown.
         with self._tracer.start_as_current_span("retrieve_tools") as span:
-            ranked = await self.index.rank(text, allowed, wanted)
+            try:
+                ranked = [c.tool for c in await self.index.rank(text, allowed, min(wanted, len(allowed)))]
+            except (LmeshError, grpc.aio.AioRpcError) as exc:
+                if len(allowed) > wanted:
+                    raise
+                # All of them are candidates anyway: only their order is lost.
+                span.add_event("ranking_failed", {"error.type": type(exc).__name__})
+                ranked = allowed
             span.set_attributes({"lmesh.tools.considered": len(allowed),
-                                 "lmesh.tools.candidates": [c.tool.name for c in ranked]})
-        return [c.tool for c in ranked]
+                                 "lmesh.tools.candidates": [tool.name for tool in ranked]})
+        return ranked
 
     async def run(self, chat: ChatService, caller: Credential, params: ChatParams, completion_id: str,
                   screening: Screening | None, cancel: asyncio.Event, result: ToolPhaseResult,
