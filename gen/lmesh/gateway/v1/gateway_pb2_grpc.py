@@ -112,12 +112,13 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Embeds texts with the mesh's sentence-embedding model (lmesh-embeddings: unit-length vectors, so cosine
-        similarity is their dot product); the request and response are lmesh-embeddings' own (see
+        """Embeds texts with one of the mesh's sentence-embedding models (lmesh-embeddings: unit-length vectors, so
+        cosine similarity is their dot product; `model` empty: `all-minilm-l6-v2`, or `all-minilm-l6-v2-tools`, tuned
+        for matching requests to tool descriptions); the request and response are lmesh-embeddings' own (see
         lmesh/embeddings/v1/embeddings.proto: 1 to 256 inputs, each truncated to the model's input limit and marked
         `truncated`). Any valid key may embed. Errors: UNAUTHENTICATED (as for Chat), INVALID_ARGUMENT (`inputs`
-        empty or over 256, `inputs[i]` over 100,000 characters), NOT_FOUND (`model` set to another model than the
-        one served), RESOURCE_EXHAUSTED (the embedding service's queue is full; retry after `retry-after-ms`),
+        empty or over 256, `inputs[i]` over 100,000 characters), NOT_FOUND (`model` set to a model not
+        served), RESOURCE_EXHAUSTED (the embedding service's queue is full; retry after `retry-after-ms`),
         UNAVAILABLE (no embedding service passes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
