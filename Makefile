@@ -80,6 +80,7 @@ bench: venv model consul
 	$(BIN)/python -m bench.openai_http --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.affinity --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tax --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.prefill_bound --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.tool_retrieval
 
 # The seed paper's calculator experiment through the whole mesh: 50 questions per operand count (2-10) from a fixed

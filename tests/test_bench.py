@@ -21,6 +21,7 @@ from bench.mesh_tax import (
     results_from_json,
     summarize,
 )
+from bench.prefill_bound import shared_prefix
 from services.common.guardrails import Stage
 from services.policy.rules import DEFAULT_RULES_PATH, load_rules
 
@@ -32,6 +33,13 @@ def test_a_lookup_draft_continues_the_latest_longest_match() -> None:
     assert lookup_draft([1, 2, 3, 4, 7, 3, 0, 1, 2, 3], 1) == [4]
     assert lookup_draft([1, 2, 3], 4) == []  # nothing earlier to copy
     assert lookup_draft([4, 4], 3) == [4]  # the draft stops where the context does
+
+
+def test_the_shared_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 7]]) == 2
+    assert shared_prefix([[9, 1], [8, 1]]) == 0
+    # Identical prompts: the prefix stops one short, so each one's rest has a token to run.
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
 
 
 def test_tokens_per_run_counts_agreed_drafts_plus_the_models_own_token() -> None:
