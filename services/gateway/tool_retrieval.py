@@ -23,6 +23,7 @@ from lmesh.embeddings.v1.embeddings_pb2_grpc import EmbeddingsStub
 
 from services.common.errors import Unavailable
 from services.common.peers import Peer
+from services.embeddings.manifest import TOOLS_MODEL_NAME as TOOLS_MODEL  # services/embeddings/finetune.py builds it
 from services.gateway.tool_catalog import Tool
 from services.tools.catalog import matched_text
 
@@ -32,7 +33,6 @@ log = logging.getLogger("lmesh.gateway.tools")
 Embed = Callable[[list[str]], Awaitable[tuple[str, np.ndarray]]]
 MAX_KEPT_DESCRIPTIONS = 4096
 EMBED_BATCH = 256  # lmesh-embeddings' most inputs per call
-TOOLS_MODEL = "all-minilm-l6-v2-tools"  # services/embeddings/finetune.py
 # After an instance answered that it lacks TOOLS_MODEL, the default model is used this long before asking again.
 TOOLS_MODEL_RETRY_S = 60.0
 
