@@ -69,6 +69,12 @@ EMBEDDINGS = PeerService("lmesh-embeddings", embeddings_pb2_grpc.EmbeddingsStub)
 PEER_SERVICES: tuple[PeerService[Any], ...] = (REGISTRY, TOKENIZER, INFERENCE, POLICY, GATEWAY, TOOLS, EMBEDDINGS)
 
 
+def lost_send_race(exc: grpc.aio.AioRpcError) -> bool:
+    """True when grpc-aio reports INTERNAL only because the server ended a streaming call (refused it, say) before
+    the request was written: the call's real status comes from reading it (or asking again), not from this."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "SendMessage" in (exc.debug_error_string() or "")
+
+
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:
     """A peer that refused this process itself (no mesh certificate, or a Consul intention denies the hop), not
     its request: to our own caller that is a dependency out of reach, UNAVAILABLE, naming the hop."""

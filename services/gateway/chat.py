@@ -32,7 +32,17 @@ from opentelemetry import trace
 from services.common.access import version_allowed
 from services.common.discovery import Endpoint, Mesh, meta_models
 from services.common.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
-from services.common.peers import EMBEDDINGS, INFERENCE, POLICY, REGISTRY, TOKENIZER, Lease, Peer, refused_hop
+from services.common.peers import (
+    EMBEDDINGS,
+    INFERENCE,
+    POLICY,
+    REGISTRY,
+    TOKENIZER,
+    Lease,
+    Peer,
+    lost_send_race,
+    refused_hop,
+)
 from services.common.references import check_reference
 from services.common.rpc import error_reason, mark_failed
 from services.gateway import metrics
@@ -652,10 +662,16 @@ class DetokenizerStream:
 
 
 async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
-    """Writes to a stream whose peer may already have ended it (a replica that died): the status then comes
-    from reading the call, as an AioRpcError with the real code, not as asyncio's InvalidStateError here."""
-    with contextlib.suppress(asyncio.InvalidStateError):
+    """Writes to a stream whose peer may already have ended it (a replica that died, a hop the mesh refused): the
+    status then comes from reading the call, as an AioRpcError with the real code, not as asyncio's
+    InvalidStateError or the INTERNAL of a write that lost the race here."""
+    try:
         await call.write(message)
+    except asyncio.InvalidStateError:
+        pass
+    except grpc.aio.AioRpcError as exc:
+        if not lost_send_race(exc):
+            raise
 
 
 def new_completion_id() -> str:

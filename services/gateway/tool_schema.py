@@ -19,6 +19,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_fo
 from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.peers import lost_send_race
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -135,12 +136,6 @@ def _single_schema(field: descriptor.FieldDescriptor, depth: int) -> dict[str, A
 _SEND_RACE_ATTEMPTS = 3
 
 
-def _lost_send_race(exc: grpc.aio.AioRpcError) -> bool:
-    """True when grpc-aio reports INTERNAL only because the server closed the call (say, UNIMPLEMENTED at once)
-    before the request was written: a real reflection service always reads the request first."""
-    return exc.code() == grpc.StatusCode.INTERNAL and "SendMessage" in (exc.debug_error_string() or "")
-
-
 async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: float,
                             metadata: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     """The serialized FileDescriptorProtos that define `symbol` and its dependencies, through server reflection
@@ -161,9 +156,9 @@ async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: flo
                                                  f"{response.error_response.error_message}")
                     return list(response.file_descriptor_response.file_descriptor_proto)
             except grpc.aio.AioRpcError as exc:
-                if _lost_send_race(exc) and attempt + 1 < _SEND_RACE_ATTEMPTS:
+                if lost_send_race(exc) and attempt + 1 < _SEND_RACE_ATTEMPTS:
                     continue  # the server ended the call first; ask again to learn its real status
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not _lost_send_race(exc):
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not lost_send_race(exc):
                     raise
                 last = exc
                 break
