@@ -80,6 +80,7 @@ bench: venv model consul
 	$(BIN)/python -m bench.openai_http --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.affinity --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.mesh_tax --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.relay_floor --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.prefill_bound --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.tool_retrieval
 

@@ -361,6 +361,54 @@ async def test_rate_limits_hold_within_their_window_and_retry_after_is_honest(bo
     assert (await chat(stub, key, start(max_tokens=1))).code == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_an_overlapped_admission_that_refuses_releases_nothing_and_stops_the_engine(
+        books: AccountingMesh) -> None:
+    """A key's chats after an admitted one start generating while Reserve decides; the one Reserve refuses gets the
+    refusal as its first and only message, its generation upstream is cancelled, and the key's next chat waits for
+    Reserve before anything starts."""
+    key_id, key = await books.key("overlap", requests_per_minute=2)
+    stub = await books.gateway()
+    traces = [os.urandom(16).hex() for _ in range(5)]
+
+    async def attempt(trace_id: str, max_tokens: int) -> tuple[list[gateway_pb2.ChatResponse], grpc.StatusCode]:
+        call = stub.Chat(metadata=(*auth(key), ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")), timeout=120)
+        received: list[gateway_pb2.ChatResponse] = []
+        try:
+            await call.write(start(LONG_TASK, max_tokens=max_tokens))
+            await call.done_writing()
+            async for response in call:
+                received.append(response)
+        except grpc.aio.AioRpcError as error:
+            return received, error.code()
+        return received, grpc.StatusCode.OK
+
+    first = await attempt(traces[0], 1)  # nothing on record for the key: it waits for Reserve
+    assert first[1] == grpc.StatusCode.OK
+    await asyncio.sleep(WINDOW_S)  # a new window: the next four are sent inside one
+    # Short chats first; the refused one would run long.
+    outcomes = [first] + [await attempt(t, n) for t, n in zip(traces[1:], (1, 1, 64, 64), strict=True)]
+    assert [code for _, code in outcomes] == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, \
+        outcomes
+    assert outcomes[3][0] == [] and outcomes[4][0] == []  # not even the first message before the refusal
+
+    def reserve_of(spans: list[Any], trace_id: str) -> Any:
+        return next((s for s in spans if s.service == "lmesh-gateway" and s.name == "reserve"
+                     and s.trace_id == trace_id), None)
+
+    spans = await books.otlp.wait_for(lambda spans: all(reserve_of(spans, t) for t in traces), timeout=20)
+    overlapped = [reserve_of(spans, t).attributes["lmesh.admission.overlapped"] for t in traces]
+    assert overlapped == [False, True, True, True, False]  # the last: after a refusal
+    assert [reserve_of(spans, t).status_code for t in traces] == ["UNSET"] * 3 + ["ERROR"] * 2
+    # The refused overlapped chat had reached the engine, which stopped within a step or two of the refusal.
+    spans = await books.otlp.wait_for(lambda spans: any(
+        s.service == "lmesh-inference" and s.name.endswith("/Generate") and s.trace_id == traces[3] for s in spans))
+    [generate] = [s for s in spans if s.service == "lmesh-inference" and s.name.endswith("/Generate")
+                  and s.trace_id == traces[3]]
+    assert int(generate.attributes.get("gen_ai.usage.output_tokens", 0)) <= 2, generate.attributes
+    assert not any(s.service == "lmesh-inference" and s.trace_id == traces[4] for s in spans)  # never started
+    assert (await books.usage("overlap", key_id)).requests_in_window == 2
+
+
 async def test_a_cancelled_and_a_dropped_chat_are_settled_with_what_was_generated(books: AccountingMesh) -> None:
     tenant = "endings"
     await set_tenant_limits(books.policy, tenant, policy_pb2.LimitsUpdate(budget_tokens=100_000))

@@ -301,7 +301,7 @@ async def test_a_cancel_right_behind_the_start_is_never_lost(live: LiveMesh) -> 
                         temperature=0.0, top_p=0.0, top_k=0, seed=0, repetition_penalty=0.0, stop=[])
     prepared = await chat.prepare(live.api_key, params)
     version, prompt, max_tokens = prepared.version, prepared.prompt, prepared.max_tokens
-    chat.accounts.settle_later(prepared.reservation.reservation_id, Meter())  # nothing of it is charged
+    chat.accounts.settle_later(prepared.admission.result().reservation_id, Meter())  # nothing of it is charged
     for _ in range(5):
         cancel = asyncio.Event()
         cancel.set()  # already there when the generation starts: the cancel write races the start write

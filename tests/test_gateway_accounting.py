@@ -13,7 +13,7 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.policy.v1 import policy_pb2
 
 from services.common.errors import NotFound, Unavailable
-from services.gateway.accounting import Accounts, Meter
+from services.gateway.accounting import Accounts, Meter, decided
 
 
 class FakePolicy:
@@ -62,7 +62,7 @@ def accounts(policy: FakePolicy) -> Accounts:
 async def test_a_finished_chat_is_settled_with_inferences_usage() -> None:
     policy = FakePolicy()
     books = accounts(policy)
-    async with books.held(RESERVATION) as meter:
+    async with books.held(decided(RESERVATION)) as meter:
         meter.started(10)
         meter.received(3)
         meter.finished(generation_pb2.Usage(prompt_tokens=10, completion_tokens=4, total_tokens=14), cancelled=False)
@@ -80,7 +80,7 @@ async def test_every_other_ending_is_settled_with_what_was_received(ending: str,
     books = accounts(policy)
 
     async def chat() -> None:
-        async with books.held(RESERVATION, lambda: ending == "deadline") as meter:
+        async with books.held(decided(RESERVATION), lambda: ending == "deadline") as meter:
             meter.started(10)
             meter.received(2)  # a replica died after two tokens, or the client left
             if ending == "error":
@@ -102,7 +102,7 @@ async def test_a_request_no_replica_took_is_settled_at_zero() -> None:
     policy = FakePolicy()
     books = accounts(policy)
     with pytest.raises(grpc.aio.AioRpcError):
-        async with books.held(RESERVATION):
+        async with books.held(decided(RESERVATION)):
             raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
                                        grpc.aio.Metadata(), "queue full")
     await books.drain()
@@ -113,7 +113,7 @@ async def test_a_settle_retries_while_policy_is_unreachable() -> None:
     policy = FakePolicy()
     policy.failures["Settle"] = [Unavailable("no passing instance of lmesh-policy")] * 3
     books = accounts(policy)
-    async with books.held(RESERVATION) as meter:
+    async with books.held(decided(RESERVATION)) as meter:
         meter.started(5)
     assert books.pending == 1
     await books.drain(timeout_s=10)
@@ -123,7 +123,7 @@ async def test_a_settle_retries_while_policy_is_unreachable() -> None:
 async def test_the_lease_is_renewed_while_the_chat_streams() -> None:
     policy = FakePolicy()
     books = accounts(policy)
-    async with books.held(RESERVATION):
+    async with books.held(decided(RESERVATION)):
         await asyncio.sleep(0.45)  # a lease of 300 ms is renewed every 100 ms
     await books.drain()
     renewals = sum(1 for name, _ in policy.calls if name == "RenewReservation")

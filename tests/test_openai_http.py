@@ -44,7 +44,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.accounting import Accounts, Meter
+from services.gateway.accounting import Accounts, Meter, decided
 from services.gateway.admission import DEFAULT_MAX_CHATS, MAX_BUFFERED_BYTES, ChatAdmission
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, Prepared
 from services.gateway.credentials import Credential
@@ -152,7 +152,7 @@ class FakeChat:
         return {"tiny:1"}
 
     async def prepare(self, credential: Credential, params: ChatParams, request_id: str = "",
-                      screening: object = None) -> Prepared:
+                      screening: object = None, *, overlap: bool = False) -> Prepared:
         try:
             version = await self.models.resolve(params.model)
         except NotFound:
@@ -175,7 +175,7 @@ class FakeChat:
                                               f"{self.context}")
         self.seen.append(params)
         return Prepared(version, prompt, min(params.max_tokens, self.context - len(prompt)), None,  # type: ignore[arg-type]
-                        policy_pb2.ReserveResponse(reservation_id=request_id), tenant="acme")
+                        decided(policy_pb2.ReserveResponse(reservation_id=request_id)), tenant="acme")
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ UNCERTAIN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
                              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 SETTLE_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+# Codes of a Reserve that refused the credential or its request (as opposed to failing to decide).
+REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
+MAX_ADMITTED_CREDENTIALS = 10_000
 
 
 @dataclass
@@ -56,12 +61,59 @@ class Meter:
         self.ending = policy_pb2.ENDING_CANCELLED if cancelled else policy_pb2.ENDING_FINISHED
 
 
-def _code(exc: BaseException) -> grpc.StatusCode | None:
+def status_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status an exception stands for (a relayed call's, or an LmeshError's), else None."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code()
     if isinstance(exc, LmeshError):
         return exc.code
     return None
+
+
+def decided(reservation: policy_pb2.ReserveResponse) -> asyncio.Future[policy_pb2.ReserveResponse]:
+    """An admission policy has already made, as `Accounts.held` takes it."""
+    admission: asyncio.Future[policy_pb2.ReserveResponse] = asyncio.get_running_loop().create_future()
+    admission.set_result(reservation)
+    return admission
+
+
+class OverlappedAdmission:
+    """Which chats may start generating while policy's Reserve still decides on them.
+
+    Reserve takes a few milliseconds that would otherwise come before the engine's prefill. A chat may overlap the
+    two when the same credential's last Reserve at this gateway admitted it and none of its other chats is
+    overlapping right now; whatever the engine sends waits until the admission answers, and a refusal cancels the
+    generation before anything of it leaves. After a refusal (or with no admission on record) the credential's
+    chats wait for Reserve before generating, until one is admitted again: a caller over its limits, or with a
+    revoked key, can make the engine start at most one prompt it is then refused, not one per request.
+
+    Credentials are known by a digest (never the key), the most recently admitted MAX_ADMITTED_CREDENTIALS."""
+
+    def __init__(self, enabled: bool = True, max_credentials: int = MAX_ADMITTED_CREDENTIALS) -> None:
+        self.enabled = enabled
+        self._max = max_credentials
+        self._admitted: OrderedDict[bytes, None] = OrderedDict()
+        self._overlapping: set[bytes] = set()
+
+    def begin(self, credential: bytes) -> bool:
+        """Whether a chat of `credential` may overlap now; if so it counts as overlapping until `ended`."""
+        if not self.enabled or credential not in self._admitted or credential in self._overlapping:
+            return False
+        self._overlapping.add(credential)
+        return True
+
+    def ended(self, credential: bytes, overlapped: bool) -> None:
+        if overlapped:
+            self._overlapping.discard(credential)
+
+    def admitted(self, credential: bytes) -> None:
+        self._admitted[credential] = None
+        self._admitted.move_to_end(credential)
+        while len(self._admitted) > self._max:
+            self._admitted.popitem(last=False)
+
+    def refused(self, credential: bytes) -> None:
+        self._admitted.pop(credential, None)
 
 
 class Accounts:
@@ -83,7 +135,7 @@ class Accounts:
             call.add_done_callback(lambda done: self._abandoned(done, request.reservation_id))
             raise
         except (grpc.aio.AioRpcError, LmeshError) as exc:
-            if _code(exc) in UNCERTAIN_CODES:
+            if status_code(exc) in UNCERTAIN_CODES:
                 # Policy may have reserved before the answer was lost (it died, or answered too late): settle
                 # that at zero if it exists (NOT_FOUND if it does not), rather than let its lease charge it.
                 self.settle_later(request.reservation_id, Meter(ending=policy_pb2.ENDING_ERROR), maybe=True)
@@ -91,17 +143,19 @@ class Accounts:
 
     def _abandoned(self, call: asyncio.Future[policy_pb2.ReserveResponse], reservation_id: str) -> None:
         if call.cancelled() or call.exception() is not None:
-            if call.cancelled() or _code(call.exception()) in UNCERTAIN_CODES:  # type: ignore[arg-type]
+            if call.cancelled() or status_code(call.exception()) in UNCERTAIN_CODES:  # type: ignore[arg-type]
                 self.settle_later(reservation_id, Meter(ending=policy_pb2.ENDING_CLIENT_GONE), maybe=True)
             return
         self.settle_later(reservation_id, Meter(ending=policy_pb2.ENDING_CLIENT_GONE))
 
     @contextlib.asynccontextmanager
-    async def held(self, reservation: policy_pb2.ReserveResponse,
+    async def held(self, admission: asyncio.Future[policy_pb2.ReserveResponse],
                    deadline_passed: Callable[[], bool] = lambda: False) -> AsyncIterator[Meter]:
-        """The reservation, renewed while the block runs and settled with the block's `Meter` when it ends."""
+        """The reservation `admission` makes (it may still be deciding: `OverlappedAdmission`), renewed while the
+        block runs and settled with the block's `Meter` when it ends. A refused admission leaves nothing to settle;
+        one still deciding when the block ends is cancelled (`reserve` settles what policy made at zero)."""
         meter = Meter()
-        renewer = asyncio.create_task(self._renew(reservation)) if reservation.metered else None
+        renewer = asyncio.create_task(self._renew(admission))
         try:
             yield meter
         except asyncio.CancelledError:
@@ -110,15 +164,23 @@ class Accounts:
             raise
         except BaseException as exc:
             if meter.ending == policy_pb2.ENDING_UNSPECIFIED:
-                meter.ending = (policy_pb2.ENDING_DEADLINE if _code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
+                meter.ending = (policy_pb2.ENDING_DEADLINE if status_code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
                                 else policy_pb2.ENDING_ERROR)
             raise
         finally:
-            if renewer is not None:
-                renewer.cancel()
-            self.settle_later(reservation.reservation_id, meter)
+            renewer.cancel()
+            if not admission.done():
+                admission.cancel()
+            elif not admission.cancelled() and admission.exception() is None:
+                self.settle_later(admission.result().reservation_id, meter)
 
-    async def _renew(self, reservation: policy_pb2.ReserveResponse) -> None:
+    async def _renew(self, admission: asyncio.Future[policy_pb2.ReserveResponse]) -> None:
+        try:
+            reservation = await asyncio.shield(admission)
+        except Exception:
+            return  # refused: the chat ends with that refusal, nothing to renew
+        if not reservation.metered:
+            return
         interval = max(reservation.lease_ms, 300) / 3000
         request = policy_pb2.RenewReservationRequest(reservation_id=reservation.reservation_id)
         while True:
@@ -150,9 +212,9 @@ class Accounts:
                 await self._policy.call(lambda p: p.Settle, request, timeout=5)
                 return
             except (grpc.aio.AioRpcError, LmeshError) as exc:
-                if maybe and _code(exc) == grpc.StatusCode.NOT_FOUND:
+                if maybe and status_code(exc) == grpc.StatusCode.NOT_FOUND:
                     return  # it was never made
-                if _code(exc) not in SETTLE_RETRY_CODES or loop.time() + delay > give_up:
+                if status_code(exc) not in SETTLE_RETRY_CODES or loop.time() + delay > give_up:
                     log.warning("could not settle reservation %s (%s); policy charges it in full when its lease "
                                 "ends", request.reservation_id, exc.details() if isinstance(exc, grpc.aio.AioRpcError)
                                 else exc.message)

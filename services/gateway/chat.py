@@ -46,7 +46,7 @@ from services.common.peers import (
 from services.common.references import check_reference
 from services.common.rpc import error_reason, mark_failed
 from services.gateway import metrics
-from services.gateway.accounting import Accounts, Meter
+from services.gateway.accounting import REFUSED_CODES, Accounts, Meter, OverlappedAdmission, status_code
 from services.gateway.admission import (
     DEFAULT_MAX_CHATS,
     DEFAULT_STALLED_CLIENT_S,
@@ -58,6 +58,7 @@ from services.gateway.credentials import (
     DEFAULT_PRINCIPAL_TTL_S,
     Credential,
     RecentPrincipals,
+    credential_digest,
     credential_fields,
 )
 from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
@@ -127,10 +128,23 @@ class Prepared:
     prompt: list[int]
     max_tokens: int
     tokenizer: Endpoint
-    reservation: policy_pb2.ReserveResponse
+    admission: asyncio.Future[policy_pb2.ReserveResponse]  # policy's reservation; deciding still if `overlapped`
     priority: int = MIN_PRIORITY  # what the engine's queue orders it by: the request's, capped by its key's
     placement: SessionPlacement | None = None  # its session, when it names one
     tenant: str = ""  # whom policy authenticated: the response cache's answers are never shared across tenants
+    requested_priority: int | None = None  # what the request asked for (the key's cap may change it)
+
+    def confirmed_priority(self, reservation: policy_pb2.ReserveResponse) -> int:
+        """The priority the principal that the admission authenticated allows this chat (an overlapped chat was
+        prepared with a remembered one). Its tenant must be the one the chat was prepared for (the response cache
+        was asked for that tenant's answers): a credential that moved to another tenant meanwhile is refused."""
+        if not reservation.HasField("principal"):
+            return self.priority
+        principal = reservation.principal
+        if principal.tenant != self.tenant:
+            raise Unavailable("the credential was moved to another tenant while this request was admitted; "
+                              "send it again", retry_after_s=0.0)
+        return capped_priority(self.requested_priority, principal)
 
 
 def capped_priority(requested: int | None, principal: policy_pb2.Principal) -> int:
@@ -227,8 +241,9 @@ class ChatService:
 
     def __init__(self, mesh: Mesh, tracer: trace.Tracer, response_cache: ResponseCache | None = None, *,
                  max_chats: int = DEFAULT_MAX_CHATS, stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S,
-                 principal_ttl_s: float = DEFAULT_PRINCIPAL_TTL_S) -> None:
+                 principal_ttl_s: float = DEFAULT_PRINCIPAL_TTL_S, overlap_admission: bool = True) -> None:
         self.principals = RecentPrincipals(principal_ttl_s)  # spares a chat's first call; Reserve decides
+        self.overlapping = OverlappedAdmission(overlap_admission)  # Reserve while the engine starts the prompt
         self.admission = ChatAdmission(max_chats)  # the bound on chats in flight (request_path.chat_events)
         self.stalled_client_s = stalled_client_s  # a client that reads nothing this long is cut (None: never)
         self.stream_buffer_bytes = MAX_BUFFERED_BYTES  # what one stream's buffer holds for a lagging client
@@ -291,11 +306,13 @@ class ChatService:
             await self._inference.wait_for(lambda e: model_id in e.models, timeout=LOAD_WAIT_S)
 
     async def prepare(self, credential: Credential | str, params: ChatParams, request_id: str = "",
-                      screening: Screening | None = None) -> Prepared:
+                      screening: Screening | None = None, *, overlap: bool = False) -> Prepared:
         """Authenticates the credential (an API key, or a verified client certificate), resolves the model, screens
         the input (guardrails), renders the prompt, then has policy admit the request and reserve its exact prompt
         plus max_tokens under the id `request_id` (the completion id). The caller settles the reservation
-        (`Accounts.held`)."""
+        (`Accounts.held`). `overlap`: return without waiting for the admission where `OverlappedAdmission` allows
+        it; the caller then starts generating while it decides and releases nothing before it admits
+        (request_path.started_while_admitting)."""
         with self._tracer.start_as_current_span("authorize", record_exception=False,
                                                  set_status_on_exception=False) as span:
             try:
@@ -342,20 +359,19 @@ class ChatService:
         if len(prompt) >= context:  # a tokenizer that predates max_prompt_tokens
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
         max_tokens = min(params.max_tokens, context - len(prompt))
-        with self._tracer.start_as_current_span("reserve", record_exception=False,
-                                                 set_status_on_exception=False) as span:
-            try:
-                reservation = await self.accounts.reserve(policy_pb2.ReserveRequest(
-                    **credential_fields(credential), model=params.model, resolved_model=model_id,
-                    resolved_aliases=list(version.aliases), prompt_tokens=len(prompt), max_tokens=max_tokens,
-                    reservation_id=request_id or new_completion_id()))
-            except Exception as exc:
-                mark_failed(span, exc)
-                raise
-        # Reserve authenticated the credential again: its principal is the one that decides (the one above may be
-        # a remembered one, RecentPrincipals).
-        if reservation.HasField("principal"):
-            principal = reservation.principal
+        reserve = policy_pb2.ReserveRequest(
+            **credential_fields(credential), model=params.model, resolved_model=model_id,
+            resolved_aliases=list(version.aliases), prompt_tokens=len(prompt), max_tokens=max_tokens,
+            reservation_id=request_id or new_completion_id())
+        digest = credential_digest(credential)
+        overlapped = overlap and self.overlapping.begin(digest)
+        admission = asyncio.ensure_future(self._reserve(reserve, credential, digest, overlapped))
+        if not overlapped:
+            # Reserve authenticated the credential again: its principal is the one that decides (the one above may
+            # be a remembered one, RecentPrincipals). An overlapped chat checks that when the admission answers.
+            reservation = await admission
+            if reservation.HasField("principal"):
+                principal = reservation.principal
         priority = capped_priority(params.priority, principal)
         placement = (SessionPlacement(self.affinity, session_key(principal.tenant, params.session))
                      if params.session else None)
@@ -366,8 +382,27 @@ class ChatService:
                                          "lmesh.priority.clipped": priority < params.priority})
         if placement is not None:
             request_span.set_attribute("lmesh.session.hash", placement.session)  # never the name: user data
-        return Prepared(version, prompt, max_tokens, tokenizer, reservation, priority, placement,
-                        principal.tenant)
+        return Prepared(version, prompt, max_tokens, tokenizer, admission, priority, placement, principal.tenant,
+                        params.priority)
+
+    async def _reserve(self, request: policy_pb2.ReserveRequest, credential: Credential | str, digest: bytes,
+                       overlapped: bool) -> policy_pb2.ReserveResponse:
+        """Policy's admission of the request (Accounts.reserve), its outcome kept for OverlappedAdmission."""
+        with self._tracer.start_as_current_span("reserve", record_exception=False,
+                                                 set_status_on_exception=False) as span:
+            span.set_attribute("lmesh.admission.overlapped", overlapped)
+            try:
+                reservation = await self.accounts.reserve(request)
+            except Exception as exc:
+                mark_failed(span, exc)
+                if status_code(exc) in REFUSED_CODES:
+                    self.overlapping.refused(digest)
+                    self.principals.forget(credential)
+                raise
+            finally:
+                self.overlapping.ended(digest, overlapped)
+        self.overlapping.admitted(digest)
+        return reservation
 
     async def complete(self, credential: Credential | str, params: ChatParams, request_id: str,
                        screening: Screening | None = None,
@@ -381,7 +416,7 @@ class ChatService:
         pieces: list[str] = []
         cancel = asyncio.Event()
         cut: str | None = None
-        async with self.accounts.held(prepared.reservation) as meter:
+        async with self.accounts.held(prepared.admission) as meter:
             async for event in self.generate(prepared.version, prepared.prompt, prepared.max_tokens, params,
                                              cancel, request_id, prepared.tokenizer, meter,
                                              priority=prepared.priority, placement=prepared.placement):

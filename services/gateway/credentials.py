@@ -92,6 +92,12 @@ def caller_credential(context: grpc.aio.ServicerContext) -> Credential:
     return Credential(api_key=bearer_key(metadata))
 
 
+def credential_digest(credential: Credential | str) -> bytes:
+    """What the gateway knows a credential by in memory: a SHA-256 digest of it, never the key itself."""
+    request = policy_pb2.AuthenticateRequest(**credential_fields(credential))
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+
+
 DEFAULT_PRINCIPAL_TTL_S = 2.0
 MAX_REMEMBERED_PRINCIPALS = 10_000
 
@@ -110,13 +116,8 @@ class RecentPrincipals:
         self._clock = clock
         self._entries: OrderedDict[bytes, tuple[float, policy_pb2.Principal]] = OrderedDict()
 
-    @staticmethod
-    def _key(credential: Credential | str) -> bytes:
-        request = policy_pb2.AuthenticateRequest(**credential_fields(credential))
-        return hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-
     def get(self, credential: Credential | str) -> policy_pb2.Principal | None:
-        key = self._key(credential)
+        key = credential_digest(credential)
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -125,10 +126,14 @@ class RecentPrincipals:
             return None
         return entry[1]
 
+    def forget(self, credential: Credential | str) -> None:
+        """After policy refused the credential: its next chat authenticates again before anything else."""
+        self._entries.pop(credential_digest(credential), None)
+
     def remember(self, credential: Credential | str, principal: policy_pb2.Principal) -> None:
         if self._ttl_s <= 0:
             return
-        key = self._key(credential)
+        key = credential_digest(credential)
         self._entries[key] = (self._clock() + self._ttl_s, principal)
         self._entries.move_to_end(key)
         while len(self._entries) > MAX_REMEMBERED_PRINCIPALS:

@@ -373,13 +373,13 @@ class OpenAIApp:
                 assert answer is not None
                 choice = answer.choices[index]
                 if isinstance(event, ChatDelta):
-                    if metrics is not None and record is not None and event.text:
-                        metrics.text_sent(record)
                     if request.stream:
                         await respond.event(answer.chunk(index, event.text, event.logprobs))
                     else:
                         choice.text.append(event.text)
                         choice.entries += event.logprobs
+                    if metrics is not None and record is not None and event.text:
+                        metrics.text_sent(record)  # after the write: the first text's wait includes no metrics
                 elif isinstance(event, ChatEnd):
                     choice.finish_reason = FINISH_REASONS.get(event.finish_reason, "stop")
                     choice.usage = event.usage

@@ -80,6 +80,10 @@ class GatewaySettings:
         flag="--principal-ttl", env="LMESH_GATEWAY_PRINCIPAL_TTL_S", default=DEFAULT_PRINCIPAL_TTL_S,
         parse=float_type(0), help="seconds a credential that authenticated is remembered, sparing its next chats one "
                                   "call before rendering (policy's Reserve checks it again every time), >= 0; 0: off")
+    overlap_admission: bool = setting(
+        flag="--overlap-admission", env="LMESH_GATEWAY_OVERLAP_ADMISSION", default=True, parse=ON_OFF_TYPE,
+        help="start the engine on a chat's prompt while policy's Reserve decides on it, for a credential whose last "
+             "chat here was admitted (nothing is sent before the admission; a refusal cancels the prompt), on or off")
     response_cache: bool = setting(
         flag="--response-cache", env="LMESH_RESPONSE_CACHE", default=True, parse=ON_OFF_TYPE,
         help="answer an identical deterministic request (greedy, or with a seed) of the same tenant from the "
@@ -138,7 +142,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     settings = runtime.config.settings_as(GatewaySettings)
     chat = ChatService(runtime.mesh, runtime.tracer, response_cache(settings, runtime.meter),
                        max_chats=settings.max_chats, stalled_client_s=settings.stalled_client_s,
-                       principal_ttl_s=settings.principal_ttl_s)
+                       principal_ttl_s=settings.principal_ttl_s, overlap_admission=settings.overlap_admission)
     servicer = GatewayServicer(chat)
     metrics = GatewayMetrics(runtime.meter)
     metrics.observe_admission(chat.admission)

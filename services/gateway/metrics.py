@@ -176,8 +176,8 @@ def meter_chats(servicer: Any, metrics: GatewayMetrics) -> None:
         code = grpc.StatusCode.OK
         try:
             async for response in responses:
-                metrics.response(record, response)
                 yield response
+                metrics.response(record, response)  # once it is written: the client waits for no metrics
         except Exception as exc:
             code = status_for(exc)[0]
             raise

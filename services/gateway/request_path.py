@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lmesh.common.v1 import generation_pb2
 from opentelemetry import trace
@@ -30,6 +30,7 @@ from services.gateway.chat import (
     ChatEnd,
     ChatParams,
     ChatService,
+    Prepared,
     new_completion_id,
     validate,
 )
@@ -61,15 +62,74 @@ async def closing(events: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
     try:
         yield events
     finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()
+        await _close(events)
 
 
 def stalled_client(chat: ChatService) -> ResourceExhausted:
     """What a client that stopped reading is told, should it read again (no retry delay: waiting does not help)."""
     return ResourceExhausted(f"this stream was ended: its client took nothing of it for {chat.stalled_client_s:g} s "
                              "(it stopped reading)", reason=Reason.CLIENT_STALLED)
+
+
+@contextlib.asynccontextmanager
+async def started_while_admitting(prepared: Prepared, start: Callable[[int], AsyncIterator[T]],
+                                  ) -> AsyncIterator[AsyncIterator[T]]:
+    """The events of `start(priority)`, released only once policy admitted the chat (`prepared.admission`), and
+    closed when the block ends.
+
+    Where the admission is still deciding (an overlapped one, OverlappedAdmission), the first event is already
+    being made (the engine prefills the prompt) while policy decides; a refusal cancels it and is raised, with
+    nothing of the answer released. Where the key's priority cap changed within RecentPrincipals' memory, the
+    answer is started again at the priority the admission allows."""
+    priority = prepared.priority
+    if not prepared.admission.done():
+        events = start(priority)
+        first = asyncio.ensure_future(_next(events))
+        try:
+            priority = prepared.confirmed_priority(await prepared.admission)
+        except BaseException:
+            await _cancelled(first)
+            await _close(events)
+            raise
+        if priority == prepared.priority:
+            async with closing(events), closing(_first_then_rest(first, events)) as released:
+                yield released
+            return
+        await _cancelled(first)
+        await _close(events)
+    prepared.admission.result()  # raises a refusal
+    async with closing(start(priority)) as events:
+        yield events
+
+
+async def _next(events: AsyncIterator[T]) -> tuple[T] | None:
+    try:
+        return (await anext(events),)
+    except StopAsyncIteration:
+        return None
+
+
+async def _first_then_rest(first: asyncio.Future[tuple[T] | None], events: AsyncIterator[T]) -> AsyncIterator[T]:
+    got = await first
+    if got is None:
+        return
+    yield got[0]
+    async for event in events:
+        yield event
+
+
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    """`task` cancelled, and its cancellation run to the end (what it opened upstream is closed)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: superseded by what ends the chat
+
+
+async def _close(events: AsyncIterator[Any]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def reason_name(reason: generation_pb2.FinishReason.ValueType) -> str:
@@ -126,7 +186,7 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
         answer_schema = params.response_format.json_schema if params.response_format is not None else None
         params = replace(params, messages=conversation_with(params.messages, calling),
                          response_format=calling.constraint(answer_schema))
-    prepared = await chat.prepare(caller, params, completion_id, screening)
+    prepared = await chat.prepare(caller, params, completion_id, screening, overlap=True)
     version = prepared.version
     model_id = f"{version.name}:{version.version}"
     span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,
@@ -134,26 +194,31 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
     # The response cache, after authorization, input guardrails and the reservation (a hit is admitted and
     # charged as a miss), before the model: a hit replays the stored answer, a miss records its own.
     cache = chat.response_cache
-    plan = cache.plan(params, prepared.tenant, model_id, prepared.prompt)
     # Settled with what the meter saw on every ending: finish, cancel, client gone, deadline, error, a block.
     # The streams are closed here, in order, whatever ends the loop: the inference and detokenizer streams are
     # cut before this generator returns, not whenever the garbage collector finds them.
-    async with chat.accounts.held(prepared.reservation, deadline_passed) as meter:
+    async with chat.accounts.held(prepared.admission, deadline_passed) as meter:
+        plan = cache.plan(params, prepared.tenant, model_id, prepared.prompt)
         hit = await cache.lookup(plan)  # inside: a client that leaves meanwhile still has its reservation settled
         cache_result: Result = "hit" if hit is not None else plan.result_if_missed
-        cache.count(cache_result, model_id)
-        span.set_attribute("lmesh.response_cache", cache_result)
         recorder = Recorder(meter)
-        if hit is not None:
-            source = replay(hit, meter, cancel)
-        else:
-            source = chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
-                                   prepared.tokenizer, meter, priority=prepared.priority,
-                                   placement=prepared.placement)
-            source = recorder.record(source) if plan.write else source
-        async with closing(source) as generated, \
-                closing(chat.guardrails.screen_output(screening, generated, cancel, params.logprobs)) as checked, \
+
+        def answer(priority: int) -> AsyncIterator[ChatDelta | ChatEnd]:
+            nonlocal recorder
+            if hit is not None:
+                return replay(hit, meter, cancel)
+            generated = chat.generate(version, prepared.prompt, prepared.max_tokens, params, cancel, completion_id,
+                                      prepared.tokenizer, meter, priority=priority, placement=prepared.placement)
+            recorder = Recorder(meter)  # an answer started again is recorded from its start
+            return recorder.record(generated) if plan.write else generated
+
+        # With an overlapped admission the answer starts upstream now and waits for policy here; nothing of it,
+        # not even ChatStarted, goes out before the admission.
+        async with started_while_admitting(prepared, answer) as source, \
+                closing(chat.guardrails.screen_output(screening, source, cancel, params.logprobs)) as checked, \
                 closing(calls_or_text(checked, calling, cancel.set) if calling is not None else checked) as screened:
+            cache.count(cache_result, model_id)
+            span.set_attribute("lmesh.response_cache", cache_result)
             yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result)
             async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
                 async for event in buffered:
