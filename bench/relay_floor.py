@@ -51,7 +51,7 @@ from bench.stats import machine, percentile
 from services.common.config import lmesh_cache
 from services.common.consul_agent import free_port, free_ports
 from services.common.discovery import Mesh
-from services.common.peers import GATEWAY, INFERENCE, POLICY, TOKENIZER, open_mesh, public_gateway
+from services.common.peers import GATEWAY, INFERENCE, POLICY, TOKENIZER, direct_stub, open_mesh, public_gateway
 
 WAYS = ("direct", "relay", "relay+render", "relay+render+reserve", "relay+render+overlap", "gateway",
         "gateway, no overlap")
@@ -147,17 +147,19 @@ async def relay_process(mesh: RunningMesh, name: str) -> AsyncIterator[inference
         name, [sys.executable, "-m", "bench.relay_floor", "--serve", "--consul", mesh.consul_addr, "--port",
                str(port), "--model-id", mesh.model_id, "--calls", ",".join(CALLS[name])],
         label=f"null relay ({name})", env={**os.environ, KEY_ENV: mesh.key})
-    target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    async with grpc.aio.insecure_channel(target) as channel:
-        while True:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), timeout=1)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline or process.process.poll() is not None:
-                    raise RuntimeError(f"the null relay {name} did not start") from None
-        yield inference_pb2_grpc.InferenceStub(channel)
+    while True:  # listening once it accepts a connection
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.process.poll() is not None:
+                raise RuntimeError(f"the null relay {name} did not start") from None
+            await asyncio.sleep(0.2)
+    async with direct_stub(INFERENCE, f"127.0.0.1:{port}") as stub:
+        yield stub
 
 
 @contextlib.asynccontextmanager
