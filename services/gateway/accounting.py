@@ -83,9 +83,10 @@ class OverlappedAdmission:
     Reserve takes a few milliseconds that would otherwise come before the engine's prefill. A chat may overlap the
     two when the same credential's last Reserve at this gateway admitted it and none of its other chats is
     overlapping right now; whatever the engine sends waits until the admission answers, and a refusal cancels the
-    generation before anything of it leaves. After a refusal (or with no admission on record) the credential's
-    chats wait for Reserve before generating, until one is admitted again: a caller over its limits, or with a
-    revoked key, can make the engine start at most one prompt it is then refused, not one per request.
+    generation before anything of it leaves. After a Reserve that did not admit (a refusal, or policy out of reach)
+    or with no admission on record, the credential's chats wait for Reserve before generating, until one is
+    admitted again: a caller over its limits, or with a revoked key, can make the engine start at most one prompt
+    it is then refused, not one per request.
 
     Credentials are known by a digest (never the key), the most recently admitted MAX_ADMITTED_CREDENTIALS."""
 

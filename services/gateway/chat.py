@@ -395,8 +395,8 @@ class ChatService:
                 reservation = await self.accounts.reserve(request)
             except Exception as exc:
                 mark_failed(span, exc)
+                self.overlapping.refused(digest)  # refused, or policy out of reach: the next chats wait for it
                 if status_code(exc) in REFUSED_CODES:
-                    self.overlapping.refused(digest)
                     self.principals.forget(credential)
                 raise
             finally:
