@@ -27,7 +27,7 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
-from services.common.peers import PeerService
+from services.common.peers import PeerService, past_send_race
 from services.common.rpc import call_options
 from services.common.server import RunningService, start_service
 from services.registry import client
@@ -345,7 +345,7 @@ class Registry:
                 yield registry_pb2.UploadArtifactRequest(chunk=chunk)
 
         stub = await self.stub()
-        return await stub.UploadArtifact(requests(), **call_options(timeout=10))
+        return await past_send_race(lambda: stub.UploadArtifact(requests(), **call_options(timeout=10)))
 
     async def fetch(self, digest: str) -> tuple[Any, bytes]:
         stub = await self.stub()

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.common.peers import lost_send_race
+from services.common.peers import lost_send_race, past_send_race
 from services.gateway.chat import send
 
 
@@ -38,3 +38,24 @@ async def test_any_other_write_failure_is_raised(error: grpc.aio.AioRpcError) ->
     assert not lost_send_race(error)
     with pytest.raises(grpc.aio.AioRpcError):
         await send(Call(error), object())  # type: ignore[arg-type]
+
+
+async def test_an_upload_whose_refusal_was_lost_to_the_race_is_sent_again_until_the_status_shows() -> None:
+    refused = failed_write(grpc.StatusCode.UNAUTHENTICATED, "admin token required")
+    outcomes: list[BaseException | str] = [LOST, LOST, refused]
+
+    async def upload() -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await past_send_race(upload)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and outcomes == []
+    outcomes[:] = [LOST, "stored"]
+    assert await past_send_race(upload) == "stored"
+    outcomes[:] = [LOST, LOST, LOST, "never asked"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await past_send_race(upload)  # three tries in all: the last loss is what the caller sees
+    assert lost_send_race(caught.value) and outcomes == ["never asked"]

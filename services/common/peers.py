@@ -75,6 +75,22 @@ def lost_send_race(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.INTERNAL and "SendMessage" in (exc.debug_error_string() or "")
 
 
+SEND_RACE_ATTEMPTS = 3
+
+
+async def past_send_race(call: Callable[[], Awaitable[R]], attempts: int = SEND_RACE_ATTEMPTS) -> R:
+    """`call()`, made again (up to `attempts` times in all) while grpc-aio loses the server's status to the send
+    race (`lost_send_race`): for an idempotent call that streams its request (an upload), whose refusal would
+    otherwise surface as INTERNAL."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if not lost_send_race(exc) or attempt + 1 == attempts:
+                raise
+    raise AssertionError("attempts must be at least 1")
+
+
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:
     """A peer that refused this process itself (no mesh certificate, or a Consul intention denies the hop), not
     its request: to our own caller that is a dependency out of reach, UNAVAILABLE, naming the hop."""

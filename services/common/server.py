@@ -178,8 +178,9 @@ async def start_service(
     if register and config.binds_wildcard and not config.advertise_host:
         config = replace(config, advertise_host=_route_to_consul(config))
     # Checked before any gRPC server exists: grpc.aio cannot stop a server that never started.
-    problem = _bind_problem(config)
     serve_metrics = prometheus_wanted()  # a bad OTEL_METRICS_EXPORTER fails here, in one line
+    # A clash of the service's own ports is a mistake whatever else listens: said first.
+    problem = (_metrics_port_clash(config) if serve_metrics else None) or _bind_problem(config)
     if problem is None and serve_metrics:
         problem = _metrics_port_problem(config)
     if problem is not None:
@@ -394,15 +395,24 @@ def _extra_ports_problem(config: ServiceConfig, parts: ServiceParts) -> str | No
     return None
 
 
+def _metrics_port_clash(config: ServiceConfig) -> str | None:
+    """--metrics-port set to another port of the service, or None."""
+    port = config.metrics_port
+    for other, flag in ((config.port, "--port"), (config.health_port, "--health-port")):
+        if port and port == other:
+            return f"--metrics-port must be another port than {flag} ({port})"
+    return None
+
+
 def _metrics_port_problem(config: ServiceConfig) -> str | None:
     """Why the Prometheus endpoint cannot listen on --metrics-port now (another port of the service, or taken),
     or None."""
     port = config.metrics_port
     if not port:
         return None
-    for other, flag in ((config.port, "--port"), (config.health_port, "--health-port")):
-        if port == other:
-            return f"--metrics-port must be another port than {flag} ({port})"
+    clash = _metrics_port_clash(config)
+    if clash is not None:
+        return clash
     error = _bind_error(config.host, port)
     if error is not None and not isinstance(error, socket.gaierror) and error.errno == errno.EADDRINUSE:
         return (f"could not listen on {host_port(config.host, port)} (--metrics-port): the port is in use; stop "

@@ -23,7 +23,7 @@ from lmesh.registry.v1 import registry_pb2
 from lmesh.registry.v1.registry_pb2_grpc import RegistryStub
 
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.peers import Lease, Peer
+from services.common.peers import Lease, Peer, past_send_race
 from services.registry.store import CHUNK_SIZE, HashingWriter, check_sha256
 
 log = logging.getLogger("lmesh.registry.client")
@@ -104,7 +104,8 @@ async def upload_file(
             _upload_requests(path, sha256, size), **lease.options(timeout=None, admin=True))
         return response
 
-    response = await registry.with_lease(upload)
+    # Content-addressed, so safe to send again when a refusal was lost to grpc-aio's send race.
+    response = await past_send_race(lambda: registry.with_lease(upload))
     return registry_pb2.Artifact(
         kind=kind,
         sha256=response.artifact.sha256,
