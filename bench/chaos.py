@@ -422,6 +422,15 @@ class ChaosMesh:
                                f"{self.supervisor.log(name)[-3000:]}") from None
         return time.monotonic()
 
+    async def wait_streaming(self, name: str, timeout: float = 10.0) -> None:
+        """Waits until the inference replica says in Consul (meta `load_active`) that it has streams in flight, so a
+        fault hits some; goes on after `timeout` regardless (the scenario's targets then say what it missed)."""
+        assert self.mesh is not None
+        port = self.ports[name]
+        with contextlib.suppress(TimeoutError):
+            await self.mesh.resolver(f"lmesh-{service_of(name)}").wait_for(
+                lambda e: e.port == port and e.meta.get("load_active", "0") not in ("", "0"), timeout=timeout)
+
     def kill(self, name: str) -> None:
         """kill -9, waited for."""
         assert self.supervisor is not None
@@ -553,7 +562,9 @@ async def kill_and_restart(mesh: ChaosMesh, name: str, down_s: float) -> Fault:
 
 
 async def kill_inference(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
-    """kill -9 of a replica: its streams fail at once (UNAVAILABLE), new chats go to the other one."""
+    """kill -9 of a replica while it streams: its streams fail at once (UNAVAILABLE), new chats go to the other
+    one."""
+    await mesh.wait_streaming("inference-a")
     return await kill_and_restart(mesh, "inference-a", OBSERVE_S)
 
 

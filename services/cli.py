@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections import Counter
@@ -62,6 +63,7 @@ def _fail(message: str) -> int:
 
 
 MESH_DOWN_HINT = " (is the mesh running? `make run`)"
+INTERRUPTED_GRACE_S = 2.0  # how long an interrupted follow's calls get to end before they are closed
 # What gRPC itself says when no connection could be made at all (as opposed to a server's own UNAVAILABLE).
 UNREACHABLE_MARKS = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
                      "connection reset", "name resolution")
@@ -692,7 +694,8 @@ def _audit(args: argparse.Namespace) -> int:
                         _print_record(record, args.json)
                 return 0
             stream = follow_audit(policy, args.n, selection)
-            try:
+
+            async def print_followed() -> None:
                 first = True
                 async for response in stream:
                     for record in response.records:
@@ -701,15 +704,43 @@ def _audit(args: argparse.Namespace) -> int:
                         first = False
                         print(f"lmesh: following the audit log from #{response.head_seq} (Ctrl-C ends)",
                               file=sys.stderr, flush=True)
-            finally:
-                await stream.aclose()
-            return 0
+
+            return await _until_interrupted(print_followed(), stream.aclose)
         except grpc.aio.AioRpcError as exc:
             raise _admin_refusal(exc) from None
         finally:
             await mesh.close()
 
     return _run_async(go)
+
+
+async def _until_interrupted(work: Awaitable[None], close: Callable[[], Awaitable[None]]) -> int:
+    """Runs `work` until it ends (0) or Ctrl-C (130). The interrupt ends it by cancelling its task and then, should a
+    gRPC read not give way to that, by `close` and the mesh's closing, which cancel the calls themselves: a follow
+    must end at Ctrl-C whatever it was waiting for."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+
+    def on_interrupt() -> None:
+        interrupted.set()
+        loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C interrupts whatever the ending waits for
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    task = asyncio.ensure_future(work)
+    stop = asyncio.create_task(interrupted.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+            return 0
+        task.cancel()
+        await asyncio.wait({task}, timeout=INTERRUPTED_GRACE_S)
+        if not task.done():
+            await asyncio.wait({asyncio.ensure_future(close())}, timeout=INTERRUPTED_GRACE_S)
+        return 130
+    finally:
+        stop.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _verified(ok: bool, summary: str) -> int:

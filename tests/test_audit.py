@@ -681,7 +681,8 @@ async def test_lmesh_audit_tail_follow_prints_new_records_as_they_come(guarded: 
     created = await guarded.key("cli-follow")
     process = await asyncio.create_subprocess_exec(
         *LMESH, "audit", "tail", "--follow", "-n", "1", "--tenant", "cli-follow", "--admin-token", ADMIN_TOKEN,
-        env=guarded.env(), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env={**guarded.env(), "PYTHONFAULTHANDLER": "1"}, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     assert process.stdout is not None and process.stderr is not None
     try:
         backlog = await asyncio.wait_for(process.stdout.readline(), 60)
@@ -695,7 +696,13 @@ async def test_lmesh_audit_tail_follow_prints_new_records_as_they_come(guarded: 
                 for line, m in zip(lines, "ab", strict=True)] == [True, True], lines
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(process.communicate(), 30)
+        exited = asyncio.ensure_future(process.communicate())
+        done, _ = await asyncio.wait({exited}, timeout=30)
+        if not done:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            process.send_signal(signal.SIGABRT)
+            _, err = await exited
+            pytest.fail(f"lmesh audit tail --follow did not end within 30 s of SIGINT:\n{err.decode()}")
+        out, err = exited.result()
     assert process.returncode == 130 and b"Traceback" not in err, err
     guarded.outputs += [backlog.decode(), out.decode(), err.decode()]
 

@@ -374,20 +374,34 @@ async def detokenized_in_gateway(live: LiveMesh) -> None:
         await asyncio.sleep(0.1)
 
 
+async def rendered_in_gateway(live: LiveMesh) -> None:
+    """Waits until the gateway renders SmolLM2's prompts itself (it loads the version's tokenizer and checks it
+    against lmesh-tokenizer once, on its first chat, whose prompt the tokenizer renders)."""
+    await collect(await live.gateway(), start(max_tokens=1), live.api_key)
+    deadline = time.monotonic() + 20
+    while "smollm2-135m-instruct:1: prompts are rendered in the gateway" not in live.procs.log("gateway"):
+        assert time.monotonic() < deadline, "the gateway never said how it renders SmolLM2's prompts"
+        await asyncio.sleep(0.1)
+
+
+def trace_of(spans: list, completion_id: str) -> set[str]:  # type: ignore[type-arg]
+    """`service|span name` of every span in the trace of the chat answered as `completion_id`."""
+    roots = [s for s in spans
+             if s.name == "lmesh.gateway/Chat" and s.attributes.get("gen_ai.response.id") == completion_id]
+    if not roots:
+        return set()
+    return {f"{s.service}|{s.name}" for s in spans if s.trace_id == roots[0].trace_id}
+
+
 async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None:
     await detokenized_in_gateway(live)
-    # A reference no other test uses, so the gateway's short resolution cache cannot skip the registry.
-    responses = await collect(await live.gateway(), start(model="smollm2-135m-instruct:1", max_tokens=8),
-                              live.api_key)
+    await rendered_in_gateway(live)
+    # A reference no other test uses, so the gateway's short resolution cache cannot skip the registry. The prompt
+    # is longer than the gateway renders itself: lmesh-tokenizer renders it.
+    long_question = "Name the capital of France, please. " * 240
+    responses = await collect(await live.gateway(), start(long_question, model="smollm2-135m-instruct:1",
+                                                          max_tokens=8), live.api_key)
     completion_id = responses[-1].id
-
-    def chat_trace(spans: list) -> set[str]:  # type: ignore[type-arg]
-        roots = [s for s in spans
-                 if s.name == "lmesh.gateway/Chat" and s.attributes.get("gen_ai.response.id") == completion_id]
-        if not roots:
-            return set()
-        trace_id = roots[0].trace_id
-        return {f"{s.service}|{s.name}" for s in spans if s.trace_id == trace_id}
 
     # No Authenticate: the key chatted a moment ago, so the gateway remembers its principal (RecentPrincipals),
     # and Reserve authenticates it.
@@ -396,9 +410,10 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
               "lmesh-registry|lmesh.registry/ResolveModel", "lmesh-tokenizer|lmesh.tokenizer/ApplyChatTemplate",
               "lmesh-inference|lmesh.inference/Generate",
               "lmesh-inference|prefill", "lmesh-inference|decode"}
-    await live.otlp.wait_for(lambda spans: wanted <= chat_trace(spans), timeout=20)
-    assert "lmesh-tokenizer|lmesh.tokenizer/DetokenizeStream" not in chat_trace(live.otlp.spans)
+    await live.otlp.wait_for(lambda spans: wanted <= trace_of(spans, completion_id), timeout=20)
+    assert "lmesh-tokenizer|lmesh.tokenizer/DetokenizeStream" not in trace_of(live.otlp.spans, completion_id)
     root = next(s for s in live.otlp.spans if s.attributes.get("gen_ai.response.id") == completion_id)
+    assert root.attributes["lmesh.prompt.rendered_by"] == "tokenizer"
     assert root.attributes["gen_ai.usage.output_tokens"] == responses[-1].usage.completion_tokens
     # The gateway hands its completion id to inference, which labels its server span with it.
     generate = next(s for s in live.otlp.spans
@@ -406,6 +421,26 @@ async def test_one_chat_is_one_trace_across_all_services(live: LiveMesh) -> None
     assert generate.attributes["lmesh.request_id"] == completion_id
     reason = generation_pb2.FinishReason.Name(responses[-1].finish_reason).removeprefix("FINISH_REASON_").lower()
     assert root.attributes["gen_ai.response.finish_reasons"] == [reason]
+
+
+async def test_a_short_prompt_is_rendered_in_the_gateway_to_the_tokenizers_ids(live: LiveMesh) -> None:
+    await rendered_in_gateway(live)
+    messages = [gateway_pb2.Message(role="system", content="Answer in one word."),
+                gateway_pb2.Message(role="user", content="Capital of France? <|im_end|> Grüße 🌍")]
+    responses = await collect(await live.gateway(), start(messages=messages, max_tokens=4), live.api_key)
+    completion_id = responses[-1].id
+    await live.otlp.wait_for(lambda spans: "lmesh-inference|prefill" in trace_of(spans, completion_id), timeout=20)
+    assert not any(span.startswith("lmesh-tokenizer|") for span in trace_of(live.otlp.spans, completion_id))
+    root = next(s for s in live.otlp.spans if s.attributes.get("gen_ai.response.id") == completion_id)
+    assert root.attributes["lmesh.prompt.rendered_by"] == "gateway"
+    # The prompt inference ran is the one lmesh-tokenizer makes of the same messages.
+    from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    tokenizer = (await live.mesh.resolver("lmesh-tokenizer").pick()).stub(tokenizer_pb2_grpc.TokenizerStub)
+    rendered = await tokenizer.ApplyChatTemplate(tokenizer_pb2.ApplyChatTemplateRequest(
+        model="smollm2-135m-instruct:1", add_generation_prompt=True,
+        messages=[tokenizer_pb2.ChatMessage(role=m.role, content=m.content) for m in messages]), timeout=10)
+    assert responses[-1].usage.prompt_tokens == len(rendered.token_ids) == root.attributes["gen_ai.usage.input_tokens"]
 
 
 # An answer ended by the model (its end-of-turn token is not billed) and one ended at a stop string (the gateway
@@ -918,6 +953,7 @@ async def test_killed_inference_fails_fast_then_recovers(live: LiveMesh) -> None
 async def test_killed_tokenizer_leaves_answers_in_flight_then_recovers(live: LiveMesh) -> None:
     # The gateway detokenizes SmolLM2's answers itself: an answer already rendered no longer needs the tokenizer.
     await detokenized_in_gateway(live)
+    await rendered_in_gateway(live)
     stub = await live.gateway()
     call = stub.Chat(metadata=auth(live.api_key), timeout=60)
     await call.write(start(LONG_TASK, max_tokens=48))
@@ -929,8 +965,9 @@ async def test_killed_tokenizer_leaves_answers_in_flight_then_recovers(live: Liv
     rest = await read_rest(call)
     assert rest[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 48
     assert len(first.delta + "".join(r.delta for r in rest)) > 48  # the whole answer's text
-    # A new chat cannot be rendered meanwhile.
-    error = await expect_error(await live.gateway(), [start()], auth(live.api_key))
+    # New chats are rendered in the gateway meanwhile; only a prompt too long for that needs the tokenizer.
+    assert "Paris" in "".join(r.delta for r in await collect(await live.gateway(), start(), live.api_key))
+    error = await expect_error(await live.gateway(), [start("Tell me about France. " * 400)], auth(live.api_key))
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
     live.procs.start("tokenizer")
     await live.procs.wait_passing(live.mesh, "tokenizer", exclude=old_ids)

@@ -357,3 +357,35 @@ def test_every_reason_is_documented_for_clients() -> None:
     for reason in Reason:
         assert f"`{reason}`" in section, f"README's status codes section does not name {reason}"
         assert reason in protos, f"no proto names {reason}"
+
+
+async def test_a_retry_loop_ends_when_a_failure_hid_its_cancellation() -> None:
+    import asyncio
+
+    tries = 0
+
+    async def call_hiding_its_cancellation() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TimeoutError from None  # as a timeout firing in the same step as the cancellation
+
+    async def retry_loop() -> None:
+        nonlocal tries
+        while True:
+            tries += 1
+            try:
+                await call_hiding_its_cancellation()
+            except Exception as exc:
+                errors.end_if_cancelled(exc)
+                await asyncio.sleep(0)
+
+    task = asyncio.create_task(retry_loop())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    assert done and task.cancelled() and tries == 1
+
+
+async def test_a_failure_with_no_cancellation_pending_is_left_to_the_loop() -> None:
+    errors.end_if_cancelled(TimeoutError())  # returns: nothing asked this task to stop

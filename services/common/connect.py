@@ -46,7 +46,7 @@ import grpc
 from consul.callback import CB
 
 from services.common.config import ConfigError, host_port, split_consul_addr
-from services.common.errors import PermissionDenied, Reason, Unauthenticated
+from services.common.errors import PermissionDenied, Reason, Unauthenticated, end_if_cancelled
 
 log = logging.getLogger("lmesh.connect")
 
@@ -192,6 +192,7 @@ async def _watch(client: consul.aio.Consul, path: str, what: str, index: int = 0
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            end_if_cancelled(exc)
             if not failing:
                 log.warning("Consul watch on %s failed (%s); retrying with back-off", what, _brief(exc))
                 failing = True

@@ -23,7 +23,7 @@ import consul.aio
 import grpc
 
 from services.common.config import host_port
-from services.common.errors import Unavailable
+from services.common.errors import Unavailable, end_if_cancelled
 
 if TYPE_CHECKING:
     from services.common.connect import MeshSecurity
@@ -95,6 +95,7 @@ async def health_watch(client: consul.aio.Consul, name: str, failure_level: int,
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            end_if_cancelled(exc)
             log.log(failure_level, "Consul watch on %s failed (%s); retrying in %.1fs", name, exc, backoff)
             index = None
             failed = True

@@ -10,6 +10,7 @@ sends in a google.rpc.Status in the `grpc-status-details-bin` trailer.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -242,3 +243,12 @@ RELAYED_UPSTREAM_CODES = frozenset(
         grpc.StatusCode.UNAVAILABLE,
     }
 )
+
+
+def end_if_cancelled(exc: BaseException) -> None:
+    """Raises CancelledError when the current task has been asked to stop. For a retry loop that caught `exc`: a
+    cancellation can reach it disguised (a timeout that fired as the task was cancelled, a call cancelled under
+    it), and retrying then would keep the task, and a process waiting for it at exit, alive."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from services.common.errors import LmeshError
+from services.common.errors import LmeshError, end_if_cancelled
 from services.common.peers import Lease, Peer
 
 S = TypeVar("S")
@@ -74,10 +74,12 @@ class StreamFollower(Generic[S, M]):
             except asyncio.CancelledError:
                 raise
             except (grpc.aio.AioRpcError, LmeshError, OSError) as exc:
+                end_if_cancelled(exc)
                 reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 self._log.debug("%s: the stream from %s ended (%s); again in %.1f s", self._what, self._peer.name,
                                 reason, delay)
-            except Exception:
+            except Exception as exc:
+                end_if_cancelled(exc)
                 self._log.exception("%s: following %s failed; again in %.1f s", self._what, self._peer.name, delay)
             if self._on_lost is not None:
                 self._on_lost()

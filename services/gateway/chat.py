@@ -15,6 +15,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -64,6 +65,7 @@ from services.gateway.credentials import (
 from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, Vocabulary, VocabularyCache
 from services.gateway.models import ModelDirectory
+from services.gateway.render import LocalRendering, rendered_locally
 
 if TYPE_CHECKING:
     from services.gateway.functions import FunctionCall, FunctionCalling
@@ -122,12 +124,13 @@ class ChatEnd:
 @dataclass(frozen=True)
 class Prepared:
     """A chat ready to generate: the version, the rendered prompt, the max_tokens that fit the context, the
-    tokenizer instance that rendered it, and policy's reservation for it (settle it: `Accounts.held`)."""
+    tokenizer instance that rendered it (None: the gateway did), and policy's reservation for it (settle it:
+    `Accounts.held`)."""
 
     version: registry_pb2.ModelVersion
     prompt: list[int]
     max_tokens: int
-    tokenizer: Endpoint
+    tokenizer: Endpoint | None  # the instance that rendered the prompt; None: rendered here (render.py)
     admission: asyncio.Future[policy_pb2.ReserveResponse]  # policy's reservation; deciding still if `overlapped`
     priority: int = MIN_PRIORITY  # what the engine's queue orders it by: the request's, capped by its key's
     placement: SessionPlacement | None = None  # its session, when it names one
@@ -241,7 +244,10 @@ class ChatService:
 
     def __init__(self, mesh: Mesh, tracer: trace.Tracer, response_cache: ResponseCache | None = None, *,
                  max_chats: int = DEFAULT_MAX_CHATS, stalled_client_s: float | None = DEFAULT_STALLED_CLIENT_S,
-                 principal_ttl_s: float = DEFAULT_PRINCIPAL_TTL_S, overlap_admission: bool = True) -> None:
+                 principal_ttl_s: float = DEFAULT_PRINCIPAL_TTL_S, overlap_admission: bool = True,
+                 render_artifacts: Path | None = None) -> None:
+        """`render_artifacts`: where the gateway keeps the tokenizer artifacts it renders prompts with (render.py);
+        None: lmesh-tokenizer renders every prompt."""
         self.principals = RecentPrincipals(principal_ttl_s)  # spares a chat's first call; Reserve decides
         self.overlapping = OverlappedAdmission(overlap_admission)  # Reserve while the engine starts the prompt
         self.admission = ChatAdmission(max_chats)  # the bound on chats in flight (request_path.chat_events)
@@ -253,6 +259,7 @@ class ChatService:
         self.models = ModelDirectory(mesh.peer(REGISTRY))
         self.vocabularies = VocabularyCache(self._tokenizer)
         self.local_detokenizing = LocalDetokenizing(self.vocabularies, self._tokenizer)
+        self.local_rendering = LocalRendering(mesh.peer(REGISTRY), self._tokenizer, render_artifacts)
         self.accounts = Accounts(self._policy)
         self.affinity = SessionAffinity()
         self._tracer = tracer
@@ -347,15 +354,7 @@ class ChatService:
         context = version.context_length
         # At least one token of the context is left for the answer. A prompt that cannot fit is refused by the
         # tokenizer, before encoding it when its size alone shows that.
-        request = tokenizer_pb2.ApplyChatTemplateRequest(
-            model=model_id, add_generation_prompt=True, max_prompt_tokens=context - 1,
-            messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in params.messages])
-
-        async def render(lease: Lease[TokenizerStub]) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
-            return await lease.stub.ApplyChatTemplate(request, **lease.options(timeout=10)), lease.endpoint
-
-        rendered, tokenizer = await self._tokenizer.with_lease(render)
-        prompt = list(rendered.token_ids)
+        prompt, tokenizer = await self._render(version, params.messages, context - 1)
         if len(prompt) >= context:  # a tokenizer that predates max_prompt_tokens
             raise InvalidArgument("messages", f"the prompt is {len(prompt)} tokens; the model's context is {context}")
         max_tokens = min(params.max_tokens, context - len(prompt))
@@ -384,6 +383,23 @@ class ChatService:
             request_span.set_attribute("lmesh.session.hash", placement.session)  # never the name: user data
         return Prepared(version, prompt, max_tokens, tokenizer, admission, priority, placement, principal.tenant,
                         params.priority)
+
+    async def _render(self, version: registry_pb2.ModelVersion, messages: list[tuple[str, str]],
+                      max_prompt_tokens: int) -> tuple[list[int], Endpoint | None]:
+        """The prompt's ids, and the tokenizer instance that rendered them (None: rendered here, render.py)."""
+        local = self.local_rendering.tokenizer(version, messages)
+        trace.get_current_span().set_attribute("lmesh.prompt.rendered_by", "tokenizer" if local is None else "gateway")
+        if local is not None:
+            return rendered_locally(local, messages, max_prompt_tokens), None
+        request = tokenizer_pb2.ApplyChatTemplateRequest(
+            model=f"{version.name}:{version.version}", add_generation_prompt=True, max_prompt_tokens=max_prompt_tokens,
+            messages=[tokenizer_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+
+        async def render(lease: Lease[TokenizerStub]) -> tuple[tokenizer_pb2.ApplyChatTemplateResponse, Endpoint]:
+            return await lease.stub.ApplyChatTemplate(request, **lease.options(timeout=10)), lease.endpoint
+
+        rendered, tokenizer = await self._tokenizer.with_lease(render)
+        return list(rendered.token_ids), tokenizer
 
     async def _reserve(self, request: policy_pb2.ReserveRequest, credential: Credential | str, digest: bytes,
                        overlapped: bool) -> policy_pb2.ReserveResponse:

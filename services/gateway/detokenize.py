@@ -10,17 +10,16 @@ tokenizer's DetokenizeStream; so do the first chats of a version, while its chec
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.errors import FailedPrecondition
 from services.common.peers import Peer
+from services.gateway.checked import CheckedOnce
 from services.gateway.logprobs import Vocabulary, VocabularyCache
 
 log = logging.getLogger("lmesh.gateway.detokenize")
@@ -72,34 +71,23 @@ def decodes_by_bytes(vocabulary: Vocabulary, probe: Sequence[int], decoded: str)
     return detokenizer.push(probe) + detokenizer.flush() == decoded
 
 
+def _check_failed(model_id: str, error: BaseException) -> None:
+    log.warning("checking how %s detokenizes failed (%s); its answers go through the tokenizer for now", model_id,
+                error)
+
+
 class LocalDetokenizing:
     """Per model version: its vocabulary when the gateway may detokenize its answers itself, once checked."""
 
     def __init__(self, vocabularies: VocabularyCache, tokenizer: Peer[tokenizer_pb2_grpc.TokenizerStub]) -> None:
         self._vocabularies = vocabularies
         self._tokenizer = tokenizer
-        self._checks: OrderedDict[str, asyncio.Task[Vocabulary | None]] = OrderedDict()
+        # A check that could not run (the tokenizer unreachable) is tried again by a later chat.
+        self._checks: CheckedOnce[Vocabulary] = CheckedOnce("detokenize", MAX_CHECKED_MODELS, _check_failed)
 
     def vocabulary(self, model_id: str) -> Vocabulary | None:
         """The version's vocabulary if its check passed; None while it runs (it starts here) or if it failed."""
-        check = self._checks.get(model_id)
-        if check is None:
-            check = self._checks[model_id] = asyncio.create_task(self._check(model_id), name=f"detokenize-{model_id}")
-            check.add_done_callback(lambda done: self._forget_failure(model_id, done))
-            while len(self._checks) > MAX_CHECKED_MODELS:
-                self._checks.popitem(last=False)
-            return None
-        self._checks.move_to_end(model_id)
-        return check.result() if check.done() and not check.cancelled() and check.exception() is None else None
-
-    def _forget_failure(self, model_id: str, done: asyncio.Task[Vocabulary | None]) -> None:
-        """A check that could not run (the tokenizer unreachable) is tried again by a later chat."""
-        if done.cancelled() or done.exception() is not None:
-            if not done.cancelled():
-                log.warning("checking how %s detokenizes failed (%s); its answers go through the tokenizer for now",
-                            model_id, done.exception())
-            if self._checks.get(model_id) is done:
-                del self._checks[model_id]
+        return self._checks.get(model_id, lambda: self._check(model_id))
 
     async def _check(self, model_id: str) -> Vocabulary | None:
         vocabulary = await self._vocabularies.get(model_id)

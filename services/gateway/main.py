@@ -84,6 +84,11 @@ class GatewaySettings:
         flag="--overlap-admission", env="LMESH_GATEWAY_OVERLAP_ADMISSION", default=True, parse=ON_OFF_TYPE,
         help="start the engine on a chat's prompt while policy's Reserve decides on it, for a credential whose last "
              "chat here was admitted (nothing is sent before the admission; a refusal cancels the prompt), on or off")
+    local_render: bool = setting(
+        flag="--local-render", env="LMESH_GATEWAY_LOCAL_RENDER", default=True, parse=ON_OFF_TYPE,
+        help="render chat prompts of up to 8192 characters here, with the model version's own tokenizer once it "
+             "renders probe conversations as lmesh-tokenizer does (larger ones, and the rest, go to lmesh-tokenizer), "
+             "on or off")
     response_cache: bool = setting(
         flag="--response-cache", env="LMESH_RESPONSE_CACHE", default=True, parse=ON_OFF_TYPE,
         help="answer an identical deterministic request (greedy, or with a seed) of the same tenant from the "
@@ -142,7 +147,8 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     settings = runtime.config.settings_as(GatewaySettings)
     chat = ChatService(runtime.mesh, runtime.tracer, response_cache(settings, runtime.meter),
                        max_chats=settings.max_chats, stalled_client_s=settings.stalled_client_s,
-                       principal_ttl_s=settings.principal_ttl_s, overlap_admission=settings.overlap_admission)
+                       principal_ttl_s=settings.principal_ttl_s, overlap_admission=settings.overlap_admission,
+                       render_artifacts=runtime.config.data_dir / "artifacts" if settings.local_render else None)
     servicer = GatewayServicer(chat)
     metrics = GatewayMetrics(runtime.meter)
     metrics.observe_admission(chat.admission)

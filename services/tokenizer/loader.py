@@ -159,15 +159,24 @@ class TokenizerCache:
                 del self._models[key]
 
     async def _load(self, key: str, version: registry_pb2.ModelVersion) -> ModelTokenizer:
-        tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
-        if len(tokenizers) != 1:
-            raise FailedPrecondition(f"{key} has {len(tokenizers)} tokenizer artifacts, expected one")
-        path = await self._source.fetch(tokenizers[0].sha256, self._artifacts_dir)
-        try:
-            tokenizer = await asyncio.to_thread(
-                ModelTokenizer.from_file, path, version.chat_template, name=key,
-                bos_token_id=version.bos_token_id, eos_token_ids=list(version.eos_token_ids))
-        except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
-            raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
+        tokenizer = await load_tokenizer(version, lambda sha256: self._source.fetch(sha256, self._artifacts_dir))
         log.info("loaded the tokenizer of %s (vocabulary %d)", key, tokenizer.vocab_size)
         return tokenizer
+
+
+async def load_tokenizer(version: registry_pb2.ModelVersion, fetch: Callable[[str], Awaitable[Path]],
+                         ) -> ModelTokenizer:
+    """`version`'s tokenizer: its one tokenizer artifact (`fetch(sha256)` gives its verified file) with the chat
+    template and special tokens the registry holds for it. FailedPrecondition when the artifact is missing or does
+    not load."""
+    key = f"{version.name}:{version.version}"
+    tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
+    if len(tokenizers) != 1:
+        raise FailedPrecondition(f"{key} has {len(tokenizers)} tokenizer artifacts, expected one")
+    path = await fetch(tokenizers[0].sha256)
+    try:
+        return await asyncio.to_thread(
+            ModelTokenizer.from_file, path, version.chat_template, name=key,
+            bos_token_id=version.bos_token_id, eos_token_ids=list(version.eos_token_ids))
+    except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
+        raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
