@@ -422,15 +422,6 @@ class ChaosMesh:
                                f"{self.supervisor.log(name)[-3000:]}") from None
         return time.monotonic()
 
-    async def wait_streaming(self, name: str, timeout: float = 10.0) -> None:
-        """Waits until the inference replica says in Consul (meta `load_active`) that it has streams in flight, so a
-        fault hits some; goes on after `timeout` regardless (the scenario's targets then say what it missed)."""
-        assert self.mesh is not None
-        port = self.ports[name]
-        with contextlib.suppress(TimeoutError):
-            await self.mesh.resolver(f"lmesh-{service_of(name)}").wait_for(
-                lambda e: e.port == port and e.meta.get("load_active", "0") not in ("", "0"), timeout=timeout)
-
     def kill(self, name: str) -> None:
         """kill -9, waited for."""
         assert self.supervisor is not None
@@ -468,9 +459,11 @@ class ChaosMesh:
 
 
 def chat_start(content: str, max_tokens: int, **fields: Any) -> gateway_pb2.ChatRequest:
+    """A greedy chat the engine must answer: not from the response cache, which would answer the load's repeated
+    prompts without the replicas the faults hit."""
     return gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
         model="default", max_tokens=max_tokens, messages=[gateway_pb2.Message(role="user", content=content)],
-        logprobs=True, **fields))
+        logprobs=True, no_cache=True, **fields))
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -487,6 +480,8 @@ class SteadyLoad:
         self.streams = streams
         self.max_tokens = max_tokens
         self.records: list[ChatRecord] = []
+        self._streaming: dict[int, ChatRecord] = {}  # the chats under way
+        self._first_token = asyncio.Event()  # set when a chat's first token comes
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -508,9 +503,26 @@ class SteadyLoad:
             if record.code != OK:
                 await asyncio.sleep(RETRY_PAUSE_S)
 
+    async def streaming(self, timeout: float = 10.0) -> None:
+        """Waits until a chat under way has its first token. The load's chats start and end together (one batch), so
+        a fault timed by the clock alone may land while every one of them is still in its prefill, when the gateway
+        still sends a chat whose replica died to another; goes on after `timeout` regardless."""
+        if any(r.first_token is not None for r in self._streaming.values()):
+            return
+        self._first_token.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_token.wait(), timeout)
+
     async def one_chat(self, content: str) -> ChatRecord:
         started = time.monotonic()
         record = ChatRecord(started, started, OK, content=content)
+        self._streaming[id(record)] = record
+        try:
+            return await self._chat(record, content)
+        finally:
+            del self._streaming[id(record)]
+
+    async def _chat(self, record: ChatRecord, content: str) -> ChatRecord:
         try:
             endpoint = await self.resolver.pick()
         except LmeshError as exc:  # no passing gateway at all
@@ -523,6 +535,7 @@ class SteadyLoad:
             while (response := await call.read()) is not grpc.aio.EOF:
                 if response.logprobs and record.first_token is None:
                     record.first_token = time.monotonic()
+                    self._first_token.set()
                 record.tokens += len(response.logprobs)
                 if response.finish_reason:
                     record.completion_tokens = response.usage.completion_tokens
@@ -564,7 +577,7 @@ async def kill_and_restart(mesh: ChaosMesh, name: str, down_s: float) -> Fault:
 async def kill_inference(mesh: ChaosMesh, load: SteadyLoad) -> Fault:
     """kill -9 of a replica while it streams: its streams fail at once (UNAVAILABLE), new chats go to the other
     one."""
-    await mesh.wait_streaming("inference-a")
+    await load.streaming()
     return await kill_and_restart(mesh, "inference-a", OBSERVE_S)
 
 
