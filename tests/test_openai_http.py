@@ -735,3 +735,20 @@ def test_the_openapi_document_describes_what_is_served(case: schemathesis.Case) 
     assert response.status_code < 500
     if response.status_code >= 400:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(("schema", "field", "allowed", "refused"), [
+    ("EMBEDDINGS_REQUEST", "encoding_format", ["float", "base64", None], ["hex"]),
+    ("COMPLETION_REQUEST", "echo", [False, None], [True]),
+])
+def test_a_nullable_enum_lists_null_so_the_document_allows_what_is_accepted(schema: str, field: str,
+                                                                           allowed: list[Any], refused: list[Any],
+                                                                           ) -> None:
+    import jsonschema
+
+    from services.gateway import openai_api
+
+    properties = getattr(openai_api, schema)["properties"]
+    validator = jsonschema.Draft202012Validator({"type": "object", "properties": {field: properties[field]}})
+    assert [validator.is_valid({field: value}) for value in allowed] == [True] * len(allowed)
+    assert [validator.is_valid({field: value}) for value in refused] == [False] * len(refused)

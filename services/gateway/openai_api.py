@@ -67,7 +67,11 @@ REFERENCE_PATTERN = (r"^(?:[a-z0-9][a-z0-9._-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "type": [schema["type"], "null"]}
+    """`schema`, or null (an enum lists null too: JSON Schema checks `enum` whatever the type allows)."""
+    nullable = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in schema:
+        nullable["enum"] = [*schema["enum"], None]
+    return nullable
 
 
 def _unsupported(schema: dict[str, Any], why: str) -> dict[str, Any]:
