@@ -63,7 +63,7 @@ def _fail(message: str) -> int:
 
 
 MESH_DOWN_HINT = " (is the mesh running? `make run`)"
-INTERRUPTED_GRACE_S = 2.0  # how long an interrupted follow's calls get to end before they are closed
+INTERRUPTED_GRACE_S = 2.0  # how long an interrupted follow gets to end before the mesh is closed under it
 # What gRPC itself says when no connection could be made at all (as opposed to a server's own UNAVAILABLE).
 UNREACHABLE_MARKS = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
                      "connection reset", "name resolution")
@@ -693,11 +693,9 @@ def _audit(args: argparse.Namespace) -> int:
                     for record in (await tail_audit(policy, args.n, selection, timeout_s=60)).records:
                         _print_record(record, args.json)
                 return 0
-            stream = follow_audit(policy, args.n, selection)
-
             async def print_followed() -> None:
                 first = True
-                async for response in stream:
+                async for response in follow_audit(policy, args.n, selection):
                     for record in response.records:
                         _print_record(record, args.json)
                     if first:
@@ -705,7 +703,7 @@ def _audit(args: argparse.Namespace) -> int:
                         print(f"lmesh: following the audit log from #{response.head_seq} (Ctrl-C ends)",
                               file=sys.stderr, flush=True)
 
-            return await _until_interrupted(print_followed(), stream.aclose)
+            return await _until_interrupted(print_followed())
         except grpc.aio.AioRpcError as exc:
             raise _admin_refusal(exc) from None
         finally:
@@ -714,9 +712,9 @@ def _audit(args: argparse.Namespace) -> int:
     return _run_async(go)
 
 
-async def _until_interrupted(work: Awaitable[None], close: Callable[[], Awaitable[None]]) -> int:
-    """Runs `work` until it ends (0) or Ctrl-C (130). The interrupt ends it by cancelling its task and then, should a
-    gRPC read not give way to that, by `close` and the mesh's closing, which cancel the calls themselves: a follow
+async def _until_interrupted(work: Awaitable[None]) -> int:
+    """Runs `work` until it ends (0) or Ctrl-C (130). The interrupt cancels its task; should a gRPC read not give
+    way to that within INTERRUPTED_GRACE_S, the caller's closing of the mesh cancels the calls themselves: a follow
     must end at Ctrl-C whatever it was waiting for."""
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -735,8 +733,6 @@ async def _until_interrupted(work: Awaitable[None], close: Callable[[], Awaitabl
             return 0
         task.cancel()
         await asyncio.wait({task}, timeout=INTERRUPTED_GRACE_S)
-        if not task.done():
-            await asyncio.wait({asyncio.ensure_future(close())}, timeout=INTERRUPTED_GRACE_S)
         return 130
     finally:
         stop.cancel()
