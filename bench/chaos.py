@@ -504,14 +504,23 @@ class SteadyLoad:
                 await asyncio.sleep(RETRY_PAUSE_S)
 
     async def streaming(self, timeout: float = 10.0) -> None:
-        """Waits until a chat under way has its first token. The load's chats start and end together (one batch), so
-        a fault timed by the clock alone may land while every one of them is still in its prefill, when the gateway
-        still sends a chat whose replica died to another; goes on after `timeout` regardless."""
-        if any(r.first_token is not None for r in self._streaming.values()):
-            return
-        self._first_token.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_token.wait(), timeout)
+        """Waits until at least two chats are under way and every one of them has its first token. A chat still in
+        its prefill when its replica dies is sent to another one by the gateway, so a fault timed by the clock
+        alone, or by one chat's first token while the other replica's batch is still in its prefill, may meet no
+        stream at all; goes on after `timeout` regardless."""
+        deadline = time.monotonic() + timeout
+        while not self._all_streaming():
+            self._first_token.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                # A chat's first token is what makes the condition true; the short wait covers chats that end.
+                await asyncio.wait_for(self._first_token.wait(), min(left, 0.05))
+
+    def _all_streaming(self) -> bool:
+        under_way = list(self._streaming.values())
+        return len(under_way) >= min(2, self.streams) and all(r.first_token is not None for r in under_way)
 
     async def one_chat(self, content: str) -> ChatRecord:
         started = time.monotonic()
