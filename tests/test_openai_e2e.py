@@ -216,12 +216,31 @@ async def test_an_http_chat_is_one_trace_from_the_callers_traceparent(live: Live
     assert root.attributes["http.response.status_code"] == 200
 
 
+# A body the gateway accepts is rendered into a prompt: its texts and lists are cut to these lengths, since a long
+# prompt's prefill is not what this test is about (tests/test_openai_http.py fuzzes whole bodies in-process).
+TEXT_CHARS = 200
+LIST_ITEMS = 3
+DEPTH = 5  # a tool's parameters (tools[0].function.parameters) keep their names, not what lies under them
+
+
 def _bounded(body: dict[str, Any], positive: bool) -> None:
     """Keeps a body that the gateway accepts cheap to answer (the engine runs on this machine's CPUs): at most 2
-    tokens and 2 choices where the body's own values are valid and larger; the `default` model for valid ones."""
+    tokens and 2 choices where the body's own values are valid and larger, texts, lists and nesting cut short; the
+    `default` model for valid ones."""
     def number(value: object) -> bool:  # 5.0 is an integer too, to JSON Schema
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+    def short(value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            return value[:TEXT_CHARS]
+        if isinstance(value, list):
+            return [short(item, depth + 1) for item in value[:LIST_ITEMS]] if depth < DEPTH else []
+        if isinstance(value, dict):
+            return {name: short(item, depth + 1) for name, item in value.items()} if depth < DEPTH else {}
+        return value
+
+    for name, value in list(body.items()):
+        body[name] = short(value, 1)
     for name, most in (("max_tokens", 2), ("max_completion_tokens", 2), ("n", 2)):
         if number(body.get(name)) and body[name] > most:
             body[name] = most
