@@ -70,11 +70,14 @@ class MeshProcesses:
         return self.supervisor.log(name)
 
     async def wait_passing(self, mesh: Mesh, service: str, timeout: float = 120.0,
-                           exclude: frozenset[str] = frozenset(), name: str = "", model: str = "") -> None:
-        """Waits for a passing instance whose process is still alive (fails fast with its log otherwise)."""
+                           exclude: frozenset[str] = frozenset(), name: str = "", model: str = "",
+                           port: int = 0) -> None:
+        """Waits for a passing instance (serving `model`, on `port`, when given) whose process is still alive (fails
+        fast with its log otherwise)."""
         name = name or service
         waiter = mesh.resolver(f"lmesh-{service}").wait_for(
-            lambda e: e.service_id not in exclude and (not model or model in e.models), timeout=timeout)
+            lambda e: e.service_id not in exclude and (not model or model in e.models) and (not port or e.port == port),
+            timeout=timeout)
         try:
             await self.supervisor.while_running(waiter, [name])
         except ProcessExited as exc:

@@ -18,7 +18,7 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.connect import apply_intentions
-from services.common.consul_agent import ConsulAgent
+from services.common.consul_agent import ConsulAgent, free_ports
 from services.common.discovery import Mesh
 from services.common.errors import InvalidArgument
 from services.common.peers import POLICY, REGISTRY, open_mesh
@@ -62,22 +62,22 @@ async def routed(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory:
         await procs.wait_passing(mesh, "registry")
         await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=("default",))
         await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=(), manifest_name="lmesh_model.int8.json")
-        procs.start("inference", "--model", MODEL)
+        ports = dict(zip(("inference", "inference-b"), free_ports(2), strict=True))
+        for name, port in ports.items():
+            procs.start("inference", "--model", MODEL, "--port", str(port), name=name)
         # One decoding and one waiting at most: a third chat finds the queue full.
         procs.start("inference", "--model", INT8, "--max-active", "1", "--max-queue", "1", name="inference-int8")
-        await procs.wait_passing(mesh, "inference", model=MODEL)
-        first = await mesh.resolver("lmesh-inference").wait_for(lambda e: MODEL in e.models)
-        procs.start("inference", "--model", MODEL, name="inference-b")
-        await procs.wait_passing(mesh, "inference", name="inference-b", model=MODEL,
-                                 exclude=frozenset({first.service_id}))
-        second = await mesh.resolver("lmesh-inference").wait_for(
-            lambda e: MODEL in e.models and e.service_id != first.service_id)
+        replicas = {}
+        for name, port in ports.items():
+            await procs.wait_passing(mesh, "inference", name=name, model=MODEL, port=port)
+            replicas[name] = (await mesh.resolver("lmesh-inference").wait_for(lambda e, port=port: e.port == port)
+                              ).service_id
         await procs.wait_passing(mesh, "inference", name="inference-int8", model=INT8)
         high = await create_key(mesh.peer(POLICY), "route-high", max_priority=7)
         low = await create_key(mesh.peer(POLICY), "route-low")
         for service in ("tokenizer", "gateway"):
             await procs.wait_passing(mesh, service)
-        yield RouteMesh(procs, mesh, otlp, {"inference": first.service_id, "inference-b": second.service_id},
+        yield RouteMesh(procs, mesh, otlp, replicas,
                         high.api_key, low.api_key)
     finally:
         await mesh.close()
