@@ -54,7 +54,7 @@ MTLS_ENV = "LMESH_MTLS"
 MTLS_ADVICE = f"start Consul with Connect enabled, or set {MTLS_ENV}=off"
 # A blocking query's wait. Also how long a watch takes to notice an agent restarted without its state (its
 # index starts lower than the one the watch holds, so the agent answers only when the wait ends).
-WATCH_WAIT_S = 10
+WATCH_WAIT_S = 5  # an idle watch costs the local agent one query per wait: short is cheap
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 AUTHORIZE_TIMEOUT_S = 2.0

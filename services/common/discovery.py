@@ -58,7 +58,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 MARK_DOWN_S = 3.0
 # A blocking query's wait: also how long a watch takes to see an agent restarted without its state (its index
 # starts lower than the one the watch holds, so it answers only when the wait ends).
-WATCH_WAIT_S = 10
+WATCH_WAIT_S = 5  # an idle watch costs the local agent one query per wait: short is cheap
 # How long instances that a (possibly restarted) agent stopped listing stay in use while their channels work: a
 # restarted agent knows nothing until the services register again and pass a check, about two seconds.
 UNCONFIRMED_GRACE_S = 15.0
