@@ -930,16 +930,20 @@ def _cert_binding(key: Any) -> str:
 
 # ---- parser ------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the arguments it will parse, only the service they serve has its settings
+    loaded (importing a service's wiring costs most of a second, which every other command would pay)."""
     parser = argparse.ArgumentParser(prog="lmesh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run one service")
     serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    served = SERVICES if argv is None else _served(argv)
     for name in SERVICES:
         service_parser = serve_sub.add_parser(name, help=f"run lmesh-{name}")
-        add_serve_arguments(service_parser, importlib.import_module(f"services.{name}.main").SETTINGS)
+        if name in served:
+            add_serve_arguments(service_parser, importlib.import_module(f"services.{name}.main").SETTINGS)
     serve.set_defaults(func=_serve)
 
     dev = sub.add_parser("dev", help="run a whole mesh here and stream a sample answer (make run)")
@@ -1136,6 +1140,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _served(argv: list[str]) -> tuple[str, ...]:
+    """The service `lmesh serve NAME ...` would run, or none for any other command."""
+    return tuple(argv[1:2]) if argv[:1] == ["serve"] and argv[1:2] and argv[1] in SERVICES else ()
+
+
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """--rpm, --tpm, --budget-tokens, --period: checked by the command (one line), not by argparse."""
     parser.add_argument("--rpm", default=None, metavar="N", help="requests per minute, a sliding 60 s (0: no limit)")
@@ -1150,7 +1159,8 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:  # a malformed environment default is read while parsing (only when used) or by the command itself
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(argv).parse_args(argv)
         if args.func not in (_serve, _dev):
             # Operator commands end in one line saying what went wrong; the retries before it are noise here.
             logging.getLogger("lmesh").setLevel(logging.ERROR)
