@@ -132,6 +132,20 @@ def test_a_bad_flag_value_is_an_argparse_error(service: str, flag: str, value: s
     assert f"argument {flag}: must be " in capsys.readouterr().err
 
 
+def test_only_serve_loads_a_services_wiring_and_only_the_one_it_runs() -> None:
+    """Operator commands start fast: building their parser imports no service's wiring (most of a second)."""
+    probe = ("import sys; from services.cli import build_parser; build_parser(sys.argv[1:]).parse_args(sys.argv[1:]); "
+             "print(sorted(m for m in sys.modules if m.startswith('services.') and m.endswith('.main')))")
+    def loaded(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": f"{ROOT / 'gen'}:{ROOT}"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert loaded("keys", "list") == "[]"
+    assert loaded("serve", "gateway", "--max-chats", "3") == "['services.gateway.main']"
+
+
 def test_env_int_for_other_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LMESH_GATEWAY_PORT", raising=False)
     assert env_int("LMESH_GATEWAY_PORT", 50051, minimum=1, maximum=65535) == 50051
