@@ -67,18 +67,16 @@ async def routed(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory:
             procs.start("inference", "--model", MODEL, "--port", str(port), name=name)
         # One decoding and one waiting at most: a third chat finds the queue full.
         procs.start("inference", "--model", INT8, "--max-active", "1", "--max-queue", "1", name="inference-int8")
-        replicas = {}
         for name, port in ports.items():
             await procs.wait_passing(mesh, "inference", name=name, model=MODEL, port=port)
-            replicas[name] = (await mesh.resolver("lmesh-inference").wait_for(lambda e, port=port: e.port == port)
-                              ).service_id
+        replicas = {name: e.service_id for e in mesh.resolver("lmesh-inference").endpoints()
+                    for name, port in ports.items() if e.port == port}
         await procs.wait_passing(mesh, "inference", name="inference-int8", model=INT8)
         high = await create_key(mesh.peer(POLICY), "route-high", max_priority=7)
         low = await create_key(mesh.peer(POLICY), "route-low")
         for service in ("tokenizer", "gateway"):
             await procs.wait_passing(mesh, service)
-        yield RouteMesh(procs, mesh, otlp, replicas,
-                        high.api_key, low.api_key)
+        yield RouteMesh(procs, mesh, otlp, replicas, high.api_key, low.api_key)
     finally:
         await mesh.close()
         await procs.stop_all()
