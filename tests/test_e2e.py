@@ -39,7 +39,7 @@ from services.common.connect import apply_intentions
 from services.common.consul_agent import ConsulAgent, consul_answers
 from services.common.discovery import Endpoint, Mesh
 from services.common.errors import AlreadyExists
-from services.common.peers import POLICY, REGISTRY, GatewayTls, lost_send_race, open_mesh, public_gateway
+from services.common.peers import POLICY, REGISTRY, GatewayTls, open_mesh, public_gateway, write_first
 from services.policy.client import create_key, revoke_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
@@ -1816,19 +1816,11 @@ async def _one_call(channel: grpc.aio.Channel, service: str) -> object:
     if service == "tokenizer":
         return await tokenizer_pb2_grpc.TokenizerStub(channel).Encode(
             tokenizer_pb2.EncodeRequest(model="default", text="hi"), timeout=5)
-    call = inference_pb2_grpc.InferenceStub(channel).Generate(timeout=5)
-    try:
-        await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
-            model="smollm2-135m-instruct:1", prompt_token_ids=[1, 2, 3], max_tokens=8)))
-        await call.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-        # A server that refuses the call before reading it can close it before the request is written; grpc-aio
-        # then fails the write (INTERNAL "SendMessageOperation", or "RPC already finished"). The server's own
-        # status is the call's.
-        if isinstance(exc, grpc.aio.AioRpcError) and not lost_send_race(exc):
-            raise
-        raise grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(), await call.trailing_metadata(),
-                                   details=await call.details()) from exc
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    call = await write_first(stub.Generate(timeout=5), inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
+        model="smollm2-135m-instruct:1", prompt_token_ids=[1, 2, 3], max_tokens=8)), lambda: stub.Generate(timeout=5))
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await call.done_writing()  # a call the server already ended: reading it says why
     return [message async for message in call]  # any message at all would be a generated token
 
 

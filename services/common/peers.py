@@ -16,6 +16,7 @@ instance and its stub for as long as the block runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,39 @@ async def past_send_race(call: Callable[[], Awaitable[R]], attempts: int = SEND_
             if not lost_send_race(exc) or attempt + 1 == attempts:
                 raise
     raise AssertionError("attempts must be at least 1")
+
+
+async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
+    """Writes to a stream whose peer may already have ended it (a replica that died, a hop the mesh refused): the
+    status then comes from reading the call, as an AioRpcError with the real code, not as asyncio's
+    InvalidStateError or the INTERNAL of a write that lost the race here."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        pass
+    except grpc.aio.AioRpcError as exc:
+        if not lost_send_race(exc):
+            raise
+
+
+async def write_first(call: grpc.aio.StreamStreamCall, message: Any,
+                      again: Callable[[], grpc.aio.StreamStreamCall]) -> grpc.aio.StreamStreamCall:
+    """`call` with its first message written, or a call whose read raises why not. A peer that ended the call
+    before the message was written (it refused this caller, say) leaves its status to the read; when grpc-aio lost
+    that status with the write (INTERNAL), the peer never saw the request, so the call is made again (`again()`),
+    SEND_RACE_ATTEMPTS times in all."""
+    for attempt in range(SEND_RACE_ATTEMPTS):
+        try:
+            await call.write(message)
+            return call
+        except asyncio.InvalidStateError:
+            return call
+        except grpc.aio.AioRpcError as exc:
+            last = attempt + 1 == SEND_RACE_ATTEMPTS
+            if last or not lost_send_race(exc) or await call.code() != grpc.StatusCode.INTERNAL:
+                return call
+        call = again()
+    raise AssertionError("SEND_RACE_ATTEMPTS must be at least 1")
 
 
 def refused_hop(exc: grpc.aio.AioRpcError, service: str) -> Unavailable | None:

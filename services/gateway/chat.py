@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -41,8 +41,9 @@ from services.common.peers import (
     TOKENIZER,
     Lease,
     Peer,
-    lost_send_race,
     refused_hop,
+    send,
+    write_first,
 )
 from services.common.references import check_reference
 from services.common.rpc import error_reason, mark_failed
@@ -513,10 +514,13 @@ class ChatService:
                                                for e in self._tokenizer.endpoints())
         predicate = (lambda e: e.service_id == rendered_by.service_id) if same and rendered_by else None
         async with self._tokenizer.lease(predicate) as lease:
-            stream = DetokenizerStream(self._tokenizer, lease)
+            call = await write_first(
+                lease.stub.DetokenizeStream(**lease.options()),
+                tokenizer_pb2.DetokenizeStreamRequest(
+                    start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)),
+                lambda: lease.stub.DetokenizeStream(**lease.options()))
+            stream = DetokenizerStream(self._tokenizer, lease, call)
             try:
-                await send(stream.call, tokenizer_pb2.DetokenizeStreamRequest(
-                    start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)))
                 yield stream
             finally:
                 stream.call.cancel()
@@ -627,7 +631,12 @@ class InferenceStream:
         held = contextlib.AsyncExitStack()
         lease = await held.enter_async_context(self._peer.lease(predicate, none_match=none_match))
         await self._held.aclose()  # the replica that refused it no longer counts this call
-        self._held, self._lease, self._call = held, lease, lease.stub.Generate(**lease.options())
+        self._held, self._lease = held, lease
+        self._call = self._generate()
+
+    def _generate(self) -> grpc.aio.StreamStreamCall:
+        assert self._lease is not None
+        return self._lease.stub.Generate(**self._lease.options())
 
     @property
     def replica(self) -> Endpoint:
@@ -640,7 +649,7 @@ class InferenceStream:
             assert self._call is not None
             try:
                 async with self._write_lock:
-                    await send(self._call, self._start)
+                    self._call = await write_first(self._call, self._start, self._generate)
                 self._start_written.set()
                 async for response in self._call:
                     if not admitted:
@@ -687,10 +696,11 @@ class InferenceStream:
 class DetokenizerStream:
     """The tokenizer's DetokenizeStream of one answer: ids in (the pump), text deltas out."""
 
-    def __init__(self, peer: Peer[TokenizerStub], lease: Lease[TokenizerStub]) -> None:
+    def __init__(self, peer: Peer[TokenizerStub], lease: Lease[TokenizerStub], call: grpc.aio.StreamStreamCall
+                 ) -> None:
         self._peer = peer
         self._lease = lease
-        self.call: grpc.aio.StreamStreamCall = lease.stub.DetokenizeStream(**lease.options())
+        self.call = call
 
     async def pieces(self, pump: asyncio.Task[None]) -> AsyncGenerator[tuple[str, bool], None]:
         """The detokenizer's (delta, final) responses, until the pump ended too; a failure of the pump
@@ -710,19 +720,6 @@ class DetokenizerStream:
                                   f"{exc.details()}") from exc
             raise
         await pump  # re-raises an inference failure (UNAVAILABLE when the replica died)
-
-
-async def send(call: grpc.aio.StreamStreamCall, message: Any) -> None:
-    """Writes to a stream whose peer may already have ended it (a replica that died, a hop the mesh refused): the
-    status then comes from reading the call, as an AioRpcError with the real code, not as asyncio's
-    InvalidStateError or the INTERNAL of a write that lost the race here."""
-    try:
-        await call.write(message)
-    except asyncio.InvalidStateError:
-        pass
-    except grpc.aio.AioRpcError as exc:
-        if not lost_send_race(exc):
-            raise
 
 
 def new_completion_id() -> str:

@@ -19,7 +19,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_fo
 from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.peers import lost_send_race
+from services.common.peers import SEND_RACE_ATTEMPTS, lost_send_race
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -133,9 +133,6 @@ def _single_schema(field: descriptor.FieldDescriptor, depth: int) -> dict[str, A
     return {"type": "string"}
 
 
-_SEND_RACE_ATTEMPTS = 3
-
-
 async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: float,
                             metadata: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     """The serialized FileDescriptorProtos that define `symbol` and its dependencies, through server reflection
@@ -148,7 +145,7 @@ async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: flo
         async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
 
-        for attempt in range(_SEND_RACE_ATTEMPTS):
+        for attempt in range(SEND_RACE_ATTEMPTS):
             try:
                 async for response in call(requests(), timeout=timeout, metadata=list(metadata)):
                     if response.HasField("error_response"):
@@ -156,7 +153,7 @@ async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: flo
                                                  f"{response.error_response.error_message}")
                     return list(response.file_descriptor_response.file_descriptor_proto)
             except grpc.aio.AioRpcError as exc:
-                if lost_send_race(exc) and attempt + 1 < _SEND_RACE_ATTEMPTS:
+                if lost_send_race(exc) and attempt + 1 < SEND_RACE_ATTEMPTS:
                     continue  # the server ended the call first; ask again to learn its real status
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not lost_send_race(exc):
                     raise
