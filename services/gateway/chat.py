@@ -514,16 +514,14 @@ class ChatService:
                                                for e in self._tokenizer.endpoints())
         predicate = (lambda e: e.service_id == rendered_by.service_id) if same and rendered_by else None
         async with self._tokenizer.lease(predicate) as lease:
-            call = await write_first(
-                lease.stub.DetokenizeStream(**lease.options()),
-                tokenizer_pb2.DetokenizeStreamRequest(
-                    start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)),
-                lambda: lease.stub.DetokenizeStream(**lease.options()))
-            stream = DetokenizerStream(self._tokenizer, lease, call)
+            call = lease.stub.DetokenizeStream(**lease.options())
             try:
-                yield stream
+                call = await write_first(call, tokenizer_pb2.DetokenizeStreamRequest(
+                    start=tokenizer_pb2.DetokenizeStart(model=model_id, skip_special_tokens=True)),
+                    lambda: lease.stub.DetokenizeStream(**lease.options()))
+                yield DetokenizerStream(self._tokenizer, lease, call)
             finally:
-                stream.call.cancel()
+                call.cancel()
 
 
 def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: ChatParams,
