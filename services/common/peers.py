@@ -11,7 +11,9 @@ A `PeerService` declares a service once, as its callers see it: its Consul name 
   for `call`; writes that are not idempotent pass `retry=False`).
 
 Streams and calls that must choose their instance (a replica serving a model version) take a `lease`: an
-instance and its stub for as long as the block runs.
+instance and its stub for as long as the block runs. A stream's first message goes out with `write_first`, later
+ones with `send`: a peer that already ended the call (it refused this caller) is then heard by reading the call,
+with its own status, never as the INTERNAL that grpc-aio gives a write that lost that race.
 """
 
 from __future__ import annotations
