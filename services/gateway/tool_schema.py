@@ -9,6 +9,7 @@ language's reflection service). Field comments do not travel through reflection;
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_fo
 from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.peers import SEND_RACE_ATTEMPTS, lost_send_race
+from services.common.peers import lost_send_race, past_send_race
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -133,32 +134,38 @@ def _single_schema(field: descriptor.FieldDescriptor, depth: int) -> dict[str, A
     return {"type": "string"}
 
 
+async def _ask_reflection(method: grpc.aio.StreamStreamMultiCallable, symbol: str, timeout: float,
+                          metadata: list[tuple[str, str]]) -> list[bytes] | None:
+    """One reflection call for `symbol`; None when the server ended it without an answer."""
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+
+    async for response in method(requests(), timeout=timeout, metadata=metadata):
+        if response.HasField("error_response"):
+            raise FailedPrecondition(f"server reflection does not know {symbol}: "
+                                     f"{response.error_response.error_message}")
+        return list(response.file_descriptor_response.file_descriptor_proto)
+    return None
+
+
 async def _reflection_files(channel: grpc.aio.Channel, symbol: str, timeout: float,
                             metadata: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     """The serialized FileDescriptorProtos that define `symbol` and its dependencies, through server reflection
     (v1alpha, then v1 where only that is served)."""
     last: grpc.aio.AioRpcError | None = None
     for path in (V1ALPHA_METHOD, V1_METHOD):
-        call = channel.stream_stream(path, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
-
-        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
-
-        for attempt in range(SEND_RACE_ATTEMPTS):
-            try:
-                async for response in call(requests(), timeout=timeout, metadata=list(metadata)):
-                    if response.HasField("error_response"):
-                        raise FailedPrecondition(f"server reflection does not know {symbol}: "
-                                                 f"{response.error_response.error_message}")
-                    return list(response.file_descriptor_response.file_descriptor_proto)
-            except grpc.aio.AioRpcError as exc:
-                if lost_send_race(exc) and attempt + 1 < SEND_RACE_ATTEMPTS:
-                    continue  # the server ended the call first; ask again to learn its real status
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not lost_send_race(exc):
-                    raise
-                last = exc
-                break
+        method = channel.stream_stream(
+            path, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        try:  # a server that refused before reading is asked again for its status
+            files = await past_send_race(functools.partial(_ask_reflection, method, symbol, timeout, list(metadata)))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED and not lost_send_race(exc):
+                raise
+            last = exc
+            continue
+        if files is not None:
+            return files
     raise FailedPrecondition(f"the tool's server has no server reflection ({last.details() if last else ''}); "
                              "a tool needs it for its schema")
 
