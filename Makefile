@@ -11,6 +11,9 @@ TOOLS_MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-tools
 # Variants built alongside fp32, each registered as its own version: int8 (1-int8, 8-bit weights) and fp16
 # (1-fp16, for CUDA); MODEL_FLAGS= skips them.
 MODEL_FLAGS ?= --int8 --fp16
+# Test files run on this many workers at once (pytest-xdist; a file's tests stay together, as its mesh is shared):
+# much of the suite waits on real processes, Consul and timers. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak
@@ -20,7 +23,7 @@ run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
 test: venv model embeddings-model consul redis checkov
-	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
 # it carries onnxruntime-gpu instead of onnxruntime (LMESH_GPU=0: stay on the CPU build).

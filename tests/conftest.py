@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+try:  # pytest 9 keeps a node's id here; pytest 8 in `_nodeid`
+    from _pytest.nodes import coerce_node_id
+except ImportError:  # pragma: no cover
+    coerce_node_id = None
+
 from services.common.config import lmesh_cache
 from services.common.consul_agent import ConsulAgent
 from tests.redis_server import RedisServer, redis_binary
@@ -53,3 +58,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(binary, tmp_path_factory.mktemp("redis") / "redis.log").start()
     yield server
     server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Gives each operation of a schemathesis-parametrized test its own node id (`test[POST /v1/...]`): under
+    pytest 9 they all get the function's, and pytest-xdist, which sends tests to workers by node id, would run one
+    operation of the five."""
+    for item in items:
+        label = getattr(item, "operation_label", None)
+        if label and label not in item.nodeid:
+            nodeid = f"{item.nodeid}[{label}]"
+            if coerce_node_id is not None:
+                item._id = coerce_node_id(nodeid)
+            else:  # pragma: no cover
+                item._nodeid = nodeid
