@@ -22,6 +22,9 @@ with the direct call next to it:
   gateway, no overlap   a second gateway on the same mesh, with `--overlap-admission off`
   gateway, tokenizer renders  a third one, with `--local-render off` (lmesh-tokenizer renders every prompt)
 
+With --max-tokens above 1 it also gives each way's time per token after the first, paired with direct: what
+relaying each decode step costs.
+
   python -m bench.relay_floor [--model-dir DIR] [--chats 60] [--max-tokens 8] [--out FILE]
 """
 
@@ -39,6 +42,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +57,7 @@ from bench.prompts import QUESTIONS
 from bench.stats import machine, percentile
 from services.common.config import lmesh_cache
 from services.common.consul_agent import free_port, free_ports
-from services.common.discovery import Mesh
+from services.common.discovery import SERVER_OPTIONS, Mesh
 from services.common.peers import GATEWAY, INFERENCE, POLICY, TOKENIZER, direct_stub, open_mesh, public_gateway
 
 WAYS = ("direct", "relay", "relay+render", "relay+render+reserve", "relay+render+overlap", "relay+overlap",
@@ -117,7 +121,7 @@ async def serve(consul_addr: str, port: int, model_id: str, calls: tuple[str, ..
     try:
         for service in (TOKENIZER, INFERENCE, POLICY):
             await mesh.peer(service).wait_for(timeout=120)
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=SERVER_OPTIONS)  # the mesh's keepalive pings allowed, as by its services
         relay = NullRelay(mesh, model_id, calls, os.environ.get(KEY_ENV, ""))
         inference_pb2_grpc.add_InferenceServicer_to_server(relay, server)
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -192,8 +196,22 @@ async def chat_through(ways: Ways, stub: Any, max_tokens: int, index: int) -> St
         ways.gateway = mine
 
 
-async def measure(model_dir: Path, chats: int, max_tokens: int) -> dict[str, list[float]]:
-    ttft: dict[str, list[float]] = {way: [] for way in WAYS}
+@dataclass
+class Timings:
+    """Per way, chat by chat (interleaved, so index i of every way ran side by side): the time to the first token,
+    and the time per token after it (the decode's, ms)."""
+
+    ttft_ms: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in WAYS})
+    per_token_ms: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in WAYS})
+
+    def add(self, way: str, stream: Stream) -> None:
+        self.ttft_ms[way].append(stream.ttft_s * 1e3)
+        if stream.tokens > 1:
+            self.per_token_ms[way].append((stream.wall_s - stream.ttft_s) * 1e3 / (stream.tokens - 1))
+
+
+async def measure(model_dir: Path, chats: int, max_tokens: int) -> Timings:
+    timings = Timings()
     with tempfile.TemporaryDirectory(prefix="lmesh-bench-relay-") as scratch:
         work = Path(scratch)
         policy_args = ("--rules", str(input_only_rules(work / "rules.yaml")))
@@ -215,18 +233,24 @@ async def measure(model_dir: Path, chats: int, max_tokens: int) -> dict[str, lis
                             await one[way](index)
                     for n in range(chats):
                         for way in WAYS if n % 2 == 0 else WAYS[::-1]:
-                            ttft[way].append((await one[way](n % len(QUESTIONS))).ttft_s * 1e3)
+                            timings.add(way, await one[way](n % len(QUESTIONS)))
             finally:
                 await as_gateway.close()
-    return ttft
+    return timings
 
 
-def summarize(ttft: dict[str, list[float]]) -> dict[str, Any]:
+def summarize(timings: Timings) -> dict[str, Any]:
+    ttft, per_token = timings.ttft_ms, timings.per_token_ms
     rows = {}
     for way in WAYS:
         added = [t - d for t, d in zip(ttft[way], ttft["direct"], strict=True)]
         rows[way] = {"ttft_p50_ms": statistics.median(ttft[way]), "ttft_p90_ms": percentile(ttft[way], 90),
                      "added_p50_ms": statistics.median(added), "added_mean_ms": statistics.fmean(added)}
+        if per_token[way] and len(per_token[way]) == len(per_token["direct"]):  # chats of one token have none
+            token_added = [t - d for t, d in zip(per_token[way], per_token["direct"], strict=True)]
+            rows[way] |= {"per_token_p50_ms": statistics.median(per_token[way]),
+                          "per_token_added_p50_ms": statistics.median(token_added),
+                          "per_token_added_mean_ms": statistics.fmean(token_added)}
     return rows
 
 
@@ -237,6 +261,12 @@ def render(rows: dict[str, Any], chats: int) -> str:
         lines.append(f"| {way} | {row['ttft_p50_ms']:.1f} / {row['ttft_p90_ms']:.1f} | "
                      f"{row['added_p50_ms']:.2f} / {row['added_mean_ms']:.2f} |")
     lines.append("")
+    if all("per_token_p50_ms" in row for row in rows.values()):
+        lines += ["| way | time per token after the first, p50 ms | added to direct, paired: p50 / mean ms |",
+                  "| --- | --: | --: |"]
+        lines += [f"| {way} | {row['per_token_p50_ms']:.2f} | {row['per_token_added_p50_ms']:.3f} / "
+                  f"{row['per_token_added_mean_ms']:.3f} |" for way, row in rows.items()]
+        lines.append("")
     lines.append(f"A front door that only relays and renders adds {rows['relay+render']['added_p50_ms']:.2f} ms p50; "
                  f"one that also admits, {rows['relay+render+reserve']['added_p50_ms']:.2f} ms (overlapped: "
                  f"{rows['relay+render+overlap']['added_p50_ms']:.2f} ms); the target for the whole mesh is "
@@ -264,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(args.consul, args.port, args.model_id, tuple(c for c in args.calls.split(",") if c)))
         return 0
     began = time.monotonic()
-    ttft = asyncio.run(measure(args.model_dir, args.chats, args.max_tokens))
-    rows = summarize(ttft)
+    timings = asyncio.run(measure(args.model_dir, args.chats, args.max_tokens))
+    rows = summarize(timings)
     print(render(rows, args.chats))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "chats": args.chats,
-                                    "max_tokens": args.max_tokens, "summary": rows, "ttft_ms": ttft,
+                                    "max_tokens": args.max_tokens, "summary": rows, "ttft_ms": timings.ttft_ms,
+                                    "per_token_ms": timings.per_token_ms,
                                     "seconds": time.monotonic() - began}, indent=2) + "\n")
     print(f"(JSON: {args.out}; {time.monotonic() - began:.0f} s)")
     return 0

@@ -22,6 +22,9 @@ from bench.mesh_tax import (
     summarize,
 )
 from bench.prefill_bound import shared_prefix
+from bench.relay_floor import WAYS, Timings
+from bench.relay_floor import render as render_floor
+from bench.relay_floor import summarize as summarize_floor
 from services.common.guardrails import Stage
 from services.policy.rules import DEFAULT_RULES_PATH, load_rules
 
@@ -115,3 +118,22 @@ def test_the_constrained_bench_schema_outlasts_the_tokens_generated(built_model:
         state.consume(token)
     assert state.stopped and not state.matcher.is_error()  # a valid, complete output...
     assert len(tokens) > 64  # ...longer than the tokens each stream generates
+
+
+def test_the_relay_floor_pairs_each_ways_time_per_token_with_the_direct_chat_beside_it() -> None:
+    timings = Timings()
+    for n in range(3):
+        for way in WAYS:
+            extra = 0.0 if way == "direct" else 1.0 + n  # ms a token over the direct chat that ran beside it
+            per_token_s = (20.0 + n + extra) / 1e3
+            first_s = 0.030 + extra / 1e3
+            timings.add(way, Stream(tokens=11, ttft_s=first_s, wall_s=first_s + 10 * per_token_s))
+    timings.add("direct", Stream(tokens=1, ttft_s=0.03, wall_s=0.03))  # one token: a first token, no decode step
+    assert len(timings.per_token_ms["direct"]) == 3 and len(timings.ttft_ms["direct"]) == 4
+    timings.ttft_ms["direct"].pop()
+    rows = summarize_floor(timings)
+    assert rows["direct"]["per_token_added_p50_ms"] == 0.0
+    assert rows["relay"]["per_token_added_p50_ms"] == pytest.approx(2.0)  # paired: 1, 2, 3 ms
+    assert rows["relay"]["per_token_p50_ms"] == pytest.approx(23.0)
+    assert rows["gateway"]["added_p50_ms"] == pytest.approx(2.0)
+    assert "time per token after the first" in render_floor(rows, 3)
