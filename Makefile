@@ -12,7 +12,7 @@ TOOLS_MODEL_DIR := $(LMESH_CACHE)/models/smollm2-135m-tools
 # (1-fp16, for CUDA); MODEL_FLAGS= skips them.
 MODEL_FLAGS ?= --int8 --fp16
 # Test files run on this many workers at once (pytest-xdist; a file's tests stay together, as its mesh is shared):
-# much of the suite waits on real processes, Consul and timers. TEST_WORKERS=0 runs them in this process.
+# much of the suite waits on real processes, Consul and timers. TEST_WORKERS=0 runs them all in one process.
 TEST_WORKERS ?= 2
 PROTOS := $(shell find protos -name '*.proto')
 

@@ -199,15 +199,15 @@ async def chat_through(ways: Ways, stub: Any, max_tokens: int, index: int) -> St
 @dataclass
 class Timings:
     """Per way, chat by chat (interleaved, so index i of every way ran side by side): the time to the first token,
-    and the time per token after it (the decode's, ms)."""
+    and the time per token after it (the decode's, ms; None for a chat of one token, which has no decode)."""
 
     ttft_ms: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in WAYS})
-    per_token_ms: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in WAYS})
+    per_token_ms: dict[str, list[float | None]] = field(default_factory=lambda: {way: [] for way in WAYS})
 
     def add(self, way: str, stream: Stream) -> None:
         self.ttft_ms[way].append(stream.ttft_s * 1e3)
-        if stream.tokens > 1:
-            self.per_token_ms[way].append((stream.wall_s - stream.ttft_s) * 1e3 / (stream.tokens - 1))
+        decode = stream.tokens > 1
+        self.per_token_ms[way].append((stream.wall_s - stream.ttft_s) * 1e3 / (stream.tokens - 1) if decode else None)
 
 
 async def measure(model_dir: Path, chats: int, max_tokens: int) -> Timings:
@@ -246,9 +246,11 @@ def summarize(timings: Timings) -> dict[str, Any]:
         added = [t - d for t, d in zip(ttft[way], ttft["direct"], strict=True)]
         rows[way] = {"ttft_p50_ms": statistics.median(ttft[way]), "ttft_p90_ms": percentile(ttft[way], 90),
                      "added_p50_ms": statistics.median(added), "added_mean_ms": statistics.fmean(added)}
-        if per_token[way] and len(per_token[way]) == len(per_token["direct"]):  # chats of one token have none
-            token_added = [t - d for t, d in zip(per_token[way], per_token["direct"], strict=True)]
-            rows[way] |= {"per_token_p50_ms": statistics.median(per_token[way]),
+        pairs = [(t, d) for t, d in zip(per_token[way], per_token["direct"], strict=True)
+                 if t is not None and d is not None]
+        if pairs:
+            token_added = [t - d for t, d in pairs]
+            rows[way] |= {"per_token_p50_ms": statistics.median(t for t, _ in pairs),
                           "per_token_added_p50_ms": statistics.median(token_added),
                           "per_token_added_mean_ms": statistics.fmean(token_added)}
     return rows
