@@ -27,7 +27,13 @@ from services.common.discovery import Mesh
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.server import RunningService, start_service
 from services.tokenizer.loader import TokenizerCache
-from services.tokenizer.text import ChatMessage, IncrementalDetokenizer, ModelTokenizer, build_vocabulary
+from services.tokenizer.text import (
+    ChatMessage,
+    IncrementalDetokenizer,
+    ModelTokenizer,
+    build_vocabulary,
+    skipped_bytes,
+)
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -861,8 +867,51 @@ async def test_many_empty_turns_are_rendered_off_the_event_loop(small: ModelToke
 @hypothesis.settings(max_examples=200, deadline=None,
                      suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
 @hypothesis.given(text=st.text(max_size=400))
+@hypothesis.example(text="\x06\x06")  # SmolLM2's vocabulary has no symbol for byte 0x06: it makes no token
 def test_the_size_bound_never_exceeds_the_real_token_count(any_tokenizer: ModelTokenizer, text: str) -> None:
     assert any_tokenizer.min_tokens(text) <= len(any_tokenizer.encode(text))
+
+
+def test_bytes_the_vocabulary_has_no_symbol_for_count_nothing_in_the_size_bound(built_model: Path) -> None:
+    tokenizer = _smollm2(built_model)
+    skipped = "".join(chr(b) for b in range(0x20) if len(tokenizer.encode(chr(b))) == 0)
+    assert skipped  # SmolLM2 left a few control characters out of its vocabulary
+    text = skipped * 20_000
+    assert tokenizer.encode(text) == [] and tokenizer.min_tokens(text) == 0
+    rest = "x" * 8_100  # still counts: a token stands for max_token_bytes() of it at most (less a leading space)
+    assert tokenizer.min_tokens(text + rest) == tokenizer.min_tokens(rest) == -(-8_099 // tokenizer.max_token_bytes())
+    # So a prompt of them is not refused as too long before it is encoded: it is a few tokens.
+    _, ids = tokenizer.apply_chat_template([user(text)], True, max_tokens=64)
+    assert len(ids) < 64
+
+
+def _byte_level_bpe(pre_tokenizer: dict[str, Any], vocab: dict[str, int] | None = None) -> dict[str, Any]:
+    return {"model": {"type": "BPE", "vocab": vocab or {}}, "pre_tokenizer": pre_tokenizer}
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False}
+
+
+def test_the_size_bound_is_kept_only_for_tokenizers_it_holds_for() -> None:
+    alphabet = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    assert skipped_bytes(_byte_level_bpe(BYTE_LEVEL, alphabet)) == b""
+    without_a = {c: i for c, i in alphabet.items() if c != "a"}
+    assert skipped_bytes(_byte_level_bpe(BYTE_LEVEL, without_a)) == b"a"
+    digits_then_bytes = {"type": "Sequence", "pretokenizers": [{"type": "Digits"}, BYTE_LEVEL]}
+    assert skipped_bytes(_byte_level_bpe(digits_then_bytes, alphabet)) == b""
+    # Pre-tokenizers that take characters out, a model that is not BPE, a BPE that is not byte-level: no bound.
+    for dropping in ({"type": "Whitespace"}, {"type": "Split", "pattern": {"String": " "}, "behavior": "Removed"}):
+        assert skipped_bytes(_byte_level_bpe({"type": "Sequence", "pretokenizers": [dropping, BYTE_LEVEL]})) is None
+    assert skipped_bytes({"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": BYTE_LEVEL}) is None
+    assert skipped_bytes(_byte_level_bpe({"type": "Metaspace"})) is None
+    assert skipped_bytes({"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": None}) is None
+
+
+def test_a_tokenizer_without_a_sound_bound_is_counted_by_encoding() -> None:
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = ModelTokenizer(tokenizer, SMOLLM2_TEMPLATE, name="words:1")
+    assert words.min_tokens(" " * 10_000 + "hello") == 0 and words.count(" " * 10_000 + "hello") == 1
 
 
 def test_the_size_bound_is_tight_for_text_of_long_tokens(built_model: Path) -> None:
@@ -877,7 +926,7 @@ def test_a_prompt_its_size_shows_cannot_fit_is_refused_without_encoding(built_mo
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A 4 MB prompt of emoji is ~3 million tokens: encoding it to find that out cost ~500 MB and seconds."""
     tokenizer = _smollm2(built_model)
-    tokenizer.max_token_bytes()  # the vocabulary is built once per model, not per request
+    tokenizer.min_tokens("")  # the vocabulary and the bound's inputs are built once per model, not per request
 
     def never(*args: object, **kwargs: object) -> list[int]:
         raise AssertionError("encoded a prompt whose size shows it cannot fit")

@@ -88,6 +88,34 @@ def _decoder_types(decoder: dict[str, Any] | None) -> set[str]:
     return {decoder.get("type", ""), *(t for d in decoder.get("decoders") or () for t in _decoder_types(d))}
 
 
+def _pre_tokenizers(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A tokenizer.json `pre_tokenizer` as the list of its steps, `Sequence`s flattened."""
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [step for inner in pre_tokenizer.get("pretokenizers") or () for step in _pre_tokenizers(inner)]
+    return [pre_tokenizer]
+
+
+# Pre-tokenizers that split text without taking any of it out (Split and Punctuation unless told to remove).
+_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Digits", "Split", "Punctuation", "UnicodeScripts"})
+
+
+def skipped_bytes(config: dict[str, Any]) -> bytes | None:
+    """For a byte-level BPE (tokenizer.json as `config`) whose pre-tokenizers keep every character: the bytes its
+    vocabulary has no symbol for, which encoding skips (or, with an unknown token, may fuse a run of into one
+    token). None for any other tokenizer: whitespace-splitting pre-tokenizers drop characters, and unknown
+    characters may vanish or fuse in ways that cannot be counted without encoding."""
+    model = config.get("model") or {}
+    steps = _pre_tokenizers(config.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps):
+        return None
+    if any(step.get("type") not in _KEEPING_PRE_TOKENIZERS or step.get("behavior") == "Removed" for step in steps):
+        return None
+    vocabulary = model.get("vocab") or {}
+    return bytes(b for b, char in _gpt2_bytes_to_unicode().items() if char not in vocabulary)
+
+
 def build_vocabulary(tokenizer: Tokenizer) -> Vocabulary:
     """The bytes each token id decodes to, exactly, one token at a time.
 
@@ -167,6 +195,8 @@ class ModelTokenizer:
         self._template: jinja2.Template | None = None
         self._vocabulary: Vocabulary | None = None
         self._max_token_bytes: int | None = None
+        # Bytes of text that make no token (None: no size bound is sound for this tokenizer), found on first use.
+        self._skipped: tuple[bytes | None] | None = None
         # Texts the tokenizer turns into control tokens wherever they appear (<|im_start|>, <|im_end|>, ...).
         self._control_texts = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()}, key=len,
                                      reverse=True)
@@ -213,11 +243,18 @@ class ModelTokenizer:
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on `text`'s token count, found without encoding it: each token stands for at most
-        `max_token_bytes()` bytes of the (normalized) text, and a pre-tokenizer adds at most a leading space."""
+        `max_token_bytes()` bytes of the (normalized) text, bytes the vocabulary has no symbol for stand for none,
+        and a pre-tokenizer adds at most a leading space. 0 where no such bound holds (see `skipped_bytes`)."""
+        if self._skipped is None:
+            self._skipped = (skipped_bytes(json.loads(self.tokenizer.to_str())),)
+        skipped = self._skipped[0]
+        if skipped is None:
+            return 0
         normalizer = self.tokenizer.normalizer
         if normalizer is not None:
             text = normalizer.normalize_str(text)
-        size = len(text.encode("utf-8", "surrogatepass")) - 1
+        data = text.encode("utf-8", "surrogatepass")
+        size = len(data.translate(None, skipped) if skipped else data) - 1
         return max(0, -(-size // self.max_token_bytes()))
 
     def vocabulary(self) -> Vocabulary:
