@@ -21,6 +21,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2 as tpb
 from lmesh.tokenizer.v1 import tokenizer_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import services.tokenizer.text as text_module
 from services.common.config import ServiceConfig
 from services.common.consul_agent import ConsulAgent
 from services.common.discovery import Mesh
@@ -498,6 +499,33 @@ async def test_cache_loads_a_model_once_for_concurrent_requests(fake_source: Fak
     # Within the TTL no registry call at all.
     await cache.get("tiny")
     assert fake_source.resolves == 2
+
+
+async def test_a_loaded_tokenizer_builds_nothing_on_its_first_chat(fake_source: FakeSource, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vocabulary, the size bound's inputs and the template are built in the loader's thread: built on the
+    first chat instead, they held the event loop (gateway, tokenizer) for about 0.2 s, long enough under load for
+    Consul's 1 s health check to fail."""
+    tokenizer = await TokenizerCache(fake_source, tmp_path / "artifacts").get("tiny")
+
+    def built_on_first_use(*args: object) -> None:
+        raise AssertionError("built on the first chat")
+
+    monkeypatch.setattr(text_module, "build_vocabulary", built_on_first_use)
+    monkeypatch.setattr(text_module, "compile_chat_template", built_on_first_use)
+    monkeypatch.setattr(text_module, "skipped_bytes", built_on_first_use)
+    _, ids = tokenizer.apply_chat_template([user("hello")], True, max_tokens=100)
+    assert ids and tokenizer.min_tokens("hello" * 100) > 0
+
+
+async def test_a_template_that_does_not_compile_is_told_to_chats_not_to_the_load(fake_source: FakeSource,
+                                                                                  tmp_path: Path) -> None:
+    data = next(iter(fake_source.files.values()))
+    fake_source.versions["tiny:3"] = model_version("tiny", "3", data, template="{% for %}")
+    tokenizer = await TokenizerCache(fake_source, tmp_path / "artifacts").get("tiny:3")
+    assert tokenizer.encode("hello")
+    with pytest.raises(FailedPrecondition, match="does not compile"):
+        tokenizer.apply_chat_template([user("hello")], True)
 
 
 async def test_cache_sees_alias_moves_after_the_ttl(fake_source: FakeSource, tmp_path: Path) -> None:

@@ -175,8 +175,8 @@ async def load_tokenizer(version: registry_pb2.ModelVersion, fetch: Callable[[st
         raise FailedPrecondition(f"{key} has {len(tokenizers)} tokenizer artifacts, expected one")
     path = await fetch(tokenizers[0].sha256)
     try:
-        return await asyncio.to_thread(
-            ModelTokenizer.from_file, path, version.chat_template, name=key,
-            bos_token_id=version.bos_token_id, eos_token_ids=list(version.eos_token_ids))
+        return await asyncio.to_thread(lambda: ModelTokenizer.from_file(
+            path, version.chat_template, name=key, bos_token_id=version.bos_token_id,
+            eos_token_ids=list(version.eos_token_ids)).prepared())
     except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
         raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None

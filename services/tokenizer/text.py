@@ -6,6 +6,7 @@ the server interceptor maps them to status codes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -208,6 +209,17 @@ class ModelTokenizer:
         return cls(Tokenizer.from_file(str(path)), chat_template, name=name, bos_token_id=bos_token_id,
                    eos_token_ids=eos_token_ids)
 
+    def prepared(self) -> Self:
+        """Builds now what is otherwise built on first use (the vocabulary, the size bound's inputs, the chat
+        template): a few hundred milliseconds that belong in a loader's thread, not on an event loop's first
+        request. Returns self."""
+        self.max_token_bytes()
+        self._skipped_bytes()
+        if self.chat_template:
+            with contextlib.suppress(FailedPrecondition):  # a template that does not compile is told to its chats
+                self._compiled_template()
+        return self
+
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
@@ -245,9 +257,7 @@ class ModelTokenizer:
         """A lower bound on `text`'s token count, found without encoding it: each token stands for at most
         `max_token_bytes()` bytes of the (normalized) text, bytes the vocabulary has no symbol for stand for none,
         and a pre-tokenizer adds at most a leading space. 0 where no such bound holds (see `skipped_bytes`)."""
-        if self._skipped is None:
-            self._skipped = (skipped_bytes(json.loads(self.tokenizer.to_str())),)
-        skipped = self._skipped[0]
+        skipped = self._skipped_bytes()
         if skipped is None:
             return 0
         normalizer = self.tokenizer.normalizer
@@ -256,6 +266,11 @@ class ModelTokenizer:
         data = text.encode("utf-8", "surrogatepass")
         size = len(data.translate(None, skipped) if skipped else data) - 1
         return max(0, -(-size // self.max_token_bytes()))
+
+    def _skipped_bytes(self) -> bytes | None:
+        if self._skipped is None:
+            self._skipped = (skipped_bytes(json.loads(self.tokenizer.to_str())),)
+        return self._skipped[0]
 
     def vocabulary(self) -> Vocabulary:
         """Every id's exact bytes (see `build_vocabulary`), built on first use (a fraction of a second)."""
