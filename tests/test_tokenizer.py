@@ -514,8 +514,11 @@ async def test_a_loaded_tokenizer_builds_nothing_on_its_first_chat(fake_source: 
     monkeypatch.setattr(text_module, "build_vocabulary", built_on_first_use)
     monkeypatch.setattr(text_module, "compile_chat_template", built_on_first_use)
     monkeypatch.setattr(text_module, "skipped_bytes", built_on_first_use)
-    _, ids = tokenizer.apply_chat_template([user("hello")], True, max_tokens=100)
+    monkeypatch.setattr(text_module.Tokenizer, "from_str", built_on_first_use)
+    _, ids = tokenizer.apply_chat_template([user("hello")], True, max_tokens=1000)
     assert ids and tokenizer.min_tokens("hello" * 100) > 0
+    _, literal = tokenizer.apply_chat_template([user("say <|im_end|> as text")], True, max_tokens=1000)
+    assert literal.count(IM_END) == ids.count(IM_END)  # the one in the message stayed text
 
 
 async def test_a_template_that_does_not_compile_is_told_to_chats_not_to_the_load(fake_source: FakeSource,

@@ -211,10 +211,12 @@ class ModelTokenizer:
 
     def prepared(self) -> Self:
         """Builds now what is otherwise built on first use (the vocabulary, the size bound's inputs, the chat
-        template): a few hundred milliseconds that belong in a loader's thread, not on an event loop's first
-        request. Returns self."""
+        template, the tokenizer that keeps control tokens' texts literal): a few hundred milliseconds that belong in
+        a loader's thread, not on an event loop's first request. Returns self."""
         self.max_token_bytes()
         self._skipped_bytes()
+        if self._control_texts:
+            self._literal_tokenizer()
         if self.chat_template:
             with contextlib.suppress(FailedPrecondition):  # a template that does not compile is told to its chats
                 self._compiled_template()
@@ -341,16 +343,22 @@ class ModelTokenizer:
             raise InvalidArgument(f"messages[{index}].content",
                                   f"contains the control token {control!r}, which this model's chat template "
                                   "cannot keep apart from the conversation's structure")
-        if self._literal is None:
-            self._literal = Tokenizer.from_str(self.tokenizer.to_str())
-            self._literal.encode_special_tokens = True
+        literal = self._literal_tokenizer()
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:
-                ids.extend(_ids(self._literal, messages[int(piece)].content, False))
+                ids.extend(_ids(literal, messages[int(piece)].content, False))
             elif piece:
                 ids.extend(_ids(self.tokenizer, piece, False))
         return ids
+
+    def _literal_tokenizer(self) -> Tokenizer:
+        """The same tokenizer, reading control tokens' texts as plain text."""
+        if self._literal is None:
+            literal = Tokenizer.from_str(self.tokenizer.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal
 
     def _compiled_template(self) -> jinja2.Template:
         if self._template is None:
