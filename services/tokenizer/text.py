@@ -117,7 +117,7 @@ def skipped_bytes(config: dict[str, Any]) -> bytes | None:
     return bytes(b for b, char in _gpt2_bytes_to_unicode().items() if char not in vocabulary)
 
 
-def build_vocabulary(tokenizer: Tokenizer) -> Vocabulary:
+def build_vocabulary(tokenizer: Tokenizer, config: dict[str, Any] | None = None) -> Vocabulary:
     """The bytes each token id decodes to, exactly, one token at a time.
 
     Byte-level BPE (GPT-2, SmolLM2): each character of a vocabulary entry stands for one byte through GPT-2's
@@ -126,7 +126,9 @@ def build_vocabulary(tokenizer: Tokenizer) -> Vocabulary:
     tokens (`<|im_end|>`) are their literal text. Anything else: the token decoded alone.
     """
     added = tokenizer.get_added_tokens_decoder()
-    decoder_types = _decoder_types(json.loads(tokenizer.to_str()).get("decoder"))
+    if config is None:
+        config = json.loads(tokenizer.to_str())
+    decoder_types = _decoder_types(config.get("decoder"))
     byte_level = "ByteLevel" in decoder_types
     token_bytes = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
     for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
@@ -196,8 +198,9 @@ class ModelTokenizer:
         self._template: jinja2.Template | None = None
         self._vocabulary: Vocabulary | None = None
         self._max_token_bytes: int | None = None
-        # Bytes of text that make no token (None: no size bound is sound for this tokenizer), found on first use.
-        self._skipped: tuple[bytes | None] | None = None
+        # Bytes of text that make no token (None: no size bound is sound for this tokenizer), found with the
+        # vocabulary.
+        self._skipped: bytes | None = None
         # Texts the tokenizer turns into control tokens wherever they appear (<|im_start|>, <|im_end|>, ...).
         self._control_texts = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()}, key=len,
                                      reverse=True)
@@ -214,7 +217,6 @@ class ModelTokenizer:
         template, the tokenizer that keeps control tokens' texts literal): a few hundred milliseconds that belong in
         a loader's thread, not on an event loop's first request. Returns self."""
         self.max_token_bytes()
-        self._skipped_bytes()
         if self._control_texts:
             self._literal_tokenizer()
         if self.chat_template:
@@ -259,7 +261,8 @@ class ModelTokenizer:
         """A lower bound on `text`'s token count, found without encoding it: each token stands for at most
         `max_token_bytes()` bytes of the (normalized) text, bytes the vocabulary has no symbol for stand for none,
         and a pre-tokenizer adds at most a leading space. 0 where no such bound holds (see `skipped_bytes`)."""
-        skipped = self._skipped_bytes()
+        self.vocabulary()  # finds the skipped bytes too
+        skipped = self._skipped
         if skipped is None:
             return 0
         normalizer = self.tokenizer.normalizer
@@ -269,15 +272,12 @@ class ModelTokenizer:
         size = len(data.translate(None, skipped) if skipped else data) - 1
         return max(0, -(-size // self.max_token_bytes()))
 
-    def _skipped_bytes(self) -> bytes | None:
-        if self._skipped is None:
-            self._skipped = (skipped_bytes(json.loads(self.tokenizer.to_str())),)
-        return self._skipped[0]
-
     def vocabulary(self) -> Vocabulary:
         """Every id's exact bytes (see `build_vocabulary`), built on first use (a fraction of a second)."""
         if self._vocabulary is None:
-            self._vocabulary = build_vocabulary(self.tokenizer)
+            config = json.loads(self.tokenizer.to_str())  # read once, for both
+            self._skipped = skipped_bytes(config)
+            self._vocabulary = build_vocabulary(self.tokenizer, config)
         return self._vocabulary
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
