@@ -85,6 +85,7 @@ bench: venv model consul
 	$(BIN)/python -m bench.mesh_tax --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.relay_floor --model-dir $(MODEL_DIR)
 	$(BIN)/python -m bench.prefill_bound --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.step_batching
 	$(BIN)/python -m bench.tool_retrieval
 
 # The seed paper's calculator experiment through the whole mesh: 50 questions per operand count (2-10) from a fixed

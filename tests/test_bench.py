@@ -137,3 +137,18 @@ def test_the_relay_floor_pairs_each_ways_time_per_token_with_the_direct_chat_bes
     assert rows["relay"]["per_token_p50_ms"] == pytest.approx(23.0)
     assert rows["gateway"]["added_p50_ms"] == pytest.approx(2.5)  # first tokens: 1, 2, 3 and 20 ms over direct
     assert "time per token after the first" in render_floor(rows, 3)
+
+
+def test_the_step_batching_bench_reads_every_token_both_ways(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "step_batching.json"
+    done = subprocess.run([sys.executable, "-m", "bench.step_batching", "--streams", "3", "--steps", "4",
+                           "--step-ms", "1", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(out.read_text())
+    assert set(saved["medians"]) == {"per-stream", "per-step"} and saved["streams"] == 3
+    assert all(value > 0 for way in saved["medians"].values() for value in way.values())
+    assert "one message per step would save" in done.stdout
