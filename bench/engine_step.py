@@ -5,7 +5,11 @@ The difference is the engine's own cost per step (sampling with logprobs, bookke
 event loop). Compare both with `python -m bench.gemm_floor` (the matrix products alone) and with `make bench`'s
 ITL (the same step with gRPC and clients sharing the cores).
 
-usage: python -m bench.engine_step [--model-dir DIR] [--streams 16] [--tokens 64]
+It also times whole batches as `bench.mesh_tax` sends them: `make bench`'s 16 prompts submitted at once to an
+engine whose prefix cache already holds them, N x T tokens over the wall time from submission to the last token,
+as a share of `bench.ceiling`'s bound (T - 1 bare steps): what the engine alone reaches, before gRPC and clients.
+
+usage: python -m bench.engine_step [--model-dir DIR] [--streams 16] [--tokens 64] [--batches 4]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.prompts import prompt_ids
 from services.common.config import lmesh_cache
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Sequence, TokenEvent
 from services.inference.onnx_model import OnnxDecoder
@@ -61,11 +66,37 @@ async def engine_step_ms(decoder: OnnxDecoder, prompts: list[list[int]], tokens:
         await engine.close()
 
 
+async def warm_batch_rates(decoder: OnnxDecoder, prompts: list[list[int]], tokens: int, batches: int) -> list[float]:
+    """tokens/s of each batch of `prompts` submitted at once, after one batch that puts them in the prefix cache."""
+    engine = Engine(decoder, frozenset(), 8192, EngineLimits(max_active=len(prompts)))
+    engine.start()
+
+    async def made(seq: Sequence) -> int:
+        count = 0
+        while isinstance(await seq.events.get(), TokenEvent):
+            count += 1
+        return count
+
+    rates = []
+    try:
+        for batch in range(batches + 1):
+            began = time.perf_counter()
+            seqs = [engine.submit(GenerationRequest(prompt_ids=p, max_tokens=tokens, sampling=SamplingConfig()))
+                    for p in prompts]
+            count = sum(await asyncio.gather(*(made(s) for s in seqs)))
+            if batch:  # the first one filled the prefix cache
+                rates.append(count / (time.perf_counter() - began))
+    finally:
+        await engine.close()
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=lmesh_cache() / "models" / "smollm2-135m-instruct")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=4)
     args = parser.parse_args()
     decoder = OnnxDecoder(args.model_dir / "model.onnx")
     prompts = [chat_prompt_ids(args.model_dir, f"Tell me a long story about brave cat number {i} who sails the seas.")
@@ -77,6 +108,13 @@ def main() -> None:
     print(f"{args.streams} streams, {args.tokens} tokens each, ms per decode step (two runs each)")
     print(f"bare ORT loop over the engine's cache: {bare[0]:.1f}, {bare[1]:.1f}")
     print(f"lmesh engine, no gRPC:                {engine[0]:.1f}, {engine[1]:.1f}")
+    bench_prompts = prompt_ids(args.model_dir)[:args.streams]
+    ceiling = len(bench_prompts) * args.tokens / (bare_loop_step_ms(decoder, bench_prompts, args.tokens)
+                                                   * (args.tokens - 1) / 1e3)
+    rates = asyncio.run(warm_batch_rates(decoder, bench_prompts, args.tokens, args.batches))
+    print(f"whole batches of make bench's prompts, prefix cache warm: "
+          f"{', '.join(f'{r:.0f}' for r in rates)} tok/s = {', '.join(f'{r / ceiling:.2f}' for r in rates)} "
+          f"of bench.ceiling's {ceiling:.0f} tok/s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import resource
 import statistics
@@ -25,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from lmesh.common.v1 import generation_pb2
 from lmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from bench.stats import machine
+from services.common.peers import INFERENCE, direct_stub
 
 WAYS = ("per-stream", "per-step")
 
@@ -43,19 +39,12 @@ def cpu_s() -> float:
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    """A certificate for `localhost` and its key, made with the openssl command line."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def step_message(tokens: int) -> inference_pb2.GenerateResponse:
@@ -112,9 +101,7 @@ async def serve(way: str, args: argparse.Namespace, cert: Path, pair: tuple[byte
 
 
 async def read_all(port: int, streams: int, root_pem: bytes) -> None:
-    credentials = grpc.ssl_channel_credentials(root_pem)
-    async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
+    async with direct_stub(INFERENCE, f"localhost:{port}", grpc.ssl_channel_credentials(root_pem)) as stub:
         calls = [stub.Generate() for _ in range(streams)]
         for call in calls:
             await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(model="m")))

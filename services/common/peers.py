@@ -277,10 +277,13 @@ async def public_gateway(target: str, tls: GatewayTls | None = None, *,
 
 
 @contextlib.asynccontextmanager
-async def direct_stub(service: PeerService[S], target: str) -> AsyncIterator[S]:
-    """A stub of `service` on a plaintext channel to `target`, without Consul or mesh identity: for a server a
-    benchmark or a test started itself, in process and without mTLS."""
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+async def direct_stub(service: PeerService[S], target: str,
+                      credentials: grpc.ChannelCredentials | None = None) -> AsyncIterator[S]:
+    """A stub of `service` on a channel to `target`, without Consul or mesh identity: for a server a benchmark or a
+    test started itself. Plaintext, or TLS with `credentials`."""
+    channel = (grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) if credentials is None
+               else grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
+    async with channel:
         yield service.stub(channel)
 
 
