@@ -1904,6 +1904,7 @@ async def test_an_intention_denying_a_hop_fails_chats_naming_it_until_removed(li
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
         details = error.details() or ""
         assert "lmesh-inference" in details and "lmesh-gateway" in details and "DENY" in details, details
+        await asyncio.sleep(max(0.0, applied + SETTLE_S - time.monotonic()))  # no decision from before it stands
         assert await _chat_outcome(live) is not None, "a chat passed again while the intention denies the hop"
     finally:
         await apply_intentions(live.procs.consul_addr, [deny._replace(action="allow")])
