@@ -914,6 +914,8 @@ async def test_sigterm_drains_in_flight_stream_then_deregisters(live: LiveMesh) 
     assert not {n["ServiceID"] for n in nodes} & old_ids
     live.procs.start("inference")
     await live.procs.wait_passing(live.mesh, "inference", exclude=old_ids, model="smollm2-135m-instruct:1")
+    # Passing in this test's view of Consul; the gateway's own watch may hear of it a moment later.
+    await answers_paris_again(live)
 
 
 async def answers_paris_again(live: LiveMesh) -> None:
