@@ -89,6 +89,14 @@ async def test_the_sdk_lists_chats_streams_and_completes_with_the_answer_grpc_gi
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
     completion = await client.completions.create(model="default", prompt=FRANCE, temperature=0, max_tokens=64)
     assert completion.choices[0].text == expected  # a prompt is one user turn
+    # Several prompts in one request: each answered as alone, each prompt counted once in the usage.
+    other = await client.completions.create(model="default", prompt="Say hello.", temperature=0, max_tokens=64)
+    both = await client.completions.create(model="default", prompt=[FRANCE, "Say hello."], temperature=0,
+                                           max_tokens=64, n=2)
+    assert [c.text for c in both.choices] == [expected, expected, other.choices[0].text, other.choices[0].text]
+    assert both.usage is not None and completion.usage is not None and other.usage is not None
+    assert both.usage.prompt_tokens == completion.usage.prompt_tokens + other.usage.prompt_tokens
+    assert both.usage.completion_tokens == 2 * (completion.usage.completion_tokens + other.usage.completion_tokens)
 
 
 async def test_the_sdk_gets_each_tokens_logprob_and_alternatives(live: LiveMesh) -> None:

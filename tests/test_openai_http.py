@@ -398,6 +398,35 @@ async def test_n_choices_run_in_parallel_with_seeds_one_apart(served: Served) ->
         assert "".join(c.delta.content or "" for c in mine) == "".join(ANSWER)
 
 
+async def test_several_prompts_are_answered_in_one_response_prompt_by_prompt(served: Served) -> None:
+    client = served.sdk()
+    prompts = ["Hi", "What is the capital of France?"]  # 1 and 6 tokens here
+    before = len(served.chat.seen)
+    answer = await client.completions.create(model="tiny", prompt=prompts, n=2, seed=7, max_tokens=3, logprobs=1)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    assert all(c.text == "Paris is the" and c.finish_reason == "length" for c in answer.choices)
+    assert all(c.logprobs is not None and c.logprobs.tokens == ["Paris", " is", " the"] for c in answer.choices)
+    # Each prompt counted once, whatever its n; every choice's completion.
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (7, 12, 19)
+    assert answer.usage.prompt_tokens_details is not None and answer.usage.prompt_tokens_details.cached_tokens == 4
+    asked = sorted((p.messages[0][1], p.seed) for p in served.chat.seen[before:])
+    assert asked == sorted((prompt, seed) for prompt in prompts for seed in (7, 8))
+
+    before = len(served.chat.seen)
+    chunks = [c async for c in await client.completions.create(  # type: ignore[call-overload]
+        model="tiny", prompt=prompts, stream=True, stream_options={"include_usage": True})]
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == "".join(ANSWER) and mine[-1].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 7
+    assert sorted(p.messages[0][1] for p in served.chat.seen[before:]) == sorted(prompts)
+    # One prompt in an array is that prompt.
+    single = await client.completions.create(model="tiny", prompt=["Hi"], max_tokens=2)
+    assert [c.text for c in single.choices] == ["Paris is"] and single.usage is not None
+    assert single.usage.prompt_tokens == 1
+
+
 async def test_unknown_fields_are_ignored_and_text_parts_joined(served: Served) -> None:
     response = await post(served, "/v1/chat/completions", {
         "model": "tiny", "store": True, "metadata": {"a": "b"}, "parallel_tool_calls": False, "service_tier": "auto",
@@ -497,8 +526,12 @@ async def test_an_error_after_the_stream_started_is_an_error_event_and_the_strea
      "must be system"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w " * 40_000}]}, "messages", "context"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token ids"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, "prompt", "token ids"),
     ("/v1/completions", {"prompt": [None]}, "prompt[0]", "must be a string"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "an array of one string"),
+    ("/v1/completions", {"prompt": ["a"] * 9}, "prompt", "an array of 1 to 8 strings"),
+    ("/v1/completions", {"prompt": ["a", {"text": "b"}]}, "prompt[1]", "must be a string"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, "n", "at most 2 with 3 prompts"),
+    ("/v1/completions", {"prompt": ["a", " ".join(["w"] * 70)]}, "prompt", "context"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "[0, 20]"),
     ("/v1/completions", {"prompt": "x", "echo": True}, "echo", "not supported"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "use n"),

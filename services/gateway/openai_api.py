@@ -242,10 +242,12 @@ COMPLETION_REQUEST: dict[str, Any] = {
     "description": "OpenAI's (legacy) completion request; fields not listed are ignored. The prompt is rendered "
                    "as one user turn with the model's chat template (the served models are chat-tuned).",
     "properties": {
-        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": 1,
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES,
                                                    "items": {"type": "string"}}],
-                   "x-lmesh-invalid": "must be a string or an array of one string (token ids and several prompts "
-                                      "are not supported)"},
+                   "x-lmesh-invalid": f"must be a string or an array of 1 to {MAX_CHOICES} strings (token ids are "
+                                      "not supported)",
+                   "description": f"One prompt, or several answered in one response: choice p * n + i is prompt p's "
+                                  f"i-th (with a seed, it uses seed + i); n times the prompts: at most {MAX_CHOICES}."},
         **SAMPLING,
         "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX,
                                  "description": f"Left out: {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI."}),
@@ -256,6 +258,15 @@ COMPLETION_REQUEST: dict[str, Any] = {
         "best_of": _nullable(_unsupported({"type": "integer", "minimum": 1, "maximum": 1},
                                           "only 1 is supported; use n")),
     },
+    # n times the number of prompts: at most MAX_CHOICES, one rule per number of prompts.
+    "allOf": [
+        {"if": {"properties": {"prompt": {"type": "array", "minItems": count, "maxItems": count}},
+                "required": ["prompt"]},
+         "then": {"properties": {"n": {"maximum": MAX_CHOICES // count}},
+                  "x-lmesh-field": "n", "x-lmesh-invalid": f"must be at most {MAX_CHOICES // count} with {count} "
+                                                           f"prompts ({MAX_CHOICES} choices at most, generated in "
+                                                           "parallel)"}}
+        for count in range(2, MAX_CHOICES + 1)],
 }
 
 # ---- checking a body against a schema -----------------------------------------------------------------------
@@ -426,14 +437,26 @@ class ApiRequest:
     # The request path's field names as this request spelled them (`max_tokens` given as max_completion_tokens;
     # a completion's `prompt` is the path's `messages`), for errors.
     names: Mapping[str, str] = field(default_factory=dict)
+    # /v1/completions given several prompts: each is asked n times (`params` holds the first).
+    prompts: tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        """How many choices the answer has: n for each prompt."""
+        return self.n * max(1, len(self.prompts))
 
     def choices(self) -> list[ChatParams]:
-        """One ChatParams per choice: choice i samples with seed + i (a seed of 0 stays random)."""
-        seed = self.params.seed
+        """One ChatParams per choice, prompt by prompt: choice p·n + i asks prompt p and samples with seed + i (a
+        seed of 0 stays random)."""
+        asked = [replace(self.params, messages=[("user", prompt)]) for prompt in self.prompts] or [self.params]
+        return [choice for params in asked for choice in self._seeded(params)]
+
+    def _seeded(self, params: ChatParams) -> list[ChatParams]:
+        seed = params.seed
         if self.n == 1 or seed == 0:
-            return [self.params] * self.n
+            return [params] * self.n
         seeds = [((seed + i - INT64[0]) % 2**64) + INT64[0] for i in range(self.n)]
-        return [replace(self.params, seed=s or 1) for s in seeds]
+        return [replace(params, seed=s or 1) for s in seeds]
 
     def param(self, name: str) -> str | None:
         """The request's own name for a field the request path names (None: the body as a whole)."""
@@ -537,14 +560,19 @@ def output_constraint(response_format: Mapping[str, Any] | None) -> generation_p
 
 def completion_request(body: dict[str, Any]) -> ApiRequest:
     """POST /v1/completions: the prompt as one user turn (the served models are chat-tuned)."""
+    prompt = body.get("prompt")
+    token_ids = isinstance(prompt, list) and any(isinstance(i, (int, list)) and not isinstance(i, bool) for i in prompt)
+    if token_ids:
+        raise InvalidArgument("prompt", "token ids are not supported: send the prompt as text")
     check(body, COMPLETION_REQUEST)
-    prompt = body["prompt"]
+    prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+    streaming = _streaming(body)
     logprobs = body.get("logprobs")
-    params = ChatParams(messages=[("user", prompt if isinstance(prompt, str) else prompt[0])],
+    params = ChatParams(messages=[("user", prompts[0])],
                         logprobs=logprobs is not None, top_logprobs=int(logprobs or 0),
                         **_sampling(body, _get(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)))
-    return ApiRequest(params, **_streaming(body), completion=True,
-                      names={"messages": "prompt", "top_logprobs": "logprobs"})
+    return ApiRequest(params, **streaming, completion=True, names={"messages": "prompt", "top_logprobs": "logprobs"},
+                      prompts=tuple(prompts) if len(prompts) > 1 else ())
 
 
 def embeddings_request(body: dict[str, Any]) -> tuple[embeddings_pb2.EmbedRequest, bool]:
@@ -612,8 +640,8 @@ class LegacyLogprobs:
 
 def usage_json(prompt: generation_pb2.Usage, completion_tokens: int, cached_response: bool = False,
                ) -> dict[str, Any]:
-    """OpenAI's usage: the prompt once (every choice's is the same), the completion tokens of all choices; lmesh's
-    extension `lmesh.cached_response` (every choice answered from the response cache)."""
+    """OpenAI's usage: each prompt once (a prompt's choices share it), the completion tokens of all choices;
+    lmesh's extension `lmesh.cached_response` (every choice answered from the response cache)."""
     return {"prompt_tokens": prompt.prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt.prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": prompt.cached_prompt_tokens},
@@ -643,9 +671,9 @@ class Answer:
         self.id = f"cmpl-{completion_id.removeprefix('chatcmpl-')}" if self.completion else completion_id
         self.model = model
         self.created = created
-        self.choices = [Choice(i) for i in range(request.n)]
+        self.choices = [Choice(i) for i in range(request.count)]
         self.cache_results: dict[int, str] = {}  # each choice's response cache result (request_path.ChatStarted)
-        self._legacy = [LegacyLogprobs(request.params.top_logprobs > 0) for _ in range(request.n)]
+        self._legacy = [LegacyLogprobs(request.params.top_logprobs > 0) for _ in range(request.count)]
         kind = "text_completion" if self.completion else "chat.completion.chunk"
         self._head = (f'data: {{"id":{json.dumps(self.id)},"object":"{kind}","created":{created},'
                       f'"model":{json.dumps(model)},"system_fingerprint":null,"choices":[').encode()
@@ -708,11 +736,16 @@ class Answer:
                                   "system_fingerprint": None, "choices": [], "usage": self.usage()}) + b"\n\n"
 
     def usage(self) -> dict[str, Any] | None:
-        first = self.choices[0].usage
-        if first is None:
+        if self.choices[0].usage is None:
             return None
         usages = [c.usage for c in self.choices if c.usage is not None]
-        return usage_json(first, sum(u.completion_tokens for u in usages), all(u.cached_response for u in usages))
+        n = self.request.n
+        # Each prompt once, as its first choice with a usage counted it.
+        asked = [next((c.usage for c in self.choices[p:p + n] if c.usage is not None), None)
+                 for p in range(0, len(self.choices), n)]
+        prompts = generation_pb2.Usage(prompt_tokens=sum(u.prompt_tokens for u in asked if u is not None),
+                                       cached_prompt_tokens=sum(u.cached_prompt_tokens for u in asked if u is not None))
+        return usage_json(prompts, sum(u.completion_tokens for u in usages), all(u.cached_response for u in usages))
 
     def cache_header(self) -> tuple[bytes, bytes]:
         """`x-lmesh-cache`: hit when every choice was answered from the response cache, bypass when the request
