@@ -338,6 +338,16 @@ async def test_client_side_function_calls_come_back_as_tool_calls(tool_mesh: Too
     calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or []) if chunk.choices]
     assert calls and calls[0].function and calls[0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # Cut short by max_tokens: neither the half-written call nor text.
+    cut = await chat(tool_mesh, tool_mesh.no_tools, ask("What's the weather in Oslo?", max_tokens=6, functions=[
+        gateway_pb2.FunctionDefinition(name="get_weather", parameters_json=json.dumps(WEATHER))],
+        function_choice="required"))
+    assert cut[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH and not cut[-1].function_calls
+    assert "".join(r.delta for r in cut) == ""
+    short = await client.chat.completions.create(model="default", messages=messages[:1], tools=tools,  # type: ignore[arg-type]
+                                                 tool_choice="required", max_tokens=6, temperature=0)
+    assert short.choices[0].finish_reason == "length" and not short.choices[0].message.tool_calls
+    assert not short.choices[0].message.content
 
 
 async def test_clients_embed_through_the_gateway_on_grpc_and_http(tool_mesh: ToolMesh) -> None:

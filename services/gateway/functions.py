@@ -173,7 +173,8 @@ async def calls_or_text(events: AsyncIterator[Any], calling: FunctionCalling,
                         stop: Callable[[], None] = lambda: None) -> AsyncIterator[Any]:
     """The answer's events with the text held back: when it is a call, one ChatEnd carrying the calls
     (FINISH_REASON_TOOL_CALLS); otherwise the text as one delta, then the ChatEnd. A plan that starts writing a
-    call it already wrote is cut there (`stop` ends the generation)."""
+    call it already wrote is cut there (`stop` ends the generation). A call that `max_tokens` cut short ends
+    FINISH_REASON_LENGTH with neither text nor calls: its half-written plan is not an answer."""
     from services.gateway.chat import ChatDelta, ChatEnd
 
     held: list[ChatDelta] = []
@@ -183,8 +184,8 @@ async def calls_or_text(events: AsyncIterator[Any], calling: FunctionCalling,
             held.append(event)
             if cut is None:
                 text = "".join(delta.text for delta in held)
-                marked = calling.choice != "auto" or text.startswith(CALL_MARK)
-                if marked and (plan := plan_repeats_itself(text.removeprefix(CALL_MARK))) is not None:
+                plan = plan_repeats_itself(text.removeprefix(CALL_MARK)) if writes_calls(calling, text) else None
+                if plan is not None:
                     cut = CALL_MARK + plan if calling.choice == "auto" else plan
                     stop()
             continue
@@ -197,6 +198,13 @@ async def calls_or_text(events: AsyncIterator[Any], calling: FunctionCalling,
                 yield replace(event, finish_reason=generation_pb2.FINISH_REASON_TOOL_CALLS, function_calls=calls,
                               logprobs=[*entries, *event.logprobs])
                 return
-            if text:
+            cut_short = event.finish_reason == generation_pb2.FINISH_REASON_LENGTH and writes_calls(calling, text)
+            if text and not cut_short:
                 yield ChatDelta(text, entries)
         yield event
+
+
+def writes_calls(calling: FunctionCalling, text: str) -> bool:
+    """Whether the answer so far is a plan of calls: always when a call is required, else once it opens with the
+    call mark."""
+    return calling.choice != "auto" or text.startswith(CALL_MARK)
