@@ -230,7 +230,7 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(grace_s: float = 2.0) -> AsyncIterator[Served]:
+async def serve(grace_s: float = 2.0, cors_origins: tuple[str, ...] = ()) -> AsyncIterator[Served]:
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -238,7 +238,8 @@ async def serve(grace_s: float = 2.0) -> AsyncIterator[Served]:
     meter = MeterProvider(metric_readers=[reader]).get_meter("lmesh.gateway")
     chat = FakeChat()
     app = OpenAIApp(chat, provider.get_tracer("test"), GatewayMetrics(meter), meter)  # type: ignore[arg-type]
-    door = HttpDoor(app, ServiceConfig(service="gateway", grace_s=grace_s), 0, "--http-port")
+    door = HttpDoor(app, ServiceConfig(service="gateway", grace_s=grace_s), 0, "--http-port",
+                    cors_origins=cors_origins)
     await door.start()
     try:
         yield Served(door, chat, spans, reader)
@@ -425,6 +426,56 @@ async def test_several_prompts_are_answered_in_one_response_prompt_by_prompt(ser
     single = await client.completions.create(model="tiny", prompt=["Hi"], max_tokens=2)
     assert [c.text for c in single.choices] == ["Paris is"] and single.usage is not None
     assert single.usage.prompt_tokens == 1
+
+
+PAGE = "https://chat.example.com"
+PREFLIGHT = {"origin": PAGE, "access-control-request-method": "POST",
+             "access-control-request-headers": "authorization,content-type,x-stainless-os"}
+
+
+async def test_pages_of_the_named_origins_may_call_the_api_from_a_browser() -> None:
+    async with serve(cors_origins=(PAGE, "http://localhost:3000")) as cors, \
+            httpx2.AsyncClient(base_url=cors.base, timeout=10) as client:
+        before = cors.chat.generations
+        preflight = await client.options("/v1/chat/completions", headers=PREFLIGHT)
+        assert preflight.status_code == 204 and preflight.content == b""
+        assert preflight.headers["access-control-allow-origin"] == PAGE
+        assert preflight.headers["access-control-allow-methods"] == "GET, POST"
+        assert preflight.headers["access-control-allow-headers"] == "authorization,content-type,x-stainless-os"
+        assert preflight.headers["vary"] == "origin" and "access-control-allow-credentials" not in preflight.headers
+        assert cors.chat.generations == before  # a preflight runs nothing
+        # The calls themselves, answers, errors and streams alike, say the page may read them.
+        answered = await post(cors, "/v1/chat/completions", {"model": "tiny", "messages": USER},
+                              headers={"origin": PAGE})
+        refused = await post(cors, "/v1/chat/completions", {"model": "tiny", "messages": USER}, key="lmk_bad",
+                             headers={"origin": "http://localhost:3000"})
+        streamed = await post(cors, "/v1/chat/completions", {"model": "tiny", "messages": USER, "stream": True},
+                              headers={"origin": PAGE})
+        models = await client.get("/v1/models", headers={"origin": PAGE, "authorization": f"Bearer {KEY}"})
+        for response, status, origin in ((answered, 200, PAGE), (refused, 401, "http://localhost:3000"),
+                                         (streamed, 200, PAGE), (models, 200, PAGE)):
+            assert response.status_code == status, response.text
+            assert response.headers["access-control-allow-origin"] == origin
+            exposed = response.headers["access-control-expose-headers"]
+            assert {"retry-after", "retry-after-ms", "x-lmesh-trace-id"} <= set(exposed.split(", "))
+        assert streamed.text.endswith("data: [DONE]\n\n")
+        # Another origin's page gets no CORS headers: its browser keeps the answers from it.
+        other = {**PREFLIGHT, "origin": "https://evil.example.com"}
+        assert (await client.options("/v1/chat/completions", headers=other)).status_code == 405
+        answered = await post(cors, "/v1/chat/completions", {"model": "tiny", "messages": USER},
+                              headers={"origin": "https://evil.example.com"})
+        assert answered.status_code == 200 and "access-control-allow-origin" not in answered.headers
+    async with serve(cors_origins=("*",)) as anyone, httpx2.AsyncClient(base_url=anyone.base, timeout=10) as client:
+        preflight = await client.options("/v1/models", headers=PREFLIGHT)
+        assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "*"
+
+
+async def test_without_cors_origins_no_page_is_let_in(served: Served) -> None:
+    async with httpx2.AsyncClient(base_url=served.base, timeout=10) as client:
+        preflight = await client.options("/v1/chat/completions", headers=PREFLIGHT)
+        assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    answered = await post(served, "/v1/chat/completions", {"model": "tiny", "messages": USER}, headers={"origin": PAGE})
+    assert answered.status_code == 200 and "access-control-allow-origin" not in answered.headers
 
 
 async def test_unknown_fields_are_ignored_and_text_parts_joined(served: Served) -> None:

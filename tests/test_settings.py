@@ -241,3 +241,31 @@ def test_help_lists_the_environment_only_settings_whatever_they_hold(monkeypatch
         build_parser().parse_args(["serve", "gateway", "--help"])
     out = capsys.readouterr().out
     assert "--tls-cert FILE" in out and "$LMESH_TLS_CLIENT_CA" in out and "LMESH_ADMIN_TOKEN" not in out
+
+
+def test_cors_origins_from_a_flag_or_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMESH_HTTP_CORS_ORIGINS", "https://chat.example.com, http://localhost:3000")
+    config = config_from_args("gateway", build_parser().parse_args(["serve", "gateway"]), GatewaySettings)
+    assert config.settings_as(GatewaySettings).http_cors_origins == ("https://chat.example.com",
+                                                                     "http://localhost:3000")
+    args = build_parser().parse_args(["serve", "gateway", "--http-cors-origins", "*"])
+    assert config_from_args("gateway", args, GatewaySettings).settings_as(GatewaySettings).http_cors_origins == ("*",)
+    monkeypatch.delenv("LMESH_HTTP_CORS_ORIGINS")
+    assert GatewaySettings().http_cors_origins == ()  # none: browsers' pages get no answers they may read
+
+
+@pytest.mark.parametrize("value, why", [
+    ("chat.example.com", "'chat.example.com' is not scheme://host[:port] in lower case, without a path"),
+    ("https://chat.example.com/", "'https://chat.example.com/' is not scheme://host[:port] in lower case, without a "
+                                  "path"),
+    ("https://Chat.example.com", "'https://Chat.example.com' is not scheme://host[:port] in lower case, without a "
+                                 "path"),
+    ("ftp://files.example.com", "'ftp://files.example.com' is not scheme://host[:port] in lower case, without a path"),
+    ("https://a.example.com,http://b:99999", "'http://b:99999' has a bad port"),
+])
+def test_a_bad_cors_origin_is_one_line_naming_it(value: str, why: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LMESH_HTTP_CORS_ORIGINS", value)
+    assert main(["serve", "gateway", "--data-dir", "/nonexistent/never-used"]) == 2
+    assert capsys.readouterr().err == (f"lmesh: LMESH_HTTP_CORS_ORIGINS must be comma-separated web origins "
+                                       f"(scheme://host[:port]) or *, got {value!r} ({why})\n")

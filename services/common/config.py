@@ -205,6 +205,27 @@ def _consul(text: str) -> str:
 CONSUL_ADDR_TYPE = _checked(_consul, "host[:port] or http(s)://host[:port] with a port from 1 to 65535")
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    """Web origins, comma-separated, as browsers send them in `Origin` (`https://chat.example.com`,
+    `http://localhost:3000`), or `*`; empty: none."""
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+        except ValueError:
+            raise Because(f"{origin!r} has a bad port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or \
+                parts.fragment or parts.username or origin != f"{parts.scheme}://{parts.netloc}".lower():
+            raise Because(f"{origin!r} is not scheme://host[:port] in lower case, without a path")
+    return origins
+
+
+ORIGINS_TYPE = _checked(_origins, "comma-separated web origins (scheme://host[:port]) or *")
+
+
 # ---- the declaration helper ---------------------------------------------------------------------------------
 
 _SETTING = "lmesh.setting"  # the dataclass field metadata key a Setting travels under

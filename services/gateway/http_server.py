@@ -23,7 +23,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,9 @@ from services.common.errors import InvalidArgument, LmeshError, NotFound, Reason
 from services.common.references import check_reference
 from services.common.rpc import current_trace_id, status_for
 from services.common.telemetry import extract_context
+from services.gateway.asgi import App, Receive, Scope, Send
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, allowed
+from services.gateway.cors import Cors
 from services.gateway.credentials import Credential
 from services.gateway.mesh_tools import ToolStepEvent, tool_step_json
 from services.gateway.metrics import ChatRecord, GatewayMetrics
@@ -70,9 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmesh.gateway.http")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CHAT, COMPLETIONS, MODELS, MODEL = "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}"
 EMBEDDINGS, OPENAPI = "/v1/embeddings", "/openapi.json"
@@ -471,8 +470,9 @@ class HttpDoor:
     `stop` last."""
 
     def __init__(self, app: OpenAIApp, config: ServiceConfig, port: int, flag: str, tls: PublicTls | None = None,
-                 ) -> None:
+                 cors_origins: Sequence[str] = ()) -> None:
         self.app = app
+        self._cors_origins = tuple(cors_origins)
         self._host = config.host
         self._requested = port
         self._flag = flag
@@ -516,7 +516,8 @@ class HttpDoor:
             http = "httptools"
         except ImportError:
             http = "h11"
-        config = uvicorn.Config(self.app, lifespan="off", http=http, ws="none", log_config=None, access_log=False,
+        served: App = Cors(self.app, self._cors_origins) if self._cors_origins else self.app
+        config = uvicorn.Config(served, lifespan="off", http=http, ws="none", log_config=None, access_log=False,
                                 server_header=False, proxy_headers=False,
                                 timeout_graceful_shutdown=math.ceil(self._grace_s) + 5)
         config.load()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from services.common.config import (
     ON_OFF_TYPE,
+    ORIGINS_TYPE,
     PORT_TYPE,
     READABLE_FILE_TYPE,
     ConfigError,
@@ -67,6 +68,11 @@ class GatewaySettings:
         default_help="0: a free one; `lmesh dev`: 8080",
         help="the port of the OpenAI-compatible HTTP API, 0-65535 (/v1/chat/completions, /v1/completions, /v1/models; "
              "Consul meta `http_port`; TLS with --tls-cert)")
+    http_cors_origins: tuple[str, ...] = setting(
+        flag="--http-cors-origins", env="LMESH_HTTP_CORS_ORIGINS", default=(), parse=ORIGINS_TYPE,
+        metavar="ORIGINS", default_help="none",
+        help="web origins whose pages may call the HTTP API from a browser (CORS), comma-separated, e.g. "
+             "https://chat.example.com,http://localhost:3000, or * for any; other origins get no CORS headers")
     max_chats: int = setting(
         flag="--max-chats", env="LMESH_GATEWAY_MAX_CHATS", default=DEFAULT_MAX_CHATS, parse=int_type(1),
         help="chats in flight at once, gRPC and HTTP together (an HTTP request with n choices counts n), >= 1; "
@@ -156,7 +162,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     tls = public_tls(settings)
     # The OpenAI-compatible HTTP API: the same ChatService and request path, in this process, on its own port.
     http = HttpDoor(OpenAIApp(chat, runtime.tracer, metrics, runtime.meter), runtime.config, settings.http_port,
-                    setting_names(GatewaySettings, "http_port"), tls)
+                    setting_names(GatewaySettings, "http_port"), tls, cors_origins=settings.http_cors_origins)
     http.check()
 
     async def warm_up() -> None:
