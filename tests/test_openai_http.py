@@ -386,6 +386,7 @@ async def test_n_choices_run_in_parallel_with_seeds_one_apart(served: Served) ->
     answer = await client.chat.completions.create(model="tiny", messages=USER, n=3, seed=41,  # type: ignore[arg-type]
                                                   user="session-7")
     assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert answer._request_id is not None and len(answer._request_id) == 32  # the trace id, as the SDK shows it
     assert all(c.message.content == "".join(ANSWER) for c in answer.choices)
     assert answer.usage is not None and (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (6, 21)
     seen = served.chat.seen[before:]
@@ -457,7 +458,7 @@ async def test_pages_of_the_named_origins_may_call_the_api_from_a_browser() -> N
             assert response.status_code == status, response.text
             assert response.headers["access-control-allow-origin"] == origin
             exposed = response.headers["access-control-expose-headers"]
-            assert {"retry-after", "retry-after-ms", "x-lmesh-trace-id"} <= set(exposed.split(", "))
+            assert {"retry-after", "retry-after-ms", "x-lmesh-trace-id", "x-request-id"} <= set(exposed.split(", "))
         assert streamed.text.endswith("data: [DONE]\n\n")
         # Another origin's page gets no CORS headers: its browser keeps the answers from it.
         other = {**PREFLIGHT, "origin": "https://evil.example.com"}
@@ -700,6 +701,7 @@ async def test_http_chats_are_spans_and_metrics_of_the_gateway(served: Served) -
     [span] = [s for s in served.spans.get_finished_spans() if s.name == "lmesh.gateway/POST /v1/chat/completions"]
     assert f"{span.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"  # the caller's trace
     assert response.headers["x-lmesh-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert response.headers["x-request-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"  # what OpenAI's SDKs show
     attributes = dict(span.attributes or {})
     assert attributes["http.response.status_code"] == 200 and attributes["gen_ai.response.model"] == "tiny:1"
     assert attributes["gen_ai.usage.output_tokens"] == len(ANSWER)

@@ -12,8 +12,8 @@ from services.gateway.asgi import App, Receive, Scope, Send
 
 METHODS = b"GET, POST"
 # What a page's script may read of an answer beyond the CORS-safelisted headers: the retry delays OpenAI's SDKs
-# honour, and lmesh's trace id and response-cache result.
-EXPOSED = b"retry-after, retry-after-ms, x-lmesh-trace-id, x-lmesh-cache"
+# honour, the trace id (also as the request id the SDKs show) and the response-cache result.
+EXPOSED = b"retry-after, retry-after-ms, x-lmesh-trace-id, x-request-id, x-lmesh-cache"
 PREFLIGHT_MAX_AGE_S = b"600"
 
 

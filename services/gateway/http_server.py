@@ -105,15 +105,16 @@ class Responder:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self.trace_id = ""  # sent as `x-lmesh-trace-id` once the request has a span
+        self.trace_id = ""  # sent as `x-lmesh-trace-id` (and `x-request-id`) once the request has a span
         self.answer_headers: list[tuple[bytes, bytes]] = []  # sent with an answer (not with an error)
         self.started = False
         self.status = 0
 
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
-        if self.trace_id:
-            headers = [*headers, (b"x-lmesh-trace-id", self.trace_id.encode())]
+        if self.trace_id:  # `x-request-id` too: OpenAI's SDKs show it as the request's id, on answers and errors
+            trace_id = self.trace_id.encode()
+            headers = [*headers, (b"x-lmesh-trace-id", trace_id), (b"x-request-id", trace_id)]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def json(self, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
