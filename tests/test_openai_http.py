@@ -693,6 +693,19 @@ async def test_a_drain_lets_streams_run_then_ends_them_draining_before_the_grace
                 await client.get("/v1/models")
 
 
+async def test_health_answers_load_balancers_without_a_key(served: Served) -> None:
+    async with httpx2.AsyncClient(base_url=served.base, timeout=10) as client:
+        serving = await client.get("/health")
+        assert (serving.status_code, serving.json()) == (200, {"status": "serving"})
+        served.door.app.draining = True  # as from the drain on, for a request on a connection still open
+        try:
+            draining = await client.get("/health")
+        finally:
+            served.door.app.draining = False
+        assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+        assert (await client.post("/health")).status_code == 405
+
+
 async def test_http_chats_are_spans_and_metrics_of_the_gateway(served: Served) -> None:
     served.spans.clear()
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

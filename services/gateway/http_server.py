@@ -74,8 +74,8 @@ log = logging.getLogger("lmesh.gateway.http")
 
 
 CHAT, COMPLETIONS, MODELS, MODEL = "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}"
-EMBEDDINGS, OPENAPI = "/v1/embeddings", "/openapi.json"
-ROUTES = {CHAT: "POST", COMPLETIONS: "POST", EMBEDDINGS: "POST", MODELS: "GET", OPENAPI: "GET"}
+EMBEDDINGS, OPENAPI, HEALTH = "/v1/embeddings", "/openapi.json", "/health"
+ROUTES = {CHAT: "POST", COMPLETIONS: "POST", EMBEDDINGS: "POST", MODELS: "GET", OPENAPI: "GET", HEALTH: "GET"}
 MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
 JSON = (b"content-type", b"application/json")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -195,6 +195,7 @@ class OpenAIApp:
             "http.server.request.duration", unit="s", description="Duration of HTTP requests (a stream: until it ends)",
             explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS)
         self._flights: set[Flight] = set()
+        self.draining = False  # /health answers 503 from the drain on (load balancers stop sending new requests)
         self.openapi = dumps(openapi_document())
 
     def expire(self, error: LmeshError) -> None:
@@ -248,6 +249,10 @@ class OpenAIApp:
         route, model = routed
         if route == OPENAPI:
             await respond.json(200, self.openapi)
+            return
+        if route == HEALTH:  # for load balancers in front of the HTTP API: no key
+            status, state = (503, b"draining") if self.draining else (200, b"serving")
+            await respond.json(status, b'{"status":"' + state + b'"}')
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         body = b""
@@ -561,6 +566,7 @@ class HttpDoor:
         if self._server is None:
             return
         self._server.should_exit = True
+        self.app.draining = True
         self._drained_at = time.monotonic()
         grace = self._grace_s
         error = Unavailable(f"lmesh-{self._service} shut down before this stream finished (its --grace of "

@@ -1039,5 +1039,13 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "openapi", "security": [],
                 "responses": {"200": {"description": "This document.",
                                       "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/health": {"get": {
+                "operationId": "health", "security": [],
+                "description": "For load balancers in front of this API: no key needed.",
+                "responses": {status: {"description": description, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["status"], "properties": {"status": {"const": state}}}}}}
+                    for status, description, state in (("200", "Serving.", "serving"),
+                                                       ("503", "Draining: send new requests elsewhere.",
+                                                        "draining"))}}},
         },
     }
