@@ -28,7 +28,15 @@ from services.policy.accounting import Accounting
 from services.policy.audit import MemoryAudit
 from services.policy.keys import KeyStore
 from services.policy.ledger import Ledger, SqliteLedger
-from services.policy.limits import LimitsUpdate, Period, State, key_subject, periods_at, tenant_subject
+from services.policy.limits import (
+    LimitsUpdate,
+    Period,
+    State,
+    WindowUse,
+    key_subject,
+    periods_at,
+    tenant_subject,
+)
 from services.policy.redis_ledger import RedisLedger
 from tests.redis_server import RedisServer
 
@@ -214,6 +222,39 @@ async def test_tokens_per_minute_counts_reservations_then_corrects_them_at_settl
     await books.reserve(key, 10, 20)
     refused = await books.refusal(key, 100, 1)  # larger than the limit itself
     assert refused.retry_after_s is None
+
+
+async def test_an_admission_says_where_the_keys_rate_window_stands_with_it(books: Books) -> None:
+    key_id, key = books.key()
+    await books.accounting.set_key_limits(books.keys.get(key_id), LimitsUpdate(requests_per_minute=5,
+                                                                               tokens_per_minute=1000))
+
+    async def window(prompt: int, max_tokens: int, rid: str = "") -> tuple[str, WindowUse | None]:
+        admitted = await books.accounting.reserve(key, MODEL, prompt_tokens=prompt, max_tokens=max_tokens,
+                                                  reservation_id=rid or new_id())
+        return admitted.reservation_id, admitted.key_window
+
+    first, seen = await window(10, 40)
+    assert seen == WindowUse(requests=1, tokens=50, oldest_leaves_in_ms=60_000)
+    books.clock.advance(20)
+    _, seen = await window(10, 30)
+    assert seen == WindowUse(requests=2, tokens=90, oldest_leaves_in_ms=40_000)
+    await books.accounting.settle(first, 10, 5)  # its real usage from now on: 15
+    books.clock.advance(10)
+    _, seen = await window(10, 20)
+    assert seen == WindowUse(requests=3, tokens=15 + 40 + 30, oldest_leaves_in_ms=30_000)
+    assert (await window(10, 20, rid=first))[1] is None  # a repeated Reserve admits nothing new
+    books.clock.advance(30)  # the first left; the others stay
+    _, seen = await window(1, 1)
+    assert seen == WindowUse(requests=3, tokens=40 + 30 + 2, oldest_leaves_in_ms=20_000)
+    # Without a rate limit on the key (none, or a budget only), there is no window to tell.
+    _, plain = books.key()
+    assert (await books.accounting.reserve(plain, MODEL, prompt_tokens=1, max_tokens=1,
+                                           reservation_id=new_id())).key_window is None
+    budget_id, budgeted = books.key()
+    await books.accounting.set_key_limits(books.keys.get(budget_id), LimitsUpdate(budget_tokens=100))
+    assert (await books.accounting.reserve(budgeted, MODEL, prompt_tokens=1, max_tokens=1,
+                                           reservation_id=new_id())).key_window is None
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -23,8 +23,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from lmesh.gateway.v1 import gateway_pb2
+from lmesh.policy.v1 import policy_pb2
 
 from services.common.discovery import Endpoint
+from services.common.peers import POLICY
+from services.policy.client import create_key
 from tests.test_e2e import FRANCE, INT8, LONG_TASK, LiveMesh, collect, live, run_dev_cli, start
 
 __all__ = ["live"]  # the module's own mesh (pytest finds the fixture by its name here)
@@ -62,7 +65,7 @@ async def test_the_gateway_advertises_its_http_api_in_consul(live: LiveMesh) -> 
         document = (await client.get("/openapi.json")).json()
     assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
                                       "/v1/models/{model}",
-                                      "/openapi.json"}
+                                      "/openapi.json", "/health"}
 
 
 async def test_the_sdk_lists_chats_streams_and_completes_with_the_answer_grpc_gives(live: LiveMesh) -> None:
@@ -136,6 +139,26 @@ async def test_errors_through_the_mesh_are_openais(live: LiveMesh) -> None:
     with pytest.raises(openai.BadRequestError) as wrong_type:
         await client.chat.completions.create(model="default", messages=USER, temperature="hot")  # type: ignore[arg-type]
     assert wrong_type.value.body["param"] == "temperature"  # type: ignore[index]
+
+
+async def test_a_keys_rate_limits_come_back_as_openais_headers(live: LiveMesh) -> None:
+    created = await create_key(live.mesh.peer(POLICY), "rates-http",
+                               limits=policy_pb2.Limits(requests_per_minute=50, tokens_per_minute=100_000))
+    client = await sdk(live, created.api_key)
+    seen = []
+    for _ in range(2):
+        raw = await client.chat.completions.with_raw_response.create(model="default", messages=USER,  # type: ignore[arg-type]
+                                                                     max_tokens=4, temperature=0)
+        seen.append({name: raw.headers[f"x-ratelimit-{name}"] for name in (
+            "limit-requests", "remaining-requests", "reset-requests", "limit-tokens", "remaining-tokens")})
+    assert [s["remaining-requests"] for s in seen] == ["49", "48"]
+    assert all(s["limit-requests"] == "50" and s["limit-tokens"] == "100000" for s in seen)
+    # The first chat's reservation (its prompt + 4) was settled to its real usage before the second was admitted.
+    assert 100_000 > int(seen[0]["remaining-tokens"]) > int(seen[1]["remaining-tokens"]) > 100_000 - 200
+    assert seen[1]["reset-requests"].endswith("s") and not seen[1]["reset-requests"].endswith("ms")
+    plain = await (await sdk(live)).chat.completions.with_raw_response.create(model="default", messages=USER,  # type: ignore[arg-type]
+                                                                              max_tokens=1)
+    assert "x-ratelimit-limit-requests" not in plain.headers  # a key without rate limits
 
 
 async def test_a_full_queue_is_429_with_retry_after(live: LiveMesh) -> None:

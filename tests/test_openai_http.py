@@ -53,7 +53,7 @@ from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.main import GatewaySettings
 from services.gateway.mesh_tools import MeshTools
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
+from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST, openai_duration
 from services.gateway.response_cache import ResponseCache
 
 KEY = "lmk_good"
@@ -117,6 +117,9 @@ class FakeChat:
     stream_buffer_bytes: int = MAX_BUFFERED_BYTES
     generations: int = 0  # calls of generate: what ran "the model"
     response_cache: ResponseCache = field(default_factory=ResponseCache.off)
+    # What policy's admission says of the key's rate limits (none: the key has none).
+    key_limits: policy_pb2.Limits | None = None
+    key_window: policy_pb2.RateWindow | None = None
 
     def __post_init__(self) -> None:
         self.admission = ChatAdmission(self.max_chats)
@@ -175,7 +178,8 @@ class FakeChat:
                                               f"{self.context}")
         self.seen.append(params)
         return Prepared(version, prompt, min(params.max_tokens, self.context - len(prompt)), None,  # type: ignore[arg-type]
-                        decided(policy_pb2.ReserveResponse(reservation_id=request_id)), tenant="acme")
+                        decided(policy_pb2.ReserveResponse(reservation_id=request_id, limits=self.key_limits,
+                                                           key_window=self.key_window)), tenant="acme")
 
     async def generate(self, version: object, prompt: list[int], max_tokens: int, params: ChatParams,
                        cancel: asyncio.Event, request_id: str = "", tokenizer: object = None,
@@ -691,6 +695,35 @@ async def test_a_drain_lets_streams_run_then_ends_them_draining_before_the_grace
         with pytest.raises(httpx2.ConnectError):  # no new connections while draining
             async with httpx2.AsyncClient(base_url=running.base, timeout=2) as client:
                 await client.get("/v1/models")
+
+
+async def test_the_keys_rate_limits_come_as_openais_headers(served: Served) -> None:
+    plain = await post(served, "/v1/chat/completions", {"model": "tiny", "messages": USER})
+    assert not [name for name in plain.headers if name.startswith("x-ratelimit-")]  # a key without rate limits
+    served.chat.key_limits = policy_pb2.Limits(requests_per_minute=60, tokens_per_minute=1000, budget_tokens=10**6)
+    served.chat.key_window = policy_pb2.RateWindow(requests=3, tokens=1200, oldest_leaves_in_ms=8640)
+    try:
+        whole = await post(served, "/v1/chat/completions", {"model": "tiny", "messages": USER})
+        streamed = await post(served, "/v1/completions", {"model": "tiny", "prompt": ["a", "b"], "stream": True})
+        served.chat.key_limits = policy_pb2.Limits(tokens_per_minute=500)
+        tokens_only = await served.sdk().chat.completions.with_raw_response.create(model="tiny", messages=USER)  # type: ignore[arg-type]
+    finally:
+        served.chat.key_limits = served.chat.key_window = None
+    for response in (whole, streamed):
+        assert response.status_code == 200, response.text
+        assert {name: value for name, value in response.headers.items() if name.startswith("x-ratelimit-")} == {
+            "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "57",
+            "x-ratelimit-reset-requests": "8.64s", "x-ratelimit-limit-tokens": "1000",
+            "x-ratelimit-remaining-tokens": "0",  # held beyond the limit by reservations made before it was lowered
+            "x-ratelimit-reset-tokens": "8.64s"}
+    assert tokens_only.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "x-ratelimit-limit-requests" not in tokens_only.headers
+
+
+@pytest.mark.parametrize("ms, written", [(0, "0ms"), (20, "20ms"), (999, "999ms"), (1000, "1s"), (8640, "8.64s"),
+                                         (59_999, "59.999s"), (60_000, "1m0s"), (61_500, "1m1.5s")])
+def test_a_reset_is_written_as_openai_writes_it(ms: int, written: str) -> None:
+    assert openai_duration(ms) == written
 
 
 async def test_health_answers_load_balancers_without_a_key(served: Served) -> None:

@@ -12,8 +12,10 @@ from services.gateway.asgi import App, Receive, Scope, Send
 
 METHODS = b"GET, POST"
 # What a page's script may read of an answer beyond the CORS-safelisted headers: the retry delays OpenAI's SDKs
-# honour, the trace id (also as the request id the SDKs show) and the response-cache result.
-EXPOSED = b"retry-after, retry-after-ms, x-lmesh-trace-id, x-request-id, x-lmesh-cache"
+# honour, the trace id (also as the request id the SDKs show), the response-cache result and the key's rate limits.
+EXPOSED = b", ".join([b"retry-after", b"retry-after-ms", b"x-lmesh-trace-id", b"x-request-id", b"x-lmesh-cache",
+                      *(f"x-ratelimit-{what}-{kind}".encode() for kind in ("requests", "tokens")
+                        for what in ("limit", "remaining", "reset"))])
 PREFLIGHT_MAX_AGE_S = b"600"
 
 

@@ -63,6 +63,7 @@ from services.gateway.openai_api import (
     openapi_document,
     parse_body,
     plain_error,
+    rate_limit_headers,
 )
 from services.gateway.request_path import ChatEvent, ChatStarted, chat_events, closing, stalled_client
 from services.gateway.response_cache import cache_control
@@ -360,12 +361,14 @@ class OpenAIApp:
         metrics = self._metrics if record is not None else None
         created = int(time.time())
         answer: Answer | None = None
+        rate: list[tuple[bytes, bytes]] = []
         async with closing(self._choices(request, credential, flight)) as events:
             async for index, event in events:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
                     answer.cache_results[index] = event.response_cache
-                    respond.answer_headers = [answer.cache_header()]
+                    rate = rate or rate_limit_headers(event.admitted)  # as the first admission left the key
+                    respond.answer_headers = [answer.cache_header(), *rate]
                     continue
                 if isinstance(event, ToolStepEvent):
                     answer = answer or Answer(request, event.id, event.model, created)
@@ -401,7 +404,7 @@ class OpenAIApp:
         if request.stream:
             await respond.end((answer.usage_chunk() if request.include_usage else b"") + DONE)
         else:
-            await respond.json(200, answer.whole(), (answer.cache_header(),))
+            await respond.json(200, answer.whole(), (answer.cache_header(), *rate))
 
     async def _choices(self, request: ApiRequest, credential: Callable[[], Credential], flight: Flight,
                        ) -> AsyncGenerator[tuple[int, ChatEvent], None]:

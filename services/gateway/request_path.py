@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from lmesh.common.v1 import generation_pb2
+from lmesh.policy.v1 import policy_pb2
 from opentelemetry import trace
 
 from services.common.errors import Reason, ResourceExhausted
@@ -50,6 +51,7 @@ class ChatStarted:
     id: str  # `chatcmpl-` and 32 hex digits: also the span's gen_ai.response.id and inference's request id
     prompt_tokens: int
     response_cache: Result = "bypass"  # hit: answered from the response cache, no model runs; miss; bypass
+    admitted: policy_pb2.ReserveResponse | None = None  # policy's admission (the key's limits and rate window)
 
 
 ChatEvent = ChatStarted | ToolStepEvent | ChatDelta | ChatEnd
@@ -219,7 +221,7 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
                 closing(calls_or_text(checked, calling, cancel.set) if calling is not None else checked) as screened:
             cache.count(cache_result, model_id)
             span.set_attribute("lmesh.response_cache", cache_result)
-            yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result)
+            yield ChatStarted(model_id, completion_id, len(prepared.prompt), cache_result, prepared.admission.result())
             async with coalesced(screened, chat.stalled_client_s, stalled, chat.stream_buffer_bytes) as buffered:
                 async for event in buffered:
                     if isinstance(event, ChatEnd):

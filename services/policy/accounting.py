@@ -54,6 +54,7 @@ from services.policy.limits import (
     Settlement,
     State,
     SubjectState,
+    WindowUse,
     check_reservation_id,
     key_subject,
     now_ms,
@@ -77,6 +78,7 @@ class Admitted:
     key_limits: Limits
     tenant_limits: Limits
     metered: bool = True
+    key_window: WindowUse | None = None  # with a rate limit on the key: its window with this request
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,8 @@ class Accounting:
         if not admission.repeated:
             self.audit.append(AuditEvent("reserve", "allowed", principal.key_id, principal.tenant, model_id,
                                          tokens=tokens, trace_id=trace_id, detail=f"reservation {reservation.id}"))
-        return Admitted(principal, reservation.id, reservation.reserved, self.lease_ms, *admission.limits)
+        return Admitted(principal, reservation.id, reservation.reserved, self.lease_ms, *admission.limits,
+                        key_window=admission.key_window)
 
     async def renew(self, reservation_id: str) -> Reservation:
         if reservation_id.startswith(UNMETERED_PREFIX):

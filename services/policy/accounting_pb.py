@@ -6,7 +6,7 @@ from lmesh.policy.v1 import policy_pb2
 
 from services.common.errors import InvalidArgument
 from services.policy.accounting import SubjectUsage
-from services.policy.limits import Limits, LimitsUpdate, Period, State, key_subject, tenant_subject
+from services.policy.limits import Limits, LimitsUpdate, Period, State, WindowUse, key_subject, tenant_subject
 
 PERIOD_TO_PB = {Period.NONE: policy_pb2.BUDGET_PERIOD_NONE, Period.DAY: policy_pb2.BUDGET_PERIOD_DAY,
                 Period.MONTH: policy_pb2.BUDGET_PERIOD_MONTH}
@@ -16,6 +16,13 @@ STATE_TO_PB = {State.OPEN: policy_pb2.RESERVATION_STATE_OPEN, State.SETTLED: pol
 ENDINGS = {policy_pb2.ENDING_UNSPECIFIED: "ended", policy_pb2.ENDING_FINISHED: "finished",
            policy_pb2.ENDING_CANCELLED: "cancelled", policy_pb2.ENDING_CLIENT_GONE: "client gone",
            policy_pb2.ENDING_DEADLINE: "deadline", policy_pb2.ENDING_ERROR: "error"}
+
+
+def window_pb(window: WindowUse | None) -> policy_pb2.RateWindow | None:
+    if window is None:
+        return None
+    return policy_pb2.RateWindow(requests=window.requests, tokens=window.tokens,
+                                 oldest_leaves_in_ms=max(0, window.oldest_leaves_in_ms))
 
 
 def limits_pb(limits: Limits) -> policy_pb2.Limits:

@@ -35,6 +35,7 @@ from services.policy.limits import (
     Settlement,
     State,
     SubjectState,
+    WindowUse,
     most_waiting,
     periods_at,
 )
@@ -255,14 +256,15 @@ class SqliteLedger:
             now = order.now_ms
             expired = self._expire_due(now, EXPIRE_BATCH)
             refusals: list[Refusal] = []
+            windows: dict[str, list[tuple[int, int]]] = {}  # of the subjects with a limit
             for subject, column, value, limits in zip(order.subjects, ("key_id", "tenant"),
                                                       (order.key_id, order.tenant), both, strict=True):
                 db.execute("DELETE FROM window_entries WHERE subject = ? AND at_ms <= ?",
                            (subject, now - order.window_ms))
                 if limits.unlimited:
                     continue
-                window = db.execute("SELECT at_ms, tokens FROM window_entries WHERE subject = ? "
-                                    "ORDER BY at_ms, reservation_id", (subject,)).fetchall()
+                window = windows[subject] = db.execute("SELECT at_ms, tokens FROM window_entries WHERE subject = ? "
+                                                       "ORDER BY at_ms, reservation_id", (subject,)).fetchall()
                 counters = {str(label): (int(spent), int(reserved)) for label, spent, reserved in db.execute(
                     "SELECT label, spent, reserved FROM counters WHERE subject = ?", (subject,))}
                 first_end = db.execute(f"SELECT MIN(lease_until_ms) FROM reservations WHERE state = 'open' AND "
@@ -285,7 +287,12 @@ class SqliteLedger:
                            (subject, reservation.id, now, reservation.reserved))
                 for label in labels:
                     self._count(subject, label, 0, reservation.reserved)
-            return Admission(reservation, None, tuple(expired), limits=both)
+            key_window = None
+            if both[0].requests_per_minute or both[0].tokens_per_minute:
+                window = windows[order.subjects[0]]
+                key_window = WindowUse(len(window) + 1, sum(t for _, t in window) + reservation.reserved,
+                                       (window[0][0] - now if window else 0) + order.window_ms)
+            return Admission(reservation, None, tuple(expired), limits=both, key_window=key_window)
 
     def _read_limits(self, subject: str) -> Limits:
         return _limits(self._conn.execute(

@@ -250,6 +250,17 @@ class Admission:
     expired: tuple[Reservation, ...] = ()
     repeated: bool = False
     limits: tuple[Limits, Limits] = (Limits(), Limits())  # the key's and the tenant's, as the step read them
+    key_window: WindowUse | None = None  # a new admission of a key with a rate limit: its window with it
+
+
+@dataclass(frozen=True)
+class WindowUse:
+    """A subject's rate window just after an admission: the requests in it (the admitted one counted), the tokens
+    they hold, and in how many milliseconds the oldest of them leaves it (by the ledger's clock)."""
+
+    requests: int
+    tokens: int
+    oldest_leaves_in_ms: int
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from services.policy.limits import (
     Settlement,
     State,
     SubjectState,
+    WindowUse,
     most_waiting,
     now_ms,
     periods_at,
@@ -102,7 +103,8 @@ end
 # ARGV: 3 id, 4 key_id, 5 tenant, 6 model, 7 prompt, 8 max, 9 lease_ms, 10 window_ms, 11 trace, 12 labels
 # (comma-separated), 13 day label, 14 day end, 15 month label, 16 month end, 17 expire batch.
 # Returns {'conflict'} | {'repeated', reservation, limits} | {'refused', expired, refusals, limits} |
-# {'admitted', expired, now, limits}; limits: rpm, tpm, budget, period of the key, then of the tenant ('' unset).
+# {'admitted', expired, now, key window, limits}; limits: rpm, tpm, budget, period of the key, then of the tenant
+# ('' unset); key window: requests, tokens, and ms until the oldest leaves, of the key's window with this admission.
 # A refusal: {subject, limit, value, used, held, asked, retry_ms (-1: never), period}.
 _RESERVE = _PRELUDE + """
 local id, key_id, tenant = ARGV[3], ARGV[4], ARGV[5]
@@ -194,7 +196,11 @@ for _, s in ipairs(subjects(key_id, tenant)) do
   redis.call('ZADD', P .. 'open:' .. s, lease, id)
   for label in string.gmatch(ARGV[12], '[^,]+') do count(s, label, 0, need) end
 end
-return {'admitted', expired, now, limits}
+local kw, kt = P .. 'win:key:' .. key_id, P .. 'wtok:key:' .. key_id
+local oldest = redis.call('ZRANGE', kw, 0, 0, 'WITHSCORES')
+local window = {redis.call('ZCARD', kw), tonumber(redis.call('HGET', kt, '_sum') or '0'),
+                tonumber(oldest[2]) + width - now}
+return {'admitted', expired, now, window, limits}
 """
 
 # ARGV: 3 id, 4 used tokens. Returns {'missing'} | {previous state, reservation}.
@@ -367,9 +373,12 @@ class RedisLedger:
                         for s, limit, value, used, held, asked, retry, period in answer[2]]
             return Admission(None, most_waiting(refusals), expired, limits=limits)
         now = int(answer[2])
+        key_window = WindowUse(*(int(v) for v in answer[3])) if limits[0].requests_per_minute or \
+            limits[0].tokens_per_minute else None
         return Admission(Reservation(order.reservation_id, order.key_id, order.tenant, order.model,
                                      order.prompt_tokens, order.max_tokens, order.tokens, 0, State.OPEN, now,
-                                     now + order.lease_ms, order.trace_id), None, expired, limits=limits)
+                                     now + order.lease_ms, order.trace_id), None, expired, limits=limits,
+                         key_window=key_window)
 
     async def renew(self, reservation_id: str, now_ms: int, lease_ms: int) -> Reservation:
         answer = await self._script("renew", reservation_id, lease_ms)

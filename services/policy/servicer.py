@@ -22,6 +22,7 @@ from services.policy.accounting_pb import (
     state_pb,
     update_from_pb,
     usage_pb,
+    window_pb,
 )
 from services.policy.audit import AuditSink, MemoryAudit
 from services.policy.keys import (
@@ -128,7 +129,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             principal=_principal_pb(admitted.principal), reservation_id=admitted.reservation_id,
             reserved_tokens=admitted.reserved_tokens, lease_ms=admitted.lease_ms,
             limits=limits_pb(admitted.key_limits), tenant_limits=limits_pb(admitted.tenant_limits),
-            metered=admitted.metered)
+            metered=admitted.metered, key_window=window_pb(admitted.key_window))
 
     async def RenewReservation(self, request: policy_pb2.RenewReservationRequest,
                                context: grpc.aio.ServicerContext) -> policy_pb2.RenewReservationResponse:

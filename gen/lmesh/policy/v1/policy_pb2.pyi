@@ -193,7 +193,7 @@ class ReserveRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ..., model: _Optional[str] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("principal", "reservation_id", "reserved_tokens", "lease_ms", "limits", "tenant_limits", "metered")
+    __slots__ = ("principal", "reservation_id", "reserved_tokens", "lease_ms", "limits", "tenant_limits", "metered", "key_window")
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class ReserveResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TENANT_LIMITS_FIELD_NUMBER: _ClassVar[int]
     METERED_FIELD_NUMBER: _ClassVar[int]
+    KEY_WINDOW_FIELD_NUMBER: _ClassVar[int]
     principal: Principal
     reservation_id: str
     reserved_tokens: int
@@ -208,7 +209,18 @@ class ReserveResponse(_message.Message):
     limits: Limits
     tenant_limits: Limits
     metered: bool
-    def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ..., reservation_id: _Optional[str] = ..., reserved_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tenant_limits: _Optional[_Union[Limits, _Mapping]] = ..., metered: _Optional[bool] = ...) -> None: ...
+    key_window: RateWindow
+    def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ..., reservation_id: _Optional[str] = ..., reserved_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tenant_limits: _Optional[_Union[Limits, _Mapping]] = ..., metered: _Optional[bool] = ..., key_window: _Optional[_Union[RateWindow, _Mapping]] = ...) -> None: ...
+
+class RateWindow(_message.Message):
+    __slots__ = ("requests", "tokens", "oldest_leaves_in_ms")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_LEAVES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    tokens: int
+    oldest_leaves_in_ms: int
+    def __init__(self, requests: _Optional[int] = ..., tokens: _Optional[int] = ..., oldest_leaves_in_ms: _Optional[int] = ...) -> None: ...
 
 class RenewReservationRequest(_message.Message):
     __slots__ = ("reservation_id",)
