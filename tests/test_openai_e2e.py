@@ -156,6 +156,14 @@ async def test_a_keys_rate_limits_come_back_as_openais_headers(live: LiveMesh) -
     # The first chat's reservation (its prompt + 4) was settled to its real usage before the second was admitted.
     assert 100_000 > int(seen[0]["remaining-tokens"]) > int(seen[1]["remaining-tokens"]) > 100_000 - 200
     assert seen[1]["reset-requests"].endswith("s") and not seen[1]["reset-requests"].endswith("ms")
+    # Over gRPC, the same in the Chat's initial metadata.
+    call = (await live.gateway()).Chat(metadata=(("authorization", f"Bearer {created.api_key}"),), timeout=60)
+    await call.write(start(max_tokens=2))
+    await call.done_writing()
+    assert [r async for r in call][-1].finish_reason
+    metadata = dict(await call.initial_metadata())
+    assert (metadata["x-ratelimit-limit-requests"], metadata["x-ratelimit-remaining-requests"]) == ("50", "47")
+    assert metadata["x-ratelimit-limit-tokens"] == "100000" and metadata["x-ratelimit-reset-tokens"].endswith("s")
     plain = await (await sdk(live)).chat.completions.with_raw_response.create(model="default", messages=USER,  # type: ignore[arg-type]
                                                                               max_tokens=1)
     assert "x-ratelimit-limit-requests" not in plain.headers  # a key without rate limits

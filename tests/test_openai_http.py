@@ -44,7 +44,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.accounting import Accounts, Meter, decided
+from services.gateway.accounting import Accounts, Meter, decided, openai_duration
 from services.gateway.admission import DEFAULT_MAX_CHATS, MAX_BUFFERED_BYTES, ChatAdmission
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, Prepared
 from services.gateway.credentials import Credential
@@ -53,7 +53,7 @@ from services.gateway.logprobs import Candidate, TokenLogprob
 from services.gateway.main import GatewaySettings
 from services.gateway.mesh_tools import MeshTools
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST, openai_duration
+from services.gateway.openai_api import CHAT_REQUEST, COMPLETION_REQUEST
 from services.gateway.response_cache import ResponseCache
 
 KEY = "lmk_good"

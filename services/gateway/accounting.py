@@ -231,3 +231,29 @@ class Accounts:
         """Waits (a while) for the settles still running: a gateway that stops settles what it served."""
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
+
+
+def rate_limit_headers(admitted: policy_pb2.ReserveResponse | None) -> list[tuple[str, str]]:
+    """OpenAI's `x-ratelimit-*` headers (HTTP) and metadata (gRPC) for the key's per-minute limits, as its admission
+    left them (the reset: when the oldest request in the window leaves it); none for a limit the key does not have."""
+    if admitted is None or not admitted.HasField("key_window"):
+        return []
+    window, limits = admitted.key_window, admitted.limits
+    reset = openai_duration(window.oldest_leaves_in_ms)
+    headers: list[tuple[str, str]] = []
+    for kind, limit, used in (("requests", limits.requests_per_minute, window.requests),
+                              ("tokens", limits.tokens_per_minute, window.tokens)):
+        if limit:
+            headers += [(f"x-ratelimit-limit-{kind}", str(limit)),
+                        (f"x-ratelimit-remaining-{kind}", str(max(0, limit - used))),
+                        (f"x-ratelimit-reset-{kind}", reset)]
+    return headers
+
+
+def openai_duration(ms: int) -> str:
+    """A duration as OpenAI writes its rate limits' resets: `20ms`, `8.64s`, `1m0s`."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    minutes, rest = divmod(ms, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"

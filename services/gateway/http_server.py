@@ -40,6 +40,7 @@ from services.common.errors import InvalidArgument, LmeshError, NotFound, Reason
 from services.common.references import check_reference
 from services.common.rpc import current_trace_id, status_for
 from services.common.telemetry import extract_context
+from services.gateway.accounting import rate_limit_headers
 from services.gateway.asgi import App, Receive, Scope, Send
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService, allowed
 from services.gateway.cors import Cors
@@ -63,7 +64,6 @@ from services.gateway.openai_api import (
     openapi_document,
     parse_body,
     plain_error,
-    rate_limit_headers,
 )
 from services.gateway.request_path import ChatEvent, ChatStarted, chat_events, closing, stalled_client
 from services.gateway.response_cache import cache_control
@@ -367,7 +367,8 @@ class OpenAIApp:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
                     answer.cache_results[index] = event.response_cache
-                    rate = rate or rate_limit_headers(event.admitted)  # as the first admission left the key
+                    rate = rate or [(name.encode(), value.encode()) for name, value in
+                                    rate_limit_headers(event.admitted)]  # as the first admission left the key
                     respond.answer_headers = [answer.cache_header(), *rate]
                     continue
                 if isinstance(event, ToolStepEvent):

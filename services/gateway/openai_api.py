@@ -28,7 +28,6 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from lmesh.common.v1 import generation_pb2
 from lmesh.embeddings.v1 import embeddings_pb2
-from lmesh.policy.v1 import policy_pb2
 from lmesh.registry.v1 import registry_pb2
 from opentelemetry import trace
 
@@ -782,32 +781,6 @@ class Answer:
 
 
 DONE = b"data: [DONE]\n\n"
-
-
-def rate_limit_headers(admitted: policy_pb2.ReserveResponse | None) -> list[tuple[bytes, bytes]]:
-    """OpenAI's `x-ratelimit-*` headers for the key's per-minute limits, as its admission left them (the reset: when
-    the oldest request in the window leaves it); none for a limit the key does not have."""
-    if admitted is None or not admitted.HasField("key_window"):
-        return []
-    window, limits = admitted.key_window, admitted.limits
-    reset = openai_duration(window.oldest_leaves_in_ms).encode()
-    headers: list[tuple[bytes, bytes]] = []
-    for kind, limit, used in (("requests", limits.requests_per_minute, window.requests),
-                              ("tokens", limits.tokens_per_minute, window.tokens)):
-        if limit:
-            headers += [(f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-                        (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, limit - used)).encode()),
-                        (f"x-ratelimit-reset-{kind}".encode(), reset)]
-    return headers
-
-
-def openai_duration(ms: int) -> str:
-    """A duration as OpenAI writes its rate limits' resets: `20ms`, `8.64s`, `1m0s`."""
-    if ms < 1000:
-        return f"{max(0, ms)}ms"
-    minutes, rest = divmod(ms, 60_000)
-    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
 def tool_calls_json(calls: Sequence[FunctionCall], streamed: bool = False) -> list[dict[str, Any]]:

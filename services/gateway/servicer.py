@@ -15,6 +15,7 @@ from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from opentelemetry import trace
 
 from services.common.rpc import abort_elsewhere, first_message
+from services.gateway.accounting import rate_limit_headers
 from services.gateway.chat import ChatDelta, ChatEnd, ChatParams, ChatService
 from services.gateway.credentials import caller_credential
 from services.gateway.functions import FunctionCalling, call_turn, result_turn
@@ -147,6 +148,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                             for c in event.function_calls])
                     else:  # ChatStarted: from here on a Cancel message stops the generation
                         model_id, completion_id = event.model, event.id
+                        if first_delta and (rate := rate_limit_headers(event.admitted)):  # nothing sent yet
+                            await context.send_initial_metadata(rate)
                         if watcher is None:
                             watcher = asyncio.create_task(watch_client())
         finally:

@@ -68,7 +68,9 @@ class GatewayServicer:
         `finish_reason` set (never FINISH_REASON_UNSPECIFIED) and `usage`. Concatenating every `delta` gives the
         answer. While more than 64 messages wait for a client that reads slower than the answer comes, further
         deltas (and their `logprobs`) arrive merged into fewer messages; the concatenation is the same. Stop strings are honoured: the text ends before
-        the first stop string and never contains it.
+        the first stop string and never contains it. A key with per-minute limits finds where they stand, with this
+        request admitted, in the initial metadata: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (as the
+        HTTP API's headers; README "OpenAI-compatible HTTP API").
         With `logprobs` set, concatenating `logprobs` over all messages of the stream gives one entry per
         generated token, in order, up to and including the token that completed a stop string; the end-of-turn
         token is never included. An entry rides on the message whose `delta` its text completed or on a later one
