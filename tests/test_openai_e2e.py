@@ -164,6 +164,9 @@ async def test_a_keys_rate_limits_come_back_as_openais_headers(live: LiveMesh) -
     metadata = dict(await call.initial_metadata())
     assert (metadata["x-ratelimit-limit-requests"], metadata["x-ratelimit-remaining-requests"]) == ("50", "47")
     assert metadata["x-ratelimit-limit-tokens"] == "100000" and metadata["x-ratelimit-reset-tokens"].endswith("s")
+    # A request of several choices is several admissions: the headers count them all.
+    both = await client.completions.with_raw_response.create(model="default", prompt=["Hi", "Bye"], max_tokens=2)
+    assert both.headers["x-ratelimit-remaining-requests"] == "45"
     plain = await (await sdk(live)).chat.completions.with_raw_response.create(model="default", messages=USER,  # type: ignore[arg-type]
                                                                               max_tokens=1)
     assert "x-ratelimit-limit-requests" not in plain.headers  # a key without rate limits

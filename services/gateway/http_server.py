@@ -362,13 +362,15 @@ class OpenAIApp:
         created = int(time.time())
         answer: Answer | None = None
         rate: list[tuple[bytes, bytes]] = []
+        latest = 0  # the key's requests in its window at the latest admission seen (each choice is one)
         async with closing(self._choices(request, credential, flight)) as events:
             async for index, event in events:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
                     answer.cache_results[index] = event.response_cache
-                    rate = rate or [(name.encode(), value.encode()) for name, value in
-                                    rate_limit_headers(event.admitted)]  # as the first admission left the key
+                    if event.admitted is not None and event.admitted.key_window.requests > latest:
+                        latest = event.admitted.key_window.requests  # later admissions count the earlier ones
+                        rate = [(name.encode(), value.encode()) for name, value in rate_limit_headers(event.admitted)]
                     respond.answer_headers = [answer.cache_header(), *rate]
                     continue
                 if isinstance(event, ToolStepEvent):
