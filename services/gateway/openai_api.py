@@ -566,12 +566,12 @@ def completion_request(body: dict[str, Any]) -> ApiRequest:
         raise InvalidArgument("prompt", "token ids are not supported: send the prompt as text")
     check(body, COMPLETION_REQUEST)
     prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
-    streaming = _streaming(body)
     logprobs = body.get("logprobs")
     params = ChatParams(messages=[("user", prompts[0])],
                         logprobs=logprobs is not None, top_logprobs=int(logprobs or 0),
                         **_sampling(body, _get(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)))
-    return ApiRequest(params, **streaming, completion=True, names={"messages": "prompt", "top_logprobs": "logprobs"},
+    return ApiRequest(params, **_streaming(body), completion=True,
+                      names={"messages": "prompt", "top_logprobs": "logprobs"},
                       prompts=tuple(prompts) if len(prompts) > 1 else ())
 
 
