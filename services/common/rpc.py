@@ -51,6 +51,10 @@ MAX_RELAYED_DETAILS_BYTES = 2048
 # out: the call keeps its code, message and `retry-after-ms`.
 MAX_STATUS_TRAILER_BYTES = 7168
 FIRST_MESSAGE_TIMEOUT_S = 30.0
+# How long a client stream refused before its first message (a caller the mesh denies) waits for that message
+# before its status goes out: a status that reaches the client before it has written its request is lost there,
+# since grpc-aio turns the write that follows into an INTERNAL error.
+REFUSAL_WAITS_FOR_REQUEST_S = 2.0
 
 # Absolute deadline (time.monotonic) of the RPC being served, so calls it makes downstream inherit it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmesh_deadline", default=None)
@@ -326,11 +330,13 @@ class _CheckedRequests:
         self._requests = aiter(requests)
         self._method = method
         self._first = True
+        self._asked = False  # whether anything has waited for a message yet
 
     def __aiter__(self) -> _CheckedRequests:
         return self
 
     async def __anext__(self) -> Any:
+        self._asked = True
         while True:
             message = await anext(self._requests)
             if not isinstance(message, Undecodable):
@@ -339,6 +345,12 @@ class _CheckedRequests:
             if self._first:
                 raise message.problem()
             log.info("%s: skipped a message that could not be decoded (%s)", self._method, message.error)
+
+    async def await_first(self, timeout_s: float) -> None:
+        """Waits (at most `timeout_s`) until the client has sent its first message, when nothing asked for one."""
+        if not self._asked:
+            with contextlib.suppress(Exception):  # ended, undecodable, already being read, or never sent
+                await asyncio.wait_for(anext(self._requests), timeout_s)
 
     async def aclose(self) -> None:
         """Ends gRPC's message generator when the call ends. Suspended after a message (a call refused on its
@@ -451,13 +463,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 _call_end.set(callbacks)
                 span, span_context = start(context)
                 token = otel_context.attach(span_context)
+                if is_stream_in:
+                    request = _CheckedRequests(request, method)
                 try:
                     if guard is not None:
                         await guard.check(context)
                     if isinstance(request, Undecodable):
                         raise request.problem()
-                    if is_stream_in:
-                        request = _CheckedRequests(request, method)
                     response = await inner_unary(request, context)
                     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
                     code = grpc.StatusCode.OK
@@ -469,6 +481,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = _mark_ended_early(span, context)
                     raise
                 except Exception as exc:
+                    if isinstance(request, _CheckedRequests):
+                        await request.await_first(REFUSAL_WAITS_FOR_REQUEST_S)
                     code = fail(context, span, exc)
                 finally:
                     otel_context.detach(token)
@@ -519,6 +533,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = _mark_ended_early(span, context)
                 raise
             except Exception as exc:
+                if isinstance(request, _CheckedRequests):
+                    await request.await_first(REFUSAL_WAITS_FOR_REQUEST_S)
                 code = fail(context, span, exc)
             finally:
                 await responses.aclose()  # the servicer's own cleanup (cancel upstream calls) runs now
