@@ -519,9 +519,13 @@ async def test_expired_request_is_dropped_from_the_queue(decoder: OnnxDecoder, p
     ("temperature", {"temperature": -0.1}), ("temperature", {"temperature": 2.5}),
     ("temperature", {"temperature": float("nan")}), ("top_p", {"top_p": 1.5}), ("top_p", {"top_p": -0.2}),
     ("top_k", {"top_k": -1}), ("repetition_penalty", {"repetition_penalty": 3.0}),
-    ("repetition_penalty", {"repetition_penalty": -1.0}),
+    ("repetition_penalty", {"repetition_penalty": -1.0}), ("presence_penalty", {"presence_penalty": 2.5}),
+    ("presence_penalty", {"presence_penalty": float("inf")}), ("frequency_penalty", {"frequency_penalty": -2.01}),
+    ("frequency_penalty", {"frequency_penalty": float("nan")}), ("logit_bias", {"logit_bias": {49152: 1.0}}),
+    ("logit_bias", {"logit_bias": {-1: 1.0}}), ("logit_bias", {"logit_bias": {7: 100.5}}),
+    ("logit_bias", {"logit_bias": {7: float("-inf")}}), ("logit_bias", {"logit_bias": dict.fromkeys(range(1025), 1.0)}),
 ])
-def test_every_sampling_parameter_is_validated(field: str, kwargs: dict[str, float]) -> None:
+def test_every_sampling_parameter_is_validated(field: str, kwargs: dict[str, Any]) -> None:
     values = {"temperature": 0.0, "top_p": 0.0, "top_k": 0, "seed": 0, "repetition_penalty": 0.0, **kwargs}
     with pytest.raises(InvalidArgument) as caught:
         SamplingConfig.validated(vocab_size=49152, **values)  # type: ignore[arg-type]
@@ -549,12 +553,36 @@ def test_sampler_filters_and_penalties() -> None:
     assert with_top.logprob == pytest.approx(np.log(0.5), abs=1e-5)
 
 
+def test_openais_penalties_and_logit_bias_steer_a_greedy_answer() -> None:
+    """Token 0 leads token 1 by 1.0 and token 1 leads token 2 by 1.0, at every step."""
+    logits = np.asarray([3.0, 2.0, 1.0, -5.0], dtype=np.float32)
+
+    def answer(**settings: Any) -> list[int]:
+        sampler = Sampler(SamplingConfig(**settings), [0, 1, 2])  # prompt tokens do not count
+        assert sampler.plain_greedy == (not settings)  # the engine's vectorized greedy path would skip them
+        return [sampler.sample(logits).token_id for _ in range(6)]
+
+    assert answer() == [0] * 6
+    assert answer(presence_penalty=1.5) == [0, 1, 0, 0, 0, 0]  # 3 - 1.5 against 2 - 1.5 against 1: once each
+    assert answer(frequency_penalty=0.6) == [0, 0, 1, 0, 1, 0]  # 3 - 0.6 a time against 2 - 0.6 a time
+    assert answer(presence_penalty=-2.0) == [0] * 6
+    assert answer(logit_bias=((0, -100.0),)) == [1] * 6  # banned
+    assert answer(logit_bias=((3, 100.0),)) == [3] * 6  # all but forced
+    forced = Sampler(SamplingConfig(logit_bias=((3, 100.0),)), [], top_logprobs=2).sample(logits)
+    assert forced.logprob == pytest.approx(0.0, abs=1e-6) and [t for t, _ in forced.top] == [3, 0]
+
+
 def _reference_sample(config: SamplingConfig, rng: np.random.Generator, seen: set[int],
-                      logits: np.ndarray) -> tuple[int, float]:
-    """The textbook sampler, sorting the whole vocabulary: what Sampler must match token for token."""
+                      logits: np.ndarray, counts: dict[int, int] | None = None) -> tuple[int, float]:
+    """The textbook sampler, sorting the whole vocabulary: what Sampler must match token for token. `counts`: how
+    often each token came out so far (OpenAI's formula for the presence and frequency penalties)."""
     scores = logits.astype(np.float64)
+    for token, bias in config.logit_bias:
+        scores[token] += bias
     for i in seen:
         scores[i] = scores[i] / config.repetition_penalty if scores[i] > 0 else scores[i] * config.repetition_penalty
+    for token, times in (counts or {}).items():
+        scores[token] -= times * config.frequency_penalty + (times > 0) * config.presence_penalty
     if not config.greedy:
         scores = scores / config.temperature
     logprobs = scores - scores.max() - np.log(np.sum(np.exp(scores - scores.max())))
@@ -585,6 +613,12 @@ def _reference_sample(config: SamplingConfig, rng: np.random.Generator, seen: se
     SamplingConfig(temperature=1.0, top_k=200, top_p=0.8, seed=15),
     SamplingConfig(temperature=0.9, top_p=0.95, repetition_penalty=1.3, seed=16),
     SamplingConfig(repetition_penalty=1.5),
+    SamplingConfig(temperature=0.8, presence_penalty=1.5, frequency_penalty=0.7, seed=17),
+    SamplingConfig(frequency_penalty=2.0),
+    SamplingConfig(presence_penalty=-2.0, frequency_penalty=1.0),
+    SamplingConfig(temperature=1.0, top_p=0.9, seed=18, logit_bias=((5, 8.0), (100, -100.0), (49151, 3.5))),
+    SamplingConfig(temperature=0.6, top_k=40, repetition_penalty=1.2, presence_penalty=0.5, seed=19,
+                   logit_bias=((3, 2.0),)),
 ], ids=str)
 def test_sampler_draws_what_a_full_sort_draws(config: SamplingConfig) -> None:
     """The fast paths (no full sort, blockwise inverse CDF) draw the textbook's tokens from the same seed."""
@@ -594,17 +628,22 @@ def test_sampler_draws_what_a_full_sort_draws(config: SamplingConfig) -> None:
     sampler = Sampler(config, prompt)
     reference_rng = np.random.default_rng(config.seed)
     seen = set(prompt) if config.repetition_penalty != 1.0 else set()
+    counts: dict[int, int] = {}
     for step in range(40):
         # Logits shaped like a language model's: a few strong candidates over a long, flat tail.
         logits = rng.standard_normal(vocab).astype(np.float32) * 2.0
         logits[rng.integers(0, vocab, 8)] += rng.uniform(4, 10, 8).astype(np.float32)
         logits[prompt[step % len(prompt)]] += 9.0  # a prompt token in contention, for the penalty
-        expected, expected_logprob = _reference_sample(config, reference_rng, seen, logits)
+        if counts:  # and a token already generated, for the output's penalties
+            logits[list(counts)[step % len(counts)]] += 9.0
+        expected, expected_logprob = _reference_sample(config, reference_rng, seen,
+                                                       logits, counts if config.penalizes_output else None)
         got = sampler.sample(logits)
         assert got.token_id == expected, f"step {step}"
         assert got.logprob == pytest.approx(expected_logprob, abs=1e-4)
         if seen:
             seen.add(expected)
+        counts[expected] = counts.get(expected, 0) + 1
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, float(np.float32(0.99999994))])

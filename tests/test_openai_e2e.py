@@ -319,6 +319,40 @@ def _fuzz(base: str, key: str, mode: schemathesis.GenerationMode, examples: int)
     return statuses
 
 
+async def test_openais_penalties_and_logit_bias_steer_the_real_model(live: LiveMesh) -> None:
+    from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    client = await sdk(live)
+
+    async def tokens(question: str = FRANCE, **fields: Any) -> list[str]:
+        answer = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24,
+            logprobs=True, **fields)
+        content = answer.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert content is not None
+        return [entry.token for entry in content]
+
+    def repeats(answer: list[str]) -> int:
+        return len(answer) - len(set(answer))
+
+    plain = await tokens()
+    assert " Paris" in plain
+    tokenizer = (await live.mesh.resolver("lmesh-tokenizer").pick()).stub(tokenizer_pb2_grpc.TokenizerStub)
+    paris = await tokenizer.Encode(tokenizer_pb2.EncodeRequest(model=MODEL, text=" Paris"), timeout=10)
+    assert len(paris.token_ids) == 1
+    banned = await tokens(logit_bias={str(paris.token_ids[0]): -100})
+    assert " Paris" not in banned and banned[:plain.index(" Paris")] == plain[:plain.index(" Paris")]
+    # A story repeats tokens; penalized, the answer is the same until its first repeat and repeats less.
+    story = await tokens(LONG_TASK)
+    first_repeat = next(i for i, token in enumerate(story) if token in story[:i])
+    penalized = await tokens(LONG_TASK, presence_penalty=2.0, frequency_penalty=2.0, logit_bias={})
+    assert penalized[:first_repeat] == story[:first_repeat] and repeats(penalized) < repeats(story)
+    assert await tokens(LONG_TASK, presence_penalty=0, frequency_penalty=0) == story
+    with pytest.raises(openai.BadRequestError) as caught:
+        await tokens(logit_bias={"1000000": 1})
+    assert caught.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
 async def test_hostile_bodies_get_a_4xx_in_openais_shape_and_valid_ones_an_answer_never_a_5xx(
         live: LiveMesh) -> None:
     base = await http_base(live)

@@ -347,6 +347,22 @@ async def test_max_tokens_or_max_completion_tokens_cut_the_answer_with_length(se
     assert served.chat.seen[-1].max_tokens == 2**31 - 1  # neither: the rest of the context (prepare clips it)
 
 
+async def test_openais_penalties_and_logit_bias_reach_the_request_path(served: Served) -> None:
+    client = served.sdk()
+    await client.chat.completions.create(model="tiny", messages=USER, presence_penalty=0.5,  # type: ignore[arg-type]
+                                         frequency_penalty=-1.25, logit_bias={"42": -100, "7": 2.5, "9": 0})
+    params = served.chat.seen[-1]
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.25)
+    assert params.logit_bias == ((7, 2.5), (9, 0.0), (42, -100.0))  # by id
+    await client.completions.create(model="tiny", prompt="x", frequency_penalty=2, logit_bias={"0": 1})
+    params = served.chat.seen[-1]
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.0, 2.0, ((0, 1.0),))
+    await client.chat.completions.create(model="tiny", messages=USER, presence_penalty=None,  # type: ignore[arg-type]
+                                         logit_bias=None)
+    params = served.chat.seen[-1]
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.0, 0.0, ())
+
+
 async def test_the_sdk_completes_a_prompt_as_one_user_turn(served: Served) -> None:
     client = served.sdk()
     completion = await client.completions.create(model="default", prompt="What is the capital of France?")
@@ -557,8 +573,15 @@ async def test_an_error_after_the_stream_started_is_an_error_event_and_the_strea
     ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice", "needs tools to call"),
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}},
      "response_format.json_schema", "is required"),
-    ("/v1/chat/completions", {"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
-    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+    ("/v1/chat/completions", {"messages": USER, "presence_penalty": 2.5}, "presence_penalty", "must be in [-2"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": "x"}, "frequency_penalty", "must be a number"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"1": 101}}, "logit_bias.1", "must be in [-100"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"1": "x"}}, "logit_bias.1", "must be a number"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"the": 5}}, "logit_bias.the", "allowed member name"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"-1": 5}}, "logit_bias.-1", "allowed member name"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": [1]}, "logit_bias", "must be an object"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias",
+     "at most 1024 members"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ("/v1/chat/completions", {"messages": USER, "stop": [""]}, "stop[0]", "1 to 64 characters"),
     ("/v1/chat/completions", {"messages": USER, "seed": 2**63}, "seed", "must be in"),

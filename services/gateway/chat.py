@@ -67,6 +67,7 @@ from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, Vocabulary, VocabularyCache
 from services.gateway.models import ModelDirectory
 from services.gateway.render import LocalRendering, rendered_locally
+from services.inference.sampling import PENALTY_RANGE, validated_logit_bias
 
 if TYPE_CHECKING:
     from services.gateway.functions import FunctionCall, FunctionCalling
@@ -106,6 +107,9 @@ class ChatParams:
     tools: ToolRequest | None = None  # mesh tools the gateway may call first (mesh_tools.py)
     response_format: generation_pb2.OutputConstraint | None = None  # what the answer must match
     functions: FunctionCalling | None = None  # the client's functions the model may call (functions.py)
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), by id
 
 
 @dataclass
@@ -206,6 +210,11 @@ def validate(params: ChatParams) -> ChatParams:
         raise InvalidArgument("top_k", f"must be >= 0, got {params.top_k}")
     if not np.isfinite(params.repetition_penalty) or not 0.0 <= params.repetition_penalty <= 2.0:
         raise InvalidArgument("repetition_penalty", f"must be in (0, 2] (0 means off), got {params.repetition_penalty}")
+    for name, penalty in (("presence_penalty", params.presence_penalty),
+                          ("frequency_penalty", params.frequency_penalty)):
+        if not np.isfinite(penalty) or not -PENALTY_RANGE <= penalty <= PENALTY_RANGE:
+            raise InvalidArgument(name, f"must be in [-2, 2] (0 means off), got {penalty}")
+    validated_logit_bias(dict(params.logit_bias), None)  # the ids' upper bound is the replica's to check
     if len(params.stop) > MAX_STOPS:
         raise InvalidArgument("stop", f"at most {MAX_STOPS} stop strings, got {len(params.stop)}")
     for index, stop in enumerate(params.stop):
@@ -530,7 +539,8 @@ def _generate_start(model_id: str, prompt: list[int], max_tokens: int, params: C
         model=model_id, prompt_token_ids=prompt, max_tokens=max_tokens,
         sampling=inference_pb2.SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-            repetition_penalty=params.repetition_penalty),
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, logit_bias=dict(params.logit_bias)),
         top_logprobs=params.top_logprobs, request_id=request_id, priority=priority,
         constraint=params.response_format))
 
@@ -672,6 +682,12 @@ class InferenceStream:
                 if code == grpc.StatusCode.UNAVAILABLE:
                     raise Unavailable(f"inference replica {self.replica.target} became unavailable: "
                                       f"{exc.details()}") from exc
+                details = exc.details() or ""
+                if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("sampling."):
+                    # What only the replica can check (logit_bias's ids against its vocabulary), under the name
+                    # the caller sent: ChatStart's fields are SamplingParams' own.
+                    field, _, problem = details.removeprefix("sampling.").partition(": ")
+                    raise InvalidArgument(field, problem) from None
                 raise
 
     def _admitted(self) -> None:

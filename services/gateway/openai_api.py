@@ -38,6 +38,7 @@ from services.gateway.chat import DEFAULT_MODEL, MAX_PRIORITY, MIN_PRIORITY, Cha
 from services.gateway.functions import FunctionCall, FunctionCalling, call_turn, result_turn
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from services.gateway.mesh_tools import ToolRequest
+from services.inference.sampling import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # as the gRPC API's 4 MiB message limit
 MAX_CHOICES = 8  # `n`: parallel generations of one request
@@ -142,11 +143,19 @@ SAMPLING = {
                         "description": "lmesh: sample among the k most likely tokens; 0: off."}),
     "repetition_penalty": _nullable({"type": "number", "minimum": 0, "maximum": 2,
                                      "description": "lmesh: penalty for repeated tokens; 0 or 1: off."}),
-    "presence_penalty": _nullable(_unsupported({"type": "number", "minimum": 0, "maximum": 0},
-                                               "only 0 is supported; lmesh has repetition_penalty instead")),
-    "frequency_penalty": _nullable(_unsupported({"type": "number", "minimum": 0, "maximum": 0},
-                                                "only 0 is supported; lmesh has repetition_penalty instead")),
-    "logit_bias": _nullable(_unsupported({"type": "object", "maxProperties": 0}, "is not supported")),
+    "presence_penalty": _nullable({"type": "number", "minimum": -PENALTY_RANGE, "maximum": PENALTY_RANGE,
+                                   "description": "Subtracted from the logit of every token the answer already "
+                                                  "holds; 0: off."}),
+    "frequency_penalty": _nullable({"type": "number", "minimum": -PENALTY_RANGE, "maximum": PENALTY_RANGE,
+                                    "description": "Subtracted from a token's logit once for each time the answer "
+                                                   "already holds it; 0: off."}),
+    "logit_bias": _nullable({"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                             "propertyNames": {"type": "string", "pattern": "^(0|[1-9][0-9]{0,8})$"},
+                             "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_RANGE,
+                                                      "maximum": LOGIT_BIAS_RANGE},
+                             "description": "Token ids (the model's own, as strings) mapped to a bias added to "
+                                            "their logits before sampling: -100 bans a token, 100 all but forces "
+                                            "it. Ids outside the model's vocabulary: 400."}),
 }
 CHAT_REQUEST: dict[str, Any] = {
     "type": "object", "required": ["messages"],
@@ -388,6 +397,17 @@ def _check_constraints(value: Any, schema: Mapping[str, Any], path: str) -> None
         most = schema.get("maxProperties")
         if most is not None and len(value) > most:
             raise InvalidArgument(path, f"must have at most {most} members")
+        names, others = schema.get("propertyNames"), schema.get("additionalProperties")
+        if names is not None or isinstance(others, Mapping):
+            declared = schema.get("properties", {})
+            for name, member in value.items():
+                if name in declared:
+                    continue
+                if names is not None and not _valid(name, names):
+                    raise InvalidArgument(_join(path, name), "is not an allowed member name"
+                                          + (f" (it must match {names['pattern']})" if "pattern" in names else ""))
+                if isinstance(others, Mapping):
+                    check(member, others, _join(path, name))
         for rule in [schema, *schema.get("allOf", ())]:
             condition = rule.get("if")
             if condition is not None and _valid(value, condition):
@@ -483,6 +503,9 @@ def _sampling(body: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
         "top_k": int(_get(body, "top_k", 0)),
         "seed": int(_get(body, "seed", 0)),
         "repetition_penalty": float(_get(body, "repetition_penalty", 0.0)),
+        "presence_penalty": float(_get(body, "presence_penalty", 0.0)),
+        "frequency_penalty": float(_get(body, "frequency_penalty", 0.0)),
+        "logit_bias": tuple(sorted((int(token), float(bias)) for token, bias in _get(body, "logit_bias", {}).items())),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
         "session": _get(body, "user", ""),
         "priority": None if body.get("priority") is None else int(body["priority"]),

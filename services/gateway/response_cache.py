@@ -59,6 +59,8 @@ def response_key(tenant: str, model_id: str, prompt: Sequence[int], params: Chat
               "max_tokens": params.max_tokens,
               "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
               "stop": list(params.stop), "repetition_penalty": params.repetition_penalty,
+              "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+              "logit_bias": [list(pair) for pair in params.logit_bias],
               "logprobs": params.logprobs, "top_logprobs": params.top_logprobs,
               # What the output must match: the same prompt under another constraint is another answer.
               "constraint": (params.response_format.SerializeToString(deterministic=True).hex()

@@ -59,6 +59,8 @@ def _params(start: gateway_pb2.ChatStart) -> ChatParams:
                           call_timeout_ms=start.tools.call_timeout_ms, candidates=start.tools.candidates)
         if start.HasField("tools") else None,
         response_format=start.response_format if start.HasField("response_format") else None,
+        presence_penalty=start.presence_penalty, frequency_penalty=start.frequency_penalty,
+        logit_bias=tuple(sorted(start.logit_bias.items())),
     )
 
 

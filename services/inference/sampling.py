@@ -1,7 +1,9 @@
-"""Turning one row of logits into a token: repetition penalty, temperature, top-k, top-p, seeded draws."""
+"""Turning one row of logits into a token: logit bias, repetition, presence and frequency penalties, temperature,
+top-k, top-p, seeded draws."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +11,9 @@ import numpy as np
 from services.common.errors import InvalidArgument
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+LOGIT_BIAS_RANGE = 100.0
+PENALTY_RANGE = 2.0  # presence and frequency penalties, as OpenAI bounds them
 
 
 @dataclass(frozen=True)
@@ -20,10 +25,14 @@ class SamplingConfig:
     top_k: int = 0
     seed: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), by id
 
     @classmethod
     def validated(cls, temperature: float, top_p: float, top_k: int, seed: int, repetition_penalty: float,
-                  vocab_size: int, prefix: str = "sampling.") -> SamplingConfig:
+                  vocab_size: int, prefix: str = "sampling.", presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None) -> SamplingConfig:
         if not np.isfinite(temperature) or not 0.0 <= temperature <= 2.0:
             raise InvalidArgument(f"{prefix}temperature", f"must be in [0, 2], got {temperature}")
         if not np.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
@@ -33,14 +42,38 @@ class SamplingConfig:
         if not np.isfinite(repetition_penalty) or not 0.0 <= repetition_penalty <= 2.0:
             raise InvalidArgument(f"{prefix}repetition_penalty",
                                   f"must be in (0, 2] (0 means off), got {repetition_penalty}")
+        for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if not np.isfinite(penalty) or not -PENALTY_RANGE <= penalty <= PENALTY_RANGE:
+                raise InvalidArgument(f"{prefix}{name}", f"must be in [-2, 2] (0 means off), got {penalty}")
+        bias = validated_logit_bias(logit_bias or {}, vocab_size, f"{prefix}logit_bias")
         # k at least the vocabulary keeps every token: the same as off.
         return cls(temperature=float(temperature), top_p=float(top_p) or 1.0,
                    top_k=int(top_k) if top_k < vocab_size else 0, seed=int(seed),
-                   repetition_penalty=float(repetition_penalty) or 1.0)
+                   repetition_penalty=float(repetition_penalty) or 1.0, presence_penalty=float(presence_penalty),
+                   frequency_penalty=float(frequency_penalty), logit_bias=bias)
+
+    @property
+    def penalizes_output(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def validated_logit_bias(bias: Mapping[int, float], vocab_size: int | None,
+                         field: str = "logit_bias") -> tuple[tuple[int, float], ...]:
+    """`bias` checked (at most MAX_LOGIT_BIAS ids, each in [0, vocab_size), each bias finite within ±100) and
+    sorted by id, zero biases dropped; `vocab_size` None checks the ids against nothing but 0."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(field, f"at most {MAX_LOGIT_BIAS} token ids, got {len(bias)}")
+    for token, value in bias.items():
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise InvalidArgument(field, f"token id {token} is outside the vocabulary"
+                                  + ("" if vocab_size is None else f" [0, {vocab_size})"))
+        if not np.isfinite(value) or not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise InvalidArgument(field, f"biases must be in [-100, 100], got {value} for token id {token}")
+    return tuple(sorted((int(token), float(value)) for token, value in bias.items() if value))
 
 
 @dataclass(frozen=True)
@@ -71,11 +104,16 @@ class Sampler:
         # modulo 2**64 (numpy wants them non-negative), so distinct seeds stay distinct.
         self._rng = np.random.default_rng(config.seed % 2**64 if config.seed else None)
         self._seen = np.unique(np.asarray(prompt_ids, dtype=np.int64)) if config.repetition_penalty != 1.0 else None
+        self._bias_ids = np.fromiter((t for t, _ in config.logit_bias), dtype=np.int64)
+        self._bias = np.fromiter((b for _, b in config.logit_bias), dtype=np.float32)
+        # How often each token came out so far, for the presence and frequency penalties.
+        self._counts: dict[int, int] | None = {} if config.penalizes_output else None
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing per-sequence to apply: the engine samples such rows together, vectorized."""
-        return self.config.greedy and self._seen is None and not self.top_logprobs
+        return (self.config.greedy and self._seen is None and self._counts is None and not self._bias.size
+                and not self.top_logprobs)
 
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> Sampled:
         """The next token from one row of logits. `mask` (a constrained sequence's: float32 per token, 0 where
@@ -84,12 +122,18 @@ class Sampler:
         ones (the masked distribution)."""
         config = self.config
         scores = logits.astype(np.float32, copy=True)
+        if self._bias.size:
+            scores[self._bias_ids] += self._bias
         if self._seen is not None and self._seen.size:
             # In float64 and clipped: a tiny penalty (1e-45 is a valid float) would overflow float32 into inf,
             # and inf - inf below is NaN.
             picked = scores[self._seen].astype(np.float64)
             penalized = np.where(picked > 0, picked / config.repetition_penalty, picked * config.repetition_penalty)
             scores[self._seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
+        if self._counts:
+            ids = np.fromiter(self._counts, dtype=np.int64, count=len(self._counts))
+            times = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+            scores[ids] -= config.frequency_penalty * times + config.presence_penalty
         if mask is not None:
             scores += mask  # after the penalty, which would divide a masked score back up
         if not config.greedy:
@@ -105,6 +149,8 @@ class Sampler:
         token = int(np.argmax(scores)) if config.greedy else self._draw(scores, peak, weights)
         if self._seen is not None:
             self._seen = np.union1d(self._seen, [token])
+        if self._counts is not None:
+            self._counts[token] = self._counts.get(token, 0) + 1
         top: list[tuple[int, float]] = []
         if self.top_logprobs:
             best = np.argpartition(-scores, self.top_logprobs)[: self.top_logprobs]

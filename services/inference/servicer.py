@@ -77,7 +77,8 @@ def _validate(start: inference_pb2.GenerateStart, model: ServedModel, deadline: 
         raise InvalidArgument("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {start.priority}")
     s = start.sampling
     sampling = SamplingConfig.validated(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty,
-                                        model.vocab_size)
+                                        model.vocab_size, presence_penalty=s.presence_penalty,
+                                        frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias)
     return GenerationRequest(prompt_ids=prompt, max_tokens=start.max_tokens, sampling=sampling,
                              stop_ids=frozenset(start.stop_token_ids), top_logprobs=start.top_logprobs,
                              request_id=start.request_id, deadline=deadline, priority=start.priority)

@@ -26,7 +26,7 @@ from lmesh.common.v1 import generation_pb2 as lmesh_dot_common_dot_v1_dot_genera
 from lmesh.embeddings.v1 import embeddings_pb2 as lmesh_dot_embeddings_dot_v1_dot_embeddings__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmesh/gateway/v1/gateway.proto\x12\x10lmesh.gateway.v1\x1a lmesh/common/v1/generation.proto\x1a$lmesh/embeddings/v1/embeddings.proto\"o\n\x0b\x43hatRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.lmesh.gateway.v1.ChatStartH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.lmesh.gateway.v1.CancelH\x00\x42\x06\n\x04kind\"\x8b\x04\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.lmesh.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x15\n\x08priority\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07session\x18\r \x01(\t\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12(\n\x05tools\x18\x0f \x01(\x0b\x32\x19.lmesh.gateway.v1.ToolUse\x12:\n\x0fresponse_format\x18\x10 \x01(\x0b\x32!.lmesh.common.v1.OutputConstraint\x12\x37\n\tfunctions\x18\x11 \x03(\x0b\x32$.lmesh.gateway.v1.FunctionDefinition\x12\x17\n\x0f\x66unction_choice\x18\x12 \x01(\t\x12\x1c\n\x14single_function_call\x18\x13 \x01(\x08\x42\x0b\n\t_priority\"P\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"@\n\x0c\x46unctionCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"f\n\x07ToolUse\x12\x0c\n\x04\x61uto\x18\x01 \x01(\x08\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\tmax_calls\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61ll_timeout_ms\x18\x04 \x01(\x05\x12\x12\n\ncandidates\x18\x05 \x01(\x05\"\x9d\x02\n\x08ToolStep\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x05\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .lmesh.gateway.v1.ToolStep.State\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_STARTED\x10\x01\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"z\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x36\n\x0e\x66unction_calls\x18\x03 \x03(\x0b\x32\x1e.lmesh.gateway.v1.FunctionCall\x12\x18\n\x10\x66unction_call_id\x18\x04 \x01(\t\"\x08\n\x06\x43\x61ncel\"\xad\x02\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.lmesh.common.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.lmesh.common.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.lmesh.common.v1.TokenLogprob\x12-\n\ttool_step\x18\x07 \x01(\x0b\x32\x1a.lmesh.gateway.v1.ToolStep\x12\x36\n\x0e\x66unction_calls\x18\x08 \x03(\x0b\x32\x1e.lmesh.gateway.v1.FunctionCall\"\x13\n\x11ListModelsRequest\"o\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x0e\n\x06served\x18\x06 \x01(\x08\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.lmesh.gateway.v1.ModelInfo2\xfd\x01\n\x07Gateway\x12I\n\x04\x43hat\x12\x1d.lmesh.gateway.v1.ChatRequest\x1a\x1e.lmesh.gateway.v1.ChatResponse(\x01\x30\x01\x12W\n\nListModels\x12#.lmesh.gateway.v1.ListModelsRequest\x1a$.lmesh.gateway.v1.ListModelsResponse\x12N\n\x05\x45mbed\x12!.lmesh.embeddings.v1.EmbedRequest\x1a\".lmesh.embeddings.v1.EmbedResponseBR\n\x14\x64\x65v.lmesh.gateway.v1P\x01Z8github.com/lmesh/lmesh/gen/go/lmesh/gateway/v1;gatewayv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmesh/gateway/v1/gateway.proto\x12\x10lmesh.gateway.v1\x1a lmesh/common/v1/generation.proto\x1a$lmesh/embeddings/v1/embeddings.proto\"o\n\x0b\x43hatRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.lmesh.gateway.v1.ChatStartH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.lmesh.gateway.v1.CancelH\x00\x42\x06\n\x04kind\"\xb2\x05\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.lmesh.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x15\n\x08priority\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07session\x18\r \x01(\t\x12\x10\n\x08no_cache\x18\x0e \x01(\x08\x12(\n\x05tools\x18\x0f \x01(\x0b\x32\x19.lmesh.gateway.v1.ToolUse\x12:\n\x0fresponse_format\x18\x10 \x01(\x0b\x32!.lmesh.common.v1.OutputConstraint\x12\x37\n\tfunctions\x18\x11 \x03(\x0b\x32$.lmesh.gateway.v1.FunctionDefinition\x12\x17\n\x0f\x66unction_choice\x18\x12 \x01(\t\x12\x1c\n\x14single_function_call\x18\x13 \x01(\x08\x12\x18\n\x10presence_penalty\x18\x14 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x15 \x01(\x02\x12>\n\nlogit_bias\x18\x16 \x03(\x0b\x32*.lmesh.gateway.v1.ChatStart.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0b\n\t_priority\"P\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"@\n\x0c\x46unctionCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"f\n\x07ToolUse\x12\x0c\n\x04\x61uto\x18\x01 \x01(\x08\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\tmax_calls\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61ll_timeout_ms\x18\x04 \x01(\x05\x12\x12\n\ncandidates\x18\x05 \x01(\x05\"\x9d\x02\n\x08ToolStep\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x05\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .lmesh.gateway.v1.ToolStep.State\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_STARTED\x10\x01\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"z\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x36\n\x0e\x66unction_calls\x18\x03 \x03(\x0b\x32\x1e.lmesh.gateway.v1.FunctionCall\x12\x18\n\x10\x66unction_call_id\x18\x04 \x01(\t\"\x08\n\x06\x43\x61ncel\"\xad\x02\n\x0c\x43hatResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.lmesh.common.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.lmesh.common.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.lmesh.common.v1.TokenLogprob\x12-\n\ttool_step\x18\x07 \x01(\x0b\x32\x1a.lmesh.gateway.v1.ToolStep\x12\x36\n\x0e\x66unction_calls\x18\x08 \x03(\x0b\x32\x1e.lmesh.gateway.v1.FunctionCall\"\x13\n\x11ListModelsRequest\"o\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x0e\n\x06served\x18\x06 \x01(\x08\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.lmesh.gateway.v1.ModelInfo2\xfd\x01\n\x07Gateway\x12I\n\x04\x43hat\x12\x1d.lmesh.gateway.v1.ChatRequest\x1a\x1e.lmesh.gateway.v1.ChatResponse(\x01\x30\x01\x12W\n\nListModels\x12#.lmesh.gateway.v1.ListModelsRequest\x1a$.lmesh.gateway.v1.ListModelsResponse\x12N\n\x05\x45mbed\x12!.lmesh.embeddings.v1.EmbedRequest\x1a\".lmesh.embeddings.v1.EmbedResponseBR\n\x14\x64\x65v.lmesh.gateway.v1P\x01Z8github.com/lmesh/lmesh/gen/go/lmesh/gateway/v1;gatewayv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmesh.gateway.v1.gateway_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024dev.lmesh.gateway.v1P\001Z8github.com/lmesh/lmesh/gen/go/lmesh/gateway/v1;gatewayv1'
+  _globals['_CHATSTART_LOGITBIASENTRY']._loaded_options = None
+  _globals['_CHATSTART_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATREQUEST']._serialized_start=124
   _globals['_CHATREQUEST']._serialized_end=235
   _globals['_CHATSTART']._serialized_start=238
-  _globals['_CHATSTART']._serialized_end=761
-  _globals['_FUNCTIONDEFINITION']._serialized_start=763
-  _globals['_FUNCTIONDEFINITION']._serialized_end=843
-  _globals['_FUNCTIONCALL']._serialized_start=845
-  _globals['_FUNCTIONCALL']._serialized_end=909
-  _globals['_TOOLUSE']._serialized_start=911
-  _globals['_TOOLUSE']._serialized_end=1013
-  _globals['_TOOLSTEP']._serialized_start=1016
-  _globals['_TOOLSTEP']._serialized_end=1301
-  _globals['_TOOLSTEP_STATE']._serialized_start=1213
-  _globals['_TOOLSTEP_STATE']._serialized_end=1301
-  _globals['_MESSAGE']._serialized_start=1303
-  _globals['_MESSAGE']._serialized_end=1425
-  _globals['_CANCEL']._serialized_start=1427
-  _globals['_CANCEL']._serialized_end=1435
-  _globals['_CHATRESPONSE']._serialized_start=1438
-  _globals['_CHATRESPONSE']._serialized_end=1739
-  _globals['_LISTMODELSREQUEST']._serialized_start=1741
-  _globals['_LISTMODELSREQUEST']._serialized_end=1760
-  _globals['_MODELINFO']._serialized_start=1762
-  _globals['_MODELINFO']._serialized_end=1873
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1875
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1940
-  _globals['_GATEWAY']._serialized_start=1943
-  _globals['_GATEWAY']._serialized_end=2196
+  _globals['_CHATSTART']._serialized_end=928
+  _globals['_CHATSTART_LOGITBIASENTRY']._serialized_start=867
+  _globals['_CHATSTART_LOGITBIASENTRY']._serialized_end=915
+  _globals['_FUNCTIONDEFINITION']._serialized_start=930
+  _globals['_FUNCTIONDEFINITION']._serialized_end=1010
+  _globals['_FUNCTIONCALL']._serialized_start=1012
+  _globals['_FUNCTIONCALL']._serialized_end=1076
+  _globals['_TOOLUSE']._serialized_start=1078
+  _globals['_TOOLUSE']._serialized_end=1180
+  _globals['_TOOLSTEP']._serialized_start=1183
+  _globals['_TOOLSTEP']._serialized_end=1468
+  _globals['_TOOLSTEP_STATE']._serialized_start=1380
+  _globals['_TOOLSTEP_STATE']._serialized_end=1468
+  _globals['_MESSAGE']._serialized_start=1470
+  _globals['_MESSAGE']._serialized_end=1592
+  _globals['_CANCEL']._serialized_start=1594
+  _globals['_CANCEL']._serialized_end=1602
+  _globals['_CHATRESPONSE']._serialized_start=1605
+  _globals['_CHATRESPONSE']._serialized_end=1906
+  _globals['_LISTMODELSREQUEST']._serialized_start=1908
+  _globals['_LISTMODELSREQUEST']._serialized_end=1927
+  _globals['_MODELINFO']._serialized_start=1929
+  _globals['_MODELINFO']._serialized_end=2040
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2042
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2107
+  _globals['_GATEWAY']._serialized_start=2110
+  _globals['_GATEWAY']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,14 @@ class ChatRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ChatStart, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class ChatStart(_message.Message):
-    __slots__ = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs", "priority", "session", "no_cache", "tools", "response_format", "functions", "function_choice", "single_function_call")
+    __slots__ = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "logprobs", "top_logprobs", "priority", "session", "no_cache", "tools", "response_format", "functions", "function_choice", "single_function_call", "presence_penalty", "frequency_penalty", "logit_bias")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +45,9 @@ class ChatStart(_message.Message):
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_CHOICE_FIELD_NUMBER: _ClassVar[int]
     SINGLE_FUNCTION_CALL_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     max_tokens: int
@@ -57,7 +67,10 @@ class ChatStart(_message.Message):
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
     function_choice: str
     single_function_call: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., priority: _Optional[int] = ..., session: _Optional[str] = ..., no_cache: _Optional[bool] = ..., tools: _Optional[_Union[ToolUse, _Mapping]] = ..., response_format: _Optional[_Union[_generation_pb2.OutputConstraint, _Mapping]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_choice: _Optional[str] = ..., single_function_call: _Optional[bool] = ...) -> None: ...
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., priority: _Optional[int] = ..., session: _Optional[str] = ..., no_cache: _Optional[bool] = ..., tools: _Optional[_Union[ToolUse, _Mapping]] = ..., response_format: _Optional[_Union[_generation_pb2.OutputConstraint, _Mapping]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_choice: _Optional[str] = ..., single_function_call: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class FunctionDefinition(_message.Message):
     __slots__ = ("name", "description", "parameters_json")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lmesh.common.v1 import generation_pb2 as lmesh_dot_common_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/inference/v1/inference.proto\x12\x12lmesh.inference.v1\x1a lmesh/common/v1/generation.proto\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\"\x8d\x02\n\rGenerateStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".lmesh.inference.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x35\n\nconstraint\x18\t \x01(\x0b\x32!.lmesh.common.v1.OutputConstraint\"\x12\n\x10\x43\x61ncelGeneration\"\x85\x01\n\x0fGenerateRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.lmesh.inference.v1.GenerateStartH\x00\x12\x36\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32$.lmesh.inference.v1.CancelGenerationH\x00\x42\x06\n\x04kind\"A\n\nTokenChunk\x12-\n\x06tokens\x18\x02 \x03(\x0b\x32\x1d.lmesh.common.v1.TokenLogprobJ\x04\x08\x01\x10\x02\"l\n\x0eGenerateFinish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.lmesh.common.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.lmesh.common.v1.UsageJ\x04\x08\x02\x10\x03\"\x82\x01\n\x10GenerateResponse\x12\x30\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.lmesh.inference.v1.TokenChunkH\x00\x12\x34\n\x06\x66inish\x18\x02 \x01(\x0b\x32\".lmesh.inference.v1.GenerateFinishH\x00\x42\x06\n\x04kind2f\n\tInference\x12Y\n\x08Generate\x12#.lmesh.inference.v1.GenerateRequest\x1a$.lmesh.inference.v1.GenerateResponse(\x01\x30\x01\x42X\n\x16\x64\x65v.lmesh.inference.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"lmesh/inference/v1/inference.proto\x12\x12lmesh.inference.v1\x1a lmesh/common/v1/generation.proto\"\x9b\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x45\n\nlogit_bias\x18\x08 \x03(\x0b\x32\x31.lmesh.inference.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x8d\x02\n\rGenerateStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".lmesh.inference.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x35\n\nconstraint\x18\t \x01(\x0b\x32!.lmesh.common.v1.OutputConstraint\"\x12\n\x10\x43\x61ncelGeneration\"\x85\x01\n\x0fGenerateRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.lmesh.inference.v1.GenerateStartH\x00\x12\x36\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32$.lmesh.inference.v1.CancelGenerationH\x00\x42\x06\n\x04kind\"A\n\nTokenChunk\x12-\n\x06tokens\x18\x02 \x03(\x0b\x32\x1d.lmesh.common.v1.TokenLogprobJ\x04\x08\x01\x10\x02\"l\n\x0eGenerateFinish\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.lmesh.common.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.lmesh.common.v1.UsageJ\x04\x08\x02\x10\x03\"\x82\x01\n\x10GenerateResponse\x12\x30\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.lmesh.inference.v1.TokenChunkH\x00\x12\x34\n\x06\x66inish\x18\x02 \x01(\x0b\x32\".lmesh.inference.v1.GenerateFinishH\x00\x42\x06\n\x04kind2f\n\tInference\x12Y\n\x08Generate\x12#.lmesh.inference.v1.GenerateRequest\x1a$.lmesh.inference.v1.GenerateResponse(\x01\x30\x01\x42X\n\x16\x64\x65v.lmesh.inference.v1P\x01Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmesh.inference.v1.inferenc
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.lmesh.inference.v1P\001Z<github.com/lmesh/lmesh/gen/go/lmesh/inference/v1;inferencev1'
-  _globals['_SAMPLINGPARAMS']._serialized_start=92
-  _globals['_SAMPLINGPARAMS']._serialized_end=201
-  _globals['_GENERATESTART']._serialized_start=204
-  _globals['_GENERATESTART']._serialized_end=473
-  _globals['_CANCELGENERATION']._serialized_start=475
-  _globals['_CANCELGENERATION']._serialized_end=493
-  _globals['_GENERATEREQUEST']._serialized_start=496
-  _globals['_GENERATEREQUEST']._serialized_end=629
-  _globals['_TOKENCHUNK']._serialized_start=631
-  _globals['_TOKENCHUNK']._serialized_end=696
-  _globals['_GENERATEFINISH']._serialized_start=698
-  _globals['_GENERATEFINISH']._serialized_end=806
-  _globals['_GENERATERESPONSE']._serialized_start=809
-  _globals['_GENERATERESPONSE']._serialized_end=939
-  _globals['_INFERENCE']._serialized_start=941
-  _globals['_INFERENCE']._serialized_end=1043
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_SAMPLINGPARAMS']._serialized_start=93
+  _globals['_SAMPLINGPARAMS']._serialized_end=376
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=328
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=376
+  _globals['_GENERATESTART']._serialized_start=379
+  _globals['_GENERATESTART']._serialized_end=648
+  _globals['_CANCELGENERATION']._serialized_start=650
+  _globals['_CANCELGENERATION']._serialized_end=668
+  _globals['_GENERATEREQUEST']._serialized_start=671
+  _globals['_GENERATEREQUEST']._serialized_end=804
+  _globals['_TOKENCHUNK']._serialized_start=806
+  _globals['_TOKENCHUNK']._serialized_end=871
+  _globals['_GENERATEFINISH']._serialized_start=873
+  _globals['_GENERATEFINISH']._serialized_end=981
+  _globals['_GENERATERESPONSE']._serialized_start=984
+  _globals['_GENERATERESPONSE']._serialized_end=1114
+  _globals['_INFERENCE']._serialized_start=1116
+  _globals['_INFERENCE']._serialized_end=1218
 # @@protoc_insertion_point(module_scope)
