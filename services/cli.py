@@ -205,7 +205,9 @@ def _chat(args: argparse.Namespace) -> int:
         gateway, tls = await find_gateway(args.gateway, tls)
         history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
         sampling: dict[str, Any] = {"top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                                    "repetition_penalty": args.repetition_penalty, "stop": args.stop or []}
+                                    "repetition_penalty": args.repetition_penalty,
+                                    "presence_penalty": args.presence_penalty,
+                                    "frequency_penalty": args.frequency_penalty, "stop": args.stop or []}
         if args.priority is not None:
             sampling["priority"] = args.priority
         if args.message:
@@ -965,6 +967,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 is off")
     chat.add_argument("--seed", type=int, default=0, help="the same seed gives the same answer; 0 is random")
     chat.add_argument("--repetition-penalty", type=float, default=0.0, help="(0, 2]; 0 is off")
+    chat.add_argument("--presence-penalty", type=float, default=0.0,
+                      help="[-2, 2], OpenAI's: less likely, any token the answer already holds; 0 is off")
+    chat.add_argument("--frequency-penalty", type=float, default=0.0,
+                      help="[-2, 2], OpenAI's: less likely, each time the answer already holds a token; 0 is off")
     chat.add_argument("--stop", action="append", default=None, help="a stop string (repeatable, up to 4)")
     chat.add_argument("--logprobs", type=int, default=None, metavar="N",
                       help="after the answer, list each token's logprob and its N most likely alternatives (0-20)")

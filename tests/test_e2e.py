@@ -1483,9 +1483,12 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert len(table) == 6 and all(float(line.split()[-1]) <= 0 for line in table), table
     sampled = [await run_cli(live, "chat", "--key", key, "--max-tokens", "24", "--temperature", "0.9",
                              "--top-p", "0.95", "--top-k", "40", "--seed", "-7", "--repetition-penalty", "1.1",
-                             "--stop", "Paris", FRANCE) for _ in range(2)]
+                             "--presence-penalty", "0.5", "--frequency-penalty", "-0.5", "--stop", "Paris", FRANCE)
+               for _ in range(2)]
     assert sampled[0].returncode == 0, sampled[0].stderr
     assert sampled[0].stdout == sampled[1].stdout and "Paris" not in sampled[0].stdout.splitlines()[0]
+    refused = await run_cli(live, "chat", "--key", key, "--presence-penalty", "3", FRANCE)
+    assert refused.returncode != 0 and "presence_penalty: must be in [-2, 2]" in refused.stderr, refused.stderr
     listed = await run_cli(live, "models", "list")
     row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("smollm2-135m-instruct:1 "))
     assert row[1] == "default" and row[-1] == "1"  # one passing replica serves it
