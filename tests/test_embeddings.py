@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -255,7 +254,7 @@ async def test_concurrent_requests_run_as_one_batch_and_take_far_less_than_one_a
 
     await batcher.embed(texts())
     serial, concurrent = [], []
-    for _ in range(3):
+    for _ in range(5):
         started = time.perf_counter()
         for text in texts():
             await batcher.embed([text])
@@ -267,7 +266,9 @@ async def test_concurrent_requests_run_as_one_batch_and_take_far_less_than_one_a
         concurrent.append(time.perf_counter() - started)
         # The first request may start alone before the rest are queued; the others run in one batch.
         assert batcher.stats.batches - batches_before <= 2
-    ratio = statistics.median(concurrent) / statistics.median(serial)
+    # Each way's fastest round: the other test worker's load only ever adds time (a CI run with it measured
+    # medians of 0.27 and 0.33 s where the fastest rounds took 0.14 and 0.26 s).
+    ratio = min(concurrent) / min(serial)
     print(f"32 concurrent / one after another: {ratio:.2f}")
     assert ratio < 0.8, f"32 concurrent: {concurrent} s; one after another: {serial} s"
     alone = batcher.model.embed(batch)  # type: ignore[union-attr]
