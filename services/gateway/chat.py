@@ -67,7 +67,7 @@ from services.gateway.detokenize import ByteDetokenizer, LocalDetokenizing
 from services.gateway.logprobs import MAX_TOP_LOGPROBS, AnswerAssembler, TokenLogprob, Vocabulary, VocabularyCache
 from services.gateway.models import ModelDirectory
 from services.gateway.render import LocalRendering, rendered_locally
-from services.inference.sampling import PENALTY_RANGE, validated_logit_bias
+from services.inference.sampling import validate_penalties, validated_logit_bias
 
 if TYPE_CHECKING:
     from services.gateway.functions import FunctionCall, FunctionCalling
@@ -210,10 +210,7 @@ def validate(params: ChatParams) -> ChatParams:
         raise InvalidArgument("top_k", f"must be >= 0, got {params.top_k}")
     if not np.isfinite(params.repetition_penalty) or not 0.0 <= params.repetition_penalty <= 2.0:
         raise InvalidArgument("repetition_penalty", f"must be in (0, 2] (0 means off), got {params.repetition_penalty}")
-    for name, penalty in (("presence_penalty", params.presence_penalty),
-                          ("frequency_penalty", params.frequency_penalty)):
-        if not np.isfinite(penalty) or not -PENALTY_RANGE <= penalty <= PENALTY_RANGE:
-            raise InvalidArgument(name, f"must be in [-2, 2] (0 means off), got {penalty}")
+    validate_penalties(params.presence_penalty, params.frequency_penalty)
     validated_logit_bias(dict(params.logit_bias), None)  # the ids' upper bound is the replica's to check
     if len(params.stop) > MAX_STOPS:
         raise InvalidArgument("stop", f"at most {MAX_STOPS} stop strings, got {len(params.stop)}")

@@ -42,9 +42,7 @@ class SamplingConfig:
         if not np.isfinite(repetition_penalty) or not 0.0 <= repetition_penalty <= 2.0:
             raise InvalidArgument(f"{prefix}repetition_penalty",
                                   f"must be in (0, 2] (0 means off), got {repetition_penalty}")
-        for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-            if not np.isfinite(penalty) or not -PENALTY_RANGE <= penalty <= PENALTY_RANGE:
-                raise InvalidArgument(f"{prefix}{name}", f"must be in [-2, 2] (0 means off), got {penalty}")
+        validate_penalties(presence_penalty, frequency_penalty, prefix)
         bias = validated_logit_bias(logit_bias or {}, vocab_size, f"{prefix}logit_bias")
         # k at least the vocabulary keeps every token: the same as off.
         return cls(temperature=float(temperature), top_p=float(top_p) or 1.0,
@@ -59,6 +57,13 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def validate_penalties(presence_penalty: float, frequency_penalty: float, prefix: str = "") -> None:
+    """OpenAI's presence and frequency penalties: each finite, in [-2, 2] (InvalidArgument naming it otherwise)."""
+    for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not np.isfinite(penalty) or not -PENALTY_RANGE <= penalty <= PENALTY_RANGE:
+            raise InvalidArgument(f"{prefix}{name}", f"must be in [-2, 2] (0 means off), got {penalty}")
 
 
 def validated_logit_bias(bias: Mapping[int, float], vocab_size: int | None,
