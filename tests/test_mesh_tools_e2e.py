@@ -293,10 +293,35 @@ async def test_structured_output_parses_against_its_schema_on_grpc_and_http(tool
         model="default", messages=[{"role": "user", "content": "Invent a person."}], max_tokens=64, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
     jsonschema.validate(json.loads(answer.choices[0].message.content or ""), PERSON)
-    with pytest.raises(grpc.aio.AioRpcError) as bad:
-        await chat(tool_mesh, tool_mesh.no_tools, ask("x", response_format=generation_pb2.OutputConstraint(
-            json_schema='{"type": "object", "properties": 5}')))
-    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+UNCOMPILABLE = {"type": "object", "properties": 5}
+
+
+async def test_a_constraint_the_replica_cannot_compile_is_refused_naming_the_field_sent(tool_mesh: ToolMesh) -> None:
+    """The replica compiles constraints; its refusal names the caller's field, not the engine's `constraint`: the
+    response_format, or with functions to call (whose schemas the gateway compiles into the constraint) the
+    functions, over gRPC and with HTTP's own names."""
+    function = gateway_pb2.FunctionDefinition(name="f", parameters_json=json.dumps(UNCOMPILABLE))
+    valid = gateway_pb2.FunctionDefinition(name="f", parameters_json=json.dumps(WEATHER))
+    bad_format = generation_pb2.OutputConstraint(json_schema=json.dumps(UNCOMPILABLE))
+    for start, field in [(ask("x", response_format=bad_format), "response_format.json_schema"),
+                         (ask("x", functions=[function], function_choice="required"), "functions"),
+                         (ask("x", functions=[valid], response_format=bad_format), "response_format.json_schema")]:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await chat(tool_mesh, tool_mesh.no_tools, start)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (bad.value.details() or "").startswith(f"{field}: "), bad.value.details()
+    client = openai.AsyncOpenAI(base_url=f"{tool_mesh.http_base}/v1", api_key=tool_mesh.no_tools, max_retries=0)
+    user = [{"role": "user", "content": "x"}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "bad", "schema": UNCOMPILABLE}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": UNCOMPILABLE}}]
+    for fields, param in [({"response_format": schema_format}, "response_format.json_schema.schema"),
+                          ({"tools": tools, "tool_choice": "required"}, "tools")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="default", messages=user, max_tokens=8,  # type: ignore
+                                                 **fields)
+        assert (refused.value.code, refused.value.param) == ("invalid_value", param), refused.value.body
 
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string",

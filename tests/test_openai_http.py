@@ -286,12 +286,17 @@ async def test_the_sdk_lists_and_retrieves_the_models_the_key_may_use(served: Se
     assert (model.object, model.created, model.owned_by) == ("model", 1_700_000_000, "lmesh")
     assert model.model_extra == {"aliases": ["default"], "context_length": 64, "served": True}
     assert (await client.models.retrieve("default")).id == "tiny:1"  # an alias: the version it resolves to
-    for hidden in ("nope", "secret", "a b", "x" * 300):  # unknown, not allowed for the key, malformed
+    for hidden in ("nope", "secret", "x" * 128):  # unknown, not allowed for the key
         with pytest.raises(openai.NotFoundError) as caught:
             await client.models.retrieve(hidden)
         assert caught.value.code == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         await served.sdk("lmk_bad").models.retrieve("default")  # the key first: no probing for models
+    for malformed in ("a b", "x" * 300, "a:b:c"):  # its form before anything, as in a chat: with or without a key
+        for sdk in (client, served.sdk("lmk_bad")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await sdk.models.retrieve(malformed)
+            assert (refused.value.code, refused.value.param) == ("invalid_value", "model"), refused.value.body
 
 
 async def test_the_sdk_embeds_as_floats_and_as_base64(served: Served) -> None:
@@ -543,6 +548,10 @@ async def test_errors_map_to_openais_shape_status_and_sdk_exceptions(served: Ser
     missing = await post(served, "/v1/chat/completions", {"model": "tiny", "messages": USER}, key=None)
     assert assert_openai_error(missing, 401)["message"].startswith("missing API key")
     assert missing.headers["www-authenticate"] == "Bearer"
+    basic = await post(served, "/v1/chat/completions", {"model": "tiny", "messages": USER}, key=None,
+                       headers={"authorization": "Basic Zm9vOmJhcg=="})
+    assert assert_openai_error(basic, 401)["message"] == ("the Authorization header's scheme must be Bearer, got "
+                                                          "'Basic': send 'Authorization: Bearer <key>'")
 
 
 async def test_an_error_after_the_stream_started_is_an_error_event_and_the_stream_ends(served: Served) -> None:

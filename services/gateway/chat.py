@@ -76,6 +76,8 @@ if TYPE_CHECKING:
     from services.gateway.screen import Screening
 
 ROLES = ("system", "user", "assistant")
+# GenerateStart's fields that a replica may refuse, as ChatStart names them.
+REPLICA_FIELDS = (("sampling.", ""), ("constraint.", "response_format."))
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MODEL = "default"
@@ -199,7 +201,8 @@ def validate(params: ChatParams) -> ChatParams:
         raise InvalidArgument("messages", "must not be empty")
     for index, (role, _) in enumerate(params.messages):
         if role not in ROLES:
-            raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got '{role}'")
+            raise InvalidArgument(f"messages[{index}].role",
+                                  f"must be one of {', '.join(ROLES)} or tool, got '{role}'")
     if params.max_tokens <= 0:
         raise InvalidArgument("max_tokens", f"must be > 0, got {params.max_tokens}")
     if not np.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
@@ -680,11 +683,14 @@ class InferenceStream:
                     raise Unavailable(f"inference replica {self.replica.target} became unavailable: "
                                       f"{exc.details()}") from exc
                 details = exc.details() or ""
-                if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("sampling."):
-                    # What only the replica can check (logit_bias's ids against its vocabulary), under the name
-                    # the caller sent: ChatStart's fields are SamplingParams' own.
-                    field, _, problem = details.removeprefix("sampling.").partition(": ")
-                    raise InvalidArgument(field, problem) from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    # What only the replica can check (logit_bias's ids against its vocabulary, whether a constraint
+                    # compiles), under the name the caller sent: ChatStart's sampling fields are SamplingParams'
+                    # own, and its `response_format` is GenerateStart's `constraint`.
+                    for replica_prefix, caller_prefix in REPLICA_FIELDS:
+                        if details.startswith(replica_prefix):
+                            field, _, problem = details.partition(": ")
+                            raise InvalidArgument(caller_prefix + field.removeprefix(replica_prefix), problem) from None
                 raise
 
     def _admitted(self) -> None:

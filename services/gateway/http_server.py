@@ -36,7 +36,7 @@ from opentelemetry.metrics import Meter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common.config import ServiceConfig, host_port
-from services.common.errors import InvalidArgument, LmeshError, NotFound, Reason, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, LmeshError, NotFound, Reason, Unauthenticated, Unavailable, capped
 from services.common.references import check_reference
 from services.common.rpc import current_trace_id, status_for
 from services.common.telemetry import extract_context
@@ -95,7 +95,9 @@ def bearer_credential(headers: dict[str, str]) -> Callable[[], Credential]:
 
     def credential() -> Credential:
         if not key:
-            raise Unauthenticated(MISSING_KEY)
+            other = scheme and scheme.lower() != "bearer"
+            raise Unauthenticated(f"the Authorization header's scheme must be Bearer, got {capped(scheme, 40)!r}: "
+                                  f"send 'Authorization: Bearer <key>'" if other else MISSING_KEY)
         return Credential(api_key=key)
 
     return credential
@@ -457,11 +459,12 @@ class OpenAIApp:
         return dumps({"object": "list", "data": [model_json(v, served) for v in versions]})
 
     async def _retrieve_model(self, credential: Credential, reference: str) -> bytes:
-        principal = await self._chat.authenticate(credential)  # first: no probing for models without a key
+        check_reference(reference, "model")  # its form first, with or without a key, as every request's
+        principal = await self._chat.authenticate(credential)  # then the key: no probing for models without one
         missing = NotFound(f"model {reference[:200]!r} not found (or not allowed for this key)",
                            reason=Reason.MODEL_NOT_FOUND, metadata={"model": reference})
         try:
-            version = await self._chat.models.resolve(check_reference(reference, "model"))
+            version = await self._chat.models.resolve(reference)
         except InvalidArgument:
             raise missing from None
         if not allowed(principal, version):

@@ -349,8 +349,15 @@ def _constrained(value: Any, schema: Mapping[str, Any], path: str, outer: Mappin
         if unsupported is not None:
             raise InvalidArgument(path, unsupported) from None
         if invalid is not None and exc.field == path:
-            raise InvalidArgument(path, invalid) from None
+            raise InvalidArgument(path, _with_value(invalid, value)) from None
         raise
+
+
+def _with_value(problem: str, value: Any) -> str:
+    """The problem, and the value (cut short) when it is a string or a number, as the gRPC API's messages say it."""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return f"{problem}, got {capped(json.dumps(value), 80)}"
+    return problem
 
 
 def _check_constraints(value: Any, schema: Mapping[str, Any], path: str) -> None:
@@ -543,7 +550,9 @@ def chat_request(body: dict[str, Any]) -> ApiRequest:
                         response_format=output_constraint(body.get("response_format")),
                         functions=function_calling(body), tools=mesh_tools(body.get("mesh_tools")),
                         **_sampling(body, _get(body, spelled, UNSET_CHAT_MAX_TOKENS)))
-    return ApiRequest(params, **_streaming(body), names={"max_tokens": spelled, "tools": "mesh_tools"})
+    return ApiRequest(params, **_streaming(body), names={
+        "max_tokens": spelled, "tools": "mesh_tools", "functions": "tools", "function_choice": "tool_choice",
+        "response_format.json_schema": "response_format.json_schema.schema"})
 
 
 def function_calling(body: Mapping[str, Any]) -> FunctionCalling | None:
@@ -1053,11 +1062,14 @@ def openapi_document() -> dict[str, Any]:
                               **_errors(401, 500, 503, 504)}}},
             "/v1/models/{model}": {"get": {
                 "operationId": "retrieveModel", "security": secured,
-                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
-                                "description": "A model reference: `name:version`, a name or an alias."}],
+                "parameters": [{"name": "model", "in": "path", "required": True,
+                                "schema": {"type": "string", "maxLength": MAX_REFERENCE_CHARS,
+                                           "pattern": REFERENCE_PATTERN},
+                                "description": "A model reference: `name:version`, a name or an alias (400 when "
+                                               "it is none of them, with or without a key)."}],
                 "responses": {"200": {"description": "The version it resolves to.",
                                       "content": {"application/json": {"schema": MODEL_OBJECT}}},
-                              **_errors(401, 404, 500, 503, 504)}}},
+                              **_errors(400, 401, 404, 500, 503, 504)}}},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "security": [],
                 "responses": {"200": {"description": "This document.",

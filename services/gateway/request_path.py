@@ -23,7 +23,7 @@ from lmesh.common.v1 import generation_pb2
 from lmesh.policy.v1 import policy_pb2
 from opentelemetry import trace
 
-from services.common.errors import Reason, ResourceExhausted
+from services.common.errors import InvalidArgument, Reason, ResourceExhausted
 from services.common.references import check_reference
 from services.gateway.chat import (
     DEFAULT_MODEL,
@@ -164,8 +164,22 @@ async def chat_events(chat: ChatService, params: ChatParams, credential: Callabl
     with chat.admission.admitted():
         async with closing(_admitted_chat(chat, params, credential, cancel, deadline_passed, stalled,
                                           span)) as events:
-            async for event in events:
-                yield event
+            try:
+                async for event in events:
+                    yield event
+            except InvalidArgument as exc:
+                raise named_as_sent(exc, params) from None
+
+
+def named_as_sent(exc: InvalidArgument, params: ChatParams) -> InvalidArgument:
+    """A replica's refusal of the constraint under the fields the caller sent: with functions to call, the
+    constraint is the gateway's, made of the functions' parameter schemas and the response_format's JSON Schema."""
+    calling = params.functions
+    if calling is None or not calling.active or not exc.field.startswith("response_format."):
+        return exc
+    if params.response_format is None:
+        return InvalidArgument("functions", exc.problem)
+    return InvalidArgument("response_format.json_schema", f"{exc.problem} (compiled with the functions' schemas)")
 
 
 async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Callable[[], Credential],

@@ -85,7 +85,7 @@ class GatewayServicer:
         `block`: ErrorInfo reason CONTENT_BLOCKED, metadata `rule_id` and `field` (`messages[i].content`), never the
         text matched),
         NOT_FOUND (unknown model), INVALID_ARGUMENT (first message not `start`, or none within 30 s; `messages`
-        empty; a role other than system/user/assistant; `max_tokens` <= 0; a sampling field out of range;
+        empty; a role other than system/user/assistant/tool; `max_tokens` <= 0; a sampling field out of range;
         `top_logprobs` outside 0..20, or > 0 without `logprobs`; `priority` outside 0..9; a prompt that does not
         fit the model's context;
         a first message that cannot be decoded, such as a string field that is not UTF-8 — the message names the
