@@ -523,7 +523,37 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"revoked {revoked.key.key_id}")
         return 0
 
-    return _run_async(lambda: _with_policy(action, args.admin_token))
+    async def flagged(policy: Peer[Any]) -> int:
+        try:
+            return await action(policy)
+        except grpc.aio.AioRpcError as exc:
+            raise _as_flag(exc, args) from None
+
+    return _run_async(lambda: _with_policy(flagged, args.admin_token))
+
+
+# Policy's names for the fields of a key, and the flags (or argument) `lmesh keys` sets them with.
+KEY_FLAGS = {"tenant": "--tenant", "allowed_models": "--model", "allowed_tools": "--tools",
+             "tools.allowed_tools": "--tools", "display_name": "--name", "max_priority": "--max-priority",
+             "client_cert_subject": "--client-cert-subject", "client_cert_sha256": "--client-cert-sha256",
+             "key_id": "KEY_ID"}
+
+
+def _as_flag(exc: grpc.aio.AioRpcError, args: argparse.Namespace) -> Exception:
+    """A field policy refused, under the flag the operator typed and with the value given there."""
+    field, said, problem = (exc.details() or "").partition(": ")
+    name, _, index = field.partition("[")
+    flag = KEY_FLAGS.get(name)
+    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or not said or flag is None:
+        return _admin_refusal(exc)
+    typed = vars(args)
+    given: Any = {"--model": typed.get("model") or [], "--tools": _tool_list(typed.get("tools") or []),
+                  "--tenant": typed.get("tenant"), "--name": typed.get("name"), "KEY_ID": typed.get("key_id")}.get(flag)
+    position = index.rstrip("]")
+    if isinstance(given, list):
+        given = given[int(position)] if position.isdigit() and int(position) < len(given) else None
+    shown = f" {given!r}" if isinstance(given, str) else ""
+    return CommandError(f"INVALID_ARGUMENT: {flag}{shown}: {problem}")
 
 
 async def _with_policy(action: Callable[[Peer[Any]], Awaitable[int]], admin_token: str | None) -> int:
@@ -1163,10 +1193,29 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
                              "renews)")
 
 
+def parsed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments; unknown ones are refused with the usage of the command they were given to (argparse would
+    show the top level's)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)command's parser that `args` chose."""
+    while True:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, commands.dest, None) if commands is not None else None
+        if commands is None or chosen not in commands.choices:
+            return parser
+        parser = commands.choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a malformed environment default is read while parsing (only when used) or by the command itself
         argv = sys.argv[1:] if argv is None else argv
-        args = build_parser(argv).parse_args(argv)
+        args = parsed(build_parser(argv), argv)
         if args.func not in (_serve, _dev):
             # Operator commands end in one line saying what went wrong; the retries before it are noise here.
             logging.getLogger("lmesh").setLevel(logging.ERROR)

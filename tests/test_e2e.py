@@ -1494,6 +1494,12 @@ async def test_cli_creates_a_key_that_chats(live: LiveMesh) -> None:
     assert row[1] == "default" and row[-1] == "1"  # one passing replica serves it
     keys = await run_cli(live, "keys", "list", "--tenant", "cli-team")
     assert "cli-team" in keys.stdout and key not in keys.stdout
+    # What policy refuses is said under the flag (and the value) typed, not policy's own field names.
+    for flags, said in [(("--model", "smollm2-*", "--model", "a b"), "--model 'a b': must not contain whitespace"),
+                        (("--tools", "calculator,Bad-Name"), "--tools 'Bad-Name': must be a tool name"),
+                        (("--max-priority", "10"), "--max-priority: must be in [0, 9]")]:
+        bad = await run_cli(live, "keys", "create", "--tenant", "cli-team", *flags)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"lmesh: INVALID_ARGUMENT: {said}"), bad.stderr
 
 
 async def test_the_audit_log_verifies_after_a_busy_run_and_holds_no_key(live: LiveMesh) -> None:
@@ -1615,15 +1621,15 @@ async def test_dev_mesh_refuses_to_start_a_second_mesh_in_an_agent_that_holds_on
         live: LiveMesh, consul_agent: ConsulAgent, built_model: Path, tmp_path: Path) -> None:
     """Another LMESH_HOME, the same Consul: its services would mix with the running mesh's (one registry's models,
     the other's keys), so it stops before starting anything."""
+    from services.common.consul_agent import free_ports
+
     gateway = await live.mesh.resolver("lmesh-gateway").pick()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr}
+    ports = free_ports(2)  # not 50051 and 8080: a `make run` may hold them
+    env = {**os.environ, "CONSUL_HTTP_ADDR": consul_agent.http_addr, "LMESH_HOME": str(tmp_path),
+           "LMESH_GATEWAY_PORT": str(ports[0]), "LMESH_HTTP_PORT": str(ports[1])}
     result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", "dev", "--model-dir",
-                                                      str(built_model)],
-                                     env={**env, "LMESH_HOME": str(tmp_path), "LMESH_GATEWAY_PORT": str(free_port)},
-                                     capture_output=True, text=True, timeout=60)
+                                                      str(built_model)], env=env, capture_output=True, text=True,
+                                     timeout=60)
     assert result.returncode == 2 and not (tmp_path / "dev-api-key").exists()
     assert result.stderr == (f"lmesh: a mesh already runs in the Consul agent at {consul_agent.http_addr} "
                              f"(lmesh-gateway at {gateway.target}); use it (`lmesh chat`), stop it, or point "
@@ -1633,13 +1639,12 @@ async def test_dev_mesh_refuses_to_start_a_second_mesh_in_an_agent_that_holds_on
 def test_dev_mesh_names_a_service_that_refuses_to_start_and_why(built_model: Path, tmp_path: Path) -> None:
     """Every service refuses an unsupported OTEL_TRACES_EXPORTER: `lmesh dev` stops at once (not after waiting for
     the registry), with the service's own one-line reason, and leaves nothing running."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+    from services.common.consul_agent import free_ports
+
+    ports = free_ports(3)
     env = {**os.environ, "LMESH_HOME": str(tmp_path), "LMESH_GATEWAY_PORT": str(ports[0]),
-           "CONSUL_HTTP_ADDR": f"127.0.0.1:{ports[1]}", "OTEL_TRACES_EXPORTER": "zipkin"}
+           "LMESH_HTTP_PORT": str(ports[1]), "CONSUL_HTTP_ADDR": f"127.0.0.1:{ports[2]}",
+           "OTEL_TRACES_EXPORTER": "zipkin"}
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "services.cli", "dev", "--model-dir", str(built_model)],
                             env=env, capture_output=True, text=True, timeout=60)

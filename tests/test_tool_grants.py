@@ -357,8 +357,10 @@ class TestToolGrantsOverGrpc:
         for argv, expected in (
                 (["keys", "update", key_id], "nothing to change"),
                 (["keys", "update", key_id, "--tools", "calc,,x"], "--tools"),
-                (["keys", "update", key_id, "--tools", "calculator,Bad"], "allowed_tools[1]"),
-                (["keys", "create", "--tenant", "cli-grants", "--tools", "no spaces"], "allowed_tools[0]")):
+                # Policy's refusal under the flag and the entry typed, not its field (`tools.allowed_tools[1]`).
+                (["keys", "update", key_id, "--tools", "calculator,Bad"], "INVALID_ARGUMENT: --tools 'Bad': "),
+                (["keys", "create", "--tenant", "cli-grants", "--tools", "no spaces"],
+                 "INVALID_ARGUMENT: --tools 'no spaces': ")):
             code, out, err = await lmesh(*argv)
             error = err.strip().splitlines()
             assert code == 2 and len(error) == 1 and error[0].startswith("lmesh: ") and expected in error[0], (
