@@ -23,7 +23,7 @@ run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
 test: venv model embeddings-model consul redis checkov
-	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
 # it carries onnxruntime-gpu instead of onnxruntime (LMESH_GPU=0: stay on the CPU build).

@@ -321,7 +321,7 @@ SCHEMAS = st.dictionaries(NAMES, VALUES, min_size=1, max_size=3).flatmap(
                                                               max_size=len(props))))
 
 
-@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(schema=SCHEMAS, seed=st.integers(1, 2**31))
 async def test_generated_schemas_give_valid_json_or_a_valid_prefix(engine: Engine, grammars: Grammars, chat: Any,

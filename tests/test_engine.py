@@ -1050,7 +1050,7 @@ def test_a_decode_total_length_below_the_rows_is_refused() -> None:
 
 
 async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_model: Path) -> None:
-    """Seeded random traffic on CUDA's route over CPU memory: prompts of 15 to ~750 tokens (the cache's capacity
+    """Seeded random traffic on CUDA's route over CPU memory: prompts of 15 to ~330 tokens (the cache's capacity
     grows to hold them, its rows copied on the device), a shared prefix, seeded and greedy requests arriving at
     random moments. Every answer equals the host route's for the same request sent alone."""
     import random
@@ -1062,7 +1062,7 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
     def prompt() -> list[int]:
         if rng.random() < 0.25:
             return shared + [28] * rng.randint(1, 5)
-        text = " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 600])))
+        text = " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 300])))
         return chat_prompt(built_model, "", text)
 
     plan: Plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
@@ -1089,7 +1089,7 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
     finally:
         watcher.cancel()
         await device.close()
-    assert max(capacities) >= 768 and device.prefix_cache.stats.hits >= 1, (capacities, device.prefix_cache.stats)
+    assert max(capacities) >= 384 and device.prefix_cache.stats.hits >= 1, (capacities, device.prefix_cache.stats)
     assert together == alone
 
 

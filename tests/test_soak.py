@@ -168,11 +168,11 @@ def test_the_report_carries_the_verdict_and_every_sample(tmp_path: Path) -> None
 
 async def test_a_short_soak_of_a_real_mesh_has_no_errors_and_samples_every_service(
         built_model: Path, tmp_path: Path) -> None:
-    config = SoakConfig(duration_s=12, streams=8, sample_s=1, warm_up_share=0.2, warm_up_min_s=3)
+    config = SoakConfig(duration_s=8, streams=8, sample_s=0.5, warm_up_share=0.2, warm_up_min_s=2)
     async with full_mesh(built_model, tmp_path) as mesh:
         run = await soak(mesh, config)
     verdicts, reasons = run.judge()
-    # Not the growth verdict: 12 s is too short for the inference replica's prefix cache to fill, which takes
+    # Not the growth verdict: 8 s is too short for the inference replica's prefix cache to fill, which takes
     # about a minute under 64 streams; the unit tests above judge growth, `make soak` a real run.
     print(render(run, verdicts, reasons))
     assert run.failures == Counter(), render(run, verdicts, reasons)
