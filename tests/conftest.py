@@ -59,7 +59,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-# The modules that take longest (seconds on 2 cores, from `make test PYTEST_ARGS=--durations=0`), longest first.
+# The modules that take longest on 2 cores, longest first (`make test PYTEST_ARGS=--durations=0` measures them).
 # `make test` hands whole modules to its workers in collection order (`--dist loadfile --no-loadscope-reorder`):
 # starting with these leaves the short modules to even out the workers' ends, instead of a mesh-starting module
 # beginning on one worker while the other has nothing left.
