@@ -77,7 +77,7 @@ AUTH_HINT = "; pass --admin-token or set LMESH_ADMIN_TOKEN (the token lmesh-poli
 def _unavailable(details: str) -> str:
     """An UNAVAILABLE message, with what to do added when it does not say so itself."""
     if "certificate_verify_failed" in details.lower():
-        return details + TLS_TRUST_HINT
+        return details.removesuffix(": OK") + TLS_TRUST_HINT  # gRPC ends some handshake failures with its own "OK"
     if "socket closed" in details.lower():  # also what a TLS port does to a plaintext client, or to a missing cert
         return details + MESH_DOWN_HINT[:-1] + TLS_PORT_HINT
     if any(mark in details.lower() for mark in UNREACHABLE_MARKS):

@@ -297,6 +297,7 @@ def test_unavailable_hints_only_when_nothing_could_be_reached() -> None:
                  "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate")
     assert _unavailable(untrusted).endswith("pass --gateway-ca or set LMESH_GATEWAY_CA to the CA that signed it; it "
                                             "must also name the address dialled)")
+    assert _unavailable(untrusted + ": OK") == _unavailable(untrusted)  # not "…certificate: OK (the gateway's…"
     closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
     assert _unavailable(closed).endswith("(is the mesh running? `make run`; a gateway that serves TLS needs --tls or "
                                          "--gateway-ca, and its client-certificate port a certificate from its "
