@@ -68,14 +68,16 @@ class Books:
         record, plaintext = self.keys.create(tenant)
         return record.key_id, plaintext
 
-    async def reserve(self, api_key: str, prompt: int = 10, max_tokens: int = 20, rid: str = "") -> str:
+    async def reserve(self, api_key: str, prompt: int = 10, max_tokens: int = 20, rid: str = "",
+                      continues: str = "") -> str:
         admitted = await self.accounting.reserve(api_key, MODEL, prompt_tokens=prompt, max_tokens=max_tokens,
-                                                 reservation_id=rid or new_id())
+                                                 reservation_id=rid or new_id(), continues=continues)
         return admitted.reservation_id
 
-    async def refusal(self, api_key: str, prompt: int = 10, max_tokens: int = 20) -> ResourceExhausted:
+    async def refusal(self, api_key: str, prompt: int = 10, max_tokens: int = 20,
+                      continues: str = "") -> ResourceExhausted:
         with pytest.raises(ResourceExhausted) as refused:
-            await self.reserve(api_key, prompt, max_tokens)
+            await self.reserve(api_key, prompt, max_tokens, continues=continues)
         return refused.value
 
     async def counters(self, subject: str, period: Period = Period.DAY) -> tuple[int, int]:
@@ -255,6 +257,58 @@ async def test_an_admission_says_where_the_keys_rate_window_stands_with_it(books
     await books.accounting.set_key_limits(books.keys.get(budget_id), LimitsUpdate(budget_tokens=100))
     assert (await books.accounting.reserve(budgeted, MODEL, prompt_tokens=1, max_tokens=1,
                                            reservation_id=new_id())).key_window is None
+
+
+async def test_a_request_that_continues_an_admitted_one_counts_no_request_but_its_tokens(books: Books) -> None:
+    """A tool chat: its plan is admitted as a request, its answer continues it; one request for the key and for
+    its tenant, the tokens of both."""
+    key_id, key = books.key()
+    await books.accounting.set_key_limits(books.keys.get(key_id), LimitsUpdate(requests_per_minute=1,
+                                                                               tokens_per_minute=100))
+    await books.accounting.set_tenant_limits("acme", LimitsUpdate(requests_per_minute=1))
+    plan = await books.accounting.reserve(key, MODEL, prompt_tokens=10, max_tokens=20, reservation_id=new_id())
+    assert plan.key_window == WindowUse(requests=1, tokens=30, oldest_leaves_in_ms=60_000)
+    books.clock.advance(10)
+    answer = await books.accounting.reserve(key, MODEL, prompt_tokens=15, max_tokens=25, reservation_id=new_id(),
+                                            continues=plan.reservation_id)
+    assert answer.key_window == WindowUse(requests=1, tokens=70, oldest_leaves_in_ms=50_000)
+    for subject in (key_subject(key_id), tenant_subject("acme")):
+        state = await books.ledger.subject_state(subject, books.accounting.now_ms(), books.accounting.window_ms)
+        assert (state.requests_in_window, state.tokens_in_window) == (1, 70)
+    refused = await books.refusal(key, 1, 1)  # a new request: the minute's one is taken (key and tenant)
+    assert refused.limit is not None and refused.limit.id == "policy.requests_per_minute"
+    assert int(refused.retry_after_s * 1000) == 50_000  # type: ignore[operator]
+    # Its tokens count as any request's: 31 more do not fit the 30 left, and they free up in order of admission
+    # (the plan's 30 at t=60 are not enough, the answer's 40 at t=70 are).
+    refused = await books.refusal(key, 1, 30, continues=plan.reservation_id)
+    assert refused.limit is not None and refused.limit.id == "policy.tokens_per_minute"
+    assert int(refused.retry_after_s * 1000) == 50_000  # type: ignore[operator]
+    refused = await books.refusal(key, 31, 30, continues=plan.reservation_id)
+    assert int(refused.retry_after_s * 1000) == 60_000  # type: ignore[operator]
+    await books.reserve(key, 10, 20, continues=answer.reservation_id)  # a chain is still one request
+    await books.accounting.settle(answer.reservation_id, 15, 5)  # settled: its real 20 tokens from now on
+    books.clock.advance(50)  # t=60: the plan left the window; the answer and the third stay
+    state = await books.ledger.subject_state(key_subject(key_id), books.accounting.now_ms(),
+                                             books.accounting.window_ms)
+    assert (state.requests_in_window, state.tokens_in_window) == (0, 20 + 30)
+    await books.reserve(key, 1, 1)
+    assert any(e.action == "reserve" and f"part of {plan.reservation_id}'s request" in e.detail
+               for e in books.audit.events)
+
+
+async def test_what_a_reserve_may_continue(books: Books) -> None:
+    key_id, key = books.key()
+    _, other = books.key()
+    await books.accounting.set_key_limits(books.keys.get(key_id), LimitsUpdate(requests_per_minute=1))
+    others = await books.reserve(other)
+    for continues, problem in ((others, "another key's reservation"), ("chatcmpl-self-0001", "another request's"),
+                               ("no spaces allowed", "8 to 64 letters")):
+        with pytest.raises(InvalidArgument) as bad:
+            await books.reserve(key, rid="chatcmpl-self-0001", continues=continues)
+        assert bad.value.field == "continues" and problem in bad.value.message
+    # One the ledger does not hold (admitted unmetered, or long gone) leaves it a request of its own.
+    await books.reserve(key, continues="unmetered-chatcmpl-0123456789")
+    assert (await books.refusal(key, continues=new_id())).limit.id == "policy.requests_per_minute"  # type: ignore[union-attr]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -499,6 +553,42 @@ async def test_the_sqlite_ledger_keeps_everything_across_a_restart(tmp_path: Pat
         assert next(c for c in state.periods if c.period.period == Period.DAY).spent == 31
     finally:
         await again.close()
+        keys.close()
+
+
+async def test_a_ledger_of_the_first_schema_counts_its_entries_as_requests(tmp_path: Path) -> None:
+    """A ledger written before continuations (schema 1, window entries without `requests`) opens with every
+    entry it holds still a request."""
+    import sqlite3
+
+    from services.policy import ledger as ledger_module
+
+    old_schema = "\n".join(line for line in ledger_module._SCHEMA.splitlines() if "requests       INTEGER" not in line)
+    assert old_schema != ledger_module._SCHEMA
+    db = sqlite3.connect(tmp_path / ledger_module.DB_NAME)
+    db.executescript(old_schema)
+    db.execute("PRAGMA user_version=1")
+    clock = FakeClock()
+    audit = MemoryAudit()
+    keys = KeyStore(tmp_path, audit)
+    keys.open()
+    record, key = keys.create("acme")
+    now = int(clock.t * 1000)
+    for i in range(2):
+        db.execute("INSERT INTO window_entries (subject, reservation_id, at_ms, tokens) VALUES (?, ?, ?, ?)",
+                   (key_subject(record.key_id), f"chatcmpl-old-{i:04d}", now - 1000, 5))
+    db.commit()
+    db.close()
+    accounting = Accounting(keys, SqliteLedger(tmp_path), audit, clock=clock)
+    await accounting.open()
+    try:
+        await accounting.set_key_limits(record, LimitsUpdate(requests_per_minute=3))
+        admitted = await accounting.reserve(key, MODEL, prompt_tokens=1, max_tokens=1, reservation_id=new_id())
+        assert admitted.key_window == WindowUse(requests=3, tokens=12, oldest_leaves_in_ms=59_000)
+        with pytest.raises(ResourceExhausted):
+            await accounting.reserve(key, MODEL, prompt_tokens=1, max_tokens=1, reservation_id=new_id())
+    finally:
+        await accounting.close()
         keys.close()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2
 import jsonschema
 import numpy as np
 import openai
@@ -25,6 +26,7 @@ import pytest_asyncio
 from lmesh.common.v1 import generation_pb2
 from lmesh.embeddings.v1 import embeddings_pb2
 from lmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from lmesh.policy.v1 import policy_pb2
 from lmesh.tools.v1 import tools_pb2, tools_pb2_grpc
 from opentelemetry import trace
 
@@ -274,6 +276,43 @@ async def test_auto_chooses_the_tool_the_request_needs(tool_mesh: ToolMesh) -> N
     responses = await chat(tool_mesh, tool_mesh.calculator_only, ask(
         "What is 123 * 456?", tools=gateway_pb2.ToolUse(auto=True)))
     assert [s.tool for s in steps(responses)][:1] == ["calculator"]
+
+
+async def test_a_tool_chat_is_one_request_against_the_keys_rate_limit_and_streams_where_it_stands(
+        tool_mesh: ToolMesh) -> None:
+    """The plan's admission counts the chat; its answer continues it (no second request); both protocols send the
+    rate-limit headers before the first tool step."""
+    one_a_minute = policy_pb2.Limits(requests_per_minute=1)
+    grpc_key, http_key = [(await create_key(tool_mesh.mesh.peer(POLICY), "tools-rpm", allowed_tools=["calculator"],
+                                            limits=one_a_minute)).api_key for _ in range(2)]
+    async with grpc.aio.insecure_channel(tool_mesh.gateway_target) as channel:
+        call = tool_mesh.gateway(channel).Chat(
+            iter([gateway_pb2.ChatRequest(start=ask("What is 17 * 23?", max_tokens=24,
+                                                     tools=gateway_pb2.ToolUse(names=["calculator"])))]),
+            metadata=[("authorization", f"Bearer {grpc_key}")], timeout=120)
+        responses = [response async for response in call]
+        initial = {k: v for k, v in (await call.initial_metadata() or ())}
+    assert responses[0].HasField("tool_step") and steps(responses)[-1].state == State.STATE_SUCCEEDED
+    assert responses[-1].finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
+    assert initial["x-ratelimit-limit-requests"] == "1" and initial["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # the one request of the minute was the tool chat
+        await chat(tool_mesh, grpc_key, ask("Hi", max_tokens=4))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(refused.value) == Reason.RATE_LIMITED and "1 requests per minute" in str(
+        refused.value.details())
+
+    body = {"model": "default", "messages": [{"role": "user", "content": "What is 17 * 23?"}], "max_tokens": 24,
+            "stream": True, "mesh_tools": {"names": ["calculator"]}}
+    async with httpx2.AsyncClient(timeout=120) as client, client.stream(
+            "POST", f"{tool_mesh.http_base}/v1/chat/completions", json=body,
+            headers={"authorization": f"Bearer {http_key}"}) as streamed:
+        lines = [line async for line in streamed.aiter_lines() if line]
+    assert streamed.status_code == 200, lines
+    assert streamed.headers["x-ratelimit-limit-requests"] == "1"
+    assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+    assert streamed.headers["x-lmesh-cache"] == "bypass"
+    assert "lmesh_tool_step" in lines[0] and lines[-1] == "data: [DONE]"
+    assert not any(line.startswith("event: error") for line in lines), lines
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},

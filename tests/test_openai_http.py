@@ -155,7 +155,7 @@ class FakeChat:
         return {"tiny:1"}
 
     async def prepare(self, credential: Credential, params: ChatParams, request_id: str = "",
-                      screening: object = None, *, overlap: bool = False) -> Prepared:
+                      screening: object = None, *, overlap: bool = False, continues: str = "") -> Prepared:
         try:
             version = await self.models.resolve(params.model)
         except NotFound:

@@ -157,6 +157,17 @@ class Prepared:
         return capped_priority(self.requested_priority, principal)
 
 
+@dataclass(frozen=True)
+class Completed:
+    """A whole generation (ChatService.complete): its text (stop strings applied), usage, model version and
+    policy's admission of it."""
+
+    text: str
+    usage: generation_pb2.Usage
+    model: str  # `name:version`
+    admitted: policy_pb2.ReserveResponse
+
+
 def capped_priority(requested: int | None, principal: policy_pb2.Principal) -> int:
     """The priority a chat runs at: the one it asked for, clipped to its key's max_priority (a chat may not take
     more than the operator granted, and asking too much is not an error); none asked, the key's max_priority."""
@@ -323,13 +334,15 @@ class ChatService:
             await self._inference.wait_for(lambda e: model_id in e.models, timeout=LOAD_WAIT_S)
 
     async def prepare(self, credential: Credential | str, params: ChatParams, request_id: str = "",
-                      screening: Screening | None = None, *, overlap: bool = False) -> Prepared:
+                      screening: Screening | None = None, *, overlap: bool = False, continues: str = "",
+                      ) -> Prepared:
         """Authenticates the credential (an API key, or a verified client certificate), resolves the model, screens
         the input (guardrails), renders the prompt, then has policy admit the request and reserve its exact prompt
         plus max_tokens under the id `request_id` (the completion id). The caller settles the reservation
         (`Accounts.held`). `overlap`: return without waiting for the admission where `OverlappedAdmission` allows
         it; the caller then starts generating while it decides and releases nothing before it admits
-        (request_path.started_while_admitting)."""
+        (request_path.started_while_admitting). `continues`: the reservation of the admitted request this one is
+        part of (a tool chat's plan, for its answer): policy counts no second request."""
         with self._tracer.start_as_current_span("authorize", record_exception=False,
                                                  set_status_on_exception=False) as span:
             try:
@@ -371,7 +384,7 @@ class ChatService:
         reserve = policy_pb2.ReserveRequest(
             **credential_fields(credential), model=params.model, resolved_model=model_id,
             resolved_aliases=list(version.aliases), prompt_tokens=len(prompt), max_tokens=max_tokens,
-            reservation_id=request_id or new_completion_id())
+            reservation_id=request_id or new_completion_id(), continues=continues)
         digest = credential_digest(credential)
         overlapped = overlap and self.overlapping.begin(digest)
         admission = asyncio.ensure_future(self._reserve(reserve, credential, digest, overlapped))
@@ -433,10 +446,10 @@ class ChatService:
     async def complete(self, credential: Credential | str, params: ChatParams, request_id: str,
                        screening: Screening | None = None,
                        enough: Callable[[str], str | None] = lambda text: None,
-                       ) -> tuple[str, generation_pb2.Usage, str]:
+                       ) -> Completed:
         """A whole generation that no client sees as it streams (a tool plan): authorized, reserved and settled
-        as any chat; its text (stop strings applied), usage and model version. `enough` sees the text as it grows
-        and may end the generation early: what it returns is then the text."""
+        as any chat. `enough` sees the text as it grows and may end the generation early: what it returns is
+        then the text."""
         prepared = await self.prepare(credential, params, request_id, screening)
         model_id = f"{prepared.version.name}:{prepared.version.version}"
         pieces: list[str] = []
@@ -451,7 +464,8 @@ class ChatService:
                     if cut is None and (cut := enough("".join(pieces))) is not None:
                         cancel.set()
                 else:
-                    return cut if cut is not None else "".join(pieces), event.usage, model_id
+                    return Completed(cut if cut is not None else "".join(pieces), event.usage, model_id,
+                                     prepared.admission.result())
         raise Unavailable("the generation ended without a finish")
 
     async def generate(self, version: registry_pb2.ModelVersion, prompt: list[int], max_tokens: int,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvicorn
+from lmesh.policy.v1 import policy_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
@@ -365,18 +366,29 @@ class OpenAIApp:
         answer: Answer | None = None
         rate: list[tuple[bytes, bytes]] = []
         latest = 0  # the key's requests in its window at the latest admission seen (each choice is one)
+
+        def admitted(reservation: policy_pb2.ReserveResponse | None) -> None:
+            nonlocal latest, rate
+            # Later admissions count the earlier ones; a tool chat's answer counts no request of its own but
+            # says more of the tokens.
+            if reservation is not None and reservation.key_window.requests >= latest:
+                latest = reservation.key_window.requests
+                rate = [(name.encode(), value.encode()) for name, value in rate_limit_headers(reservation)]
+
         async with closing(self._choices(request, credential, flight)) as events:
             async for index, event in events:
                 if isinstance(event, ChatStarted):
                     answer = answer or Answer(request, event.id, event.model, created)
                     answer.cache_results[index] = event.response_cache
-                    if event.admitted is not None and event.admitted.key_window.requests > latest:
-                        latest = event.admitted.key_window.requests  # later admissions count the earlier ones
-                        rate = [(name.encode(), value.encode()) for name, value in rate_limit_headers(event.admitted)]
+                    admitted(event.admitted)
                     respond.answer_headers = [answer.cache_header(), *rate]
                     continue
                 if isinstance(event, ToolStepEvent):
                     answer = answer or Answer(request, event.id, event.model, created)
+                    if index not in answer.cache_results:  # its first step: the plan admitted the chat
+                        answer.cache_results[index] = "bypass"  # a tool chat's answer is never cached
+                        admitted(event.admitted)
+                        respond.answer_headers = [answer.cache_header(), *rate]
                     step = tool_step_json(event)
                     if request.stream:
                         await respond.event(answer.tool_step_chunk(index, step))

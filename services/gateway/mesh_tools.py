@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from lmesh.common.v1 import generation_pb2
+from lmesh.policy.v1 import policy_pb2
 from opentelemetry import trace
 
 from services.common.access import tool_allowed
@@ -103,12 +104,15 @@ class ToolStepEvent:
     step: GraphEvent
     model: str
     id: str
+    admitted: policy_pb2.ReserveResponse  # the plan's admission: the chat's, for the rate-limit headers
 
 
 @dataclass
 class ToolPhaseResult:
     params: ChatParams  # the chat to answer: the conversation with the results, no tools
     usage: generation_pb2.Usage = field(default_factory=generation_pb2.Usage)  # the plan's generation
+    # The plan's reservation: the answer's admission continues it (one request against requests_per_minute).
+    reservation_id: str = ""
 
 
 def with_references(schema: dict[str, Any]) -> dict[str, Any]:
@@ -276,9 +280,10 @@ class MeshTools:
             max_tokens=PLAN_MAX_TOKENS, temperature=0.0, top_p=0.0, top_k=0, stop=[], logprobs=False,
             top_logprobs=0, response_format=generation_pb2.OutputConstraint(json_schema=compact(schema)))
         with self._tracer.start_as_current_span("plan_tools"):
-            text, usage, model_id = await chat.complete(caller, plan_params, f"{completion_id}-plan", screening,
-                                                        enough=plan_repeats_itself)
-        result.usage = usage
+            plan = await chat.complete(caller, plan_params, f"{completion_id}-plan", screening,
+                                       enough=plan_repeats_itself)
+        text, model_id = plan.text, plan.model
+        result.usage, result.reservation_id = plan.usage, plan.admitted.reservation_id
         try:
             calls = parse_plan(text, request.calls_allowed)
         except PlanError as exc:
@@ -301,7 +306,7 @@ class MeshTools:
 
         outcome = GraphOutcome()
         async for step in run_graph(calls, invoke, self._tracer, outcome):
-            yield ToolStepEvent(step, model_id, completion_id)
+            yield ToolStepEvent(step, model_id, completion_id, plan.admitted)
             if cancel.is_set():
                 break
         finished = [outcome.finished[n] for n in sorted(outcome.finished)]

@@ -202,7 +202,9 @@ async def _admitted_chat(chat: ChatService, params: ChatParams, credential: Call
         answer_schema = params.response_format.json_schema if params.response_format is not None else None
         params = replace(params, messages=conversation_with(params.messages, calling),
                          response_format=calling.constraint(answer_schema))
-    prepared = await chat.prepare(caller, params, completion_id, screening, overlap=True)
+    # A tool chat's answer is part of the request its plan's admission counted.
+    continues = tool_phase.reservation_id if tool_phase is not None else ""
+    prepared = await chat.prepare(caller, params, completion_id, screening, overlap=True, continues=continues)
     version = prepared.version
     model_id = f"{version.name}:{version.version}"
     span.set_attributes({"gen_ai.response.model": model_id, "gen_ai.response.id": completion_id,

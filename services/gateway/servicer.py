@@ -133,6 +133,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         if first_delta:
                             response.model, response.id = event.model, event.id
                             first_delta = False
+                            if rate := rate_limit_headers(event.admitted):  # the plan admitted the chat
+                                await context.send_initial_metadata(rate)
                         if watcher is None:  # a Cancel message stops the tool phase too
                             watcher = asyncio.create_task(watch_client())
                         yield response

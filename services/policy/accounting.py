@@ -172,7 +172,9 @@ class Accounting:
 
     async def reserve(self, credential: str | CertificateIdentity, model: str, *, prompt_tokens: int,
                       max_tokens: int, reservation_id: str, resolved_model: str = "",
-                      resolved_aliases: Sequence[str] = ()) -> Admitted:
+                      resolved_aliases: Sequence[str] = (), continues: str = "") -> Admitted:
+        """Admits a request and reserves its tokens (see policy.proto's Reserve). `continues`: the reservation of
+        the admitted request this one is part of (a tool chat's answer, of its plan); it counts no request then."""
         principal = self.keys.authorize(credential, model, resolved_model=resolved_model,
                                         resolved_aliases=resolved_aliases)
         if not 0 <= prompt_tokens <= MAX_PROMPT_TOKENS:
@@ -180,11 +182,15 @@ class Accounting:
         if max_tokens <= 0:
             raise InvalidArgument("max_tokens", f"must be more than 0, got {max_tokens}")
         check_reservation_id(reservation_id)
+        if continues:
+            check_reservation_id(continues, "continues")
+            if continues == reservation_id:
+                raise InvalidArgument("continues", "must name another request's reservation, not this one's")
         model_id = resolved_model or model
         now = self.now_ms()
         trace_id = _trace_id()
         order = Order(reservation_id, principal.key_id, principal.tenant, model_id, prompt_tokens, max_tokens, now,
-                      self.lease_ms, self.window_ms, trace_id).at(now)
+                      self.lease_ms, self.window_ms, trace_id, continues=continues).at(now)
         tokens = {"prompt": prompt_tokens, "max": max_tokens, "reserved": order.tokens}
         try:
             admission = await self.ledger.reserve(order)
@@ -210,8 +216,10 @@ class Accounting:
         reservation = admission.reservation
         assert reservation is not None
         if not admission.repeated:
+            part_of = f", part of {continues}'s request" if continues else ""
             self.audit.append(AuditEvent("reserve", "allowed", principal.key_id, principal.tenant, model_id,
-                                         tokens=tokens, trace_id=trace_id, detail=f"reservation {reservation.id}"))
+                                         tokens=tokens, trace_id=trace_id,
+                                         detail=f"reservation {reservation.id}{part_of}"))
         return Admitted(principal, reservation.id, reservation.reserved, self.lease_ms, *admission.limits,
                         key_window=admission.key_window)
 

@@ -11,6 +11,9 @@ What a step keeps true, whatever runs concurrently: for every subject (a key, a 
 `spent + reserved` only grows by an admission that fits the budget; a reservation is released exactly once
 (settled, or expired and charged in full); a settle after expiry corrects the charge to the real usage; a repeated
 settle changes nothing.
+
+A request counts once against `requests_per_minute`: a Reserve that continues an admitted request (Order.continues,
+a tool chat's answer after its plan) adds a window entry that holds its tokens and counts no request.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from services.common.errors import AlreadyExists, NotFound, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from services.policy.limits import (
     Admission,
     CounterUsage,
@@ -43,7 +46,7 @@ from services.policy.limits import (
 log = logging.getLogger("lmesh.policy")
 
 DB_NAME = "ledger.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: window_entries.requests
 RETENTION_MS = 24 * 3_600_000  # settled and expired reservations are kept this long (idempotent Settle)
 DAY_COUNTERS_KEPT_MS = 62 * 86_400_000
 EXPIRE_BATCH = 256
@@ -82,27 +85,30 @@ class Ledger(Protocol):
     async def get(self, reservation_id: str) -> Reservation: ...
 
 
-def refusals_for(order: Order, subject: str, limits: Limits, window: Sequence[tuple[int, int]],
-                 counters: dict[str, tuple[int, int]], first_lease_end: int | None, now: int) -> list[Refusal]:
+def refusals_for(order: Order, subject: str, limits: Limits, window: Sequence[tuple[int, int, int]],
+                 counters: dict[str, tuple[int, int]], first_lease_end: int | None, now: int,
+                 counts_request: bool = True) -> list[Refusal]:
     """Every limit of `subject` that `order` does not fit, with when it would (the Lua scripts in
-    redis_ledger.py mirror this). `window`: (admission time, tokens) of the subject's entries younger than the
-    window, oldest first; `counters`: label → (spent, reserved); `first_lease_end`: the soonest lease end of the
-    subject's open reservations."""
+    redis_ledger.py mirror this). `window`: (admission time, tokens, requests: 1, or 0 for a continuation) of the
+    subject's entries younger than the window, oldest first; `counters`: label → (spent, reserved);
+    `first_lease_end`: the soonest lease end of the subject's open reservations; `counts_request`: False for an
+    order that continues a request this subject already counted."""
     refusals: list[Refusal] = []
     width = order.window_ms
-    if limits.requests_per_minute and len(window) + 1 > limits.requests_per_minute:
-        # The window holds len(window) entries; once the oldest len(window) - rpm + 1 leave, one more fits.
-        leaving = window[len(window) - limits.requests_per_minute]
-        refusals.append(Refusal(subject, "requests_per_minute", limits.requests_per_minute, len(window), 0, 1,
-                                max(1, leaving[0] + width - now)))
+    requests = [at for at, _, counted in window if counted]
+    if counts_request and limits.requests_per_minute and len(requests) + 1 > limits.requests_per_minute:
+        # The window holds len(requests) requests; once the oldest len(requests) - rpm + 1 leave, one more fits.
+        leaving = requests[len(requests) - limits.requests_per_minute]
+        refusals.append(Refusal(subject, "requests_per_minute", limits.requests_per_minute, len(requests), 0, 1,
+                                max(1, leaving + width - now)))
     need = order.tokens
     if limits.tokens_per_minute:
-        total = sum(tokens for _, tokens in window)
+        total = sum(tokens for _, tokens, _ in window)
         if need > limits.tokens_per_minute:
             refusals.append(Refusal(subject, "tokens_per_minute", limits.tokens_per_minute, total, 0, need, None))
         elif total + need > limits.tokens_per_minute:
             excess, freed, frees_at = total + need - limits.tokens_per_minute, 0, 1
-            for at, tokens in window:
+            for at, tokens, _ in window:
                 freed += tokens
                 if freed >= excess:
                     frees_at = max(1, at + width - now)
@@ -162,6 +168,7 @@ CREATE TABLE IF NOT EXISTS window_entries (
     reservation_id TEXT NOT NULL,
     at_ms          INTEGER NOT NULL,
     tokens         INTEGER NOT NULL,
+    requests       INTEGER NOT NULL DEFAULT 1,  -- 0: a continuation of a request already counted
     PRIMARY KEY (subject, reservation_id)
 );
 CREATE INDEX IF NOT EXISTS window_by_time ON window_entries (subject, at_ms);
@@ -218,6 +225,9 @@ class SqliteLedger:
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has schema version {version}; this build knows {SCHEMA_VERSION}")
             db.executescript(_SCHEMA)
+            columns = {str(row[1]) for row in db.execute("PRAGMA table_info(window_entries)")}
+            if "requests" not in columns:  # a version 1 ledger: every entry it holds is a request
+                db.execute("ALTER TABLE window_entries ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             db.close()
@@ -253,23 +263,26 @@ class SqliteLedger:
                 if found.key_id != order.key_id:
                     raise AlreadyExists(f"reservation_id: {order.reservation_id} is another request's reservation")
                 return Admission(found, repeated=True, limits=both)
+            counted = self._counted_already(order)
             now = order.now_ms
             expired = self._expire_due(now, EXPIRE_BATCH)
             refusals: list[Refusal] = []
-            windows: dict[str, list[tuple[int, int]]] = {}  # of the subjects with a limit
+            windows: dict[str, list[tuple[int, int, int]]] = {}  # of the subjects with a limit
             for subject, column, value, limits in zip(order.subjects, ("key_id", "tenant"),
                                                       (order.key_id, order.tenant), both, strict=True):
                 db.execute("DELETE FROM window_entries WHERE subject = ? AND at_ms <= ?",
                            (subject, now - order.window_ms))
                 if limits.unlimited:
                     continue
-                window = windows[subject] = db.execute("SELECT at_ms, tokens FROM window_entries WHERE subject = ? "
-                                                       "ORDER BY at_ms, reservation_id", (subject,)).fetchall()
+                window = windows[subject] = db.execute(
+                    "SELECT at_ms, tokens, requests FROM window_entries WHERE subject = ? ORDER BY at_ms, "
+                    "reservation_id", (subject,)).fetchall()
                 counters = {str(label): (int(spent), int(reserved)) for label, spent, reserved in db.execute(
                     "SELECT label, spent, reserved FROM counters WHERE subject = ?", (subject,))}
                 first_end = db.execute(f"SELECT MIN(lease_until_ms) FROM reservations WHERE state = 'open' AND "
                                        f"{column} = ?", (value,)).fetchone()[0]
-                refusals += refusals_for(order, subject, limits, window, counters, first_end, now)
+                refusals += refusals_for(order, subject, limits, window, counters, first_end, now,
+                                         counts_request=subject not in counted)
             refusal = most_waiting(refusals)
             if refusal is not None:
                 return Admission(None, refusal, tuple(expired), limits=both)
@@ -283,16 +296,32 @@ class SqliteLedger:
                         reservation.prompt_tokens, reservation.max_tokens, reservation.reserved, 0, State.OPEN.value,
                         now, reservation.lease_until_ms, reservation.trace_id, ",".join(labels)))
             for subject in order.subjects:
-                db.execute("INSERT INTO window_entries (subject, reservation_id, at_ms, tokens) VALUES (?, ?, ?, ?)",
-                           (subject, reservation.id, now, reservation.reserved))
+                db.execute("INSERT INTO window_entries (subject, reservation_id, at_ms, tokens, requests) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (subject, reservation.id, now, reservation.reserved, int(subject not in counted)))
                 for label in labels:
                     self._count(subject, label, 0, reservation.reserved)
             key_window = None
             if both[0].requests_per_minute or both[0].tokens_per_minute:
                 window = windows[order.subjects[0]]
-                key_window = WindowUse(len(window) + 1, sum(t for _, t in window) + reservation.reserved,
+                requests = sum(r for _, _, r in window) + int(order.subjects[0] not in counted)
+                key_window = WindowUse(requests, sum(t for _, t, _ in window) + reservation.reserved,
                                        (window[0][0] - now if window else 0) + order.window_ms)
             return Admission(reservation, None, tuple(expired), limits=both, key_window=key_window)
+
+    def _counted_already(self, order: Order) -> set[str]:
+        """The subjects whose windows already counted the request `order` continues: its key's, and its tenant's
+        when the key is still in it. None when it continues nothing or a reservation this ledger does not hold."""
+        if not order.continues:
+            return set()
+        row = self._conn.execute("SELECT key_id, tenant FROM reservations WHERE id = ?",
+                                 (order.continues,)).fetchone()
+        if row is None:
+            return set()
+        if row[0] != order.key_id:
+            raise InvalidArgument("continues", f"{order.continues} is another key's reservation")
+        key, tenant = order.subjects
+        return {key, tenant} if row[1] == order.tenant else {key}
 
     def _read_limits(self, subject: str) -> Limits:
         return _limits(self._conn.execute(
@@ -406,8 +435,8 @@ class SqliteLedger:
             row = db.execute("SELECT spent, reserved FROM counters WHERE subject = ? AND label = ?",
                              (subject, period.label)).fetchone()
             usage.append(CounterUsage(period, int(row[0]) if row else 0, int(row[1]) if row else 0))
-        count, tokens = db.execute("SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM window_entries WHERE subject = ? "
-                                   "AND at_ms > ?", (subject, now_ms - window_ms)).fetchone()
+        count, tokens = db.execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(tokens), 0) FROM window_entries "
+                                   "WHERE subject = ? AND at_ms > ?", (subject, now_ms - window_ms)).fetchone()
         return SubjectState(subject, limits, tuple(usage), int(count), int(tokens))
 
 

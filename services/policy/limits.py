@@ -122,9 +122,9 @@ def validated(update: LimitsUpdate, prefix: str = "limits") -> LimitsUpdate:
     return update
 
 
-def check_reservation_id(reservation_id: str) -> str:
+def check_reservation_id(reservation_id: str, name: str = "reservation_id") -> str:
     if not RESERVATION_ID.fullmatch(reservation_id):
-        raise InvalidArgument("reservation_id", "must be 8 to 64 letters, digits, '-' or '_'")
+        raise InvalidArgument(name, "must be 8 to 64 letters, digits, '-' or '_'")
     return reservation_id
 
 
@@ -182,6 +182,7 @@ class Order:
     window_ms: int = WINDOW_MS
     trace_id: str = ""
     periods: dict[Period, PeriodWindow] = field(default_factory=dict)
+    continues: str = ""  # the reservation of the admitted request this one is part of ('' a new request)
 
     @property
     def tokens(self) -> int:

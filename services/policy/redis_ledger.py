@@ -12,8 +12,9 @@ Keys, under a prefix (`lmesh:` by default; one Redis may serve several meshes wi
     res:<id>                  hash  the reservation (expires 24 h after it ends)
     leases                    zset  open reservation id → lease end (what the sweeper expires)
     open:<subject>            zset  the subject's open reservation ids → lease end
-    win:<subject>             zset  reservation id → admission time (the sliding window)
-    wtok:<subject>            hash  reservation id → its tokens in the window, and `_sum`
+    win:<subject>             zset  reservation id → admission time (the sliding window's requests)
+    wcont:<subject>           zset  the same for continuations (Order.continues): tokens, no request
+    wtok:<subject>            hash  reservation id → its tokens in the window (both zsets'), and `_sum`
     ctr:<subject>:<label>     hash  spent, reserved for a period label (d:2026-12-06, m:2026-12, all)
 
 A standalone Redis (or one behind Sentinel): the scripts reach keys named inside them, which Redis Cluster does
@@ -101,8 +102,9 @@ end
 """
 
 # ARGV: 3 id, 4 key_id, 5 tenant, 6 model, 7 prompt, 8 max, 9 lease_ms, 10 window_ms, 11 trace, 12 labels
-# (comma-separated), 13 day label, 14 day end, 15 month label, 16 month end, 17 expire batch.
-# Returns {'conflict'} | {'repeated', reservation, limits} | {'refused', expired, refusals, limits} |
+# (comma-separated), 13 day label, 14 day end, 15 month label, 16 month end, 17 expire batch, 18 the reservation it
+# continues ('' none). Returns {'conflict'} | {'foreign'} (it continues another key's reservation) |
+# {'repeated', reservation, limits} | {'refused', expired, refusals, limits} |
 # {'admitted', expired, now, key window, limits}; limits: rpm, tpm, budget, period of the key, then of the tenant
 # ('' unset); key window: requests, tokens, and ms until the oldest leaves, of the key's window with this admission.
 # A refusal: {subject, limit, value, used, held, asked, retry_ms (-1: never), period}.
@@ -118,6 +120,16 @@ if existing then
   if existing[2] ~= key_id then return {'conflict'} end
   return {'repeated', existing, limits}
 end
+-- The subjects whose windows already counted the request this one continues (none: a request of its own).
+local counted = {}
+if ARGV[18] ~= '' then
+  local c = redis.call('HMGET', P .. 'res:' .. ARGV[18], 'key_id', 'tenant')
+  if c[1] then
+    if c[1] ~= key_id then return {'foreign'} end
+    counted['key:' .. key_id] = true
+    if c[2] == tenant then counted['tenant:' .. tenant] = true end
+  end
+end
 local prompt, max_tokens = tonumber(ARGV[7]), tonumber(ARGV[8])
 local lease_ms, width = tonumber(ARGV[9]), tonumber(ARGV[10])
 local periods = {day = {ARGV[13], tonumber(ARGV[14])}, month = {ARGV[15], tonumber(ARGV[16])}, none = {'all', 0}}
@@ -126,20 +138,22 @@ local now = clock()
 local expired = expire_due(now, tonumber(ARGV[17]))
 local refusals = {}
 for _, s in ipairs(subjects(key_id, tenant)) do
-  local wk, tk = P .. 'win:' .. s, P .. 'wtok:' .. s
-  local old = redis.call('ZRANGEBYSCORE', wk, '-inf', now - width)
-  if #old > 0 then
-    local sum = tonumber(redis.call('HGET', tk, '_sum') or '0')
-    for _, gone in ipairs(old) do
-      sum = sum - tonumber(redis.call('HGET', tk, gone) or '0')
-      redis.call('HDEL', tk, gone)
+  local wk, ck, tk = P .. 'win:' .. s, P .. 'wcont:' .. s, P .. 'wtok:' .. s
+  for _, z in ipairs({wk, ck}) do
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - width)
+    if #old > 0 then
+      local sum = tonumber(redis.call('HGET', tk, '_sum') or '0')
+      for _, gone in ipairs(old) do
+        sum = sum - tonumber(redis.call('HGET', tk, gone) or '0')
+        redis.call('HDEL', tk, gone)
+      end
+      redis.call('HSET', tk, '_sum', sum)
+      redis.call('ZREMRANGEBYSCORE', z, '-inf', now - width)
     end
-    redis.call('HSET', tk, '_sum', sum)
-    redis.call('ZREMRANGEBYSCORE', wk, '-inf', now - width)
   end
   local L = redis.call('HMGET', P .. 'limits:' .. s, 'rpm', 'tpm', 'budget', 'period')
   local rpm, tpm, budget, period = tonumber(L[1] or '0'), tonumber(L[2] or '0'), tonumber(L[3] or '0'), L[4] or 'none'
-  if rpm > 0 then
+  if rpm > 0 and not counted[s] then
     local n = redis.call('ZCARD', wk)
     if n + 1 > rpm then
       local e = redis.call('ZRANGE', wk, n - rpm, n - rpm, 'WITHSCORES')
@@ -153,10 +167,15 @@ for _, s in ipairs(subjects(key_id, tenant)) do
       table.insert(refusals, {s, 'tokens_per_minute', tpm, total, 0, need, -1, period})
     elseif total + need > tpm then
       local excess, freed, retry = total + need - tpm, 0, 1
-      local entries = redis.call('ZRANGE', wk, 0, -1, 'WITHSCORES')
-      for i = 1, #entries, 2 do
-        freed = freed + tonumber(redis.call('HGET', tk, entries[i]) or '0')
-        if freed >= excess then retry = math.max(1, tonumber(entries[i + 1]) + width - now); break end
+      local entries = {}
+      for _, z in ipairs({wk, ck}) do
+        local e = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+        for i = 1, #e, 2 do table.insert(entries, {e[i], tonumber(e[i + 1])}) end
+      end
+      table.sort(entries, function(a, b) return a[2] < b[2] or (a[2] == b[2] and a[1] < b[1]) end)
+      for _, e in ipairs(entries) do
+        freed = freed + tonumber(redis.call('HGET', tk, e[1]) or '0')
+        if freed >= excess then retry = math.max(1, e[2] + width - now); break end
       end
       table.insert(refusals, {s, 'tokens_per_minute', tpm, total, 0, need, retry, period})
     end
@@ -188,6 +207,7 @@ redis.call('HSET', P .. 'res:' .. id, 'key_id', key_id, 'tenant', tenant, 'model
 redis.call('ZADD', P .. 'leases', lease, id)
 for _, s in ipairs(subjects(key_id, tenant)) do
   local wk, tk = P .. 'win:' .. s, P .. 'wtok:' .. s
+  if counted[s] then wk = P .. 'wcont:' .. s end
   redis.call('ZADD', wk, now, id)
   redis.call('HSET', tk, id, need)
   redis.call('HINCRBY', tk, '_sum', need)
@@ -197,9 +217,12 @@ for _, s in ipairs(subjects(key_id, tenant)) do
   for label in string.gmatch(ARGV[12], '[^,]+') do count(s, label, 0, need) end
 end
 local kw, kt = P .. 'win:key:' .. key_id, P .. 'wtok:key:' .. key_id
-local oldest = redis.call('ZRANGE', kw, 0, 0, 'WITHSCORES')
-local window = {redis.call('ZCARD', kw), tonumber(redis.call('HGET', kt, '_sum') or '0'),
-                tonumber(oldest[2]) + width - now}
+local oldest = now
+for _, z in ipairs({kw, P .. 'wcont:key:' .. key_id}) do
+  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  if #first > 0 and tonumber(first[2]) < oldest then oldest = tonumber(first[2]) end
+end
+local window = {redis.call('ZCARD', kw), tonumber(redis.call('HGET', kt, '_sum') or '0'), oldest + width - now}
 return {'admitted', expired, now, window, limits}
 """
 
@@ -258,10 +281,12 @@ local s, width = ARGV[3], tonumber(ARGV[4])
 local now = clock()
 local L = redis.call('HMGET', P .. 'limits:' .. s, 'rpm', 'tpm', 'budget', 'period')
 local requests, tokens = 0, 0
-local live = redis.call('ZRANGEBYSCORE', P .. 'win:' .. s, '(' .. (now - width), '+inf')
-for _, id in ipairs(live) do
-  requests = requests + 1
-  tokens = tokens + tonumber(redis.call('HGET', P .. 'wtok:' .. s, id) or '0')
+for _, z in ipairs({'win:', 'wcont:'}) do
+  local live = redis.call('ZRANGEBYSCORE', P .. z .. s, '(' .. (now - width), '+inf')
+  for _, id in ipairs(live) do
+    if z == 'win:' then requests = requests + 1 end
+    tokens = tokens + tonumber(redis.call('HGET', P .. 'wtok:' .. s, id) or '0')
+  end
 end
 local out = {tonumber(L[1] or '0'), tonumber(L[2] or '0'), tonumber(L[3] or '0'), L[4] or 'none', requests, tokens}
 for _, label in ipairs({ARGV[5], ARGV[6], 'all'}) do
@@ -350,17 +375,19 @@ class RedisLedger:
     # -- admissions ----------------------------------------------------------------------------------------------
 
     async def reserve(self, order: Order) -> Admission:
-        from services.common.errors import AlreadyExists
+        from services.common.errors import AlreadyExists, InvalidArgument
 
         day, month = order.periods[Period.DAY], order.periods[Period.MONTH]
         labels = ",".join(p.label for p in order.periods.values())
         answer = await self._script("reserve", order.reservation_id, order.key_id, order.tenant, order.model,
                                     order.prompt_tokens, order.max_tokens, order.lease_ms, order.window_ms,
                                     order.trace_id, labels, day.label, day.end_ms, month.label, month.end_ms,
-                                    EXPIRE_BATCH)
+                                    EXPIRE_BATCH, order.continues)
         kind = answer[0]
         if kind == "conflict":
             raise AlreadyExists(f"reservation_id: {order.reservation_id} is another request's reservation")
+        if kind == "foreign":
+            raise InvalidArgument("continues", f"{order.continues} is another key's reservation")
         values = [v if v != "" else None for v in answer[-1]]
         limits = (_limits(values[:4]), _limits(values[4:]))
         if kind == "repeated":

@@ -124,7 +124,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         admitted = await self._accounting.reserve(
             _credential(request), request.model, prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
             reservation_id=request.reservation_id, resolved_model=request.resolved_model,
-            resolved_aliases=request.resolved_aliases)
+            resolved_aliases=request.resolved_aliases, continues=request.continues)
         return policy_pb2.ReserveResponse(
             principal=_principal_pb(admitted.principal), reservation_id=admitted.reservation_id,
             reserved_tokens=admitted.reserved_tokens, lease_ms=admitted.lease_ms,

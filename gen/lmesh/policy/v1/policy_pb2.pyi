@@ -173,7 +173,7 @@ class AuthorizeResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tenant_limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("api_key", "client_certificate", "model", "resolved_model", "resolved_aliases", "prompt_tokens", "max_tokens", "reservation_id")
+    __slots__ = ("api_key", "client_certificate", "model", "resolved_model", "resolved_aliases", "prompt_tokens", "max_tokens", "reservation_id", "continues")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class ReserveRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUES_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     client_certificate: ClientCertificate
     model: str
@@ -190,7 +191,8 @@ class ReserveRequest(_message.Message):
     prompt_tokens: int
     max_tokens: int
     reservation_id: str
-    def __init__(self, api_key: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ..., model: _Optional[str] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+    continues: str
+    def __init__(self, api_key: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ..., model: _Optional[str] = ..., resolved_model: _Optional[str] = ..., resolved_aliases: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ..., continues: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("principal", "reservation_id", "reserved_tokens", "lease_ms", "limits", "tenant_limits", "metered", "key_window")

@@ -160,8 +160,10 @@ class PolicyServicer:
         `prompt_tokens + max_tokens` against them. The reservation holds those tokens until Settle (the real usage)
         or, when it is neither settled nor renewed within its lease, until it expires and is charged in full.
         Idempotent per `reservation_id`: repeating a Reserve returns the reservation made the first time.
-        Errors: those of Authorize; INVALID_ARGUMENT (`prompt_tokens`, `max_tokens`, `reservation_id`, named);
-        ALREADY_EXISTS (the id belongs to another key's reservation); RESOURCE_EXHAUSTED (a limit is reached: the
+        A Reserve that names the reservation it `continues` (a tool chat's answer continues its plan) is part of that
+        request: it counts no request against `requests_per_minute`, its tokens count as any request's.
+        Errors: those of Authorize; INVALID_ARGUMENT (`prompt_tokens`, `max_tokens`, `reservation_id`, `continues`,
+        named); ALREADY_EXISTS (the id belongs to another key's reservation); RESOURCE_EXHAUSTED (a limit is reached: the
         message names it, QuotaFailure says which, `retry-after-ms` and RetryInfo say when it frees up enough for
         this request, absent when waiting cannot help: a request larger than the limit itself, or a budget without
         a period); UNAVAILABLE (the accounting store is unreachable and policy fails closed, the default).
