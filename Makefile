@@ -16,13 +16,13 @@ MODEL_FLAGS ?= --int8 --fp16
 TEST_WORKERS ?= 2
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test venv proto model tools-model embeddings-model consul redis checkov lint typecheck bench experiment soak
-.PHONY: chaos hostile clean image image-check
+.PHONY: run test venv proto model tools-model embeddings-model consul redis prometheus checkov lint typecheck bench
+.PHONY: experiment soak chaos hostile clean image image-check
 
 run: venv model embeddings-model consul
 	$(BIN)/lmesh dev --model-dir $(MODEL_DIR)
 
-test: venv model embeddings-model consul redis checkov
+test: venv model embeddings-model consul redis prometheus checkov
 	LMESH_CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The virtual environment with lmesh and its dev tools; rebuilt when pyproject.toml changes. With an NVIDIA GPU
@@ -62,6 +62,11 @@ consul:
 # machine's own apt sources, unpacked without root.
 redis:
 	bash deploy/scripts/install_redis.sh
+
+# Prometheus for the test that runs deploy/prometheus/prometheus.yml and the Grafana dashboard's queries against a
+# real mesh: PATH, then Debian's package through the machine's apt sources (deploy/scripts/install_prometheus.sh).
+prometheus:
+	bash deploy/scripts/install_prometheus.sh
 
 # checkov, the security linter the Kubernetes manifests are held to (tests/test_kubernetes.py), in a venv of its
 # own: its pins (packaging<24) conflict with the dev tools'.

@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover
 
 from services.common.config import lmesh_cache
 from services.common.consul_agent import ConsulAgent
+from tests.prometheus_server import prometheus_binary as find_prometheus
 from tests.redis_server import RedisServer, redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,15 @@ def built_model() -> Path:
     if not (path / "lmesh_model.json").exists():
         pytest.skip(f"no model build at {path}: run `make model`")
     return path
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> Path:
+    """A real Prometheus (skipped only when no binary can be had here: deploy/scripts/install_prometheus.sh)."""
+    binary = find_prometheus()
+    if binary is None:
+        pytest.skip("no prometheus here and deploy/scripts/install_prometheus.sh could not fetch one")
+    return binary
 
 
 @pytest.fixture(scope="session")

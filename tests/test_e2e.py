@@ -44,7 +44,8 @@ from services.policy.client import create_key, revoke_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT, MeshProcesses
 from tests.otlp import OtlpReceiver
-from tests.test_metrics import Families, dashboard_selectors, scrape, value
+from tests.prometheus_server import PrometheusServer, consul_targets
+from tests.test_metrics import Families, dashboard_queries, dashboard_selectors, scrape, value
 from tests.tls_certs import Pki
 
 SERVICES = ("registry", "policy", "tokenizer", "inference", "gateway")
@@ -1053,6 +1054,77 @@ async def scrape_all(live: LiveMesh, service: str) -> dict[str, Families]:
 
 def total(scraped: dict[str, Families], sample: str, **labels: str) -> float:
     return sum(value(families, sample, **labels) for families in scraped.values())
+
+
+async def test_prometheus_scrapes_every_service_with_the_deploy_rules_and_the_dashboard_answers(
+        live: LiveMesh, prometheus_binary: Path, tmp_path: Path) -> None:
+    """A real Prometheus with deploy/prometheus/prometheus.yml's job (its Consul discovery fed from this mesh's
+    Consul: tests/prometheus_server.py says why) scrapes every instance at address:metrics_port, and every query of
+    deploy/grafana/lmesh-dashboard.json evaluates there, the dashboard's main panels with the chats' data."""
+    services = (await live.mesh.consul.catalog.services())[1]
+    instances = []
+    for name in sorted(n for n in services if n.startswith("lmesh-")):
+        instances += (await live.mesh.consul.health.service(name))[1]
+    def scraped_as(instance: dict[str, Any]) -> tuple[str, str]:
+        service = instance["Service"]
+        return service["Service"], f"{service['Address']}:{service['Meta']['metrics_port']}"
+
+    targets = {scraped_as(i) for i in instances if i["Service"]["Meta"].get("metrics_port")}
+    wanted = {scraped_as(i) for i in instances if i["Service"]["Meta"].get("metrics_port")
+              and all(check["Status"] == "passing" for check in i["Checks"])}
+    assert {service for service, _ in wanted} >= {f"lmesh-{s}" for s in SERVICES}
+    prometheus = PrometheusServer(prometheus_binary, tmp_path).start(consul_targets(instances))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            active = (await prometheus.api("targets", state="active"))["activeTargets"]
+            up = {(t["labels"].get("service"), t["labels"]["instance"]) for t in active if t["health"] == "up"}
+            if up >= wanted or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert up >= wanted, {t["labels"]["instance"]: (t["health"], t["lastError"]) for t in active}
+        # Only instances that serve metrics are targets, each at its metrics port, never its gRPC port.
+        assert {(t["labels"]["service"], t["labels"]["instance"]) for t in active} == targets
+
+        async def chats_seen() -> float:
+            found = (await prometheus.api("query", query='sum(lmesh_gateway_requests_total{lmesh_tenant="e2e"})'))
+            return float(found["result"][0]["value"][1]) if found["result"] else 0.0
+
+        # A rate needs two samples of a series: a chat, a scrape that sees it, then the chats the panels show.
+        await collect(await live.gateway(), start(max_tokens=8), live.api_key)
+        deadline = time.monotonic() + 20
+        while True:
+            seen = await chats_seen()
+            if seen >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        for _ in range(2):
+            await collect(await live.gateway(), start(max_tokens=8), live.api_key)
+        queries = [q.replace("$__rate_interval", "1m") for q in dashboard_queries()]
+        shown = {
+            "requests": 'sum by (lmesh_tenant, gen_ai_response_model, rpc_response_status_code) (rate(lmesh_gateway_'
+                        'requests_total{otel_scope_name="lmesh.gateway"}[1m]))',
+            "first token": 'histogram_quantile(0.5, sum by (le) (rate(gen_ai_server_time_to_first_token_seconds_'
+                           'bucket{otel_scope_name="lmesh.gateway"}[1m])))',
+            "per token": 'histogram_quantile(0.5, sum by (le, gen_ai_request_model) (rate(gen_ai_server_time_per_'
+                         'output_token_seconds_bucket{otel_scope_name="lmesh.inference"}[1m])))',
+            "tokens": 'sum by (gen_ai_token_type) (rate(lmesh_inference_tokens_total{otel_scope_name="lmesh.'
+                      'inference"}[1m]))',
+        }
+        assert set(shown.values()) <= set(queries), "the dashboard's panels changed: update this test"
+        deadline = time.monotonic() + 20
+        while True:
+            answers = {q: (await prometheus.api("query", query=q))["result"] for q in queries}  # each evaluates
+            values = {panel: [float(r["value"][1]) for r in answers[q]] for panel, q in shown.items()}
+            if all(any(0 < v < float("inf") for v in vs) for vs in values.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert seen >= 1 and all(any(0 < v < float("inf") for v in vs) for vs in values.values()), values
+        requests = answers[shown["requests"]]
+        assert any(r["metric"].get("lmesh_tenant") == "e2e" and r["metric"].get("rpc_response_status_code") == "OK"
+                   for r in requests), requests
+    finally:
+        prometheus.stop()
 
 
 async def test_every_service_serves_prometheus_metrics_whose_counters_move_with_a_chat(live: LiveMesh) -> None:

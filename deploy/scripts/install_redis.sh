@@ -12,23 +12,8 @@ mkdir -p "$bin_dir"
 
 if [ -x "$target" ] && "$target" --version >/dev/null 2>&1; then echo "$target"; exit 0; fi
 if existing=$(command -v redis-server 2>/dev/null); then ln -sf "$existing" "$target"; echo "$target"; exit 0; fi
-if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
-  echo "redis: no redis-server on PATH, and no apt-get and dpkg-deb to fetch Debian's; install redis-server" >&2
-  exit 2
-fi
-
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-if ! (cd "$tmp" && apt-get download redis-server redis-tools liblzf1 libjemalloc2 >"$tmp/apt.log" 2>&1); then
-  echo "redis: apt-get download failed ($(grep -m1 -E '^E:' "$tmp/apt.log" || tail -n 1 "$tmp/apt.log")); install" \
-       "redis-server, or run 'apt-get update' as root and try again" >&2
-  exit 2
-fi
-rm -rf "$unpacked.new"
-mkdir -p "$unpacked.new"
-for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$unpacked.new"; done
-rm -rf "$unpacked"
-mv "$unpacked.new" "$unpacked"
+source "$(dirname "${BASH_SOURCE[0]}")/debian_packages.sh"
+unpack_debian_packages "$unpacked" redis redis-server redis-tools liblzf1 libjemalloc2 || exit 2
 libs=$(find "$unpacked/usr/lib" -maxdepth 1 -type d -name '*-linux-gnu*' | head -n 1)
 cat >"$target.new" <<WRAPPER
 #!/bin/sh
