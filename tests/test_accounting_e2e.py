@@ -309,7 +309,9 @@ async def test_a_gateway_killed_mid_stream_has_its_reservation_charged_in_full_a
     call.cancel()
     day = await books.settled(tenant, timeout=LEASE_S * 4)
     waited = time.monotonic() - killed_at
-    assert LEASE_S * 0.5 < waited < LEASE_S * 3, waited  # ended by its lease, not at once nor never
+    # Ended by its lease: charged in full (a settle would charge the few tokens generated), within a lease and its
+    # sweep. Not necessarily long after the kill: a gateway starved of CPU may have renewed it late.
+    assert waited < LEASE_S * 3, waited
     assert day.spent_tokens == reserved  # charged in full: never less than was generated
     assert day.spent_tokens >= received
     with contextlib.suppress(Exception):
