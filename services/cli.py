@@ -32,6 +32,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# gRPC's C core writes its own INFO lines to stderr (a failed TLS handshake, a GOAWAY) before the one line in which
+# the CLI says what failed and what to do. It reads this when grpc is imported; a GRPC_VERBOSITY given still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 
 from services.common.config import (

@@ -22,6 +22,7 @@ from services.cli import _unavailable, build_parser, main
 from services.common.config import ConfigError, config_from_args, consul_addr, env_int
 from services.common.consul_agent import ConsulAgent, consul_answers, free_port, probe_consul
 from services.common.server import setup_logging
+from tests.tls_certs import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 LMESH = [sys.executable, "-m", "services.cli"]
@@ -302,6 +303,26 @@ def test_unavailable_hints_only_when_nothing_could_be_reached() -> None:
     assert _unavailable(closed).endswith("(is the mesh running? `make run`; a gateway that serves TLS needs --tls or "
                                          "--gateway-ca, and its client-certificate port a certificate from its "
                                          "client CA)")
+
+
+def test_a_gateway_whose_certificate_is_not_trusted_is_one_line_without_grpcs_own(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    leaf = pki.issue("gateway", pki.ca("not-the-systems-ca"), "/CN=gateway", server=True)
+    cert, key = leaf.pair()
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    server.start()
+    argv = [*LMESH, "chat", "--gateway", f"127.0.0.1:{port}", "--tls", "--key", "lmk_x", "hi"]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"} | {"LMESH_HOME": str(tmp_path)}
+    try:
+        quiet = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert "the gateway's TLS certificate is not trusted here" in one_line_error(quiet)
+        # gRPC's C core logs the handshake on its own line unless told not to; asked for, it still does.
+        told = subprocess.run(argv, env=env | {"GRPC_VERBOSITY": "INFO"}, capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+        assert "Handshake failed" in told.stderr and told.stderr.strip().splitlines()[-1].startswith("lmesh: ")
+    finally:
+        server.stop(None)
 
 
 def test_chat_with_an_unreachable_gateway_hints_at_the_mesh(tmp_path: Path) -> None:
