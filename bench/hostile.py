@@ -526,6 +526,7 @@ class HostileMesh:
         self.known = Known()
         self.read_window_s = READ_WINDOW_S
         self.instances: dict[str, str] = {}  # service -> the Consul service id of this mesh's instance
+        self.model_ref = ""  # the registered version, `name:version`, that the inference replica must serve
         self._log_offsets: dict[str, int] = {}
 
     async def start(self) -> None:
@@ -553,6 +554,7 @@ class HostileMesh:
         caller = await create_key(self.mesh.peer(POLICY), "hostile-caller", allowed_tools=["*"])
         victim = await create_key(self.mesh.peer(POLICY), "victim", allowed_tools=["calculator"])
         self.api_key = caller.api_key
+        self.model_ref = f"{version.name}:{version.version}"
         self.known.strings = [victim.key.key_id, victim.api_key, "victim", f"{version.name}:{version.version}",
                               version.version, *(a.sha256 for a in version.artifacts)]
         for service in SERVICES:
@@ -560,7 +562,7 @@ class HostileMesh:
 
     async def wait_passing(self, service: str, timeout: float = 180.0) -> None:
         assert self.mesh is not None and self.supervisor is not None
-        predicate = (lambda e: "smollm2-135m-instruct:1" in e.models) if service == "inference" else None
+        predicate = (lambda e: self.model_ref in e.models) if service == "inference" else None
         try:
             endpoint = await self.supervisor.while_running(
                 self.mesh.resolver(f"lmesh-{service}").wait_for(predicate, timeout), [service])

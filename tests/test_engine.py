@@ -1,4 +1,6 @@
-"""The inference engine on the real model: batching, determinism, admission, deadlines, cancel, sampling."""
+"""The inference engine on the real model: batching, determinism, admission, deadlines, cancel, sampling. What holds
+whatever the weights (rows moving, the device route, prefix reuse, seeding) runs on a tiny random model in the same
+graph (tests/tiny_model.py), many times faster."""
 
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.",
 @pytest.fixture(scope="module")
 def decoder(built_model: Path) -> OnnxDecoder:
     return OnnxDecoder(built_model / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tiny_model: Path) -> OnnxDecoder:
+    """The real graph with two random layers (tests/tiny_model.py): for what holds whatever the weights."""
+    return OnnxDecoder(tiny_model / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,7 @@ def engine_on_route(decoder: OnnxDecoder, limits: EngineLimits, kv_on_device: bo
 
 
 @pytest.mark.parametrize("kv_on_device", [False, True], ids=["in-place-host", "device-rows"])
-async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, prompts: list[list[int]],
+async def test_rows_leaving_and_joining_keep_every_answer(tiny_decoder: OnnxDecoder, prompts: list[list[int]],
                                                           kv_on_device: bool) -> None:
     """Sequences of different lengths leave (their row refilled from the last) while others join, many times.
 
@@ -127,8 +135,8 @@ async def test_rows_leaving_and_joining_keep_every_answer(decoder: OnnxDecoder, 
     """
     plan: Plan = [(p, n, {}) for n in (3, 11, 7, 15) for p in prompts]  # 12 requests, lengths interleaved
     limits = EngineLimits(max_active=5, prefix_cache_bytes=0)
-    alone = await answers_one_at_a_time(decoder, plan, limits)
-    engine = engine_on_route(decoder, limits, kv_on_device)
+    alone = await answers_one_at_a_time(tiny_decoder, plan, limits)
+    engine = engine_on_route(tiny_decoder, limits, kv_on_device)
     try:
         together = await asyncio.gather(*(drain(engine.submit(request(p, max_tokens=n))) for p, n, _ in plan))
     finally:
@@ -219,17 +227,17 @@ async def test_same_seed_gives_same_tokens_also_batched(engine: Engine, prompts:
 
 
 async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_company(
-        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_decoder: OnnxDecoder, tiny_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
     """A seeded request's prompt is computed the same way every time: in pieces at fixed positions (here 32
     tokens), from the prefix cache only whole pieces that a seeded request computed that way, never KV that other
     runs computed (here an unseeded request's system prompt), whatever shares the step's budget or its first run.
     ONNX Runtime rounds differently for other chunk bounds (about 5e-5 on these logits), so the test compares
     logprobs bit for bit with an engine that has no cache, not only tokens."""
-    prompt = chat_prompt(built_model, SYSTEM, "Why?")
+    prompt = chat_prompt(tiny_model, SYSTEM, "Why?")
     seeded = GenerationRequest(prompt_ids=prompt, max_tokens=10, top_logprobs=3,
                                sampling=SamplingConfig(temperature=0.9, top_p=0.95, seed=11))
     runs: list[tuple[int, int]] = []  # (start, end) of each prompt run holding the seeded prompt
-    real_run = decoder.run
+    real_run = tiny_decoder.run
 
     def recording_run(ids: np.ndarray, seqlens: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> Any:
         for row in range(ids.shape[0]):
@@ -254,14 +262,14 @@ async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_compa
                 if len(prompt) - s > 1 or s == 0]  # a last piece of one token rides in a decode run
 
     limits = EngineLimits(max_active=6, prefill_chunk=64)
-    uncached = Engine(decoder, frozenset(), 8192, dataclasses.replace(limits, prefix_cache_bytes=0))
-    engine = Engine(decoder, frozenset(), 8192, limits)
+    uncached = Engine(tiny_decoder, frozenset(), 8192, dataclasses.replace(limits, prefix_cache_bytes=0))
+    engine = Engine(tiny_decoder, frozenset(), 8192, limits)
     uncached.start()
     engine.start()
-    monkeypatch.setattr(decoder, "run", recording_run)
+    monkeypatch.setattr(tiny_decoder, "run", recording_run)
     try:
         reference, _ = await answer(uncached)
-        await drain(engine.submit(request(chat_prompt(built_model, SYSTEM, "Hello."), max_tokens=1)))
+        await drain(engine.submit(request(chat_prompt(tiny_model, SYSTEM, "Hello."), max_tokens=1)))
         assert engine.prefix_cache.usable(prompt) > 300  # its system prompt, as an unseeded request computed it
         runs.clear()
         first, first_end = await answer(engine)
@@ -269,7 +277,7 @@ async def test_a_seeded_request_repeats_bit_for_bit_whatever_the_cache_and_compa
         again, again_end = await answer(engine)  # its own whole pieces are cached now
         again_runs, runs[:] = list(runs), []
         company = [engine.submit(request(p, max_tokens=12)) for p in (prompts[0], prompts[1])]
-        company.append(engine.submit(request(chat_prompt(built_model, SYSTEM, "Who?"), max_tokens=12)))
+        company.append(engine.submit(request(chat_prompt(tiny_model, SYSTEM, "Who?"), max_tokens=12)))
         batched, batched_end = await answer(engine)
         for other in company:
             await drain(other)
@@ -820,14 +828,14 @@ async def test_prefix_hit_gives_same_tokens_and_shorter_time_to_first_token(
 
 @pytest.mark.parametrize("kv_on_device", [False, True], ids=["host", "device"])
 async def test_a_prompt_sent_again_joins_the_decode_run_without_a_prompt_run(
-        decoder: OnnxDecoder, built_model: Path, kv_on_device: bool) -> None:
+        tiny_decoder: OnnxDecoder, tiny_model: Path, kv_on_device: bool) -> None:
     """All but its last token come from the prefix cache: that token is the input of the batch's next decode run
     (no run of its own), and the answer is the same as the first time, alone or beside generating streams."""
-    prompts = [chat_prompt(built_model, SYSTEM, q) for q in QUESTIONS]
-    reference_engine = engine_on_route(decoder, EngineLimits(prefix_cache_bytes=0), kv_on_device)
-    engine = engine_on_route(decoder, EngineLimits(), kv_on_device)
+    prompts = [chat_prompt(tiny_model, SYSTEM, q) for q in QUESTIONS]
+    reference_engine = engine_on_route(tiny_decoder, EngineLimits(prefix_cache_bytes=0), kv_on_device)
+    engine = engine_on_route(tiny_decoder, EngineLimits(), kv_on_device)
     prompt_runs = 0
-    real_run = decoder.run
+    real_run = tiny_decoder.run
 
     def counting_run(*args: Any, **kwargs: Any) -> Any:
         nonlocal prompt_runs
@@ -838,12 +846,12 @@ async def test_a_prompt_sent_again_joins_the_decode_run_without_a_prompt_run(
         expected = [(await drain(reference_engine.submit(request(p, max_tokens=8))))[0] for p in prompts[:2]]
         for prompt in prompts[:2]:
             await drain(engine.submit(request(prompt, max_tokens=8)))  # the prompt and its answer are cached now
-        decoder.run = counting_run  # type: ignore[method-assign]
+        tiny_decoder.run = counting_run  # type: ignore[method-assign]
         alone, end = await drain(engine.submit(request(prompts[0], max_tokens=8)))
         assert prompt_runs == 0 and alone == expected[0]
         assert isinstance(end, FinishEvent) and end.cached_prompt_tokens == len(prompts[0]) - 1
         # Beside a stream that is generating: it joins that stream's decode run.
-        busy = engine.submit(request(prompts[2], max_tokens=40))
+        busy = engine.submit(request(prompts[2], max_tokens=400))  # still generating when the next one comes
         first = await busy.events.get()
         assert isinstance(first, TokenEvent)
         joined, _ = await drain(engine.submit(request(prompts[1], max_tokens=8)))
@@ -851,7 +859,7 @@ async def test_a_prompt_sent_again_joins_the_decode_run_without_a_prompt_run(
         assert joined == expected[1]
         assert prompt_runs == 1  # the busy stream's own prompt, not cached
     finally:
-        decoder.run = real_run  # type: ignore[method-assign]
+        tiny_decoder.run = real_run  # type: ignore[method-assign]
         await reference_engine.close()
         await engine.close()
 
@@ -976,23 +984,23 @@ async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
         await chunked.close()
 
 
-async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, built_model: Path,
+async def test_device_route_answers_like_the_host_route(tiny_decoder: OnnxDecoder, tiny_model: Path,
                                                         prompts: list[list[int]]) -> None:
     """CUDA's route (DeviceSlotCache), here over CPU memory, under the traffic that moves rows most: long prompts in
     chunks, a prefix-cache hit, seeded sampling, sequences joining and leaving. Every answer equals the host
     route's with the same requests sent one at a time."""
     seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
     plan: Plan = [
-        (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),
+        (chat_prompt(tiny_model, SYSTEM, "Summarise your instructions."), 6, {}),
         (prompts[0], 9, seeded),
         (prompts[1], 3, {}),
-        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, {}),  # its system prompt: a prefix hit
+        (chat_prompt(tiny_model, SYSTEM, "Who are you?"), 5, {}),  # its system prompt: a prefix hit
         (prompts[2], 12, {}),
-        (chat_prompt(built_model, SYSTEM, "Why?"), 4, seeded),  # seeded: computed alone, in pieces
+        (chat_prompt(tiny_model, SYSTEM, "Why?"), 4, seeded),  # seeded: computed alone, in pieces
     ]
     limits = EngineLimits(max_active=3, prefill_chunk=64)
-    alone = await answers_one_at_a_time(decoder, plan, limits)
-    device = engine_on_route(decoder, limits, kv_on_device=True)
+    alone = await answers_one_at_a_time(tiny_decoder, plan, limits)
+    device = engine_on_route(tiny_decoder, limits, kv_on_device=True)
     try:
         await drain(device.submit(request(plan[0][0], max_tokens=1)))  # the system prompt, cached for plan[3]
         together = await asyncio.gather(*(drain(device.submit(request(p, max_tokens=n, **kw))) for p, n, kw in plan))
@@ -1003,23 +1011,23 @@ async def test_device_route_answers_like_the_host_route(decoder: OnnxDecoder, bu
 
 
 async def test_a_fixed_length_device_cache_keeps_one_shape_and_answers_like_the_host_route(
-        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_decoder: OnnxDecoder, tiny_model: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's device cache holds the whole context from the start: every decode run binds the same shapes (all
     rows, the full length, total_sequence_length the capacity, so CUDA's attention splits each row the same way
     whatever the others' lengths), including while long prompts join and leave. Over CPU memory, its answers are the
     host route's token for token."""
     seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 5}
     plan: Plan = [
-        (chat_prompt(built_model, SYSTEM, "Summarise your instructions."), 6, {}),  # ~400 tokens
+        (chat_prompt(tiny_model, SYSTEM, "Summarise your instructions."), 6, {}),  # ~400 tokens
         (prompts[0], 9, seeded),
         (prompts[1], 14, {}),
-        (chat_prompt(built_model, SYSTEM, "Who are you?"), 5, seeded),
+        (chat_prompt(tiny_model, SYSTEM, "Who are you?"), 5, seeded),
         (prompts[2], 12, {}),
     ]
     limits = EngineLimits(max_active=3, prefill_chunk=64)
-    alone = await answers_one_at_a_time(decoder, plan, limits)
+    alone = await answers_one_at_a_time(tiny_decoder, plan, limits)
     totals: list[int] = []
-    real_decode = decoder.decode
+    real_decode = tiny_decoder.decode
 
     def recording_decode(input_ids: np.ndarray, seqlens_k: np.ndarray, cache: Any) -> np.ndarray:
         _, logits = cache.binding()
@@ -1027,8 +1035,8 @@ async def test_a_fixed_length_device_cache_keeps_one_shape_and_answers_like_the_
         assert logits.shape[0] == 3  # every run binds all rows
         return real_decode(input_ids, seqlens_k, cache)
 
-    monkeypatch.setattr(decoder, "decode", recording_decode)
-    device = engine_on_route(decoder, limits, kv_on_device=True, context_length=1024, fixed_length=True)
+    monkeypatch.setattr(tiny_decoder, "decode", recording_decode)
+    device = engine_on_route(tiny_decoder, limits, kv_on_device=True, context_length=1024, fixed_length=True)
     try:
         assert device._slots.length_capacity == 1024
         together = await asyncio.gather(*(drain(device.submit(request(p, max_tokens=n, **kw))) for p, n, kw in plan))
@@ -1049,7 +1057,7 @@ def test_a_decode_total_length_below_the_rows_is_refused() -> None:
         step_inputs(ids, seqlens, np.arange(2), total_length=9)
 
 
-async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_model: Path) -> None:
+async def test_device_route_under_random_traffic(tiny_decoder: OnnxDecoder, tiny_model: Path) -> None:
     """Seeded random traffic on CUDA's route over CPU memory: prompts of 15 to ~330 tokens (the cache's capacity
     grows to hold them, its rows copied on the device), a shared prefix, seeded and greedy requests arriving at
     random moments. Every answer equals the host route's for the same request sent alone."""
@@ -1057,20 +1065,20 @@ async def test_device_route_under_random_traffic(decoder: OnnxDecoder, built_mod
 
     rng = random.Random(4)
     words = "the quick brown fox jumps over a lazy dog while engineers debate caches and tokens".split()
-    shared = chat_prompt(built_model, SYSTEM, "Start.")
+    shared = chat_prompt(tiny_model, SYSTEM, "Start.")
 
     def prompt() -> list[int]:
         if rng.random() < 0.25:
             return shared + [28] * rng.randint(1, 5)
         text = " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 300])))
-        return chat_prompt(built_model, "", text)
+        return chat_prompt(tiny_model, "", text)
 
     plan: Plan = [(prompt(), rng.randint(1, 30), {"temperature": 0.9, "top_p": 0.9, "seed": rng.randint(1, 99)}
                    if rng.random() < 0.4 else {}) for _ in range(7)]
-    delays = [rng.random() * 0.4 for _ in plan]
+    delays = [rng.random() * 0.05 for _ in plan]  # within a few of the tiny model's steps: they overlap
     limits = EngineLimits(max_active=5, prefill_chunk=96)
-    alone = await answers_one_at_a_time(decoder, plan, limits)
-    device = engine_on_route(decoder, limits, kv_on_device=True)
+    alone = await answers_one_at_a_time(tiny_decoder, plan, limits)
+    device = engine_on_route(tiny_decoder, limits, kv_on_device=True)
 
     async def later(delay: float, prompt: list[int], max_tokens: int, kw: dict[str, float]) -> list[int]:
         await asyncio.sleep(delay)

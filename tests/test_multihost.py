@@ -40,12 +40,13 @@ from services.policy.client import create_key
 from services.registry.client import register_model_dir
 from tests.harness import ROOT
 from tests.test_metrics import scrape, value
+from tests.tiny_model import TINY_NAME
 
 CONSUL_HTTP_PORT = 8500
 SERVICES_ON = {"host1": ("registry", "policy", "tokenizer", "gateway"), "host2": ("inference",),
                "host3": ("inference",)}
 REPLICA_HOSTS = ("host2", "host3")
-MODEL = "smollm2-135m-instruct:1"
+MODEL = f"{TINY_NAME}:1"
 # Every chat sent this long after a replica's host is cut must succeed. What routes around it: Consul's gossip
 # marking the node failed (about 2 s here), and for a chat the gateway already sent there, the gateway's channel
 # keepalive (a 5 s ping timeout), after which it sends the unstarted chat to another replica; the rest is slack
@@ -223,7 +224,7 @@ async def wait_passing(supervisor: Supervisor, mesh: Mesh, service: str, name: s
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def multihost(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MultiHostMesh]:
+async def multihost(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MultiHostMesh]:
     reason = skip_reason()
     if reason is not None:
         pytest.skip(f"no multi-host mesh here: {reason}")
@@ -247,7 +248,8 @@ async def multihost(built_model: Path, tmp_path_factory: pytest.TempPathFactory)
                 supervisor.spawn(f"{service}-{host}", hosts.argv_in(host, argv), label=f"lmesh-{service} ({host})",
                                  env=service_env(hosts, host, home, admin_token))
         await wait_passing(supervisor, mesh, "registry", "registry-host1")
-        await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=("default",))
+        # What crosses hosts is the mesh, not what the model says: the tiny model keeps the replicas' work small.
+        await register_model_dir(mesh.peer(REGISTRY), tiny_model, aliases=("default",))
         await wait_passing(supervisor, mesh, "policy", "policy-host1")
         created = await create_key(mesh.peer(POLICY), "multihost")
         for host, services in SERVICES_ON.items():

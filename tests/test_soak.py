@@ -167,9 +167,9 @@ def test_the_report_carries_the_verdict_and_every_sample(tmp_path: Path) -> None
 
 
 async def test_a_short_soak_of_a_real_mesh_has_no_errors_and_samples_every_service(
-        built_model: Path, tmp_path: Path) -> None:
+        tiny_model: Path, tmp_path: Path) -> None:
     config = SoakConfig(duration_s=8, streams=8, sample_s=0.5, warm_up_share=0.2, warm_up_min_s=2)
-    async with full_mesh(built_model, tmp_path) as mesh:
+    async with full_mesh(tiny_model, tmp_path) as mesh:
         run = await soak(mesh, config)
     verdicts, reasons = run.judge()
     # Not the growth verdict: 8 s is too short for the inference replica's prefix cache to fill, which takes
