@@ -139,12 +139,12 @@ def test_scenarios_are_selected_by_name_in_the_order_given() -> None:
     assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
 
 
-async def test_a_killed_and_a_frozen_replica_under_load_meet_their_targets(tiny_model: Path) -> None:
+async def test_a_killed_and_a_frozen_replica_under_load_meet_their_targets(built_model: Path) -> None:
     try:
         find_consul()
     except FileNotFoundError:
         pytest.skip("no consul binary: run `make consul`")
-    results = await run(tiny_model, select("kill-inference,freeze-inference"), streams=6, max_tokens=12)
+    results = await run(built_model, select("kill-inference,freeze-inference"), streams=6, max_tokens=12)
     table = render(results)
     assert [r.name for r in results] == ["kill-inference", "freeze-inference"], table
     assert all(r.passed for r in results), table

@@ -867,20 +867,31 @@ async def test_a_prompt_sent_again_joins_the_decode_run_without_a_prompt_run(
 @pytest.mark.parametrize("kv_on_device", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("company", [0, 3], ids=["alone", "leaving a batch of 4"])
 async def test_a_finished_turn_is_reused_by_the_conversations_next_turn(
-        decoder: OnnxDecoder, built_model: Path, prompts: list[list[int]], company: int, kv_on_device: bool) -> None:
+        tiny_decoder: OnnxDecoder, tiny_model: Path, prompts: list[list[int]], company: int,
+        kv_on_device: bool) -> None:
     """Prefix reuse covers earlier turns: the answer's KV too, not only the prompt's. On the device route (CUDA's,
-    over CPU memory here) the answer's KV is the leaving row brought back from the device."""
+    over CPU memory here) the answer's KV is the leaving row brought back from the device. On the tiny model the
+    turn's end is a token its greedy answer reaches after some steps, made the end-of-turn token of these engines."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(built_model / "tokenizer.json"))
-    first = chat_prompt(built_model, "You are a helpful assistant.", "Name three colors.")
-    warm = engine_on_route(decoder, EngineLimits(), kv_on_device, EOS)
-    cold = Engine(decoder, EOS, 8192, EngineLimits(prefix_cache_bytes=0))
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    first = chat_prompt(tiny_model, "You are a helpful assistant.", "Name three colors.")
+    probe = Engine(tiny_decoder, frozenset(), 8192, EngineLimits(prefix_cache_bytes=0))
+    probe.start()
+    try:
+        greedy, _ = await drain(probe.submit(request(first, max_tokens=40)))
+    finally:
+        await probe.close()
+    end = next(i for i, token in enumerate(greedy) if i >= 8 and token not in greedy[:i])
+    eos = frozenset({greedy[end]})
+    warm = engine_on_route(tiny_decoder, EngineLimits(), kv_on_device, eos)
+    cold = Engine(tiny_decoder, eos, 8192, EngineLimits(prefix_cache_bytes=0))
     cold.start()
     try:
         others = [warm.submit(request(prompts[i % len(prompts)], max_tokens=40)) for i in range(company)]
-        answer, end = await drain(warm.submit(request(first, max_tokens=96)))
-        assert isinstance(end, FinishEvent) and end.reason == Finish.STOP  # the turn ended: the model said so
+        answer, finish = await drain(warm.submit(request(first, max_tokens=96)))
+        assert isinstance(finish, FinishEvent) and finish.reason == Finish.STOP  # the turn ended: the model said so
+        assert answer == greedy[:end]  # the end-of-turn token is not part of the answer
         for other in others:
             await drain(other)
         follow_up = [*first, *answer, *tokenizer.encode(

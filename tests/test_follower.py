@@ -513,7 +513,7 @@ def test_the_swap_settings_come_from_flags_and_the_environment(monkeypatch: pyte
     monkeypatch.setenv("LMESH_SWAP_GRACE_S", "0.5")
     args = build_parser().parse_args(["serve", "inference", "--swap-drain", "30"])
     settings = config_from_args("inference", args, InferenceSettings).settings
-    assert settings == InferenceSettings(swap="drain", swap_grace_s=0.5, swap_drain_s=30.0)
+    assert (settings.swap, settings.swap_grace_s, settings.swap_drain_s) == ("drain", 0.5, 30.0)
     args = build_parser().parse_args(["serve", "inference", "--swap", "beside"])
     assert config_from_args("inference", args, InferenceSettings).settings_as(InferenceSettings).swap == "beside"
     monkeypatch.setenv("LMESH_SWAP", "sometimes")

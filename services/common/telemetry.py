@@ -15,12 +15,10 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -32,10 +30,12 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from services.common.config import ConfigError, host_port
+
+if TYPE_CHECKING:  # imported where used: a command-line call that serves no metrics does not pay for them
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
 
 PROPAGATOR = TraceContextTextMapPropagator()
 log = logging.getLogger("lmesh.telemetry")
@@ -184,6 +184,8 @@ def setup_metrics(service_name: str, extra_readers: Sequence[MetricReader] = (),
     if "console" in wanted:
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if prometheus is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
         readers.append(PrometheusMetricReader(registry=prometheus))
     return MeterProvider(metric_readers=readers, resource=resource(service_name), shutdown_on_exit=False)
 
@@ -198,6 +200,8 @@ class MetricsEndpoint:
 
     def __init__(self, service_name: str) -> None:
         self.service_name = service_name
+        from prometheus_client import CollectorRegistry
+
         self.registry = CollectorRegistry()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -205,6 +209,8 @@ class MetricsEndpoint:
 
     async def start(self, host: str, port: int) -> int:
         """Listens on host:port (0: a free one) and returns the bound port; OSError when it cannot listen."""
+        from aiohttp import web
+
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
@@ -229,12 +235,17 @@ class MetricsEndpoint:
             await runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+        from prometheus_client.exposition import choose_encoder
+
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
         async with self._scraping:  # the SDK reader's hand-over to its collector is not made for two at once
             body = await asyncio.to_thread(encode, self.registry)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _index(self, _: web.Request) -> web.Response:
+        from aiohttp import web
+
         return web.Response(text=f"{self.service_name}: Prometheus metrics at /metrics\n")
 
 
