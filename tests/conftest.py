@@ -61,7 +61,8 @@ def built_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-layer decoder with random weights in the real graph layout, beside the real tokenizer
-    (tests/tiny_model.py): for tests of the engine's mechanics, which do not need what the real model says."""
+    (tests/tiny_model.py): for tests of what holds whatever the weights, which do not need what the real model
+    says."""
     from tests.tiny_model import build_tiny_model
 
     return build_tiny_model(built_model, tmp_path_factory.mktemp("tiny-model"))
