@@ -93,7 +93,7 @@ async def engine(decoder: OnnxDecoder) -> AsyncIterator[Engine]:
 async def tiny_engine(tiny_model: Path) -> AsyncIterator[Engine]:
     """An engine on the tiny random model (tests/tiny_model.py): what it samples under a constraint is as arbitrary
     as a constraint must withstand, many times faster than the real model."""
-    engine = Engine(OnnxDecoder(tiny_model / "model.onnx"), frozenset({EOS}), context_length=8192)
+    engine = Engine(OnnxDecoder(tiny_model / "model.onnx", threads=1), frozenset({EOS}), context_length=8192)
     engine.start()
     yield engine
     await engine.close()

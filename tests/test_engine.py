@@ -44,7 +44,8 @@ def decoder(built_model: Path) -> OnnxDecoder:
 @pytest.fixture(scope="module")
 def tiny_decoder(tiny_model: Path) -> OnnxDecoder:
     """The real graph with two random layers (tests/tiny_model.py): for what holds whatever the weights."""
-    return OnnxDecoder(tiny_model / "model.onnx")
+    # One thread: its runs take a millisecond, and a second thread would only spin beside the other worker's meshes.
+    return OnnxDecoder(tiny_model / "model.onnx", threads=1)
 
 
 @pytest.fixture(scope="module")
