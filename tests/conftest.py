@@ -25,6 +25,15 @@ def model_dir() -> Path:
     return Path(os.environ.get("LMESH_MODEL_DIR", lmesh_cache() / "models" / "smollm2-135m-instruct"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_onnx_runtime_thread_per_session_under_workers(worker_id: str) -> None:
+    """Under `make test` two workers share two cores, each running engines and meshes of its own: with a thread per
+    core, each ONNX Runtime session's idle threads spin against the other sessions' work. `LMESH_ORT_THREADS` set by
+    the caller wins; a single process keeps the default."""
+    if worker_id != "master":
+        os.environ.setdefault("LMESH_ORT_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def consul_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
     """One real Consul dev agent for the whole session, reached through CONSUL_HTTP_ADDR."""

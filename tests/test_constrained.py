@@ -38,6 +38,7 @@ from services.inference.constrained import (
     RowMasks,
 )
 from services.inference.engine import Engine, ErrorEvent, Finish, FinishEvent, GenerationRequest, Sequence, TokenEvent
+from services.inference.loader import GrammarCache
 from services.inference.metrics import InferenceMetrics
 from services.inference.onnx_model import OnnxDecoder
 from services.inference.sampling import Sampled, Sampler, SamplingConfig
@@ -445,8 +446,23 @@ async def test_the_loader_builds_grammars_from_the_versions_tokenizer_artifact(b
         return version
 
     registry: Any = None  # every artifact is in the cache: fetch_to_cache never calls it
-    grammars = await _grammars(registry, version_with((built_model / "tokenizer.json").read_bytes()), tmp_path)
+    cache = GrammarCache()
+    grammars = await _grammars(registry, version_with((built_model / "tokenizer.json").read_bytes()), tmp_path,
+                               cache)
     assert grammars is not None and grammars.tokenizer.vocab_size == 49152 and grammars.tokenizer.eos_tokens == [EOS]
     assert grammars.compile(ConstraintSpec("regex", "yes|no")).start().matcher.is_accepting() is False
-    assert await _grammars(registry, version_with(None), tmp_path) is None
-    assert await _grammars(registry, version_with(b'{"not": "a tokenizer"}'), tmp_path) is None
+    assert await _grammars(registry, version_with(None), tmp_path, cache) is None
+    assert await _grammars(registry, version_with(b'{"not": "a tokenizer"}'), tmp_path, cache) is None
+
+
+async def test_versions_sharing_a_tokenizer_share_one_constraint_compiler(built_model: Path) -> None:
+    """llguidance reads a tokenizer holding the GIL (half a second here): a replica swapping between builds of one
+    model reads it once; other end-of-turn tokens get their own; the least recently used goes beyond the bound."""
+    cache, path = GrammarCache(size=2), built_model / "tokenizer.json"
+    first = await cache.get("tokenizer-a", [EOS], path, "m:1")
+    assert first is not None and await cache.get("tokenizer-a", [EOS], path, "m:1-int8") is first
+    other_eos = await cache.get("tokenizer-a", [EOS, 0], path, "m:2")
+    assert other_eos is not first
+    await cache.get("tokenizer-b", [EOS], path, "n:1")  # a third: m:1's goes
+    assert await cache.get("tokenizer-a", [EOS, 0], path, "m:2") is other_eos
+    assert await cache.get("tokenizer-a", [EOS], path, "m:1") is not first

@@ -103,6 +103,23 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         await otlp.stop()
 
 
+@pytest_asyncio.fixture(loop_scope="session", autouse=True)
+async def services_running_after_each_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test that stops a service starts it again before it ends; one that fails on the way would leave every later
+    test without it: its failure stays its own."""
+    yield
+    if "live" not in request.fixturenames:
+        return
+    live: LiveMesh = request.getfixturevalue("live")
+    for service in SERVICES:
+        process = live.procs.processes.get(service)
+        if process is None or process.exited():
+            live.procs.start(service, *(["--rules", str(e2e_rules_path(live.procs.home))] if service == "policy"
+                                        else []))
+            await live.procs.wait_passing(live.mesh, service,
+                                          model="smollm2-135m-instruct:1" if service == "inference" else "")
+
+
 E2E_RULES = """
   - id: e2e-no-paris
     detect: deny

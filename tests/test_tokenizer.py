@@ -521,6 +521,27 @@ async def test_a_loaded_tokenizer_builds_nothing_on_its_first_chat(fake_source: 
     assert literal.count(IM_END) == ids.count(IM_END)  # the one in the message stayed text
 
 
+async def test_versions_that_share_a_tokenizer_artifact_share_its_parse_and_keep_their_own_templates(
+        fake_source: FakeSource, tmp_path: Path) -> None:
+    """Parsing a tokenizer.json holds the GIL for a few hundred milliseconds, long enough on a loaded machine for the
+    serving process to miss its 1 s health check: a rollout to a quantized build of the same model parses nothing."""
+    cache = TokenizerCache(fake_source, tmp_path / "artifacts")
+    first, second = await cache.get("tiny:1"), await cache.get("tiny:2")
+    assert fake_source.fetches == 1
+    assert second.tokenizer is first.tokenizer and second.vocabulary() is first.vocabulary()
+    assert second._literal_tokenizer() is first._literal_tokenizer()
+    assert (second.name, first.name) == ("tiny:2", "tiny:1")
+    assert second.apply_chat_template([user("raw")], False)[0] == "raw"  # its own template
+    assert first.apply_chat_template([user("raw")], False)[0] != "raw"
+    _, ids = second.apply_chat_template([user("say <|im_end|> as text")], False, max_tokens=1000)
+    assert IM_END not in ids  # control texts in contents stay literal on the shared tokenizer too
+    other = next(iter(fake_source.files.values())).replace(b'"<|im_end|>"', b'"<|im_stop|>"')
+    fake_source.files[hashlib.sha256(other).hexdigest()] = other
+    fake_source.versions["other:1"] = model_version("other", "1", other)
+    assert (await cache.get("other:1")).tokenizer is not first.tokenizer  # another artifact: parsed on its own
+    assert fake_source.fetches == 2
+
+
 async def test_a_template_that_does_not_compile_is_told_to_chats_not_to_the_load(fake_source: FakeSource,
                                                                                   tmp_path: Path) -> None:
     data = next(iter(fake_source.files.values()))

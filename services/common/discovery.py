@@ -66,6 +66,10 @@ UNCONFIRMED_GRACE_S = 15.0
 # channel works: an agent restarted with its state first lists everything passing from its stored catalog, then
 # runs the restored checks, which start critical for a second or more.
 RESTORED_CHECKS_WINDOW_S = 10.0
+# How long an instance whose check just failed, but which is still registered and connected, remains a last
+# resort for calls that no passing instance can take: a check answered a moment too late (a process busy holding
+# the GIL, a loaded machine) costs one check interval or two, and is no reason to refuse every call meanwhile.
+LAST_RESORT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,15 @@ def meta_models(meta: Mapping[str, str], key: str) -> list[str]:
 
 
 @dataclass
+class _Fallen:
+    """An instance whose check failed while it stayed registered and connected: a last resort until `until`."""
+
+    endpoint: Endpoint
+    until: float
+    used: bool = False
+
+
+@dataclass
 class Endpoint:
     """One passing instance of a service, with its channel and the calls in flight to it."""
 
@@ -320,6 +333,8 @@ class ServiceResolver:
         self._renewing: dict[str, asyncio.Task[None]] = {}  # service id -> the renewed channel waiting to connect
         self._restored_checks_until = 0.0  # monotonic end of the window after a gap (RESTORED_CHECKS_WINDOW_S)
         self._listed_since_gap: set[str] = set()  # ids the agent listed (passing or not) since the last gap
+        # Instances whose check failed in the last LAST_RESORT_S while they stayed registered and connected.
+        self._fallen: dict[str, _Fallen] = {}
 
     def _close_now(self, channel: grpc.aio.Channel) -> None:
         self._retired.discard(channel)
@@ -396,9 +411,10 @@ class ServiceResolver:
         for task in renewing:
             task.cancel()
         await asyncio.gather(*renewing, return_exceptions=True)
-        for endpoint in self._endpoints.values():
+        for endpoint in [*self._endpoints.values(), *(fallen.endpoint for fallen in self._fallen.values())]:
             await endpoint.channel.close()
         self._endpoints.clear()
+        self._fallen.clear()
 
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints.values())
@@ -450,6 +466,11 @@ class ServiceResolver:
             service_id = svc["ID"]
             meta = dict(svc.get("Meta") or {})
             current = self._endpoints.get(service_id)
+            if current is None and (fallen := self._fallen.pop(service_id, None)) is not None:
+                if fallen.endpoint.target == host_port(address, int(svc["Port"])):
+                    current = fallen.endpoint  # passing again: the same channel, still connected
+                else:
+                    self._retire([fallen.endpoint])
             if current is None and defer_new:
                 # A restarted agent's stored catalog lists instances passing that may have died meanwhile (their
                 # checks run later): a new one is taken from the next answer, once its check has spoken.
@@ -478,8 +499,14 @@ class ServiceResolver:
                          else "no longer lists", service_id)
             if endpoint.unconfirmed_until > now and service_id not in deregistered:
                 seen[service_id] = endpoint
+            elif service_id in registered and not after_gap and _channel_connected(endpoint.channel):
+                self._fallen[service_id] = _Fallen(endpoint, now + LAST_RESORT_S)
+                asyncio.get_running_loop().call_later(LAST_RESORT_S, self._expire_fallen)
             else:
                 gone.append(endpoint)
+        # A fallen instance that is no longer registered has deregistered (drained): it is no last resort.
+        gone += [self._fallen.pop(service_id).endpoint for service_id in list(self._fallen)
+                 if service_id not in registered]
         self._endpoints = seen
         self._listed_since_gap &= set(seen) | registered  # only what may still be asked about
         self._retire(gone)
@@ -502,6 +529,21 @@ class ServiceResolver:
             log.info("dropped %s: Consul has not listed it again", endpoint.service_id)
         self._retire(gone)
 
+    def _expire_fallen(self) -> None:
+        now = time.monotonic()
+        expired = [service_id for service_id, fallen in self._fallen.items() if fallen.until <= now]
+        self._retire([self._fallen.pop(service_id).endpoint for service_id in expired])
+
+    def _last_resort(self, predicate: Callable[[Endpoint], bool] | None, now: float) -> list[Endpoint]:
+        """Fallen instances (see LAST_RESORT_S) matching `predicate` that are still connected and have not failed
+        a call since: Envoy's panic routing, for when no passing instance can take a call, bounded in time."""
+        return [e for e in (fallen.endpoint for fallen in self._fallen.values() if fallen.until > now)
+                if e.down_until <= now and _channel_connected(e.channel) and (predicate is None or predicate(e))]
+
+    def recently_passing(self) -> list[Endpoint]:
+        """The passing instances and, after them, those that are a last resort now (see LAST_RESORT_S)."""
+        return [*self._endpoints.values(), *self._last_resort(None, time.monotonic())]
+
     async def wait_for(self, predicate: Callable[[Endpoint], bool] | None = None,
                        timeout: float = 30.0) -> Endpoint:
         """Waits until an endpoint matching `predicate` is passing in Consul (start-up ordering, tests)."""
@@ -518,13 +560,16 @@ class ServiceResolver:
 
     async def pick(self, predicate: Callable[[Endpoint], bool] | None = None,
                    first_load_timeout: float = 5.0, none_match: str = "") -> Endpoint:
-        """An endpoint for the next call: up, matching `predicate`, with the fewest calls in flight.
+        """An endpoint for the next call: up, matching `predicate`, with the fewest calls in flight; when no
+        passing instance matches, one whose check failed a moment ago (see LAST_RESORT_S).
 
         `none_match` is the UNAVAILABLE message when instances pass but none matches `predicate`.
         """
         await self._loaded_once(first_load_timeout)
         now = time.monotonic()
         candidates = [e for e in self._endpoints.values() if predicate is None or predicate(e)]
+        if not candidates and self._fallen:
+            candidates = self._last_resort(predicate, now)
         if not candidates:
             raise Unavailable(none_match if none_match and self._endpoints else f"no passing instance of {self.name}")
         up = [e for e in candidates if e.down_until <= now] or candidates
@@ -532,7 +577,14 @@ class ServiceResolver:
         # (inference: active + queued sequences), which also counts other callers' work.
         least = min(e.load_key() for e in up)
         tied = [e for e in up if e.load_key() == least]
-        return tied[next(self._round_robin) % len(tied)]
+        chosen = tied[next(self._round_robin) % len(tied)]
+        fallen = self._fallen.get(chosen.service_id)
+        if fallen is not None and fallen.endpoint is chosen and not fallen.used:
+            fallen.used = True
+            log.warning("no passing instance of %s can take a call: using %s, whose health check failed %.1f s ago "
+                        "but which is still registered and connected", self.name, chosen.service_id,
+                        LAST_RESORT_S - (fallen.until - now))
+        return chosen
 
     def mark_down(self, endpoint: Endpoint) -> None:
         endpoint.down_until = time.monotonic() + MARK_DOWN_S
@@ -543,6 +595,11 @@ class ServiceResolver:
 def _all_checks_pass(node: dict[str, Any]) -> bool:
     """Whether Consul would list this instance as passing (`?passing`): every check on it and its node passes."""
     return all(check.get("Status") == "passing" for check in node.get("Checks") or ())
+
+
+def _channel_connected(channel: grpc.aio.Channel) -> bool:
+    """Whether a channel holds a live connection now (a process that died leaves it idle or failing)."""
+    return channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
 
 
 def _channel_works(channel: grpc.aio.Channel) -> bool:

@@ -238,6 +238,10 @@ class Peer(Generic[S]):
     def endpoints(self) -> list[Endpoint]:
         return self.resolver.endpoints()
 
+    def recently_passing(self) -> list[Endpoint]:
+        """The passing instances and those whose check failed a moment ago (see discovery.LAST_RESORT_S)."""
+        return self.resolver.recently_passing()
+
     async def wait_for(self, predicate: Callable[[Endpoint], bool] | None = None,
                        timeout: float = 30.0) -> Endpoint:
         """Waits until an instance matching `predicate` passes (start-up ordering)."""

@@ -328,7 +328,9 @@ class ChatService:
     async def _wait_while_loading(self, model_id: str) -> None:
         """A version no replica serves yet but one is loading (a first rollout, or a swap with a drain): the request
         waits for it, up to LOAD_WAIT_S, rather than fail; otherwise the replica choice refuses it, naming it."""
-        if not any(model_id in meta_models(e.meta, "loading") for e in await self._inference.passing()):
+        await self._inference.passing()  # the watch's first answer
+        # A replica that failed a check while it loads (a load can hold the GIL) is still loading the version.
+        if not any(model_id in meta_models(e.meta, "loading") for e in self._inference.recently_passing()):
             return
         with contextlib.suppress(TimeoutError):
             await self._inference.wait_for(lambda e: model_id in e.models, timeout=LOAD_WAIT_S)

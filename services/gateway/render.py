@@ -22,7 +22,7 @@ from lmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.peers import Peer
 from services.gateway.checked import CheckedOnce
 from services.registry.client import fetch_to_cache
-from services.tokenizer.loader import load_tokenizer
+from services.tokenizer.loader import LoadedTokenizers, load_tokenizer
 from services.tokenizer.text import ChatMessage, ModelTokenizer
 
 log = logging.getLogger("lmesh.gateway.render")
@@ -70,6 +70,7 @@ class LocalRendering:
         self._artifacts_dir = artifacts_dir
         self._loads: CheckedOnce[ModelTokenizer] = CheckedOnce("render", MAX_LOADED_MODELS, _load_failed,
                                                                retry_after_s=RETRY_AFTER_S)
+        self._parsed = LoadedTokenizers()
 
     @property
     def enabled(self) -> bool:
@@ -88,7 +89,7 @@ class LocalRendering:
     async def _load(self, key: str, version: registry_pb2.ModelVersion, artifacts_dir: Path,
                     ) -> ModelTokenizer | None:
         tokenizer = await load_tokenizer(version, lambda sha256: fetch_to_cache(self._registry, sha256,
-                                                                                artifacts_dir))
+                                                                                artifacts_dir), self._parsed)
         for probe in PROBES:
             request = tokenizer_pb2.ApplyChatTemplateRequest(
                 model=key, add_generation_prompt=True,

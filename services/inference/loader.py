@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,38 @@ from services.registry.client import fetch_to_cache
 log = logging.getLogger("lmesh.inference.loader")
 
 
+class GrammarCache:
+    """A replica's constraint compilers by tokenizer artifact and end-of-turn tokens, so that versions sharing a
+    tokenizer (a quantized build, a fine-tune) share one. llguidance reads a tokenizer holding the GIL (half a second
+    for SmolLM2's, more on a loaded machine): long enough, during a swap, for the replica to miss the health check
+    it must pass while it serves the old version."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], Grammars | None] = OrderedDict()
+
+    async def get(self, tokenizer_sha256: str, eos_token_ids: Sequence[int], path: Path,
+                  name: str) -> Grammars | None:
+        key = (tokenizer_sha256, tuple(sorted(eos_token_ids)))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        try:
+            grammars: Grammars | None = await asyncio.to_thread(
+                lambda: Grammars.from_tokenizer_json(path.read_text(encoding="utf-8"), key[1]))
+        except Exception as exc:  # llguidance's errors have no common type; the replica serves unconstrained
+            log.warning("%s: llguidance cannot read its tokenizer (%s): its output cannot be constrained", name,
+                        str(exc).strip()[:300])
+            grammars = None
+        self._entries[key] = grammars
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return grammars
+
+
 async def load_version(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion, cache_dir: Path,
-                       limits: EngineLimits, threads: int | None) -> ServedModel:
+                       limits: EngineLimits, threads: int | None, grammars: GrammarCache | None = None,
+                       ) -> ServedModel:
     """`version` fetched (digest-verified), warmed and its engine started: ready for requests.
 
     FailedPrecondition when its files cannot be served (not a decoder this engine runs, a KV cache that does not
@@ -41,11 +73,11 @@ async def load_version(registry: Peer[RegistryStub], version: registry_pb2.Model
             f"{name} cannot be served: its model file is not a decoder this engine runs ({reason[:300]}); "
             f"register a folder built by `make model`") from exc
     engine = await asyncio.to_thread(_engine, decoder, version, limits)
-    grammars = await _grammars(registry, version, cache_dir)
+    compiler = await _grammars(registry, version, cache_dir, grammars or GrammarCache(size=0))
     vocab = version.architecture.vocab_size or decoder.vocab_size
     engine.start()
     log.info("loaded %s from %s", name, path)
-    return ServedModel(version.name, version.version, engine, vocab, version.context_length, grammars)
+    return ServedModel(version.name, version.version, engine, vocab, version.context_length, compiler)
 
 
 # A session being built holds its weights about once more than the file (ONNX Runtime's graph optimisation).
@@ -67,24 +99,18 @@ def kv_bytes_per_token(architecture: registry_pb2.ModelArchitecture) -> int:
     return 2 * architecture.num_layers * architecture.num_kv_heads * architecture.head_dim * itemsize
 
 
-async def _grammars(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion,
-                    cache_dir: Path) -> Grammars | None:
+async def _grammars(registry: Peer[RegistryStub], version: registry_pb2.ModelVersion, cache_dir: Path,
+                    cache: GrammarCache) -> Grammars | None:
     """What compiles output constraints for the version: its tokenizer artifact (tokenizer.json, digest-verified like
-    the weights) read by llguidance once. Without one (or one llguidance cannot read) the version is served
-    unconstrained: a constrained request is then FAILED_PRECONDITION."""
+    the weights) read by llguidance once per replica. Without one (or one llguidance cannot read) the version is
+    served unconstrained: a constrained request is then FAILED_PRECONDITION."""
     name = f"{version.name}:{version.version}"
     tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
     if len(tokenizers) != 1:
         log.warning("%s has no tokenizer artifact: its output cannot be constrained", name)
         return None
     path = await fetch_to_cache(registry, tokenizers[0].sha256, cache_dir)
-    try:
-        return await asyncio.to_thread(Grammars.from_tokenizer_json, path.read_text(encoding="utf-8"),
-                                       version.eos_token_ids)
-    except Exception as exc:  # llguidance's errors have no common type; the replica serves unconstrained
-        log.warning("%s: llguidance cannot read its tokenizer (%s): its output cannot be constrained", name,
-                    str(exc).strip()[:300])
-        return None
+    return await cache.get(tokenizers[0].sha256, version.eos_token_ids, path, name)
 
 
 def _engine(decoder: OnnxDecoder, version: registry_pb2.ModelVersion, limits: EngineLimits) -> Engine:

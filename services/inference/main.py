@@ -56,7 +56,7 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
     from services.common.peers import REGISTRY
     from services.inference.engine import EngineLimits
     from services.inference.follower import ModelFollower, RegistrySource
-    from services.inference.loader import load_version, memory_needed
+    from services.inference.loader import GrammarCache, load_version, memory_needed
     from services.inference.metrics import InferenceMetrics
     from services.inference.servicer import InferenceServicer
 
@@ -66,11 +66,12 @@ def build(runtime: ServiceRuntime) -> ServiceParts:
                           prefix_cache_bytes=settings.prefix_cache_mb * 1024 * 1024)
     registry = runtime.mesh.peer(REGISTRY)
     cache_dir = lmesh_cache() / "artifacts"
+    grammars = GrammarCache()
     # A state change (loading, advertised, draining) is published at once; load changes at most once a second.
     state_changed, load_changed = asyncio.Event(), asyncio.Event()
     follower = ModelFollower(
         RegistrySource(registry), settings.models,
-        lambda version: load_version(registry, version, cache_dir, limits, settings.threads or None),
+        lambda version: load_version(registry, version, cache_dir, limits, settings.threads or None, grammars),
         grace_s=settings.swap_grace_s, drain_timeout_s=settings.swap_drain_s, swap=settings.swap,
         memory_needed=lambda version: memory_needed(version, limits),
         on_state_change=state_changed.set, on_load_change=load_changed.set)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,6 +90,7 @@ class TokenizerCache:
         self._stale = StaleAnswers(log, "registry", "using the expired resolution of %r")
         # name:version -> its loading (or loaded) tokenizer, least recently used first.
         self._models: OrderedDict[str, asyncio.Task[ModelTokenizer]] = OrderedDict()
+        self._parsed = LoadedTokenizers()
 
     async def get(self, reference: str) -> ModelTokenizer:
         if not reference:
@@ -159,24 +161,48 @@ class TokenizerCache:
                 del self._models[key]
 
     async def _load(self, key: str, version: registry_pb2.ModelVersion) -> ModelTokenizer:
-        tokenizer = await load_tokenizer(version, lambda sha256: self._source.fetch(sha256, self._artifacts_dir))
+        tokenizer = await load_tokenizer(version, lambda sha256: self._source.fetch(sha256, self._artifacts_dir),
+                                         self._parsed)
         log.info("loaded the tokenizer of %s (vocabulary %d)", key, tokenizer.vocab_size)
         return tokenizer
 
 
+class LoadedTokenizers:
+    """Each tokenizer artifact's most recently loaded tokenizer, while a version still uses it: versions that share a
+    tokenizer.json (a quantized build, a fine-tune) share its parse (ModelTokenizer.for_version)."""
+
+    def __init__(self) -> None:
+        self._by_sha256: weakref.WeakValueDictionary[str, ModelTokenizer] = weakref.WeakValueDictionary()
+
+    def get(self, sha256: str) -> ModelTokenizer | None:
+        return self._by_sha256.get(sha256)
+
+    def add(self, sha256: str, tokenizer: ModelTokenizer) -> None:
+        self._by_sha256[sha256] = tokenizer
+
+
 async def load_tokenizer(version: registry_pb2.ModelVersion, fetch: Callable[[str], Awaitable[Path]],
-                         ) -> ModelTokenizer:
+                         loaded_before: LoadedTokenizers | None = None) -> ModelTokenizer:
     """`version`'s tokenizer: its one tokenizer artifact (`fetch(sha256)` gives its verified file) with the chat
-    template and special tokens the registry holds for it. FailedPrecondition when the artifact is missing or does
-    not load."""
+    template and special tokens the registry holds for it, sharing the parse of one `loaded_before` from the same
+    artifact. FailedPrecondition when the artifact is missing or does not load."""
     key = f"{version.name}:{version.version}"
     tokenizers = [a for a in version.artifacts if a.kind == registry_pb2.ARTIFACT_KIND_TOKENIZER]
     if len(tokenizers) != 1:
         raise FailedPrecondition(f"{key} has {len(tokenizers)} tokenizer artifacts, expected one")
-    path = await fetch(tokenizers[0].sha256)
-    try:
-        return await asyncio.to_thread(lambda: ModelTokenizer.from_file(
-            path, version.chat_template, name=key, bos_token_id=version.bos_token_id,
-            eos_token_ids=list(version.eos_token_ids)).prepared())
-    except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
-        raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
+    sha256 = tokenizers[0].sha256
+    bos, eos = version.bos_token_id, list(version.eos_token_ids)
+    loaded = loaded_before.get(sha256) if loaded_before is not None else None
+    if loaded is not None:
+        tokenizer = await asyncio.to_thread(lambda: loaded.for_version(
+            version.chat_template, name=key, bos_token_id=bos, eos_token_ids=eos).prepared())
+    else:
+        path = await fetch(sha256)
+        try:
+            tokenizer = await asyncio.to_thread(lambda: ModelTokenizer.from_file(
+                path, version.chat_template, name=key, bos_token_id=bos, eos_token_ids=eos).prepared())
+        except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
+            raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
+    if loaded_before is not None:
+        loaded_before.add(sha256, tokenizer)
+    return tokenizer

@@ -212,13 +212,30 @@ class ModelTokenizer:
         return cls(Tokenizer.from_file(str(path)), chat_template, name=name, bos_token_id=bos_token_id,
                    eos_token_ids=eos_token_ids)
 
+    def for_version(self, chat_template: str = "", *, name: str = "", bos_token_id: int = -1,
+                    eos_token_ids: Sequence[int] = ()) -> ModelTokenizer:
+        """Another model version's tokenizer over the same tokenizer.json: it shares this one's parsed tokenizer and
+        what is built from it (vocabulary, size bound, literal tokenizer), and has its own chat template and special
+        tokens. Parsing holds the GIL for a few hundred milliseconds, which a serving process's health check
+        would feel."""
+        self.prepared_tables()
+        other = ModelTokenizer(self.tokenizer, chat_template, name=name, bos_token_id=bos_token_id,
+                               eos_token_ids=eos_token_ids)
+        other._vocabulary, other._skipped = self._vocabulary, self._skipped
+        other._max_token_bytes, other._literal = self._max_token_bytes, self._literal
+        return other
+
+    def prepared_tables(self) -> None:
+        """Builds now what depends on the tokenizer.json alone (see `prepared`)."""
+        self.max_token_bytes()
+        if self._control_texts:
+            self._literal_tokenizer()
+
     def prepared(self) -> Self:
         """Builds now what is otherwise built on first use (the vocabulary, the size bound's inputs, the chat
         template, the tokenizer that keeps control tokens' texts literal): a few hundred milliseconds that belong in
         a loader's thread, not on an event loop's first request. Returns self."""
-        self.max_token_bytes()
-        if self._control_texts:
-            self._literal_tokenizer()
+        self.prepared_tables()
         if self.chat_template:
             with contextlib.suppress(FailedPrecondition):  # a template that does not compile is told to its chats
                 self._compiled_template()
