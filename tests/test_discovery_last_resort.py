@@ -56,6 +56,20 @@ async def test_recently_passing_lists_a_fallen_instance_after_the_passing_ones(r
     assert [e.service_id for e in resolver.recently_passing()] == ["b"]
 
 
+async def test_a_fallen_instance_gets_the_renewed_credentials_too(resolver: ServiceResolver,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renewed while it is fallen, it keeps the renewed channel when it passes again (not one with old credentials)."""
+    monkeypatch.setattr(discovery, "RENEWED_CHANNEL_WAIT_S", 0.01)  # no server to connect to: take over at once
+    endpoint = resolver.endpoints()[0]
+    old = endpoint.channel
+    await resolver._update([], registered={"a"})
+    resolver.renew_channels()
+    await asyncio.gather(*resolver._renewing.values())
+    assert endpoint.channel is not old
+    await resolver._update([node("a", 1)])
+    assert resolver.endpoints() == [endpoint] and endpoint.channel is not old
+
+
 async def test_a_passing_instance_is_always_preferred(resolver: ServiceResolver) -> None:
     await resolver._update([node("a", 1), node("b", 2)])
     await resolver._update([node("b", 2)], registered={"a"})

@@ -374,7 +374,8 @@ class ServiceResolver:
         """New channels for every instance (this process's credentials changed), each taking over once it has
         connected (RENEWED_CHANNEL_WAIT_S); calls running on the old ones finish there."""
         loop = asyncio.get_running_loop()
-        for endpoint in self._endpoints.values():
+        # Fallen ones too: one that passes again is used on its channel.
+        for endpoint in [*self._endpoints.values(), *(fallen.endpoint for fallen in self._fallen.values())]:
             waiting = self._renewing.pop(endpoint.service_id, None)
             if waiting is not None:
                 waiting.cancel()  # credentials changed again: the newest channel is the one to wait for
@@ -391,12 +392,18 @@ class ServiceResolver:
             raise
         if self._renewing.get(endpoint.service_id) is asyncio.current_task():
             del self._renewing[endpoint.service_id]
-        if self._endpoints.get(endpoint.service_id) is not endpoint:  # the instance went meanwhile
+        if not self._holds(endpoint):  # the instance went meanwhile
             self._close_now(renewed)
             return
         old, endpoint.channel = endpoint.channel, renewed
         endpoint._stubs.clear()
         self._retire_channel(old)
+
+    def _holds(self, endpoint: Endpoint) -> bool:
+        """Whether `endpoint` is still one of this resolver's instances, passing or fallen."""
+        fallen = self._fallen.get(endpoint.service_id)
+        passing = self._endpoints.get(endpoint.service_id)
+        return passing is endpoint or (fallen is not None and fallen.endpoint is endpoint)
 
     def start(self) -> None:
         if self._task is None:
