@@ -78,9 +78,9 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
     await apply_intentions(consul_agent.http_addr)
     mesh = await open_mesh(consul_agent.http_addr, "lmesh-gateway", mtls=True)
     try:
+        write_e2e_rules(procs.home)
         for service in SERVICES:
-            # Policy with a rules file: the default rules, and rules scoped to tenants of the guardrail tests.
-            procs.start(service, *(["--rules", str(write_e2e_rules(procs.home))] if service == "policy" else []))
+            start_core(procs, service)
         await procs.wait_passing(mesh, "registry")
         await register_model_dir(mesh.peer(REGISTRY), built_model, aliases=("default",))
         int8 = (built_model / "lmesh_model.int8.json").exists()
@@ -93,7 +93,7 @@ async def live(consul_agent: ConsulAgent, built_model: Path, tmp_path_factory: p
         await procs.wait_passing(mesh, "policy")
         created = await create_key(mesh.peer(POLICY), "e2e")
         for service in SERVICES:
-            await procs.wait_passing(mesh, service, model="smollm2-135m-instruct:1" if service == "inference" else "")
+            await wait_core(procs, mesh, service)
         if int8:
             await procs.wait_passing(mesh, "inference", name="inference-int8", model=INT8)
         yield LiveMesh(procs, mesh, otlp, created.api_key)
@@ -114,10 +114,18 @@ async def services_running_after_each_test(request: pytest.FixtureRequest) -> As
     for service in SERVICES:
         process = live.procs.processes.get(service)
         if process is None or process.exited():
-            live.procs.start(service, *(["--rules", str(e2e_rules_path(live.procs.home))] if service == "policy"
-                                        else []))
-            await live.procs.wait_passing(live.mesh, service,
-                                          model="smollm2-135m-instruct:1" if service == "inference" else "")
+            start_core(live.procs, service)
+            await wait_core(live.procs, live.mesh, service)
+
+
+def start_core(procs: MeshProcesses, service: str) -> None:
+    """One of the five core services as the module's mesh runs it: policy with the rules file (the default rules,
+    and rules scoped to tenants of the guardrail tests)."""
+    procs.start(service, *(["--rules", str(e2e_rules_path(procs.home))] if service == "policy" else []))
+
+
+async def wait_core(procs: MeshProcesses, mesh: Mesh, service: str) -> None:
+    await procs.wait_passing(mesh, service, model="smollm2-135m-instruct:1" if service == "inference" else "")
 
 
 E2E_RULES = """

@@ -167,18 +167,9 @@ class TokenizerCache:
         return tokenizer
 
 
-class LoadedTokenizers:
-    """Each tokenizer artifact's most recently loaded tokenizer, while a version still uses it: versions that share a
-    tokenizer.json (a quantized build, a fine-tune) share its parse (ModelTokenizer.for_version)."""
-
-    def __init__(self) -> None:
-        self._by_sha256: weakref.WeakValueDictionary[str, ModelTokenizer] = weakref.WeakValueDictionary()
-
-    def get(self, sha256: str) -> ModelTokenizer | None:
-        return self._by_sha256.get(sha256)
-
-    def add(self, sha256: str, tokenizer: ModelTokenizer) -> None:
-        self._by_sha256[sha256] = tokenizer
+# Each tokenizer artifact's most recently loaded tokenizer, by digest, while a version still uses it: versions that
+# share a tokenizer.json (a quantized build, a fine-tune) share its parse (ModelTokenizer.for_version).
+LoadedTokenizers = weakref.WeakValueDictionary[str, ModelTokenizer]
 
 
 async def load_tokenizer(version: registry_pb2.ModelVersion, fetch: Callable[[str], Awaitable[Path]],
@@ -204,5 +195,5 @@ async def load_tokenizer(version: registry_pb2.ModelVersion, fetch: Callable[[st
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise FailedPrecondition(f"the tokenizer artifact of {key} does not load: {exc}") from None
     if loaded_before is not None:
-        loaded_before.add(sha256, tokenizer)
+        loaded_before[sha256] = tokenizer
     return tokenizer
